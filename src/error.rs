@@ -1,0 +1,418 @@
+//! The crate's one error type, and the one place where SQLSTATEs are classified.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use tokio_postgres::error::SqlState;
+
+/// What went wrong, as a value you can match on.
+///
+/// Classification is by SQLSTATE (never by message text, which `lc_messages` translates).
+/// `#[non_exhaustive]`: new failure classes can be told apart in later versions without a
+/// breaking change, so a `match` needs a wildcard arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The caller passed something unusable (bad timeout, bad identifier, empty key list…).
+    /// Nothing was sent to the server and no connection was taken from the pool.
+    InvalidArgument,
+    /// No connection could be taken from the pool before its wait/create timeout.
+    PoolTimeout,
+    /// The pool could not hand out a connection (pool closed, connecting failed, …).
+    Pool,
+    /// The connection was lost or closed by the server (I/O error, SQLSTATE class 08,
+    /// `57P01` admin shutdown / `pg_terminate_backend`, `57P02`, `57P03`).
+    Closed,
+    /// `55P03` raised by `NOWAIT`: the row (or table) was locked by another transaction.
+    LockNotAvailable,
+    /// `55P03` raised by `lock_timeout`: a lock wait lasted longer than the timeout.
+    LockTimeout,
+    /// `40001` serialization failure: retry the whole transaction.
+    SerializationFailure,
+    /// `40P01` deadlock detected: PostgreSQL aborted this transaction to break a cycle.
+    Deadlock,
+    /// `57014` query canceled: `statement_timeout` expired, or the statement was cancelled.
+    StatementTimeout,
+    /// `25P03`: `idle_in_transaction_session_timeout` ended the session.
+    IdleInTransactionTimeout,
+    /// The transaction was already aborted by an earlier error (possibly one the caller
+    /// swallowed), so it was rolled back instead of committed. [`Error::sql_state`] gives the
+    /// root cause's SQLSTATE when it is known (else `25P02`).
+    TransactionAborted,
+    /// The connection was lost while `COMMIT` was in flight: the transaction may or may not
+    /// have committed. Never retried automatically.
+    CommitOutcomeUnknown,
+    /// The key columns of a [`LockableRow`](crate::LockableRow) matched more than one row for
+    /// one key: they do not identify a row. Nothing was run and the transaction rolled back.
+    KeyNotUnique,
+    /// A row could not be converted ([`LockableRow::from_row`](crate::LockableRow::from_row)
+    /// or a column type mismatch).
+    Decode,
+    /// The row did not exist ([`Outcome::into_result`](crate::Outcome::into_result) of
+    /// [`Outcome::NotFound`](crate::Outcome::NotFound)).
+    RowNotFound,
+    /// The row was locked and `SKIP LOCKED` left it out
+    /// ([`Outcome::into_result`](crate::Outcome::into_result) of
+    /// [`Outcome::Skipped`](crate::Outcome::Skipped)).
+    RowSkipped,
+    /// Any other error reported by the server; see [`Error::sql_state`].
+    Db,
+    /// An error inside the driver that is not a server error (e.g. a parameter that could
+    /// not be serialized).
+    Driver,
+}
+
+impl ErrorKind {
+    fn describe(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid argument",
+            ErrorKind::PoolTimeout => "timed out waiting for a pooled connection",
+            ErrorKind::Pool => "could not get a pooled connection",
+            ErrorKind::Closed => "connection closed",
+            ErrorKind::LockNotAvailable => "lock not available",
+            ErrorKind::LockTimeout => "lock timeout",
+            ErrorKind::SerializationFailure => "serialization failure",
+            ErrorKind::Deadlock => "deadlock detected",
+            ErrorKind::StatementTimeout => "statement timeout or cancellation",
+            ErrorKind::IdleInTransactionTimeout => "idle-in-transaction timeout",
+            ErrorKind::TransactionAborted => "transaction aborted by an earlier error",
+            ErrorKind::CommitOutcomeUnknown => "commit outcome unknown",
+            ErrorKind::KeyNotUnique => "key does not identify a single row",
+            ErrorKind::Decode => "could not decode row",
+            ErrorKind::RowNotFound => "row not found",
+            ErrorKind::RowSkipped => "row skipped because another transaction holds its lock",
+            ErrorKind::Db => "database error",
+            ErrorKind::Driver => "driver error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// The step that failed; printed by `Display` so a log line says where, not only what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Checkout,
+    Begin,
+    Lock,
+    Statement,
+    Commit,
+    Rollback,
+}
+
+impl Step {
+    fn describe(self) -> &'static str {
+        match self {
+            Step::Checkout => "checking out a connection",
+            Step::Begin => "beginning the transaction",
+            Step::Lock => "locking rows",
+            Step::Statement => "running a statement",
+            Step::Commit => "committing",
+            Step::Rollback => "rolling back",
+        }
+    }
+}
+
+/// The error type of every fallible rowlock call.
+///
+/// Opaque on purpose: match on [`kind`](Error::kind), ask the predicates, read the
+/// [`sql_state`](Error::sql_state); the underlying driver or pool error is reachable through
+/// [`std::error::Error::source`] (and [`as_db_error`](Error::as_db_error) for server errors).
+/// `Display` describes this layer only and never repeats the cause.
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    step: Option<Step>,
+    sql_state: Option<SqlState>,
+    detail: Option<String>,
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+impl Error {
+    fn new(kind: ErrorKind) -> Self {
+        Error {
+            inner: Box::new(Inner {
+                kind,
+                step: None,
+                sql_state: None,
+                detail: None,
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) fn invalid(detail: impl Into<String>) -> Self {
+        let mut e = Error::new(ErrorKind::InvalidArgument);
+        e.inner.detail = Some(detail.into());
+        e
+    }
+
+    pub(crate) fn with_kind(kind: ErrorKind, detail: impl Into<String>) -> Self {
+        let mut e = Error::new(kind);
+        e.inner.detail = Some(detail.into());
+        e
+    }
+
+    pub(crate) fn at(mut self, step: Step) -> Self {
+        self.inner.step = Some(step);
+        self
+    }
+
+    pub(crate) fn with_sql_state(mut self, state: Option<SqlState>) -> Self {
+        self.inner.sql_state = state;
+        self
+    }
+
+    pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.inner.source = Some(Box::new(source));
+        self
+    }
+
+    /// Classifies a driver error; the driver error becomes the `source()`.
+    pub(crate) fn from_pg(e: tokio_postgres::Error, step: Step) -> Self {
+        let kind = classify(&e);
+        let state = e.code().cloned();
+        Error::new(kind)
+            .at(step)
+            .with_sql_state(state)
+            .with_source(e)
+    }
+
+    pub(crate) fn decode(e: tokio_postgres::Error) -> Self {
+        Error::new(ErrorKind::Decode)
+            .at(Step::Lock)
+            .with_source(e)
+    }
+
+    pub(crate) fn from_pool(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::PoolError;
+        match e {
+            PoolError::Timeout(_) => Error::new(ErrorKind::PoolTimeout)
+                .at(Step::Checkout)
+                .with_source(e),
+            PoolError::Backend(pg) => {
+                // Connecting failed: keep the server's SQLSTATE if it sent one (e.g. 3D000).
+                let state = pg.code().cloned();
+                let kind = if pg.is_closed() || state.is_none() {
+                    ErrorKind::Closed
+                } else {
+                    ErrorKind::Pool
+                };
+                Error::new(kind)
+                    .at(Step::Checkout)
+                    .with_sql_state(state)
+                    .with_source(pg)
+            }
+            other => Error::new(ErrorKind::Pool)
+                .at(Step::Checkout)
+                .with_source(other),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The SQLSTATE the server reported, when there is one. For
+    /// [`ErrorKind::TransactionAborted`] this is the root cause's SQLSTATE when it is known
+    /// (for example `40001` when a swallowed serialization failure aborted the transaction).
+    pub fn sql_state(&self) -> Option<&SqlState> {
+        self.inner.sql_state.as_ref()
+    }
+
+    /// The server's error (message, detail, constraint, …) when the cause is one.
+    pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        let source = self.inner.source.as_deref()?;
+        source
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::as_db_error)
+    }
+
+    /// True for failures that a fresh attempt of the whole transaction can cure: serialization
+    /// failures (`40001`) and deadlocks (`40P01`), including when one of them aborted the
+    /// transaction and was swallowed by the caller.
+    pub fn is_retryable(&self) -> bool {
+        match self.inner.kind {
+            ErrorKind::SerializationFailure | ErrorKind::Deadlock => true,
+            ErrorKind::TransactionAborted => matches!(
+                self.inner.sql_state,
+                Some(ref s) if *s == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *s == SqlState::T_R_DEADLOCK_DETECTED
+            ),
+            _ => false,
+        }
+    }
+
+    /// True when `NOWAIT` found the row (or table) locked.
+    pub fn is_lock_not_available(&self) -> bool {
+        self.inner.kind == ErrorKind::LockNotAvailable
+    }
+
+    /// True when a lock wait exceeded `lock_timeout`.
+    pub fn is_lock_timeout(&self) -> bool {
+        self.inner.kind == ErrorKind::LockTimeout
+    }
+
+    /// True when the connection was lost or closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.kind == ErrorKind::Closed
+    }
+
+    /// True when the caller's input was refused before anything was sent.
+    pub fn is_invalid_argument(&self) -> bool {
+        self.inner.kind == ErrorKind::InvalidArgument
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.inner.kind);
+        if let Some(step) = self.inner.step {
+            d.field("step", &step);
+        }
+        if let Some(state) = &self.inner.sql_state {
+            d.field("sql_state", &state.code());
+        }
+        if let Some(detail) = &self.inner.detail {
+            d.field("detail", detail);
+        }
+        if let Some(source) = &self.inner.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.inner.kind.describe())?;
+        if let Some(step) = self.inner.step {
+            write!(f, " while {}", step.describe())?;
+        }
+        if let Some(detail) = &self.inner.detail {
+            write!(f, ": {detail}")?;
+        }
+        if let Some(state) = &self.inner.sql_state {
+            write!(f, " (SQLSTATE {})", state.code())?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
+    }
+}
+
+/// Maps a driver error to a kind. The only place in the crate that looks at SQLSTATEs.
+pub(crate) fn classify(e: &tokio_postgres::Error) -> ErrorKind {
+    if let Some(db) = e.as_db_error() {
+        return classify_db(db.code(), db.routine());
+    }
+    if e.is_closed() {
+        return ErrorKind::Closed;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return ErrorKind::Closed;
+        }
+        source = s.source();
+    }
+    ErrorKind::Driver
+}
+
+/// `routine` tells the two causes of `55P03` apart: PostgreSQL raises the lock-timeout error
+/// from `ProcessInterrupts` (the interrupt handler), while `NOWAIT` failures come from the
+/// lock manager's callers. The routine is the server's C function name, not translated text.
+pub(crate) fn classify_db(code: &SqlState, routine: Option<&str>) -> ErrorKind {
+    let c = code.code();
+    if *code == SqlState::T_R_SERIALIZATION_FAILURE {
+        ErrorKind::SerializationFailure
+    } else if *code == SqlState::T_R_DEADLOCK_DETECTED {
+        ErrorKind::Deadlock
+    } else if *code == SqlState::LOCK_NOT_AVAILABLE {
+        if routine == Some("ProcessInterrupts") {
+            ErrorKind::LockTimeout
+        } else {
+            ErrorKind::LockNotAvailable
+        }
+    } else if *code == SqlState::QUERY_CANCELED {
+        ErrorKind::StatementTimeout
+    } else if *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT {
+        ErrorKind::IdleInTransactionTimeout
+    } else if *code == SqlState::IN_FAILED_SQL_TRANSACTION {
+        ErrorKind::TransactionAborted
+    } else if c.starts_with("08")
+        || *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+    {
+        ErrorKind::Closed
+    } else {
+        ErrorKind::Db
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_kinds() {
+        let cases = [
+            (SqlState::T_R_SERIALIZATION_FAILURE, None, ErrorKind::SerializationFailure),
+            (SqlState::T_R_DEADLOCK_DETECTED, None, ErrorKind::Deadlock),
+            (SqlState::LOCK_NOT_AVAILABLE, Some("heap_lock_tuple"), ErrorKind::LockNotAvailable),
+            (SqlState::LOCK_NOT_AVAILABLE, Some("ProcessInterrupts"), ErrorKind::LockTimeout),
+            (SqlState::QUERY_CANCELED, None, ErrorKind::StatementTimeout),
+            (
+                SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                None,
+                ErrorKind::IdleInTransactionTimeout,
+            ),
+            (SqlState::IN_FAILED_SQL_TRANSACTION, None, ErrorKind::TransactionAborted),
+            (SqlState::CONNECTION_FAILURE, None, ErrorKind::Closed),
+            (SqlState::ADMIN_SHUTDOWN, None, ErrorKind::Closed),
+            (SqlState::UNIQUE_VIOLATION, None, ErrorKind::Db),
+        ];
+        for (state, routine, kind) in cases {
+            assert_eq!(classify_db(&state, routine), kind, "{}", state.code());
+        }
+    }
+
+    #[test]
+    fn retryable_covers_swallowed_root_causes() {
+        let aborted = |s: SqlState| {
+            Error::with_kind(ErrorKind::TransactionAborted, "x").with_sql_state(Some(s))
+        };
+        assert!(aborted(SqlState::T_R_SERIALIZATION_FAILURE).is_retryable());
+        assert!(aborted(SqlState::T_R_DEADLOCK_DETECTED).is_retryable());
+        assert!(!aborted(SqlState::UNIQUE_VIOLATION).is_retryable());
+        assert!(!Error::invalid("x").is_retryable());
+    }
+
+    #[test]
+    fn display_names_layer_and_state_once() {
+        let e = Error::with_kind(ErrorKind::LockTimeout, "row of \"t\"")
+            .at(Step::Lock)
+            .with_sql_state(Some(SqlState::LOCK_NOT_AVAILABLE));
+        assert_eq!(
+            e.to_string(),
+            "lock timeout while locking rows: row of \"t\" (SQLSTATE 55P03)"
+        );
+    }
+}

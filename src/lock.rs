@@ -1,0 +1,235 @@
+//! The lock model: how to lock (mode), how strongly (strength), and for how long to wait.
+
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::options::{TransactionOptions, validate_timeout};
+
+/// What to do when another transaction holds a conflicting lock on a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive] // PostgreSQL may grow another wait policy; matching needs a wildcard arm.
+pub enum LockMode {
+    /// Wait for the lock (bounded by the lock timeout, if one is set). Plain `FOR …`.
+    #[default]
+    Wait,
+    /// Fail at once with lock-not-available (`55P03`). `FOR … NOWAIT`.
+    NoWait,
+    /// Leave locked rows out of the result at once, without an error. `FOR … SKIP LOCKED`.
+    SkipLocked,
+}
+
+impl LockMode {
+    pub(crate) fn clause(self) -> &'static str {
+        match self {
+            LockMode::Wait => "",
+            LockMode::NoWait => " NOWAIT",
+            LockMode::SkipLocked => " SKIP LOCKED",
+        }
+    }
+}
+
+/// The row-lock strength, as in PostgreSQL's locking clause.
+///
+/// Conflicts (a requested lock waits for a held one marked X):
+///
+/// | requested \ held | KEY SHARE | SHARE | NO KEY UPDATE | UPDATE |
+/// |---|---|---|---|---|
+/// | `KeyShare` | | | | X |
+/// | `Share` | | | X | X |
+/// | `NoKeyUpdate` | | X | X | X |
+/// | `Update` | X | X | X | X |
+///
+/// Plain `UPDATE`s take NO KEY UPDATE; `DELETE` and key-changing updates take UPDATE; inserting
+/// a row whose foreign key references the row takes KEY SHARE. So [`NoKeyUpdate`](Self::NoKeyUpdate)
+/// is the usual choice for read-check-update: it excludes other writers but lets foreign-key
+/// inserts proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive] // mirrors PostgreSQL's list, which could grow.
+pub enum LockStrength {
+    /// `FOR UPDATE`: conflicts with every other row lock. The default, as in most ORMs.
+    #[default]
+    Update,
+    /// `FOR NO KEY UPDATE`: like UPDATE but does not block `FOR KEY SHARE` (foreign-key checks).
+    NoKeyUpdate,
+    /// `FOR SHARE`: a shared lock that blocks writers but not other SHARE/KEY SHARE lockers.
+    Share,
+    /// `FOR KEY SHARE`: the weakest lock; blocks only `FOR UPDATE` (deletes, key changes).
+    KeyShare,
+}
+
+impl LockStrength {
+    /// Every strength, strongest first.
+    pub const ALL: [LockStrength; 4] = [
+        LockStrength::Update,
+        LockStrength::NoKeyUpdate,
+        LockStrength::Share,
+        LockStrength::KeyShare,
+    ];
+
+    pub(crate) fn clause(self) -> &'static str {
+        match self {
+            LockStrength::Update => "FOR UPDATE",
+            LockStrength::NoKeyUpdate => "FOR NO KEY UPDATE",
+            LockStrength::Share => "FOR SHARE",
+            LockStrength::KeyShare => "FOR KEY SHARE",
+        }
+    }
+
+    /// Whether a lock of strength `self` must wait for a lock of strength `held` taken by
+    /// another transaction (PostgreSQL's row-lock conflict table).
+    pub fn conflicts_with(self, held: LockStrength) -> bool {
+        use LockStrength::*;
+        matches!(
+            (self, held),
+            (Update, _)
+                | (_, Update)
+                | (NoKeyUpdate, NoKeyUpdate | Share)
+                | (Share, NoKeyUpdate)
+        )
+    }
+}
+
+/// How [`with_locked_row`](crate::with_locked_row) and friends lock: mode, strength, lock
+/// timeout, and the options of the transaction they open.
+///
+/// ```
+/// use std::time::Duration;
+/// use rowlock::{LockMode, LockOptions, LockStrength};
+///
+/// let opts = LockOptions::new()
+///     .mode(LockMode::Wait)
+///     .strength(LockStrength::NoKeyUpdate)
+///     .lock_timeout(Duration::from_millis(500));
+/// assert!(opts.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive] // more knobs may come; construct with `new()` and the setters.
+pub struct LockOptions {
+    /// Wait, fail at once, or skip.
+    pub mode: LockMode,
+    /// Lock strength.
+    pub strength: LockStrength,
+    /// Longest wait for any lock in the transaction (`SET LOCAL lock_timeout`).
+    pub lock_timeout: Option<Duration>,
+    /// Options of the transaction that [`with_locked_row`](crate::with_locked_row) and
+    /// [`with_locked_rows`](crate::with_locked_rows) open.
+    pub transaction: TransactionOptions,
+}
+
+impl LockOptions {
+    /// `FOR UPDATE`, waiting without a timeout (PostgreSQL's own default), in a transaction
+    /// with the server's default isolation level.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the lock mode. Defaults to [`LockMode::Wait`].
+    #[must_use]
+    pub fn mode(mut self, mode: LockMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets the lock strength. Defaults to [`LockStrength::Update`].
+    #[must_use]
+    pub fn strength(mut self, strength: LockStrength) -> Self {
+        self.strength = strength;
+        self
+    }
+
+    /// Bounds every lock wait in the transaction with `SET LOCAL lock_timeout` (never a session
+    /// `SET`, so it is safe behind PgBouncer transaction pooling). With [`LockMode::Wait`] an
+    /// expiry is reported as a lock timeout, distinct from `NoWait`'s lock-not-available.
+    /// Must be between 1 ms and `i32::MAX` ms; sub-millisecond parts round up (PostgreSQL counts
+    /// whole milliseconds). Out-of-range values are refused when the options are used, with
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument), not clamped.
+    /// This overrides [`TransactionOptions::lock_timeout`]. Defaults to none (wait forever).
+    #[must_use]
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the options of the transaction opened around the lock. Defaults to
+    /// [`TransactionOptions::new`].
+    #[must_use]
+    pub fn transaction(mut self, transaction: TransactionOptions) -> Self {
+        self.transaction = transaction;
+        self
+    }
+
+    /// Checks the options without touching the database; the locking functions call this
+    /// before taking a connection.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(t) = self.lock_timeout {
+            validate_timeout("lock_timeout", t)?;
+        }
+        self.transaction.validate()?;
+        if self.transaction.read_only {
+            return Err(Error::invalid(
+                "row locks cannot be taken in a read-only transaction (PostgreSQL refuses \
+                 SELECT ... FOR <strength> there); drop read_only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The transaction options with this lock timeout folded in.
+    pub(crate) fn effective_transaction(&self) -> TransactionOptions {
+        let mut tx = self.transaction.clone();
+        if self.lock_timeout.is_some() {
+            tx.lock_timeout = self.lock_timeout;
+        }
+        tx
+    }
+
+    /// `FOR <strength>[ NOWAIT | SKIP LOCKED]`.
+    pub(crate) fn clause(&self) -> String {
+        format!("{}{}", self.strength.clause(), self.mode.clause())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_table_matches_postgres_docs() {
+        use LockStrength::*;
+        // Rows: requested; columns: held KEY SHARE, SHARE, NO KEY UPDATE, UPDATE.
+        let table = [
+            (KeyShare, [false, false, false, true]),
+            (Share, [false, false, true, true]),
+            (NoKeyUpdate, [false, true, true, true]),
+            (Update, [true, true, true, true]),
+        ];
+        for (requested, row) in table {
+            for (held, expected) in [KeyShare, Share, NoKeyUpdate, Update].into_iter().zip(row) {
+                assert_eq!(requested.conflicts_with(held), expected, "{requested:?} vs {held:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn clauses_render() {
+        let o = LockOptions::new().strength(LockStrength::KeyShare).mode(LockMode::SkipLocked);
+        assert_eq!(o.clause(), "FOR KEY SHARE SKIP LOCKED");
+        let o = LockOptions::new().mode(LockMode::NoWait);
+        assert_eq!(o.clause(), "FOR UPDATE NOWAIT");
+    }
+
+    #[test]
+    fn bad_timeouts_are_refused() {
+        for t in [Duration::ZERO, Duration::from_micros(999), Duration::from_secs(u64::MAX)] {
+            let e = LockOptions::new().lock_timeout(t).validate().unwrap_err();
+            assert!(e.is_invalid_argument(), "{t:?}");
+        }
+        assert!(LockOptions::new().lock_timeout(Duration::from_millis(1)).validate().is_ok());
+    }
+
+    #[test]
+    fn read_only_lock_is_refused() {
+        let o = LockOptions::new().transaction(TransactionOptions::new().read_only(true));
+        assert!(o.validate().unwrap_err().is_invalid_argument());
+    }
+}

@@ -1,0 +1,426 @@
+//! Row locking: lock one row or several rows by key, run the caller's code, commit.
+//!
+//! Round trips of [`with_locked_row`]: one for `BEGIN` + `SET LOCAL` + the locking `SELECT`
+//! (sent in one flush), plus one the first time a connection prepares the statement, plus the
+//! closure's own, plus one for `COMMIT` (carrying any writes queued with
+//! [`Transaction::execute_on_commit`]). `SkipLocked` adds one when no row came back, to tell
+//! "skipped" from "not found".
+
+use std::collections::BTreeSet;
+
+use deadpool_postgres::Pool;
+use futures_util::future::BoxFuture;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::error::{Error, ErrorKind, Step};
+use crate::lock::{LockMode, LockOptions};
+use crate::options::millis_ceil;
+use crate::outcome::{Outcome, RowsOutcome};
+use crate::row::{Key, LockableRow, Names};
+use crate::transaction::{Transaction, run_in};
+
+/// PostgreSQL's limit on bind parameters in one statement.
+const MAX_PARAMS: usize = u16::MAX as usize;
+
+/// Result of the locking statement, before the caller sees it.
+enum Locked {
+    Rows(Vec<Row>),
+    Contended(Error),
+}
+
+impl Transaction {
+    /// Locks the row of `R` with this key inside this transaction, and returns it.
+    ///
+    /// `options.transaction` is ignored here (the transaction is already open); a
+    /// `lock_timeout` is applied with `SET LOCAL` in the same flush as the locking `SELECT`, and
+    /// lasts until the transaction ends. After [`Outcome::LockNotAvailable`] or
+    /// [`Outcome::LockTimeout`] the transaction is aborted (PostgreSQL raised an error) and
+    /// can only be rolled back; after [`Outcome::NotFound`] or [`Outcome::Skipped`] it can go on.
+    ///
+    /// Invalid options or names give [`ErrorKind::InvalidArgument`] before anything is sent.
+    ///
+    /// ```no_run
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct Account { id: i64 }
+    /// # impl LockableRow for Account {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("accounts");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Account { id: row.try_get("id")? }) }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+    /// use rowlock::{LockOptions, Outcome, Transaction, TransactionOptions};
+    ///
+    /// let tx = Transaction::begin(pool, &TransactionOptions::new()).await?;
+    /// if let Outcome::Done(account) = tx.lock_row::<Account>(&1, &LockOptions::new()).await? {
+    ///     tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = $1", &[&account.id])
+    ///         .await?;
+    /// }
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn lock_row<R: LockableRow>(
+        &self,
+        key: &R::Key,
+        options: &LockOptions,
+    ) -> Result<Outcome<R>, Error> {
+        options.validate()?;
+        let names = Names::of::<R>()?;
+        self.lock_one(&names, key, options, true).await
+    }
+
+    /// Locks the rows of `R` with these keys inside this transaction, in ascending key order,
+    /// and returns them in ascending key order (by `Key`'s `Ord`).
+    ///
+    /// Duplicate keys are locked once. All rows or none: if a key has no row,
+    /// [`RowsOutcome::NotFound`] lists the missing keys; with `SkipLocked`,
+    /// [`RowsOutcome::Skipped`] lists the keys whose rows were locked elsewhere (any rows that
+    /// were locked stay locked until this transaction ends). An empty key list, or more keys
+    /// than PostgreSQL can bind, gives [`ErrorKind::InvalidArgument`] before anything is sent.
+    pub async fn lock_rows<R: LockableRow>(
+        &self,
+        keys: &[R::Key],
+        options: &LockOptions,
+    ) -> Result<RowsOutcome<Vec<R>, R::Key>, Error> {
+        options.validate()?;
+        let names = Names::of::<R>()?;
+        let keys = sorted_keys::<R>(keys)?;
+        self.lock_many(&names, &keys, options, true).await
+    }
+
+    async fn lock_one<R: LockableRow>(
+        &self,
+        names: &Names,
+        key: &R::Key,
+        options: &LockOptions,
+        set_timeout: bool,
+    ) -> Result<Outcome<R>, Error> {
+        let sql = format!(
+            "SELECT * FROM {} {} {}",
+            names.table,
+            names.where_keys(1),
+            options.clause()
+        );
+        let mut params = Vec::with_capacity(names.keys.len());
+        key.push_params(&mut params);
+        let rows = match self.lock_query(&sql, &params, options, set_timeout).await? {
+            Locked::Rows(rows) => rows,
+            Locked::Contended(e) if e.kind() == ErrorKind::LockTimeout => {
+                return Ok(Outcome::LockTimeout(e));
+            }
+            Locked::Contended(e) => return Ok(Outcome::LockNotAvailable(e)),
+        };
+        match rows.len() {
+            1 => R::from_row(&rows[0]).map(Outcome::Done).map_err(Error::decode),
+            0 if options.mode == LockMode::SkipLocked => {
+                if self.existing::<R>(names, 1, &params).await?.is_empty() {
+                    Ok(Outcome::NotFound)
+                } else {
+                    Ok(Outcome::Skipped)
+                }
+            }
+            0 => Ok(Outcome::NotFound),
+            n => Err(not_unique(names, n, 1)),
+        }
+    }
+
+    async fn lock_many<R: LockableRow>(
+        &self,
+        names: &Names,
+        keys: &[R::Key],
+        options: &LockOptions,
+        set_timeout: bool,
+    ) -> Result<RowsOutcome<Vec<R>, R::Key>, Error> {
+        // ORDER BY makes PostgreSQL lock in key order, so overlapping callers cannot deadlock.
+        let sql = format!(
+            "SELECT * FROM {} {} {} {}",
+            names.table,
+            names.where_keys(keys.len()),
+            names.order_by(),
+            options.clause()
+        );
+        let mut params = Vec::with_capacity(keys.len() * names.keys.len());
+        for key in keys {
+            key.push_params(&mut params);
+        }
+        let rows = match self.lock_query(&sql, &params, options, set_timeout).await? {
+            Locked::Rows(rows) => rows,
+            Locked::Contended(e) if e.kind() == ErrorKind::LockTimeout => {
+                return Ok(RowsOutcome::LockTimeout(e));
+            }
+            Locked::Contended(e) => return Ok(RowsOutcome::LockNotAvailable(e)),
+        };
+        if rows.len() > keys.len() {
+            return Err(not_unique(names, rows.len(), keys.len()));
+        }
+        let mut locked = rows
+            .iter()
+            .map(R::from_row)
+            .collect::<Result<Vec<R>, _>>()
+            .map_err(Error::decode)?;
+        locked.sort_by_key(R::key);
+        let got: BTreeSet<R::Key> = locked.iter().map(R::key).collect();
+        if got.len() != locked.len() {
+            return Err(not_unique(names, locked.len(), got.len()));
+        }
+        let missing: Vec<R::Key> = keys.iter().filter(|k| !got.contains(k)).cloned().collect();
+        if missing.is_empty() {
+            return Ok(RowsOutcome::Done(locked));
+        }
+        if options.mode != LockMode::SkipLocked {
+            return Ok(RowsOutcome::NotFound(missing));
+        }
+        let mut missing_params = Vec::with_capacity(missing.len() * names.keys.len());
+        for key in &missing {
+            key.push_params(&mut missing_params);
+        }
+        let exists = self
+            .existing::<R>(names, missing.len(), &missing_params)
+            .await?;
+        let (skipped, not_found): (Vec<_>, Vec<_>) =
+            missing.into_iter().partition(|k| exists.contains(k));
+        if not_found.is_empty() {
+            Ok(RowsOutcome::Skipped(skipped))
+        } else {
+            Ok(RowsOutcome::NotFound(not_found))
+        }
+    }
+
+    /// Sends the locking statement (with `SET LOCAL lock_timeout` first when asked), mapping
+    /// `55P03` to a contention result rather than an error.
+    async fn lock_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        options: &LockOptions,
+        set_timeout: bool,
+    ) -> Result<Locked, Error> {
+        let conn = self.conn();
+        let timeout_sql = match options.lock_timeout {
+            Some(t) if set_timeout => Some(format!("SET LOCAL lock_timeout = {}", millis_ceil(t))),
+            _ => None,
+        };
+        let select = async {
+            let stmt = conn.prepare_cached(sql).await?;
+            conn.query(&stmt, params).await
+        };
+        let request = async {
+            match &timeout_sql {
+                Some(set) => {
+                    let (set, rows) = futures_util::future::join(conn.batch_execute(set), select).await;
+                    set?;
+                    rows
+                }
+                None => select.await,
+            }
+        };
+        match self.run(Step::Lock, request).await {
+            Ok(rows) => Ok(Locked::Rows(rows)),
+            Err(e) => match e.kind() {
+                // Only lock_timeout can raise 55P03 while waiting in Wait mode.
+                ErrorKind::LockNotAvailable if options.mode == LockMode::Wait => Ok(
+                    Locked::Contended(reclassify_timeout(e)),
+                ),
+                ErrorKind::LockNotAvailable | ErrorKind::LockTimeout => Ok(Locked::Contended(e)),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Which of these keys have a row, read without locking (plain reads are never blocked
+    /// by row locks).
+    async fn existing<R: LockableRow>(
+        &self,
+        names: &Names,
+        count: usize,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<BTreeSet<R::Key>, Error> {
+        let sql = format!("SELECT * FROM {} {}", names.table, names.where_keys(count));
+        let stmt = self.prepare_cached(&sql).await?;
+        let rows = self.query(&stmt, params).await?;
+        rows.iter()
+            .map(|r| R::from_row(r).map(|row| row.key()))
+            .collect::<Result<_, _>>()
+            .map_err(Error::decode)
+    }
+}
+
+fn reclassify_timeout(e: Error) -> Error {
+    Error::with_kind(
+        ErrorKind::LockTimeout,
+        "waited longer than lock_timeout for a row lock",
+    )
+    .at(Step::Lock)
+    .with_sql_state(e.sql_state().cloned())
+    .with_source(e)
+}
+
+fn not_unique(names: &Names, rows: usize, keys: usize) -> Error {
+    Error::with_kind(
+        ErrorKind::KeyNotUnique,
+        format!(
+            "{} key {} matched {rows} rows for {keys} key(s); declare a primary key or unique \
+             column set",
+            names.table,
+            names.key_tuple()
+        ),
+    )
+    .at(Step::Lock)
+}
+
+fn sorted_keys<R: LockableRow>(keys: &[R::Key]) -> Result<Vec<R::Key>, Error> {
+    if keys.is_empty() {
+        return Err(Error::invalid("no keys given: pass at least one key to lock"));
+    }
+    let set: BTreeSet<R::Key> = keys.iter().cloned().collect();
+    let params = set.len() * <R::Key as Key>::ARITY;
+    if params > MAX_PARAMS {
+        return Err(Error::invalid(format!(
+            "{} keys need {params} bind parameters; PostgreSQL allows at most {MAX_PARAMS}",
+            set.len()
+        )));
+    }
+    Ok(set.into_iter().collect())
+}
+
+/// Opens a pooled transaction, locks the row of `R` with this key, runs `f` with the
+/// transaction and the row, and commits if `f` returns `Ok`.
+///
+/// What the caller gets back:
+/// - `Ok(Outcome::Done(v))`: the row was locked, `f` returned `Ok(v)`, and the transaction
+///   committed.
+/// - `Ok(Outcome::NotFound | Skipped | LockNotAvailable(_) | LockTimeout(_))`: see the table
+///   on [`Outcome`]; `f` did not run and nothing was committed.
+/// - `Err(e)` from `f`: the transaction was rolled back and `e` is returned as is.
+/// - `Err(E::from(rowlock::Error))`: invalid options or names (refused before a connection is
+///   taken; [`ErrorKind::InvalidArgument`]), pool failures, a lost connection, a key that
+///   matches several rows ([`ErrorKind::KeyNotUnique`]), or a failed commit, including
+///   [`ErrorKind::TransactionAborted`] when a statement in `f` failed but `f` returned `Ok`.
+///
+/// If `f` panics or this future is dropped at any await point, the transaction is rolled
+/// back and its connection cleaned before reuse (see [`Transaction`]).
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct Account { id: i64, balance: i64 }
+/// # impl LockableRow for Account {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("accounts");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+/// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
+/// #     }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{LockMode, LockOptions, Outcome, with_locked_row};
+///
+/// let opts = LockOptions::new().mode(LockMode::NoWait);
+/// let outcome = with_locked_row(pool, &1, &opts, |tx, account: Account| Box::pin(async move {
+///     tx.execute("UPDATE accounts SET balance = $2 WHERE id = $1",
+///                &[&account.id, &(account.balance - 10)]).await?;
+///     Ok::<_, rowlock::Error>(account.balance - 10)
+/// }))
+/// .await?;
+/// match outcome {
+///     Outcome::Done(balance) => println!("new balance {balance}"),
+///     Outcome::LockNotAvailable(_) => println!("busy, try again"),
+///     other => println!("{other:?}"),
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn with_locked_row<R, T, E, F>(
+    pool: &Pool,
+    key: &R::Key,
+    options: &LockOptions,
+    f: F,
+) -> Result<Outcome<T>, E>
+where
+    R: LockableRow,
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
+{
+    options.validate()?;
+    let names = Names::of::<R>()?;
+    let tx = Transaction::begin_unchecked(pool, &options.effective_transaction()).await?;
+    let row = match tx.lock_one::<R>(&names, key, options, false).await {
+        Ok(Outcome::Done(row)) => row,
+        Ok(other) => {
+            tx.rollback_quietly().await;
+            return Ok(other.map(|_| unreachable!("Done is handled above")));
+        }
+        Err(e) => {
+            tx.rollback_quietly().await;
+            return Err(e.into());
+        }
+    };
+    run_in(tx, move |tx| f(tx, row)).await.map(Outcome::Done)
+}
+
+/// Like [`with_locked_row`] for several keys of one table: locks every row, in ascending key
+/// order (so callers locking overlapping sets in different orders cannot deadlock), then runs
+/// `f` with the rows in ascending key order.
+///
+/// `f` runs only if every key was locked; otherwise the outcome lists the keys that were not
+/// found or (with `SkipLocked`) skipped, and nothing is committed. Duplicate keys are locked
+/// once. An empty key list is refused with [`ErrorKind::InvalidArgument`] before a connection
+/// is taken. Each distinct number of keys is a distinct prepared statement in the
+/// connection's statement cache.
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct Account { id: i64, balance: i64 }
+/// # impl LockableRow for Account {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("accounts");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+/// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
+/// #     }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{LockOptions, RowsOutcome, with_locked_rows};
+///
+/// // Transfer 10 from account 2 to account 1; both rows locked, lowest id first.
+/// let outcome = with_locked_rows(pool, &[2, 1], &LockOptions::new(),
+///     |tx, accounts: Vec<Account>| Box::pin(async move {
+///         let stmt = tx.prepare_cached("UPDATE accounts SET balance = balance + $2 WHERE id = $1").await?;
+///         tx.execute(&stmt, &[&2_i64, &-10_i64]).await?;
+///         tx.execute(&stmt, &[&1_i64, &10_i64]).await?;
+///         Ok::<_, rowlock::Error>(accounts.len())
+///     }))
+///     .await?;
+/// assert!(matches!(outcome, RowsOutcome::Done(2)));
+/// # Ok(()) }
+/// ```
+pub async fn with_locked_rows<R, T, E, F>(
+    pool: &Pool,
+    keys: &[R::Key],
+    options: &LockOptions,
+    f: F,
+) -> Result<RowsOutcome<T, R::Key>, E>
+where
+    R: LockableRow,
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
+{
+    options.validate()?;
+    let names = Names::of::<R>()?;
+    let keys = sorted_keys::<R>(keys)?;
+    let tx = Transaction::begin_unchecked(pool, &options.effective_transaction()).await?;
+    let rows = match tx.lock_many::<R>(&names, &keys, options, false).await {
+        Ok(RowsOutcome::Done(rows)) => rows,
+        Ok(other) => {
+            tx.rollback_quietly().await;
+            return Ok(other.map(|_| unreachable!("Done is handled above")));
+        }
+        Err(e) => {
+            tx.rollback_quietly().await;
+            return Err(e.into());
+        }
+    };
+    run_in(tx, move |tx| f(tx, rows)).await.map(RowsOutcome::Done)
+}

@@ -1,0 +1,196 @@
+//! Options of the transactions rowlock opens, and how they are rendered into one `BEGIN`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// Transaction isolation level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive] // mirrors PostgreSQL's levels.
+pub enum Isolation {
+    /// `READ COMMITTED`: each statement sees data committed before it began. Lockers that
+    /// waited re-check their `WHERE` against the newest row version.
+    ReadCommitted,
+    /// `REPEATABLE READ`: one snapshot for the transaction; a concurrently changed row that you
+    /// lock or update raises `40001`.
+    RepeatableRead,
+    /// `SERIALIZABLE`: as if transactions ran one at a time; conflicts raise `40001`.
+    Serializable,
+}
+
+impl Isolation {
+    fn sql(self) -> &'static str {
+        match self {
+            Isolation::ReadCommitted => "READ COMMITTED",
+            Isolation::RepeatableRead => "REPEATABLE READ",
+            Isolation::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+/// Options for a transaction opened by [`with_transaction`](crate::with_transaction),
+/// [`Transaction::begin`](crate::Transaction::begin) or the locking functions.
+///
+/// Timeouts are applied with `SET LOCAL`, so they end with the transaction and never leak
+/// into the pooled session (safe behind PgBouncer transaction pooling).
+///
+/// ```
+/// use std::time::Duration;
+/// use rowlock::{Isolation, TransactionOptions};
+///
+/// let opts = TransactionOptions::new()
+///     .isolation(Isolation::Serializable)
+///     .statement_timeout(Duration::from_secs(5));
+/// assert!(opts.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive] // more options may come; construct with `new()` and the setters.
+pub struct TransactionOptions {
+    /// Isolation level; `None` keeps the server's `default_transaction_isolation`.
+    pub isolation: Option<Isolation>,
+    /// `READ ONLY`.
+    pub read_only: bool,
+    /// `DEFERRABLE` (meaningful only with `SERIALIZABLE READ ONLY`).
+    pub deferrable: bool,
+    /// `SET LOCAL lock_timeout`.
+    pub lock_timeout: Option<Duration>,
+    /// `SET LOCAL statement_timeout`.
+    pub statement_timeout: Option<Duration>,
+}
+
+impl TransactionOptions {
+    /// The server's defaults: its default isolation level, read-write, no timeouts.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the isolation level. Defaults to the server's `default_transaction_isolation`
+    /// (normally READ COMMITTED), so a server-wide setting is respected.
+    #[must_use]
+    pub fn isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = Some(isolation);
+        self
+    }
+
+    /// Makes the transaction `READ ONLY`. Defaults to `false`. Row locks cannot be taken in a
+    /// read-only transaction, so the locking functions refuse this option.
+    #[must_use]
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Makes the transaction `DEFERRABLE`. Defaults to `false`.
+    #[must_use]
+    pub fn deferrable(mut self, deferrable: bool) -> Self {
+        self.deferrable = deferrable;
+        self
+    }
+
+    /// Bounds every lock wait with `SET LOCAL lock_timeout`. Between 1 ms and `i32::MAX` ms;
+    /// refused otherwise when used. Defaults to none.
+    #[must_use]
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = Some(timeout);
+        self
+    }
+
+    /// Bounds every statement with `SET LOCAL statement_timeout` (expiry: `57014`). Between
+    /// 1 ms and `i32::MAX` ms; refused otherwise when used. Defaults to none.
+    #[must_use]
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// Checks the options without touching the database.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(t) = self.lock_timeout {
+            validate_timeout("lock_timeout", t)?;
+        }
+        if let Some(t) = self.statement_timeout {
+            validate_timeout("statement_timeout", t)?;
+        }
+        Ok(())
+    }
+
+    /// The one simple-query string that opens the transaction: `BEGIN …; SET LOCAL …`.
+    /// Only fixed keywords and validated integers go into it.
+    pub(crate) fn begin_sql(&self) -> String {
+        let mut sql = String::from("BEGIN");
+        if let Some(level) = self.isolation {
+            sql.push_str(" ISOLATION LEVEL ");
+            sql.push_str(level.sql());
+        }
+        if self.read_only {
+            sql.push_str(" READ ONLY");
+        }
+        if self.deferrable {
+            sql.push_str(" DEFERRABLE");
+        }
+        for (name, value) in [
+            ("lock_timeout", self.lock_timeout),
+            ("statement_timeout", self.statement_timeout),
+        ] {
+            if let Some(t) = value {
+                // Integer milliseconds from a validated Duration: no caller text reaches SQL.
+                let _ = write!(sql, "; SET LOCAL {name} = {}", millis_ceil(t));
+            }
+        }
+        sql
+    }
+}
+
+const MAX_TIMEOUT_MS: u128 = i32::MAX as u128;
+
+pub(crate) fn millis_ceil(t: Duration) -> u128 {
+    t.as_nanos().div_ceil(1_000_000)
+}
+
+/// PostgreSQL takes timeouts as whole milliseconds up to `INT_MAX`, and `0` means "disabled",
+/// which is never what a caller asking for a timeout wants.
+pub(crate) fn validate_timeout(name: &str, t: Duration) -> Result<(), Error> {
+    if t < Duration::from_millis(1) {
+        return Err(Error::invalid(format!(
+            "{name} must be at least 1 ms (got {t:?}); PostgreSQL treats 0 as no timeout, \
+             use LockMode::NoWait to fail at once"
+        )));
+    }
+    if millis_ceil(t) > MAX_TIMEOUT_MS {
+        return Err(Error::invalid(format!(
+            "{name} must be at most {MAX_TIMEOUT_MS} ms (about 24.8 days), got {t:?}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_sql_renders_all_options() {
+        assert_eq!(TransactionOptions::new().begin_sql(), "BEGIN");
+        let o = TransactionOptions::new()
+            .isolation(Isolation::Serializable)
+            .read_only(true)
+            .deferrable(true)
+            .lock_timeout(Duration::from_micros(1500))
+            .statement_timeout(Duration::from_secs(2));
+        assert_eq!(
+            o.begin_sql(),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE; \
+             SET LOCAL lock_timeout = 2; SET LOCAL statement_timeout = 2000"
+        );
+    }
+
+    #[test]
+    fn timeouts_are_validated() {
+        assert!(validate_timeout("t", Duration::ZERO).is_err());
+        assert!(validate_timeout("t", Duration::from_millis(i32::MAX as u64)).is_ok());
+        assert!(validate_timeout("t", Duration::from_millis(i32::MAX as u64 + 1)).is_err());
+        let o = TransactionOptions::new().statement_timeout(Duration::ZERO);
+        assert!(o.validate().unwrap_err().is_invalid_argument());
+    }
+}

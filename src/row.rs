@@ -1,0 +1,259 @@
+//! Lockable rows: how a row type names its table and key, and how it is built from a `Row`.
+
+use std::fmt::Debug;
+
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::error::Error;
+
+/// A table name, optionally schema-qualified. Names are used verbatim (case-sensitive, never
+/// case-folded) and always rendered as quoted identifiers, so no name can inject SQL.
+///
+/// ```
+/// use rowlock::Table;
+/// const ACCOUNTS: Table = Table::new("accounts");
+/// const AUDIT: Table = Table::qualified("audit", "events");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Table {
+    schema: Option<&'static str>,
+    name: &'static str,
+}
+
+impl Table {
+    /// A table found through the connection's `search_path`.
+    pub const fn new(name: &'static str) -> Self {
+        Table { schema: None, name }
+    }
+
+    /// A table in an explicit schema.
+    pub const fn qualified(schema: &'static str, name: &'static str) -> Self {
+        Table {
+            schema: Some(schema),
+            name,
+        }
+    }
+
+    /// The schema, if qualified.
+    pub fn schema(&self) -> Option<&'static str> {
+        self.schema
+    }
+
+    /// The table name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// `"schema"."name"` or `"name"`, after checking each part.
+    pub(crate) fn render(&self) -> Result<String, Error> {
+        let mut out = String::new();
+        if let Some(schema) = self.schema {
+            out.push_str(&quote_ident(schema)?);
+            out.push('.');
+        }
+        out.push_str(&quote_ident(self.name)?);
+        Ok(out)
+    }
+}
+
+/// PostgreSQL truncates identifiers longer than `NAMEDATALEN - 1` bytes; silently locking a
+/// different table than named would be worse than refusing.
+const MAX_IDENT_BYTES: usize = 63;
+
+/// Quotes an identifier (`"` doubled), refusing empty, NUL-containing or over-long names.
+pub(crate) fn quote_ident(ident: &str) -> Result<String, Error> {
+    if ident.is_empty() {
+        return Err(Error::invalid("identifier is empty"));
+    }
+    if ident.contains('\0') {
+        return Err(Error::invalid(format!("identifier {ident:?} contains a NUL byte")));
+    }
+    if ident.len() > MAX_IDENT_BYTES {
+        return Err(Error::invalid(format!(
+            "identifier {ident:?} is {} bytes long; PostgreSQL allows at most {MAX_IDENT_BYTES}",
+            ident.len()
+        )));
+    }
+    Ok(format!("\"{}\"", ident.replace('"', "\"\"")))
+}
+
+/// One component of a key: a value that can be bound as a parameter and ordered.
+///
+/// Implemented for the common key types. Implement it (no methods needed) for your own key
+/// newtypes that implement [`ToSql`], `Ord`, `Clone` and `Debug`.
+pub trait KeyValue: ToSql + Sync + Send + Clone + Ord + Debug + 'static {}
+
+macro_rules! key_values {
+    ($($t:ty),*) => { $(impl KeyValue for $t {})* };
+}
+key_values!(i16, i32, i64, String, bool);
+
+/// A key of a [`LockableRow`]: one [`KeyValue`], or a tuple of them for composite keys.
+/// Keys are bound as parameters, never formatted into SQL.
+pub trait Key: Clone + Ord + Debug + Send + Sync + 'static {
+    /// The number of key columns this key binds.
+    const ARITY: usize;
+    /// Pushes this key's values, in key-column order.
+    fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>);
+}
+
+impl<T: KeyValue> Key for T {
+    const ARITY: usize = 1;
+    fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
+        out.push(self);
+    }
+}
+
+macro_rules! tuple_keys {
+    ($(($n:expr; $($t:ident . $i:tt),+)),*) => {$(
+        impl<$($t: KeyValue),+> Key for ($($t,)+) {
+            const ARITY: usize = $n;
+            fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
+                $(out.push(&self.$i);)+
+            }
+        }
+    )*};
+}
+tuple_keys!((2; A.0, B.1), (3; A.0, B.1, C.2), (4; A.0, B.1, C.2, D.3));
+
+/// A row type that rowlock can lock: where it lives, what identifies it, how to build it.
+///
+/// The key columns must identify one row (a primary key or unique constraint); a key that
+/// matches several rows is refused with [`ErrorKind::KeyNotUnique`](crate::ErrorKind::KeyNotUnique).
+///
+/// ```
+/// use rowlock::{LockableRow, Table};
+/// use rowlock::tokio_postgres::{Error, Row};
+///
+/// struct Account { id: i64, balance: i64 }
+///
+/// impl LockableRow for Account {
+///     type Key = i64;
+///     const TABLE: Table = Table::new("accounts");
+///     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+///     fn from_row(row: &Row) -> Result<Self, Error> {
+///         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
+///     }
+///     fn key(&self) -> i64 { self.id }
+/// }
+/// ```
+pub trait LockableRow: Sized + Send + 'static {
+    /// The key type: one [`KeyValue`] or a tuple matching [`KEY_COLUMNS`](Self::KEY_COLUMNS).
+    type Key: Key;
+    /// The table rows are locked in.
+    const TABLE: Table;
+    /// The key columns, in the order of [`Key`]'s values. Locks on several rows are taken in
+    /// ascending order of these columns.
+    const KEY_COLUMNS: &'static [&'static str];
+    /// Builds the row from a `SELECT *` result row.
+    fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error>;
+    /// This row's key.
+    fn key(&self) -> Self::Key;
+}
+
+/// The rendered, checked names of a `LockableRow`: table and key columns.
+pub(crate) struct Names {
+    pub(crate) table: String,
+    pub(crate) keys: Vec<String>,
+}
+
+impl Names {
+    pub(crate) fn of<R: LockableRow>() -> Result<Names, Error> {
+        let table = R::TABLE.render()?;
+        if R::KEY_COLUMNS.len() != <R::Key as Key>::ARITY {
+            return Err(Error::invalid(format!(
+                "{} declares {} key column(s) but its Key type binds {} value(s)",
+                table,
+                R::KEY_COLUMNS.len(),
+                <R::Key as Key>::ARITY
+            )));
+        }
+        let keys = R::KEY_COLUMNS
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Names { table, keys })
+    }
+
+    /// `"a"` or `("a", "b")`.
+    pub(crate) fn key_tuple(&self) -> String {
+        if self.keys.len() == 1 {
+            self.keys[0].clone()
+        } else {
+            format!("({})", self.keys.join(", "))
+        }
+    }
+
+    /// `$i` or `($i, $i+1)` for the key at position `index` (0-based).
+    pub(crate) fn key_placeholders(&self, index: usize) -> String {
+        let n = self.keys.len();
+        let ps: Vec<String> = (0..n).map(|j| format!("${}", index * n + j + 1)).collect();
+        if n == 1 {
+            ps[0].clone()
+        } else {
+            format!("({})", ps.join(", "))
+        }
+    }
+
+    /// `WHERE <key> = <params>` for one key, or `WHERE <key> IN (...)` for `count` keys.
+    pub(crate) fn where_keys(&self, count: usize) -> String {
+        if count == 1 {
+            format!("WHERE {} = {}", self.key_tuple(), self.key_placeholders(0))
+        } else {
+            let list: Vec<String> = (0..count).map(|i| self.key_placeholders(i)).collect();
+            format!("WHERE {} IN ({})", self.key_tuple(), list.join(", "))
+        }
+    }
+
+    pub(crate) fn order_by(&self) -> String {
+        format!("ORDER BY {}", self.keys.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_and_checked() {
+        assert_eq!(quote_ident("t").unwrap(), "\"t\"");
+        assert_eq!(
+            quote_ident("x\"; DROP TABLE t; --").unwrap(),
+            "\"x\"\"; DROP TABLE t; --\""
+        );
+        assert!(quote_ident("").is_err());
+        assert!(quote_ident("a\0b").is_err());
+        assert!(quote_ident(&"a".repeat(64)).is_err());
+        assert!(quote_ident(&"a".repeat(63)).is_ok());
+        assert_eq!(Table::qualified("s", "T").render().unwrap(), "\"s\".\"T\"");
+    }
+
+    struct Pair;
+    impl LockableRow for Pair {
+        type Key = (i64, String);
+        const TABLE: Table = Table::new("pairs");
+        const KEY_COLUMNS: &'static [&'static str] = &["a", "b"];
+        fn from_row(_: &Row) -> Result<Self, tokio_postgres::Error> {
+            Ok(Pair)
+        }
+        fn key(&self) -> (i64, String) {
+            (0, String::new())
+        }
+    }
+
+    #[test]
+    fn composite_key_sql() {
+        let n = Names::of::<Pair>().unwrap();
+        assert_eq!(n.where_keys(1), "WHERE (\"a\", \"b\") = ($1, $2)");
+        assert_eq!(
+            n.where_keys(2),
+            "WHERE (\"a\", \"b\") IN (($1, $2), ($3, $4))"
+        );
+        assert_eq!(n.order_by(), "ORDER BY \"a\", \"b\"");
+        let key = (7_i64, "x".to_string());
+        let mut params = Vec::new();
+        key.push_params(&mut params);
+        assert_eq!(params.len(), 2);
+    }
+}

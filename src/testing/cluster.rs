@@ -1,0 +1,580 @@
+//! A throwaway PostgreSQL cluster started from the installed server binaries.
+
+use std::io::Read as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::str::FromStr;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+
+use tokio_postgres::{Config, NoTls};
+
+use super::HarnessError;
+use super::database::TestDatabase;
+
+/// How long the server may take to start before the harness gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings for a test cluster: durability off (nothing needs to survive a crash of a
+/// throwaway cluster), enough connections for concurrent tests, loopback only.
+const SERVER_SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "300"),
+    ("shared_buffers", "128MB"),
+    ("listen_addresses", "127.0.0.1"),
+    ("log_min_messages", "warning"),
+];
+
+/// Watches stdin; when it closes (the owning process exited, however it exited), stops the
+/// server whose pid is in `postmaster.pid` and removes the cluster's directory.
+const GUARDIAN_SCRIPT: &str = r#"
+trap '' INT TERM HUP
+dir="$1"
+while read -r _line; do :; done
+pid=$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null)
+if [ -n "$pid" ]; then
+  kill -QUIT "$pid" 2>/dev/null
+  i=0
+  while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+  kill -KILL "$pid" 2>/dev/null
+fi
+rm -rf "$dir"
+"#;
+
+/// How to stop the server ([`TestCluster::stop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive] // mirrors pg_ctl's shutdown modes.
+pub enum StopMode {
+    /// Disconnect clients, roll back their transactions, checkpoint (`SIGINT`).
+    Fast,
+    /// Quit at once without a checkpoint, like a crash; recovery runs at the next start
+    /// (`SIGQUIT`).
+    Immediate,
+}
+
+/// A PostgreSQL server for tests: either the one `DATABASE_URL` names, or a throwaway cluster
+/// this process started.
+///
+/// A throwaway cluster lives in a temporary directory, listens on a free loopback port, runs
+/// as an unprivileged user (the `postgres` system user, or `nobody`, when the tests run as
+/// root), and is stopped and deleted by a small guardian process when its owner goes away:
+/// when the `TestCluster` is dropped, and also when the test process exits or is killed
+/// (Rust never drops statics, so [`TestCluster::shared`] relies on the guardian noticing that
+/// its stdin, a pipe from the test process, has closed).
+#[derive(Debug)]
+pub struct TestCluster {
+    config: Config,
+    url: String,
+    embedded: Option<Embedded>,
+}
+
+#[derive(Debug)]
+struct Embedded {
+    dir: PathBuf,
+    bindir: PathBuf,
+    port: u16,
+    run_as: Option<String>,
+    server: Mutex<Option<Child>>,
+    guardian: Mutex<Option<(Child, ChildStdin)>>,
+}
+
+static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+
+impl TestCluster {
+    /// The process-wide cluster: the `DATABASE_URL` server if that variable is set, otherwise
+    /// a throwaway cluster started on first use and stopped when the process exits.
+    ///
+    /// Blocks while the cluster starts (a second or two, once per process).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), rowlock::testing::HarnessError> {
+    /// let db = rowlock::testing::TestCluster::shared()?.create_database().await?;
+    /// let pool = db.pool(4);
+    /// # Ok(()) }
+    /// ```
+    pub fn shared() -> Result<&'static TestCluster, HarnessError> {
+        SHARED
+            .get_or_init(|| TestCluster::from_env().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| HarnessError::Start(e.clone()))
+    }
+
+    /// The `DATABASE_URL` server if set, else a new throwaway cluster owned by the returned
+    /// value.
+    pub fn from_env() -> Result<TestCluster, HarnessError> {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => TestCluster::external(&url),
+            _ => TestCluster::start(),
+        }
+    }
+
+    /// Uses an existing server. Its role must be allowed to create databases.
+    pub fn external(url: &str) -> Result<TestCluster, HarnessError> {
+        let config = Config::from_str(url)
+            .map_err(|e| HarnessError::Config(format!("DATABASE_URL is not valid: {e}")))?;
+        Ok(TestCluster {
+            config,
+            url: url.to_string(),
+            embedded: None,
+        })
+    }
+
+    /// Starts a new throwaway cluster, whatever `DATABASE_URL` says. Use this for tests that
+    /// stop or restart the server, so they do not disturb other tests.
+    ///
+    /// Server binaries are looked up in `ROWLOCK_PG_BINDIR`, then on `PATH`, then via
+    /// `pg_config --bindir`, then under `/usr/lib/postgresql/*/bin` (newest version first).
+    pub fn start() -> Result<TestCluster, HarnessError> {
+        let bindir = find_bindir()?;
+        let run_as = unprivileged_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix("rowlock-pg-")
+            .tempdir()
+            .map_err(|e| io("creating a temporary directory", e))?
+            .keep();
+        // From here on the guardian owns `dir`: it removes it however we exit.
+        let guardian = spawn_guardian(&dir)?;
+        let mut embedded = Embedded {
+            dir: dir.clone(),
+            bindir,
+            port: 0,
+            run_as,
+            server: Mutex::new(None),
+            guardian: Mutex::new(Some(guardian)),
+        };
+        embedded.init()?;
+        let mut last_error = None;
+        for _ in 0..5 {
+            embedded.port = free_port()?;
+            match embedded.start_server() {
+                Ok(()) => {
+                    last_error = None;
+                    break;
+                }
+                // Another process may have taken the port between probe and bind: retry.
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(e) = last_error {
+            return Err(e);
+        }
+        let mut config = Config::new();
+        config
+            .host("127.0.0.1")
+            .port(embedded.port)
+            .user("postgres")
+            .dbname("postgres")
+            .application_name("rowlock-testing")
+            .connect_timeout(Duration::from_secs(10));
+        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", embedded.port);
+        Ok(TestCluster {
+            config,
+            url,
+            embedded: Some(embedded),
+        })
+    }
+
+    /// Connection settings for the cluster's maintenance database (`postgres`, or the
+    /// database `DATABASE_URL` names).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The connection URL of the maintenance database.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// True for a throwaway cluster started by this process (false for `DATABASE_URL`).
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
+    }
+
+    /// The directory holding the server's binaries (`pgbench` is there too), for an embedded
+    /// cluster.
+    pub fn bindir(&self) -> Option<&Path> {
+        self.embedded.as_ref().map(|e| e.bindir.as_path())
+    }
+
+    /// The server's log file, for an embedded cluster.
+    pub fn log_file(&self) -> Option<PathBuf> {
+        self.embedded.as_ref().map(|e| e.dir.join("postgres.log"))
+    }
+
+    /// Creates a fresh, empty database and returns a handle to it. Tests that each use their
+    /// own database can run in parallel.
+    pub async fn create_database(&'static self) -> Result<TestDatabase, HarnessError> {
+        TestDatabase::create(self).await
+    }
+
+    /// Creates a fresh database on a cluster that is not `'static` (one from
+    /// [`TestCluster::start`]); the handle borrows it through an `Arc`.
+    pub async fn create_database_owned(
+        self: &std::sync::Arc<Self>,
+    ) -> Result<TestDatabase, HarnessError> {
+        TestDatabase::create_owned(self.clone()).await
+    }
+
+    /// Opens a plain connection to the maintenance database.
+    pub async fn admin_client(&self) -> Result<tokio_postgres::Client, HarnessError> {
+        connect(&self.config).await
+    }
+
+    /// Terminates a backend (`pg_terminate_backend`), as an administrator or a crash would.
+    /// Returns whether a backend with that pid existed.
+    pub async fn terminate_backend(&self, pid: i32) -> Result<bool, HarnessError> {
+        let client = self.admin_client().await?;
+        let row = client
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .map_err(HarnessError::Sql)?;
+        Ok(row.get(0))
+    }
+
+    /// Stops the server (embedded clusters only). Connections fail until
+    /// [`start_again`](Self::start_again).
+    pub fn stop(&self, mode: StopMode) -> Result<(), HarnessError> {
+        self.embedded()?.stop_server(mode)
+    }
+
+    /// Starts a stopped server again on the same port and data.
+    pub fn start_again(&self) -> Result<(), HarnessError> {
+        self.embedded()?.start_server()
+    }
+
+    /// Stops and starts the server.
+    pub fn restart(&self, mode: StopMode) -> Result<(), HarnessError> {
+        let e = self.embedded()?;
+        e.stop_server(mode)?;
+        e.start_server()
+    }
+
+    fn embedded(&self) -> Result<&Embedded, HarnessError> {
+        self.embedded.as_ref().ok_or_else(|| {
+            HarnessError::Unsupported(
+                "stopping or restarting needs a throwaway cluster; this one is DATABASE_URL's"
+                    .into(),
+            )
+        })
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Some(e) = &self.embedded {
+            let _ = e.stop_server(StopMode::Immediate);
+            // Closing the guardian's stdin makes it remove the directory; wait for it so the
+            // cluster is gone when drop returns.
+            let guardian = e.guardian.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((mut child, stdin)) = guardian {
+                drop(stdin);
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Embedded {
+    fn command(&self, program: &str) -> Command {
+        let path = self.bindir.join(program);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(user).arg("--").arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn init(&self) -> Result<(), HarnessError> {
+        if let Some(user) = &self.run_as {
+            chown(&self.dir, user)?;
+        }
+        let out = self
+            .command("initdb")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
+            .args(["--no-sync", "--no-instructions"])
+            .current_dir(&self.dir)
+            .output()
+            .map_err(|e| io("running initdb", e))?;
+        if !out.status.success() {
+            return Err(HarnessError::Start(format!(
+                "initdb failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    fn start_server(&self) -> Result<(), HarnessError> {
+        let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(child) = server.as_mut() {
+            if child.try_wait().map_err(|e| io("checking the server", e))?.is_none() {
+                return Ok(()); // already running
+            }
+        }
+        let log_path = self.dir.join("postgres.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| io("opening the server log", e))?;
+        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D")
+            .arg(self.data())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(&self.dir);
+        for (name, value) in SERVER_SETTINGS {
+            cmd.arg("-c").arg(format!("{name}={value}"));
+        }
+        let mut child = cmd
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| io("opening the server log", e))?)
+            .stderr(log)
+            // Its own process group: a Ctrl-C aimed at `cargo test` does not hit the server;
+            // the guardian stops it instead.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| io("starting postgres", e))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| io("checking the server", e))? {
+                return Err(HarnessError::Start(format!(
+                    "postgres exited during startup ({status}); its log says: {}",
+                    log_tail(&log_path, log_offset)
+                )));
+            }
+            if self.ready()? {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(HarnessError::Start(format!(
+                    "postgres did not become ready within {START_TIMEOUT:?}; its log says: {}",
+                    log_tail(&log_path, log_offset)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *server = Some(child);
+        Ok(())
+    }
+
+    /// The postmaster writes its state on line 8 of `postmaster.pid`; "ready" means it
+    /// accepts connections (this is what `pg_ctl -w` waits for).
+    fn ready(&self) -> Result<bool, HarnessError> {
+        let Ok(text) = std::fs::read_to_string(self.data().join("postmaster.pid")) else {
+            return Ok(false);
+        };
+        Ok(text.lines().nth(7).map(str::trim) == Some("ready"))
+    }
+
+    fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    fn stop_server(&self, mode: StopMode) -> Result<(), HarnessError> {
+        let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut child) = server.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = self.postmaster_pid() {
+            let signal = match mode {
+                StopMode::Fast => "-INT",
+                StopMode::Immediate => "-QUIT",
+            };
+            let _ = Command::new("kill").arg(signal).arg(pid.to_string()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if child.try_wait().map_err(|e| io("stopping the server", e))?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The postmaster's children may outlive it by a moment; wait for the pid file to go
+        // (the last thing a clean or immediate shutdown removes) so a restart can bind.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.data().join("postmaster.pid").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+fn spawn_guardian(dir: &Path) -> Result<(Child, ChildStdin), HarnessError> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(GUARDIAN_SCRIPT)
+        .arg("rowlock-guardian")
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| io("starting the cluster guardian (sh)", e))?;
+    let stdin = child.stdin.take().expect("stdin was piped");
+    Ok((child, stdin))
+}
+
+fn log_tail(path: &Path, from: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        use std::io::Seek as _;
+        let _ = f.seek(std::io::SeekFrom::Start(from));
+        let _ = f.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+fn io(what: &str, e: std::io::Error) -> HarnessError {
+    HarnessError::Io(format!("{what}: {e}"))
+}
+
+fn free_port() -> Result<u16, HarnessError> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| io("finding a free port", e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| io("finding a free port", e))?
+        .port();
+    Ok(port)
+}
+
+fn has_server(dir: &Path) -> bool {
+    dir.join("initdb").is_file() && dir.join("postgres").is_file()
+}
+
+fn find_bindir() -> Result<PathBuf, HarnessError> {
+    if let Some(dir) = std::env::var_os("ROWLOCK_PG_BINDIR") {
+        let dir = PathBuf::from(dir);
+        if has_server(&dir) {
+            return Ok(dir);
+        }
+        return Err(HarnessError::NoBinaries(format!(
+            "ROWLOCK_PG_BINDIR={} has no initdb and postgres",
+            dir.display()
+        )));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let initdb = dir.join("initdb");
+            if initdb.is_file() {
+                // Debian links initdb into PATH; the real directory holds postgres too.
+                let real = std::fs::canonicalize(&initdb).unwrap_or(initdb);
+                if let Some(parent) = real.parent() {
+                    if has_server(parent) {
+                        return Ok(parent.to_path_buf());
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_server(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            has_server(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir).ok_or_else(|| {
+        HarnessError::NoBinaries(
+            "no PostgreSQL server binaries (initdb, postgres) found on PATH, via \
+             `pg_config --bindir`, or under /usr/lib/postgresql/*/bin. Install the server \
+             (Debian/Ubuntu: `apt-get install postgresql`; Fedora: `dnf install \
+             postgresql-server`; macOS: `brew install postgresql`), set ROWLOCK_PG_BINDIR to \
+             its bin directory, or set DATABASE_URL to use a running server"
+                .into(),
+        )
+    })
+}
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// PostgreSQL refuses to run as root: pick an unprivileged user to run it as.
+fn unprivileged_user() -> Result<Option<String>, HarnessError> {
+    let uid = command_output("id", &["-u"])
+        .ok_or_else(|| HarnessError::Io("could not run `id -u`".into()))?;
+    if uid != "0" {
+        return Ok(None);
+    }
+    if command_output("runuser", &["--help"]).is_none() {
+        return Err(HarnessError::Start(
+            "running as root needs `runuser` (util-linux) to start PostgreSQL as an \
+             unprivileged user"
+                .into(),
+        ));
+    }
+    for user in ["postgres", "nobody"] {
+        if command_output("id", &["-u", user]).is_some() {
+            return Ok(Some(user.to_string()));
+        }
+    }
+    Err(HarnessError::Start(
+        "running as root, and neither a `postgres` nor a `nobody` user exists to run \
+         PostgreSQL as (it refuses to run as root); create one, e.g. `useradd postgres`"
+            .into(),
+    ))
+}
+
+fn chown(dir: &Path, user: &str) -> Result<(), HarnessError> {
+    let uid = command_output("id", &["-u", user]).and_then(|s| s.parse::<u32>().ok());
+    let gid = command_output("id", &["-g", user]).and_then(|s| s.parse::<u32>().ok());
+    let (Some(uid), Some(gid)) = (uid, gid) else {
+        return Err(HarnessError::Start(format!("could not look up user {user}")));
+    };
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+        .map_err(|e| io("handing the cluster directory to the server's user", e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io("setting permissions on the cluster directory", e))
+}
+
+/// Connects to `config` and drives the connection on the current runtime.
+pub(super) async fn connect(config: &Config) -> Result<tokio_postgres::Client, HarnessError> {
+    let (client, conn) = config.connect(NoTls).await.map_err(HarnessError::Connect)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}

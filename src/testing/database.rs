@@ -1,0 +1,161 @@
+//! A fresh database per test.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::{HarnessError, TestCluster, connect};
+use crate::row::quote_ident;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A database created for one test. On a throwaway cluster it is left in place (the cluster
+/// is deleted at exit, and a failed test's data can be inspected until then); on a
+/// `DATABASE_URL` server it is dropped when this handle is dropped, unless the thread is
+/// panicking (a failed test), so its data can be inspected.
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    config: Config,
+    admin: Config,
+    drop_on_drop: bool,
+    _cluster: Option<Arc<TestCluster>>,
+}
+
+impl TestDatabase {
+    pub(super) async fn create(cluster: &TestCluster) -> Result<TestDatabase, HarnessError> {
+        Self::create_in(cluster, None).await
+    }
+
+    pub(super) async fn create_owned(
+        cluster: Arc<TestCluster>,
+    ) -> Result<TestDatabase, HarnessError> {
+        Self::create_in(&cluster.clone(), Some(cluster)).await
+    }
+
+    async fn create_in(
+        cluster: &TestCluster,
+        keep: Option<Arc<TestCluster>>,
+    ) -> Result<TestDatabase, HarnessError> {
+        let name = format!(
+            "rowlock_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = cluster.config().clone();
+        let client = connect(&admin).await?;
+        let quoted = quote_ident(&name).map_err(|e| HarnessError::Config(e.to_string()))?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await
+            .map_err(HarnessError::Sql)?;
+        let mut config = admin.clone();
+        config.dbname(&name);
+        Ok(TestDatabase {
+            name,
+            config,
+            admin,
+            drop_on_drop: !cluster.is_embedded(),
+            _cluster: keep,
+        })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Connection settings for this database.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A deadpool pool of at most `max_size` connections to this database, recycled with the
+    /// `Fast` method (rowlock never returns a connection inside a transaction).
+    pub fn pool(&self, max_size: usize) -> Pool {
+        let manager = Manager::from_config(
+            self.config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Pool::builder(manager)
+            .max_size(max_size)
+            .build()
+            .expect("a pool without timeouts or hooks always builds")
+    }
+
+    /// A plain connection to this database.
+    pub async fn client(&self) -> Result<Client, HarnessError> {
+        connect(&self.config).await
+    }
+
+    /// A plain connection that knows its backend pid, for lock-interleaving tests.
+    pub async fn session(&self) -> Result<Session, HarnessError> {
+        let client = self.client().await?;
+        let pid = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(HarnessError::Sql)?
+            .get(0);
+        Ok(Session { client, pid })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if !self.drop_on_drop || std::thread::panicking() {
+            return;
+        }
+        let admin = self.admin.clone();
+        let Ok(quoted) = quote_ident(&self.name) else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which must not be blocked on: use a thread
+        // with a runtime of its own and wait for it.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let client = connect(&admin).await.ok()?;
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A plain connection with its backend pid.
+#[derive(Debug)]
+pub struct Session {
+    client: Client,
+    pid: i32,
+}
+
+impl Session {
+    /// The server process id of this session (`pg_backend_pid()`).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The client, by value.
+    pub fn into_client(self) -> Client {
+        self.client
+    }
+}
+
+impl Deref for Session {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}

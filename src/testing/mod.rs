@@ -1,0 +1,76 @@
+//! Test harness: real PostgreSQL with no setup (feature `testing`).
+//!
+//! - [`TestCluster::shared`] gives the process-wide server: the one `DATABASE_URL` names, or
+//!   a throwaway cluster started from the installed server binaries in a temporary directory,
+//!   on a free loopback port, as an unprivileged user when running as root. No downloads.
+//! - [`TestCluster::create_database`] gives each test its own fresh database, so tests run in
+//!   parallel; a failed test's database is left for inspection (the whole throwaway cluster
+//!   is deleted when the process exits).
+//! - No server outlives the process: a guardian process stops and deletes the cluster when
+//!   the test process exits, panics or is killed.
+//! - [`wait_for_blocked_by`] and [`wait_until_blocked`] make race tests deterministic: they
+//!   wait until the server reports a session blocked on a lock, instead of sleeping.
+//! - [`TestCluster::start`], [`TestCluster::restart`], [`TestCluster::terminate_backend`]
+//!   serve fault tests.
+//!
+//! ```no_run
+//! use rowlock::testing::{TestCluster, wait_for_blocked_by};
+//! use std::time::Duration;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let db = TestCluster::shared()?.create_database().await?;
+//! let holder = db.session().await?;
+//! holder.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);
+//!                       BEGIN; SELECT * FROM t FOR UPDATE").await?;
+//! let waiter = db.session().await?;
+//! let blocked = tokio::spawn(async move {
+//!     waiter.batch_execute("SELECT * FROM t FOR UPDATE").await
+//! });
+//! let observer = db.session().await?;
+//! wait_for_blocked_by(&observer, holder.pid(), 1, Duration::from_secs(10)).await?;
+//! holder.batch_execute("COMMIT").await?;
+//! blocked.await??;
+//! # Ok(()) }
+//! ```
+
+mod cluster;
+mod database;
+mod wait;
+
+use std::time::Duration;
+
+pub use cluster::{StopMode, TestCluster};
+pub use database::{Session, TestDatabase};
+pub use wait::{wait_for_blocked_by, wait_until_blocked};
+
+/// Why the harness could not provide a server or finish a helper.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive] // more failure classes may be told apart later.
+pub enum HarnessError {
+    /// No PostgreSQL server binaries were found; the message says what to install.
+    #[error("PostgreSQL server binaries not found: {0}")]
+    NoBinaries(String),
+    /// The cluster could not be created or started; the message includes the server's log.
+    #[error("could not start the test cluster: {0}")]
+    Start(String),
+    /// A setting (such as `DATABASE_URL`) is not usable.
+    #[error("invalid test configuration: {0}")]
+    Config(String),
+    /// A file or process operation failed.
+    #[error("test harness I/O failed: {0}")]
+    Io(String),
+    /// Connecting to the test server failed.
+    #[error("could not connect to the test server")]
+    Connect(#[source] tokio_postgres::Error),
+    /// A query the harness runs failed.
+    #[error("a test harness query failed")]
+    Sql(#[source] tokio_postgres::Error),
+    /// The operation needs a throwaway cluster but the server is `DATABASE_URL`'s.
+    #[error("not supported here: {0}")]
+    Unsupported(String),
+    /// A wait helper gave up.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+use cluster::connect;

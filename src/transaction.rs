@@ -1,0 +1,620 @@
+//! rowlock's own transaction guard over a pooled connection.
+//!
+//! Why not `tokio_postgres::Transaction`: `Client::transaction()` waits for `BEGIN`'s reply
+//! before anything else can be sent, which costs a round trip per transaction, and its
+//! `commit()` reports success when the server turned `COMMIT` into `ROLLBACK` after an error
+//! that the caller swallowed. This guard sends `BEGIN` (and its `SET LOCAL`s) in the same
+//! flush as the first statement, can send queued writes in the same flush as `COMMIT`, and
+//! tracks every error on its own path so an aborted transaction is never reported committed.
+//!
+//! Round trips: `BEGIN` costs none of its own; each statement costs one (fewer when the
+//! caller polls several together); `commit` costs one, including the writes queued with
+//! [`Transaction::execute_on_commit`]; a first-time `prepare_cached` on a connection costs one.
+
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Pool};
+use futures_util::future::{BoxFuture, join};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row, Statement, ToStatement};
+
+use crate::error::{Error, ErrorKind, Step};
+use crate::options::TransactionOptions;
+use crate::pipeline::{Request, join_in_order};
+
+/// How long cleanup after a dropped or failed transaction may take before the connection is
+/// closed instead of returned to the pool.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A parameter owned by a queued statement (see [`Transaction::execute_on_commit`]).
+pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
+
+/// An open transaction on a pooled connection.
+///
+/// Obtained from [`Transaction::begin`], or handed to the closures of
+/// [`with_transaction`](crate::with_transaction) and [`with_locked_row`](crate::with_locked_row).
+/// Its methods take `&self`, so several statements can be polled together (for example with
+/// `futures::try_join!`) and share one round trip.
+///
+/// `BEGIN` is not sent on its own: it goes out in the same flush as the first statement.
+///
+/// **Errors are tracked.** Any server error on a statement run through this guard marks the
+/// transaction aborted (as PostgreSQL does); [`commit`](Self::commit) then rolls back and
+/// returns [`ErrorKind::TransactionAborted`] with the root cause's SQLSTATE, even if the
+/// caller ignored the error.
+///
+/// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future), the
+/// transaction is rolled back by a task spawned on the current Tokio runtime, and the
+/// connection goes back to the pool only after the `ROLLBACK` succeeded. If a statement was
+/// still in flight, a cancel request is sent first so a lock wait cannot linger. If there is
+/// no runtime, or cleanup fails, the connection is closed instead (the server then rolls
+/// back). A connection is never returned to the pool inside a transaction.
+pub struct Transaction {
+    client: Option<Object>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// `BEGIN …` not yet sent; taken by the first request.
+    begin: Option<String>,
+    /// `BEGIN` was sent: the server may have a transaction open.
+    open: bool,
+    /// The first error that aborted the transaction on the server.
+    failure: Option<Failure>,
+    /// A request was dropped before its reply arrived: the server's state is not known.
+    uncertain: bool,
+    /// The connection is gone.
+    broken: bool,
+    /// The caller used the raw client: errors there were not seen.
+    raw: bool,
+    /// Writes to send in the same flush as `COMMIT`.
+    deferred: Vec<(Statement, Vec<OwnedParam>)>,
+}
+
+#[derive(Clone)]
+struct Failure {
+    kind: ErrorKind,
+    sql_state: Option<SqlState>,
+}
+
+impl std::fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state();
+        f.debug_struct("Transaction")
+            .field("open", &st.open)
+            .field("aborted", &st.failure.as_ref().map(|x| x.kind))
+            .field("uncertain", &st.uncertain)
+            .field("broken", &st.broken)
+            .field("queued_on_commit", &st.deferred.len())
+            .finish()
+    }
+}
+
+/// Marks the transaction uncertain if dropped before `done()`: a request may be in flight.
+struct InFlight<'a> {
+    state: &'a Mutex<State>,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            lock(self.state).uncertain = true;
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // The state stays consistent even if a holder panicked: every update is a single store.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Transaction {
+    /// Takes a connection from `pool` and prepares a transaction with `options`.
+    ///
+    /// Invalid options are refused before a connection is taken. Pool errors are returned
+    /// as [`ErrorKind::PoolTimeout`] / [`ErrorKind::Pool`] / [`ErrorKind::Closed`]. Nothing is
+    /// sent yet: `BEGIN` leaves with the first statement.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Transaction, TransactionOptions};
+    ///
+    /// let tx = Transaction::begin(pool, &TransactionOptions::new()).await?;
+    /// tx.execute("UPDATE counters SET n = n + 1 WHERE id = $1", &[&1_i64]).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin(pool: &Pool, options: &TransactionOptions) -> Result<Transaction, Error> {
+        options.validate()?;
+        Self::begin_unchecked(pool, options).await
+    }
+
+    pub(crate) async fn begin_unchecked(
+        pool: &Pool,
+        options: &TransactionOptions,
+    ) -> Result<Transaction, Error> {
+        let client = pool.get().await.map_err(Error::from_pool)?;
+        Ok(Transaction {
+            client: Some(client),
+            state: Mutex::new(State {
+                begin: Some(options.begin_sql()),
+                ..State::default()
+            }),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    pub(crate) fn conn(&self) -> &Object {
+        // `client` is only taken by `commit`/`rollback`/`drop`, which consume the guard.
+        self.client
+            .as_ref()
+            .expect("rowlock: transaction used after it ended")
+    }
+
+    /// Runs one request, preceded in the same flush by `BEGIN` if it has not been sent, and
+    /// records its error.
+    pub(crate) async fn run<T>(
+        &self,
+        step: Step,
+        request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Error> {
+        let begin = {
+            let mut st = self.state();
+            if st.broken {
+                return Err(Error::with_kind(
+                    ErrorKind::Closed,
+                    "the connection of this transaction was lost earlier",
+                )
+                .at(step));
+            }
+            let begin = st.begin.take();
+            st.open |= begin.is_some();
+            begin
+        };
+        let mut flight = InFlight {
+            state: &self.state,
+            done: false,
+        };
+        let result = match begin {
+            None => request.await.map_err(|e| (e, step)),
+            Some(sql) => match join(self.conn().batch_execute(&sql), request).await {
+                (Ok(()), r) => r.map_err(|e| (e, step)),
+                (Err(e), _) => Err((e, Step::Begin)),
+            },
+        };
+        flight.done = true;
+        result.map_err(|(e, step)| self.record(Error::from_pg(e, step)))
+    }
+
+    /// Notes what an error means for the transaction and returns it, enriched with the root
+    /// cause when the server only said "current transaction is aborted" (25P02).
+    fn record(&self, err: Error) -> Error {
+        let mut st = self.state();
+        match err.kind() {
+            ErrorKind::Closed => st.broken = true,
+            // Driver-side errors (a parameter that does not serialize…) happen before
+            // anything is sent; the server's transaction is unaffected.
+            ErrorKind::Driver | ErrorKind::Decode => {}
+            kind => {
+                let aborted_only = kind == ErrorKind::TransactionAborted;
+                match &st.failure {
+                    Some(root) if aborted_only => {
+                        return err.with_sql_state(root.sql_state.clone());
+                    }
+                    Some(root) if root.kind != ErrorKind::TransactionAborted => {}
+                    _ => {
+                        st.failure = Some(Failure {
+                            kind,
+                            sql_state: err.sql_state().cloned(),
+                        })
+                    }
+                }
+            }
+        }
+        err
+    }
+
+    /// Prepares a statement, reusing the connection's statement cache (deadpool-postgres's
+    /// `prepare_cached`). A cache hit sends nothing.
+    pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+        self.run(Step::Statement, self.conn().prepare_cached(query))
+            .await
+    }
+
+    /// Prepares a statement without caching it.
+    pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        self.run(Step::Statement, self.conn().prepare(query)).await
+    }
+
+    /// Runs a statement and returns its rows. A `&str` is prepared first (an extra round
+    /// trip); pass a [`Statement`] from [`prepare_cached`](Self::prepare_cached) to avoid it.
+    pub async fn query<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(Step::Statement, self.conn().query(statement, params))
+            .await
+    }
+
+    /// Runs a statement that returns exactly one row; zero or several rows are an error.
+    pub async fn query_one<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(Step::Statement, self.conn().query_one(statement, params))
+            .await
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub async fn query_opt<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(Step::Statement, self.conn().query_opt(statement, params))
+            .await
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(Step::Statement, self.conn().execute(statement, params))
+            .await
+    }
+
+    /// Runs one or more `;`-separated statements with the simple query protocol (no
+    /// parameters).
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+        self.run(Step::Statement, self.conn().batch_execute(sql))
+            .await
+    }
+
+    /// Queues a write to be sent in the same flush as `COMMIT`, saving a round trip.
+    ///
+    /// Use it for the final writes whose results you do not need. If a queued write fails,
+    /// the server rolls the transaction back, and [`commit`](Self::commit) returns that
+    /// error. Queued writes are discarded if the transaction rolls back.
+    ///
+    /// ```no_run
+    /// # async fn demo(tx: &rowlock::Transaction) -> Result<(), rowlock::Error> {
+    /// let stmt = tx.prepare_cached("UPDATE projects SET status = $2 WHERE id = $1").await?;
+    /// tx.execute_on_commit(&stmt, vec![Box::new(7_i64), Box::new("assigned")]);
+    /// # Ok(()) }
+    /// ```
+    pub fn execute_on_commit(&self, statement: &Statement, params: Vec<OwnedParam>) {
+        self.state().deferred.push((statement.clone(), params));
+    }
+
+    /// The underlying client, for calls this guard does not wrap (`COPY`, `query_raw`, …).
+    ///
+    /// Sends `BEGIN` first if it is still pending. Errors on the raw client are not seen by
+    /// the guard, so [`commit`](Self::commit) then checks the transaction state in the same
+    /// flush as `COMMIT` (one extra statement, no extra round trip).
+    pub async fn client(&self) -> Result<&tokio_postgres::Client, Error> {
+        self.run(Step::Begin, async { Ok(()) }).await?;
+        self.state().raw = true;
+        Ok(self.conn())
+    }
+
+    /// Commits the transaction.
+    ///
+    /// Sends the queued writes and `COMMIT` in one flush. Returns:
+    /// - `Ok(())` only when PostgreSQL committed;
+    /// - [`ErrorKind::TransactionAborted`] (rolled back) when an earlier statement failed,
+    ///   with the root cause's SQLSTATE;
+    /// - the queued write's or `COMMIT`'s own error (e.g. `40001`, a deferred constraint),
+    ///   after which nothing is committed;
+    /// - [`ErrorKind::CommitOutcomeUnknown`] when the connection was lost while `COMMIT` was
+    ///   in flight;
+    /// - [`ErrorKind::Closed`] when the connection was lost before `COMMIT` was sent
+    ///   (nothing committed).
+    ///
+    /// A transaction that never sent a statement commits without a round trip.
+    /// Dropping the returned future before it completes leaves the outcome unknown; the
+    /// connection is cleaned up as described on [`Transaction`].
+    pub async fn commit(mut self) -> Result<(), Error> {
+        let (failure, broken, verify, begin, deferred) = {
+            let mut st = self.state();
+            (
+                st.failure.clone(),
+                st.broken,
+                st.uncertain || st.raw,
+                st.begin.take(),
+                std::mem::take(&mut st.deferred),
+            )
+        };
+        if broken {
+            self.discard();
+            return Err(Error::with_kind(
+                ErrorKind::Closed,
+                "the connection was lost before COMMIT was sent; nothing was committed",
+            )
+            .at(Step::Commit));
+        }
+        if let Some(root) = failure {
+            let _ = self.end(false).await;
+            return Err(Error::with_kind(
+                ErrorKind::TransactionAborted,
+                "an earlier statement failed, so the transaction was rolled back",
+            )
+            .at(Step::Commit)
+            .with_sql_state(root.sql_state));
+        }
+        if begin.is_some() && deferred.is_empty() {
+            // Nothing was ever sent, and only BEGIN would be: there is nothing to commit.
+            self.release();
+            return Ok(());
+        }
+        self.state().open = true;
+
+        // Build the pipeline: [BEGIN] [queued writes…] [probe] COMMIT.
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = deferred
+            .iter()
+            .map(|(_, ps)| ps.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect())
+            .collect();
+        let conn = self.conn();
+        let mut requests: Vec<Request<'_, Result<(), tokio_postgres::Error>>> = Vec::new();
+        if let Some(sql) = &begin {
+            requests.push(Box::pin(conn.batch_execute(sql)));
+        }
+        for ((stmt, _), ps) in deferred.iter().zip(&params) {
+            requests.push(Box::pin(async move { conn.execute(stmt, ps).await.map(|_| ()) }));
+        }
+        // After an unseen error, "SELECT 1" fails with 25P02 and the server skips the COMMIT
+        // of the same query string, so an aborted transaction cannot pass for committed.
+        let commit_sql = if verify { "SELECT 1; COMMIT" } else { "COMMIT" };
+        requests.push(Box::pin(conn.batch_execute(commit_sql)));
+        let mut flight = InFlight {
+            state: &self.state,
+            done: false,
+        };
+        let mut results = join_in_order(requests).await;
+        flight.done = true;
+        drop(flight);
+        let commit_result = results.pop().expect("COMMIT is always queued");
+        drop(params);
+
+        // The first failing request is the root cause; later ones only echo 25P02.
+        let first_error = results.into_iter().find_map(Result::err);
+        match (first_error, commit_result) {
+            (None, Ok(())) => {
+                self.release();
+                Ok(())
+            }
+            (Some(e), _) => {
+                // The server turned COMMIT into ROLLBACK (or never got it). Make sure.
+                let err = Error::from_pg(e, Step::Commit);
+                if err.kind() == ErrorKind::Closed {
+                    self.discard();
+                } else {
+                    let _ = self.end(false).await;
+                }
+                Err(err)
+            }
+            (None, Err(e)) => {
+                let err = Error::from_pg(e, Step::Commit);
+                if err.kind() == ErrorKind::Closed {
+                    self.discard();
+                    return Err(Error::with_kind(
+                        ErrorKind::CommitOutcomeUnknown,
+                        "the connection was lost while COMMIT was in flight; the transaction \
+                         may or may not have committed",
+                    )
+                    .at(Step::Commit)
+                    .with_source(err));
+                }
+                if verify && err.kind() == ErrorKind::TransactionAborted {
+                    // The probe failed: COMMIT was skipped and the transaction is still open.
+                    let _ = self.end(false).await;
+                    return Err(Error::with_kind(
+                        ErrorKind::TransactionAborted,
+                        "a statement not seen by rowlock had failed, so the transaction was \
+                         rolled back",
+                    )
+                    .at(Step::Commit)
+                    .with_sql_state(err.sql_state().cloned())
+                    .with_source(err));
+                }
+                // COMMIT itself failed (serialization failure, deferred constraint…): the
+                // server ended the transaction.
+                self.release();
+                Err(err)
+            }
+        }
+    }
+
+    /// Rolls the transaction back and returns the connection to the pool.
+    ///
+    /// If `ROLLBACK` fails, the connection is closed rather than returned, and the error is
+    /// returned ([`ErrorKind::Closed`] when the connection was already gone: the server rolls
+    /// back by itself then).
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        self.end(true).await
+    }
+
+    /// Ends the transaction with `ROLLBACK` (after cancelling a request that may still run),
+    /// then releases or discards the connection.
+    async fn end(&mut self, report: bool) -> Result<(), Error> {
+        let (open, uncertain, broken) = {
+            let mut st = self.state();
+            st.deferred.clear();
+            (st.open, st.uncertain, st.broken)
+        };
+        if broken {
+            self.discard();
+            return if report {
+                Err(Error::with_kind(
+                    ErrorKind::Closed,
+                    "the connection was lost; the server rolled the transaction back",
+                )
+                .at(Step::Rollback))
+            } else {
+                Ok(())
+            };
+        }
+        if !open {
+            self.release();
+            return Ok(());
+        }
+        let client = self.client.take().expect("rowlock: transaction ended twice");
+        match cleanup(client, uncertain).await {
+            Ok(()) => Ok(()),
+            Err(e) if report => Err(Error::from_pg(e, Step::Rollback)),
+            Err(_) => Ok(()),
+        }
+    }
+
+    pub(crate) async fn rollback_quietly(mut self) {
+        let _ = self.end(false).await;
+    }
+
+    /// Returns the connection to the pool: only called when the server is known to be
+    /// outside a transaction.
+    fn release(&mut self) {
+        self.client.take();
+    }
+
+    /// Closes the connection instead of returning it to the pool.
+    fn discard(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+/// Ends whatever the server is doing on `client` and returns the connection to the pool only
+/// if `ROLLBACK` was acknowledged; otherwise closes it.
+async fn cleanup(client: Object, cancel_first: bool) -> Result<(), tokio_postgres::Error> {
+    if cancel_first {
+        // A request whose future was dropped may still be running (e.g. waiting for a row
+        // lock). Cancel it so ROLLBACK does not queue behind it. Best effort: the cancel
+        // connection uses no TLS; if it fails, the ROLLBACK timeout below still applies.
+        let token = client.cancel_token();
+        let _ = tokio::time::timeout(CLEANUP_TIMEOUT, token.cancel_query(NoTls)).await;
+    }
+    match tokio::time::timeout(CLEANUP_TIMEOUT, client.batch_execute("ROLLBACK")).await {
+        Ok(Ok(())) => {
+            drop(client);
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            drop(Object::take(client));
+            Err(e)
+        }
+        Err(_elapsed) => {
+            drop(Object::take(client));
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let (open, uncertain, broken) = {
+            let st = lock(&self.state);
+            (st.open, st.uncertain, st.broken)
+        };
+        if !open {
+            return; // Nothing was sent: the connection is clean.
+        }
+        if broken {
+            drop(Object::take(client));
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    let _ = cleanup(client, uncertain).await;
+                });
+            }
+            // No runtime to roll back on: close the connection; the server rolls back.
+            Err(_) => drop(Object::take(client)),
+        }
+    }
+}
+
+/// Runs `f` in a transaction: commits if it returns `Ok`, rolls back if it returns `Err`.
+///
+/// - Invalid `options` are refused with [`ErrorKind::InvalidArgument`] before a connection is
+///   taken.
+/// - Pool and connection failures are returned as [`Error`] (converted into `E`).
+/// - If `f` returns `Err(e)`, the transaction is rolled back and `e` is returned unchanged.
+/// - If `f` returns `Ok(v)` but a statement in it failed (even one whose error `f`
+///   swallowed), the transaction is rolled back and
+///   [`ErrorKind::TransactionAborted`] is returned: never a false success.
+/// - If `f` panics or the returned future is dropped, the transaction is rolled back as
+///   described on [`Transaction`], and the panic propagates.
+///
+/// Round trips: `BEGIN` rides with `f`'s first statement, and `COMMIT` with the writes queued
+/// by [`Transaction::execute_on_commit`].
+///
+/// ```no_run
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{Isolation, TransactionOptions, with_transaction};
+///
+/// let opts = TransactionOptions::new().isolation(Isolation::Serializable);
+/// let total: i64 = with_transaction(pool, &opts, |tx| Box::pin(async move {
+///     let row = tx.query_one("SELECT coalesce(sum(balance), 0)::int8 FROM accounts", &[]).await?;
+///     Ok::<_, rowlock::Error>(row.get(0))
+/// }))
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn with_transaction<T, E, F>(
+    pool: &Pool,
+    options: &TransactionOptions,
+    f: F,
+) -> Result<T, E>
+where
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
+{
+    let tx = Transaction::begin(pool, options).await?;
+    run_in(tx, f).await
+}
+
+/// Runs `f` on `tx`, then commits on `Ok` and rolls back on `Err`.
+pub(crate) async fn run_in<T, E, F>(tx: Transaction, f: F) -> Result<T, E>
+where
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
+{
+    match f(&tx).await {
+        Ok(value) => {
+            tx.commit().await?;
+            Ok(value)
+        }
+        Err(e) => {
+            tx.rollback_quietly().await;
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Bad input gets a clear error and changes nothing.
+
+use std::time::Duration;
+
+use rowlock::tokio_postgres::error::SqlState;
+use rowlock::tokio_postgres::{Error as PgError, Row};
+use rowlock::{
+    ErrorKind, LockOptions, LockableRow, Table, TransactionOptions, with_locked_row,
+    with_locked_rows, with_transaction,
+};
+
+use crate::support::{Account, accounts, balance};
+
+struct HostileTable;
+impl LockableRow for HostileTable {
+    type Key = i64;
+    const TABLE: Table = Table::new("accounts\" WHERE true; DROP TABLE accounts; --");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(_: &Row) -> Result<Self, PgError> {
+        Ok(HostileTable)
+    }
+    fn key(&self) -> i64 {
+        0
+    }
+}
+
+struct HostileColumn;
+impl LockableRow for HostileColumn {
+    type Key = i64;
+    const TABLE: Table = Table::new("accounts");
+    const KEY_COLUMNS: &'static [&'static str] = &["id\" = 1 OR true; DELETE FROM accounts; --"];
+    fn from_row(_: &Row) -> Result<Self, PgError> {
+        Ok(HostileColumn)
+    }
+    fn key(&self) -> i64 {
+        0
+    }
+}
+
+struct ArityMismatch;
+impl LockableRow for ArityMismatch {
+    type Key = (i64, i64);
+    const TABLE: Table = Table::new("accounts");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(_: &Row) -> Result<Self, PgError> {
+        Ok(ArityMismatch)
+    }
+    fn key(&self) -> (i64, i64) {
+        (0, 0)
+    }
+}
+
+fn ok<R>(_: &rowlock::Transaction, _: R) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
+    Box::pin(async { Ok(()) })
+}
+
+#[tokio::test]
+async fn hostile_identifiers_cannot_inject_sql() {
+    let (db, pool) = accounts(2).await;
+    let client = db.client().await.unwrap();
+    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<HostileTable>)
+        .await
+        .unwrap_err();
+    assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_TABLE), "{err}");
+    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<HostileColumn>)
+        .await
+        .unwrap_err();
+    assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN), "{err}");
+    let err = with_locked_rows(&pool, &[1, 2], &LockOptions::new(), ok::<Vec<HostileColumn>>)
+        .await
+        .unwrap_err();
+    assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN), "{err}");
+    let rows: i64 = client.query_one("SELECT count(*) FROM accounts", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 2, "the table and its rows are intact");
+}
+
+#[tokio::test]
+async fn invalid_arguments_are_refused_before_taking_a_connection() {
+    let (_db, pool) = accounts(1).await;
+    let cases: Vec<(&str, LockOptions)> = vec![
+        ("zero lock timeout", LockOptions::new().lock_timeout(Duration::ZERO)),
+        ("sub-ms lock timeout", LockOptions::new().lock_timeout(Duration::from_micros(10))),
+        ("absurd lock timeout", LockOptions::new().lock_timeout(Duration::from_secs(1 << 40))),
+        (
+            "zero statement timeout",
+            LockOptions::new().transaction(TransactionOptions::new().statement_timeout(Duration::ZERO)),
+        ),
+        ("read-only lock", LockOptions::new().transaction(TransactionOptions::new().read_only(true))),
+    ];
+    for (name, opts) in cases {
+        let err = with_locked_row(&pool, &1, &opts, ok::<Account>).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}: {err}");
+        let err = with_locked_rows(&pool, &[1], &opts, ok::<Vec<Account>>).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}: {err}");
+    }
+    let err = with_locked_row(&pool, &(1, 1), &LockOptions::new(), ok::<ArityMismatch>)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let err = with_locked_rows(&pool, &[], &LockOptions::new(), ok::<Vec<Account>>)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let too_many: Vec<i64> = (0..70_000).collect();
+    let err = with_locked_rows(&pool, &too_many, &LockOptions::new(), ok::<Vec<Account>>)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let bad_tx = TransactionOptions::new().lock_timeout(Duration::ZERO);
+    let err = with_transaction(&pool, &bad_tx, |_| Box::pin(async { Ok::<_, rowlock::Error>(()) }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert_eq!(pool.status().size, 0, "no connection was ever opened");
+}
+
+#[tokio::test]
+async fn a_key_that_matches_several_rows_is_refused_and_rolled_back() {
+    let (db, pool) = accounts(0).await;
+    let client = db.client().await.unwrap();
+    client
+        .batch_execute("CREATE TABLE dup (id bigint, balance bigint); INSERT INTO dup VALUES (1, 1), (1, 2)")
+        .await
+        .unwrap();
+    struct Dup;
+    impl LockableRow for Dup {
+        type Key = i64;
+        const TABLE: Table = Table::new("dup");
+        const KEY_COLUMNS: &'static [&'static str] = &["id"];
+        fn from_row(_: &Row) -> Result<Self, PgError> {
+            Ok(Dup)
+        }
+        fn key(&self) -> i64 {
+            1
+        }
+    }
+    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Dup>).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::KeyNotUnique, "{err}");
+    let err = with_locked_rows(&pool, &[1], &LockOptions::new(), ok::<Vec<Dup>>).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::KeyNotUnique, "{err}");
+}
+
+#[tokio::test]
+async fn closed_pool_and_unreachable_server_are_clear_errors() {
+    let (_db, pool) = accounts(1).await;
+    pool.close();
+    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Account>).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Pool, "{err}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut config = rowlock::tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(port).user("nobody").dbname("nowhere");
+    let manager = rowlock::deadpool_postgres::Manager::new(config, rowlock::tokio_postgres::NoTls);
+    let dead = rowlock::deadpool_postgres::Pool::builder(manager).max_size(1).build().unwrap();
+    let err = with_locked_row(&dead, &1, &LockOptions::new(), ok::<Account>).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+}
+
+#[tokio::test]
+async fn connection_killed_inside_the_closure_is_a_closed_error_and_the_pool_recovers() {
+    let (db, pool) = accounts(1).await;
+    let client = db.client().await.unwrap();
+    let cluster = rowlock::testing::TestCluster::shared().unwrap();
+    let err = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
+        Box::pin(async move {
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id]).await?;
+            let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+            cluster.terminate_backend(pid).await.expect("terminate");
+            tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id]).await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    assert_eq!(balance(&client, 1).await, 100, "nothing the dead session wrote is visible");
+    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Account>).await.unwrap();
+    assert!(outcome.is_done(), "the pool serves new calls");
+}

@@ -1,0 +1,9 @@
+//! Integration tests against real PostgreSQL: a throwaway cluster started by
+//! `rowlock::testing`, or the server `DATABASE_URL` names. One binary, one cluster.
+
+mod bad_input;
+mod cancellation;
+mod conflicts;
+mod locking;
+mod support;
+mod transaction;

@@ -1,0 +1,118 @@
+//! Shared fixtures: an `accounts` table and its row type, and pool-hygiene checks.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rowlock::deadpool_postgres::Pool;
+use rowlock::testing::{TestCluster, TestDatabase};
+use rowlock::tokio_postgres::{Client, Error as PgError, Row};
+use rowlock::{LockableRow, Table};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: i64,
+    pub balance: i64,
+}
+
+impl LockableRow for Account {
+    type Key = i64;
+    const TABLE: Table = Table::new("accounts");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Account {
+            id: row.try_get("id")?,
+            balance: row.try_get("balance")?,
+        })
+    }
+    fn key(&self) -> i64 {
+        self.id
+    }
+}
+
+/// A fresh database with `accounts` rows 1..=n, each with balance 100.
+pub async fn accounts(n: i64) -> (TestDatabase, Pool) {
+    let db = TestCluster::shared()
+        .expect("test cluster")
+        .create_database()
+        .await
+        .expect("test database");
+    let client = db.client().await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
+             CREATE TABLE audit (account_id bigint REFERENCES accounts (id), note text UNIQUE);",
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO accounts SELECT g, 100 FROM generate_series(1, $1::int8) g",
+            &[&n],
+        )
+        .await
+        .unwrap();
+    let pool = db.pool(8);
+    (db, pool)
+}
+
+pub async fn balance(client: &Client, id: i64) -> i64 {
+    client
+        .query_one("SELECT balance FROM accounts WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Sessions of this database, other than `observer`, that are inside a transaction.
+pub async fn in_transaction(observer: &Client) -> i64 {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// True if another session can lock row `id` at once (NOWAIT) right now.
+pub async fn lockable_now(client: &mut Client, id: i64) -> bool {
+    let tx = client.transaction().await.unwrap();
+    let ok = tx
+        .query("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE NOWAIT", &[&id])
+        .await
+        .is_ok();
+    tx.rollback().await.unwrap();
+    ok
+}
+
+/// Polls `inner` at most `limit` times; returns `None` (dropping `inner`) if it has not
+/// completed by then.
+pub struct PollLimit<F> {
+    inner: Pin<Box<F>>,
+    remaining: usize,
+}
+
+pub fn poll_limit<F: Future>(inner: F, limit: usize) -> PollLimit<F> {
+    PollLimit {
+        inner: Box::pin(inner),
+        remaining: limit,
+    }
+}
+
+impl<F: Future> Future for PollLimit<F> {
+    type Output = Option<F::Output>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        self.remaining -= 1;
+        self.inner.as_mut().poll(cx).map(Some)
+    }
+}

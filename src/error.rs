@@ -186,9 +186,7 @@ impl Error {
     }
 
     pub(crate) fn decode(e: tokio_postgres::Error) -> Self {
-        Error::new(ErrorKind::Decode)
-            .at(Step::Lock)
-            .with_source(e)
+        Error::new(ErrorKind::Decode).at(Step::Lock).with_source(e)
     }
 
     pub(crate) fn from_pool(e: deadpool_postgres::PoolError) -> Self {
@@ -374,17 +372,33 @@ mod tests {
     #[test]
     fn sqlstates_map_to_kinds() {
         let cases = [
-            (SqlState::T_R_SERIALIZATION_FAILURE, None, ErrorKind::SerializationFailure),
+            (
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                None,
+                ErrorKind::SerializationFailure,
+            ),
             (SqlState::T_R_DEADLOCK_DETECTED, None, ErrorKind::Deadlock),
-            (SqlState::LOCK_NOT_AVAILABLE, Some("heap_lock_tuple"), ErrorKind::LockNotAvailable),
-            (SqlState::LOCK_NOT_AVAILABLE, Some("ProcessInterrupts"), ErrorKind::LockTimeout),
+            (
+                SqlState::LOCK_NOT_AVAILABLE,
+                Some("heap_lock_tuple"),
+                ErrorKind::LockNotAvailable,
+            ),
+            (
+                SqlState::LOCK_NOT_AVAILABLE,
+                Some("ProcessInterrupts"),
+                ErrorKind::LockTimeout,
+            ),
             (SqlState::QUERY_CANCELED, None, ErrorKind::StatementTimeout),
             (
                 SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 None,
                 ErrorKind::IdleInTransactionTimeout,
             ),
-            (SqlState::IN_FAILED_SQL_TRANSACTION, None, ErrorKind::TransactionAborted),
+            (
+                SqlState::IN_FAILED_SQL_TRANSACTION,
+                None,
+                ErrorKind::TransactionAborted,
+            ),
             (SqlState::CONNECTION_FAILURE, None, ErrorKind::Closed),
             (SqlState::ADMIN_SHUTDOWN, None, ErrorKind::Closed),
             (SqlState::UNIQUE_VIOLATION, None, ErrorKind::Db),

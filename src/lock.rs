@@ -81,10 +81,7 @@ impl LockStrength {
         use LockStrength::*;
         matches!(
             (self, held),
-            (Update, _)
-                | (_, Update)
-                | (NoKeyUpdate, NoKeyUpdate | Share)
-                | (Share, NoKeyUpdate)
+            (Update, _) | (_, Update) | (NoKeyUpdate, NoKeyUpdate | Share) | (Share, NoKeyUpdate)
         )
     }
 }
@@ -205,14 +202,20 @@ mod tests {
         ];
         for (requested, row) in table {
             for (held, expected) in [KeyShare, Share, NoKeyUpdate, Update].into_iter().zip(row) {
-                assert_eq!(requested.conflicts_with(held), expected, "{requested:?} vs {held:?}");
+                assert_eq!(
+                    requested.conflicts_with(held),
+                    expected,
+                    "{requested:?} vs {held:?}"
+                );
             }
         }
     }
 
     #[test]
     fn clauses_render() {
-        let o = LockOptions::new().strength(LockStrength::KeyShare).mode(LockMode::SkipLocked);
+        let o = LockOptions::new()
+            .strength(LockStrength::KeyShare)
+            .mode(LockMode::SkipLocked);
         assert_eq!(o.clause(), "FOR KEY SHARE SKIP LOCKED");
         let o = LockOptions::new().mode(LockMode::NoWait);
         assert_eq!(o.clause(), "FOR UPDATE NOWAIT");
@@ -220,11 +223,20 @@ mod tests {
 
     #[test]
     fn bad_timeouts_are_refused() {
-        for t in [Duration::ZERO, Duration::from_micros(999), Duration::from_secs(u64::MAX)] {
+        for t in [
+            Duration::ZERO,
+            Duration::from_micros(999),
+            Duration::from_secs(u64::MAX),
+        ] {
             let e = LockOptions::new().lock_timeout(t).validate().unwrap_err();
             assert!(e.is_invalid_argument(), "{t:?}");
         }
-        assert!(LockOptions::new().lock_timeout(Duration::from_millis(1)).validate().is_ok());
+        assert!(
+            LockOptions::new()
+                .lock_timeout(Duration::from_millis(1))
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -113,7 +113,9 @@ impl Transaction {
             Locked::Contended(e) => return Ok(Outcome::LockNotAvailable(e)),
         };
         match rows.len() {
-            1 => R::from_row(&rows[0]).map(Outcome::Done).map_err(Error::decode),
+            1 => R::from_row(&rows[0])
+                .map(Outcome::Done)
+                .map_err(Error::decode),
             0 if options.mode == LockMode::SkipLocked => {
                 if self.existing::<R>(names, 1, &params).await?.is_empty() {
                     Ok(Outcome::NotFound)
@@ -209,7 +211,8 @@ impl Transaction {
         let request = async {
             match &timeout_sql {
                 Some(set) => {
-                    let (set, rows) = futures_util::future::join(conn.batch_execute(set), select).await;
+                    let (set, rows) =
+                        futures_util::future::join(conn.batch_execute(set), select).await;
                     set?;
                     rows
                 }
@@ -220,9 +223,9 @@ impl Transaction {
             Ok(rows) => Ok(Locked::Rows(rows)),
             Err(e) => match e.kind() {
                 // Only lock_timeout can raise 55P03 while waiting in Wait mode.
-                ErrorKind::LockNotAvailable if options.mode == LockMode::Wait => Ok(
-                    Locked::Contended(reclassify_timeout(e)),
-                ),
+                ErrorKind::LockNotAvailable if options.mode == LockMode::Wait => {
+                    Ok(Locked::Contended(reclassify_timeout(e)))
+                }
                 ErrorKind::LockNotAvailable | ErrorKind::LockTimeout => Ok(Locked::Contended(e)),
                 _ => Err(e),
             },
@@ -272,7 +275,9 @@ fn not_unique(names: &Names, rows: usize, keys: usize) -> Error {
 
 fn sorted_keys<R: LockableRow>(keys: &[R::Key]) -> Result<Vec<R::Key>, Error> {
     if keys.is_empty() {
-        return Err(Error::invalid("no keys given: pass at least one key to lock"));
+        return Err(Error::invalid(
+            "no keys given: pass at least one key to lock",
+        ));
     }
     let set: BTreeSet<R::Key> = keys.iter().cloned().collect();
     let params = set.len() * <R::Key as Key>::ARITY;
@@ -422,5 +427,7 @@ where
             return Err(e.into());
         }
     };
-    run_in(tx, move |tx| f(tx, rows)).await.map(RowsOutcome::Done)
+    run_in(tx, move |tx| f(tx, rows))
+        .await
+        .map(RowsOutcome::Done)
 }

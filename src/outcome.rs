@@ -61,7 +61,10 @@ impl<T> Outcome<T> {
     pub fn into_result(self) -> Result<T, Error> {
         match self {
             Outcome::Done(v) => Ok(v),
-            Outcome::NotFound => Err(Error::with_kind(ErrorKind::RowNotFound, "no row has this key")),
+            Outcome::NotFound => Err(Error::with_kind(
+                ErrorKind::RowNotFound,
+                "no row has this key",
+            )),
             Outcome::Skipped => Err(Error::with_kind(
                 ErrorKind::RowSkipped,
                 "SKIP LOCKED left the row out",

@@ -26,7 +26,11 @@ pub(crate) async fn join_in_order<T>(mut futures: Vec<Request<'_, T>>) -> Vec<T>
                 }
             }
         }
-        if pending { Poll::Pending } else { Poll::Ready(()) }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
     })
     .await;
     outputs.into_iter().flatten().collect()

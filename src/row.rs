@@ -67,7 +67,9 @@ pub(crate) fn quote_ident(ident: &str) -> Result<String, Error> {
         return Err(Error::invalid("identifier is empty"));
     }
     if ident.contains('\0') {
-        return Err(Error::invalid(format!("identifier {ident:?} contains a NUL byte")));
+        return Err(Error::invalid(format!(
+            "identifier {ident:?} contains a NUL byte"
+        )));
     }
     if ident.len() > MAX_IDENT_BYTES {
         return Err(Error::invalid(format!(

@@ -383,7 +383,9 @@ impl Transaction {
             requests.push(Box::pin(conn.batch_execute(sql)));
         }
         for ((stmt, _), ps) in deferred.iter().zip(&params) {
-            requests.push(Box::pin(async move { conn.execute(stmt, ps).await.map(|_| ()) }));
+            requests.push(Box::pin(
+                async move { conn.execute(stmt, ps).await.map(|_| ()) },
+            ));
         }
         // After an unseen error, "SELECT 1" fails with 25P02 and the server skips the COMMIT
         // of the same query string, so an aborted transaction cannot pass for committed.
@@ -481,7 +483,10 @@ impl Transaction {
             self.release();
             return Ok(());
         }
-        let client = self.client.take().expect("rowlock: transaction ended twice");
+        let client = self
+            .client
+            .take()
+            .expect("rowlock: transaction ended twice");
         match cleanup(client, uncertain).await {
             Ok(()) => Ok(()),
             Err(e) if report => Err(Error::from_pg(e, Step::Rollback)),

@@ -323,7 +323,11 @@ impl Embedded {
     fn start_server(&self) -> Result<(), HarnessError> {
         let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(child) = server.as_mut() {
-            if child.try_wait().map_err(|e| io("checking the server", e))?.is_none() {
+            if child
+                .try_wait()
+                .map_err(|e| io("checking the server", e))?
+                .is_none()
+            {
                 return Ok(()); // already running
             }
         }
@@ -347,7 +351,10 @@ impl Embedded {
         let mut child = cmd
             .current_dir(&self.dir)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| io("opening the server log", e))?)
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| io("opening the server log", e))?,
+            )
             .stderr(log)
             // Its own process group: a Ctrl-C aimed at `cargo test` does not hit the server;
             // the guardian stops it instead.
@@ -402,11 +409,18 @@ impl Embedded {
                 StopMode::Fast => "-INT",
                 StopMode::Immediate => "-QUIT",
             };
-            let _ = Command::new("kill").arg(signal).arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg(signal)
+                .arg(pid.to_string())
+                .status();
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if child.try_wait().map_err(|e| io("stopping the server", e))?.is_some() {
+            if child
+                .try_wait()
+                .map_err(|e| io("stopping the server", e))?
+                .is_some()
+            {
                 break;
             }
             if Instant::now() > deadline {
@@ -458,8 +472,7 @@ fn io(what: &str, e: std::io::Error) -> HarnessError {
 }
 
 fn free_port() -> Result<u16, HarnessError> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| io("finding a free port", e))?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| io("finding a free port", e))?;
     let port = listener
         .local_addr()
         .map_err(|e| io("finding a free port", e))?
@@ -562,7 +575,9 @@ fn chown(dir: &Path, user: &str) -> Result<(), HarnessError> {
     let uid = command_output("id", &["-u", user]).and_then(|s| s.parse::<u32>().ok());
     let gid = command_output("id", &["-g", user]).and_then(|s| s.parse::<u32>().ok());
     let (Some(uid), Some(gid)) = (uid, gid) else {
-        return Err(HarnessError::Start(format!("could not look up user {user}")));
+        return Err(HarnessError::Start(format!(
+            "could not look up user {user}"
+        )));
     };
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))
         .map_err(|e| io("handing the cluster directory to the server's user", e))?;

@@ -35,7 +35,10 @@ pub async fn wait_for_blocked_by(
         if Instant::now() > deadline {
             return Err(HarnessError::Timeout(
                 timeout,
-                format!("{count} session(s) blocked by pid {holder} (saw {})", rows.len()),
+                format!(
+                    "{count} session(s) blocked by pid {holder} (saw {})",
+                    rows.len()
+                ),
             ));
         }
         tokio::time::sleep(POLL).await;

@@ -66,11 +66,20 @@ async fn hostile_identifiers_cannot_inject_sql() {
         .await
         .unwrap_err();
     assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN), "{err}");
-    let err = with_locked_rows(&pool, &[1, 2], &LockOptions::new(), ok::<Vec<HostileColumn>>)
-        .await
-        .unwrap_err();
+    let err = with_locked_rows(
+        &pool,
+        &[1, 2],
+        &LockOptions::new(),
+        ok::<Vec<HostileColumn>>,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN), "{err}");
-    let rows: i64 = client.query_one("SELECT count(*) FROM accounts", &[]).await.unwrap().get(0);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(rows, 2, "the table and its rows are intact");
 }
 
@@ -78,19 +87,36 @@ async fn hostile_identifiers_cannot_inject_sql() {
 async fn invalid_arguments_are_refused_before_taking_a_connection() {
     let (_db, pool) = accounts(1).await;
     let cases: Vec<(&str, LockOptions)> = vec![
-        ("zero lock timeout", LockOptions::new().lock_timeout(Duration::ZERO)),
-        ("sub-ms lock timeout", LockOptions::new().lock_timeout(Duration::from_micros(10))),
-        ("absurd lock timeout", LockOptions::new().lock_timeout(Duration::from_secs(1 << 40))),
+        (
+            "zero lock timeout",
+            LockOptions::new().lock_timeout(Duration::ZERO),
+        ),
+        (
+            "sub-ms lock timeout",
+            LockOptions::new().lock_timeout(Duration::from_micros(10)),
+        ),
+        (
+            "absurd lock timeout",
+            LockOptions::new().lock_timeout(Duration::from_secs(1 << 40)),
+        ),
         (
             "zero statement timeout",
-            LockOptions::new().transaction(TransactionOptions::new().statement_timeout(Duration::ZERO)),
+            LockOptions::new()
+                .transaction(TransactionOptions::new().statement_timeout(Duration::ZERO)),
         ),
-        ("read-only lock", LockOptions::new().transaction(TransactionOptions::new().read_only(true))),
+        (
+            "read-only lock",
+            LockOptions::new().transaction(TransactionOptions::new().read_only(true)),
+        ),
     ];
     for (name, opts) in cases {
-        let err = with_locked_row(&pool, &1, &opts, ok::<Account>).await.unwrap_err();
+        let err = with_locked_row(&pool, &1, &opts, ok::<Account>)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}: {err}");
-        let err = with_locked_rows(&pool, &[1], &opts, ok::<Vec<Account>>).await.unwrap_err();
+        let err = with_locked_rows(&pool, &[1], &opts, ok::<Vec<Account>>)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}: {err}");
     }
     let err = with_locked_row(&pool, &(1, 1), &LockOptions::new(), ok::<ArityMismatch>)
@@ -107,9 +133,11 @@ async fn invalid_arguments_are_refused_before_taking_a_connection() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     let bad_tx = TransactionOptions::new().lock_timeout(Duration::ZERO);
-    let err = with_transaction(&pool, &bad_tx, |_| Box::pin(async { Ok::<_, rowlock::Error>(()) }))
-        .await
-        .unwrap_err();
+    let err = with_transaction(&pool, &bad_tx, |_| {
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert_eq!(pool.status().size, 0, "no connection was ever opened");
 }
@@ -119,7 +147,9 @@ async fn a_key_that_matches_several_rows_is_refused_and_rolled_back() {
     let (db, pool) = accounts(0).await;
     let client = db.client().await.unwrap();
     client
-        .batch_execute("CREATE TABLE dup (id bigint, balance bigint); INSERT INTO dup VALUES (1, 1), (1, 2)")
+        .batch_execute(
+            "CREATE TABLE dup (id bigint, balance bigint); INSERT INTO dup VALUES (1, 1), (1, 2)",
+        )
         .await
         .unwrap();
     struct Dup;
@@ -134,9 +164,13 @@ async fn a_key_that_matches_several_rows_is_refused_and_rolled_back() {
             1
         }
     }
-    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Dup>).await.unwrap_err();
+    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Dup>)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::KeyNotUnique, "{err}");
-    let err = with_locked_rows(&pool, &[1], &LockOptions::new(), ok::<Vec<Dup>>).await.unwrap_err();
+    let err = with_locked_rows(&pool, &[1], &LockOptions::new(), ok::<Vec<Dup>>)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::KeyNotUnique, "{err}");
 }
 
@@ -144,15 +178,30 @@ async fn a_key_that_matches_several_rows_is_refused_and_rolled_back() {
 async fn closed_pool_and_unreachable_server_are_clear_errors() {
     let (_db, pool) = accounts(1).await;
     pool.close();
-    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Account>).await.unwrap_err();
+    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Account>)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Pool, "{err}");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut config = rowlock::tokio_postgres::Config::new();
-    config.host("127.0.0.1").port(port).user("nobody").dbname("nowhere");
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("nobody")
+        .dbname("nowhere");
     let manager = rowlock::deadpool_postgres::Manager::new(config, rowlock::tokio_postgres::NoTls);
-    let dead = rowlock::deadpool_postgres::Pool::builder(manager).max_size(1).build().unwrap();
-    let err = with_locked_row(&dead, &1, &LockOptions::new(), ok::<Account>).await.unwrap_err();
+    let dead = rowlock::deadpool_postgres::Pool::builder(manager)
+        .max_size(1)
+        .build()
+        .unwrap();
+    let err = with_locked_row(&dead, &1, &LockOptions::new(), ok::<Account>)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
 }
 
@@ -163,17 +212,25 @@ async fn connection_killed_inside_the_closure_is_a_closed_error_and_the_pool_rec
     let cluster = rowlock::testing::TestCluster::shared().unwrap();
     let err = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
         Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id]).await?;
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                .await?;
             let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
             cluster.terminate_backend(pid).await.expect("terminate");
-            tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id]).await?;
+            tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
+                .await?;
             Ok::<_, rowlock::Error>(())
         })
     })
     .await
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
-    assert_eq!(balance(&client, 1).await, 100, "nothing the dead session wrote is visible");
-    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Account>).await.unwrap();
+    assert_eq!(
+        balance(&client, 1).await,
+        100,
+        "nothing the dead session wrote is visible"
+    );
+    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Account>)
+        .await
+        .unwrap();
     assert!(outcome.is_done(), "the pool serves new calls");
 }

@@ -2,7 +2,10 @@
 //! inside a transaction, and the row can be locked at once by another session.
 
 use rowlock::testing::wait_for_blocked_by;
-use rowlock::{LockOptions, Transaction, TransactionOptions, with_locked_row, with_locked_rows, with_transaction};
+use rowlock::{
+    LockOptions, Transaction, TransactionOptions, with_locked_row, with_locked_rows,
+    with_transaction,
+};
 
 use crate::support::{Account, WAIT, accounts, balance, in_transaction, lockable_now, poll_limit};
 
@@ -16,9 +19,17 @@ macro_rules! cancel_at_every_poll {
             let done = poll_limit($make, n).await;
             // With a one-connection pool, this waits until cleanup handed the connection
             // back (or closed it), so the checks below see the settled state.
-            drop(tokio::time::timeout(WAIT, $pool.get()).await.expect("pool slot").unwrap());
+            drop(
+                tokio::time::timeout(WAIT, $pool.get())
+                    .await
+                    .expect("pool slot")
+                    .unwrap(),
+            );
             assert_eq!(in_transaction(&other).await, 0, "after {n} polls");
-            assert!(lockable_now(&mut other, 1).await, "row lockable at once after {n} polls");
+            assert!(
+                lockable_now(&mut other, 1).await,
+                "row lockable at once after {n} polls"
+            );
             match done {
                 Some(result) => {
                     let _done = result.expect("the uncancelled run succeeds");
@@ -45,9 +56,13 @@ async fn with_locked_row_cancelled_at_every_poll() {
         async move {
             with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
                 Box::pin(async move {
-                    tx.execute("UPDATE accounts SET balance = balance + 1 WHERE id = $1", &[&acc.id])
+                    tx.execute(
+                        "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                        &[&acc.id],
+                    )
+                    .await?;
+                    tx.execute("INSERT INTO audit VALUES ($1, NULL)", &[&acc.id])
                         .await?;
-                    tx.execute("INSERT INTO audit VALUES ($1, NULL)", &[&acc.id]).await?;
                     Ok::<_, rowlock::Error>(())
                 })
             })
@@ -58,7 +73,11 @@ async fn with_locked_row_cancelled_at_every_poll() {
     // Exactly one run committed: cancelled runs left nothing behind... unless COMMIT itself
     // was in flight when dropped, which commits. Audit rows count the committed runs, and the
     // balance must agree with them.
-    let audits: i64 = client.query_one("SELECT count(*) FROM audit", &[]).await.unwrap().get(0);
+    let audits: i64 = client
+        .query_one("SELECT count(*) FROM audit", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(audits >= 1);
     assert_eq!(balance(&client, 1).await, 100 + audits);
 }
@@ -70,22 +89,33 @@ async fn with_locked_rows_cancelled_at_every_poll() {
     cancel_at_every_poll!(db, pool, {
         let pool = pool.clone();
         async move {
-            with_locked_rows(&pool, &[3, 1], &LockOptions::new(), |tx, rows: Vec<Account>| {
-                Box::pin(async move {
-                    let stmt = tx
-                        .prepare_cached("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
-                        .await?;
-                    for acc in &rows {
-                        tx.execute_on_commit(&stmt, vec![Box::new(acc.id)]);
-                    }
-                    Ok::<_, rowlock::Error>(())
-                })
-            })
+            with_locked_rows(
+                &pool,
+                &[3, 1],
+                &LockOptions::new(),
+                |tx, rows: Vec<Account>| {
+                    Box::pin(async move {
+                        let stmt = tx
+                            .prepare_cached(
+                                "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                            )
+                            .await?;
+                        for acc in &rows {
+                            tx.execute_on_commit(&stmt, vec![Box::new(acc.id)]);
+                        }
+                        Ok::<_, rowlock::Error>(())
+                    })
+                },
+            )
             .await
         }
     });
     let client = db.client().await.unwrap();
-    assert_eq!(balance(&client, 1).await, balance(&client, 3).await, "all or nothing");
+    assert_eq!(
+        balance(&client, 1).await,
+        balance(&client, 3).await,
+        "all or nothing"
+    );
 }
 
 #[tokio::test]
@@ -97,8 +127,10 @@ async fn with_transaction_cancelled_at_every_poll() {
         async move {
             with_transaction(&pool, &TransactionOptions::new(), |tx| {
                 Box::pin(async move {
-                    tx.query("SELECT * FROM accounts WHERE id = 1 FOR UPDATE", &[]).await?;
-                    tx.execute("UPDATE accounts SET balance = balance + 1", &[]).await?;
+                    tx.query("SELECT * FROM accounts WHERE id = 1 FOR UPDATE", &[])
+                        .await?;
+                    tx.execute("UPDATE accounts SET balance = balance + 1", &[])
+                        .await?;
                     Ok::<_, rowlock::Error>(())
                 })
             })
@@ -126,7 +158,9 @@ async fn dropping_a_call_blocked_on_a_lock_cancels_the_wait() {
             .await
         }
     });
-    wait_for_blocked_by(&observer, holder.pid(), 1, WAIT).await.unwrap();
+    wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
+        .await
+        .unwrap();
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled());
     // The holder still holds its lock, so only a cancel request can end the wait; once it
@@ -155,8 +189,12 @@ async fn dropping_a_transaction_with_a_statement_in_flight_cleans_up() {
     let (db, _) = accounts(1).await;
     let pool = db.pool(1);
     let observer = db.client().await.unwrap();
-    let tx = Transaction::begin(&pool, &TransactionOptions::new()).await.unwrap();
-    tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1", &[]).await.unwrap();
+    let tx = Transaction::begin(&pool, &TransactionOptions::new())
+        .await
+        .unwrap();
+    tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1", &[])
+        .await
+        .unwrap();
     let slow = tokio::time::timeout(
         std::time::Duration::from_millis(50),
         tx.execute("SELECT pg_sleep(60)", &[]),
@@ -164,7 +202,10 @@ async fn dropping_a_transaction_with_a_statement_in_flight_cleans_up() {
     .await;
     assert!(slow.is_err(), "the statement was still running");
     drop(tx);
-    let conn = tokio::time::timeout(WAIT, pool.get()).await.expect("cleanup finished").unwrap();
+    let conn = tokio::time::timeout(WAIT, pool.get())
+        .await
+        .expect("cleanup finished")
+        .unwrap();
     let sleeping: i64 = observer
         .query_one(
             "SELECT count(*) FROM pg_stat_activity

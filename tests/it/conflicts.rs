@@ -56,7 +56,10 @@ async fn every_mode_and_strength_against_every_held_strength() {
                     .await
                     .unwrap();
                 // The lock timeout only turns a wrong wait into a failure instead of a hang.
-                let opts = LockOptions::new().mode(mode).strength(requested).lock_timeout(WAIT);
+                let opts = LockOptions::new()
+                    .mode(mode)
+                    .strength(requested)
+                    .lock_timeout(WAIT);
                 let call = {
                     let pool = pool.clone();
                     tokio::spawn(async move {

@@ -11,12 +11,18 @@ use rowlock::{
 
 use crate::support::{Account, WAIT, accounts, balance, in_transaction, lockable_now};
 
-fn debit(amount: i64) -> impl for<'t> FnOnce(&'t Transaction, Account) -> rowlock::BoxFuture<'t, Result<i64, rowlock::Error>> {
+fn debit(
+    amount: i64,
+) -> impl for<'t> FnOnce(&'t Transaction, Account) -> rowlock::BoxFuture<'t, Result<i64, rowlock::Error>>
+{
     move |tx, account| {
         Box::pin(async move {
             let new = account.balance - amount;
-            tx.execute("UPDATE accounts SET balance = $2 WHERE id = $1", &[&account.id, &new])
-                .await?;
+            tx.execute(
+                "UPDATE accounts SET balance = $2 WHERE id = $1",
+                &[&account.id, &new],
+            )
+            .await?;
             Ok(new)
         })
     }
@@ -26,7 +32,9 @@ fn debit(amount: i64) -> impl for<'t> FnOnce(&'t Transaction, Account) -> rowloc
 async fn done_commits_and_second_session_sees_it() {
     let (db, pool) = accounts(3).await;
     let other = db.client().await.unwrap();
-    let outcome = with_locked_row(&pool, &2, &LockOptions::new(), debit(30)).await.unwrap();
+    let outcome = with_locked_row(&pool, &2, &LockOptions::new(), debit(30))
+        .await
+        .unwrap();
     assert!(matches!(outcome, Outcome::Done(70)), "{outcome:?}");
     assert_eq!(balance(&other, 2).await, 70);
     assert_eq!(in_transaction(&other).await, 0);
@@ -51,7 +59,8 @@ async fn closure_error_rolls_back_and_flows_out_unchanged() {
     let mut other = db.client().await.unwrap();
     let result = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
         Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id]).await?;
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                .await?;
             Err::<(), _>(AppError::Insufficient)
         })
     })
@@ -67,7 +76,8 @@ async fn swallowed_database_error_is_not_reported_as_committed() {
     let other = db.client().await.unwrap();
     let result = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
         Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id]).await?;
+            tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
+                .await?;
             // Fails with 22012; the closure ignores it and says Ok.
             let _ = tx.query("SELECT 1 / 0", &[]).await;
             Ok::<_, rowlock::Error>("looks fine")
@@ -86,20 +96,35 @@ async fn missing_key_is_not_found_in_every_mode() {
     let (_db, pool) = accounts(1).await;
     for mode in [LockMode::Wait, LockMode::NoWait, LockMode::SkipLocked] {
         let mut ran = false;
-        let outcome = with_locked_row(&pool, &42, &LockOptions::new().mode(mode), |_, _: Account| {
-            ran = true;
-            Box::pin(async { Ok::<_, rowlock::Error>(()) })
-        })
+        let outcome = with_locked_row(
+            &pool,
+            &42,
+            &LockOptions::new().mode(mode),
+            |_, _: Account| {
+                ran = true;
+                Box::pin(async { Ok::<_, rowlock::Error>(()) })
+            },
+        )
         .await
         .unwrap();
-        assert!(matches!(outcome, Outcome::NotFound), "{mode:?}: {outcome:?}");
+        assert!(
+            matches!(outcome, Outcome::NotFound),
+            "{mode:?}: {outcome:?}"
+        );
         assert!(!ran, "closure must not run");
-        assert_eq!(outcome.into_result().unwrap_err().kind(), ErrorKind::RowNotFound);
+        assert_eq!(
+            outcome.into_result().unwrap_err().kind(),
+            ErrorKind::RowNotFound
+        );
     }
 }
 
 /// Session A holds `FOR UPDATE` on row 1 of a fresh database.
-async fn held_row() -> (rowlock::testing::TestDatabase, rowlock::deadpool_postgres::Pool, rowlock::testing::Session) {
+async fn held_row() -> (
+    rowlock::testing::TestDatabase,
+    rowlock::deadpool_postgres::Pool,
+    rowlock::testing::Session,
+) {
     let (db, pool) = accounts(2).await;
     let holder = db.session().await.unwrap();
     holder
@@ -128,7 +153,9 @@ async fn nowait_on_a_locked_row_is_lock_not_available_without_waiting() {
 #[tokio::test]
 async fn skip_locked_on_a_locked_row_is_skipped_not_not_found() {
     let (_db, pool, _holder) = held_row().await;
-    let opts = LockOptions::new().mode(LockMode::SkipLocked).lock_timeout(WAIT);
+    let opts = LockOptions::new()
+        .mode(LockMode::SkipLocked)
+        .lock_timeout(WAIT);
     let outcome = with_locked_row(&pool, &1, &opts, debit(1)).await.unwrap();
     assert!(matches!(outcome, Outcome::Skipped), "{outcome:?}");
     let outcome = with_locked_row(&pool, &99, &opts, debit(1)).await.unwrap();
@@ -148,10 +175,17 @@ async fn wait_with_timeout_reports_lock_timeout_after_about_that_long() {
     };
     assert!(err.is_lock_timeout() && !err.is_lock_not_available());
     assert_eq!(err.sql_state(), Some(&SqlState::LOCK_NOT_AVAILABLE));
-    assert!(waited >= timeout, "returned after {waited:?}, before the timeout");
+    assert!(
+        waited >= timeout,
+        "returned after {waited:?}, before the timeout"
+    );
     assert!(waited < Duration::from_secs(10), "waited {waited:?}");
     let observer = db.client().await.unwrap();
-    assert_eq!(in_transaction(&observer).await, 1, "only the holder is in a transaction");
+    assert_eq!(
+        in_transaction(&observer).await,
+        1,
+        "only the holder is in a transaction"
+    );
 }
 
 #[tokio::test]
@@ -162,14 +196,19 @@ async fn wait_blocks_until_the_holder_commits_then_sees_its_write() {
         let pool = pool.clone();
         async move { with_locked_row(&pool, &1, &LockOptions::new(), debit(5)).await }
     });
-    wait_for_blocked_by(&observer, holder.pid(), 1, WAIT).await.unwrap();
+    wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
+        .await
+        .unwrap();
     assert!(!task.is_finished());
     holder
         .batch_execute("UPDATE accounts SET balance = 50 WHERE id = 1; COMMIT")
         .await
         .unwrap();
     let outcome = task.await.unwrap().unwrap();
-    assert!(matches!(outcome, Outcome::Done(45)), "re-read the committed row: {outcome:?}");
+    assert!(
+        matches!(outcome, Outcome::Done(45)),
+        "re-read the committed row: {outcome:?}"
+    );
     assert_eq!(balance(&observer, 1).await, 45);
 }
 
@@ -197,7 +236,10 @@ async fn panic_in_closure_rolls_back_and_releases_the_lock() {
     // Rollback runs on a spawned task: a bounded wait for the lock observes it.
     let opts = LockOptions::new().lock_timeout(WAIT);
     let outcome = with_locked_row(&pool, &1, &opts, debit(0)).await.unwrap();
-    assert!(matches!(outcome, Outcome::Done(100)), "update rolled back: {outcome:?}");
+    assert!(
+        matches!(outcome, Outcome::Done(100)),
+        "update rolled back: {outcome:?}"
+    );
     assert!(lockable_now(&mut other, 1).await);
     assert_eq!(in_transaction(&other).await, 0);
 }
@@ -207,18 +249,23 @@ async fn overlapping_multi_row_locks_in_opposite_orders_never_deadlock() {
     let (db, pool) = accounts(2).await;
     let rounds = 1000;
     let transfer = |keys: [i64; 2], pool: rowlock::deadpool_postgres::Pool| async move {
-        with_locked_rows(&pool, &keys, &LockOptions::new(), |tx, rows: Vec<Account>| {
-            Box::pin(async move {
-                assert_eq!(rows.iter().map(|a| a.id).collect::<Vec<_>>(), vec![1, 2]);
-                let stmt = tx
-                    .prepare_cached("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
-                    .await?;
-                // Touch the rows in the caller's order: the locks are already held.
-                tx.execute(&stmt, &[&keys[0], &-1_i64]).await?;
-                tx.execute(&stmt, &[&keys[1], &1_i64]).await?;
-                Ok::<_, rowlock::Error>(())
-            })
-        })
+        with_locked_rows(
+            &pool,
+            &keys,
+            &LockOptions::new(),
+            |tx, rows: Vec<Account>| {
+                Box::pin(async move {
+                    assert_eq!(rows.iter().map(|a| a.id).collect::<Vec<_>>(), vec![1, 2]);
+                    let stmt = tx
+                        .prepare_cached("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+                        .await?;
+                    // Touch the rows in the caller's order: the locks are already held.
+                    tx.execute(&stmt, &[&keys[0], &-1_i64]).await?;
+                    tx.execute(&stmt, &[&keys[1], &1_i64]).await?;
+                    Ok::<_, rowlock::Error>(())
+                })
+            },
+        )
         .await
     };
     for _ in 0..rounds {
@@ -240,13 +287,19 @@ async fn overlapping_multi_row_locks_in_opposite_orders_never_deadlock() {
 #[tokio::test]
 async fn multi_row_outcomes_report_missing_and_skipped_keys() {
     let (db, pool) = accounts(3).await;
-    fn never(_: &Transaction, _: Vec<Account>) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
+    fn never(
+        _: &Transaction,
+        _: Vec<Account>,
+    ) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
         panic!("closure must not run")
     }
     let outcome = with_locked_rows(&pool, &[3, 1, 7, 9, 1], &LockOptions::new(), never)
         .await
         .unwrap();
-    assert!(matches!(&outcome, RowsOutcome::NotFound(k) if k == &[7, 9]), "{outcome:?}");
+    assert!(
+        matches!(&outcome, RowsOutcome::NotFound(k) if k == &[7, 9]),
+        "{outcome:?}"
+    );
 
     let holder = db.session().await.unwrap();
     holder
@@ -254,13 +307,28 @@ async fn multi_row_outcomes_report_missing_and_skipped_keys() {
         .await
         .unwrap();
     let skip = LockOptions::new().mode(LockMode::SkipLocked);
-    let outcome = with_locked_rows(&pool, &[1, 2, 3], &skip, never).await.unwrap();
-    assert!(matches!(&outcome, RowsOutcome::Skipped(k) if k == &[2]), "{outcome:?}");
-    let outcome = with_locked_rows(&pool, &[1, 2, 8], &skip, never).await.unwrap();
-    assert!(matches!(&outcome, RowsOutcome::NotFound(k) if k == &[8]), "{outcome:?}");
+    let outcome = with_locked_rows(&pool, &[1, 2, 3], &skip, never)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, RowsOutcome::Skipped(k) if k == &[2]),
+        "{outcome:?}"
+    );
+    let outcome = with_locked_rows(&pool, &[1, 2, 8], &skip, never)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, RowsOutcome::NotFound(k) if k == &[8]),
+        "{outcome:?}"
+    );
     let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let outcome = with_locked_rows(&pool, &[1, 2], &nowait, never).await.unwrap();
-    assert!(matches!(outcome, RowsOutcome::LockNotAvailable(_)), "{outcome:?}");
+    let outcome = with_locked_rows(&pool, &[1, 2], &nowait, never)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, RowsOutcome::LockNotAvailable(_)),
+        "{outcome:?}"
+    );
     // FOR SHARE does not conflict with FOR SHARE: all three are locked.
     let share = LockOptions::new().strength(rowlock::LockStrength::Share);
     let outcome = with_locked_rows(&pool, &[3, 2, 1], &share, |_, rows: Vec<Account>| {
@@ -282,7 +350,9 @@ impl LockableRow for Seat {
     type Key = (i32, String);
     const TABLE: Table = Table::qualified("booking", "Seats");
     const KEY_COLUMNS: &'static [&'static str] = &["show", "seat"];
-    fn from_row(row: &rowlock::tokio_postgres::Row) -> Result<Self, rowlock::tokio_postgres::Error> {
+    fn from_row(
+        row: &rowlock::tokio_postgres::Row,
+    ) -> Result<Self, rowlock::tokio_postgres::Error> {
         Ok(Seat {
             show: row.try_get("show")?,
             seat: row.try_get("seat")?,
@@ -307,21 +377,30 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
         )
         .await
         .unwrap();
-    let outcome = with_locked_row(&pool, &(1, "A2".to_string()), &LockOptions::new(), |tx, s: Seat| {
-        Box::pin(async move {
-            assert_eq!(s.taken_by, None);
-            tx.execute(
-                r#"UPDATE booking."Seats" SET taken_by = 'me' WHERE show = $1 AND seat = $2"#,
-                &[&s.show, &s.seat],
-            )
-            .await?;
-            Ok::<_, rowlock::Error>(())
-        })
-    })
+    let outcome = with_locked_row(
+        &pool,
+        &(1, "A2".to_string()),
+        &LockOptions::new(),
+        |tx, s: Seat| {
+            Box::pin(async move {
+                assert_eq!(s.taken_by, None);
+                tx.execute(
+                    r#"UPDATE booking."Seats" SET taken_by = 'me' WHERE show = $1 AND seat = $2"#,
+                    &[&s.show, &s.seat],
+                )
+                .await?;
+                Ok::<_, rowlock::Error>(())
+            })
+        },
+    )
     .await
     .unwrap();
     assert!(outcome.is_done());
-    let keys = [(2, "A1".to_string()), (1, "A1".to_string()), (1, "Z9".to_string())];
+    let keys = [
+        (2, "A1".to_string()),
+        (1, "A1".to_string()),
+        (1, "Z9".to_string()),
+    ];
     let outcome = with_locked_rows(&pool, &keys, &LockOptions::new(), |_, _: Vec<Seat>| {
         Box::pin(async { Ok::<_, rowlock::Error>(()) })
     })
@@ -329,7 +408,10 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
     .unwrap();
     assert!(matches!(&outcome, RowsOutcome::NotFound(k) if k == &[(1, "Z9".to_string())]));
     let taken: String = client
-        .query_one(r#"SELECT taken_by FROM booking."Seats" WHERE show = 1 AND seat = 'A2'"#, &[])
+        .query_one(
+            r#"SELECT taken_by FROM booking."Seats" WHERE show = 1 AND seat = 'A2'"#,
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -340,17 +422,40 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
 async fn lock_rows_inside_an_open_transaction_and_queued_writes_commit_together() {
     let (db, pool) = accounts(3).await;
     let other = db.client().await.unwrap();
-    let tx = Transaction::begin(&pool, &TransactionOptions::new()).await.unwrap();
-    let outcome = tx.lock_rows::<Account>(&[3, 1], &LockOptions::new().lock_timeout(WAIT)).await.unwrap();
-    let RowsOutcome::Done(rows) = outcome else { panic!("{outcome:?}") };
+    let tx = Transaction::begin(&pool, &TransactionOptions::new())
+        .await
+        .unwrap();
+    let outcome = tx
+        .lock_rows::<Account>(&[3, 1], &LockOptions::new().lock_timeout(WAIT))
+        .await
+        .unwrap();
+    let RowsOutcome::Done(rows) = outcome else {
+        panic!("{outcome:?}")
+    };
     assert_eq!(rows.iter().map(|a| a.id).collect::<Vec<_>>(), vec![1, 3]);
-    let one = tx.lock_row::<Account>(&2, &LockOptions::new()).await.unwrap();
-    assert!(matches!(one, Outcome::Done(Account { id: 2, balance: 100 })));
-    let stmt = tx.prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1").await.unwrap();
+    let one = tx
+        .lock_row::<Account>(&2, &LockOptions::new())
+        .await
+        .unwrap();
+    assert!(matches!(
+        one,
+        Outcome::Done(Account {
+            id: 2,
+            balance: 100
+        })
+    ));
+    let stmt = tx
+        .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
+        .await
+        .unwrap();
     for id in [1_i64, 2, 3] {
         tx.execute_on_commit(&stmt, vec![Box::new(id), Box::new(id * 10)]);
     }
-    assert_eq!(balance(&other, 1).await, 100, "queued writes are not sent before commit");
+    assert_eq!(
+        balance(&other, 1).await,
+        100,
+        "queued writes are not sent before commit"
+    );
     tx.commit().await.unwrap();
     for id in [1_i64, 2, 3] {
         assert_eq!(balance(&other, id).await, id * 10);

@@ -85,7 +85,10 @@ pub async fn in_transaction(observer: &Client) -> i64 {
 pub async fn lockable_now(client: &mut Client, id: i64) -> bool {
     let tx = client.transaction().await.unwrap();
     let ok = tx
-        .query("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE NOWAIT", &[&id])
+        .query(
+            "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE NOWAIT",
+            &[&id],
+        )
         .await
         .is_ok();
     tx.rollback().await.unwrap();

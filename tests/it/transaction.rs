@@ -61,7 +61,9 @@ async fn options_reach_the_server() {
     // SET LOCAL ended with the transaction: the pooled session is back to defaults.
     let after = with_transaction(&pool, &TransactionOptions::new(), |tx| {
         Box::pin(async move {
-            let row = tx.query_one("SELECT current_setting('lock_timeout')", &[]).await?;
+            let row = tx
+                .query_one("SELECT current_setting('lock_timeout')", &[])
+                .await?;
             Ok::<String, rowlock::Error>(row.get(0))
         })
     })
@@ -95,8 +97,11 @@ async fn a_failing_queued_write_fails_the_commit_and_nothing_is_kept() {
     let other = db.client().await.unwrap();
     let err = with_transaction(&pool, &TransactionOptions::new(), |tx| {
         Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 5 WHERE id = 1", &[]).await?;
-            let ins = tx.prepare_cached("INSERT INTO audit VALUES ($1, $2)").await?;
+            tx.execute("UPDATE accounts SET balance = 5 WHERE id = 1", &[])
+                .await?;
+            let ins = tx
+                .prepare_cached("INSERT INTO audit VALUES ($1, $2)")
+                .await?;
             tx.execute_on_commit(&ins, vec![Box::new(1_i64), Box::new("dup")]);
             tx.execute_on_commit(&ins, vec![Box::new(2_i64), Box::new("dup")]);
             Ok::<_, rowlock::Error>(())
@@ -106,7 +111,11 @@ async fn a_failing_queued_write_fails_the_commit_and_nothing_is_kept() {
     .unwrap_err();
     assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
     assert_eq!(balance(&other, 1).await, 100);
-    let audits: i64 = other.query_one("SELECT count(*) FROM audit", &[]).await.unwrap().get(0);
+    let audits: i64 = other
+        .query_one("SELECT count(*) FROM audit", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(audits, 0);
     assert_eq!(in_transaction(&other).await, 0);
 }
@@ -118,10 +127,17 @@ async fn queued_writes_alone_commit_in_one_flush_with_begin() {
     // Prepare outside the transaction so the statement is cached on the pooled connection.
     {
         let conn = pool.get().await.unwrap();
-        conn.prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1").await.unwrap();
+        conn.prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
+            .await
+            .unwrap();
     }
-    let tx = Transaction::begin(&pool, &TransactionOptions::new()).await.unwrap();
-    let stmt = tx.prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1").await.unwrap();
+    let tx = Transaction::begin(&pool, &TransactionOptions::new())
+        .await
+        .unwrap();
+    let stmt = tx
+        .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
+        .await
+        .unwrap();
     tx.execute_on_commit(&stmt, vec![Box::new(1_i64), Box::new(77_i64)]);
     tx.commit().await.unwrap();
     assert_eq!(balance(&other, 1).await, 77);
@@ -131,10 +147,18 @@ async fn queued_writes_alone_commit_in_one_flush_with_begin() {
 async fn error_on_the_raw_client_is_caught_at_commit() {
     let (db, pool) = accounts(1).await;
     let other = db.client().await.unwrap();
-    let tx = Transaction::begin(&pool, &TransactionOptions::new()).await.unwrap();
-    tx.execute("UPDATE accounts SET balance = 3", &[]).await.unwrap();
+    let tx = Transaction::begin(&pool, &TransactionOptions::new())
+        .await
+        .unwrap();
+    tx.execute("UPDATE accounts SET balance = 3", &[])
+        .await
+        .unwrap();
     let raw = tx.client().await.unwrap();
-    assert!(raw.batch_execute("SELECT no_such_column FROM accounts").await.is_err());
+    assert!(
+        raw.batch_execute("SELECT no_such_column FROM accounts")
+            .await
+            .is_err()
+    );
     let err = tx.commit().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TransactionAborted, "{err}");
     assert_eq!(balance(&other, 1).await, 100);
@@ -155,13 +179,18 @@ async fn commit_error_from_the_server_is_reported() {
         .unwrap();
     let err = with_transaction(&pool, &TransactionOptions::new(), |tx| {
         Box::pin(async move {
-            tx.execute("INSERT INTO audit VALUES (1, 'x'), (1, 'x')", &[]).await?;
+            tx.execute("INSERT INTO audit VALUES (1, 'x'), (1, 'x')", &[])
+                .await?;
             Ok::<_, rowlock::Error>(())
         })
     })
     .await
     .unwrap_err();
     assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
-    let audits: i64 = other.query_one("SELECT count(*) FROM audit", &[]).await.unwrap().get(0);
+    let audits: i64 = other
+        .query_one("SELECT count(*) FROM audit", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(audits, 0);
 }

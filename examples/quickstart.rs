@@ -1,0 +1,171 @@
+//! rowlock in one screen: lock a row under each mode and watch what a second session sees.
+//!
+//! Runs on the server `DATABASE_URL` names, or on a throwaway PostgreSQL cluster started from
+//! the installed server binaries (and deleted on exit) when it is unset:
+//!
+//! ```text
+//! cargo run --example quickstart
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rowlock::testing::{TestCluster, wait_for_blocked_by};
+use rowlock::tokio_postgres::{Error as PgError, Row};
+use rowlock::{
+    BoxFuture, LockMode, LockOptions, LockableRow, Outcome, RowsOutcome, Table, Transaction,
+    with_locked_row, with_locked_rows,
+};
+
+const SCHEMA: &str = "
+    CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance bigint NOT NULL);
+    INSERT INTO accounts VALUES (1, 'ada', 100), (2, 'grace', 100);";
+
+#[derive(Debug)]
+struct Account {
+    id: i64,
+    owner: String,
+    balance: i64,
+}
+
+impl LockableRow for Account {
+    type Key = i64;
+    const TABLE: Table = Table::new("accounts");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Account {
+            id: row.try_get("id")?,
+            owner: row.try_get("owner")?,
+            balance: row.try_get("balance")?,
+        })
+    }
+    fn key(&self) -> i64 {
+        self.id
+    }
+}
+
+/// The read-check-write critical section: runs only while the row is locked.
+fn withdraw(tx: &Transaction, account: Account) -> BoxFuture<'_, Result<i64, rowlock::Error>> {
+    Box::pin(async move {
+        let balance = account.balance - 10;
+        tx.execute(
+            "UPDATE accounts SET balance = $2 WHERE id = $1",
+            &[&account.id, &balance],
+        )
+        .await?;
+        Ok(balance)
+    })
+}
+
+fn describe<T: std::fmt::Debug>(outcome: &Outcome<T>) -> String {
+    match outcome {
+        Outcome::Done(v) => format!("Done({v:?})"),
+        Outcome::NotFound => "NotFound".into(),
+        Outcome::Skipped => "Skipped".into(),
+        Outcome::LockNotAvailable(e) => format!("LockNotAvailable: {e}"),
+        Outcome::LockTimeout(e) => format!("LockTimeout: {e}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Owned (not `TestCluster::shared()`), so dropping it at the end of `main` stops the
+    // throwaway server before the process exits.
+    let cluster = Arc::new(TestCluster::from_env()?);
+    let where_ = if cluster.is_embedded() {
+        "a throwaway cluster (set DATABASE_URL to use your own server)"
+    } else {
+        "DATABASE_URL"
+    };
+    println!("rowlock quickstart on {where_}");
+    let db = cluster.create_database_owned().await?;
+    let pool = db.pool(4);
+    let admin = db.client().await?;
+    admin.batch_execute(SCHEMA).await?;
+
+    println!("\n1. Row free: every mode locks it and runs the closure");
+    for mode in [LockMode::Wait, LockMode::NoWait, LockMode::SkipLocked] {
+        let outcome = with_locked_row(&pool, &1, &LockOptions::new().mode(mode), withdraw).await?;
+        println!("   {:<10} -> {}", format!("{mode:?}"), describe(&outcome));
+    }
+
+    println!("\n2. Another session holds row 1 FOR UPDATE");
+    let holder = db.session().await?;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
+        .await?;
+
+    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let outcome = with_locked_row(&pool, &1, &nowait, withdraw).await?;
+    println!("   NoWait     -> {}", describe(&outcome));
+
+    let skip = LockOptions::new().mode(LockMode::SkipLocked);
+    let outcome = with_locked_row(&pool, &1, &skip, withdraw).await?;
+    println!("   SkipLocked -> {}", describe(&outcome));
+
+    let timeout = LockOptions::new().lock_timeout(Duration::from_millis(250));
+    let started = Instant::now();
+    let outcome = with_locked_row(&pool, &1, &timeout, withdraw).await?;
+    println!(
+        "   Wait 250ms -> {} (after {} ms)",
+        describe(&outcome),
+        started.elapsed().as_millis()
+    );
+
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { with_locked_row(&pool, &1, &LockOptions::new(), withdraw).await }
+    });
+    let blocked = wait_for_blocked_by(&admin, holder.pid(), 1, Duration::from_secs(30)).await?;
+    println!(
+        "   Wait       -> blocked (backend {blocked:?} waits for pid {})",
+        holder.pid()
+    );
+    holder.batch_execute("COMMIT").await?;
+    let outcome = waiter.await??;
+    println!(
+        "   Wait       -> {} once the holder committed",
+        describe(&outcome)
+    );
+
+    println!("\n3. No such key: NotFound in every mode, distinct from Skipped");
+    for mode in [LockMode::Wait, LockMode::NoWait, LockMode::SkipLocked] {
+        let outcome = with_locked_row(&pool, &99, &LockOptions::new().mode(mode), withdraw).await?;
+        println!("   {:<10} -> {}", format!("{mode:?}"), describe(&outcome));
+    }
+
+    println!("\n4. Several rows, locked in key order (no deadlocks), all or nothing");
+    let outcome = with_locked_rows(
+        &pool,
+        &[2, 1],
+        &LockOptions::new(),
+        |tx, accounts: Vec<Account>| {
+            Box::pin(async move {
+                let owners: Vec<String> = accounts.iter().map(|a| a.owner.clone()).collect();
+                tx.execute("UPDATE accounts SET balance = balance + 1", &[])
+                    .await?;
+                Ok::<_, rowlock::Error>(owners)
+            })
+        },
+    )
+    .await?;
+    match &outcome {
+        RowsOutcome::Done(owners) => println!("   [2, 1]     -> Done({owners:?})"),
+        other => println!("   [2, 1]     -> {other:?}"),
+    }
+    let outcome = with_locked_rows(&pool, &[1, 7], &LockOptions::new(), |_, _: Vec<Account>| {
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await?;
+    println!("   [1, 7]     -> {outcome:?}");
+
+    let rows = admin
+        .query("SELECT id, balance FROM accounts ORDER BY id", &[])
+        .await?;
+    let balances: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    println!("\nFinal balances (id, balance): {balances:?}");
+    drop((admin, holder, pool, db));
+    drop(cluster); // stops and deletes a throwaway cluster
+    Ok(())
+}

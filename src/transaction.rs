@@ -512,29 +512,53 @@ impl Transaction {
     }
 }
 
+/// A connection whose transaction state is not known to be clean: closed (not returned to the
+/// pool) when dropped, unless [`release`](Dirty::release)d. Guards every cleanup path,
+/// including a cleanup future that is itself dropped (runtime shutdown, a cancelled
+/// `rollback()`).
+struct Dirty(Option<Object>);
+
+impl Dirty {
+    fn conn(&self) -> &Object {
+        self.0
+            .as_ref()
+            .expect("a Dirty connection is present until released or dropped")
+    }
+
+    /// The server confirmed the session is outside a transaction: back to the pool.
+    fn release(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for Dirty {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
 /// Ends whatever the server is doing on `client` and returns the connection to the pool only
-/// if `ROLLBACK` was acknowledged; otherwise closes it.
+/// if `ROLLBACK` was acknowledged; otherwise closes it (the server then rolls back).
 async fn cleanup(client: Object, cancel_first: bool) -> Result<(), tokio_postgres::Error> {
+    let dirty = Dirty(Some(client));
     if cancel_first {
         // A request whose future was dropped may still be running (e.g. waiting for a row
         // lock). Cancel it so ROLLBACK does not queue behind it. Best effort: the cancel
         // connection uses no TLS; if it fails, the ROLLBACK timeout below still applies.
-        let token = client.cancel_token();
+        let token = dirty.conn().cancel_token();
         let _ = tokio::time::timeout(CLEANUP_TIMEOUT, token.cancel_query(NoTls)).await;
     }
-    match tokio::time::timeout(CLEANUP_TIMEOUT, client.batch_execute("ROLLBACK")).await {
+    let rollback =
+        tokio::time::timeout(CLEANUP_TIMEOUT, dirty.conn().batch_execute("ROLLBACK")).await;
+    match rollback {
         Ok(Ok(())) => {
-            drop(client);
+            dirty.release();
             Ok(())
         }
-        Ok(Err(e)) => {
-            drop(Object::take(client));
-            Err(e)
-        }
-        Err(_elapsed) => {
-            drop(Object::take(client));
-            Ok(())
-        }
+        Ok(Err(e)) => Err(e),
+        Err(_elapsed) => Ok(()),
     }
 }
 

@@ -4,6 +4,7 @@
 mod bad_input;
 mod cancellation;
 mod conflicts;
+mod harness;
 mod locking;
 mod support;
 mod transaction;

@@ -1,0 +1,160 @@
+//! The test harness itself: stop/restart, and no server outliving a killed owner.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rowlock::testing::{StopMode, TestCluster};
+
+const CHILD_ENV: &str = "ROWLOCK_HARNESS_CHILD";
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+/// Run by `a_killed_owner_takes_its_cluster_with_it` in a child process: starts a cluster,
+/// reports where it lives, and waits to be killed.
+#[test]
+#[ignore = "helper: runs only as the child process of a harness test"]
+fn child_starts_a_cluster_and_waits_to_be_killed() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let cluster = TestCluster::start().expect("cluster");
+    let log = cluster.log_file().expect("embedded");
+    let dir = log.parent().unwrap().to_path_buf();
+    let pid = std::fs::read_to_string(dir.join("data/postmaster.pid")).unwrap();
+    // libtest prints the test's name on the same line first: mark the start of our part.
+    println!(
+        "\nCLUSTER {} {}",
+        dir.display(),
+        pid.lines().next().unwrap()
+    );
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn a_killed_owner_takes_its_cluster_with_it() {
+    if std::env::var_os("DATABASE_URL").is_some() && TestCluster::start().is_err() {
+        eprintln!("no server binaries next to DATABASE_URL: nothing to check");
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "harness::child_starts_a_cluster_and_waits_to_be_killed",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let line = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("CLUSTER "));
+    let Some(line) = line else {
+        let _ = child.kill();
+        panic!("the child did not report its cluster");
+    };
+    let mut parts = line[line.find("CLUSTER ").unwrap()..]
+        .split_whitespace()
+        .skip(1);
+    let dir = PathBuf::from(parts.next().unwrap());
+    let postmaster: u32 = parts.next().unwrap().parse().unwrap();
+    assert!(pid_alive(postmaster), "the child's server is running");
+    child.kill().unwrap(); // SIGKILL: no destructor, no atexit
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (pid_alive(postmaster) || dir.exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !pid_alive(postmaster),
+        "postmaster {postmaster} outlived its killed owner"
+    );
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+}
+
+#[tokio::test]
+async fn stop_start_and_restart_keep_the_data() {
+    let cluster = match TestCluster::start() {
+        Ok(c) => Arc::new(c),
+        Err(e) if std::env::var_os("DATABASE_URL").is_some() => {
+            eprintln!("no server binaries next to DATABASE_URL ({e}): nothing to check");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let db = cluster.create_database_owned().await.unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (7)")
+        .await
+        .unwrap();
+    let log = cluster.log_file().unwrap();
+    let dir = log.parent().unwrap().to_path_buf();
+
+    let blocking = cluster.clone();
+    tokio::task::spawn_blocking(move || blocking.stop(StopMode::Fast))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        db.client().await.is_err(),
+        "stopped server refuses connections"
+    );
+    let blocking = cluster.clone();
+    tokio::task::spawn_blocking(move || blocking.start_again())
+        .await
+        .unwrap()
+        .unwrap();
+    let x: i32 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT x FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(x, 7);
+
+    let session = db.session().await.unwrap();
+    let blocking = cluster.clone();
+    tokio::task::spawn_blocking(move || blocking.restart(StopMode::Immediate))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        session.batch_execute("SELECT 1").await.is_err(),
+        "old sessions are gone"
+    );
+    let x: i32 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT x FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(x, 7, "committed data survives an immediate restart");
+
+    let victim = db.session().await.unwrap();
+    assert!(cluster.terminate_backend(victim.pid()).await.unwrap());
+    assert!(victim.batch_execute("SELECT 1").await.is_err());
+
+    drop((session, victim, db));
+    let cluster = Arc::try_unwrap(cluster).expect("last reference");
+    drop(cluster);
+    assert!(!dir.exists(), "dropping the cluster removed its directory");
+}

@@ -55,6 +55,10 @@ pub enum ErrorKind {
     /// ([`Outcome::into_result`](crate::Outcome::into_result) of
     /// [`Outcome::Skipped`](crate::Outcome::Skipped)).
     RowSkipped,
+    /// A retry policy ran out of attempts (or of time) on retryable failures.
+    /// [`Error::attempts`] says how many attempts were made, [`Error::sql_state`] gives the
+    /// last failure's SQLSTATE, and the last failure is the `source()`.
+    RetriesExhausted,
     /// Any other error reported by the server; see [`Error::sql_state`].
     Db,
     /// An error inside the driver that is not a server error (e.g. a parameter that could
@@ -81,6 +85,7 @@ impl ErrorKind {
             ErrorKind::Decode => "could not decode row",
             ErrorKind::RowNotFound => "row not found",
             ErrorKind::RowSkipped => "row skipped because another transaction holds its lock",
+            ErrorKind::RetriesExhausted => "retries exhausted",
             ErrorKind::Db => "database error",
             ErrorKind::Driver => "driver error",
         }
@@ -132,6 +137,8 @@ struct Inner {
     step: Option<Step>,
     sql_state: Option<SqlState>,
     detail: Option<String>,
+    attempts: Option<u32>,
+    transaction_id: Option<u64>,
     source: Option<Box<dyn StdError + Send + Sync>>,
 }
 
@@ -143,6 +150,8 @@ impl Error {
                 step: None,
                 sql_state: None,
                 detail: None,
+                attempts: None,
+                transaction_id: None,
                 source: None,
             }),
         }
@@ -172,6 +181,16 @@ impl Error {
 
     pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
         self.inner.source = Some(Box::new(source));
+        self
+    }
+
+    pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {
+        self.inner.attempts = Some(attempts);
+        self
+    }
+
+    pub(crate) fn with_transaction_id(mut self, xid: Option<u64>) -> Self {
+        self.inner.transaction_id = xid;
         self
     }
 
@@ -224,6 +243,19 @@ impl Error {
     /// (for example `40001` when a swallowed serialization failure aborted the transaction).
     pub fn sql_state(&self) -> Option<&SqlState> {
         self.inner.sql_state.as_ref()
+    }
+
+    /// How many attempts a retrying call made, for [`ErrorKind::RetriesExhausted`].
+    pub fn attempts(&self) -> Option<u32> {
+        self.inner.attempts
+    }
+
+    /// The transaction's id (`pg_current_xact_id()`), for
+    /// [`ErrorKind::CommitOutcomeUnknown`] when the transaction was opened with
+    /// [`TransactionOptions::track_commit_outcome`](crate::TransactionOptions::track_commit_outcome).
+    /// Pass the error to [`resolve_commit`](crate::resolve_commit) to learn the outcome.
+    pub fn transaction_id(&self) -> Option<u64> {
+        self.inner.transaction_id
     }
 
     /// The server's error (message, detail, constraint, …) when the cause is one.
@@ -283,6 +315,12 @@ impl fmt::Debug for Error {
         if let Some(detail) = &self.inner.detail {
             d.field("detail", detail);
         }
+        if let Some(attempts) = self.inner.attempts {
+            d.field("attempts", &attempts);
+        }
+        if let Some(xid) = self.inner.transaction_id {
+            d.field("transaction_id", &xid);
+        }
         if let Some(source) = &self.inner.source {
             d.field("source", source);
         }
@@ -298,6 +336,9 @@ impl fmt::Display for Error {
         }
         if let Some(detail) = &self.inner.detail {
             write!(f, ": {detail}")?;
+        }
+        if let Some(attempts) = self.inner.attempts {
+            write!(f, " after {attempts} attempt(s)")?;
         }
         if let Some(state) = &self.inner.sql_state {
             write!(f, " (SQLSTATE {})", state.code())?;

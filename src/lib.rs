@@ -9,12 +9,14 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod commit_outcome;
 mod error;
 mod lock;
 mod locking;
 mod options;
 mod outcome;
 mod pipeline;
+mod retry;
 mod row;
 mod transaction;
 
@@ -25,11 +27,15 @@ pub mod testing;
 pub use deadpool_postgres;
 pub use tokio_postgres;
 
+pub use crate::commit_outcome::{CommitStatus, resolve_commit};
 pub use crate::error::{Error, ErrorKind};
 pub use crate::lock::{LockMode, LockOptions, LockStrength};
 pub use crate::locking::{with_locked_row, with_locked_rows};
 pub use crate::options::{Isolation, TransactionOptions};
 pub use crate::outcome::{Outcome, RowsOutcome};
+pub use crate::retry::{
+    RetryEvent, RetryPolicy, with_locked_row_retry, with_locked_rows_retry, with_transaction_retry,
+};
 pub use crate::row::{Key, KeyValue, LockableRow, Table};
 pub use crate::transaction::{OwnedParam, Transaction, with_transaction};
 

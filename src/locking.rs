@@ -17,8 +17,9 @@ use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{LockMode, LockOptions};
 use crate::options::millis_ceil;
 use crate::outcome::{Outcome, RowsOutcome};
+use crate::retry::{RetryPolicy, with_locked_row_retry, with_locked_rows_retry};
 use crate::row::{Key, LockableRow, Names};
-use crate::transaction::{Transaction, run_in};
+use crate::transaction::Transaction;
 
 /// PostgreSQL's limit on bind parameters in one statement.
 const MAX_PARAMS: usize = u16::MAX as usize;
@@ -90,7 +91,7 @@ impl Transaction {
         self.lock_many(&names, &keys, options, true).await
     }
 
-    async fn lock_one<R: LockableRow>(
+    pub(crate) async fn lock_one<R: LockableRow>(
         &self,
         names: &Names,
         key: &R::Key,
@@ -128,7 +129,7 @@ impl Transaction {
         }
     }
 
-    async fn lock_many<R: LockableRow>(
+    pub(crate) async fn lock_many<R: LockableRow>(
         &self,
         names: &Names,
         keys: &[R::Key],
@@ -273,7 +274,7 @@ fn not_unique(names: &Names, rows: usize, keys: usize) -> Error {
     .at(Step::Lock)
 }
 
-fn sorted_keys<R: LockableRow>(keys: &[R::Key]) -> Result<Vec<R::Key>, Error> {
+pub(crate) fn sorted_keys<R: LockableRow>(keys: &[R::Key]) -> Result<Vec<R::Key>, Error> {
     if keys.is_empty() {
         return Err(Error::invalid(
             "no keys given: pass at least one key to lock",
@@ -347,21 +348,14 @@ where
     E: From<Error>,
     F: for<'t> FnOnce(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
 {
-    options.validate()?;
-    let names = Names::of::<R>()?;
-    let tx = Transaction::begin_unchecked(pool, &options.effective_transaction()).await?;
-    let row = match tx.lock_one::<R>(&names, key, options, false).await {
-        Ok(Outcome::Done(row)) => row,
-        Ok(other) => {
-            tx.rollback_quietly().await;
-            return Ok(other.map(|_| unreachable!("Done is handled above")));
-        }
-        Err(e) => {
-            tx.rollback_quietly().await;
-            return Err(e.into());
-        }
-    };
-    run_in(tx, move |tx| f(tx, row)).await.map(Outcome::Done)
+    let mut f = Some(f);
+    with_locked_row_retry(pool, key, options, &RetryPolicy::once(), move |tx, row| {
+        let f = f
+            .take()
+            .expect("a one-attempt policy calls the closure once");
+        f(tx, row)
+    })
+    .await
 }
 
 /// Like [`with_locked_row`] for several keys of one table: locks every row, in ascending key
@@ -412,22 +406,18 @@ where
     E: From<Error>,
     F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
 {
-    options.validate()?;
-    let names = Names::of::<R>()?;
-    let keys = sorted_keys::<R>(keys)?;
-    let tx = Transaction::begin_unchecked(pool, &options.effective_transaction()).await?;
-    let rows = match tx.lock_many::<R>(&names, &keys, options, false).await {
-        Ok(RowsOutcome::Done(rows)) => rows,
-        Ok(other) => {
-            tx.rollback_quietly().await;
-            return Ok(other.map(|_| unreachable!("Done is handled above")));
-        }
-        Err(e) => {
-            tx.rollback_quietly().await;
-            return Err(e.into());
-        }
-    };
-    run_in(tx, move |tx| f(tx, rows))
-        .await
-        .map(RowsOutcome::Done)
+    let mut f = Some(f);
+    with_locked_rows_retry(
+        pool,
+        keys,
+        options,
+        &RetryPolicy::once(),
+        move |tx, rows| {
+            let f = f
+                .take()
+                .expect("a one-attempt policy calls the closure once");
+            f(tx, rows)
+        },
+    )
+    .await
 }

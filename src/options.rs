@@ -57,6 +57,9 @@ pub struct TransactionOptions {
     pub lock_timeout: Option<Duration>,
     /// `SET LOCAL statement_timeout`.
     pub statement_timeout: Option<Duration>,
+    /// Record the transaction id with `BEGIN`, so a commit whose outcome is unknown can be
+    /// resolved later.
+    pub track_commit_outcome: bool,
 }
 
 impl TransactionOptions {
@@ -104,6 +107,18 @@ impl TransactionOptions {
         self
     }
 
+    /// Records the transaction id (`pg_current_xact_id()`) in the same flush as `BEGIN`, so
+    /// that if the connection is lost while `COMMIT` is in flight, the
+    /// [`ErrorKind::CommitOutcomeUnknown`](crate::ErrorKind::CommitOutcomeUnknown) error
+    /// carries it and [`resolve_commit`](crate::resolve_commit) can ask the server whether the
+    /// transaction committed. Costs no round trip, but assigns a transaction id even to
+    /// transactions that write nothing. Defaults to `false`.
+    #[must_use]
+    pub fn track_commit_outcome(mut self, track: bool) -> Self {
+        self.track_commit_outcome = track;
+        self
+    }
+
     /// Checks the options without touching the database.
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(t) = self.lock_timeout {
@@ -137,6 +152,9 @@ impl TransactionOptions {
                 // Integer milliseconds from a validated Duration: no caller text reaches SQL.
                 let _ = write!(sql, "; SET LOCAL {name} = {}", millis_ceil(t));
             }
+        }
+        if self.track_commit_outcome {
+            sql.push_str("; SELECT pg_current_xact_id()");
         }
         sql
     }

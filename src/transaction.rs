@@ -19,11 +19,12 @@ use deadpool_postgres::{Object, Pool};
 use futures_util::future::{BoxFuture, join};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row, Statement, ToStatement};
+use tokio_postgres::{NoTls, Row, SimpleQueryMessage, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
 use crate::options::TransactionOptions;
 use crate::pipeline::{Request, join_in_order};
+use crate::retry::{RetryPolicy, with_transaction_retry};
 
 /// How long cleanup after a dropped or failed transaction may take before the connection is
 /// closed instead of returned to the pool.
@@ -49,9 +50,11 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future), the
 /// transaction is rolled back by a task spawned on the current Tokio runtime, and the
 /// connection goes back to the pool only after the `ROLLBACK` succeeded. If a statement was
-/// still in flight, a cancel request is sent first so a lock wait cannot linger. If there is
-/// no runtime, or cleanup fails, the connection is closed instead (the server then rolls
-/// back). A connection is never returned to the pool inside a transaction.
+/// still in flight, a cancel request is sent first so a lock wait cannot linger, and the
+/// connection is closed after the `ROLLBACK` instead of reused (a late cancel must not hit
+/// the next borrower). If there is no runtime, or cleanup fails, the connection is closed
+/// (the server then rolls back). A connection is never returned to the pool inside a
+/// transaction.
 pub struct Transaction {
     client: Option<Object>,
     state: Mutex<State>,
@@ -73,6 +76,10 @@ struct State {
     raw: bool,
     /// Writes to send in the same flush as `COMMIT`.
     deferred: Vec<(Statement, Vec<OwnedParam>)>,
+    /// `BEGIN` also asks for the transaction id.
+    track: bool,
+    /// The transaction id, when tracked.
+    xid: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -143,6 +150,7 @@ impl Transaction {
             client: Some(client),
             state: Mutex::new(State {
                 begin: Some(options.begin_sql()),
+                track: options.track_commit_outcome,
                 ..State::default()
             }),
         })
@@ -166,7 +174,7 @@ impl Transaction {
         step: Step,
         request: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, Error> {
-        let begin = {
+        let (begin, track) = {
             let mut st = self.state();
             if st.broken {
                 return Err(Error::with_kind(
@@ -177,7 +185,7 @@ impl Transaction {
             }
             let begin = st.begin.take();
             st.open |= begin.is_some();
-            begin
+            (begin, st.track)
         };
         let mut flight = InFlight {
             state: &self.state,
@@ -185,13 +193,44 @@ impl Transaction {
         };
         let result = match begin {
             None => request.await.map_err(|e| (e, step)),
-            Some(sql) => match join(self.conn().batch_execute(&sql), request).await {
+            Some(sql) => match join(self.send_begin(&sql, track), request).await {
                 (Ok(()), r) => r.map_err(|e| (e, step)),
                 (Err(e), _) => Err((e, Step::Begin)),
             },
         };
         flight.done = true;
         result.map_err(|(e, step)| self.record(Error::from_pg(e, step)))
+    }
+
+    /// Sends `BEGIN …` (with the `SET LOCAL`s); when tracking, reads back the transaction id.
+    async fn send_begin(&self, sql: &str, track: bool) -> Result<(), tokio_postgres::Error> {
+        if !track {
+            return self.conn().batch_execute(sql).await;
+        }
+        let messages = self.conn().simple_query(sql).await?;
+        let xid = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<u64>().ok()),
+            _ => None,
+        });
+        self.state().xid = xid;
+        Ok(())
+    }
+
+    /// What has gone wrong with the transaction on the server so far, as an error: the root
+    /// cause of an abort, or the lost connection. Used to classify an attempt whose closure
+    /// returned its own error.
+    pub(crate) fn failure(&self) -> Option<Error> {
+        let st = self.state();
+        if st.broken {
+            return Some(
+                Error::with_kind(ErrorKind::Closed, "the connection was lost").at(Step::Statement),
+            );
+        }
+        st.failure.as_ref().map(|f| {
+            Error::with_kind(f.kind, "a statement failed and aborted the transaction")
+                .at(Step::Statement)
+                .with_sql_state(f.sql_state.clone())
+        })
     }
 
     /// Notes what an error means for the transaction and returns it, enriched with the root
@@ -379,8 +418,9 @@ impl Transaction {
             .collect();
         let conn = self.conn();
         let mut requests: Vec<Request<'_, Result<(), tokio_postgres::Error>>> = Vec::new();
+        let track = self.state().track;
         if let Some(sql) = &begin {
-            requests.push(Box::pin(conn.batch_execute(sql)));
+            requests.push(Box::pin(self.send_begin(sql, track)));
         }
         for ((stmt, _), ps) in deferred.iter().zip(&params) {
             requests.push(Box::pin(
@@ -409,26 +449,19 @@ impl Transaction {
                 Ok(())
             }
             (Some(e), _) => {
-                // The server turned COMMIT into ROLLBACK (or never got it). Make sure.
                 let err = Error::from_pg(e, Step::Commit);
                 if err.kind() == ErrorKind::Closed {
-                    self.discard();
-                } else {
-                    let _ = self.end(false).await;
+                    // COMMIT left in the same flush: it may have reached the server.
+                    return Err(self.outcome_unknown(err));
                 }
+                // The server turned COMMIT into ROLLBACK. Make sure the session is idle.
+                let _ = self.end(false).await;
                 Err(err)
             }
             (None, Err(e)) => {
                 let err = Error::from_pg(e, Step::Commit);
                 if err.kind() == ErrorKind::Closed {
-                    self.discard();
-                    return Err(Error::with_kind(
-                        ErrorKind::CommitOutcomeUnknown,
-                        "the connection was lost while COMMIT was in flight; the transaction \
-                         may or may not have committed",
-                    )
-                    .at(Step::Commit)
-                    .with_source(err));
+                    return Err(self.outcome_unknown(err));
                 }
                 if verify && err.kind() == ErrorKind::TransactionAborted {
                     // The probe failed: COMMIT was skipped and the transaction is still open.
@@ -448,6 +481,25 @@ impl Transaction {
                 Err(err)
             }
         }
+    }
+
+    fn outcome_unknown(&mut self, cause: Error) -> Error {
+        let xid = self.state().xid;
+        self.discard();
+        Error::with_kind(
+            ErrorKind::CommitOutcomeUnknown,
+            "the connection was lost while COMMIT was in flight; the transaction may or may \
+             not have committed",
+        )
+        .at(Step::Commit)
+        .with_transaction_id(xid)
+        .with_source(cause)
+    }
+
+    /// The transaction id recorded with `BEGIN` when
+    /// [`TransactionOptions::track_commit_outcome`] is on and a statement has been sent.
+    pub fn transaction_id(&self) -> Option<u64> {
+        self.state().xid
     }
 
     /// Rolls the transaction back and returns the connection to the pool.
@@ -539,27 +591,40 @@ impl Drop for Dirty {
     }
 }
 
-/// Ends whatever the server is doing on `client` and returns the connection to the pool only
-/// if `ROLLBACK` was acknowledged; otherwise closes it (the server then rolls back).
+/// Ends whatever the server is doing on `client`.
+///
+/// Without a request in flight: `ROLLBACK`, and the connection returns to the pool only if
+/// the server acknowledged it. With one (`cancel_first`): a cancel request first, so a lock
+/// wait cannot hold up the `ROLLBACK`, and then the connection is closed even after a
+/// successful `ROLLBACK`. PostgreSQL acts on a cancel request asynchronously (tokio-postgres
+/// returns once it is sent), so a reused connection could see a late cancel interrupt the next
+/// borrower's statement. Closing it makes that impossible, and the acknowledged `ROLLBACK`
+/// means the locks are already released when this returns.
 async fn cleanup(client: Object, cancel_first: bool) -> Result<(), tokio_postgres::Error> {
     let dirty = Dirty(Some(client));
     if cancel_first {
-        // A request whose future was dropped may still be running (e.g. waiting for a row
-        // lock). Cancel it so ROLLBACK does not queue behind it. Best effort: the cancel
-        // connection uses no TLS; if it fails, the ROLLBACK timeout below still applies.
+        // Best effort: the cancel connection uses no TLS; if it fails, the ROLLBACK timeout
+        // below still bounds the wait.
         let token = dirty.conn().cancel_token();
         let _ = tokio::time::timeout(CLEANUP_TIMEOUT, token.cancel_query(NoTls)).await;
     }
-    let rollback =
-        tokio::time::timeout(CLEANUP_TIMEOUT, dirty.conn().batch_execute("ROLLBACK")).await;
-    match rollback {
-        Ok(Ok(())) => {
-            dirty.release();
-            Ok(())
+    // A late cancel can interrupt the ROLLBACK itself (57014); it is consumed by doing so, so a
+    // second ROLLBACK then runs normally.
+    let mut result = Ok(());
+    for _ in 0..2 {
+        match tokio::time::timeout(CLEANUP_TIMEOUT, dirty.conn().batch_execute("ROLLBACK")).await {
+            Ok(Ok(())) => {
+                if !cancel_first {
+                    dirty.release();
+                }
+                return Ok(());
+            }
+            Ok(Err(e)) if e.code() == Some(&SqlState::QUERY_CANCELED) => result = Err(e),
+            Ok(Err(e)) => return Err(e),
+            Err(_elapsed) => return result,
         }
-        Ok(Err(e)) => Err(e),
-        Err(_elapsed) => Ok(()),
     }
+    result
 }
 
 impl Drop for Transaction {
@@ -626,24 +691,12 @@ where
     E: From<Error>,
     F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
 {
-    let tx = Transaction::begin(pool, options).await?;
-    run_in(tx, f).await
-}
-
-/// Runs `f` on `tx`, then commits on `Ok` and rolls back on `Err`.
-pub(crate) async fn run_in<T, E, F>(tx: Transaction, f: F) -> Result<T, E>
-where
-    E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
-{
-    match f(&tx).await {
-        Ok(value) => {
-            tx.commit().await?;
-            Ok(value)
-        }
-        Err(e) => {
-            tx.rollback_quietly().await;
-            Err(e)
-        }
-    }
+    let mut f = Some(f);
+    with_transaction_retry(pool, options, &RetryPolicy::once(), move |tx| {
+        let f = f
+            .take()
+            .expect("a one-attempt policy calls the closure once");
+        f(tx)
+    })
+    .await
 }

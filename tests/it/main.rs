@@ -6,5 +6,7 @@ mod cancellation;
 mod conflicts;
 mod harness;
 mod locking;
+mod proxy;
+mod retry;
 mod support;
 mod transaction;

@@ -1,0 +1,128 @@
+//! A loopback TCP proxy that forwards everything until the server acknowledges a COMMIT, then
+//! drops that reply and cuts the connection: a commit that succeeded but whose reply never
+//! arrived.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rowlock::deadpool_postgres::{Manager, Pool};
+use rowlock::tokio_postgres::config::Host;
+use rowlock::tokio_postgres::{Config, NoTls};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub struct CommitReplyDropper {
+    addr: SocketAddr,
+    dropped: Arc<AtomicBool>,
+    accept: JoinHandle<()>,
+}
+
+/// Whether `needle` occurs in `carry` + `chunk` (so a tag split across reads is still seen).
+fn seen(carry: &mut Vec<u8>, chunk: &[u8], needle: &[u8]) -> bool {
+    carry.extend_from_slice(chunk);
+    let found = carry.windows(needle.len()).any(|w| w == needle);
+    let keep = carry.len().saturating_sub(needle.len());
+    carry.drain(..keep);
+    found
+}
+
+impl CommitReplyDropper {
+    /// Starts the proxy in front of the server `config` names; `None` if it is not on TCP.
+    pub async fn start(config: &Config) -> Option<Self> {
+        let Host::Tcp(host) = config.get_hosts().first()? else {
+            return None;
+        };
+        let target = format!(
+            "{host}:{}",
+            config.get_ports().first().copied().unwrap_or(5432)
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.ok()?;
+        let addr = listener.local_addr().ok()?;
+        let dropped = Arc::new(AtomicBool::new(false));
+        let accept = tokio::spawn({
+            let dropped = dropped.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = TcpStream::connect(&target).await else {
+                        continue;
+                    };
+                    tokio::spawn(pump(client, server, dropped.clone()));
+                }
+            }
+        });
+        Some(CommitReplyDropper {
+            addr,
+            dropped,
+            accept,
+        })
+    }
+
+    /// A one-connection pool to database `dbname` through the proxy, with `config`'s
+    /// credentials.
+    pub fn pool(&self, config: &Config, dbname: &str) -> Pool {
+        let mut via = Config::new();
+        via.host("127.0.0.1").port(self.addr.port()).dbname(dbname);
+        if let Some(user) = config.get_user() {
+            via.user(user);
+        }
+        if let Some(password) = config.get_password() {
+            via.password(password);
+        }
+        Pool::builder(Manager::new(via, NoTls))
+            .max_size(1)
+            .build()
+            .unwrap()
+    }
+
+    pub fn dropped_a_commit_reply(&self) -> bool {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CommitReplyDropper {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn pump(client: TcpStream, server: TcpStream, dropped: Arc<AtomicBool>) {
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let commit_sent = Arc::new(AtomicBool::new(false));
+    let upstream = tokio::spawn({
+        let commit_sent = commit_sent.clone();
+        async move {
+            let (mut buf, mut carry) = (vec![0; 16 * 1024], Vec::new());
+            loop {
+                let n = match client_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if seen(&mut carry, &buf[..n], b"COMMIT\0") {
+                    commit_sent.store(true, Ordering::SeqCst);
+                }
+                if server_tx.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let (mut buf, mut carry) = (vec![0; 16 * 1024], Vec::new());
+    loop {
+        let n = match server_rx.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // The server's CommandComplete for COMMIT carries the tag "COMMIT".
+        if commit_sent.load(Ordering::SeqCst) && seen(&mut carry, &buf[..n], b"COMMIT\0") {
+            dropped.store(true, Ordering::SeqCst);
+            break; // the reply is never forwarded; both connections close
+        }
+        if client_tx.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    upstream.abort();
+}

@@ -1,0 +1,494 @@
+//! Retries against real conflicts: serialization failures, deadlocks, swallowed errors, and
+//! commits whose outcome is unknown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rowlock::testing::{TestCluster, wait_for_blocked_by};
+use rowlock::tokio_postgres::error::SqlState;
+use rowlock::{
+    CommitStatus, ErrorKind, Isolation, LockMode, LockOptions, Outcome, RetryPolicy, Transaction,
+    TransactionOptions, resolve_commit, with_locked_row_retry, with_transaction,
+    with_transaction_retry,
+};
+use tokio::sync::Barrier;
+
+use crate::support::{Account, WAIT, accounts, balance};
+
+const RAISE_40001: &str =
+    "DO $$ BEGIN RAISE EXCEPTION 'forced conflict' USING ERRCODE = '40001'; END $$";
+
+fn serializable() -> TransactionOptions {
+    TransactionOptions::new().isolation(Isolation::Serializable)
+}
+
+/// Doctors on call; each task takes itself off call only if someone else stays on call.
+async fn doctors(
+    n: i64,
+) -> (
+    rowlock::testing::TestDatabase,
+    rowlock::deadpool_postgres::Pool,
+) {
+    let (db, _) = accounts(0).await;
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "CREATE TABLE doctors (id bigint PRIMARY KEY, on_call bool NOT NULL);
+             INSERT INTO doctors SELECT g, true FROM generate_series(1, {n}) g;"
+        ))
+        .await
+        .unwrap();
+    let pool = db.pool(n as usize + 2);
+    (db, pool)
+}
+
+/// The write-skew transaction. On the first attempt every task reads before any writes
+/// (the barrier), which is exactly the interleaving SERIALIZABLE must refuse.
+fn go_off_call(
+    id: i64,
+    barrier: Arc<Barrier>,
+    first: Arc<AtomicU32>,
+) -> impl for<'t> FnMut(&'t Transaction) -> rowlock::BoxFuture<'t, Result<bool, rowlock::Error>> {
+    move |tx| {
+        let barrier = barrier.clone();
+        let first_attempt = first.fetch_add(1, Ordering::SeqCst) == 0;
+        Box::pin(async move {
+            let on_call: i64 = tx
+                .query_one("SELECT count(*) FROM doctors WHERE on_call", &[])
+                .await?
+                .get(0);
+            if first_attempt {
+                barrier.wait().await;
+            }
+            if on_call > 1 {
+                tx.execute("UPDATE doctors SET on_call = false WHERE id = $1", &[&id])
+                    .await?;
+                return Ok(true);
+            }
+            Ok(false)
+        })
+    }
+}
+
+#[tokio::test]
+async fn write_skew_without_retries_is_refused_with_40001() {
+    let n = 6;
+    let (db, pool) = doctors(n).await;
+    let barrier = Arc::new(Barrier::new(n as usize));
+    let tasks: Vec<_> = (1..=n)
+        .map(|id| {
+            let (pool, barrier) = (pool.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let mut f = go_off_call(id, barrier, Arc::new(AtomicU32::new(0)));
+                with_transaction(&pool, &serializable(), move |tx| f(tx)).await
+            })
+        })
+        .collect();
+    let mut failures = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::SerializationFailure, "{e}");
+                assert_eq!(e.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
+                failures += 1;
+            }
+        }
+    }
+    assert!(
+        failures >= 1,
+        "SERIALIZABLE must refuse some of the skewed transactions"
+    );
+    let on_call: i64 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM doctors WHERE on_call", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(on_call >= 1, "the invariant holds either way");
+}
+
+#[tokio::test]
+async fn write_skew_with_retries_all_succeed_and_the_result_is_serial() {
+    let n = 6;
+    let (db, pool) = doctors(n).await;
+    let barrier = Arc::new(Barrier::new(n as usize));
+    let retries = Arc::new(AtomicU32::new(0));
+    let policy = {
+        let retries = retries.clone();
+        RetryPolicy::new().max_attempts(30).on_retry(move |e| {
+            assert_eq!(e.sql_state, Some(SqlState::T_R_SERIALIZATION_FAILURE));
+            retries.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    let tasks: Vec<_> = (1..=n)
+        .map(|id| {
+            let (pool, barrier, policy) = (pool.clone(), barrier.clone(), policy.clone());
+            tokio::spawn(async move {
+                let f = go_off_call(id, barrier, Arc::new(AtomicU32::new(0)));
+                with_transaction_retry(&pool, &serializable(), &policy, f).await
+            })
+        })
+        .collect();
+    let mut went_off = 0;
+    for task in tasks {
+        if task.await.unwrap().expect("every task eventually commits") {
+            went_off += 1;
+        }
+    }
+    assert!(
+        retries.load(Ordering::SeqCst) >= 1,
+        "conflicts happened and were retried"
+    );
+    let on_call: i64 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM doctors WHERE on_call", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Serially, all but one doctor go off call.
+    assert_eq!(on_call, 1);
+    assert_eq!(went_off, n - 1);
+}
+
+#[tokio::test]
+async fn deadlocks_are_retried_until_both_succeed() {
+    let (db, pool) = accounts(2).await;
+    let barrier = Arc::new(Barrier::new(2));
+    let attempts = Arc::new(AtomicU32::new(0));
+    let deadlocks = Arc::new(AtomicU32::new(0));
+    let policy = {
+        let deadlocks = deadlocks.clone();
+        RetryPolicy::new().on_retry(move |e| {
+            assert_eq!(e.kind, ErrorKind::Deadlock);
+            deadlocks.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    let run = |first: i64, second: i64| {
+        let (pool, barrier, attempts, policy) = (
+            pool.clone(),
+            barrier.clone(),
+            attempts.clone(),
+            policy.clone(),
+        );
+        tokio::spawn(async move {
+            let mut mine = 0;
+            with_transaction_retry(&pool, &TransactionOptions::new(), &policy, move |tx| {
+                mine += 1;
+                attempts.fetch_add(1, Ordering::SeqCst);
+                let barrier = barrier.clone();
+                let wait = mine == 1;
+                Box::pin(async move {
+                    let stmt = "UPDATE accounts SET balance = balance + 1 WHERE id = $1";
+                    tx.execute(stmt, &[&first]).await?;
+                    if wait {
+                        barrier.wait().await; // both hold their first row
+                    }
+                    tx.execute(stmt, &[&second]).await?;
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await
+        })
+    };
+    let (a, b) = tokio::join!(run(1, 2), run(2, 1));
+    a.unwrap().unwrap();
+    b.unwrap().unwrap();
+    assert_eq!(
+        deadlocks.load(Ordering::SeqCst),
+        1,
+        "exactly one victim, retried once"
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    let client = db.client().await.unwrap();
+    assert_eq!(balance(&client, 1).await, 102);
+    assert_eq!(balance(&client, 2).await, 102);
+}
+
+#[derive(Debug)]
+enum AppError {
+    Conflict,
+    #[allow(dead_code)] // carried for Debug output only
+    Db(rowlock::Error),
+}
+
+impl From<rowlock::Error> for AppError {
+    fn from(e: rowlock::Error) -> Self {
+        AppError::Db(e)
+    }
+}
+
+#[tokio::test]
+async fn a_swallowed_serialization_failure_is_retried_not_committed() {
+    let (db, pool) = accounts(1).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let result = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
+        let calls = calls.clone();
+        move |tx| {
+            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                tx.execute("UPDATE accounts SET balance = balance + 1", &[])
+                    .await?;
+                if call == 1 {
+                    let _ignored = tx.batch_execute(RAISE_40001).await; // swallowed
+                }
+                Ok::<_, rowlock::Error>(call)
+            })
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(result, 2, "the first attempt was not reported committed");
+    let client = db.client().await.unwrap();
+    assert_eq!(
+        balance(&client, 1).await,
+        101,
+        "only the second attempt's write is kept"
+    );
+
+    // Mapped into the caller's own error type: still retried, because the server said 40001.
+    let calls = Arc::new(AtomicU32::new(0));
+    let result = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
+        let calls = calls.clone();
+        move |tx| {
+            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                if call == 1 && tx.batch_execute(RAISE_40001).await.is_err() {
+                    return Err(AppError::Conflict);
+                }
+                Ok(call)
+            })
+        }
+    })
+    .await;
+    assert!(matches!(result, Ok(2)), "{result:?}");
+}
+
+#[tokio::test]
+async fn the_root_cause_is_found_behind_a_pipelined_25p02() {
+    let (_db, pool) = accounts(1).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let result = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
+        let calls = calls.clone();
+        move |tx| {
+            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                if call == 1 {
+                    // Sent in one flush: the server fails the first with 40001 and the
+                    // second with 25P02. The closure only looks at the second.
+                    let (_first, second) = futures_util::future::join(
+                        tx.batch_execute(RAISE_40001),
+                        tx.query("SELECT 1", &[]),
+                    )
+                    .await;
+                    let err = second.unwrap_err();
+                    assert_eq!(err.kind(), ErrorKind::TransactionAborted);
+                    assert_eq!(err.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
+                    assert!(err.is_retryable());
+                    return Err(err);
+                }
+                Ok(call)
+            })
+        }
+    })
+    .await;
+    assert!(matches!(result, Ok(2)), "{result:?}");
+}
+
+#[tokio::test]
+async fn exhaustion_reports_attempts_and_the_last_sqlstate() {
+    let (_db, pool) = accounts(1).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let policy = RetryPolicy::new().max_attempts(3);
+    let err = with_transaction_retry(&pool, &TransactionOptions::new(), &policy, {
+        let calls = calls.clone();
+        move |tx| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { tx.batch_execute(RAISE_40001).await })
+        }
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RetriesExhausted, "{err}");
+    assert_eq!(err.attempts(), Some(3));
+    assert_eq!(err.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the last cause is kept"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn constraint_violations_and_caller_errors_are_never_retried() {
+    let (_db, pool) = accounts(1).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let err = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
+        let calls = calls.clone();
+        move |tx| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { tx.execute("INSERT INTO accounts VALUES (1, 0)", &[]).await })
+        }
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let result = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
+        let calls = calls.clone();
+        move |_tx| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Err::<(), _>(AppError::Conflict) })
+        }
+    })
+    .await;
+    assert!(matches!(result, Err(AppError::Conflict)));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn lock_contention_is_retried_only_when_asked() {
+    let (db, pool) = accounts(1).await;
+    let holder = db.session().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    fn touch(_: &Transaction, _: Account) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
+        Box::pin(async { Ok(()) })
+    }
+    let outcome = with_locked_row_retry(&pool, &1, &nowait, &RetryPolicy::new(), touch)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, Outcome::LockNotAvailable(_)),
+        "{outcome:?}"
+    );
+
+    let policy = RetryPolicy::new()
+        .max_attempts(3)
+        .retry_lock_contention(true);
+    let err = with_locked_row_retry(&pool, &1, &nowait, &policy, touch)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RetriesExhausted, "{err}");
+    assert_eq!(err.attempts(), Some(3));
+    assert_eq!(err.sql_state(), Some(&SqlState::LOCK_NOT_AVAILABLE));
+}
+
+/// Resolves until the server has finished with the transaction.
+async fn settled_status(pool: &rowlock::deadpool_postgres::Pool, xid: u64) -> CommitStatus {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = resolve_commit(pool, xid).await.unwrap();
+        if status != CommitStatus::InProgress || tokio::time::Instant::now() > deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn commit_cut_before_the_server_committed_resolves_to_aborted() {
+    let (db, pool) = accounts(0).await;
+    let admin = db.client().await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE TABLE payments (key text PRIMARY KEY);
+             CREATE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_advisory_xact_lock(42); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER payments_wait AFTER INSERT ON payments
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_commit();",
+        )
+        .await
+        .unwrap();
+    // The holder owns advisory lock 42, so the deferred trigger blocks inside COMMIT.
+    let holder = db.session().await.unwrap();
+    holder
+        .batch_execute("SELECT pg_advisory_lock(42)")
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let call = tokio::spawn({
+        let (pool, calls) = (pool.clone(), calls.clone());
+        async move {
+            let opts = TransactionOptions::new().track_commit_outcome(true);
+            with_transaction_retry(&pool, &opts, &RetryPolicy::new(), move |tx| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    tx.execute("INSERT INTO payments VALUES ('k-1')", &[])
+                        .await?;
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await
+        }
+    });
+    let waiting = wait_for_blocked_by(&admin, holder.pid(), 1, WAIT)
+        .await
+        .unwrap();
+    let cluster = TestCluster::shared().unwrap();
+    assert!(cluster.terminate_backend(waiting[0]).await.unwrap());
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::CommitOutcomeUnknown, "{err}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "never retried");
+    let xid = err.transaction_id().expect("tracked transaction id");
+    assert_eq!(settled_status(&pool, xid).await, CommitStatus::Aborted);
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+}
+
+#[tokio::test]
+async fn commit_whose_reply_was_lost_resolves_to_committed() {
+    let (db, _) = accounts(0).await;
+    let admin = db.client().await.unwrap();
+    admin
+        .batch_execute("CREATE TABLE payments (key text PRIMARY KEY)")
+        .await
+        .unwrap();
+    let Some(proxy) = crate::proxy::CommitReplyDropper::start(db.config()).await else {
+        eprintln!("the test server is not reachable over TCP: nothing to check");
+        return;
+    };
+    let pool = proxy.pool(db.config(), db.name());
+    let calls = Arc::new(AtomicU32::new(0));
+    let opts = TransactionOptions::new().track_commit_outcome(true);
+    let err = with_transaction_retry(&pool, &opts, &RetryPolicy::new(), {
+        let calls = calls.clone();
+        move |tx| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tx.execute("INSERT INTO payments VALUES ('k-2')", &[])
+                    .await?;
+                Ok::<_, rowlock::Error>(())
+            })
+        }
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::CommitOutcomeUnknown, "{err}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "never retried");
+    assert!(proxy.dropped_a_commit_reply());
+    let xid = err.transaction_id().expect("tracked transaction id");
+    let direct = db.pool(1);
+    assert_eq!(settled_status(&direct, xid).await, CommitStatus::Committed);
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::options::{TransactionOptions, validate_timeout};
+use crate::options::TransactionOptions;
 
 /// What to do when another transaction holds a conflicting lock on a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -106,9 +106,7 @@ pub struct LockOptions {
     pub mode: LockMode,
     /// Lock strength.
     pub strength: LockStrength,
-    /// Longest wait for any lock in the transaction (`SET LOCAL lock_timeout`).
-    pub lock_timeout: Option<Duration>,
-    /// Options of the transaction that [`with_locked_row`](crate::with_locked_row) and
+    /// Options of the transaction (its `lock_timeout` included) that [`with_locked_row`](crate::with_locked_row) and
     /// [`with_locked_rows`](crate::with_locked_rows) open.
     pub transaction: TransactionOptions,
 }
@@ -140,10 +138,11 @@ impl LockOptions {
     /// Must be between 1 ms and `i32::MAX` ms; sub-millisecond parts round up (PostgreSQL counts
     /// whole milliseconds). Out-of-range values are refused when the options are used, with
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument), not clamped.
-    /// This overrides [`TransactionOptions::lock_timeout`]. Defaults to none (wait forever).
+    /// The same setting as [`TransactionOptions::lock_timeout`] on
+    /// [`transaction`](Self::transaction). Defaults to none (wait forever).
     #[must_use]
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.lock_timeout = Some(timeout);
+        self.transaction.lock_timeout = Some(timeout);
         self
     }
 
@@ -158,9 +157,6 @@ impl LockOptions {
     /// Checks the options without touching the database; the locking functions call this
     /// before taking a connection.
     pub fn validate(&self) -> Result<(), Error> {
-        if let Some(t) = self.lock_timeout {
-            validate_timeout("lock_timeout", t)?;
-        }
         self.transaction.validate()?;
         if self.transaction.read_only {
             return Err(Error::invalid(
@@ -169,15 +165,6 @@ impl LockOptions {
             ));
         }
         Ok(())
-    }
-
-    /// The transaction options with this lock timeout folded in.
-    pub(crate) fn effective_transaction(&self) -> TransactionOptions {
-        let mut tx = self.transaction.clone();
-        if self.lock_timeout.is_some() {
-            tx.lock_timeout = self.lock_timeout;
-        }
-        tx
     }
 
     /// `FOR <strength>[ NOWAIT | SKIP LOCKED]`.

@@ -33,8 +33,8 @@ enum Locked {
 impl Transaction {
     /// Locks the row of `R` with this key inside this transaction, and returns it.
     ///
-    /// `options.transaction` is ignored here (the transaction is already open); a
-    /// `lock_timeout` is applied with `SET LOCAL` in the same flush as the locking `SELECT`, and
+    /// Of `options.transaction` only the lock timeout is used here (the transaction is already
+    /// open); it is applied with `SET LOCAL` in the same flush as the locking `SELECT`, and
     /// lasts until the transaction ends. After [`Outcome::LockNotAvailable`] or
     /// [`Outcome::LockTimeout`] the transaction is aborted (PostgreSQL raised an error) and
     /// can only be rolled back; after [`Outcome::NotFound`] or [`Outcome::Skipped`] it can go on.
@@ -201,7 +201,7 @@ impl Transaction {
         set_timeout: bool,
     ) -> Result<Locked, Error> {
         let conn = self.conn();
-        let timeout_sql = match options.lock_timeout {
+        let timeout_sql = match options.transaction.lock_timeout {
             Some(t) if set_timeout => Some(format!("SET LOCAL lock_timeout = {}", millis_ceil(t))),
             _ => None,
         };

@@ -139,3 +139,41 @@ impl<T, K> RowsOutcome<T, K> {
         }
     }
 }
+
+/// The lock-contention outcomes of both outcome types, for the retry loop.
+pub(crate) trait Contended: Sized {
+    /// The error of `LockNotAvailable` / `LockTimeout`, if that is what happened.
+    fn contention(&self) -> Option<&Error>;
+    /// The same, by value.
+    fn into_contention(self) -> Option<Error>;
+}
+
+impl<T> Contended for Outcome<T> {
+    fn contention(&self) -> Option<&Error> {
+        match self {
+            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn into_contention(self) -> Option<Error> {
+        match self {
+            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl<T, K> Contended for RowsOutcome<T, K> {
+    fn contention(&self) -> Option<&Error> {
+        match self {
+            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn into_contention(self) -> Option<Error> {
+        match self {
+            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+}

@@ -25,7 +25,7 @@ use crate::error::{Error, ErrorKind};
 use crate::lock::LockOptions;
 use crate::locking::sorted_keys;
 use crate::options::TransactionOptions;
-use crate::outcome::{Outcome, RowsOutcome};
+use crate::outcome::{Contended, Outcome, RowsOutcome};
 use crate::row::{LockableRow, Names};
 use crate::transaction::Transaction;
 
@@ -382,6 +382,23 @@ async fn settle<T, E: From<Error>>(
     }
 }
 
+/// When the lock step did not lock: rolls back, and decides whether the attempt is retried
+/// (lock contention, when the policy asks) or its outcome returned.
+async fn not_locked<O: Contended, E: From<Error>>(
+    tx: Transaction,
+    locked: Result<O, Error>,
+    policy: &RetryPolicy,
+) -> Result<O, Failure<E>> {
+    tx.rollback_quietly().await;
+    match locked {
+        Ok(outcome) if outcome.contention().is_some_and(|e| policy.retries(e)) => Err(
+            Failure::Retry(outcome.into_contention().expect("checked just above")),
+        ),
+        Ok(outcome) => Ok(outcome),
+        Err(e) => Err(failure(e, policy)),
+    }
+}
+
 /// Runs attempts until one succeeds, one fails for good, or the policy gives up.
 macro_rules! retry_loop {
     ($policy:expr, $attempt:expr) => {{
@@ -490,27 +507,17 @@ where
 {
     options.validate()?;
     let names = Names::of::<R>()?;
-    let tx_options = options.effective_transaction();
     retry_loop!(
         policy,
         async {
-            let tx = Transaction::begin_unchecked(pool, &tx_options)
+            let tx = Transaction::begin_unchecked(pool, &options.transaction)
                 .await
                 .map_err(|e| failure(e, policy))?;
-            let locked = tx.lock_one::<R>(&names, key, options, false).await;
-            let row = match locked {
+            let row = match tx.lock_one::<R>(&names, key, options, false).await {
                 Ok(Outcome::Done(row)) => row,
                 other => {
-                    tx.rollback_quietly().await;
-                    return match other {
-                        Ok(Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e))
-                            if policy.retries(&e) =>
-                        {
-                            Err(Failure::Retry(e))
-                        }
-                        Ok(outcome) => Ok(outcome.map(|_| unreachable!("Done is handled above"))),
-                        Err(e) => Err(failure(e, policy)),
-                    };
+                    let other = other.map(|o| o.map(|_| unreachable!("Done is handled above")));
+                    return not_locked(tx, other, policy).await;
                 }
             };
             let result = f(&tx, row).await;
@@ -538,27 +545,17 @@ where
     options.validate()?;
     let names = Names::of::<R>()?;
     let keys = sorted_keys::<R>(keys)?;
-    let tx_options = options.effective_transaction();
     retry_loop!(
         policy,
         async {
-            let tx = Transaction::begin_unchecked(pool, &tx_options)
+            let tx = Transaction::begin_unchecked(pool, &options.transaction)
                 .await
                 .map_err(|e| failure(e, policy))?;
-            let locked = tx.lock_many::<R>(&names, &keys, options, false).await;
-            let rows = match locked {
+            let rows = match tx.lock_many::<R>(&names, &keys, options, false).await {
                 Ok(RowsOutcome::Done(rows)) => rows,
                 other => {
-                    tx.rollback_quietly().await;
-                    return match other {
-                        Ok(RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e))
-                            if policy.retries(&e) =>
-                        {
-                            Err(Failure::Retry(e))
-                        }
-                        Ok(outcome) => Ok(outcome.map(|_| unreachable!("Done is handled above"))),
-                        Err(e) => Err(failure(e, policy)),
-                    };
+                    let other = other.map(|o| o.map(|_| unreachable!("Done is handled above")));
+                    return not_locked(tx, other, policy).await;
                 }
             };
             let result = f(&tx, rows).await;

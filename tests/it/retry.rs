@@ -492,3 +492,42 @@ async fn commit_whose_reply_was_lost_resolves_to_committed() {
         .get(0);
     assert_eq!(rows, 1);
 }
+
+#[tokio::test]
+async fn locked_rows_retry_reruns_the_closure_with_freshly_locked_rows() {
+    let (db, pool) = accounts(2).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let outcome = rowlock::with_locked_rows_retry(
+        &pool,
+        &[2, 1],
+        &LockOptions::new(),
+        &RetryPolicy::new(),
+        {
+            let calls = calls.clone();
+            move |tx, rows: Vec<Account>| {
+                let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move {
+                    assert_eq!(rows.len(), 2);
+                    tx.execute("UPDATE accounts SET balance = balance + 1", &[])
+                        .await?;
+                    if call == 1 {
+                        tx.batch_execute(RAISE_40001).await?;
+                    }
+                    Ok::<_, rowlock::Error>(call)
+                })
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(outcome, rowlock::RowsOutcome::Done(2)),
+        "{outcome:?}"
+    );
+    let client = db.client().await.unwrap();
+    assert_eq!(
+        balance(&client, 1).await,
+        101,
+        "the failed attempt left nothing behind"
+    );
+}

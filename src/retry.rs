@@ -374,11 +374,26 @@ async fn settle<T, E: From<Error>>(
             // the transaction retryably (the closure mapped a 40001 into its own error).
             let cause = tx.failure();
             tx.rollback_quietly().await;
+            // With one attempt nothing is retried, so the caller's error goes out as it is.
             match cause {
-                Some(cause) if policy.retries(&cause) => Err(Failure::Retry(cause)),
+                Some(cause) if policy.max_attempts > 1 && policy.retries(&cause) => {
+                    Err(Failure::Retry(cause))
+                }
                 _ => Err(Failure::Stop(e)),
             }
         }
+    }
+}
+
+/// Commits or rolls back after a closure that is not retried.
+pub(crate) async fn finish<T, E: From<Error>>(
+    tx: Transaction,
+    result: Result<T, E>,
+) -> Result<T, E> {
+    match settle(tx, result, &RetryPolicy::once()).await {
+        Ok(value) => Ok(value),
+        Err(Failure::Stop(e)) => Err(e),
+        Err(Failure::Retry(cause)) => Err(cause.into()),
     }
 }
 

@@ -531,3 +531,18 @@ async fn locked_rows_retry_reruns_the_closure_with_freshly_locked_rows() {
         "the failed attempt left nothing behind"
     );
 }
+
+#[tokio::test]
+async fn without_retries_the_callers_own_error_comes_back_unchanged() {
+    let (_db, pool) = accounts(1).await;
+    let result = with_transaction(&pool, &TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            if tx.batch_execute(RAISE_40001).await.is_err() {
+                return Err(AppError::Conflict);
+            }
+            Ok(())
+        })
+    })
+    .await;
+    assert!(matches!(result, Err(AppError::Conflict)), "{result:?}");
+}

@@ -9,6 +9,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod claim;
 mod commit_outcome;
 mod error;
 mod lock;
@@ -27,6 +28,9 @@ pub mod testing;
 pub use deadpool_postgres;
 pub use tokio_postgres;
 
+pub use crate::claim::{
+    Claim, Compare, Direction, explain_claim, with_claimed_rows, with_next_locked_row,
+};
 pub use crate::commit_outcome::{CommitStatus, resolve_commit};
 pub use crate::error::{Error, ErrorKind};
 pub use crate::lock::{LockMode, LockOptions, LockStrength};

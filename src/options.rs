@@ -60,6 +60,9 @@ pub struct TransactionOptions {
     /// Record the transaction id with `BEGIN`, so a commit whose outcome is unknown can be
     /// resolved later.
     pub track_commit_outcome: bool,
+    /// `SET LOCAL plan_cache_mode = force_custom_plan` (claims: lets partial indexes match
+    /// bound filter values).
+    pub(crate) force_custom_plans: bool,
 }
 
 impl TransactionOptions {
@@ -152,6 +155,9 @@ impl TransactionOptions {
                 // Integer milliseconds from a validated Duration: no caller text reaches SQL.
                 let _ = write!(sql, "; SET LOCAL {name} = {}", millis_ceil(t));
             }
+        }
+        if self.force_custom_plans {
+            sql.push_str("; SET LOCAL plan_cache_mode = force_custom_plan");
         }
         if self.track_commit_outcome {
             sql.push_str("; SELECT pg_current_xact_id()");

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cancellation;
+mod claim;
 mod conflicts;
 mod harness;
 mod locking;

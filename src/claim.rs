@@ -1,0 +1,476 @@
+//! Claiming work with `SKIP LOCKED`: many workers, each gets different rows, exactly once.
+//!
+//! The claim statement has the shape every PostgreSQL job queue converged on:
+//!
+//! ```sql
+//! WITH claimed AS MATERIALIZED (
+//!     SELECT * FROM "jobs"
+//!     WHERE "status" = $1 AND "run_at" <= $2          -- every filter before the LIMIT
+//!     ORDER BY "priority" DESC, "id"                   -- ends in the key: a total order
+//!     LIMIT $3
+//!     FOR NO KEY UPDATE SKIP LOCKED                    -- never waits for another worker
+//! )
+//! SELECT * FROM claimed ORDER BY "priority" DESC, "id" -- the requested order, restated
+//! ```
+//!
+//! - Every eligibility predicate is inside the locking query, before the `LIMIT`, so a row is
+//!   locked only if it is eligible, and at most `n` rows are locked.
+//! - The `MATERIALIZED` CTE fences the `LIMIT`: the locking scan runs exactly once, even if
+//!   the planner would otherwise re-run a sub-select (a `LIMIT` inside `IN (SELECT …)` can be
+//!   executed more than once and lock more than `n` rows).
+//! - The outer `ORDER BY` restates the order: rows re-checked after a concurrent update can
+//!   come out of the scan out of order. It sorts at most `n` rows.
+//! - Filter values are bound parameters; table and column names are quoted identifiers.
+//! - The claim runs with `SET LOCAL plan_cache_mode = force_custom_plan`, so the planner sees
+//!   the filter values and can use a partial index (a generic plan for `status = $1` cannot
+//!   prove `WHERE status = 'pending'`). This lasts for the claim's transaction.
+//!
+//! # Indexing, batch size and lock strength
+//!
+//! - Give the claim a partial index whose predicate is the filter's constant part and whose
+//!   columns are the order, e.g. for the claim above
+//!   `CREATE INDEX jobs_claimable ON jobs (priority DESC, id) WHERE status = 'pending'`.
+//!   The claim is then an index scan that stops after `n` unlocked rows, with no sort under the
+//!   lock; [`explain_claim`] shows the plan. The index stays small because finished rows leave
+//!   it.
+//! - Batch size: a claim of `n` costs about one round trip however large `n` is, so batches
+//!   multiply throughput when each job is cheap; but a batch is held (and redone after a
+//!   failure) as a unit, and a worker holding a large batch leaves less for the others. Start
+//!   with `n` around 10–100 and keep `workers × n` below the backlog you expect.
+//! - Strength: [`LockStrength::NoKeyUpdate`] (the default here) is what the later
+//!   `UPDATE … SET status = 'done'` needs anyway, and unlike `Update` it does not block inserts
+//!   of rows that reference the job through a foreign key (those take `KEY SHARE`).
+
+use std::fmt;
+
+use deadpool_postgres::Pool;
+use futures_util::future::BoxFuture;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use crate::error::{Error, ErrorKind, Step};
+use crate::lock::LockStrength;
+use crate::options::TransactionOptions;
+use crate::retry::finish;
+use crate::row::{LockableRow, Names, quote_ident};
+use crate::transaction::{OwnedParam, Transaction};
+
+/// A comparison operator in a claim filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive] // more operators may come.
+pub enum Compare {
+    /// `=`
+    Eq,
+    /// `<>`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+}
+
+impl Compare {
+    fn sql(self) -> &'static str {
+        match self {
+            Compare::Eq => "=",
+            Compare::Ne => "<>",
+            Compare::Lt => "<",
+            Compare::Le => "<=",
+            Compare::Gt => ">",
+            Compare::Ge => ">=",
+        }
+    }
+}
+
+/// Sort direction of an order column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    /// Ascending (the default).
+    #[default]
+    Asc,
+    /// Descending.
+    Desc,
+}
+
+enum Condition {
+    Compare(String, Compare, OwnedParam),
+    IsNull(String),
+    IsNotNull(String),
+}
+
+/// What to claim: which rows are eligible, in which order, with which lock strength.
+///
+/// The number of rows is given per call ([`with_claimed_rows`], [`Transaction::claim`]).
+/// Invalid claims (no order, an order that does not end in the key columns, a bad identifier)
+/// are refused with [`ErrorKind::InvalidArgument`] before anything is locked, and so is a
+/// filter or order naming a column the table does not have (SQLSTATE `42703`, found when the
+/// statement is prepared, before it runs).
+///
+/// ```
+/// use rowlock::{Claim, Compare, Direction};
+///
+/// let claim = Claim::new()
+///     .filter("status", Compare::Eq, "pending")
+///     .filter_null("worker")
+///     .order_by("priority", Direction::Desc)
+///     .order_by("id", Direction::Asc);
+/// ```
+pub struct Claim {
+    conditions: Vec<Condition>,
+    order: Vec<(String, Direction)>,
+    strength: LockStrength,
+    transaction: TransactionOptions,
+}
+
+impl fmt::Debug for Claim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let conditions: Vec<String> = self
+            .conditions
+            .iter()
+            .map(|c| match c {
+                Condition::Compare(col, op, v) => format!("{col} {} {v:?}", op.sql()),
+                Condition::IsNull(col) => format!("{col} IS NULL"),
+                Condition::IsNotNull(col) => format!("{col} IS NOT NULL"),
+            })
+            .collect();
+        f.debug_struct("Claim")
+            .field("conditions", &conditions)
+            .field("order", &self.order)
+            .field("strength", &self.strength)
+            .field("transaction", &self.transaction)
+            .finish()
+    }
+}
+
+impl Default for Claim {
+    fn default() -> Self {
+        Claim {
+            conditions: Vec::new(),
+            order: Vec::new(),
+            // What the usual follow-up UPDATE needs, without blocking foreign-key inserts.
+            strength: LockStrength::NoKeyUpdate,
+            transaction: TransactionOptions::new(),
+        }
+    }
+}
+
+impl Claim {
+    /// No filter (every row is eligible), no order yet, `FOR NO KEY UPDATE SKIP LOCKED`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `column <op> value` to the filter (all conditions are ANDed). The value is bound
+    /// as a parameter.
+    #[must_use]
+    pub fn filter(
+        mut self,
+        column: impl Into<String>,
+        op: Compare,
+        value: impl ToSql + Send + Sync + 'static,
+    ) -> Self {
+        self.conditions
+            .push(Condition::Compare(column.into(), op, Box::new(value)));
+        self
+    }
+
+    /// Adds `column IS NULL` to the filter.
+    #[must_use]
+    pub fn filter_null(mut self, column: impl Into<String>) -> Self {
+        self.conditions.push(Condition::IsNull(column.into()));
+        self
+    }
+
+    /// Adds `column IS NOT NULL` to the filter.
+    #[must_use]
+    pub fn filter_not_null(mut self, column: impl Into<String>) -> Self {
+        self.conditions.push(Condition::IsNotNull(column.into()));
+        self
+    }
+
+    /// Appends a column to the claim order. The order must end with the row type's key
+    /// columns, so that it is total and every worker sees the same order.
+    #[must_use]
+    pub fn order_by(mut self, column: impl Into<String>, direction: Direction) -> Self {
+        self.order.push((column.into(), direction));
+        self
+    }
+
+    /// The lock strength. Defaults to [`LockStrength::NoKeyUpdate`].
+    #[must_use]
+    pub fn strength(mut self, strength: LockStrength) -> Self {
+        self.strength = strength;
+        self
+    }
+
+    /// Options of the transaction [`with_claimed_rows`] opens. Defaults to
+    /// [`TransactionOptions::new`]. A `lock_timeout` bounds waits for the table lock (row
+    /// locks are never waited for).
+    #[must_use]
+    pub fn transaction(mut self, transaction: TransactionOptions) -> Self {
+        self.transaction = transaction;
+        self
+    }
+
+    /// Renders the claim for `R`, checking everything that can be checked without the server.
+    /// Returns the SQL and its parameters (the last one is the limit).
+    fn render<'a, R: LockableRow>(
+        &'a self,
+        n: &'a i64,
+    ) -> Result<(String, Vec<&'a (dyn ToSql + Sync)>), Error> {
+        self.transaction.validate()?;
+        if self.transaction.read_only {
+            return Err(Error::invalid(
+                "a claim locks rows and cannot run in a read-only transaction",
+            ));
+        }
+        let names = Names::of::<R>()?;
+        if self.order.is_empty() {
+            return Err(Error::invalid(format!(
+                "a claim needs an order ending in the key column(s) {:?}; add order_by(..)",
+                R::KEY_COLUMNS
+            )));
+        }
+        let tail: Vec<&str> = self.order[self.order.len().saturating_sub(R::KEY_COLUMNS.len())..]
+            .iter()
+            .map(|(c, _)| c.as_str())
+            .collect();
+        if tail != R::KEY_COLUMNS {
+            return Err(Error::invalid(format!(
+                "the claim order must end with the key column(s) {:?} so that it is total; \
+                 it ends with {tail:?}",
+                R::KEY_COLUMNS
+            )));
+        }
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let mut conditions = Vec::with_capacity(self.conditions.len());
+        for c in &self.conditions {
+            conditions.push(match c {
+                Condition::Compare(col, op, value) => {
+                    params.push(&**value as &(dyn ToSql + Sync));
+                    format!("{} {} ${}", quote_ident(col)?, op.sql(), params.len())
+                }
+                Condition::IsNull(col) => format!("{} IS NULL", quote_ident(col)?),
+                Condition::IsNotNull(col) => format!("{} IS NOT NULL", quote_ident(col)?),
+            });
+        }
+        let order = self
+            .order
+            .iter()
+            .map(|(col, dir)| {
+                quote_ident(col).map(|q| match dir {
+                    Direction::Asc => q,
+                    Direction::Desc => format!("{q} DESC"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .join(", ");
+        params.push(n);
+        let filter = if conditions.is_empty() {
+            "TRUE".to_string()
+        } else {
+            conditions.join(" AND ")
+        };
+        let sql = format!(
+            "WITH claimed AS MATERIALIZED (SELECT * FROM {table} WHERE {filter} ORDER BY {order} \
+             LIMIT ${limit} {strength} SKIP LOCKED) SELECT * FROM claimed ORDER BY {order}",
+            table = names.table,
+            limit = params.len(),
+            strength = self.strength.clause(),
+        );
+        Ok((sql, params))
+    }
+}
+
+fn limit(n: usize) -> Result<i64, Error> {
+    if n == 0 {
+        return Err(Error::invalid(
+            "a claim of 0 rows would lock nothing; ask for at least 1",
+        ));
+    }
+    i64::try_from(n).map_err(|_| Error::invalid(format!("a claim of {n} rows is too large")))
+}
+
+impl Transaction {
+    /// Claims up to `n` eligible rows of `R` that no other transaction has locked, locks them
+    /// with the claim's strength and `SKIP LOCKED`, and returns them in the claim's order.
+    /// An empty result is an ordinary outcome: nothing eligible was free.
+    ///
+    /// The claim's transaction options are not used here (the transaction is open), and
+    /// custom plans are not forced; [`with_claimed_rows`] does both. Invalid claims (see
+    /// [`Claim`]) and `n = 0` give [`ErrorKind::InvalidArgument`] before anything is sent.
+    pub async fn claim<R: LockableRow>(&self, claim: &Claim, n: usize) -> Result<Vec<R>, Error> {
+        let n = limit(n)?;
+        let (sql, params) = claim.render::<R>(&n)?;
+        self.claim_rendered(&sql, &params).await
+    }
+
+    async fn claim_rendered<R: LockableRow>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<R>, Error> {
+        let conn = self.conn();
+        let request = async {
+            let stmt = conn.prepare_cached(sql).await?;
+            conn.query(&stmt, params).await
+        };
+        let rows = self.run(Step::Lock, request).await.map_err(|e| {
+            if e.sql_state() == Some(&SqlState::UNDEFINED_COLUMN) {
+                Error::with_kind(
+                    ErrorKind::InvalidArgument,
+                    "the claim's filter or order names a column the table does not have",
+                )
+                .with_sql_state(e.sql_state().cloned())
+                .with_source(e)
+            } else {
+                e
+            }
+        })?;
+        rows.iter()
+            .map(R::from_row)
+            .collect::<Result<Vec<R>, _>>()
+            .map_err(Error::decode)
+    }
+}
+
+/// Opens a pooled transaction, claims up to `n` eligible unlocked rows of `R` (see [`Claim`]
+/// for the SQL), and runs `f` on them while their locks are held; commits if `f` returns `Ok`.
+///
+/// - `Ok(Some(v))`: rows were claimed, `f` returned `Ok(v)`, and the transaction committed.
+/// - `Ok(None)`: no eligible row was free; `f` did not run. Not an error: a worker sleeps or
+///   polls again.
+/// - `Err(e)` from `f`, a panic in `f`, or dropping the future: the transaction rolls back and
+///   the rows become claimable again.
+/// - `Err(E::from(rowlock::Error))`: an invalid claim or `n = 0`
+///   ([`ErrorKind::InvalidArgument`], before anything is locked), pool or connection
+///   failures, a failed commit (including [`ErrorKind::TransactionAborted`]).
+///
+/// Round trips: one for `BEGIN` and the claim, the closure's own, one for `COMMIT` with any
+/// writes queued by [`Transaction::execute_on_commit`].
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct Job { id: i64 }
+/// # impl LockableRow for Job {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("jobs");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{Claim, Compare, Direction, with_claimed_rows};
+///
+/// let claim = Claim::new()
+///     .filter("status", Compare::Eq, "pending")
+///     .order_by("id", Direction::Asc);
+/// while let Some(done) = with_claimed_rows(pool, &claim, 50, |tx, jobs: Vec<Job>| Box::pin(async move {
+///     let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+///     // … do the work …
+///     tx.execute("UPDATE jobs SET status = 'done' WHERE id = ANY($1)", &[&ids]).await?;
+///     Ok::<_, rowlock::Error>(ids.len())
+/// }))
+/// .await?
+/// {
+///     println!("processed {done} jobs");
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn with_claimed_rows<R, T, E, F>(
+    pool: &Pool,
+    claim: &Claim,
+    n: usize,
+    f: F,
+) -> Result<Option<T>, E>
+where
+    R: LockableRow,
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
+{
+    // Everything that can be refused without the server is refused before a connection is
+    // taken.
+    let n = limit(n)?;
+    let (sql, params) = claim.render::<R>(&n)?;
+    let mut options = claim.transaction.clone();
+    options.force_custom_plans = true;
+    let tx = Transaction::begin_unchecked(pool, &options).await?;
+    let rows = match tx.claim_rendered::<R>(&sql, &params).await {
+        Ok(rows) if !rows.is_empty() => rows,
+        Ok(_) => {
+            tx.rollback_quietly().await;
+            return Ok(None);
+        }
+        Err(e) => {
+            tx.rollback_quietly().await;
+            return Err(e.into());
+        }
+    };
+    let result = f(&tx, rows).await;
+    finish(tx, result).await.map(Some)
+}
+
+/// [`with_claimed_rows`] for one row at a time: the plain worker loop.
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct Job { id: i64 }
+/// # impl LockableRow for Job {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("jobs");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{Claim, Compare, Direction, with_next_locked_row};
+///
+/// let claim = Claim::new().filter("status", Compare::Eq, "pending").order_by("id", Direction::Asc);
+/// let processed = with_next_locked_row(pool, &claim, |tx, job: Job| Box::pin(async move {
+///     tx.execute("UPDATE jobs SET status = 'done' WHERE id = $1", &[&job.id]).await?;
+///     Ok::<_, rowlock::Error>(job.id)
+/// }))
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn with_next_locked_row<R, T, E, F>(
+    pool: &Pool,
+    claim: &Claim,
+    f: F,
+) -> Result<Option<T>, E>
+where
+    R: LockableRow,
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
+{
+    with_claimed_rows(pool, claim, 1, move |tx, mut rows: Vec<R>| {
+        let row = rows.pop().expect("a non-empty claim of one row");
+        f(tx, row)
+    })
+    .await
+}
+
+/// The server's plan for claiming `n` rows of `R` with `claim` (`EXPLAIN`, as the claim runs:
+/// custom plans forced), one line per element, in a transaction that is rolled back. Use it
+/// to check that your index makes the claim an index scan under the lock.
+pub async fn explain_claim<R: LockableRow>(
+    pool: &Pool,
+    claim: &Claim,
+    n: usize,
+) -> Result<Vec<String>, Error> {
+    let n = limit(n)?;
+    let (sql, params) = claim.render::<R>(&n)?;
+    let mut options = claim.transaction.clone();
+    options.force_custom_plans = true;
+    let tx = Transaction::begin_unchecked(pool, &options).await?;
+    let rows = tx.query(&format!("EXPLAIN {sql}"), &params).await;
+    tx.rollback_quietly().await;
+    rows?
+        .iter()
+        .map(|r| r.try_get::<_, String>(0).map_err(Error::decode))
+        .collect()
+}

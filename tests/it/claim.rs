@@ -1,0 +1,357 @@
+//! SKIP LOCKED work claiming: exactly once, never waiting, never over-claiming.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use rowlock::deadpool_postgres::Pool;
+use rowlock::testing::TestDatabase;
+use rowlock::tokio_postgres::error::SqlState;
+use rowlock::tokio_postgres::{Error as PgError, Row};
+use rowlock::{
+    Claim, Compare, Direction, ErrorKind, LockStrength, LockableRow, Table, Transaction,
+    TransactionOptions, explain_claim, with_claimed_rows, with_next_locked_row,
+};
+use tokio::sync::{Barrier, oneshot};
+
+use crate::support::{WAIT, in_transaction};
+
+#[derive(Debug)]
+struct Job {
+    id: i64,
+}
+
+impl LockableRow for Job {
+    type Key = i64;
+    const TABLE: Table = Table::new("jobs");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Job {
+            id: row.try_get("id")?,
+        })
+    }
+    fn key(&self) -> i64 {
+        self.id
+    }
+}
+
+/// `n` pending jobs, the documented partial index, and a table referencing jobs.
+async fn jobs(n: i64, pool_size: usize) -> (TestDatabase, Pool) {
+    let db = rowlock::testing::TestCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "CREATE TABLE jobs (id bigint PRIMARY KEY, status text NOT NULL DEFAULT 'pending',
+                                priority int NOT NULL DEFAULT 0, worker int,
+                                claims int NOT NULL DEFAULT 0);
+             CREATE INDEX jobs_claimable ON jobs (priority DESC, id) WHERE status = 'pending';
+             CREATE TABLE job_notes (job_id bigint NOT NULL REFERENCES jobs (id));
+             INSERT INTO jobs (id) SELECT g FROM generate_series(1, {n}) g;
+             ANALYZE jobs;"
+        ))
+        .await
+        .unwrap();
+    let pool = db.pool(pool_size);
+    (db, pool)
+}
+
+fn pending() -> Claim {
+    Claim::new()
+        .filter("status", Compare::Eq, "pending")
+        .order_by("priority", Direction::Desc)
+        .order_by("id", Direction::Asc)
+}
+
+fn ids(jobs: &[Job]) -> Vec<i64> {
+    jobs.iter().map(|j| j.id).collect()
+}
+
+/// Claims and returns the ids without changing the rows.
+fn just_ids(
+    _: &Transaction,
+    jobs: Vec<Job>,
+) -> rowlock::BoxFuture<'_, Result<Vec<i64>, rowlock::Error>> {
+    Box::pin(async move { Ok(ids(&jobs)) })
+}
+
+#[tokio::test]
+async fn sixteen_workers_with_random_batches_process_every_row_exactly_once() {
+    let total = 20_000;
+    let workers = 16;
+    let (db, pool) = jobs(total, workers + 2).await;
+    let claim = Arc::new(pending());
+    let tasks: Vec<_> = (0..workers as i32)
+        .map(|w| {
+            let (pool, claim) = (pool.clone(), claim.clone());
+            tokio::spawn(async move {
+                let mut seed = 0x9E37_79B9_u64 ^ ((w as u64 + 1) * 0x1234_5678_9ABC);
+                let mut mine = Vec::new();
+                loop {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let n = (seed % 100) as usize + 1;
+                    let claimed = with_claimed_rows(&pool, &claim, n, |tx, jobs: Vec<Job>| {
+                        Box::pin(async move {
+                            assert!(jobs.len() <= n, "claimed {} of {n}", jobs.len());
+                            let ids = ids(&jobs);
+                            tx.execute(
+                                "UPDATE jobs SET status = 'done', worker = $2, claims = claims + 1
+                                 WHERE id = ANY($1)",
+                                &[&ids, &w],
+                            )
+                            .await?;
+                            Ok::<_, rowlock::Error>(ids)
+                        })
+                    })
+                    .await
+                    .unwrap();
+                    match claimed {
+                        Some(ids) => mine.extend(ids),
+                        None => return mine,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut seen = BTreeSet::new();
+    let mut claimed = 0;
+    for task in tasks {
+        let mine = task.await.unwrap();
+        claimed += mine.len();
+        seen.extend(mine);
+    }
+    assert_eq!(claimed, total as usize, "claimed sets are disjoint");
+    assert_eq!(
+        seen,
+        (1..=total).collect::<BTreeSet<_>>(),
+        "their union is every row"
+    );
+    let client = db.client().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status <> 'done'), count(*) FILTER (WHERE claims <> 1)
+             FROM jobs",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 0));
+}
+
+#[tokio::test]
+async fn a_held_claim_is_skipped_and_becomes_claimable_after_rollback() {
+    let (_db, pool) = jobs(10, 4).await;
+    let claim = Arc::new(pending().transaction(TransactionOptions::new().lock_timeout(WAIT)));
+    let (claimed_tx, claimed_rx) = oneshot::channel();
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let holder = tokio::spawn({
+        let (pool, claim) = (pool.clone(), claim.clone());
+        async move {
+            with_claimed_rows(&pool, &claim, 3, |_, jobs: Vec<Job>| {
+                Box::pin(async move {
+                    claimed_tx.send(ids(&jobs)).unwrap();
+                    release_rx.await.unwrap();
+                    Err::<(), _>(rowlock::Outcome::<()>::Skipped.into_result().unwrap_err())
+                })
+            })
+            .await
+        }
+    });
+    assert_eq!(claimed_rx.await.unwrap(), [1, 2, 3]);
+    // B never waits for A: it gets the next rows at once.
+    let b = with_claimed_rows(&pool, &claim, 3, just_ids).await.unwrap();
+    assert_eq!(b, Some(vec![4, 5, 6]));
+    release_tx.send(()).unwrap();
+    assert!(
+        holder.await.unwrap().is_err(),
+        "A's closure failed, so A rolled back"
+    );
+    let again = with_claimed_rows(&pool, &claim, 3, just_ids).await.unwrap();
+    assert_eq!(again, Some(vec![1, 2, 3]), "A's rows are claimable again");
+}
+
+#[tokio::test]
+async fn no_key_update_claims_rows_that_foreign_key_inserts_hold() {
+    let (db, pool) = jobs(3, 4).await;
+    let inserter = db.client().await.unwrap();
+    // Inserting a referencing row takes FOR KEY SHARE on job 1 until commit.
+    inserter
+        .batch_execute("BEGIN; INSERT INTO job_notes VALUES (1)")
+        .await
+        .unwrap();
+    let got = with_next_locked_row(&pool, &pending(), |_, job: Job| {
+        Box::pin(async move { Ok::<_, rowlock::Error>(job.id) })
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        got,
+        Some(1),
+        "NO KEY UPDATE does not conflict with KEY SHARE"
+    );
+    let strict = pending().strength(LockStrength::Update);
+    let got = with_next_locked_row(&pool, &strict, |_, job: Job| {
+        Box::pin(async move { Ok::<_, rowlock::Error>(job.id) })
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        got,
+        Some(2),
+        "FOR UPDATE conflicts with KEY SHARE, so job 1 is skipped"
+    );
+    inserter.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_lock_more_than_asked() {
+    let total = 100;
+    let (workers, n) = (4, 5);
+    let (db, pool) = jobs(total, workers + 2).await;
+    let claim = Arc::new(pending());
+    let all_claimed = Arc::new(Barrier::new(workers + 1));
+    let release = Arc::new(Barrier::new(workers + 1));
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (pool, claim) = (pool.clone(), claim.clone());
+            let (all_claimed, release) = (all_claimed.clone(), release.clone());
+            tokio::spawn(async move {
+                with_claimed_rows(&pool, &claim, n, |_, jobs: Vec<Job>| {
+                    Box::pin(async move {
+                        all_claimed.wait().await;
+                        release.wait().await;
+                        Ok::<_, rowlock::Error>(jobs.len())
+                    })
+                })
+                .await
+            })
+        })
+        .collect();
+    all_claimed.wait().await;
+    // Every row a claim holds is one the observer cannot lock.
+    let mut observer = db.client().await.unwrap();
+    let tx = observer.transaction().await.unwrap();
+    let free: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM (SELECT id FROM jobs FOR UPDATE SKIP LOCKED) s",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        total - free,
+        (workers * n) as i64,
+        "exactly n rows locked per claim"
+    );
+    release.wait().await;
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), Some(n));
+    }
+}
+
+#[tokio::test]
+async fn with_the_partial_index_the_claim_is_an_index_scan_with_no_sort_under_the_lock() {
+    let (_db, pool) = jobs(10_000, 2).await;
+    let plan = explain_claim::<Job>(&pool, &pending(), 10).await.unwrap();
+    let text = plan.join("\n");
+    let lock = plan
+        .iter()
+        .position(|l| l.contains("LockRows"))
+        .unwrap_or_else(|| panic!("no LockRows node:\n{text}"));
+    let under_lock = plan[lock + 1..]
+        .iter()
+        .find(|l| l.contains("->"))
+        .unwrap_or_else(|| panic!("nothing under LockRows:\n{text}"));
+    assert!(
+        under_lock.contains("Index Scan using jobs_claimable"),
+        "{text}"
+    );
+    let cte_end = plan
+        .iter()
+        .position(|l| l.contains("CTE Scan"))
+        .unwrap_or(plan.len());
+    assert!(
+        !plan[lock..cte_end].iter().any(|l| l.contains("Sort")),
+        "no sort under the lock:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_claim_is_an_ordinary_outcome() {
+    let (_db, pool) = jobs(0, 2).await;
+    let mut ran = false;
+    let got = with_claimed_rows(&pool, &pending(), 10, |_, _: Vec<Job>| {
+        ran = true;
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, None);
+    assert!(!ran);
+}
+
+#[tokio::test]
+async fn bad_claims_are_refused_before_anything_is_locked() {
+    let (db, pool) = jobs(5, 2).await;
+    let observer = db.client().await.unwrap();
+    let cases = [
+        (pending(), 0, "n = 0"),
+        (
+            Claim::new().filter("status", Compare::Eq, "pending"),
+            1,
+            "no order",
+        ),
+        (
+            Claim::new().order_by("priority", Direction::Asc),
+            1,
+            "order not ending in the key",
+        ),
+        (
+            Claim::new()
+                .order_by("id", Direction::Asc)
+                .transaction(TransactionOptions::new().read_only(true)),
+            1,
+            "read only",
+        ),
+    ];
+    for (claim, n, name) in cases {
+        let err = with_claimed_rows(&pool, &claim, n, just_ids)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}: {err}");
+    }
+    assert_eq!(
+        pool.status().size,
+        0,
+        "refused before a connection was taken"
+    );
+    for claim in [
+        pending().filter("no_such_column", Compare::Eq, 1_i32),
+        Claim::new()
+            .order_by("id\"; DROP TABLE jobs; --", Direction::Asc)
+            .order_by("id", Direction::Asc),
+    ] {
+        let err = with_claimed_rows(&pool, &claim, 1, just_ids)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN));
+    }
+    assert_eq!(in_transaction(&observer).await, 0);
+    let left: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM (SELECT id FROM jobs FOR UPDATE NOWAIT) s",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 5, "nothing is locked and the table is intact");
+}

@@ -204,7 +204,11 @@ impl Error {
             .with_source(e)
     }
 
-    pub(crate) fn decode(e: tokio_postgres::Error) -> Self {
+    /// Wraps a row-conversion error (from `Row::try_get`, or a [`LockableRow::from_row`]
+    /// called by hand) as [`ErrorKind::Decode`], for closures that decode rows themselves.
+    ///
+    /// [`LockableRow::from_row`]: crate::LockableRow::from_row
+    pub fn decode(e: tokio_postgres::Error) -> Self {
         Error::new(ErrorKind::Decode).at(Step::Lock).with_source(e)
     }
 

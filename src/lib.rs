@@ -25,6 +25,10 @@ mod transaction;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
+#[cfg(feature = "assignment")]
+#[cfg_attr(docsrs, doc(cfg(feature = "assignment")))]
+pub mod assignment;
+
 pub use deadpool_postgres;
 pub use tokio_postgres;
 

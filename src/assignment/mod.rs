@@ -1,0 +1,36 @@
+//! The reference workflow (feature `assignment`): a freelance project is posted, freelancers
+//! submit proposals, a manager accepts exactly one.
+//!
+//! Two managers clicking "Accept" on two proposals of the same project at the same instant
+//! must never both win. [`accept_proposal`] makes that impossible by locking the project row
+//! for the whole read-check-write: the loser either waits and then sees
+//! [`AssignmentError::AlreadyAssigned`] ([`LockMode::Wait`](crate::LockMode::Wait)), or is
+//! told [`AssignmentError::Busy`] at once ([`LockMode::NoWait`](crate::LockMode::NoWait), an
+//! HTTP 409 "try again in a moment"). A partial unique index (at most one accepted proposal
+//! per project) backs the invariant even for code paths that forget the lock.
+//!
+//! This module uses only rowlock's public API, as a service of yours would.
+//!
+//! | operation | locks | typed failures |
+//! |---|---|---|
+//! | [`create_project`] | — | `InvalidInput` |
+//! | [`submit_proposal`] | project `FOR SHARE` (waits for an accept in progress) | `InvalidInput`, `ProjectNotFound`, `ProjectNotOpen`, `DuplicateProposal` |
+//! | [`withdraw_proposal`] | the proposal row (conditional `UPDATE`) | `ProposalNotFound`, `NotPending` |
+//! | [`accept_proposal`] | project `FOR NO KEY UPDATE`, then the proposal (conditional `UPDATE`) | `ProposalNotFound`, `AlreadyAssigned`, `NotPending`, `Busy`, `LockTimeout` |
+//! | [`project_details`] | — (one snapshot) | `ProjectNotFound` |
+//!
+//! Accept and withdraw race cleanly: both change the proposal only `WHERE status = 'pending'`,
+//! so exactly one of them wins and the other reports `NotPending`.
+
+mod error;
+mod model;
+mod ops;
+mod schema;
+
+pub use error::AssignmentError;
+pub use model::{Project, ProjectDetails, ProjectStatus, Proposal, ProposalStatus};
+pub use ops::{
+    AcceptOptions, accept_proposal, accept_proposal_with, create_project, project_details,
+    submit_proposal, withdraw_proposal,
+};
+pub use schema::{ONE_ACCEPTED_INDEX, migrate};

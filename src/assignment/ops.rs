@@ -1,0 +1,263 @@
+//! The operations. Each is one transaction; SQL lives in the constants next to it.
+
+use deadpool_postgres::Pool;
+
+use super::error::AssignmentError;
+use super::model::{Project, ProjectDetails, ProjectStatus, Proposal, ProposalStatus};
+use crate::{
+    Isolation, LockMode, LockOptions, LockStrength, Outcome, RetryPolicy, Transaction,
+    TransactionOptions, with_locked_row, with_transaction, with_transaction_retry,
+};
+
+const MAX_TITLE: usize = 200;
+const MAX_FREELANCER: usize = 100;
+
+const INSERT_PROJECT: &str = "INSERT INTO projects (title) VALUES ($1) RETURNING *";
+const INSERT_PROPOSAL: &str = "INSERT INTO proposals (project_id, freelancer) VALUES ($1, $2) \
+                               ON CONFLICT (project_id, freelancer) DO NOTHING RETURNING *";
+const FIND_PROPOSAL: &str = "SELECT project_id, status FROM proposals WHERE id = $1";
+const PROPOSAL_STATUS: &str = "SELECT status FROM proposals WHERE id = $1";
+const WITHDRAW: &str = "UPDATE proposals SET status = 'withdrawn', updated_at = now() \
+                        WHERE id = $1 AND status = 'pending'";
+const ACCEPT: &str = "UPDATE proposals SET status = 'accepted', updated_at = now() \
+                      WHERE id = $1 AND status = 'pending'";
+const ASSIGN: &str = "UPDATE projects SET status = 'assigned', updated_at = now() WHERE id = $1";
+const REJECT_OTHERS: &str = "UPDATE proposals SET status = 'rejected', updated_at = now() \
+                             WHERE project_id = $1 AND id <> $2 AND status = 'pending'";
+const SELECT_PROJECT: &str = "SELECT * FROM projects WHERE id = $1";
+const SELECT_PROPOSALS: &str = "SELECT * FROM proposals WHERE project_id = $1 ORDER BY id";
+
+/// Trims `value` and checks it is 1..=`max` characters with no NUL.
+fn text(what: &str, value: &str, max: usize) -> Result<String, AssignmentError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(AssignmentError::InvalidInput(format!("{what} is empty")));
+    }
+    if value.chars().count() > max {
+        return Err(AssignmentError::InvalidInput(format!(
+            "{what} is longer than {max} characters"
+        )));
+    }
+    if value.contains('\0') {
+        return Err(AssignmentError::InvalidInput(format!(
+            "{what} contains a NUL character"
+        )));
+    }
+    Ok(value.to_string())
+}
+
+/// Posts a project (open). The title is trimmed and must be 1 to 200 characters.
+pub async fn create_project(pool: &Pool, title: &str) -> Result<Project, AssignmentError> {
+    let title = text("title", title, MAX_TITLE)?;
+    with_transaction(pool, &TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            let row = tx.query_one(INSERT_PROJECT, &[&title]).await?;
+            Ok(crate::LockableRow::from_row(&row).map_err(crate::Error::decode)?)
+        })
+    })
+    .await
+}
+
+/// Submits `freelancer`'s proposal to an open project.
+///
+/// Holds the project `FOR SHARE` while checking it is open and inserting, so it cannot slip in
+/// while an accept is assigning the project (that accept holds `FOR NO KEY UPDATE`, which
+/// conflicts): a proposal is never left pending on an assigned project.
+pub async fn submit_proposal(
+    pool: &Pool,
+    project_id: i64,
+    freelancer: &str,
+) -> Result<Proposal, AssignmentError> {
+    let freelancer = text("freelancer", freelancer, MAX_FREELANCER)?;
+    let share = LockOptions::new().strength(LockStrength::Share);
+    let outcome = with_locked_row(pool, &project_id, &share, |tx, project: Project| {
+        Box::pin(async move {
+            if project.status != ProjectStatus::Open {
+                return Err(AssignmentError::ProjectNotOpen(project.id));
+            }
+            match tx
+                .query_opt(INSERT_PROPOSAL, &[&project.id, &freelancer])
+                .await?
+            {
+                Some(row) => Ok(Proposal::from_row(&row).map_err(crate::Error::decode)?),
+                None => Err(AssignmentError::DuplicateProposal {
+                    project_id: project.id,
+                    freelancer,
+                }),
+            }
+        })
+    })
+    .await?;
+    match outcome {
+        Outcome::Done(proposal) => Ok(proposal),
+        _ => Err(AssignmentError::ProjectNotFound(project_id)),
+    }
+}
+
+/// Withdraws a pending proposal. Races with [`accept_proposal`] end in exactly one winner:
+/// both change the proposal only while it is pending.
+pub async fn withdraw_proposal(pool: &Pool, proposal_id: i64) -> Result<(), AssignmentError> {
+    with_transaction(pool, &TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            if tx.execute(WITHDRAW, &[&proposal_id]).await? == 1 {
+                return Ok(());
+            }
+            Err(not_pending(tx, proposal_id).await)
+        })
+    })
+    .await
+}
+
+/// Why a conditional update of a proposal changed nothing: it does not exist, or it is no
+/// longer pending.
+async fn not_pending(tx: &Transaction, proposal_id: i64) -> AssignmentError {
+    match tx.query_opt(PROPOSAL_STATUS, &[&proposal_id]).await {
+        Ok(Some(row)) => AssignmentError::NotPending {
+            id: proposal_id,
+            status: row.get(0),
+        },
+        Ok(None) => AssignmentError::ProposalNotFound(proposal_id),
+        Err(e) => e.into(),
+    }
+}
+
+/// How [`accept_proposal_with`] locks and retries.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive] // more knobs may come; use the setters.
+pub struct AcceptOptions {
+    /// Mode and lock timeout for the project lock (its strength is always NO KEY UPDATE).
+    pub lock: LockOptions,
+    /// Retry serialization failures and deadlocks, and with `retry_lock_contention`, busy
+    /// projects. Defaults to no retry.
+    pub retry: Option<RetryPolicy>,
+}
+
+impl AcceptOptions {
+    /// `Wait` without a timeout, no retry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the lock mode. Defaults to [`LockMode::Wait`].
+    #[must_use]
+    pub fn mode(mut self, mode: LockMode) -> Self {
+        self.lock = self.lock.mode(mode);
+        self
+    }
+
+    /// Bounds the wait for the project. Defaults to none.
+    #[must_use]
+    pub fn lock_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.lock = self.lock.lock_timeout(timeout);
+        self
+    }
+
+    /// Retries under `policy`. Defaults to none.
+    #[must_use]
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+}
+
+/// Accepts a proposal: locks its project, checks the project is open and the proposal
+/// pending, then assigns the project, accepts the proposal and rejects every other pending
+/// proposal, in one transaction.
+///
+/// With [`LockMode::Wait`] a concurrent accept on the same project waits and then gets
+/// [`AssignmentError::AlreadyAssigned`]; with [`LockMode::NoWait`] it gets
+/// [`AssignmentError::Busy`] at once.
+pub async fn accept_proposal(
+    pool: &Pool,
+    proposal_id: i64,
+    mode: LockMode,
+) -> Result<(), AssignmentError> {
+    accept_proposal_with(pool, proposal_id, &AcceptOptions::new().mode(mode)).await
+}
+
+/// [`accept_proposal`] with a lock timeout and an optional retry policy.
+pub async fn accept_proposal_with(
+    pool: &Pool,
+    proposal_id: i64,
+    options: &AcceptOptions,
+) -> Result<(), AssignmentError> {
+    let once = RetryPolicy::new().max_attempts(1);
+    let policy = options.retry.as_ref().unwrap_or(&once);
+    // The lock timeout travels with BEGIN; the row lock itself only needs mode and strength.
+    let project_lock = LockOptions::new()
+        .mode(options.lock.mode)
+        .strength(LockStrength::NoKeyUpdate);
+    with_transaction_retry(pool, &options.lock.transaction, policy, |tx| {
+        let project_lock = project_lock.clone();
+        Box::pin(async move { accept_in(tx, proposal_id, &project_lock).await })
+    })
+    .await
+}
+
+async fn accept_in(
+    tx: &Transaction,
+    proposal_id: i64,
+    project_lock: &LockOptions,
+) -> Result<(), AssignmentError> {
+    // A proposal never moves to another project, so this plain read is safe before the lock.
+    let row = tx
+        .query_opt(FIND_PROPOSAL, &[&proposal_id])
+        .await?
+        .ok_or(AssignmentError::ProposalNotFound(proposal_id))?;
+    let (project_id, status): (i64, ProposalStatus) = (row.get(0), row.get(1));
+    if status != ProposalStatus::Pending {
+        return Err(AssignmentError::NotPending {
+            id: proposal_id,
+            status,
+        });
+    }
+    // The serialisation point: one accept per project at a time.
+    let project = match tx.lock_row::<Project>(&project_id, project_lock).await? {
+        Outcome::Done(project) => project,
+        Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => return Err(e.into()),
+        _ => return Err(AssignmentError::ProjectNotFound(project_id)),
+    };
+    if project.status != ProjectStatus::Open {
+        return Err(AssignmentError::AlreadyAssigned(project_id));
+    }
+    // Conditional: a withdrawal that committed meanwhile makes this change nothing.
+    if tx.execute(ACCEPT, &[&proposal_id]).await? == 0 {
+        return Err(not_pending(tx, proposal_id).await);
+    }
+    // The rest needs no answer: send it with COMMIT.
+    let assign = tx.prepare_cached(ASSIGN).await?;
+    let reject = tx.prepare_cached(REJECT_OTHERS).await?;
+    tx.execute_on_commit(&assign, vec![Box::new(project_id)]);
+    tx.execute_on_commit(&reject, vec![Box::new(project_id), Box::new(proposal_id)]);
+    Ok(())
+}
+
+/// A project and its proposals, read from one snapshot.
+pub async fn project_details(
+    pool: &Pool,
+    project_id: i64,
+) -> Result<ProjectDetails, AssignmentError> {
+    let snapshot = TransactionOptions::new()
+        .isolation(Isolation::RepeatableRead)
+        .read_only(true);
+    with_transaction(pool, &snapshot, |tx| {
+        Box::pin(async move {
+            let (project, proposals) = futures_util::future::join(
+                tx.query_opt(SELECT_PROJECT, &[&project_id]),
+                tx.query(SELECT_PROPOSALS, &[&project_id]),
+            )
+            .await;
+            let project = project?.ok_or(AssignmentError::ProjectNotFound(project_id))?;
+            let decode = crate::Error::decode;
+            Ok(ProjectDetails {
+                project: crate::LockableRow::from_row(&project).map_err(decode)?,
+                proposals: proposals?
+                    .iter()
+                    .map(Proposal::from_row)
+                    .collect::<Result<_, _>>()
+                    .map_err(decode)?,
+            })
+        })
+    })
+    .await
+}

@@ -484,6 +484,12 @@ fn has_server(dir: &Path) -> bool {
     dir.join("initdb").is_file() && dir.join("postgres").is_file()
 }
 
+/// The directory of the installed PostgreSQL server binaries (`initdb`, `postgres`, and
+/// `pgbench` next to them), searched as [`TestCluster::start`] does.
+pub fn server_bindir() -> Result<PathBuf, HarnessError> {
+    find_bindir()
+}
+
 fn find_bindir() -> Result<PathBuf, HarnessError> {
     if let Some(dir) = std::env::var_os("ROWLOCK_PG_BINDIR") {
         let dir = PathBuf::from(dir);

@@ -39,7 +39,7 @@ mod wait;
 
 use std::time::Duration;
 
-pub use cluster::{StopMode, TestCluster};
+pub use cluster::{StopMode, TestCluster, server_bindir};
 pub use database::{Session, TestDatabase};
 pub use wait::{wait_for_blocked_by, wait_until_blocked};
 

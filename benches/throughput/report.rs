@@ -1,0 +1,235 @@
+//! Markdown tables and SVG charts for the throughput bench.
+
+use std::fmt::Write as _;
+
+use crate::workloads::Workload;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Imp {
+    Pgbench,
+    Hand,
+    Rowlock,
+}
+
+impl Imp {
+    pub const ALL: [Imp; 3] = [Imp::Pgbench, Imp::Hand, Imp::Rowlock];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Imp::Pgbench => "pgbench",
+            Imp::Hand => "hand-written",
+            Imp::Rowlock => "rowlock",
+        }
+    }
+
+    fn color(self) -> &'static str {
+        match self {
+            Imp::Pgbench => "#888888",
+            Imp::Hand => "#1f77b4",
+            Imp::Rowlock => "#d62728",
+        }
+    }
+}
+
+/// One timed run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Measure {
+    pub tps: f64,
+    pub rows_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// All rounds of one (workload, clients) cell: `runs[imp][round]`.
+pub struct Cell {
+    pub workload: Workload,
+    pub clients: usize,
+    pub runs: [Vec<Measure>; 3],
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+impl Cell {
+    fn runs(&self, imp: Imp) -> &Vec<Measure> {
+        &self.runs[imp as usize]
+    }
+
+    pub fn median_of(&self, imp: Imp, f: impl Fn(&Measure) -> f64) -> f64 {
+        median(self.runs(imp).iter().map(f).collect())
+    }
+
+    /// Median of the per-round ratios rowlock / `other` (tps, or rows/s for claims).
+    pub fn ratio(&self, other: Imp) -> f64 {
+        let metric = |m: &Measure| {
+            if self.workload.is_claim() {
+                m.rows_per_s
+            } else {
+                m.tps
+            }
+        };
+        median(
+            self.runs(Imp::Rowlock)
+                .iter()
+                .zip(self.runs(other))
+                .map(|(r, o)| metric(r) / metric(o))
+                .collect(),
+        )
+    }
+}
+
+pub fn table(workload: Workload, cells: &[&Cell]) -> String {
+    let mut out = String::new();
+    let unit = if workload.is_claim() { "jobs/s" } else { "tps" };
+    let _ = writeln!(out, "### {}\n", workload.name());
+    let _ = writeln!(
+        out,
+        "| clients | pgbench {unit} | hand-written {unit} | rowlock {unit} | rowlock / pgbench | rowlock / hand-written | p50 / p99 ms: pgbench | hand-written | rowlock |"
+    );
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for cell in cells {
+        let metric = |imp: Imp| {
+            cell.median_of(imp, |m| {
+                if workload.is_claim() {
+                    m.rows_per_s
+                } else {
+                    m.tps
+                }
+            })
+        };
+        let lat = |imp: Imp| {
+            format!(
+                "{:.2} / {:.2}",
+                cell.median_of(imp, |m| m.p50_ms),
+                cell.median_of(imp, |m| m.p99_ms)
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+            cell.clients,
+            metric(Imp::Pgbench),
+            metric(Imp::Hand),
+            metric(Imp::Rowlock),
+            cell.ratio(Imp::Pgbench),
+            cell.ratio(Imp::Hand),
+            lat(Imp::Pgbench),
+            lat(Imp::Hand),
+            lat(Imp::Rowlock),
+        );
+    }
+    out
+}
+
+/// A line chart: throughput against client count, one line per implementation.
+pub fn svg(workload: Workload, cells: &[&Cell]) -> String {
+    let (w, h, left, right, top, bottom) = (560.0, 320.0, 70.0, 150.0, 40.0, 50.0);
+    let metric = |m: &Measure| {
+        if workload.is_claim() {
+            m.rows_per_s
+        } else {
+            m.tps
+        }
+    };
+    let series: Vec<(Imp, Vec<f64>)> = Imp::ALL
+        .iter()
+        .map(|&imp| {
+            (
+                imp,
+                cells.iter().map(|c| c.median_of(imp, metric)).collect(),
+            )
+        })
+        .collect();
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(1.0_f64, f64::max)
+        * 1.1;
+    let plot_w = w - left - right;
+    let plot_h = h - top - bottom;
+    let x = |i: usize| left + plot_w * (i as f64 + 0.5) / cells.len() as f64;
+    let y = |v: f64| top + plot_h * (1.0 - v / max);
+    let unit = if workload.is_claim() {
+        "jobs/s"
+    } else {
+        "transactions/s"
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{left}" y="22" font-size="15">{} — {unit} by client count</text>"#,
+        workload.name()
+    );
+    for k in 0..=4 {
+        let v = max * k as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
+            left + plot_w,
+            left - 6.0,
+            y(v) + 4.0,
+            yy = y(v),
+        );
+    }
+    for (i, c) in cells.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            x(i),
+            top + plot_h + 18.0,
+            c.clients
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{}" text-anchor="middle">clients</text>"#,
+        left + plot_w / 2.0,
+        h - 8.0
+    );
+    for (n, (imp, values)) in series.iter().enumerate() {
+        let points: Vec<String> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{}" stroke-width="2.5" points="{}"/>"#,
+            imp.color(),
+            points.join(" ")
+        );
+        for p in &points {
+            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{px}" cy="{py}" r="3.5" fill="{}"/>"#,
+                imp.color()
+            );
+        }
+        let ly = top + 20.0 + n as f64 * 20.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{}" stroke-width="2.5"/><text x="{}" y="{}">{}</text>"#,
+            w - right + 15.0,
+            w - right + 40.0,
+            imp.color(),
+            w - right + 46.0,
+            ly + 4.0,
+            imp.name()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

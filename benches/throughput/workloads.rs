@@ -1,0 +1,468 @@
+//! The five workloads, each in three implementations running the same SQL:
+//! a pgbench script, hand-written tokio-postgres (the 2-round-trip form: BEGIN pipelined with
+//! the locking SELECT, the writes pipelined with COMMIT), and rowlock's public API.
+//!
+//! Round trips per transaction: pgbench sends one statement per round trip (4 to 6); the
+//! hand-written form and rowlock take 2: `with_locked_row` / `with_claimed_rows` send BEGIN
+//! with the locking SELECT, and the writes queued with `execute_on_commit` go with COMMIT.
+
+use futures_util::future::{join, join3};
+use rowlock::tokio_postgres::{Client, Error as PgError, Row, Statement};
+use rowlock::{
+    Claim, Compare, Direction, LockOptions, LockStrength, LockableRow, Outcome, Table,
+    with_claimed_rows, with_locked_row,
+};
+
+pub const PROPOSALS_PER_PROJECT: i64 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    Accept,
+    HotRow,
+    Spread,
+    ClaimOne,
+    ClaimBatch,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::Accept,
+        Workload::HotRow,
+        Workload::Spread,
+        Workload::ClaimOne,
+        Workload::ClaimBatch,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Accept => "accept",
+            Workload::HotRow => "hot_row",
+            Workload::Spread => "spread",
+            Workload::ClaimOne => "claim_one",
+            Workload::ClaimBatch => "claim_batch",
+        }
+    }
+
+    /// Rows a claim transaction takes (claims are measured in jobs/s too).
+    pub fn batch(self) -> i64 {
+        match self {
+            Workload::ClaimBatch => 100,
+            _ => 1,
+        }
+    }
+
+    pub fn is_claim(self) -> bool {
+        matches!(self, Workload::ClaimOne | Workload::ClaimBatch)
+    }
+
+    /// The pgbench script: the same statements, one per round trip.
+    pub fn pgbench_script(self, sizes: &Sizes) -> String {
+        match self {
+            Workload::Accept => format!(
+                "\\set proposal random(1, {proposals})
+\\set project (:proposal - 1) / {per} + 1
+BEGIN;
+SELECT (status = 'open')::int AS open FROM projects WHERE id = :project FOR NO KEY UPDATE \\gset
+\\if :open = 1
+UPDATE projects SET status = 'assigned' WHERE id = :project;
+UPDATE proposals SET status = 'accepted' WHERE id = :proposal;
+UPDATE proposals SET status = 'rejected' WHERE project_id = :project AND id <> :proposal AND status = 'pending';
+\\endif
+COMMIT;
+",
+                proposals = sizes.projects * PROPOSALS_PER_PROJECT,
+                per = PROPOSALS_PER_PROJECT
+            ),
+            Workload::HotRow | Workload::Spread => format!(
+                "\\set id {}
+BEGIN;
+SELECT n FROM counters WHERE id = :id FOR UPDATE;
+UPDATE counters SET n = n + 1 WHERE id = :id;
+COMMIT;
+",
+                if self == Workload::HotRow {
+                    "1".to_string()
+                } else {
+                    format!("random(1, {})", sizes.counters)
+                }
+            ),
+            // pgbench cannot carry a set of ids from one statement to the next, so its claim
+            // marks the rows in the same statement: one round trip fewer than the others.
+            Workload::ClaimOne | Workload::ClaimBatch => format!(
+                "BEGIN;
+WITH claimed AS MATERIALIZED (SELECT id FROM jobs WHERE status = 'pending' ORDER BY id LIMIT {} FOR NO KEY UPDATE SKIP LOCKED) UPDATE jobs SET status = 'done', claims = claims + 1 FROM claimed WHERE jobs.id = claimed.id;
+COMMIT;
+",
+                self.batch()
+            ),
+        }
+    }
+}
+
+pub struct Sizes {
+    pub projects: i64,
+    pub counters: i64,
+    pub jobs: i64,
+}
+
+pub const SCHEMA: &str = "
+CREATE TABLE projects (id bigint PRIMARY KEY, title text NOT NULL,
+                       status text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'assigned')));
+CREATE TABLE proposals (id bigint PRIMARY KEY, project_id bigint NOT NULL REFERENCES projects (id),
+                        status text NOT NULL DEFAULT 'pending');
+CREATE INDEX proposals_project ON proposals (project_id);
+CREATE UNIQUE INDEX proposals_one_accepted ON proposals (project_id) WHERE status = 'accepted';
+CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
+CREATE TABLE jobs (id bigint PRIMARY KEY, status text NOT NULL DEFAULT 'pending',
+                   claims int NOT NULL DEFAULT 0);
+CREATE INDEX jobs_pending ON jobs (id) WHERE status = 'pending';
+";
+
+pub async fn load(client: &Client, sizes: &Sizes) -> Result<(), PgError> {
+    client.batch_execute(SCHEMA).await?;
+    client
+        .execute(
+            "INSERT INTO projects (id, title) SELECT g, 'p' || g FROM generate_series(1, $1::int8) g",
+            &[&sizes.projects],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO proposals (id, project_id)
+             SELECT g, (g - 1) / $2 + 1 FROM generate_series(1, $1::int8 * $2) g",
+            &[&sizes.projects, &PROPOSALS_PER_PROJECT],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO counters (id) SELECT g FROM generate_series(1, $1::int4) g",
+            &[&(sizes.counters as i32)],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO jobs (id) SELECT g FROM generate_series(1, $1::int8) g",
+            &[&sizes.jobs],
+        )
+        .await?;
+    client.batch_execute("VACUUM ANALYZE").await
+}
+
+/// Puts the workload's data back to its starting state after a run.
+pub async fn reset(client: &Client, workload: Workload) -> Result<(), PgError> {
+    let sql = match workload {
+        Workload::Accept => {
+            "UPDATE proposals SET status = 'pending' WHERE status <> 'pending';
+             UPDATE projects SET status = 'open' WHERE status <> 'open';"
+        }
+        Workload::HotRow | Workload::Spread => return Ok(()),
+        Workload::ClaimOne | Workload::ClaimBatch => {
+            "UPDATE jobs SET status = 'pending', claims = 0 WHERE status <> 'pending';"
+        }
+    };
+    client.batch_execute(sql).await?;
+    let table = if workload == Workload::Accept {
+        "projects, proposals"
+    } else {
+        "jobs"
+    };
+    client.batch_execute(&format!("VACUUM {table}")).await
+}
+
+/// State read before and after a run, to check it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    pub counter_sum: i64,
+    pub doubly_accepted: i64,
+    pub jobs_done: i64,
+    pub jobs_claimed_twice: i64,
+    pub claims_sum: i64,
+}
+
+pub async fn snapshot(client: &Client) -> Result<Snapshot, PgError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT coalesce(sum(n), 0)::int8 FROM counters),
+                    (SELECT count(*) FROM (SELECT project_id FROM proposals WHERE status = 'accepted'
+                                           GROUP BY project_id HAVING count(*) > 1) d),
+                    (SELECT count(*) FROM jobs WHERE status = 'done'),
+                    (SELECT count(*) FROM jobs WHERE claims > 1),
+                    (SELECT coalesce(sum(claims), 0)::int8 FROM jobs)",
+            &[],
+        )
+        .await?;
+    Ok(Snapshot {
+        counter_sum: row.get(0),
+        doubly_accepted: row.get(1),
+        jobs_done: row.get(2),
+        jobs_claimed_twice: row.get(3),
+        claims_sum: row.get(4),
+    })
+}
+
+/// xorshift64: per-client random keys without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: i64) -> i64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as i64
+    }
+}
+
+const LOCK_PROJECT: &str = "SELECT * FROM projects WHERE id = $1 FOR NO KEY UPDATE";
+const ASSIGN: &str = "UPDATE projects SET status = 'assigned' WHERE id = $1";
+const ACCEPT: &str = "UPDATE proposals SET status = 'accepted' WHERE id = $1";
+const REJECT: &str = "UPDATE proposals SET status = 'rejected' WHERE project_id = $1 AND id <> $2 AND status = 'pending'";
+const LOCK_COUNTER: &str = "SELECT * FROM counters WHERE id = $1 FOR UPDATE";
+const BUMP: &str = "UPDATE counters SET n = n + 1 WHERE id = $1";
+const CLAIM: &str = "WITH claimed AS MATERIALIZED (SELECT * FROM jobs WHERE status = 'pending' \
+                     ORDER BY id LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED) \
+                     SELECT * FROM claimed ORDER BY id";
+const MARK_DONE: &str = "UPDATE jobs SET status = 'done', claims = claims + 1 WHERE id = ANY($1)";
+
+/// A hand-written client: its own connection and prepared statements.
+pub struct Hand {
+    client: Client,
+    lock_project: Statement,
+    assign: Statement,
+    accept: Statement,
+    reject: Statement,
+    lock_counter: Statement,
+    bump: Statement,
+    claim: Statement,
+    mark_done: Statement,
+}
+
+impl Hand {
+    pub async fn new(client: Client) -> Result<Hand, PgError> {
+        Ok(Hand {
+            lock_project: client.prepare(LOCK_PROJECT).await?,
+            assign: client.prepare(ASSIGN).await?,
+            accept: client.prepare(ACCEPT).await?,
+            reject: client.prepare(REJECT).await?,
+            lock_counter: client.prepare(LOCK_COUNTER).await?,
+            bump: client.prepare(BUMP).await?,
+            claim: client.prepare(CLAIM).await?,
+            mark_done: client.prepare(MARK_DONE).await?,
+            client,
+        })
+    }
+
+    /// One transaction; returns the rows it processed (claims) or 1.
+    pub async fn run(
+        &self,
+        workload: Workload,
+        rng: &mut Rng,
+        sizes: &Sizes,
+    ) -> Result<i64, PgError> {
+        let c = &self.client;
+        match workload {
+            Workload::Accept => {
+                let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
+                let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
+                let (begin, row) = join(
+                    c.batch_execute("BEGIN"),
+                    c.query_one(&self.lock_project, &[&project]),
+                )
+                .await;
+                begin?;
+                let open = row?.get::<_, &str>("status") == "open";
+                if open {
+                    let ((assign, accept, reject), commit) = join(
+                        join3(
+                            c.execute(&self.assign, &[&project]),
+                            c.execute(&self.accept, &[&proposal]),
+                            c.execute(&self.reject, &[&project, &proposal]),
+                        ),
+                        c.batch_execute("COMMIT"),
+                    )
+                    .await;
+                    assign?;
+                    accept?;
+                    reject?;
+                    commit?;
+                } else {
+                    c.batch_execute("COMMIT").await?;
+                }
+                Ok(1)
+            }
+            Workload::HotRow | Workload::Spread => {
+                let id = if workload == Workload::HotRow {
+                    1
+                } else {
+                    rng.below(sizes.counters) as i32 + 1
+                };
+                let (begin, row) = join(
+                    c.batch_execute("BEGIN"),
+                    c.query_one(&self.lock_counter, &[&id]),
+                )
+                .await;
+                begin?;
+                row?;
+                let (bump, commit) =
+                    join(c.execute(&self.bump, &[&id]), c.batch_execute("COMMIT")).await;
+                bump?;
+                commit?;
+                Ok(1)
+            }
+            Workload::ClaimOne | Workload::ClaimBatch => {
+                let (begin, rows) = join(
+                    c.batch_execute("BEGIN"),
+                    c.query(&self.claim, &[&workload.batch()]),
+                )
+                .await;
+                begin?;
+                let ids: Vec<i64> = rows?.iter().map(|r| r.get("id")).collect();
+                let n = ids.len() as i64;
+                if ids.is_empty() {
+                    c.batch_execute("COMMIT").await?;
+                } else {
+                    let (mark, commit) = join(
+                        c.execute(&self.mark_done, &[&ids]),
+                        c.batch_execute("COMMIT"),
+                    )
+                    .await;
+                    mark?;
+                    commit?;
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
+struct Project {
+    id: i64,
+    open: bool,
+}
+
+impl LockableRow for Project {
+    type Key = i64;
+    const TABLE: Table = Table::new("projects");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Project {
+            id: row.try_get("id")?,
+            open: row.try_get::<_, &str>("status")? == "open",
+        })
+    }
+    fn key(&self) -> i64 {
+        self.id
+    }
+}
+
+struct Counter {
+    id: i32,
+}
+
+impl LockableRow for Counter {
+    type Key = i32;
+    const TABLE: Table = Table::new("counters");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Counter {
+            id: row.try_get("id")?,
+        })
+    }
+    fn key(&self) -> i32 {
+        self.id
+    }
+}
+
+struct Job {
+    id: i64,
+}
+
+impl LockableRow for Job {
+    type Key = i64;
+    const TABLE: Table = Table::new("jobs");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Job {
+            id: row.try_get("id")?,
+        })
+    }
+    fn key(&self) -> i64 {
+        self.id
+    }
+}
+
+/// One transaction through rowlock's public API; returns the rows processed or 1.
+pub async fn with_rowlock(
+    pool: &rowlock::deadpool_postgres::Pool,
+    workload: Workload,
+    rng: &mut Rng,
+    sizes: &Sizes,
+    claim: &Claim,
+) -> Result<i64, rowlock::Error> {
+    match workload {
+        Workload::Accept => {
+            let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
+            let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
+            let opts = LockOptions::new().strength(LockStrength::NoKeyUpdate);
+            let outcome = with_locked_row(pool, &project, &opts, |tx, p: Project| {
+                Box::pin(async move {
+                    if p.open {
+                        let assign = tx.prepare_cached(ASSIGN).await?;
+                        let accept = tx.prepare_cached(ACCEPT).await?;
+                        let reject = tx.prepare_cached(REJECT).await?;
+                        tx.execute_on_commit(&assign, vec![Box::new(p.id)]);
+                        tx.execute_on_commit(&accept, vec![Box::new(proposal)]);
+                        tx.execute_on_commit(&reject, vec![Box::new(p.id), Box::new(proposal)]);
+                    }
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await?;
+            outcome.into_result().map(|()| 1)
+        }
+        Workload::HotRow | Workload::Spread => {
+            let id = if workload == Workload::HotRow {
+                1
+            } else {
+                rng.below(sizes.counters) as i32 + 1
+            };
+            let outcome = with_locked_row(pool, &id, &LockOptions::new(), |tx, c: Counter| {
+                Box::pin(async move {
+                    let bump = tx.prepare_cached(BUMP).await?;
+                    tx.execute_on_commit(&bump, vec![Box::new(c.id)]);
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await?;
+            if let Outcome::Done(()) = outcome {
+                Ok(1)
+            } else {
+                outcome.into_result().map(|()| 1)
+            }
+        }
+        Workload::ClaimOne | Workload::ClaimBatch => {
+            let claimed = with_claimed_rows(
+                pool,
+                claim,
+                workload.batch() as usize,
+                |tx, jobs: Vec<Job>| {
+                    Box::pin(async move {
+                        let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+                        let n = ids.len() as i64;
+                        let mark = tx.prepare_cached(MARK_DONE).await?;
+                        tx.execute_on_commit(&mark, vec![Box::new(ids)]);
+                        Ok::<_, rowlock::Error>(n)
+                    })
+                },
+            )
+            .await?;
+            Ok(claimed.unwrap_or(0))
+        }
+    }
+}
+
+/// The claim rowlock runs: the same rows and order as the hand-written `CLAIM`.
+pub fn claim() -> Claim {
+    Claim::new()
+        .filter("status", Compare::Eq, "pending")
+        .order_by("id", Direction::Asc)
+}

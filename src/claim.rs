@@ -23,7 +23,8 @@
 //! - Filter values are bound parameters; table and column names are quoted identifiers.
 //! - The claim runs with `SET LOCAL plan_cache_mode = force_custom_plan`, so the planner sees
 //!   the filter values and can use a partial index (a generic plan for `status = $1` cannot
-//!   prove `WHERE status = 'pending'`). This lasts for the claim's transaction.
+//!   prove `WHERE status = 'pending'`). The setting goes back to the default in the same
+//!   flush as the claim, so the closure's statements keep their cached plans.
 //!
 //! # Indexing, batch size and lock strength
 //!
@@ -306,18 +307,33 @@ impl Transaction {
     pub async fn claim<R: LockableRow>(&self, claim: &Claim, n: usize) -> Result<Vec<R>, Error> {
         let n = limit(n)?;
         let (sql, params) = claim.render::<R>(&n)?;
-        self.claim_rendered(&sql, &params).await
+        self.claim_rendered(&sql, &params, false).await
     }
 
+    /// Runs a rendered claim. With `restore_plans`, the `plan_cache_mode` forced by
+    /// [`with_claimed_rows`] is set back to the default in the same flush as the claim, so
+    /// the caller's own statements keep their cached plans.
     async fn claim_rendered<R: LockableRow>(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
+        restore_plans: bool,
     ) -> Result<Vec<R>, Error> {
         let conn = self.conn();
         let request = async {
+            // Prepared first (a cache hit sends nothing), so the claim's Bind leaves before
+            // the SET that follows it.
             let stmt = conn.prepare_cached(sql).await?;
-            conn.query(&stmt, params).await
+            if !restore_plans {
+                return conn.query(&stmt, params).await;
+            }
+            let (rows, restored) = futures_util::future::join(
+                conn.query(&stmt, params),
+                conn.batch_execute("SET LOCAL plan_cache_mode TO DEFAULT"),
+            )
+            .await;
+            restored?;
+            rows
         };
         let rows = self.run(Step::Lock, request).await.map_err(|e| {
             if e.sql_state() == Some(&SqlState::UNDEFINED_COLUMN) {
@@ -399,7 +415,7 @@ where
     let mut options = claim.transaction.clone();
     options.force_custom_plans = true;
     let tx = Transaction::begin_unchecked(pool, &options).await?;
-    let rows = match tx.claim_rendered::<R>(&sql, &params).await {
+    let rows = match tx.claim_rendered::<R>(&sql, &params, true).await {
         Ok(rows) if !rows.is_empty() => rows,
         Ok(_) => {
             tx.rollback_quietly().await;

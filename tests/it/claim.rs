@@ -355,3 +355,23 @@ async fn bad_claims_are_refused_before_anything_is_locked() {
         .get(0);
     assert_eq!(left, 5, "nothing is locked and the table is intact");
 }
+
+#[tokio::test]
+async fn the_closure_runs_with_the_default_plan_cache_mode() {
+    let (_db, pool) = jobs(3, 2).await;
+    let mode = with_next_locked_row(&pool, &pending(), |tx, _: Job| {
+        Box::pin(async move {
+            let row = tx
+                .query_one("SELECT current_setting('plan_cache_mode')", &[])
+                .await?;
+            Ok::<String, rowlock::Error>(row.get(0))
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        mode.as_deref(),
+        Some("auto"),
+        "the claim's forced custom plans end with it"
+    );
+}

@@ -9,7 +9,7 @@ use rowlock::{
     TransactionOptions, with_locked_row, with_locked_rows,
 };
 
-use crate::support::{Account, WAIT, accounts, balance, in_transaction, lockable_now};
+use crate::support::{Account, AppError, WAIT, accounts, balance, in_transaction, lockable_now};
 
 fn debit(
     amount: i64,
@@ -38,19 +38,6 @@ async fn done_commits_and_second_session_sees_it() {
     assert!(matches!(outcome, Outcome::Done(70)), "{outcome:?}");
     assert_eq!(balance(&other, 2).await, 70);
     assert_eq!(in_transaction(&other).await, 0);
-}
-
-#[derive(Debug)]
-enum AppError {
-    Insufficient,
-    #[allow(dead_code)] // carried for Debug output only
-    Db(rowlock::Error),
-}
-
-impl From<rowlock::Error> for AppError {
-    fn from(e: rowlock::Error) -> Self {
-        AppError::Db(e)
-    }
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use rowlock::{
 };
 use tokio::sync::Barrier;
 
-use crate::support::{Account, WAIT, accounts, balance};
+use crate::support::{Account, AppError, WAIT, accounts, balance};
 
 const RAISE_40001: &str =
     "DO $$ BEGIN RAISE EXCEPTION 'forced conflict' USING ERRCODE = '40001'; END $$";
@@ -209,19 +209,6 @@ async fn deadlocks_are_retried_until_both_succeed() {
     let client = db.client().await.unwrap();
     assert_eq!(balance(&client, 1).await, 102);
     assert_eq!(balance(&client, 2).await, 102);
-}
-
-#[derive(Debug)]
-enum AppError {
-    Conflict,
-    #[allow(dead_code)] // carried for Debug output only
-    Db(rowlock::Error),
-}
-
-impl From<rowlock::Error> for AppError {
-    fn from(e: rowlock::Error) -> Self {
-        AppError::Db(e)
-    }
 }
 
 #[tokio::test]

@@ -12,6 +12,22 @@ use rowlock::{LockableRow, Table};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// A caller's own error type, as a service would have: its variants flow out of closures
+/// unchanged; rowlock's errors convert into it.
+#[derive(Debug)]
+pub enum AppError {
+    Insufficient,
+    Conflict,
+    #[allow(dead_code)] // carried for Debug output only
+    Db(rowlock::Error),
+}
+
+impl From<rowlock::Error> for AppError {
+    fn from(e: rowlock::Error) -> Self {
+        AppError::Db(e)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub id: i64,

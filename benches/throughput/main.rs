@@ -8,7 +8,11 @@
 //!
 //! Uses `DATABASE_URL` if set (and `pgbench` from the installed server binaries), else a
 //! throwaway cluster. Writes `throughput.md` and one SVG chart per workload to
-//! `target/rowlock-bench/`.
+//! `target/rowlock-bench/`. Progress lines on stderr also give the client thread's CPU time
+//! per transaction for the in-process implementations.
+//!
+//! For profiling, `ROWLOCK_BENCH_WORKLOADS=hot_row,spread`, `ROWLOCK_BENCH_CLIENTS=1,4`,
+//! `ROWLOCK_BENCH_IMPLS=rowlock` and `ROWLOCK_BENCH_SECS=2` narrow a run.
 
 mod report;
 mod workloads;
@@ -122,6 +126,7 @@ fn measure(runs: Vec<ClientRun>, elapsed: Duration) -> (Measure, u64, u64) {
             rows_per_s: rows as f64 / secs,
             p50_ms: percentile(&latencies, 0.5),
             p99_ms: percentile(&latencies, 0.99),
+            client_cpu_us: f64::NAN,
         },
         committed,
         rows,
@@ -202,6 +207,7 @@ async fn run_in_process(
         }));
     }
     start.wait().await;
+    let cpu_before = thread_cpu_ns();
     let mut timed_runs = Vec::new();
     let (mut committed, mut rows, mut elapsed) = (0, 0, Duration::ZERO);
     for t in tasks {
@@ -211,7 +217,11 @@ async fn run_in_process(
         elapsed = elapsed.max(took);
         timed_runs.push(timed);
     }
-    let (m, _, _) = measure(timed_runs, elapsed);
+    let timed_committed: u64 = timed_runs.iter().map(|r| r.committed).sum();
+    let (mut m, _, _) = measure(timed_runs, elapsed);
+    if let (Some(before), Some(after)) = (cpu_before, thread_cpu_ns()) {
+        m.client_cpu_us = (after - before) as f64 / 1000.0 / timed_committed.max(1) as f64;
+    }
     Ok((m, committed, rows))
 }
 
@@ -334,6 +344,7 @@ impl Pgbench {
                 rows_per_s: tps * workload.batch() as f64, // corrected from the data below
                 p50_ms: percentile(&latencies, 0.5),
                 p99_ms: percentile(&latencies, 0.99),
+                client_cpu_us: f64::NAN,
             },
             processed,
         ))
@@ -417,6 +428,8 @@ async fn run() -> Result<(), BoxError> {
     let mut cells = Vec::new();
     let mut failures = Vec::new();
     let only = std::env::var("ROWLOCK_BENCH_WORKLOADS").unwrap_or_default();
+    // For profiling one implementation: ROWLOCK_BENCH_IMPLS=rowlock (names as printed).
+    let impls = std::env::var("ROWLOCK_BENCH_IMPLS").unwrap_or_default();
     let selected: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|w| only.is_empty() || only.split(',').any(|o| o.trim() == w.name()))
@@ -431,6 +444,10 @@ async fn run() -> Result<(), BoxError> {
             for round in 0..mode.rounds {
                 for k in 0..Imp::ALL.len() {
                     let imp = Imp::ALL[(round + k) % Imp::ALL.len()];
+                    if !impls.is_empty() && !impls.split(',').any(|i| i.trim() == imp.name()) {
+                        cell.runs[imp as usize].push(Measure::default());
+                        continue;
+                    }
                     let before = workloads::snapshot(&admin).await?;
                     let (mut m, committed, rows) = match imp {
                         Imp::Pgbench => {
@@ -460,13 +477,14 @@ async fn run() -> Result<(), BoxError> {
                     }
                     workloads::reset(&admin, workload).await?;
                     eprintln!(
-                        "{:<11} {:>2} clients  {:<12} {:>8.0} tps  p50 {:.2} ms  p99 {:.2} ms",
+                        "{:<11} {:>2} clients  {:<12} {:>8.0} tps  p50 {:.2} ms  p99 {:.2} ms  client CPU {:.1} µs/tx",
                         workload.name(),
                         clients,
                         imp.name(),
                         m.tps,
                         m.p50_ms,
-                        m.p99_ms
+                        m.p99_ms,
+                        m.client_cpu_us
                     );
                     cell.runs[imp as usize].push(m);
                 }
@@ -530,6 +548,12 @@ async fn run() -> Result<(), BoxError> {
         return Err(format!("{} correctness check(s) failed", failures.len()).into());
     }
     Ok(())
+}
+
+/// CPU time this thread has used, in ns (Linux `schedstat`); the clients all run on it.
+fn thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// A scratch directory for pgbench scripts and logs.

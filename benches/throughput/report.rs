@@ -38,6 +38,8 @@ pub struct Measure {
     pub rows_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// CPU time of the client thread per transaction (in-process implementations only).
+    pub client_cpu_us: f64,
 }
 
 /// All rounds of one (workload, clients) cell: `runs[imp][round]`.

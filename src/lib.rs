@@ -9,6 +9,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod advisory;
 mod claim;
 mod commit_outcome;
 mod error;
@@ -32,6 +33,7 @@ pub mod assignment;
 pub use deadpool_postgres;
 pub use tokio_postgres;
 
+pub use crate::advisory::{AdvisoryKey, with_advisory_lock};
 pub use crate::claim::{
     Claim, Compare, Direction, explain_claim, with_claimed_rows, with_next_locked_row,
 };

@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL: a throwaway cluster started by
 //! `rowlock::testing`, or the server `DATABASE_URL` names. One binary, one cluster.
 
+mod advisory;
 mod assignment;
 mod bad_input;
 mod cancellation;

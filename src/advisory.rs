@@ -1,0 +1,218 @@
+//! Transaction-scoped advisory locks: locks on application-chosen keys rather than rows.
+//!
+//! Only the transaction-scoped functions are used (`pg_advisory_xact_lock`,
+//! `pg_try_advisory_xact_lock`): the lock ends with the transaction, on commit, rollback or a
+//! lost connection, and never outlives it in a pooled session (session-level advisory locks
+//! survive rollback, stack, and are unsafe behind PgBouncer's transaction pooling).
+
+use deadpool_postgres::Pool;
+use futures_util::future::BoxFuture;
+
+use crate::error::{Error, ErrorKind, Step};
+use crate::lock::{LockMode, LockOptions};
+use crate::outcome::Outcome;
+use crate::retry::finish;
+use crate::transaction::Transaction;
+
+/// The key of an advisory lock: one 64-bit integer, or a pair of 32-bit integers (PostgreSQL
+/// keeps the two key spaces apart: `single(k)` and `pair(a, b)` never collide).
+///
+/// ```
+/// use rowlock::AdvisoryKey;
+///
+/// let nightly = AdvisoryKey::from_name("nightly-report");
+/// assert_eq!(nightly, AdvisoryKey::from_name("nightly-report")); // stable across runs
+/// let tenant = AdvisoryKey::pair(7, 42);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AdvisoryKey(Repr);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Repr {
+    Single(i64),
+    Pair(i32, i32),
+}
+
+impl AdvisoryKey {
+    /// A 64-bit key.
+    pub const fn single(key: i64) -> Self {
+        AdvisoryKey(Repr::Single(key))
+    }
+
+    /// A two-part key, e.g. (kind of resource, id).
+    pub const fn pair(a: i32, b: i32) -> Self {
+        AdvisoryKey(Repr::Pair(a, b))
+    }
+
+    /// A 64-bit key derived from a name: the 64-bit FNV-1a hash of its UTF-8 bytes
+    /// (offset basis `0xcbf29ce484222325`, prime `0x100000001b3`), read as a signed integer.
+    ///
+    /// The function is fixed and documented, so every process and every language that
+    /// implements FNV-1a derives the same key from the same name. Different names can collide
+    /// (with probability about n²/2⁶⁵ for n names); a collision only makes two unrelated
+    /// operations wait for each other, never lets two holders in.
+    pub const fn from_name(name: &str) -> Self {
+        let bytes = name.as_bytes();
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut i = 0;
+        while i < bytes.len() {
+            hash ^= bytes[i] as u64;
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            i += 1;
+        }
+        AdvisoryKey(Repr::Single(hash as i64))
+    }
+}
+
+impl Transaction {
+    /// Takes the exclusive transaction-scoped advisory lock `key`, held until this transaction
+    /// ends.
+    ///
+    /// - [`LockMode::Wait`]: waits (`pg_advisory_xact_lock`), bounded by the transaction's
+    ///   lock timeout if it has one: [`Outcome::LockTimeout`] then (the transaction is aborted).
+    /// - [`LockMode::NoWait`]: tries once (`pg_try_advisory_xact_lock`):
+    ///   [`Outcome::LockNotAvailable`] if another transaction holds it. Nothing failed on the
+    ///   server, so the transaction can go on.
+    /// - [`LockMode::SkipLocked`] has no meaning for a single key and is refused with
+    ///   [`ErrorKind::InvalidArgument`] before anything is sent.
+    ///
+    /// Taking a lock this transaction already holds succeeds at once.
+    pub async fn advisory_lock(
+        &self,
+        key: AdvisoryKey,
+        mode: LockMode,
+    ) -> Result<Outcome<()>, Error> {
+        let (wait_sql, try_sql) = match key.0 {
+            Repr::Single(_) => (
+                "SELECT pg_advisory_xact_lock($1)",
+                "SELECT pg_try_advisory_xact_lock($1)",
+            ),
+            Repr::Pair(..) => (
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                "SELECT pg_try_advisory_xact_lock($1, $2)",
+            ),
+        };
+        let (single, a, b);
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match key.0 {
+            Repr::Single(k) => {
+                single = k;
+                vec![&single]
+            }
+            Repr::Pair(x, y) => {
+                (a, b) = (x, y);
+                vec![&a, &b]
+            }
+        };
+        let sql = match mode {
+            LockMode::Wait => wait_sql,
+            LockMode::NoWait => try_sql,
+            _ => {
+                return Err(Error::invalid(
+                    "an advisory lock can be waited for (Wait) or tried (NoWait); SkipLocked \
+                     has no meaning for a single key",
+                ));
+            }
+        };
+        let conn = self.conn();
+        let request = async {
+            let stmt = conn.prepare_cached(sql).await?;
+            conn.query_one(&stmt, &params).await
+        };
+        match self.run(Step::Lock, request).await {
+            Ok(row) if mode == LockMode::NoWait && !row.get::<_, bool>(0) => {
+                Ok(Outcome::LockNotAvailable(Error::with_kind(
+                    ErrorKind::LockNotAvailable,
+                    "another transaction holds the advisory lock",
+                )))
+            }
+            Ok(_) => Ok(Outcome::Done(())),
+            Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(e)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Opens a pooled transaction, takes the advisory lock `key` (mode and lock timeout from
+/// `options`; the strength does not apply), runs `f` while it is held, and commits if `f`
+/// returns `Ok`. The lock is released when the transaction ends, whatever happens.
+///
+/// Returns [`Outcome::Done`] with `f`'s value, or [`Outcome::LockNotAvailable`] /
+/// [`Outcome::LockTimeout`] without running `f`. Invalid options, or
+/// [`LockMode::SkipLocked`], are refused with [`ErrorKind::InvalidArgument`] before a
+/// connection is taken.
+///
+/// ```no_run
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{AdvisoryKey, LockMode, LockOptions, Outcome, with_advisory_lock};
+///
+/// // Only one instance runs the nightly report; the others skip it.
+/// let once = LockOptions::new().mode(LockMode::NoWait);
+/// match with_advisory_lock(pool, AdvisoryKey::from_name("nightly-report"), &once, |tx| {
+///     Box::pin(async move {
+///         tx.execute("INSERT INTO reports (day) VALUES (current_date)", &[]).await?;
+///         Ok::<_, rowlock::Error>(())
+///     })
+/// })
+/// .await?
+/// {
+///     Outcome::Done(()) => println!("report written"),
+///     _ => println!("another instance is on it"),
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn with_advisory_lock<T, E, F>(
+    pool: &Pool,
+    key: AdvisoryKey,
+    options: &LockOptions,
+    f: F,
+) -> Result<Outcome<T>, E>
+where
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
+{
+    options.validate()?;
+    if options.mode == LockMode::SkipLocked {
+        return Err(Error::invalid(
+            "an advisory lock can be waited for (Wait) or tried (NoWait); SkipLocked has no \
+             meaning for a single key",
+        )
+        .into());
+    }
+    let tx = Transaction::begin_unchecked(pool, &options.transaction).await?;
+    match tx.advisory_lock(key, options.mode).await {
+        Ok(Outcome::Done(())) => {}
+        Ok(other) => {
+            tx.rollback_quietly().await;
+            return Ok(other.map(|()| unreachable!("Done is handled above")));
+        }
+        Err(e) => {
+            tx.rollback_quietly().await;
+            return Err(e.into());
+        }
+    }
+    let result = f(&tx).await;
+    finish(tx, result).await.map(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_keys_are_fnv1a_64() {
+        // Reference values of 64-bit FNV-1a.
+        assert_eq!(
+            AdvisoryKey::from_name(""),
+            AdvisoryKey::single(0xcbf2_9ce4_8422_2325_u64 as i64)
+        );
+        assert_eq!(
+            AdvisoryKey::from_name("a"),
+            AdvisoryKey::single(0xaf63_dc4c_8601_ec8c_u64 as i64)
+        );
+        assert_eq!(
+            AdvisoryKey::from_name("foobar"),
+            AdvisoryKey::single(0x8594_4171_f739_67e8_u64 as i64)
+        );
+        assert_ne!(AdvisoryKey::from_name("a"), AdvisoryKey::from_name("b"));
+    }
+}

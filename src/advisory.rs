@@ -115,7 +115,7 @@ impl Transaction {
         };
         let conn = self.conn();
         let request = async {
-            let stmt = conn.prepare_cached(sql).await?;
+            let stmt = self.cached_statement(sql).await?;
             conn.query_one(&stmt, &params).await
         };
         match self.run(Step::Lock, request).await {

@@ -323,7 +323,7 @@ impl Transaction {
         let request = async {
             // Prepared first (a cache hit sends nothing), so the claim's Bind leaves before
             // the SET that follows it.
-            let stmt = conn.prepare_cached(sql).await?;
+            let stmt = self.cached_statement(sql).await?;
             if !restore_plans {
                 return conn.query(&stmt, params).await;
             }

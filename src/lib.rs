@@ -41,7 +41,7 @@ pub use crate::commit_outcome::{CommitStatus, resolve_commit};
 pub use crate::error::{Error, ErrorKind};
 pub use crate::lock::{LockMode, LockOptions, LockStrength};
 pub use crate::locking::{with_locked_row, with_locked_rows};
-pub use crate::options::{Isolation, TransactionOptions};
+pub use crate::options::{Isolation, StatementCache, TransactionOptions};
 pub use crate::outcome::{Outcome, RowsOutcome};
 pub use crate::retry::{
     RetryEvent, RetryPolicy, with_locked_row_retry, with_locked_rows_retry, with_transaction_retry,

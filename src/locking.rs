@@ -206,7 +206,7 @@ impl Transaction {
             _ => None,
         };
         let select = async {
-            let stmt = conn.prepare_cached(sql).await?;
+            let stmt = self.cached_statement(sql).await?;
             conn.query(&stmt, params).await
         };
         let request = async {

@@ -1,6 +1,7 @@
 //! Options of the transactions rowlock opens, and how they are rendered into one `BEGIN`.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::error::Error;
@@ -25,6 +26,68 @@ impl Isolation {
             Isolation::ReadCommitted => "READ COMMITTED",
             Isolation::RepeatableRead => "REPEATABLE READ",
             Isolation::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+/// Where the statements rowlock prepares live: the connection's cache, or only the transaction.
+///
+/// **Behind PgBouncer in transaction pooling mode, use [`StatementCache::Transaction`].** There
+/// a client connection is served by a different server connection in each transaction, so a
+/// statement prepared and cached in one transaction may not exist in the next (`26000`), or a
+/// statement name may already be taken on the server connection (`42P05`).
+///
+/// - [`Connection`](Self::Connection) (the default): statements go into deadpool-postgres's
+///   per-connection cache (`prepare_cached`) and are reused by later transactions. Fastest on
+///   a direct connection.
+/// - [`Transaction`](Self::Transaction): each statement is prepared the first time the
+///   transaction uses it, reused within the transaction, and closed before `COMMIT` or
+///   `ROLLBACK` is sent, so no prepared statement outlives the transaction on the server
+///   connection. Costs one extra round trip per distinct statement per transaction.
+///
+/// Set it for the whole process with [`StatementCache::set_default`] (one line at start-up, so
+/// no call can forget it), or per call with [`TransactionOptions::statement_cache`].
+///
+/// In `Transaction` mode, do not keep a [`Statement`](tokio_postgres::Statement) after its
+/// transaction ended, and do not call deadpool's `prepare_cached` on the raw client
+/// ([`Transaction::client`](crate::Transaction::client)): both would leave a statement on the
+/// server connection. tokio-postgres also caches the statements it uses to look up custom types
+/// (enums, composites, domains) on each client; behind transaction pooling, pass such values as
+/// text or cast them in SQL.
+#[doc(alias = "pgbouncer")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatementCache {
+    /// Cache prepared statements on the connection (deadpool-postgres's `prepare_cached`).
+    Connection,
+    /// Prepare statements per transaction and close them before it ends (PgBouncer
+    /// transaction pooling).
+    Transaction,
+}
+
+static PER_TRANSACTION_BY_DEFAULT: AtomicBool = AtomicBool::new(false);
+
+impl StatementCache {
+    /// Sets the mode used by every transaction whose options do not set
+    /// [`TransactionOptions::statement_cache`]. Call it once at start-up, before the first
+    /// transaction; it applies to transactions begun afterwards.
+    ///
+    /// ```
+    /// use rowlock::StatementCache;
+    /// // This service reaches PostgreSQL through PgBouncer (pool_mode = transaction).
+    /// StatementCache::Transaction.set_default();
+    /// # StatementCache::Connection.set_default();
+    /// ```
+    pub fn set_default(self) {
+        PER_TRANSACTION_BY_DEFAULT.store(self == StatementCache::Transaction, Ordering::Relaxed);
+    }
+
+    /// The process-wide default: [`Connection`](Self::Connection) unless
+    /// [`set_default`](Self::set_default) changed it.
+    pub fn current_default() -> StatementCache {
+        if PER_TRANSACTION_BY_DEFAULT.load(Ordering::Relaxed) {
+            StatementCache::Transaction
+        } else {
+            StatementCache::Connection
         }
     }
 }
@@ -60,6 +123,8 @@ pub struct TransactionOptions {
     /// Record the transaction id with `BEGIN`, so a commit whose outcome is unknown can be
     /// resolved later.
     pub track_commit_outcome: bool,
+    /// Where prepared statements live; `None` uses [`StatementCache::current_default`].
+    pub statement_cache: Option<StatementCache>,
     /// `SET LOCAL plan_cache_mode = force_custom_plan` (claims: lets partial indexes match
     /// bound filter values).
     pub(crate) force_custom_plans: bool,
@@ -120,6 +185,21 @@ impl TransactionOptions {
     pub fn track_commit_outcome(mut self, track: bool) -> Self {
         self.track_commit_outcome = track;
         self
+    }
+
+    /// Chooses where this transaction's prepared statements live, overriding the process-wide
+    /// [`StatementCache::set_default`]. Use [`StatementCache::Transaction`] behind PgBouncer in
+    /// transaction pooling mode.
+    #[must_use]
+    pub fn statement_cache(mut self, cache: StatementCache) -> Self {
+        self.statement_cache = Some(cache);
+        self
+    }
+
+    /// The statement cache mode this transaction uses.
+    pub(crate) fn effective_statement_cache(&self) -> StatementCache {
+        self.statement_cache
+            .unwrap_or_else(StatementCache::current_default)
     }
 
     /// Checks the options without touching the database.

@@ -11,6 +11,7 @@
 //! caller polls several together); `commit` costs one, including the writes queued with
 //! [`Transaction::execute_on_commit`]; a first-time `prepare_cached` on a connection costs one.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, SimpleQueryMessage, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
-use crate::options::TransactionOptions;
+use crate::options::{StatementCache, TransactionOptions};
 use crate::pipeline::{Request, join_in_order};
 use crate::retry::{RetryPolicy, with_transaction_retry};
 
@@ -80,6 +81,11 @@ struct State {
     track: bool,
     /// The transaction id, when tracked.
     xid: Option<u64>,
+    /// [`StatementCache::Transaction`]: statements are prepared per transaction.
+    per_transaction: bool,
+    /// The statements this transaction prepared, when `per_transaction`; closed before the
+    /// transaction ends.
+    statements: HashMap<String, Statement>,
 }
 
 #[derive(Clone)]
@@ -151,6 +157,7 @@ impl Transaction {
             state: Mutex::new(State {
                 begin: Some(options.begin_sql()),
                 track: options.track_commit_outcome,
+                per_transaction: options.effective_statement_cache() == StatementCache::Transaction,
                 ..State::default()
             }),
         })
@@ -261,11 +268,45 @@ impl Transaction {
         err
     }
 
-    /// Prepares a statement, reusing the connection's statement cache (deadpool-postgres's
-    /// `prepare_cached`). A cache hit sends nothing.
+    /// Prepares a statement, reusing a cached one. A cache hit sends nothing.
+    ///
+    /// With [`StatementCache::Connection`] (the default) the cache is the connection's
+    /// (deadpool-postgres's `prepare_cached`); with [`StatementCache::Transaction`] it is this
+    /// transaction's, and the statement is closed before the transaction ends.
     pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
-        self.run(Step::Statement, self.conn().prepare_cached(query))
+        self.run(Step::Statement, self.cached_statement(query))
             .await
+    }
+
+    /// The cached statement for `query`, in the cache [`StatementCache`] selects. Called inside
+    /// [`run`](Self::run), so a first prepare rides with `BEGIN`.
+    pub(crate) async fn cached_statement(
+        &self,
+        query: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let per_transaction = {
+            let st = self.state();
+            match st.statements.get(query) {
+                Some(stmt) => return Ok(stmt.clone()),
+                None => st.per_transaction,
+            }
+        };
+        if !per_transaction {
+            return self.conn().prepare_cached(query).await;
+        }
+        let stmt = self.conn().prepare(query).await?;
+        self.state()
+            .statements
+            .insert(query.to_owned(), stmt.clone());
+        Ok(stmt)
+    }
+
+    /// Drops this transaction's own statement cache ([`StatementCache::Transaction`]): each
+    /// statement no one else holds is closed (a `Close` message, queued ahead of whatever is
+    /// sent next on the connection, so still inside the transaction).
+    fn close_statements(&self) {
+        let statements = std::mem::take(&mut self.state().statements);
+        drop(statements);
     }
 
     /// Prepares a statement without caching it.
@@ -377,6 +418,25 @@ impl Transaction {
     /// Dropping the returned future before it completes leaves the outcome unknown; the
     /// connection is cleaned up as described on [`Transaction`].
     pub async fn commit(mut self) -> Result<(), Error> {
+        let early = {
+            let mut st = self.state();
+            let early = st.per_transaction && st.failure.is_none() && !st.broken;
+            early.then(|| std::mem::take(&mut st.deferred))
+        };
+        if let Some(deferred) = early.filter(|d| !d.is_empty()) {
+            // StatementCache::Transaction: a statement is closed when its last handle drops,
+            // and the queued writes hold theirs until their replies arrive, so they are sent
+            // and acknowledged before COMMIT (one extra round trip) to close them inside the
+            // transaction.
+            let sent = self
+                .run(Step::Commit, send_deferred(self.conn(), &deferred))
+                .await;
+            drop(deferred);
+            if let Err(e) = sent {
+                let _ = self.end(false).await;
+                return Err(e);
+            }
+        }
         let (failure, broken, verify, begin, deferred) = {
             let mut st = self.state();
             (
@@ -387,6 +447,8 @@ impl Transaction {
                 std::mem::take(&mut st.deferred),
             )
         };
+        // StatementCache::Transaction: close this transaction's statements before COMMIT.
+        self.close_statements();
         if broken {
             self.discard();
             return Err(Error::with_kind(
@@ -519,6 +581,7 @@ impl Transaction {
             st.deferred.clear();
             (st.open, st.uncertain, st.broken)
         };
+        self.close_statements();
         if broken {
             self.discard();
             return if report {
@@ -562,6 +625,29 @@ impl Transaction {
             drop(Object::take(client));
         }
     }
+}
+
+/// Sends queued writes in one flush and waits for all their replies; the first error wins.
+async fn send_deferred(
+    conn: &Object,
+    deferred: &[(Statement, Vec<OwnedParam>)],
+) -> Result<(), tokio_postgres::Error> {
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = deferred
+        .iter()
+        .map(|(_, ps)| ps.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect())
+        .collect();
+    let requests: Vec<Request<'_, Result<(), tokio_postgres::Error>>> = deferred
+        .iter()
+        .zip(&params)
+        .map(|((stmt, _), ps)| -> Request<'_, _> {
+            Box::pin(async move { conn.execute(stmt, ps).await.map(|_| ()) })
+        })
+        .collect();
+    join_in_order(requests)
+        .await
+        .into_iter()
+        .find_map(Result::err)
+        .map_or(Ok(()), Err)
 }
 
 /// A connection whose transaction state is not known to be clean: closed (not returned to the
@@ -633,7 +719,10 @@ impl Drop for Transaction {
             return;
         };
         let (open, uncertain, broken) = {
-            let st = lock(&self.state);
+            let mut st = lock(&self.state);
+            // Closed before the ROLLBACK is queued (see `close_statements`).
+            st.deferred.clear();
+            st.statements.clear();
             (st.open, st.uncertain, st.broken)
         };
         if !open {

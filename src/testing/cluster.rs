@@ -32,11 +32,19 @@ const SERVER_SETTINGS: &[(&str, &str)] = &[
 ];
 
 /// Watches stdin; when it closes (the owning process exited, however it exited), stops the
-/// server whose pid is in `postmaster.pid` and removes the cluster's directory.
+/// PgBouncer whose pid is in `pgbouncer.pid` (if any) and the server whose pid is in
+/// `postmaster.pid`, and removes the cluster's directory.
 const GUARDIAN_SCRIPT: &str = r#"
 trap '' INT TERM HUP
 dir="$1"
 while read -r _line; do :; done
+bpid=$(head -n 1 "$dir/pgbouncer.pid" 2>/dev/null)
+if [ -n "$bpid" ]; then
+  kill -INT "$bpid" 2>/dev/null
+  i=0
+  while kill -0 "$bpid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+  kill -KILL "$bpid" 2>/dev/null
+fi
 pid=$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null)
 if [ -n "$pid" ]; then
   kill -QUIT "$pid" 2>/dev/null
@@ -72,6 +80,8 @@ pub struct TestCluster {
     config: Config,
     url: String,
     embedded: Option<Embedded>,
+    /// The port of a PgBouncer in front of the server (transaction pooling), if started.
+    pooler_port: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -81,6 +91,7 @@ struct Embedded {
     port: u16,
     run_as: Option<String>,
     server: Mutex<Option<Child>>,
+    pooler: Mutex<Option<Child>>,
     guardian: Mutex<Option<(Child, ChildStdin)>>,
 }
 
@@ -107,11 +118,80 @@ impl TestCluster {
 
     /// The `DATABASE_URL` server if set, else a new throwaway cluster owned by the returned
     /// value.
+    ///
+    /// With `ROWLOCK_TEST_PGBOUNCER=1` (or the path of a `pgbouncer` binary), a throwaway
+    /// cluster also gets a PgBouncer in front of it, in transaction pooling mode; see
+    /// [`TestCluster::start_behind_pgbouncer`].
     pub fn from_env() -> Result<TestCluster, HarnessError> {
+        let pgbouncer = std::env::var("ROWLOCK_TEST_PGBOUNCER")
+            .ok()
+            .filter(|v| !v.trim().is_empty() && v != "0");
         match std::env::var("DATABASE_URL") {
-            Ok(url) if !url.trim().is_empty() => TestCluster::external(&url),
-            _ => TestCluster::start(),
+            Ok(url) if !url.trim().is_empty() => {
+                if pgbouncer.is_some() {
+                    return Err(HarnessError::Config(
+                        "ROWLOCK_TEST_PGBOUNCER starts a PgBouncer in front of a throwaway \
+                         cluster; unset DATABASE_URL, or point DATABASE_URL at your own \
+                         PgBouncer instead"
+                            .into(),
+                    ));
+                }
+                TestCluster::external(&url)
+            }
+            _ => match pgbouncer.as_deref() {
+                Some("1") => TestCluster::start_behind_pgbouncer(None),
+                Some(path) => TestCluster::start_behind_pgbouncer(Some(Path::new(path))),
+                None => TestCluster::start(),
+            },
         }
+    }
+
+    /// Starts a throwaway cluster and a PgBouncer in front of it (`pool_mode = transaction`),
+    /// run as the same unprivileged user and stopped with the cluster. `binary` defaults to
+    /// `pgbouncer` on `PATH` or in `/usr/sbin` (Debian's `pgbouncer` package).
+    ///
+    /// [`TestDatabase::pool`] then connects through PgBouncer and sets
+    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) as the process
+    /// default; [`TestDatabase::client`] and [`TestDatabase::session`] still connect to the
+    /// server directly (lock holders and observers need a session of their own).
+    pub fn start_behind_pgbouncer(binary: Option<&Path>) -> Result<TestCluster, HarnessError> {
+        let binary = match binary {
+            Some(path) => path.to_path_buf(),
+            None => find_pgbouncer()?,
+        };
+        let mut cluster = TestCluster::start()?;
+        let embedded = cluster.embedded.as_ref().expect("start() embeds a cluster");
+        let mut last_error = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            match embedded.start_pooler(&binary, port) {
+                Ok(()) => {
+                    cluster.pooler_port = Some(port);
+                    return Ok(cluster);
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("five attempts were made"))
+    }
+
+    /// The port of the PgBouncer in front of this cluster, if one was started.
+    pub fn pgbouncer_port(&self) -> Option<u16> {
+        self.pooler_port
+    }
+
+    /// Connection settings for database `dbname` through the PgBouncer, if one was started.
+    pub(super) fn pooled_config(&self, dbname: &str) -> Option<Config> {
+        let port = self.pooler_port?;
+        let mut config = Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port)
+            .user("postgres")
+            .dbname(dbname)
+            .application_name("rowlock-testing")
+            .connect_timeout(Duration::from_secs(10));
+        Some(config)
     }
 
     /// Uses an existing server. Its role must be allowed to create databases.
@@ -122,6 +202,7 @@ impl TestCluster {
             config,
             url: url.to_string(),
             embedded: None,
+            pooler_port: None,
         })
     }
 
@@ -146,6 +227,7 @@ impl TestCluster {
             port: 0,
             run_as,
             server: Mutex::new(None),
+            pooler: Mutex::new(None),
             guardian: Mutex::new(Some(guardian)),
         };
         embedded.init()?;
@@ -177,6 +259,7 @@ impl TestCluster {
             config,
             url,
             embedded: Some(embedded),
+            pooler_port: None,
         })
     }
 
@@ -268,6 +351,7 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         if let Some(e) = &self.embedded {
+            e.stop_pooler();
             let _ = e.stop_server(StopMode::Immediate);
             // Closing the guardian's stdin makes it remove the directory; wait for it so the
             // cluster is gone when drop returns.
@@ -383,6 +467,108 @@ impl Embedded {
         }
         *server = Some(child);
         Ok(())
+    }
+
+    /// Writes a PgBouncer configuration next to the cluster and starts PgBouncer on `port`.
+    fn start_pooler(&self, binary: &Path, port: u16) -> Result<(), HarnessError> {
+        let dir = &self.dir;
+        let config = format!(
+            "[databases]\n\
+             * = host=127.0.0.1 port={server}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = trust\n\
+             auth_file = {dir}/pgbouncer.users\n\
+             pool_mode = transaction\n\
+             max_client_conn = 2000\n\
+             default_pool_size = 40\n\
+             max_db_connections = 40\n\
+             pidfile = {dir}/pgbouncer.pid\n\
+             logfile = {dir}/pgbouncer.log\n\
+             log_connections = 0\n\
+             log_disconnections = 0\n\
+             ignore_startup_parameters = extra_float_digits,options\n",
+            server = self.port,
+            dir = dir.display(),
+        );
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.join(name), text).map_err(|e| io("writing the PgBouncer files", e))
+        };
+        write("pgbouncer.ini", &config)?;
+        write("pgbouncer.users", "\"postgres\" \"\"\n")?;
+        if let Some(user) = &self.run_as {
+            for name in ["pgbouncer.ini", "pgbouncer.users"] {
+                chown_file(&dir.join(name), user)?;
+            }
+        }
+        let mut cmd = match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(user).arg("--").arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let mut child = cmd
+            .arg(dir.join("pgbouncer.ini"))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| io(&format!("starting {}", binary.display()), e))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let log_path = dir.join("pgbouncer.log");
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| io("checking PgBouncer", e))? {
+                return Err(HarnessError::Start(format!(
+                    "pgbouncer exited during startup ({status}); its log says: {}",
+                    log_tail(&log_path, 0)
+                )));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(HarnessError::Start(format!(
+                    "pgbouncer did not listen within {START_TIMEOUT:?}; its log says: {}",
+                    log_tail(&log_path, 0)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *self.pooler.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        Ok(())
+    }
+
+    fn stop_pooler(&self) {
+        let child = self.pooler.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut child) = child else {
+            return;
+        };
+        // runuser may stand between us and PgBouncer: signal the pid PgBouncer wrote.
+        if let Some(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        {
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(pid.to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The postmaster writes its state on line 8 of `postmaster.pid`; "ready" means it
@@ -575,6 +761,28 @@ fn unprivileged_user() -> Result<Option<String>, HarnessError> {
          PostgreSQL as (it refuses to run as root); create one, e.g. `useradd postgres`"
             .into(),
     ))
+}
+
+fn find_pgbouncer() -> Result<PathBuf, HarnessError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join("pgbouncer"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            HarnessError::NoBinaries(
+                "pgbouncer not found on PATH or in /usr/sbin (Debian/Ubuntu: `apt-get install \
+                 pgbouncer`); or set ROWLOCK_TEST_PGBOUNCER to its path"
+                    .into(),
+            )
+        })
+}
+
+fn chown_file(path: &Path, user: &str) -> Result<(), HarnessError> {
+    let uid = command_output("id", &["-u", user]).and_then(|s| s.parse::<u32>().ok());
+    let gid = command_output("id", &["-g", user]).and_then(|s| s.parse::<u32>().ok());
+    std::os::unix::fs::chown(path, uid, gid)
+        .map_err(|e| io("handing a file to the server's user", e))
 }
 
 fn chown(dir: &Path, user: &str) -> Result<(), HarnessError> {

@@ -21,6 +21,8 @@ pub struct TestDatabase {
     name: String,
     config: Config,
     admin: Config,
+    /// Connection settings through PgBouncer, when the cluster has one.
+    pooled: Option<Config>,
     drop_on_drop: bool,
     _cluster: Option<Arc<TestCluster>>,
 }
@@ -54,10 +56,12 @@ impl TestDatabase {
             .map_err(HarnessError::Sql)?;
         let mut config = admin.clone();
         config.dbname(&name);
+        let pooled = cluster.pooled_config(&name);
         Ok(TestDatabase {
             name,
             config,
             admin,
+            pooled,
             drop_on_drop: !cluster.is_embedded(),
             _cluster: keep,
         })
@@ -68,16 +72,34 @@ impl TestDatabase {
         &self.name
     }
 
-    /// Connection settings for this database.
+    /// Connection settings through the cluster's PgBouncer, if it has one.
+    pub fn pgbouncer_config(&self) -> Option<&Config> {
+        self.pooled.as_ref()
+    }
+
+    /// True when [`pool`](Self::pool) connects through PgBouncer.
+    pub fn is_behind_pgbouncer(&self) -> bool {
+        self.pooled.is_some()
+    }
+
+    /// Connection settings for this database (direct to the server).
     pub fn config(&self) -> &Config {
         &self.config
     }
 
     /// A deadpool pool of at most `max_size` connections to this database, recycled with the
     /// `Fast` method (rowlock never returns a connection inside a transaction).
+    ///
+    /// When the cluster has a PgBouncer in front
+    /// ([`TestCluster::start_behind_pgbouncer`]), the pool connects through it, and
+    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) becomes the process
+    /// default, as a service behind PgBouncer would set it.
     pub fn pool(&self, max_size: usize) -> Pool {
+        if self.pooled.is_some() {
+            crate::StatementCache::Transaction.set_default();
+        }
         let manager = Manager::from_config(
-            self.config.clone(),
+            self.pooled.as_ref().unwrap_or(&self.config).clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,

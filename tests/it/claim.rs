@@ -223,8 +223,12 @@ async fn concurrent_claims_never_lock_more_than_asked() {
             tokio::spawn(async move {
                 with_claimed_rows(&pool, &claim, n, |_, jobs: Vec<Job>| {
                     Box::pin(async move {
-                        all_claimed.wait().await;
-                        release.wait().await;
+                        tokio::time::timeout(WAIT, all_claimed.wait())
+                            .await
+                            .expect("every task reaches the barrier");
+                        tokio::time::timeout(WAIT, release.wait())
+                            .await
+                            .expect("every task reaches the barrier");
                         Ok::<_, rowlock::Error>(jobs.len())
                     })
                 })
@@ -232,7 +236,18 @@ async fn concurrent_claims_never_lock_more_than_asked() {
             })
         })
         .collect();
-    all_claimed.wait().await;
+    // A worker that fails never reaches the barrier: fail instead of waiting forever.
+    if tokio::time::timeout(WAIT, all_claimed.wait())
+        .await
+        .is_err()
+    {
+        for task in tasks {
+            if task.is_finished() {
+                panic!("a worker ended early: {:?}", task.await);
+            }
+        }
+        panic!("the workers did not all claim within {WAIT:?}");
+    }
     // Every row a claim holds is one the observer cannot lock.
     let mut observer = db.client().await.unwrap();
     let tx = observer.transaction().await.unwrap();
@@ -250,7 +265,9 @@ async fn concurrent_claims_never_lock_more_than_asked() {
         (workers * n) as i64,
         "exactly n rows locked per claim"
     );
-    release.wait().await;
+    tokio::time::timeout(WAIT, release.wait())
+        .await
+        .expect("every task reaches the barrier");
     for task in tasks {
         assert_eq!(task.await.unwrap().unwrap(), Some(n));
     }

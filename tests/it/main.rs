@@ -9,6 +9,7 @@ mod claim;
 mod conflicts;
 mod harness;
 mod locking;
+mod pgbouncer;
 mod proxy;
 mod retry;
 mod support;

@@ -60,7 +60,9 @@ fn go_off_call(
                 .await?
                 .get(0);
             if first_attempt {
-                barrier.wait().await;
+                tokio::time::timeout(WAIT, barrier.wait())
+                    .await
+                    .expect("every task reaches the barrier");
             }
             if on_call > 1 {
                 tx.execute("UPDATE doctors SET on_call = false WHERE id = $1", &[&id])
@@ -188,7 +190,9 @@ async fn deadlocks_are_retried_until_both_succeed() {
                     let stmt = "UPDATE accounts SET balance = balance + 1 WHERE id = $1";
                     tx.execute(stmt, &[&first]).await?;
                     if wait {
-                        barrier.wait().await; // both hold their first row
+                        tokio::time::timeout(WAIT, barrier.wait())
+                            .await
+                            .expect("every task reaches the barrier"); // both hold their first row
                     }
                     tx.execute(stmt, &[&second]).await?;
                     Ok::<_, rowlock::Error>(())

@@ -221,10 +221,13 @@ impl Error {
             PoolError::Backend(pg) => {
                 // Connecting failed: keep the server's SQLSTATE if it sent one (e.g. 3D000).
                 let state = pg.code().cloned();
-                let kind = if pg.is_closed() || state.is_none() {
-                    ErrorKind::Closed
-                } else {
-                    ErrorKind::Pool
+                // No SQLSTATE (refused, reset) or a shutdown/startup one (57P01, 57P03…): the
+                // server is unreachable for now. Others (3D000, 28P01…) are configuration.
+                let kind = match &state {
+                    _ if pg.is_closed() => ErrorKind::Closed,
+                    None => ErrorKind::Closed,
+                    Some(code) if classify_db(code, None) == ErrorKind::Closed => ErrorKind::Closed,
+                    Some(_) => ErrorKind::Pool,
                 };
                 Error::new(kind)
                     .at(Step::Checkout)

@@ -120,6 +120,8 @@ pub struct TransactionOptions {
     pub lock_timeout: Option<Duration>,
     /// `SET LOCAL statement_timeout`.
     pub statement_timeout: Option<Duration>,
+    /// `SET LOCAL idle_in_transaction_session_timeout`.
+    pub idle_in_transaction_timeout: Option<Duration>,
     /// Record the transaction id with `BEGIN`, so a commit whose outcome is unknown can be
     /// resolved later.
     pub track_commit_outcome: bool,
@@ -175,6 +177,24 @@ impl TransactionOptions {
         self
     }
 
+    /// Ends the session if the transaction sits idle (no statement running, e.g. while the
+    /// closure awaits something else) for longer than `timeout`, with
+    /// `SET LOCAL idle_in_transaction_session_timeout`, so a stalled caller cannot hold its
+    /// locks indefinitely. Between 1 ms and `i32::MAX` ms; refused otherwise when used.
+    /// Defaults to none (the server's setting applies).
+    ///
+    /// The server ends such a session with a `FATAL` error that arrives while no request is
+    /// pending, so the driver only sees a closed connection. Because rowlock set the timeout
+    /// and timed the idle period, it reports the next statement's or `COMMIT`'s failure as
+    /// [`ErrorKind::IdleInTransactionTimeout`](crate::ErrorKind::IdleInTransactionTimeout)
+    /// (nothing committed; the connection is closed, not reused). A timeout configured only on
+    /// the server shows as [`ErrorKind::Closed`](crate::ErrorKind::Closed).
+    #[must_use]
+    pub fn idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_in_transaction_timeout = Some(timeout);
+        self
+    }
+
     /// Records the transaction id (`pg_current_xact_id()`) in the same flush as `BEGIN`, so
     /// that if the connection is lost while `COMMIT` is in flight, the
     /// [`ErrorKind::CommitOutcomeUnknown`](crate::ErrorKind::CommitOutcomeUnknown) error
@@ -210,6 +230,9 @@ impl TransactionOptions {
         if let Some(t) = self.statement_timeout {
             validate_timeout("statement_timeout", t)?;
         }
+        if let Some(t) = self.idle_in_transaction_timeout {
+            validate_timeout("idle_in_transaction_timeout", t)?;
+        }
         Ok(())
     }
 
@@ -230,6 +253,10 @@ impl TransactionOptions {
         for (name, value) in [
             ("lock_timeout", self.lock_timeout),
             ("statement_timeout", self.statement_timeout),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_timeout,
+            ),
         ] {
             if let Some(t) = value {
                 // Integer milliseconds from a validated Duration: no caller text reaches SQL.

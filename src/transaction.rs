@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Object, Pool};
 use futures_util::future::{BoxFuture, join};
@@ -86,6 +86,36 @@ struct State {
     /// The statements this transaction prepared, when `per_transaction`; closed before the
     /// transaction ends.
     statements: HashMap<String, Statement>,
+    /// `idle_in_transaction_session_timeout` set by the options.
+    idle_timeout: Option<Duration>,
+    /// When the last request finished (the transaction has been idle since).
+    idle_since: Option<Instant>,
+}
+
+impl State {
+    /// Whether the server's idle-in-transaction timeout has had time to fire.
+    fn idle_timeout_elapsed(&self) -> bool {
+        match (self.idle_timeout, self.idle_since) {
+            (Some(limit), Some(since)) => since.elapsed() >= limit,
+            _ => false,
+        }
+    }
+}
+
+/// The error for a connection the server closed because the transaction sat idle too long.
+fn idle_timeout_error(step: Step, limit: Option<Duration>, cause: Option<Error>) -> Error {
+    let err = Error::with_kind(
+        ErrorKind::IdleInTransactionTimeout,
+        format!(
+            "the server ended the session: the transaction was idle for longer than \
+             idle_in_transaction_session_timeout ({limit:?}); nothing was committed"
+        ),
+    )
+    .at(step);
+    match cause {
+        Some(cause) => err.with_source(cause),
+        None => err,
+    }
 }
 
 #[derive(Clone)]
@@ -158,6 +188,7 @@ impl Transaction {
                 begin: Some(options.begin_sql()),
                 track: options.track_commit_outcome,
                 per_transaction: options.effective_statement_cache() == StatementCache::Transaction,
+                idle_timeout: options.idle_in_transaction_timeout,
                 ..State::default()
             }),
         })
@@ -181,7 +212,7 @@ impl Transaction {
         step: Step,
         request: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, Error> {
-        let (begin, track) = {
+        let (begin, track, idled_out) = {
             let mut st = self.state();
             if st.broken {
                 return Err(Error::with_kind(
@@ -192,7 +223,7 @@ impl Transaction {
             }
             let begin = st.begin.take();
             st.open |= begin.is_some();
-            (begin, st.track)
+            (begin, st.track, st.idle_timeout_elapsed())
         };
         let mut flight = InFlight {
             state: &self.state,
@@ -206,7 +237,16 @@ impl Transaction {
             },
         };
         flight.done = true;
-        result.map_err(|(e, step)| self.record(Error::from_pg(e, step)))
+        self.state().idle_since = Some(Instant::now());
+        result.map_err(|(e, step)| {
+            let err = Error::from_pg(e, step);
+            let err = if idled_out && err.kind() == ErrorKind::Closed {
+                idle_timeout_error(step, self.state().idle_timeout, Some(err))
+            } else {
+                err
+            };
+            self.record(err)
+        })
     }
 
     /// Sends `BEGIN …` (with the `SET LOCAL`s); when tracking, reads back the transaction id.
@@ -245,7 +285,7 @@ impl Transaction {
     fn record(&self, err: Error) -> Error {
         let mut st = self.state();
         match err.kind() {
-            ErrorKind::Closed => st.broken = true,
+            ErrorKind::Closed | ErrorKind::IdleInTransactionTimeout => st.broken = true,
             // Driver-side errors (a parameter that does not serialize…) happen before
             // anything is sent; the server's transaction is unaffected.
             ErrorKind::Driver | ErrorKind::Decode => {}
@@ -456,6 +496,25 @@ impl Transaction {
                 "the connection was lost before COMMIT was sent; nothing was committed",
             )
             .at(Step::Commit));
+        }
+        if self.conn().is_closed() {
+            // The server already closed the session (terminated backend, idle timeout,
+            // restart): COMMIT cannot leave, so the outcome is known.
+            let (idled_out, limit) = {
+                let st = self.state();
+                (st.idle_timeout_elapsed(), st.idle_timeout)
+            };
+            self.discard();
+            return Err(if idled_out {
+                idle_timeout_error(Step::Commit, limit, None)
+            } else {
+                Error::with_kind(
+                    ErrorKind::Closed,
+                    "the server closed the connection before COMMIT was sent; nothing was \
+                     committed",
+                )
+                .at(Step::Commit)
+            });
         }
         if let Some(root) = failure {
             let _ = self.end(false).await;

@@ -12,8 +12,7 @@ use rowlock::testing::{HarnessError, TestCluster};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::tokio_postgres::{Client, Config, NoTls};
 use rowlock::{
-    LockOptions, Outcome, StatementCache, Transaction, TransactionOptions, with_locked_row,
-    with_transaction,
+    LockOptions, StatementCache, Transaction, TransactionOptions, with_locked_row, with_transaction,
 };
 
 use crate::support::{Account, AppError};

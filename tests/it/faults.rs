@@ -1,0 +1,772 @@
+//! Real faults against a real server: a lock holder's backend terminated, an immediate
+//! server restart under load, an exhausted pool, idle-in-transaction and statement timeouts
+//! inside the closure, and a soak with random cancellation. Each test asserts what the caller
+//! sees and what the database holds afterwards.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rowlock::assignment::{
+    AcceptOptions, AssignmentError, accept_proposal, accept_proposal_with, migrate,
+    withdraw_proposal,
+};
+use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use rowlock::testing::{StopMode, TestCluster, wait_for_blocked_by};
+use rowlock::tokio_postgres::error::SqlState;
+use rowlock::tokio_postgres::{Client, Config, NoTls, Row};
+use rowlock::{
+    Claim, Compare, Direction, ErrorKind, LockMode, LockOptions, LockableRow, Table,
+    TransactionOptions, with_claimed_rows, with_locked_row,
+};
+use tokio::sync::oneshot;
+
+use crate::support::{Account, WAIT, accounts, balance};
+
+/// Polls `condition` every 10 ms until it holds; panics with `what` after `limit`.
+async fn until<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn backend_exists(observer: &Client, pid: i32) -> bool {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 1
+}
+
+/// Sessions of this database that are idle in a transaction (excluding the caller).
+async fn idle_in_transaction(observer: &Client) -> i64 {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn pool_with_wait_timeout(config: &Config, max_size: usize, wait: Duration) -> Pool {
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(Some(wait))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .unwrap()
+}
+
+/// A small xorshift generator: reproducible randomness without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[tokio::test]
+async fn holder_terminated_while_a_waiter_is_blocked() {
+    let (db, pool) = accounts(2).await;
+    let observer = db.client().await.unwrap();
+    let (pid_tx, pid_rx) = oneshot::channel::<i32>();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let holder = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            with_locked_row::<Account, _, rowlock::Error, _>(
+                &pool,
+                &1,
+                &LockOptions::new(),
+                move |tx, acc| {
+                    Box::pin(async move {
+                        tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                            .await?;
+                        let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                        pid_tx.send(pid).unwrap();
+                        let _ = go_rx.await;
+                        // The backend is gone by now: this statement fails.
+                        tx.query_one("SELECT 1", &[]).await?;
+                        Ok(())
+                    })
+                },
+            )
+            .await
+        }
+    });
+    let holder_pid = tokio::time::timeout(WAIT, pid_rx).await.unwrap().unwrap();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            with_locked_row::<Account, _, rowlock::Error, _>(
+                &pool,
+                &1,
+                &LockOptions::new(),
+                |_, acc| Box::pin(async move { Ok(acc.balance) }),
+            )
+            .await
+        }
+    });
+    wait_for_blocked_by(&observer, holder_pid, 1, WAIT)
+        .await
+        .unwrap();
+
+    let cluster = TestCluster::shared().unwrap();
+    assert!(cluster.terminate_backend(holder_pid).await.unwrap());
+
+    // The waiter proceeds as soon as the holder's backend is gone, and sees the row as it
+    // was: the holder's uncommitted write died with it.
+    let seen = tokio::time::timeout(WAIT, waiter)
+        .await
+        .expect("the waiter proceeds once the holder's backend is gone")
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.done(), Some(100));
+
+    go_tx.send(()).unwrap();
+    let err = holder
+        .await
+        .unwrap()
+        .expect_err("the holder's connection is gone");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    assert_eq!(
+        balance(&observer, 1).await,
+        100,
+        "nothing the holder wrote is visible"
+    );
+
+    // The pool serves new calls on all its connections at once.
+    let calls = (0..8).map(|i| {
+        let pool = pool.clone();
+        async move {
+            with_locked_row::<Account, _, rowlock::Error, _>(
+                &pool,
+                &(1 + i % 2),
+                &LockOptions::new(),
+                |tx, acc| {
+                    Box::pin(async move {
+                        tx.execute(
+                            "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                            &[&acc.id],
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                },
+            )
+            .await
+        }
+    });
+    for result in futures_util::future::join_all(calls).await {
+        assert!(result.unwrap().is_done());
+    }
+    assert_eq!(balance(&observer, 1).await, 104);
+    assert_eq!(idle_in_transaction(&observer).await, 0);
+}
+
+#[tokio::test]
+async fn immediate_restart_under_load_recovers_and_keeps_the_invariant() {
+    // Its own cluster: the restart must not disturb other tests.
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(TestCluster::start)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let db = cluster.create_database_owned().await.unwrap();
+    // Test clusters trade durability for speed (synchronous_commit = off): a crash may then
+    // lose acknowledged commits. This test checks that no acknowledged commit is lost, so it
+    // runs with PostgreSQL's default durability.
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET synchronous_commit = on",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    let pool = db.pool(16);
+    migrate(&pool).await.unwrap();
+    let (projects, per) = (3_000_i64, 3_i64);
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "INSERT INTO projects (title) SELECT 'p' || g FROM generate_series(1, {projects}) g;
+             INSERT INTO proposals (project_id, freelancer)
+               SELECT p, 'f' || f FROM generate_series(1, {projects}) p,
+                                      generate_series(1, {per}) f ORDER BY p, f;"
+        ))
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let oks = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let accepted_ok = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let kinds = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let tasks: Vec<_> = (0..32_u64)
+        .map(|t| {
+            let (pool, stop, oks, failures) =
+                (pool.clone(), stop.clone(), oks.clone(), failures.clone());
+            let (accepted_ok, kinds) = (accepted_ok.clone(), kinds.clone());
+            tokio::spawn(async move {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t + 1).wrapping_mul(0x2545_F491));
+                while !stop.load(Ordering::Relaxed) {
+                    let proposal = 1 + rng.below((projects * per) as u64) as i64;
+                    let mode = if rng.below(2) == 0 {
+                        LockMode::Wait
+                    } else {
+                        LockMode::NoWait
+                    };
+                    match accept_proposal(&pool, proposal, mode).await {
+                        Ok(()) => {
+                            accepted_ok.lock().unwrap().push(proposal);
+                            oks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(AssignmentError::Db(e)) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            *kinds
+                                .lock()
+                                .unwrap()
+                                .entry(format!("{:?}", e.kind()))
+                                .or_default() += 1;
+                            // Pace the retries of a caller facing a down server.
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(_) => {} // already assigned, busy, not pending: business as usual
+                    }
+                }
+            })
+        })
+        .collect();
+
+    until(WAIT, "accepts succeed before the restart", || async {
+        oks.load(Ordering::Relaxed) >= 100
+    })
+    .await;
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop(StopMode::Immediate))
+        .await
+        .unwrap()
+        .unwrap();
+    let failed_before = failures.load(Ordering::Relaxed);
+    until(WAIT, "calls fail while the server is down", || async {
+        failures.load(Ordering::Relaxed) >= failed_before + 64
+    })
+    .await;
+    let ok_while_down = oks.load(Ordering::Relaxed);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.start_again())
+        .await
+        .unwrap()
+        .unwrap();
+    let back = Instant::now();
+    until(
+        Duration::from_secs(10),
+        "the pool recovers once the server is back",
+        || async { oks.load(Ordering::Relaxed) >= ok_while_down + 50 },
+    )
+    .await;
+    let recovery = back.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    eprintln!(
+        "restart under load: recovered {recovery:?} after the server was back; errors by kind: {:?}",
+        kinds.lock().unwrap()
+    );
+
+    // Failures were connection-class errors, never a false success or something unexplained.
+    for kind in kinds.lock().unwrap().keys() {
+        assert!(
+            ["Closed", "CommitOutcomeUnknown"].contains(&kind.as_str()),
+            "unexpected error kind during the outage: {kind}"
+        );
+    }
+    let client = db.client().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT
+               (SELECT count(*) FROM projects p WHERE p.status = 'assigned' AND
+                  (SELECT count(*) FROM proposals WHERE project_id = p.id AND status = 'accepted') <> 1),
+               (SELECT count(*) FROM projects p WHERE p.status = 'open' AND
+                  EXISTS (SELECT 1 FROM proposals WHERE project_id = p.id AND status = 'accepted'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (0, 0),
+        "invariant"
+    );
+    // Every accept reported as done is committed.
+    let reported: Vec<i64> = accepted_ok.lock().unwrap().clone();
+    let committed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM proposals WHERE id = ANY($1) AND status = 'accepted'",
+            &[&reported],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let distinct: BTreeSet<i64> = reported.iter().copied().collect();
+    assert_eq!(distinct.len(), reported.len(), "no proposal accepted twice");
+    assert_eq!(
+        committed as usize,
+        reported.len(),
+        "every reported accept committed"
+    );
+    assert_eq!(idle_in_transaction(&client).await, 0);
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_times_out_then_everyone_completes() {
+    let (db, _) = accounts(3).await;
+    let observer = db.client().await.unwrap();
+    let pool = pool_with_wait_timeout(db.config(), 2, Duration::from_secs(1));
+
+    // Two holders take both connections and keep their locks.
+    let mut releases = Vec::new();
+    let mut holders = Vec::new();
+    for id in [1_i64, 2] {
+        let (held_tx, held_rx) = oneshot::channel::<()>();
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let pool = pool.clone();
+        holders.push(tokio::spawn(async move {
+            with_locked_row::<Account, _, rowlock::Error, _>(
+                &pool,
+                &id,
+                &LockOptions::new(),
+                move |tx, acc| {
+                    Box::pin(async move {
+                        tx.execute(
+                            "UPDATE accounts SET balance = balance - 1 WHERE id = $1",
+                            &[&acc.id],
+                        )
+                        .await?;
+                        held_tx.send(()).unwrap();
+                        let _ = release_rx.await;
+                        Ok(())
+                    })
+                },
+            )
+            .await
+        }));
+        tokio::time::timeout(WAIT, held_rx).await.unwrap().unwrap();
+        releases.push(release_tx);
+    }
+
+    // A third caller cannot get a connection: a pool timeout, and its closure never runs.
+    let err = with_locked_row::<Account, (), rowlock::Error, _>(
+        &pool,
+        &3,
+        &LockOptions::new(),
+        |_, _| panic!("no connection, so no closure"),
+    )
+    .await
+    .expect_err("the pool is exhausted");
+    assert_eq!(err.kind(), ErrorKind::PoolTimeout, "{err}");
+    assert_eq!(balance(&observer, 3).await, 100);
+
+    // A caller waiting for a connection gets one as soon as a holder finishes, and then
+    // waits for nothing: the holder's row lock went with its commit.
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            with_locked_row::<Account, _, rowlock::Error, _>(
+                &pool,
+                &1,
+                &LockOptions::new(),
+                |_, acc| Box::pin(async move { Ok(acc.balance) }),
+            )
+            .await
+        }
+    });
+    until(WAIT, "the caller waits for a connection", || async {
+        pool.status().waiting == 1
+    })
+    .await;
+    releases.remove(0).send(()).unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap().done(), Some(99));
+    assert!(holders.remove(0).await.unwrap().unwrap().is_done());
+
+    // The second holder finishes; then 32 callers share the two connections and all complete.
+    releases.remove(0).send(()).unwrap();
+    assert!(holders.remove(0).await.unwrap().unwrap().is_done());
+    let calls = (0..32_i64).map(|i| {
+        let pool = pool.clone();
+        async move {
+            with_locked_row::<Account, _, rowlock::Error, _>(
+                &pool,
+                &(1 + i % 3),
+                &LockOptions::new(),
+                |tx, acc| {
+                    Box::pin(async move {
+                        tx.execute(
+                            "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                            &[&acc.id],
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                },
+            )
+            .await
+        }
+    });
+    for result in futures_util::future::join_all(calls).await {
+        assert!(result.unwrap().is_done());
+    }
+    let total: i64 = observer
+        .query_one("SELECT sum(balance)::int8 FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 300 - 2 + 32);
+    assert!(pool.status().size <= 2);
+}
+
+#[tokio::test]
+async fn idle_in_transaction_timeout_fires_in_a_slow_closure() {
+    let (db, _) = accounts(1).await;
+    let pool = db.pool(1);
+    let observer = Arc::new(db.client().await.unwrap());
+    let limit = Duration::from_millis(200);
+    let options = LockOptions::new()
+        .transaction(TransactionOptions::new().idle_in_transaction_timeout(limit));
+    let err = with_locked_row::<Account, (), rowlock::Error, _>(&pool, &1, &options, {
+        let observer = observer.clone();
+        move |tx, acc| {
+            Box::pin(async move {
+                tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                    .await?;
+                let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                // The closure is slow (it awaits something else) until the server gives up.
+                until(WAIT, "the server ends the idle session", || async {
+                    !backend_exists(&observer, pid).await
+                })
+                .await;
+                tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
+                    .await?;
+                Ok(())
+            })
+        }
+    })
+    .await
+    .expect_err("the session was ended");
+    assert_eq!(err.kind(), ErrorKind::IdleInTransactionTimeout, "{err}");
+    assert_eq!(balance(&observer, 1).await, 100, "nothing committed");
+    assert_eq!(
+        pool.status().size,
+        0,
+        "the dead connection was not returned"
+    );
+
+    // The same pool serves the next call on a fresh connection.
+    let outcome = with_locked_row::<Account, _, rowlock::Error, _>(
+        &pool,
+        &1,
+        &LockOptions::new(),
+        |_, acc| Box::pin(async move { Ok(acc.balance) }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.done(), Some(100));
+}
+
+#[tokio::test]
+async fn statement_timeout_in_the_closure_is_its_own_kind_and_rolls_back() {
+    let (db, _) = accounts(1).await;
+    let pool = db.pool(1);
+    let observer = db.client().await.unwrap();
+    let options = LockOptions::new()
+        .transaction(TransactionOptions::new().statement_timeout(Duration::from_millis(100)));
+    let err = with_locked_row::<Account, (), rowlock::Error, _>(&pool, &1, &options, |tx, acc| {
+        Box::pin(async move {
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                .await?;
+            tx.execute("SELECT pg_sleep(30)", &[]).await?;
+            Ok(())
+        })
+    })
+    .await
+    .expect_err("the statement timed out");
+    assert_eq!(err.kind(), ErrorKind::StatementTimeout, "{err}");
+    assert_eq!(err.sql_state(), Some(&SqlState::QUERY_CANCELED));
+    assert_eq!(balance(&observer, 1).await, 100, "rolled back");
+    assert_eq!(idle_in_transaction(&observer).await, 0);
+    let pid_before: i32 = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        backend_exists(&observer, pid_before).await,
+        "the connection was kept: it is clean"
+    );
+}
+
+#[derive(Debug)]
+struct Job {
+    id: i64,
+}
+
+impl LockableRow for Job {
+    type Key = i64;
+    const TABLE: Table = Table::new("jobs");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(row: &Row) -> Result<Self, rowlock::tokio_postgres::Error> {
+        Ok(Job {
+            id: row.try_get("id")?,
+        })
+    }
+    fn key(&self) -> i64 {
+        self.id
+    }
+}
+
+/// What a soak call reported, to compare with what the database holds.
+#[derive(Default)]
+struct Reported {
+    accepted: BTreeSet<i64>,
+    withdrawn: BTreeSet<i64>,
+    jobs_done: Vec<i64>,
+}
+
+#[tokio::test]
+async fn soak_mixed_traffic_with_random_cancellation_keeps_every_invariant() {
+    let secs: u64 = std::env::var("ROWLOCK_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let db = TestCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let pool = db.pool(16);
+    migrate(&pool).await.unwrap();
+    let (projects, per, jobs) = (2_000_i64, 4_i64, 200_000_i64);
+    let client = db.client().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO projects (title) SELECT 'p' || g FROM generate_series(1, {projects}) g;
+             INSERT INTO proposals (project_id, freelancer)
+               SELECT p, 'f' || f FROM generate_series(1, {projects}) p,
+                                      generate_series(1, {per}) f ORDER BY p, f;
+             CREATE TABLE jobs (id bigint PRIMARY KEY, status text NOT NULL DEFAULT 'pending',
+                                done_count int NOT NULL DEFAULT 0);
+             CREATE INDEX jobs_pending ON jobs (id) WHERE status = 'pending';
+             INSERT INTO jobs (id) SELECT g FROM generate_series(1, {jobs}) g;
+             ANALYZE;"
+        ))
+        .await
+        .unwrap();
+
+    let claim = Arc::new(
+        Claim::new()
+            .filter("status", Compare::Eq, "pending")
+            .order_by("id", Direction::Asc),
+    );
+    let reported = Arc::new(Mutex::new(Reported::default()));
+    let counts = Arc::new(Mutex::new(BTreeMap::<&'static str, u64>::new()));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..32_u64)
+        .map(|t| {
+            let (pool, claim, reported, counts) = (
+                pool.clone(),
+                claim.clone(),
+                reported.clone(),
+                counts.clone(),
+            );
+            tokio::spawn(async move {
+                let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ (t + 1).wrapping_mul(0x9E37_79B9));
+                while Instant::now() < deadline {
+                    let count = |what: &'static str| {
+                        *counts.lock().unwrap().entry(what).or_default() += 1;
+                    };
+                    // A quarter of the calls are cancelled at a random point (0–20 ms).
+                    let cancel_after =
+                        (rng.below(4) == 0).then(|| Duration::from_micros(rng.below(20_000)));
+                    let proposal = 1 + rng.below((projects * per) as u64) as i64;
+                    let timeout = Duration::from_millis(1 + rng.below(50));
+                    let opts = match rng.below(3) {
+                        0 => AcceptOptions::new().mode(LockMode::Wait),
+                        1 => AcceptOptions::new()
+                            .mode(LockMode::Wait)
+                            .lock_timeout(timeout),
+                        _ => AcceptOptions::new().mode(LockMode::NoWait),
+                    };
+                    let n = 1 + rng.below(10) as usize;
+                    let which = rng.below(3);
+                    let call = {
+                        let (pool, claim, reported) = (&pool, &claim, &reported);
+                        async move {
+                            match which {
+                                0 => {
+                                    let r = accept_proposal_with(pool, proposal, &opts).await;
+                                    if r.is_ok() {
+                                        reported.lock().unwrap().accepted.insert(proposal);
+                                    }
+                                    r.is_ok()
+                                }
+                                1 => {
+                                    let r = withdraw_proposal(pool, proposal).await;
+                                    if r.is_ok() {
+                                        reported.lock().unwrap().withdrawn.insert(proposal);
+                                    }
+                                    r.is_ok()
+                                }
+                                _ => {
+                                    let r =
+                                        with_claimed_rows(pool, claim, n, |tx, jobs: Vec<Job>| {
+                                            Box::pin(async move {
+                                                let ids: Vec<i64> =
+                                                    jobs.iter().map(|j| j.id).collect();
+                                                tx.execute(
+                                                    "UPDATE jobs SET status = 'done',
+                                                        done_count = done_count + 1
+                                                 WHERE id = ANY($1)",
+                                                    &[&ids],
+                                                )
+                                                .await?;
+                                                Ok::<_, rowlock::Error>(ids)
+                                            })
+                                        })
+                                        .await;
+                                    match r {
+                                        Ok(Some(ids)) => {
+                                            reported.lock().unwrap().jobs_done.extend(ids);
+                                            true
+                                        }
+                                        _ => false,
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    match cancel_after {
+                        Some(after) => match tokio::time::timeout(after, call).await {
+                            Ok(true) => count("ok"),
+                            Ok(false) => count("refused"),
+                            Err(_) => count("cancelled"),
+                        },
+                        None => {
+                            if call.await {
+                                count("ok")
+                            } else {
+                                count("refused")
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    eprintln!("soak {secs} s: {:?}", counts.lock().unwrap());
+    let counts = counts.lock().unwrap().clone();
+    assert!(counts.get("ok").copied().unwrap_or(0) > 100, "{counts:?}");
+    assert!(
+        counts.get("cancelled").copied().unwrap_or(0) > 10,
+        "{counts:?}"
+    );
+
+    // Cancelled calls clean up in spawned tasks: wait until none is left in a transaction.
+    until(WAIT, "no session idle in transaction", || async {
+        idle_in_transaction(&client).await == 0
+    })
+    .await;
+
+    let row = client
+        .query_one(
+            "SELECT
+               (SELECT count(*) FROM projects p WHERE p.status = 'assigned' AND (
+                  (SELECT count(*) FROM proposals WHERE project_id = p.id AND status = 'accepted') <> 1
+                  OR EXISTS (SELECT 1 FROM proposals WHERE project_id = p.id AND status = 'pending'))),
+               (SELECT count(*) FROM projects p WHERE p.status = 'open' AND
+                  EXISTS (SELECT 1 FROM proposals WHERE project_id = p.id AND status = 'accepted')),
+               (SELECT count(*) FROM jobs WHERE done_count > 1),
+               (SELECT count(*) FROM jobs WHERE (status = 'done') <> (done_count = 1))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let violations: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        violations,
+        (0, 0, 0, 0),
+        "assignment and exactly-once invariants"
+    );
+
+    // Every success a caller saw is in the database.
+    let reported = reported.lock().unwrap();
+    let accepted: Vec<i64> = reported.accepted.iter().copied().collect();
+    let withdrawn: Vec<i64> = reported.withdrawn.iter().copied().collect();
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM proposals WHERE id = ANY($1) AND status = 'accepted'),
+                    (SELECT count(*) FROM proposals WHERE id = ANY($2) AND status = 'withdrawn')",
+            &[&accepted, &withdrawn],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0) as usize, accepted.len());
+    assert_eq!(row.get::<_, i64>(1) as usize, withdrawn.len());
+    let done: BTreeSet<i64> = reported.jobs_done.iter().copied().collect();
+    assert_eq!(
+        done.len(),
+        reported.jobs_done.len(),
+        "no job reported done twice"
+    );
+    let committed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status = 'done'",
+            &[&reported.jobs_done],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(committed as usize, done.len(), "every reported job is done");
+}

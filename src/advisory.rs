@@ -8,6 +8,7 @@
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 
+use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{LockMode, LockOptions};
 use crate::outcome::Outcome;
@@ -118,15 +119,28 @@ impl Transaction {
             let stmt = self.cached_statement(sql).await?;
             conn.query_one(&stmt, &params).await
         };
+        // pg_locks keys: a bigint is split into its high and low 32 bits (objsubid 1), a pair
+        // is kept as it is (objsubid 2).
+        let blockers = || match key.0 {
+            Repr::Single(k) => {
+                BlockerQuery::advisory(((k as u64) >> 32) as u32, k as u64 as u32, 1)
+            }
+            Repr::Pair(x, y) => BlockerQuery::advisory(x as u32, y as u32, 2),
+        };
         match self.run(Step::Lock, request).await {
             Ok(row) if mode == LockMode::NoWait && !row.get::<_, bool>(0) => {
-                Ok(Outcome::LockNotAvailable(Error::with_kind(
-                    ErrorKind::LockNotAvailable,
-                    "another transaction holds the advisory lock",
-                )))
+                Ok(Outcome::LockNotAvailable(
+                    Error::with_kind(
+                        ErrorKind::LockNotAvailable,
+                        "another transaction holds the advisory lock",
+                    )
+                    .with_blocker_query(blockers()),
+                ))
             }
             Ok(_) => Ok(Outcome::Done(())),
-            Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(e)),
+            Err(e) if e.kind() == ErrorKind::LockTimeout => {
+                Ok(Outcome::LockTimeout(e.with_blocker_query(blockers())))
+            }
             Err(e) => Err(e),
         }
     }
@@ -181,8 +195,13 @@ where
     let tx = Transaction::begin_unchecked(pool, &options.transaction).await?;
     match tx.advisory_lock(key, options.mode).await {
         Ok(Outcome::Done(())) => {}
-        Ok(other) => {
-            tx.rollback_quietly().await;
+        Ok(mut other) => {
+            match &mut other {
+                Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => {
+                    tx.rollback_and_find_blockers(e).await
+                }
+                _ => tx.rollback_quietly().await,
+            }
             return Ok(other.map(|()| unreachable!("Done is handled above")));
         }
         Err(e) => {

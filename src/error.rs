@@ -5,6 +5,8 @@ use std::fmt;
 
 use tokio_postgres::error::SqlState;
 
+use crate::diagnostics::{Blocker, BlockerQuery};
+
 /// What went wrong, as a value you can match on.
 ///
 /// Classification is by SQLSTATE (never by message text, which `lc_messages` translates).
@@ -140,6 +142,10 @@ struct Inner {
     attempts: Option<u32>,
     transaction_id: Option<u64>,
     source: Option<Box<dyn StdError + Send + Sync>>,
+    /// Who held the lock, when gathered.
+    blockers: Option<Vec<Blocker>>,
+    /// How to find who holds the lock, until it is run.
+    blocker_query: Option<BlockerQuery>,
 }
 
 impl Error {
@@ -153,6 +159,8 @@ impl Error {
                 attempts: None,
                 transaction_id: None,
                 source: None,
+                blockers: None,
+                blocker_query: None,
             }),
         }
     }
@@ -187,6 +195,35 @@ impl Error {
     pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {
         self.inner.attempts = Some(attempts);
         self
+    }
+
+    pub(crate) fn with_blocker_query(mut self, query: BlockerQuery) -> Self {
+        self.inner.blocker_query = Some(query);
+        self
+    }
+
+    pub(crate) fn take_blocker_query(&mut self) -> Option<BlockerQuery> {
+        self.inner.blocker_query.take()
+    }
+
+    pub(crate) fn set_blockers(&mut self, blockers: Vec<Blocker>) {
+        self.inner.blockers = Some(blockers);
+    }
+
+    /// The sessions that held the lock this call could not take, for
+    /// [`ErrorKind::LockNotAvailable`] and [`ErrorKind::LockTimeout`] outcomes of
+    /// [`with_locked_row`](crate::with_locked_row), [`with_locked_rows`](crate::with_locked_rows),
+    /// their `_retry` forms (when the outcome is returned, not retried) and
+    /// [`with_advisory_lock`](crate::with_advisory_lock).
+    ///
+    /// `None` when not gathered (other errors, locks taken with
+    /// [`Transaction::lock_row`](crate::Transaction::lock_row) inside your own transaction, or
+    /// the lookup failed); `Some(&[])` when the holder could not be identified (it finished
+    /// meanwhile, a shared lock held by several transactions, or hidden by privileges). Gathered
+    /// on the failure path only; see the README's "Who holds the lock" for how and which
+    /// privileges it needs.
+    pub fn blockers(&self) -> Option<&[Blocker]> {
+        self.inner.blockers.as_deref()
     }
 
     pub(crate) fn with_transaction_id(mut self, xid: Option<u64>) -> Self {
@@ -328,6 +365,9 @@ impl fmt::Debug for Error {
         if let Some(xid) = self.inner.transaction_id {
             d.field("transaction_id", &xid);
         }
+        if let Some(blockers) = &self.inner.blockers {
+            d.field("blockers", blockers);
+        }
         if let Some(source) = &self.inner.source {
             d.field("source", source);
         }
@@ -349,6 +389,14 @@ impl fmt::Display for Error {
         }
         if let Some(state) = &self.inner.sql_state {
             write!(f, " (SQLSTATE {})", state.code())?;
+        }
+        if let Some(blockers) = &self.inner.blockers {
+            if let Some(first) = blockers.first() {
+                write!(f, "; held by {first}")?;
+                if blockers.len() > 1 {
+                    write!(f, " (and {} more)", blockers.len() - 1)?;
+                }
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 mod advisory;
 mod claim;
 mod commit_outcome;
+mod diagnostics;
 mod error;
 mod lock;
 mod locking;
@@ -38,6 +39,7 @@ pub use crate::claim::{
     Claim, Compare, Direction, explain_claim, with_claimed_rows, with_next_locked_row,
 };
 pub use crate::commit_outcome::{CommitStatus, resolve_commit};
+pub use crate::diagnostics::Blocker;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::lock::{LockMode, LockOptions, LockStrength};
 pub use crate::locking::{with_locked_row, with_locked_rows};

@@ -13,6 +13,7 @@ use futures_util::future::BoxFuture;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{LockMode, LockOptions};
 use crate::options::millis_ceil;
@@ -108,10 +109,14 @@ impl Transaction {
         key.push_params(&mut params);
         let rows = match self.lock_query(&sql, &params, options, set_timeout).await? {
             Locked::Rows(rows) => rows,
-            Locked::Contended(e) if e.kind() == ErrorKind::LockTimeout => {
-                return Ok(Outcome::LockTimeout(e));
+            Locked::Contended(e) => {
+                let e = e.with_blocker_query(BlockerQuery::rows(names, vec![key.clone()]));
+                return Ok(if e.kind() == ErrorKind::LockTimeout {
+                    Outcome::LockTimeout(e)
+                } else {
+                    Outcome::LockNotAvailable(e)
+                });
             }
-            Locked::Contended(e) => return Ok(Outcome::LockNotAvailable(e)),
         };
         match rows.len() {
             1 => R::from_row(&rows[0])
@@ -150,10 +155,14 @@ impl Transaction {
         }
         let rows = match self.lock_query(&sql, &params, options, set_timeout).await? {
             Locked::Rows(rows) => rows,
-            Locked::Contended(e) if e.kind() == ErrorKind::LockTimeout => {
-                return Ok(RowsOutcome::LockTimeout(e));
+            Locked::Contended(e) => {
+                let e = e.with_blocker_query(BlockerQuery::rows(names, keys.to_vec()));
+                return Ok(if e.kind() == ErrorKind::LockTimeout {
+                    RowsOutcome::LockTimeout(e)
+                } else {
+                    RowsOutcome::LockNotAvailable(e)
+                });
             }
-            Locked::Contended(e) => return Ok(RowsOutcome::LockNotAvailable(e)),
         };
         if rows.len() > keys.len() {
             return Err(not_unique(names, rows.len(), keys.len()));

@@ -144,12 +144,20 @@ impl<T, K> RowsOutcome<T, K> {
 pub(crate) trait Contended: Sized {
     /// The error of `LockNotAvailable` / `LockTimeout`, if that is what happened.
     fn contention(&self) -> Option<&Error>;
+    /// The same, mutably.
+    fn contention_mut(&mut self) -> Option<&mut Error>;
     /// The same, by value.
     fn into_contention(self) -> Option<Error>;
 }
 
 impl<T> Contended for Outcome<T> {
     fn contention(&self) -> Option<&Error> {
+        match self {
+            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn contention_mut(&mut self) -> Option<&mut Error> {
         match self {
             Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
             _ => None,
@@ -165,6 +173,12 @@ impl<T> Contended for Outcome<T> {
 
 impl<T, K> Contended for RowsOutcome<T, K> {
     fn contention(&self) -> Option<&Error> {
+        match self {
+            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn contention_mut(&mut self) -> Option<&mut Error> {
         match self {
             RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
             _ => None,

@@ -404,13 +404,25 @@ async fn not_locked<O: Contended, E: From<Error>>(
     locked: Result<O, Error>,
     policy: &RetryPolicy,
 ) -> Result<O, Failure<E>> {
-    tx.rollback_quietly().await;
     match locked {
-        Ok(outcome) if outcome.contention().is_some_and(|e| policy.retries(e)) => Err(
-            Failure::Retry(outcome.into_contention().expect("checked just above")),
-        ),
-        Ok(outcome) => Ok(outcome),
-        Err(e) => Err(failure(e, policy)),
+        Ok(outcome) if outcome.contention().is_some_and(|e| policy.retries(e)) => {
+            tx.rollback_quietly().await;
+            Err(Failure::Retry(
+                outcome.into_contention().expect("checked just above"),
+            ))
+        }
+        Ok(mut outcome) => {
+            // Returned to the caller: say who holds the lock (failure path only).
+            match outcome.contention_mut() {
+                Some(e) => tx.rollback_and_find_blockers(e).await,
+                None => tx.rollback_quietly().await,
+            }
+            Ok(outcome)
+        }
+        Err(e) => {
+            tx.rollback_quietly().await;
+            Err(failure(e, policy))
+        }
     }
 }
 

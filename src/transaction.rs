@@ -672,6 +672,37 @@ impl Transaction {
         let _ = self.end(false).await;
     }
 
+    /// Rolls back after a lock that could not be taken, then, on the same connection and only
+    /// if it is clean, asks the server who holds the lock and records it on `contention`.
+    pub(crate) async fn rollback_and_find_blockers(mut self, contention: &mut Error) {
+        let Some(query) = contention.take_blocker_query() else {
+            return self.rollback_quietly().await;
+        };
+        let (open, uncertain, broken) = {
+            let st = self.state();
+            (st.open, st.uncertain, st.broken)
+        };
+        if !open || uncertain || broken {
+            return self.rollback_quietly().await;
+        }
+        self.close_statements();
+        let client = self
+            .client
+            .take()
+            .expect("rowlock: transaction ended twice");
+        let dirty = Dirty(Some(client));
+        match tokio::time::timeout(CLEANUP_TIMEOUT, dirty.conn().batch_execute("ROLLBACK")).await {
+            Ok(Ok(())) => {}
+            _ => return, // `dirty` closes the connection
+        }
+        // The locks are released: from here on the caller waits only for the diagnosis.
+        if let Some(blockers) = query.run(dirty.conn()).await {
+            contention.set_blockers(blockers);
+            dirty.release();
+        }
+        // A failed or timed-out diagnosis may leave its transaction open: `dirty` closes it.
+    }
+
     /// Returns the connection to the pool: only called when the server is known to be
     /// outside a transaction.
     fn release(&mut self) {

@@ -741,7 +741,7 @@ async fn soak_mixed_traffic_with_random_cancellation_keeps_every_invariant() {
     );
 
     // Every success a caller saw is in the database.
-    let reported = reported.lock().unwrap();
+    let reported = std::mem::take(&mut *reported.lock().unwrap());
     let accepted: Vec<i64> = reported.accepted.iter().copied().collect();
     let withdrawn: Vec<i64> = reported.withdrawn.iter().copied().collect();
     let row = client

@@ -7,6 +7,7 @@ mod bad_input;
 mod cancellation;
 mod claim;
 mod conflicts;
+mod diagnostics;
 mod faults;
 mod harness;
 mod locking;

@@ -1,0 +1,144 @@
+//! When a lock is not available or a lock wait times out, the error names who holds it.
+
+use std::time::Duration;
+
+use rowlock::tokio_postgres::{Client, NoTls};
+use rowlock::{
+    AdvisoryKey, LockMode, LockOptions, Outcome, RetryPolicy, with_advisory_lock, with_locked_row,
+    with_locked_row_retry,
+};
+
+use crate::support::{Account, accounts};
+
+/// A session with its own application_name, holding row 1 of `accounts` in an open
+/// transaction, and the advisory lock 77.
+async fn holder(db: &rowlock::testing::TestDatabase) -> (Client, i32) {
+    let mut config = db.config().clone();
+    config.application_name("billing-batch");
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE;
+             SELECT pg_advisory_xact_lock(77)",
+        )
+        .await
+        .unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (client, pid)
+}
+
+fn never(
+    _: &rowlock::Transaction,
+    _: Account,
+) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
+    panic!("the row is held elsewhere")
+}
+
+#[tokio::test]
+async fn lock_not_available_and_lock_timeout_name_the_holder() {
+    let (db, pool) = accounts(2).await;
+    let (_holder, pid) = holder(&db).await;
+
+    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let outcome = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &nowait, never)
+        .await
+        .unwrap();
+    let Outcome::LockNotAvailable(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let blockers = err.blockers().expect("gathered on this failure path");
+    assert_eq!(blockers.len(), 1, "{blockers:?}");
+    let b = &blockers[0];
+    assert_eq!(b.pid, pid);
+    assert_eq!(b.application_name, "billing-batch");
+    assert_eq!(b.state.as_deref(), Some("idle in transaction"));
+    assert!(b.transaction_age.is_some());
+    assert!(
+        b.query.as_deref().unwrap().contains("pg_backend_pid"),
+        "{b:?}"
+    );
+    let shown = err.to_string();
+    assert!(
+        shown.contains(&format!("held by pid {pid} (billing-batch)")),
+        "{shown}"
+    );
+
+    // The same for a lock wait that timed out, through the retry form.
+    let timeout = LockOptions::new().lock_timeout(Duration::from_millis(50));
+    let outcome = with_locked_row_retry::<Account, _, rowlock::Error, _>(
+        &pool,
+        &1,
+        &timeout,
+        &RetryPolicy::new(),
+        never,
+    )
+    .await
+    .unwrap();
+    let Outcome::LockTimeout(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(err.blockers().unwrap()[0].pid, pid);
+
+    // A free row: done, and nothing to report.
+    let outcome = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &2, &nowait, |_, a| {
+        Box::pin(async move { Ok(a.id) })
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome.done(), Some(2));
+
+    // The connection that ran the diagnosis went back to the pool clean.
+    let status = pool.status();
+    assert_eq!(status.size, status.available, "{status:?}");
+}
+
+#[tokio::test]
+async fn advisory_lock_contention_names_the_holder() {
+    let (db, pool) = accounts(1).await;
+    let (_holder, pid) = holder(&db).await;
+    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let outcome = with_advisory_lock(&pool, AdvisoryKey::single(77), &nowait, |_| {
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap();
+    let Outcome::LockNotAvailable(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let blockers = err.blockers().unwrap();
+    assert_eq!(blockers.iter().map(|b| b.pid).collect::<Vec<_>>(), [pid]);
+
+    // A key in the pair space with the same bits is a different lock: nobody holds it.
+    let outcome = with_advisory_lock(&pool, AdvisoryKey::pair(0, 77), &nowait, |_| {
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap();
+    assert!(outcome.is_done());
+
+    let high = AdvisoryKey::single(-2); // both 32-bit halves non-zero
+    let holder2 = db.client().await.unwrap();
+    holder2
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(-2)")
+        .await
+        .unwrap();
+    let pid2: i32 = holder2
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let outcome = with_advisory_lock(&pool, high, &nowait, |_| {
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap();
+    let Outcome::LockNotAvailable(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(err.blockers().unwrap()[0].pid, pid2);
+}

@@ -13,6 +13,7 @@ use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{LockMode, LockOptions};
 use crate::outcome::Outcome;
 use crate::retry::finish;
+use crate::trace;
 use crate::transaction::Transaction;
 
 /// The key of an advisory lock: one 64-bit integer, or a pair of 32-bit integers (PostgreSQL
@@ -192,8 +193,30 @@ where
         )
         .into());
     }
+    trace::locked_call("with_advisory_lock", "", async {
+        trace::attempt(1);
+        let result = advisory_attempt(pool, key, options, f).await;
+        trace::outcome(result.as_ref().map_or("error", Outcome::label));
+        result
+    })
+    .await
+}
+
+async fn advisory_attempt<T, E, F>(
+    pool: &Pool,
+    key: AdvisoryKey,
+    options: &LockOptions,
+    f: F,
+) -> Result<Outcome<T>, E>
+where
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
+{
     let tx = Transaction::begin_unchecked(pool, &options.transaction).await?;
-    match tx.advisory_lock(key, options.mode).await {
+    let started = trace::Mark::now();
+    let locked = tx.advisory_lock(key, options.mode).await;
+    trace::lock_wait(started);
+    match locked {
         Ok(Outcome::Done(())) => {}
         Ok(mut other) => {
             match &mut other {
@@ -209,8 +232,11 @@ where
             return Err(e.into());
         }
     }
+    let locked_at = trace::Mark::now();
     let result = f(&tx).await;
-    finish(tx, result).await.map(Outcome::Done)
+    let finished = finish(tx, result).await.map(Outcome::Done);
+    trace::hold(locked_at);
+    finished
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ use crate::lock::LockStrength;
 use crate::options::TransactionOptions;
 use crate::retry::finish;
 use crate::row::{LockableRow, Names, quote_ident};
+use crate::trace;
 use crate::transaction::{OwnedParam, Transaction};
 
 /// A comparison operator in a claim filter.
@@ -414,20 +415,33 @@ where
     let (sql, params) = claim.render::<R>(&n)?;
     let mut options = claim.transaction.clone();
     options.force_custom_plans = true;
-    let tx = Transaction::begin_unchecked(pool, &options).await?;
-    let rows = match tx.claim_rendered::<R>(&sql, &params, true).await {
-        Ok(rows) if !rows.is_empty() => rows,
-        Ok(_) => {
-            tx.rollback_quietly().await;
-            return Ok(None);
-        }
-        Err(e) => {
-            tx.rollback_quietly().await;
-            return Err(e.into());
-        }
-    };
-    let result = f(&tx, rows).await;
-    finish(tx, result).await.map(Some)
+    trace::locked_call("with_claimed_rows", R::TABLE.name(), async {
+        trace::attempt(1);
+        let tx = Transaction::begin_unchecked(pool, &options).await?;
+        let started = trace::Mark::now();
+        let claimed = tx.claim_rendered::<R>(&sql, &params, true).await;
+        trace::lock_wait(started);
+        let rows = match claimed {
+            Ok(rows) if !rows.is_empty() => rows,
+            Ok(_) => {
+                tx.rollback_quietly().await;
+                trace::outcome("empty");
+                return Ok(None);
+            }
+            Err(e) => {
+                tx.rollback_quietly().await;
+                trace::outcome("error");
+                return Err(e.into());
+            }
+        };
+        let locked_at = trace::Mark::now();
+        let result = f(&tx, rows).await;
+        let finished = finish(tx, result).await.map(Some);
+        trace::hold(locked_at);
+        trace::outcome(if finished.is_ok() { "done" } else { "error" });
+        finished
+    })
+    .await
 }
 
 /// [`with_claimed_rows`] for one row at a time: the plain worker loop.

@@ -21,6 +21,7 @@ mod outcome;
 mod pipeline;
 mod retry;
 mod row;
+mod trace;
 mod transaction;
 
 #[cfg(feature = "testing")]

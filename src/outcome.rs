@@ -150,6 +150,32 @@ pub(crate) trait Contended: Sized {
     fn into_contention(self) -> Option<Error>;
 }
 
+impl<T> Outcome<T> {
+    /// A short name for spans and logs.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Outcome::Done(_) => "done",
+            Outcome::NotFound => "not_found",
+            Outcome::Skipped => "skipped",
+            Outcome::LockNotAvailable(_) => "lock_not_available",
+            Outcome::LockTimeout(_) => "lock_timeout",
+        }
+    }
+}
+
+impl<T, K> RowsOutcome<T, K> {
+    /// A short name for spans and logs.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            RowsOutcome::Done(_) => "done",
+            RowsOutcome::NotFound(_) => "not_found",
+            RowsOutcome::Skipped(_) => "skipped",
+            RowsOutcome::LockNotAvailable(_) => "lock_not_available",
+            RowsOutcome::LockTimeout(_) => "lock_timeout",
+        }
+    }
+}
+
 impl<T> Contended for Outcome<T> {
     fn contention(&self) -> Option<&Error> {
         match self {

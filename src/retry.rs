@@ -27,6 +27,7 @@ use crate::locking::sorted_keys;
 use crate::options::TransactionOptions;
 use crate::outcome::{Contended, Outcome, RowsOutcome};
 use crate::row::{LockableRow, Names};
+use crate::trace;
 use crate::transaction::Transaction;
 
 /// When and how often to retry a transaction.
@@ -534,21 +535,51 @@ where
 {
     options.validate()?;
     let names = Names::of::<R>()?;
+    trace::locked_call("with_locked_row", &names.table, async {
+        let result = locked_row_attempts(pool, &names, key, options, policy, &mut f).await;
+        trace::outcome(result.as_ref().map_or("error", Outcome::label));
+        result
+    })
+    .await
+}
+
+async fn locked_row_attempts<R, T, E, F>(
+    pool: &Pool,
+    names: &Names,
+    key: &R::Key,
+    options: &LockOptions,
+    policy: &RetryPolicy,
+    f: &mut F,
+) -> Result<Outcome<T>, E>
+where
+    R: LockableRow,
+    E: From<Error>,
+    F: for<'t> FnMut(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
+{
+    let mut attempt = 0;
     retry_loop!(
         policy,
         async {
+            attempt += 1;
+            trace::attempt(attempt);
             let tx = Transaction::begin_unchecked(pool, &options.transaction)
                 .await
                 .map_err(|e| failure(e, policy))?;
-            let row = match tx.lock_one::<R>(&names, key, options, false).await {
+            let started = trace::Mark::now();
+            let locked = tx.lock_one::<R>(names, key, options, false).await;
+            trace::lock_wait(started);
+            let row = match locked {
                 Ok(Outcome::Done(row)) => row,
                 other => {
                     let other = other.map(|o| o.map(|_| unreachable!("Done is handled above")));
                     return not_locked(tx, other, policy).await;
                 }
             };
+            let locked_at = trace::Mark::now();
             let result = f(&tx, row).await;
-            settle(tx, result, policy).await.map(Outcome::Done)
+            let settled = settle(tx, result, policy).await.map(Outcome::Done);
+            trace::hold(locked_at);
+            settled
         }
         .await
     )
@@ -572,21 +603,51 @@ where
     options.validate()?;
     let names = Names::of::<R>()?;
     let keys = sorted_keys::<R>(keys)?;
+    trace::locked_call("with_locked_rows", &names.table, async {
+        let result = locked_rows_attempts(pool, &names, &keys, options, policy, &mut f).await;
+        trace::outcome(result.as_ref().map_or("error", RowsOutcome::label));
+        result
+    })
+    .await
+}
+
+async fn locked_rows_attempts<R, T, E, F>(
+    pool: &Pool,
+    names: &Names,
+    keys: &[R::Key],
+    options: &LockOptions,
+    policy: &RetryPolicy,
+    f: &mut F,
+) -> Result<RowsOutcome<T, R::Key>, E>
+where
+    R: LockableRow,
+    E: From<Error>,
+    F: for<'t> FnMut(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
+{
+    let mut attempt = 0;
     retry_loop!(
         policy,
         async {
+            attempt += 1;
+            trace::attempt(attempt);
             let tx = Transaction::begin_unchecked(pool, &options.transaction)
                 .await
                 .map_err(|e| failure(e, policy))?;
-            let rows = match tx.lock_many::<R>(&names, &keys, options, false).await {
+            let started = trace::Mark::now();
+            let locked = tx.lock_many::<R>(names, keys, options, false).await;
+            trace::lock_wait(started);
+            let rows = match locked {
                 Ok(RowsOutcome::Done(rows)) => rows,
                 other => {
                     let other = other.map(|o| o.map(|_| unreachable!("Done is handled above")));
                     return not_locked(tx, other, policy).await;
                 }
             };
+            let locked_at = trace::Mark::now();
             let result = f(&tx, rows).await;
-            settle(tx, result, policy).await.map(RowsOutcome::Done)
+            let settled = settle(tx, result, policy).await.map(RowsOutcome::Done);
+            trace::hold(locked_at);
+            settled
         }
         .await
     )

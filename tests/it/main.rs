@@ -14,5 +14,6 @@ mod locking;
 mod pgbouncer;
 mod proxy;
 mod retry;
+mod spans;
 mod support;
 mod transaction;

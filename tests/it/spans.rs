@@ -1,0 +1,126 @@
+//! `tracing` spans (feature `tracing`): one `rowlock.locked_call` span per locked call, with
+//! attempts, lock wait, hold time and outcome.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rowlock::{LockMode, LockOptions, with_locked_row};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata, Subscriber};
+use tracing_core::span::Current;
+
+use crate::support::{Account, accounts};
+
+type Fields = BTreeMap<String, String>;
+
+/// Collects the fields of `rowlock.locked_call` spans, in creation order.
+/// Tracks the entered spans as real subscribers do, since rowlock records fields on the
+/// current span.
+#[derive(Default, Clone)]
+struct Collector {
+    next: Arc<AtomicU64>,
+    spans: Arc<Mutex<BTreeMap<u64, Fields>>>,
+    metadata: Arc<Mutex<BTreeMap<u64, &'static Metadata<'static>>>>,
+    stack: Arc<Mutex<Vec<u64>>>,
+}
+
+struct Visitor<'a>(&'a mut Fields);
+
+impl Visit for Visitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_string(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+}
+
+impl Subscriber for Collector {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, attrs: &Attributes<'_>) -> Id {
+        let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        self.metadata.lock().unwrap().insert(id, attrs.metadata());
+        if attrs.metadata().name() == "rowlock.locked_call" {
+            let mut fields = Fields::new();
+            attrs.record(&mut Visitor(&mut fields));
+            self.spans.lock().unwrap().insert(id, fields);
+        }
+        Id::from_u64(id)
+    }
+    fn record(&self, span: &Id, values: &Record<'_>) {
+        if let Some(fields) = self.spans.lock().unwrap().get_mut(&span.into_u64()) {
+            values.record(&mut Visitor(fields));
+        }
+    }
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, _: &Event<'_>) {}
+    fn enter(&self, span: &Id) {
+        self.stack.lock().unwrap().push(span.into_u64());
+    }
+    fn exit(&self, span: &Id) {
+        let mut stack = self.stack.lock().unwrap();
+        if let Some(pos) = stack.iter().rposition(|id| *id == span.into_u64()) {
+            stack.remove(pos);
+        }
+    }
+    fn current_span(&self) -> Current {
+        let top = self.stack.lock().unwrap().last().copied();
+        match top.and_then(|id| Some((id, *self.metadata.lock().unwrap().get(&id)?))) {
+            Some((id, meta)) => Current::new(Id::from_u64(id), meta),
+            None => Current::none(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_locked_call_has_a_span_with_wait_hold_outcome_and_attempts() {
+    let (db, pool) = accounts(1).await;
+    let collector = Collector::default();
+    let _guard = tracing::subscriber::set_default(collector.clone());
+
+    let done =
+        with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &LockOptions::new(), |_, a| {
+            Box::pin(async move { Ok(a.id) })
+        })
+        .await
+        .unwrap();
+    assert!(done.is_done());
+
+    let holder = db.client().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let busy = with_locked_row::<Account, (), rowlock::Error, _>(
+        &pool,
+        &1,
+        &LockOptions::new().mode(LockMode::NoWait),
+        |_, _| panic!("held elsewhere"),
+    )
+    .await
+    .unwrap();
+    assert!(!busy.is_done());
+
+    let spans: Vec<Fields> = collector.spans.lock().unwrap().values().cloned().collect();
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let (first, second) = (&spans[0], &spans[1]);
+    assert_eq!(first["call"], "with_locked_row");
+    assert_eq!(first["table"], "\"accounts\"");
+    assert_eq!(first["outcome"], "done");
+    assert_eq!(first["attempts"], "1");
+    for field in ["lock_wait_ms", "hold_ms"] {
+        let ms: f64 = first[field].parse().unwrap();
+        assert!(ms >= 0.0, "{field} = {ms}");
+    }
+    assert_eq!(second["outcome"], "lock_not_available");
+    assert!(second.contains_key("lock_wait_ms"));
+    assert!(
+        !second.contains_key("hold_ms"),
+        "nothing was held: {second:?}"
+    );
+}

@@ -5,6 +5,8 @@
 //! lost connection, and never outlives it in a pooled session (session-level advisory locks
 //! survive rollback, stack, and are unsafe behind PgBouncer's transaction pooling).
 
+use std::future::Future;
+
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 
@@ -12,8 +14,7 @@ use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{LockMode, LockOptions};
 use crate::outcome::Outcome;
-use crate::retry::finish;
-use crate::trace;
+use crate::retry::{LockStep, RetryPolicy, run_locked};
 use crate::transaction::Transaction;
 
 /// The key of an advisory lock: one 64-bit integer, or a pair of 32-bit integers (PostgreSQL
@@ -108,12 +109,7 @@ impl Transaction {
         let sql = match mode {
             LockMode::Wait => wait_sql,
             LockMode::NoWait => try_sql,
-            _ => {
-                return Err(Error::invalid(
-                    "an advisory lock can be waited for (Wait) or tried (NoWait); SkipLocked \
-                     has no meaning for a single key",
-                ));
-            }
+            _ => return Err(skip_locked_refused()),
         };
         let conn = self.conn();
         let request = async {
@@ -187,56 +183,49 @@ where
 {
     options.validate()?;
     if options.mode == LockMode::SkipLocked {
-        return Err(Error::invalid(
-            "an advisory lock can be waited for (Wait) or tried (NoWait); SkipLocked has no \
-             meaning for a single key",
-        )
-        .into());
+        return Err(skip_locked_refused().into());
     }
-    trace::locked_call("with_advisory_lock", "", async {
-        trace::attempt(1);
-        let result = advisory_attempt(pool, key, options, f).await;
-        trace::outcome(result.as_ref().map_or("error", Outcome::label));
-        result
-    })
+    let mut f = Some(f);
+    let step = AdvisoryLock {
+        key,
+        mode: options.mode,
+    };
+    run_locked(
+        "with_advisory_lock",
+        "",
+        pool,
+        &options.transaction,
+        &RetryPolicy::once(),
+        &step,
+        move |tx, ()| {
+            f.take()
+                .expect("a one-attempt policy calls the closure once")(tx)
+        },
+    )
     .await
 }
 
-async fn advisory_attempt<T, E, F>(
-    pool: &Pool,
+fn skip_locked_refused() -> Error {
+    Error::invalid(
+        "an advisory lock can be waited for (Wait) or tried (NoWait); SkipLocked has no \
+         meaning for a single key",
+    )
+}
+
+/// The lock step of [`with_advisory_lock`].
+struct AdvisoryLock {
     key: AdvisoryKey,
-    options: &LockOptions,
-    f: F,
-) -> Result<Outcome<T>, E>
-where
-    E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
-{
-    let tx = Transaction::begin_unchecked(pool, &options.transaction).await?;
-    let started = trace::Mark::now();
-    let locked = tx.advisory_lock(key, options.mode).await;
-    trace::lock_wait(started);
-    match locked {
-        Ok(Outcome::Done(())) => {}
-        Ok(mut other) => {
-            match &mut other {
-                Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => {
-                    tx.rollback_and_find_blockers(e).await
-                }
-                _ => tx.rollback_quietly().await,
-            }
-            return Ok(other.map(|()| unreachable!("Done is handled above")));
-        }
-        Err(e) => {
-            tx.rollback_quietly().await;
-            return Err(e.into());
-        }
+    mode: LockMode,
+}
+
+impl LockStep for AdvisoryLock {
+    type Locked = Outcome<()>;
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+    ) -> impl Future<Output = Result<Outcome<()>, Error>> + Send + 't {
+        tx.advisory_lock(self.key, self.mode)
     }
-    let locked_at = trace::Mark::now();
-    let result = f(&tx).await;
-    let finished = finish(tx, result).await.map(Outcome::Done);
-    trace::hold(locked_at);
-    finished
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@
 //!   of rows that reference the job through a foreign key (those take `KEY SHARE`).
 
 use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
 
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
@@ -52,9 +54,8 @@ use tokio_postgres::types::ToSql;
 use crate::error::{Error, ErrorKind, Step};
 use crate::lock::LockStrength;
 use crate::options::TransactionOptions;
-use crate::retry::finish;
+use crate::retry::{LockStep, RetryPolicy, run_locked};
 use crate::row::{LockableRow, Names, quote_ident};
-use crate::trace;
 use crate::transaction::{OwnedParam, Transaction};
 
 /// A comparison operator in a claim filter.
@@ -415,33 +416,42 @@ where
     let (sql, params) = claim.render::<R>(&n)?;
     let mut options = claim.transaction.clone();
     options.force_custom_plans = true;
-    trace::locked_call("with_claimed_rows", R::TABLE.name(), async {
-        trace::attempt(1);
-        let tx = Transaction::begin_unchecked(pool, &options).await?;
-        let started = trace::Mark::now();
-        let claimed = tx.claim_rendered::<R>(&sql, &params, true).await;
-        trace::lock_wait(started);
-        let rows = match claimed {
-            Ok(rows) if !rows.is_empty() => rows,
-            Ok(_) => {
-                tx.rollback_quietly().await;
-                trace::outcome("empty");
-                return Ok(None);
-            }
-            Err(e) => {
-                tx.rollback_quietly().await;
-                trace::outcome("error");
-                return Err(e.into());
-            }
-        };
-        let locked_at = trace::Mark::now();
-        let result = f(&tx, rows).await;
-        let finished = finish(tx, result).await.map(Some);
-        trace::hold(locked_at);
-        trace::outcome(if finished.is_ok() { "done" } else { "error" });
-        finished
-    })
+    let mut f = Some(f);
+    let step = ClaimStep::<R> {
+        sql,
+        params,
+        row: PhantomData,
+    };
+    run_locked(
+        "with_claimed_rows",
+        R::TABLE.name(),
+        pool,
+        &options,
+        &RetryPolicy::once(),
+        &step,
+        move |tx, rows| {
+            f.take()
+                .expect("a one-attempt policy calls the closure once")(tx, rows)
+        },
+    )
     .await
+}
+
+/// The lock step of [`with_claimed_rows`]: the rendered claim.
+struct ClaimStep<'a, R> {
+    sql: String,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+    row: PhantomData<fn() -> R>,
+}
+
+impl<R: LockableRow> LockStep for ClaimStep<'_, R> {
+    type Locked = Vec<R>;
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+    ) -> impl Future<Output = Result<Vec<R>, Error>> + Send + 't {
+        tx.claim_rendered::<R>(&self.sql, &self.params, true)
+    }
 }
 
 /// [`with_claimed_rows`] for one row at a time: the plain worker loop.

@@ -140,19 +140,44 @@ impl<T, K> RowsOutcome<T, K> {
     }
 }
 
-/// The lock-contention outcomes of both outcome types, for the retry loop.
+/// What a locked call can end with, for the shared attempt loop: the lock-contention error
+/// (if that is what happened) and a short name for spans.
 pub(crate) trait Contended: Sized {
     /// The error of `LockNotAvailable` / `LockTimeout`, if that is what happened.
-    fn contention(&self) -> Option<&Error>;
-    /// The same, mutably.
     fn contention_mut(&mut self) -> Option<&mut Error>;
     /// The same, by value.
     fn into_contention(self) -> Option<Error>;
+    /// A short name for spans and logs.
+    fn label(&self) -> &'static str;
 }
 
-impl<T> Outcome<T> {
-    /// A short name for spans and logs.
-    pub(crate) fn label(&self) -> &'static str {
+/// What a lock step produced: the locked value for the closure, or an outcome that ends the
+/// call without running it.
+pub(crate) trait Locked: Sized {
+    /// What the closure gets.
+    type Value;
+    /// What the call returns, carrying the closure's `T` when done.
+    type Output<T>: Contended;
+    /// `Ok` with the locked value, or the outcome to return as it is.
+    fn split<T>(self) -> Result<Self::Value, Self::Output<T>>;
+    /// The call's result after the closure returned `value` and the transaction committed.
+    fn done<T>(value: T) -> Self::Output<T>;
+}
+
+impl<T> Contended for Outcome<T> {
+    fn contention_mut(&mut self) -> Option<&mut Error> {
+        match self {
+            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn into_contention(self) -> Option<Error> {
+        match self {
+            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn label(&self) -> &'static str {
         match self {
             Outcome::Done(_) => "done",
             Outcome::NotFound => "not_found",
@@ -163,9 +188,34 @@ impl<T> Outcome<T> {
     }
 }
 
-impl<T, K> RowsOutcome<T, K> {
-    /// A short name for spans and logs.
-    pub(crate) fn label(&self) -> &'static str {
+impl<R> Locked for Outcome<R> {
+    type Value = R;
+    type Output<T> = Outcome<T>;
+    fn split<T>(self) -> Result<R, Outcome<T>> {
+        match self {
+            Outcome::Done(row) => Ok(row),
+            other => Err(other.map(|_| unreachable!("Done is handled above"))),
+        }
+    }
+    fn done<T>(value: T) -> Outcome<T> {
+        Outcome::Done(value)
+    }
+}
+
+impl<T, K> Contended for RowsOutcome<T, K> {
+    fn contention_mut(&mut self) -> Option<&mut Error> {
+        match self {
+            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn into_contention(self) -> Option<Error> {
+        match self {
+            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn label(&self) -> &'static str {
         match self {
             RowsOutcome::Done(_) => "done",
             RowsOutcome::NotFound(_) => "not_found",
@@ -176,44 +226,42 @@ impl<T, K> RowsOutcome<T, K> {
     }
 }
 
-impl<T> Contended for Outcome<T> {
-    fn contention(&self) -> Option<&Error> {
+impl<R, K> Locked for RowsOutcome<R, K> {
+    type Value = R;
+    type Output<T> = RowsOutcome<T, K>;
+    fn split<T>(self) -> Result<R, RowsOutcome<T, K>> {
         match self {
-            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
-            _ => None,
+            RowsOutcome::Done(rows) => Ok(rows),
+            other => Err(other.map(|_| unreachable!("Done is handled above"))),
         }
     }
-    fn contention_mut(&mut self) -> Option<&mut Error> {
-        match self {
-            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
-            _ => None,
-        }
-    }
-    fn into_contention(self) -> Option<Error> {
-        match self {
-            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Some(e),
-            _ => None,
-        }
+    fn done<T>(value: T) -> RowsOutcome<T, K> {
+        RowsOutcome::Done(value)
     }
 }
 
-impl<T, K> Contended for RowsOutcome<T, K> {
-    fn contention(&self) -> Option<&Error> {
-        match self {
-            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
-            _ => None,
-        }
-    }
+/// A claim's result: `Some` with the closure's value, `None` when nothing was free. Never
+/// contended (`SKIP LOCKED` does not wait or fail).
+impl<T> Contended for Option<T> {
     fn contention_mut(&mut self) -> Option<&mut Error> {
-        match self {
-            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
-            _ => None,
-        }
+        None
     }
     fn into_contention(self) -> Option<Error> {
-        match self {
-            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
-            _ => None,
-        }
+        None
+    }
+    fn label(&self) -> &'static str {
+        if self.is_some() { "done" } else { "empty" }
+    }
+}
+
+/// Claimed rows: an empty claim ends the call with `None`.
+impl<R> Locked for Vec<R> {
+    type Value = Vec<R>;
+    type Output<T> = Option<T>;
+    fn split<T>(self) -> Result<Vec<R>, Option<T>> {
+        if self.is_empty() { Err(None) } else { Ok(self) }
+    }
+    fn done<T>(value: T) -> Option<T> {
+        Some(value)
     }
 }

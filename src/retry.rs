@@ -13,6 +13,7 @@
 //! that only rowlock can make.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use crate::error::{Error, ErrorKind};
 use crate::lock::LockOptions;
 use crate::locking::sorted_keys;
 use crate::options::TransactionOptions;
-use crate::outcome::{Contended, Outcome, RowsOutcome};
+use crate::outcome::{Contended, Locked, Outcome, RowsOutcome};
 use crate::row::{LockableRow, Names};
 use crate::trace;
 use crate::transaction::Transaction;
@@ -386,18 +387,6 @@ async fn settle<T, E: From<Error>>(
     }
 }
 
-/// Commits or rolls back after a closure that is not retried.
-pub(crate) async fn finish<T, E: From<Error>>(
-    tx: Transaction,
-    result: Result<T, E>,
-) -> Result<T, E> {
-    match settle(tx, result, &RetryPolicy::once()).await {
-        Ok(value) => Ok(value),
-        Err(Failure::Stop(e)) => Err(e),
-        Err(Failure::Retry(cause)) => Err(cause.into()),
-    }
-}
-
 /// When the lock step did not lock: rolls back, and decides whether the attempt is retried
 /// (lock contention, when the policy asks) or its outcome returned.
 async fn not_locked<O: Contended, E: From<Error>>(
@@ -406,20 +395,23 @@ async fn not_locked<O: Contended, E: From<Error>>(
     policy: &RetryPolicy,
 ) -> Result<O, Failure<E>> {
     match locked {
-        Ok(outcome) if outcome.contention().is_some_and(|e| policy.retries(e)) => {
-            tx.rollback_quietly().await;
-            Err(Failure::Retry(
-                outcome.into_contention().expect("checked just above"),
-            ))
-        }
-        Ok(mut outcome) => {
-            // Returned to the caller: say who holds the lock (failure path only).
-            match outcome.contention_mut() {
-                Some(e) => tx.rollback_and_find_blockers(e).await,
-                None => tx.rollback_quietly().await,
+        Ok(mut outcome) => match outcome.contention_mut() {
+            Some(e) if policy.retries(e) => {
+                tx.rollback_quietly().await;
+                Err(Failure::Retry(
+                    outcome.into_contention().expect("matched just above"),
+                ))
             }
-            Ok(outcome)
-        }
+            // Returned to the caller: say who holds the lock (failure path only).
+            Some(e) => {
+                tx.rollback_and_find_blockers(e).await;
+                Ok(outcome)
+            }
+            None => {
+                tx.rollback_quietly().await;
+                Ok(outcome)
+            }
+        },
         Err(e) => {
             tx.rollback_quietly().await;
             Err(failure(e, policy))
@@ -526,7 +518,7 @@ pub async fn with_locked_row_retry<R, T, E, F>(
     key: &R::Key,
     options: &LockOptions,
     policy: &RetryPolicy,
-    mut f: F,
+    f: F,
 ) -> Result<Outcome<T>, E>
 where
     R: LockableRow,
@@ -535,54 +527,21 @@ where
 {
     options.validate()?;
     let names = Names::of::<R>()?;
-    trace::locked_call("with_locked_row", &names.table, async {
-        let result = locked_row_attempts(pool, &names, key, options, policy, &mut f).await;
-        trace::outcome(result.as_ref().map_or("error", Outcome::label));
-        result
-    })
-    .await
-}
-
-async fn locked_row_attempts<R, T, E, F>(
-    pool: &Pool,
-    names: &Names,
-    key: &R::Key,
-    options: &LockOptions,
-    policy: &RetryPolicy,
-    f: &mut F,
-) -> Result<Outcome<T>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
-{
-    let mut attempt = 0;
-    retry_loop!(
+    let step = RowLock::<R> {
+        names: &names,
+        key,
+        options,
+    };
+    run_locked(
+        "with_locked_row",
+        &names.table,
+        pool,
+        &options.transaction,
         policy,
-        async {
-            attempt += 1;
-            trace::attempt(attempt);
-            let tx = Transaction::begin_unchecked(pool, &options.transaction)
-                .await
-                .map_err(|e| failure(e, policy))?;
-            let started = trace::Mark::now();
-            let locked = tx.lock_one::<R>(names, key, options, false).await;
-            trace::lock_wait(started);
-            let row = match locked {
-                Ok(Outcome::Done(row)) => row,
-                other => {
-                    let other = other.map(|o| o.map(|_| unreachable!("Done is handled above")));
-                    return not_locked(tx, other, policy).await;
-                }
-            };
-            let locked_at = trace::Mark::now();
-            let result = f(&tx, row).await;
-            let settled = settle(tx, result, policy).await.map(Outcome::Done);
-            trace::hold(locked_at);
-            settled
-        }
-        .await
+        &step,
+        f,
     )
+    .await
 }
 
 /// [`with_locked_rows`](crate::with_locked_rows), retried under `policy`: each attempt opens
@@ -593,7 +552,7 @@ pub async fn with_locked_rows_retry<R, T, E, F>(
     keys: &[R::Key],
     options: &LockOptions,
     policy: &RetryPolicy,
-    mut f: F,
+    f: F,
 ) -> Result<RowsOutcome<T, R::Key>, E>
 where
     R: LockableRow,
@@ -603,26 +562,105 @@ where
     options.validate()?;
     let names = Names::of::<R>()?;
     let keys = sorted_keys::<R>(keys)?;
-    trace::locked_call("with_locked_rows", &names.table, async {
-        let result = locked_rows_attempts(pool, &names, &keys, options, policy, &mut f).await;
-        trace::outcome(result.as_ref().map_or("error", RowsOutcome::label));
+    let step = RowsLock::<R> {
+        names: &names,
+        keys: &keys,
+        options,
+    };
+    run_locked(
+        "with_locked_rows",
+        &names.table,
+        pool,
+        &options.transaction,
+        policy,
+        &step,
+        f,
+    )
+    .await
+}
+
+/// The lock step of a locked call: takes the locks inside the attempt's transaction.
+pub(crate) trait LockStep: Sync {
+    /// What it produced.
+    type Locked: Locked;
+    /// Takes the locks.
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+    ) -> impl Future<Output = Result<Self::Locked, Error>> + Send + 't;
+}
+
+/// One row by key (`with_locked_row`). The lock timeout was set with `BEGIN`.
+struct RowLock<'a, R: LockableRow> {
+    names: &'a Names,
+    key: &'a R::Key,
+    options: &'a LockOptions,
+}
+
+impl<R: LockableRow> LockStep for RowLock<'_, R> {
+    type Locked = Outcome<R>;
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+    ) -> impl Future<Output = Result<Outcome<R>, Error>> + Send + 't {
+        tx.lock_one::<R>(self.names, self.key, self.options, false)
+    }
+}
+
+/// Rows by sorted, deduplicated keys (`with_locked_rows`).
+struct RowsLock<'a, R: LockableRow> {
+    names: &'a Names,
+    keys: &'a [R::Key],
+    options: &'a LockOptions,
+}
+
+impl<R: LockableRow> LockStep for RowsLock<'_, R> {
+    type Locked = RowsOutcome<Vec<R>, R::Key>;
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+    ) -> impl Future<Output = Result<Self::Locked, Error>> + Send + 't {
+        tx.lock_many::<R>(self.names, self.keys, self.options, false)
+    }
+}
+
+/// The one shape of every locked call: under `policy`, each attempt opens a transaction with
+/// `options`, runs the lock `step`, and either returns its outcome (rolled back, with who
+/// holds the lock) or runs `f` on what it locked and commits. Inside a
+/// `rowlock.locked_call` span named `call` (feature `tracing`).
+pub(crate) async fn run_locked<S, T, E, F>(
+    call: &'static str,
+    table: &str,
+    pool: &Pool,
+    options: &TransactionOptions,
+    policy: &RetryPolicy,
+    step: &S,
+    mut f: F,
+) -> Result<<S::Locked as Locked>::Output<T>, E>
+where
+    S: LockStep,
+    E: From<Error>,
+    F: for<'t> FnMut(&'t Transaction, <S::Locked as Locked>::Value) -> BoxFuture<'t, Result<T, E>>,
+{
+    trace::locked_call(call, table, async {
+        let result = locked_attempts(pool, options, policy, step, &mut f).await;
+        trace::outcome(result.as_ref().map_or("error", Contended::label));
         result
     })
     .await
 }
 
-async fn locked_rows_attempts<R, T, E, F>(
+async fn locked_attempts<S, T, E, F>(
     pool: &Pool,
-    names: &Names,
-    keys: &[R::Key],
-    options: &LockOptions,
+    options: &TransactionOptions,
     policy: &RetryPolicy,
+    step: &S,
     f: &mut F,
-) -> Result<RowsOutcome<T, R::Key>, E>
+) -> Result<<S::Locked as Locked>::Output<T>, E>
 where
-    R: LockableRow,
+    S: LockStep,
     E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnMut(&'t Transaction, <S::Locked as Locked>::Value) -> BoxFuture<'t, Result<T, E>>,
 {
     let mut attempt = 0;
     retry_loop!(
@@ -630,22 +668,20 @@ where
         async {
             attempt += 1;
             trace::attempt(attempt);
-            let tx = Transaction::begin_unchecked(pool, &options.transaction)
+            let tx = Transaction::begin_unchecked(pool, options)
                 .await
                 .map_err(|e| failure(e, policy))?;
             let started = trace::Mark::now();
-            let locked = tx.lock_many::<R>(names, keys, options, false).await;
+            let locked = step.lock(&tx).await;
             trace::lock_wait(started);
-            let rows = match locked {
-                Ok(RowsOutcome::Done(rows)) => rows,
-                other => {
-                    let other = other.map(|o| o.map(|_| unreachable!("Done is handled above")));
-                    return not_locked(tx, other, policy).await;
-                }
+            let value = match locked.map(Locked::split) {
+                Ok(Ok(value)) => value,
+                Ok(Err(outcome)) => return not_locked(tx, Ok(outcome), policy).await,
+                Err(e) => return not_locked(tx, Err(e), policy).await,
             };
             let locked_at = trace::Mark::now();
-            let result = f(&tx, rows).await;
-            let settled = settle(tx, result, policy).await.map(RowsOutcome::Done);
+            let result = f(&tx, value).await;
+            let settled = settle(tx, result, policy).await.map(S::Locked::done);
             trace::hold(locked_at);
             settled
         }

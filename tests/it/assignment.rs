@@ -52,7 +52,7 @@ async fn seed(client: &Client, projects: i64, per: i64) {
 
 /// Counts of invariant violations: (assigned projects without exactly one accepted proposal
 /// or with pending ones, open projects with an accepted proposal).
-async fn violations(client: &Client) -> (i64, i64) {
+pub(crate) async fn violations(client: &Client) -> (i64, i64) {
     let row = client
         .query_one(
             "SELECT

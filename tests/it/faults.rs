@@ -22,7 +22,8 @@ use rowlock::{
 };
 use tokio::sync::oneshot;
 
-use crate::support::{Account, WAIT, accounts, balance};
+use crate::assignment::violations;
+use crate::support::{Account, WAIT, accounts, balance, in_transaction};
 
 /// Polls `condition` every 10 ms until it holds; panics with `what` after `limit`.
 async fn until<F, Fut>(limit: Duration, what: &str, mut condition: F)
@@ -52,18 +53,26 @@ async fn backend_exists(observer: &Client, pid: i32) -> bool {
         == 1
 }
 
-/// Sessions of this database that are idle in a transaction (excluding the caller).
-async fn idle_in_transaction(observer: &Client) -> i64 {
-    observer
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND pid <> pg_backend_pid()
-               AND state LIKE 'idle in transaction%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+/// `calls` concurrent `with_locked_row` calls, each adding 1 to one of accounts `1..=rows`;
+/// all must be `Done`.
+async fn increment_concurrently(pool: &Pool, calls: i64, rows: i64) {
+    let options = LockOptions::new();
+    let keys: Vec<i64> = (0..calls).map(|i| 1 + i % rows).collect();
+    let calls = keys.iter().map(|key| {
+        with_locked_row::<Account, _, rowlock::Error, _>(pool, key, &options, |tx, acc| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                    &[&acc.id],
+                )
+                .await?;
+                Ok(())
+            })
+        })
+    });
+    for result in futures_util::future::join_all(calls).await {
+        assert!(result.unwrap().is_done());
+    }
 }
 
 fn pool_with_wait_timeout(config: &Config, max_size: usize, wait: Duration) -> Pool {
@@ -168,32 +177,9 @@ async fn holder_terminated_while_a_waiter_is_blocked() {
     );
 
     // The pool serves new calls on all its connections at once.
-    let calls = (0..8).map(|i| {
-        let pool = pool.clone();
-        async move {
-            with_locked_row::<Account, _, rowlock::Error, _>(
-                &pool,
-                &(1 + i % 2),
-                &LockOptions::new(),
-                |tx, acc| {
-                    Box::pin(async move {
-                        tx.execute(
-                            "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
-                            &[&acc.id],
-                        )
-                        .await?;
-                        Ok(())
-                    })
-                },
-            )
-            .await
-        }
-    });
-    for result in futures_util::future::join_all(calls).await {
-        assert!(result.unwrap().is_done());
-    }
+    increment_concurrently(&pool, 8, 2).await;
     assert_eq!(balance(&observer, 1).await, 104);
-    assert_eq!(idle_in_transaction(&observer).await, 0);
+    assert_eq!(in_transaction(&observer).await, 0);
 }
 
 #[tokio::test]
@@ -352,7 +338,7 @@ async fn immediate_restart_under_load_recovers_and_keeps_the_invariant() {
         reported.len(),
         "every reported accept committed"
     );
-    assert_eq!(idle_in_transaction(&client).await, 0);
+    assert_eq!(in_transaction(&client).await, 0);
 }
 
 #[tokio::test]
@@ -429,30 +415,7 @@ async fn an_exhausted_pool_times_out_then_everyone_completes() {
     // The second holder finishes; then 32 callers share the two connections and all complete.
     releases.remove(0).send(()).unwrap();
     assert!(holders.remove(0).await.unwrap().unwrap().is_done());
-    let calls = (0..32_i64).map(|i| {
-        let pool = pool.clone();
-        async move {
-            with_locked_row::<Account, _, rowlock::Error, _>(
-                &pool,
-                &(1 + i % 3),
-                &LockOptions::new(),
-                |tx, acc| {
-                    Box::pin(async move {
-                        tx.execute(
-                            "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
-                            &[&acc.id],
-                        )
-                        .await?;
-                        Ok(())
-                    })
-                },
-            )
-            .await
-        }
-    });
-    for result in futures_util::future::join_all(calls).await {
-        assert!(result.unwrap().is_done());
-    }
+    increment_concurrently(&pool, 32, 3).await;
     let total: i64 = observer
         .query_one("SELECT sum(balance)::int8 FROM accounts", &[])
         .await
@@ -530,7 +493,7 @@ async fn statement_timeout_in_the_closure_is_its_own_kind_and_rolls_back() {
     assert_eq!(err.kind(), ErrorKind::StatementTimeout, "{err}");
     assert_eq!(err.sql_state(), Some(&SqlState::QUERY_CANCELED));
     assert_eq!(balance(&observer, 1).await, 100, "rolled back");
-    assert_eq!(idle_in_transaction(&observer).await, 0);
+    assert_eq!(in_transaction(&observer).await, 0);
     let pid_before: i32 = pool
         .get()
         .await
@@ -715,25 +678,20 @@ async fn soak_mixed_traffic_with_random_cancellation_keeps_every_invariant() {
 
     // Cancelled calls clean up in spawned tasks: wait until none is left in a transaction.
     until(WAIT, "no session idle in transaction", || async {
-        idle_in_transaction(&client).await == 0
+        in_transaction(&client).await == 0
     })
     .await;
 
-    let row = client
+    let jobs_row = client
         .query_one(
-            "SELECT
-               (SELECT count(*) FROM projects p WHERE p.status = 'assigned' AND (
-                  (SELECT count(*) FROM proposals WHERE project_id = p.id AND status = 'accepted') <> 1
-                  OR EXISTS (SELECT 1 FROM proposals WHERE project_id = p.id AND status = 'pending'))),
-               (SELECT count(*) FROM projects p WHERE p.status = 'open' AND
-                  EXISTS (SELECT 1 FROM proposals WHERE project_id = p.id AND status = 'accepted')),
-               (SELECT count(*) FROM jobs WHERE done_count > 1),
-               (SELECT count(*) FROM jobs WHERE (status = 'done') <> (done_count = 1))",
+            "SELECT (SELECT count(*) FROM jobs WHERE done_count > 1),
+                    (SELECT count(*) FROM jobs WHERE (status = 'done') <> (done_count = 1))",
             &[],
         )
         .await
         .unwrap();
-    let violations: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (assigned, open) = violations(&client).await;
+    let violations: (i64, i64, i64, i64) = (assigned, open, jobs_row.get(0), jobs_row.get(1));
     assert_eq!(
         violations,
         (0, 0, 0, 0),

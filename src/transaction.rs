@@ -59,6 +59,10 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 pub struct Transaction {
     client: Option<Object>,
     state: Mutex<State>,
+    /// [`StatementCache::Transaction`]: statements are prepared per transaction.
+    per_transaction: bool,
+    /// `idle_in_transaction_session_timeout` set by the options.
+    idle_timeout: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -81,25 +85,11 @@ struct State {
     track: bool,
     /// The transaction id, when tracked.
     xid: Option<u64>,
-    /// [`StatementCache::Transaction`]: statements are prepared per transaction.
-    per_transaction: bool,
     /// The statements this transaction prepared, when `per_transaction`; closed before the
     /// transaction ends.
     statements: HashMap<String, Statement>,
-    /// `idle_in_transaction_session_timeout` set by the options.
-    idle_timeout: Option<Duration>,
-    /// When the last request finished (the transaction has been idle since).
+    /// When the last request finished, tracked only with an idle timeout.
     idle_since: Option<Instant>,
-}
-
-impl State {
-    /// Whether the server's idle-in-transaction timeout has had time to fire.
-    fn idle_timeout_elapsed(&self) -> bool {
-        match (self.idle_timeout, self.idle_since) {
-            (Some(limit), Some(since)) => since.elapsed() >= limit,
-            _ => false,
-        }
-    }
 }
 
 /// The error for a connection the server closed because the transaction sat idle too long.
@@ -187,11 +177,19 @@ impl Transaction {
             state: Mutex::new(State {
                 begin: Some(options.begin_sql()),
                 track: options.track_commit_outcome,
-                per_transaction: options.effective_statement_cache() == StatementCache::Transaction,
-                idle_timeout: options.idle_in_transaction_timeout,
                 ..State::default()
             }),
+            per_transaction: options.effective_statement_cache() == StatementCache::Transaction,
+            idle_timeout: options.idle_in_transaction_timeout,
         })
+    }
+
+    /// Whether the server's idle-in-transaction timeout has had time to fire.
+    fn idle_timeout_elapsed(&self, st: &State) -> bool {
+        match (self.idle_timeout, st.idle_since) {
+            (Some(limit), Some(since)) => since.elapsed() >= limit,
+            _ => false,
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -223,7 +221,7 @@ impl Transaction {
             }
             let begin = st.begin.take();
             st.open |= begin.is_some();
-            (begin, st.track, st.idle_timeout_elapsed())
+            (begin, st.track, self.idle_timeout_elapsed(&st))
         };
         let mut flight = InFlight {
             state: &self.state,
@@ -237,11 +235,13 @@ impl Transaction {
             },
         };
         flight.done = true;
-        self.state().idle_since = Some(Instant::now());
+        if self.idle_timeout.is_some() {
+            self.state().idle_since = Some(Instant::now());
+        }
         result.map_err(|(e, step)| {
             let err = Error::from_pg(e, step);
             let err = if idled_out && err.kind() == ErrorKind::Closed {
-                idle_timeout_error(step, self.state().idle_timeout, Some(err))
+                idle_timeout_error(step, self.idle_timeout, Some(err))
             } else {
                 err
             };
@@ -324,15 +324,11 @@ impl Transaction {
         &self,
         query: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        let per_transaction = {
-            let st = self.state();
-            match st.statements.get(query) {
-                Some(stmt) => return Ok(stmt.clone()),
-                None => st.per_transaction,
-            }
-        };
-        if !per_transaction {
+        if !self.per_transaction {
             return self.conn().prepare_cached(query).await;
+        }
+        if let Some(stmt) = self.state().statements.get(query) {
+            return Ok(stmt.clone());
         }
         let stmt = self.conn().prepare(query).await?;
         self.state()
@@ -345,8 +341,10 @@ impl Transaction {
     /// statement no one else holds is closed (a `Close` message, queued ahead of whatever is
     /// sent next on the connection, so still inside the transaction).
     fn close_statements(&self) {
-        let statements = std::mem::take(&mut self.state().statements);
-        drop(statements);
+        if self.per_transaction {
+            let statements = std::mem::take(&mut self.state().statements);
+            drop(statements);
+        }
     }
 
     /// Prepares a statement without caching it.
@@ -460,7 +458,7 @@ impl Transaction {
     pub async fn commit(mut self) -> Result<(), Error> {
         let early = {
             let mut st = self.state();
-            let early = st.per_transaction && st.failure.is_none() && !st.broken;
+            let early = self.per_transaction && st.failure.is_none() && !st.broken;
             early.then(|| std::mem::take(&mut st.deferred))
         };
         if let Some(deferred) = early.filter(|d| !d.is_empty()) {
@@ -500,13 +498,10 @@ impl Transaction {
         if self.conn().is_closed() {
             // The server already closed the session (terminated backend, idle timeout,
             // restart): COMMIT cannot leave, so the outcome is known.
-            let (idled_out, limit) = {
-                let st = self.state();
-                (st.idle_timeout_elapsed(), st.idle_timeout)
-            };
+            let idled_out = self.idle_timeout_elapsed(&self.state());
             self.discard();
             return Err(if idled_out {
-                idle_timeout_error(Step::Commit, limit, None)
+                idle_timeout_error(Step::Commit, self.idle_timeout, None)
             } else {
                 Error::with_kind(
                     ErrorKind::Closed,

@@ -366,7 +366,11 @@ impl Drop for TestCluster {
 
 impl Embedded {
     fn command(&self, program: &str) -> Command {
-        let path = self.bindir.join(program);
+        self.command_at(&self.bindir.join(program))
+    }
+
+    /// Runs `path` as the server's user.
+    fn command_at(&self, path: &Path) -> Command {
         match &self.run_as {
             Some(user) => {
                 let mut c = Command::new("runuser");
@@ -383,7 +387,7 @@ impl Embedded {
 
     fn init(&self) -> Result<(), HarnessError> {
         if let Some(user) = &self.run_as {
-            chown(&self.dir, user)?;
+            chown_dir(&self.dir, user)?;
         }
         let out = self
             .command("initdb")
@@ -500,18 +504,11 @@ impl Embedded {
         write("pgbouncer.users", "\"postgres\" \"\"\n")?;
         if let Some(user) = &self.run_as {
             for name in ["pgbouncer.ini", "pgbouncer.users"] {
-                chown_file(&dir.join(name), user)?;
+                chown(&dir.join(name), user)?;
             }
         }
-        let mut cmd = match &self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.arg("-u").arg(user).arg("--").arg(binary);
-                c
-            }
-            None => Command::new(binary),
-        };
-        let mut child = cmd
+        let mut child = self
+            .command_at(binary)
             .arg(dir.join("pgbouncer.ini"))
             .current_dir(dir)
             .stdin(Stdio::null())
@@ -778,14 +775,8 @@ fn find_pgbouncer() -> Result<PathBuf, HarnessError> {
         })
 }
 
-fn chown_file(path: &Path, user: &str) -> Result<(), HarnessError> {
-    let uid = command_output("id", &["-u", user]).and_then(|s| s.parse::<u32>().ok());
-    let gid = command_output("id", &["-g", user]).and_then(|s| s.parse::<u32>().ok());
-    std::os::unix::fs::chown(path, uid, gid)
-        .map_err(|e| io("handing a file to the server's user", e))
-}
-
-fn chown(dir: &Path, user: &str) -> Result<(), HarnessError> {
+/// Gives `path` to `user` (looked up with `id`).
+fn chown(path: &Path, user: &str) -> Result<(), HarnessError> {
     let uid = command_output("id", &["-u", user]).and_then(|s| s.parse::<u32>().ok());
     let gid = command_output("id", &["-g", user]).and_then(|s| s.parse::<u32>().ok());
     let (Some(uid), Some(gid)) = (uid, gid) else {
@@ -793,8 +784,17 @@ fn chown(dir: &Path, user: &str) -> Result<(), HarnessError> {
             "could not look up user {user}"
         )));
     };
-    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-        .map_err(|e| io("handing the cluster directory to the server's user", e))?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| {
+        io(
+            &format!("handing {} to the server's user", path.display()),
+            e,
+        )
+    })
+}
+
+/// Gives the cluster directory to `user`, readable by it alone (initdb requires 0700).
+fn chown_dir(dir: &Path, user: &str) -> Result<(), HarnessError> {
+    chown(dir, user)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("setting permissions on the cluster directory", e))
 }

@@ -14,6 +14,7 @@ mod locking;
 mod pgbouncer;
 mod proxy;
 mod retry;
+#[cfg(feature = "tracing")] // run by CI with `--features tracing`
 mod spans;
 mod support;
 mod transaction;

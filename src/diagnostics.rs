@@ -10,9 +10,10 @@
 //!   MultiXact in `xmax`) are not resolved to backends: the list is then empty;
 //! - an advisory lock: the granted `advisory` entry in `pg_locks`.
 //!
-//! The query runs on the caller's own connection right after its `ROLLBACK`, inside a short
-//! read-only transaction (so it also works behind PgBouncer's transaction pooling), and is
-//! bounded by a timeout; if it fails, the outcome is returned without blockers.
+//! The transaction guard runs the query on the caller's own connection right after its
+//! `ROLLBACK`, inside a short read-only transaction (so it also works behind PgBouncer's
+//! transaction pooling), bounded by a timeout; if it fails, the outcome is returned without
+//! blockers.
 //!
 //! **Privileges:** `pg_stat_activity` shows another role's sessions' `query` (and hides
 //! `xact_start`, `state` and `backend_xid`) only to superusers and members of
@@ -23,10 +24,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use tokio_postgres::Client;
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-
-use crate::row::{Key, Names};
 
 /// A session holding a lock that this call could not take, as `pg_stat_activity` described
 /// it just after the failure. See [`Error::blockers`](crate::Error::blockers).
@@ -67,28 +66,14 @@ impl fmt::Display for Blocker {
     }
 }
 
-/// Parameters of a blocker query, owned so the query can run after the lock step returned.
-trait Params: Send + Sync {
-    fn params(&self) -> Vec<&(dyn ToSql + Sync)>;
-}
-
-impl<K: Key> Params for Vec<K> {
-    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut out = Vec::new();
-        for key in self {
-            key.push_params(&mut out);
-        }
-        out
-    }
-}
-
-/// How to find the holders of a lock that could not be taken.
-pub(crate) struct BlockerQuery {
+/// How to find the holders of a lock that could not be taken: a statement over
+/// `pg_stat_activity` and its parameters (the keys that were being locked).
+pub(crate) struct BlockerQuery<'a> {
     sql: String,
-    params: Box<dyn Params>,
+    params: Vec<&'a (dyn ToSql + Sync)>,
 }
 
-impl fmt::Debug for BlockerQuery {
+impl fmt::Debug for BlockerQuery<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockerQuery")
             .field("sql", &self.sql)
@@ -100,24 +85,23 @@ const SELECT: &str = "SELECT a.pid, coalesce(a.application_name, ''), \
      extract(epoch FROM clock_timestamp() - a.xact_start)::float8, a.state, a.query \
      FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND ";
 
-/// How long the blocker query may take before the outcome is returned without it.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the lookup may take before the outcome is returned without it.
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
-impl BlockerQuery {
-    /// Holders of the row locks on these keys of `names`' table.
-    pub(crate) fn rows<K: Key>(names: &Names, keys: Vec<K>) -> Self {
+impl<'a> BlockerQuery<'a> {
+    /// Holders of the row locks on the rows of `table` (a rendered name) that `filter` (a
+    /// `WHERE` clause over `params`) selects.
+    pub(crate) fn rows(table: &str, filter: &str, params: Vec<&'a (dyn ToSql + Sync)>) -> Self {
         BlockerQuery {
             sql: format!(
-                "{SELECT}a.backend_xid IN (SELECT xmax FROM {} {}) ORDER BY a.xact_start",
-                names.table,
-                names.where_keys(keys.len())
+                "{SELECT}a.backend_xid IN (SELECT xmax FROM {table} {filter}) ORDER BY a.xact_start"
             ),
-            params: Box::new(keys),
+            params,
         }
     }
 
     /// Holders of the advisory lock whose `pg_locks` key is (`classid`, `objid`, `objsubid`).
-    pub(crate) fn advisory(classid: u32, objid: u32, objsubid: i16) -> Self {
+    pub(crate) fn advisory(key: &'a [i64; 3]) -> Self {
         BlockerQuery {
             sql: format!(
                 "{SELECT}a.pid IN (SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' \
@@ -125,36 +109,31 @@ impl BlockerQuery {
                  WHERE datname = current_database()) AND l.classid = $1::int8::oid \
                  AND l.objid = $2::int8::oid AND l.objsubid = $3::int8) ORDER BY a.xact_start"
             ),
-            params: Box::new(vec![
-                i64::from(classid),
-                i64::from(objid),
-                i64::from(objsubid),
-            ]),
+            params: key.iter().map(|k| k as &(dyn ToSql + Sync)).collect(),
         }
     }
 
-    /// Runs the query in a short read-only transaction on `client`, which must be idle.
-    pub(crate) async fn run(&self, client: &Client) -> Option<Vec<Blocker>> {
-        let work = async {
-            client.batch_execute("BEGIN READ ONLY").await?;
-            let rows = client.query(&self.sql, &self.params.params()).await;
-            client.batch_execute("COMMIT").await?;
-            rows
-        };
-        let rows = tokio::time::timeout(QUERY_TIMEOUT, work).await.ok()?.ok()?;
-        Some(
-            rows.iter()
-                .map(|r| Blocker {
-                    pid: r.get(0),
-                    application_name: r.get(1),
-                    transaction_age: r
-                        .get::<_, Option<f64>>(2)
-                        .filter(|s| s.is_finite() && *s >= 0.0)
-                        .map(Duration::from_secs_f64),
-                    state: r.get(3),
-                    query: r.get(4),
-                })
-                .collect(),
-        )
+    /// The lookup statement.
+    pub(crate) fn sql(&self) -> &str {
+        &self.sql
     }
+
+    /// Its parameters.
+    pub(crate) fn params(&self) -> &[&'a (dyn ToSql + Sync)] {
+        &self.params
+    }
+}
+
+/// A row of the lookup statement.
+pub(crate) fn blocker(r: &Row) -> Result<Blocker, tokio_postgres::Error> {
+    Ok(Blocker {
+        pid: r.try_get(0)?,
+        application_name: r.try_get(1)?,
+        transaction_age: r
+            .try_get::<_, Option<f64>>(2)?
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64),
+        state: r.try_get(3)?,
+        query: r.try_get(4)?,
+    })
 }

@@ -9,20 +9,31 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod advisory;
-mod claim;
-mod commit_outcome;
+// Layers, bottom to top: a module imports only modules of its own layer or of layers below
+// it, never one above, and there are no cycles (`.ci/layers` checks both). See "Layout" in
+// the crate docs.
+
+// 1. The error, and who held a lock.
 mod diagnostics;
 mod error;
+
+// 2. The model: lock modes and strengths, options, row types, outcomes.
 mod lock;
-mod locking;
 mod options;
 mod outcome;
-mod pipeline;
-mod retry;
 mod row;
-mod trace;
+
+// 3. The transaction guard, and the one way it pipelines requests.
+mod flush;
 mod transaction;
+
+// 4. The retry schedule (knows nothing of transactions), and the attempt loop that uses it.
+mod attempt;
+mod policy;
+mod trace;
+
+// 5. The entry points.
+mod api;
 
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -35,22 +46,23 @@ pub mod assignment;
 pub use deadpool_postgres;
 pub use tokio_postgres;
 
-pub use crate::advisory::{AdvisoryKey, with_advisory_lock};
-pub use crate::claim::{
+pub use crate::api::advisory::{AdvisoryKey, with_advisory_lock};
+pub use crate::api::claim::{
     Claim, Compare, Direction, explain_claim, with_claimed_rows, with_next_locked_row,
 };
-pub use crate::commit_outcome::{CommitStatus, resolve_commit};
+pub use crate::api::commit_outcome::{CommitStatus, resolve_commit};
+pub use crate::api::rows::{
+    with_locked_row, with_locked_row_retry, with_locked_rows, with_locked_rows_retry,
+};
+pub use crate::api::transaction::{with_transaction, with_transaction_retry};
 pub use crate::diagnostics::Blocker;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::lock::{LockMode, LockOptions, LockStrength};
-pub use crate::locking::{with_locked_row, with_locked_rows};
 pub use crate::options::{Isolation, StatementCache, TransactionOptions};
 pub use crate::outcome::{Outcome, RowsOutcome};
-pub use crate::retry::{
-    RetryEvent, RetryPolicy, with_locked_row_retry, with_locked_rows_retry, with_transaction_retry,
-};
+pub use crate::policy::{RetryEvent, RetryPolicy};
 pub use crate::row::{Key, KeyValue, LockableRow, Table};
-pub use crate::transaction::{OwnedParam, Transaction, with_transaction};
+pub use crate::transaction::{OwnedParam, Transaction};
 
 /// The future type the closures of [`with_transaction`], [`with_locked_row`] and
 /// [`with_locked_rows`] return: write `Box::pin(async move { … })`.

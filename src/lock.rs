@@ -58,8 +58,9 @@ pub enum LockStrength {
 }
 
 impl LockStrength {
-    /// Every strength, strongest first.
-    pub const ALL: [LockStrength; 4] = [
+    /// Every strength, strongest first. A slice, not an array: the enum is
+    /// `#[non_exhaustive]`, so its length is not part of the API.
+    pub const ALL: &'static [LockStrength] = &[
         LockStrength::Update,
         LockStrength::NoKeyUpdate,
         LockStrength::Share,
@@ -114,6 +115,7 @@ pub struct LockOptions {
 impl LockOptions {
     /// `FOR UPDATE`, waiting without a timeout (PostgreSQL's own default), in a transaction
     /// with the server's default isolation level.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }

@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+use deadpool_postgres::{Manager, Pool, WeakPool};
 
 use crate::error::Error;
 
@@ -45,8 +48,8 @@ impl Isolation {
 ///   `ROLLBACK` is sent, so no prepared statement outlives the transaction on the server
 ///   connection. Costs one extra round trip per distinct statement per transaction.
 ///
-/// Set it for the whole process with [`StatementCache::set_default`] (one line at start-up, so
-/// no call can forget it), or per call with [`TransactionOptions::statement_cache`].
+/// Set it for a pool with [`StatementCache::set_for_pool`] (one line where the pool is built,
+/// so no call can forget it), or per call with [`TransactionOptions::statement_cache`].
 ///
 /// In `Transaction` mode, do not keep a [`Statement`](tokio_postgres::Statement) after its
 /// transaction ended, and do not call deadpool's `prepare_cached` on the raw client
@@ -56,6 +59,7 @@ impl Isolation {
 /// text or cast them in SQL.
 #[doc(alias = "pgbouncer")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive] // other caching strategies (e.g. protocol-level names PgBouncer 1.21 tracks) may come.
 pub enum StatementCache {
     /// Cache prepared statements on the connection (deadpool-postgres's `prepare_cached`).
     Connection,
@@ -64,31 +68,72 @@ pub enum StatementCache {
     Transaction,
 }
 
-static PER_TRANSACTION_BY_DEFAULT: AtomicBool = AtomicBool::new(false);
+/// The pools whose transactions use a mode other than [`StatementCache::Connection`] by
+/// default. A pool is known by its manager's address, which is stable while the pool lives
+/// and shared by its clones; the weak handle tells a live pool from a dropped one whose
+/// address was reused.
+static POOL_DEFAULTS: Mutex<Vec<PoolDefault>> = Mutex::new(Vec::new());
+/// Whether `POOL_DEFAULTS` may be non-empty: lets every other pool skip the lock.
+static ANY_POOL_DEFAULT: AtomicBool = AtomicBool::new(false);
+
+struct PoolDefault {
+    manager: usize,
+    pool: WeakPool,
+    cache: StatementCache,
+}
+
+fn pool_id(pool: &Pool) -> usize {
+    std::ptr::from_ref::<Manager>(pool.manager()) as usize
+}
+
+fn pool_defaults() -> MutexGuard<'static, Vec<PoolDefault>> {
+    POOL_DEFAULTS.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 impl StatementCache {
-    /// Sets the mode used by every transaction whose options do not set
-    /// [`TransactionOptions::statement_cache`]. Call it once at start-up, before the first
-    /// transaction; it applies to transactions begun afterwards.
+    /// Sets the mode used by the transactions that rowlock opens on `pool` (and its clones)
+    /// whose options do not set [`TransactionOptions::statement_cache`]. Call it once where
+    /// the pool is built, before its first transaction; it applies to transactions begun
+    /// afterwards. The setting ends with the pool; other pools keep the default,
+    /// [`Connection`](Self::Connection).
     ///
     /// ```
     /// use rowlock::StatementCache;
+    /// use rowlock::deadpool_postgres::{Manager, Pool};
+    /// use rowlock::tokio_postgres::{Config, NoTls};
+    ///
     /// // This service reaches PostgreSQL through PgBouncer (pool_mode = transaction).
-    /// StatementCache::Transaction.set_default();
-    /// # StatementCache::Connection.set_default();
+    /// let config: Config = "host=pgbouncer user=app dbname=app".parse()?;
+    /// let pool = Pool::builder(Manager::new(config, NoTls)).max_size(16).build()?;
+    /// StatementCache::Transaction.set_for_pool(&pool);
+    /// assert_eq!(StatementCache::for_pool(&pool), StatementCache::Transaction);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn set_default(self) {
-        PER_TRANSACTION_BY_DEFAULT.store(self == StatementCache::Transaction, Ordering::Relaxed);
+    pub fn set_for_pool(self, pool: &Pool) {
+        let id = pool_id(pool);
+        let mut defaults = pool_defaults();
+        defaults.retain(|d| d.manager != id && d.pool.upgrade().is_some());
+        if self != StatementCache::Connection {
+            defaults.push(PoolDefault {
+                manager: id,
+                pool: pool.weak(),
+                cache: self,
+            });
+        }
+        ANY_POOL_DEFAULT.store(!defaults.is_empty(), Ordering::Release);
     }
 
-    /// The process-wide default: [`Connection`](Self::Connection) unless
-    /// [`set_default`](Self::set_default) changed it.
-    pub fn current_default() -> StatementCache {
-        if PER_TRANSACTION_BY_DEFAULT.load(Ordering::Relaxed) {
-            StatementCache::Transaction
-        } else {
-            StatementCache::Connection
+    /// The mode of `pool`'s transactions: what [`set_for_pool`](Self::set_for_pool) set, else
+    /// [`Connection`](Self::Connection).
+    pub fn for_pool(pool: &Pool) -> StatementCache {
+        if !ANY_POOL_DEFAULT.load(Ordering::Acquire) {
+            return StatementCache::Connection;
         }
+        let id = pool_id(pool);
+        pool_defaults()
+            .iter()
+            .find(|d| d.manager == id && d.pool.upgrade().is_some_and(|p| pool_id(&p) == id))
+            .map_or(StatementCache::Connection, |d| d.cache)
     }
 }
 
@@ -125,7 +170,7 @@ pub struct TransactionOptions {
     /// Record the transaction id with `BEGIN`, so a commit whose outcome is unknown can be
     /// resolved later.
     pub track_commit_outcome: bool,
-    /// Where prepared statements live; `None` uses [`StatementCache::current_default`].
+    /// Where prepared statements live; `None` uses [`StatementCache::for_pool`].
     pub statement_cache: Option<StatementCache>,
     /// `SET LOCAL plan_cache_mode = force_custom_plan` (claims: lets partial indexes match
     /// bound filter values).
@@ -134,6 +179,7 @@ pub struct TransactionOptions {
 
 impl TransactionOptions {
     /// The server's defaults: its default isolation level, read-write, no timeouts.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -207,19 +253,13 @@ impl TransactionOptions {
         self
     }
 
-    /// Chooses where this transaction's prepared statements live, overriding the process-wide
-    /// [`StatementCache::set_default`]. Use [`StatementCache::Transaction`] behind PgBouncer in
+    /// Chooses where this transaction's prepared statements live, overriding the pool's
+    /// [`StatementCache::set_for_pool`]. Use [`StatementCache::Transaction`] behind PgBouncer in
     /// transaction pooling mode.
     #[must_use]
     pub fn statement_cache(mut self, cache: StatementCache) -> Self {
         self.statement_cache = Some(cache);
         self
-    }
-
-    /// The statement cache mode this transaction uses.
-    pub(crate) fn effective_statement_cache(&self) -> StatementCache {
-        self.statement_cache
-            .unwrap_or_else(StatementCache::current_default)
     }
 
     /// Checks the options without touching the database.

@@ -265,3 +265,33 @@ impl<R> Locked for Vec<R> {
         Some(value)
     }
 }
+
+/// The call result of [`with_transaction`](crate::with_transaction): the closure's value.
+pub(crate) struct Plain<T>(pub(crate) T);
+
+/// A transaction that locks nothing up front is never contended.
+impl<T> Contended for Plain<T> {
+    fn contention_mut(&mut self) -> Option<&mut Error> {
+        None
+    }
+    fn into_contention(self) -> Option<Error> {
+        None
+    }
+    fn label(&self) -> &'static str {
+        "done"
+    }
+}
+
+/// What the lock step of [`with_transaction`](crate::with_transaction) takes: nothing.
+pub(crate) struct Nothing;
+
+impl Locked for Nothing {
+    type Value = ();
+    type Output<T> = Plain<T>;
+    fn split<T>(self) -> Result<(), Plain<T>> {
+        Ok(())
+    }
+    fn done<T>(value: T) -> Plain<T> {
+        Plain(value)
+    }
+}

@@ -23,11 +23,13 @@ pub struct Table {
 
 impl Table {
     /// A table found through the connection's `search_path`.
+    #[must_use]
     pub const fn new(name: &'static str) -> Self {
         Table { schema: None, name }
     }
 
     /// A table in an explicit schema.
+    #[must_use]
     pub const fn qualified(schema: &'static str, name: &'static str) -> Self {
         Table {
             schema: Some(schema),
@@ -91,14 +93,24 @@ macro_rules! key_values {
 }
 key_values!(i16, i32, i64, String, bool);
 
+mod private {
+    /// Keeps [`Key`](super::Key) closed: its implementations are the blanket ones below, so
+    /// methods can be added to it without breaking anyone.
+    pub trait Sealed {}
+}
+
 /// A key of a [`LockableRow`]: one [`KeyValue`], or a tuple of them for composite keys.
 /// Keys are bound as parameters, never formatted into SQL.
-pub trait Key: Clone + Ord + Debug + Send + Sync + 'static {
+///
+/// This trait is sealed: implement [`KeyValue`] for your own key types instead.
+pub trait Key: private::Sealed + Clone + Ord + Debug + Send + Sync + 'static {
     /// The number of key columns this key binds.
     const ARITY: usize;
     /// Pushes this key's values, in key-column order.
     fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>);
 }
+
+impl<T: KeyValue> private::Sealed for T {}
 
 impl<T: KeyValue> Key for T {
     const ARITY: usize = 1;
@@ -109,6 +121,7 @@ impl<T: KeyValue> Key for T {
 
 macro_rules! tuple_keys {
     ($(($n:expr; $($t:ident . $i:tt),+)),*) => {$(
+        impl<$($t: KeyValue),+> private::Sealed for ($($t,)+) {}
         impl<$($t: KeyValue),+> Key for ($($t,)+) {
             const ARITY: usize = $n;
             fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {

@@ -23,67 +23,102 @@ impl Mark {
     }
 }
 
-/// Runs `call` inside a `rowlock.locked_call` span naming the call and its table.
+/// Runs `call_future` inside a `rowlock.locked_call` span naming the call and its table, or
+/// as it is when `call` is `None` (calls without a span of their own). A plain function, not
+/// an `async fn`, so the call's future is not copied into a wrapper of its own.
 #[inline]
-pub(crate) async fn locked_call<F: Future>(
-    call: &'static str,
-    table: &str,
+pub(crate) fn locked_call<F: Future>(
+    call: Option<(&'static str, &str)>,
     call_future: F,
-) -> F::Output {
+) -> impl Future<Output = F::Output> {
     #[cfg(feature = "tracing")]
     {
+        use futures_util::future::Either;
         use tracing::Instrument as _;
-        let span = tracing::info_span!(
-            "rowlock.locked_call",
-            call,
-            table,
-            attempts = tracing::field::Empty,
-            lock_wait_ms = tracing::field::Empty,
-            hold_ms = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
-        call_future.instrument(span).await
+        match call {
+            Some((call, table)) => {
+                let span = tracing::info_span!(
+                    "rowlock.locked_call",
+                    call,
+                    table,
+                    attempts = tracing::field::Empty,
+                    lock_wait_ms = tracing::field::Empty,
+                    hold_ms = tracing::field::Empty,
+                    outcome = tracing::field::Empty,
+                );
+                Either::Left(call_future.instrument(span))
+            }
+            None => Either::Right(call_future),
+        }
     }
     #[cfg(not(feature = "tracing"))]
     {
-        let _ = (call, table);
-        call_future.await
+        let _ = call;
+        call_future
     }
 }
 
-/// Records the attempt number (1-based) on the current call's span.
-#[inline]
-pub(crate) fn attempt(n: u32) {
+/// Records a locked call's fields on the current span (the call's own, from
+/// [`locked_call`]); does nothing for calls without a span.
+#[derive(Clone, Copy)]
+pub(crate) struct Recorder {
     #[cfg(feature = "tracing")]
-    tracing::Span::current().record("attempts", n);
-    #[cfg(not(feature = "tracing"))]
-    let _ = n;
+    on: bool,
 }
 
-/// Records how long the lock step took (waiting included), since `started`.
-#[inline]
-pub(crate) fn lock_wait(started: Mark) {
-    #[cfg(feature = "tracing")]
-    tracing::Span::current().record("lock_wait_ms", started.elapsed_ms());
-    #[cfg(not(feature = "tracing"))]
-    let _ = started;
-}
+impl Recorder {
+    #[inline]
+    pub(crate) fn new(on: bool) -> Self {
+        #[cfg(not(feature = "tracing"))]
+        let _ = on;
+        Recorder {
+            #[cfg(feature = "tracing")]
+            on,
+        }
+    }
 
-/// Records how long the lock was held (closure and commit or rollback), since `locked`.
-#[inline]
-pub(crate) fn hold(locked: Mark) {
-    #[cfg(feature = "tracing")]
-    tracing::Span::current().record("hold_ms", locked.elapsed_ms());
-    #[cfg(not(feature = "tracing"))]
-    let _ = locked;
-}
+    /// Records the attempt number (1-based).
+    #[inline]
+    pub(crate) fn attempt(self, n: u32) {
+        #[cfg(feature = "tracing")]
+        if self.on {
+            tracing::Span::current().record("attempts", n);
+        }
+        #[cfg(not(feature = "tracing"))]
+        let _ = n;
+    }
 
-/// Records the call's outcome (`done`, `not_found`, `skipped`, `lock_not_available`,
-/// `lock_timeout`, `empty`, `error`).
-#[inline]
-pub(crate) fn outcome(label: &'static str) {
-    #[cfg(feature = "tracing")]
-    tracing::Span::current().record("outcome", label);
-    #[cfg(not(feature = "tracing"))]
-    let _ = label;
+    /// Records how long the lock step took (waiting included), since `started`.
+    #[inline]
+    pub(crate) fn lock_wait(self, started: Mark) {
+        #[cfg(feature = "tracing")]
+        if self.on {
+            tracing::Span::current().record("lock_wait_ms", started.elapsed_ms());
+        }
+        #[cfg(not(feature = "tracing"))]
+        let _ = started;
+    }
+
+    /// Records how long the lock was held (closure and commit or rollback), since `locked`.
+    #[inline]
+    pub(crate) fn hold(self, locked: Mark) {
+        #[cfg(feature = "tracing")]
+        if self.on {
+            tracing::Span::current().record("hold_ms", locked.elapsed_ms());
+        }
+        #[cfg(not(feature = "tracing"))]
+        let _ = locked;
+    }
+
+    /// Records the call's outcome (`done`, `not_found`, `skipped`, `lock_not_available`,
+    /// `lock_timeout`, `empty`, `error`).
+    #[inline]
+    pub(crate) fn outcome(self, label: &'static str) {
+        #[cfg(feature = "tracing")]
+        if self.on {
+            tracing::Span::current().record("outcome", label);
+        }
+        #[cfg(not(feature = "tracing"))]
+        let _ = label;
+    }
 }

@@ -92,12 +92,9 @@ impl TestDatabase {
     ///
     /// When the cluster has a PgBouncer in front
     /// ([`TestCluster::start_behind_pgbouncer`]), the pool connects through it, and
-    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) becomes the process
-    /// default, as a service behind PgBouncer would set it.
+    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) becomes the pool's
+    /// mode, as a service behind PgBouncer would set it.
     pub fn pool(&self, max_size: usize) -> Pool {
-        if self.pooled.is_some() {
-            crate::StatementCache::Transaction.set_default();
-        }
         let manager = Manager::from_config(
             self.pooled.as_ref().unwrap_or(&self.config).clone(),
             NoTls,
@@ -105,10 +102,14 @@ impl TestDatabase {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        Pool::builder(manager)
+        let pool = Pool::builder(manager)
             .max_size(max_size)
             .build()
-            .expect("a pool without timeouts or hooks always builds")
+            .expect("a pool without timeouts or hooks always builds");
+        if self.pooled.is_some() {
+            crate::StatementCache::Transaction.set_for_pool(&pool);
+        }
+        pool
     }
 
     /// A plain connection to this database.

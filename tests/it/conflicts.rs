@@ -41,8 +41,8 @@ async fn every_mode_and_strength_against_every_held_strength() {
     let (db, pool) = accounts(1).await;
     let observer = db.client().await.unwrap();
     let mut checked = 0;
-    for held in LockStrength::ALL {
-        for requested in LockStrength::ALL {
+    for &held in LockStrength::ALL {
+        for &requested in LockStrength::ALL {
             let conflict = documented_conflict(requested, held);
             assert_eq!(requested.conflicts_with(held), conflict);
             for mode in [LockMode::Wait, LockMode::NoWait, LockMode::SkipLocked] {

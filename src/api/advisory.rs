@@ -10,11 +10,12 @@ use std::future::Future;
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 
+use crate::attempt::{LockStep, call_once, run_locked};
 use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{LockMode, LockOptions};
 use crate::outcome::Outcome;
-use crate::retry::{LockStep, RetryPolicy, run_locked};
+use crate::policy::RetryPolicy;
 use crate::transaction::Transaction;
 
 /// The key of an advisory lock: one 64-bit integer, or a pair of 32-bit integers (PostgreSQL
@@ -67,6 +68,17 @@ impl AdvisoryKey {
     }
 }
 
+impl AdvisoryKey {
+    /// The lock's key in `pg_locks` (`classid`, `objid`, `objsubid`): a bigint is split into
+    /// its high and low 32 bits (objsubid 1), a pair is kept as it is (objsubid 2).
+    fn pg_locks_key(self) -> [i64; 3] {
+        match self.0 {
+            Repr::Single(k) => [(k as u64 >> 32) as i64, i64::from(k as u64 as u32), 1],
+            Repr::Pair(x, y) => [i64::from(x as u32), i64::from(y as u32), 2],
+        }
+    }
+}
+
 impl Transaction {
     /// Takes the exclusive transaction-scoped advisory lock `key`, held until this transaction
     /// ends.
@@ -116,28 +128,19 @@ impl Transaction {
             let stmt = self.cached_statement(sql).await?;
             conn.query_one(&stmt, &params).await
         };
-        // pg_locks keys: a bigint is split into its high and low 32 bits (objsubid 1), a pair
-        // is kept as it is (objsubid 2).
-        let blockers = || match key.0 {
-            Repr::Single(k) => {
-                BlockerQuery::advisory(((k as u64) >> 32) as u32, k as u64 as u32, 1)
-            }
-            Repr::Pair(x, y) => BlockerQuery::advisory(x as u32, y as u32, 2),
-        };
         match self.run(Step::Lock, request).await {
-            Ok(row) if mode == LockMode::NoWait && !row.get::<_, bool>(0) => {
-                Ok(Outcome::LockNotAvailable(
-                    Error::with_kind(
-                        ErrorKind::LockNotAvailable,
-                        "another transaction holds the advisory lock",
-                    )
-                    .with_blocker_query(blockers()),
-                ))
-            }
+            // pg_try_advisory_xact_lock says whether it got the lock; the waiting form
+            // returns void.
+            Ok(row) if mode == LockMode::NoWait => match row.try_get::<_, bool>(0) {
+                Ok(true) => Ok(Outcome::Done(())),
+                Ok(false) => Ok(Outcome::LockNotAvailable(Error::with_kind(
+                    ErrorKind::LockNotAvailable,
+                    "another transaction holds the advisory lock",
+                ))),
+                Err(e) => Err(Error::decode(e).at(Step::Lock)),
+            },
             Ok(_) => Ok(Outcome::Done(())),
-            Err(e) if e.kind() == ErrorKind::LockTimeout => {
-                Ok(Outcome::LockTimeout(e.with_blocker_query(blockers())))
-            }
+            Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(e)),
             Err(e) => Err(e),
         }
     }
@@ -185,22 +188,18 @@ where
     if options.mode == LockMode::SkipLocked {
         return Err(skip_locked_refused().into());
     }
-    let mut f = Some(f);
     let step = AdvisoryLock {
         key,
         mode: options.mode,
+        pg_locks_key: key.pg_locks_key(),
     };
     run_locked(
-        "with_advisory_lock",
-        "",
+        Some(("with_advisory_lock", "")),
         pool,
         &options.transaction,
         &RetryPolicy::once(),
         &step,
-        move |tx, ()| {
-            f.take()
-                .expect("a one-attempt policy calls the closure once")(tx)
-        },
+        call_once(|tx, ()| f(tx)),
     )
     .await
 }
@@ -216,6 +215,8 @@ fn skip_locked_refused() -> Error {
 struct AdvisoryLock {
     key: AdvisoryKey,
     mode: LockMode,
+    /// `[classid, objid, objsubid]` of the lock in `pg_locks`.
+    pg_locks_key: [i64; 3],
 }
 
 impl LockStep for AdvisoryLock {
@@ -225,6 +226,9 @@ impl LockStep for AdvisoryLock {
         tx: &'t Transaction,
     ) -> impl Future<Output = Result<Outcome<()>, Error>> + Send + 't {
         tx.advisory_lock(self.key, self.mode)
+    }
+    fn blockers(&self) -> Option<BlockerQuery<'_>> {
+        Some(BlockerQuery::advisory(&self.pg_locks_key))
     }
 }
 

@@ -5,7 +5,12 @@ use std::fmt;
 
 use tokio_postgres::error::SqlState;
 
-use crate::diagnostics::{Blocker, BlockerQuery};
+use crate::diagnostics::Blocker;
+
+mod sqlstate;
+
+use sqlstate::classify;
+pub(crate) use sqlstate::classify_db;
 
 /// What went wrong, as a value you can match on.
 ///
@@ -144,12 +149,10 @@ struct Inner {
     source: Option<Box<dyn StdError + Send + Sync>>,
     /// Who held the lock, when gathered.
     blockers: Option<Vec<Blocker>>,
-    /// How to find who holds the lock, until it is run.
-    blocker_query: Option<BlockerQuery>,
 }
 
 impl Error {
-    fn new(kind: ErrorKind) -> Self {
+    pub(crate) fn new(kind: ErrorKind) -> Self {
         Error {
             inner: Box::new(Inner {
                 kind,
@@ -160,7 +163,6 @@ impl Error {
                 transaction_id: None,
                 source: None,
                 blockers: None,
-                blocker_query: None,
             }),
         }
     }
@@ -197,13 +199,26 @@ impl Error {
         self
     }
 
-    pub(crate) fn with_blocker_query(mut self, query: BlockerQuery) -> Self {
-        self.inner.blocker_query = Some(query);
+    /// The same error under another kind and description, keeping its step, SQLSTATE and
+    /// cause (a `55P03` that turned out to be a lock timeout, not `NOWAIT`).
+    pub(crate) fn reclassified(mut self, kind: ErrorKind, detail: impl Into<String>) -> Self {
+        self.inner.kind = kind;
+        self.inner.detail = Some(detail.into());
         self
     }
 
-    pub(crate) fn take_blocker_query(&mut self) -> Option<BlockerQuery> {
-        self.inner.blocker_query.take()
+    /// This error's own cause (the driver's error), for an error that replaces it: the new
+    /// error takes the cause over instead of wrapping this one, so nothing is printed twice.
+    pub(crate) fn into_source(self) -> Option<Box<dyn StdError + Send + Sync>> {
+        self.inner.source
+    }
+
+    pub(crate) fn with_boxed_source(
+        mut self,
+        source: Option<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        self.inner.source = source;
+        self
     }
 
     pub(crate) fn set_blockers(&mut self, blockers: Vec<Blocker>) {
@@ -244,9 +259,15 @@ impl Error {
     /// Wraps a row-conversion error (from `Row::try_get`, or a [`LockableRow::from_row`]
     /// called by hand) as [`ErrorKind::Decode`], for closures that decode rows themselves.
     ///
+    /// ```
+    /// # fn demo(row: &rowlock::tokio_postgres::Row) -> Result<i64, rowlock::Error> {
+    /// let id: i64 = row.try_get("id").map_err(rowlock::Error::decode)?;
+    /// # Ok(id) }
+    /// ```
+    ///
     /// [`LockableRow::from_row`]: crate::LockableRow::from_row
     pub fn decode(e: tokio_postgres::Error) -> Self {
-        Error::new(ErrorKind::Decode).at(Step::Lock).with_source(e)
+        Error::new(ErrorKind::Decode).with_source(e)
     }
 
     pub(crate) fn from_pool(e: deadpool_postgres::PoolError) -> Self {
@@ -387,7 +408,12 @@ impl fmt::Display for Error {
         if let Some(attempts) = self.inner.attempts {
             write!(f, " after {attempts} attempt(s)")?;
         }
-        if let Some(state) = &self.inner.sql_state {
+        if let Some(state) = self
+            .inner
+            .sql_state
+            .as_ref()
+            .filter(|_| !self.cause_prints_state())
+        {
             write!(f, " (SQLSTATE {})", state.code())?;
         }
         if let Some(blockers) = &self.inner.blockers {
@@ -402,6 +428,18 @@ impl fmt::Display for Error {
     }
 }
 
+impl Error {
+    /// Whether this error's cause is a rowlock error that already prints the same SQLSTATE
+    /// (a retry policy's last failure): then `Display` leaves it to the cause.
+    fn cause_prints_state(&self) -> bool {
+        self.inner
+            .source
+            .as_deref()
+            .and_then(|s| s.downcast_ref::<Error>())
+            .is_some_and(|cause| cause.sql_state() == self.sql_state())
+    }
+}
+
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         self.inner
@@ -411,98 +449,9 @@ impl StdError for Error {
     }
 }
 
-/// Maps a driver error to a kind. The only place in the crate that looks at SQLSTATEs.
-pub(crate) fn classify(e: &tokio_postgres::Error) -> ErrorKind {
-    if let Some(db) = e.as_db_error() {
-        return classify_db(db.code(), db.routine());
-    }
-    if e.is_closed() {
-        return ErrorKind::Closed;
-    }
-    let mut source = e.source();
-    while let Some(s) = source {
-        if s.is::<std::io::Error>() {
-            return ErrorKind::Closed;
-        }
-        source = s.source();
-    }
-    ErrorKind::Driver
-}
-
-/// `routine` tells the two causes of `55P03` apart: PostgreSQL raises the lock-timeout error
-/// from `ProcessInterrupts` (the interrupt handler), while `NOWAIT` failures come from the
-/// lock manager's callers. The routine is the server's C function name, not translated text.
-pub(crate) fn classify_db(code: &SqlState, routine: Option<&str>) -> ErrorKind {
-    let c = code.code();
-    if *code == SqlState::T_R_SERIALIZATION_FAILURE {
-        ErrorKind::SerializationFailure
-    } else if *code == SqlState::T_R_DEADLOCK_DETECTED {
-        ErrorKind::Deadlock
-    } else if *code == SqlState::LOCK_NOT_AVAILABLE {
-        if routine == Some("ProcessInterrupts") {
-            ErrorKind::LockTimeout
-        } else {
-            ErrorKind::LockNotAvailable
-        }
-    } else if *code == SqlState::QUERY_CANCELED {
-        ErrorKind::StatementTimeout
-    } else if *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT {
-        ErrorKind::IdleInTransactionTimeout
-    } else if *code == SqlState::IN_FAILED_SQL_TRANSACTION {
-        ErrorKind::TransactionAborted
-    } else if c.starts_with("08")
-        || *code == SqlState::ADMIN_SHUTDOWN
-        || *code == SqlState::CRASH_SHUTDOWN
-        || *code == SqlState::CANNOT_CONNECT_NOW
-    {
-        ErrorKind::Closed
-    } else {
-        ErrorKind::Db
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sqlstates_map_to_kinds() {
-        let cases = [
-            (
-                SqlState::T_R_SERIALIZATION_FAILURE,
-                None,
-                ErrorKind::SerializationFailure,
-            ),
-            (SqlState::T_R_DEADLOCK_DETECTED, None, ErrorKind::Deadlock),
-            (
-                SqlState::LOCK_NOT_AVAILABLE,
-                Some("heap_lock_tuple"),
-                ErrorKind::LockNotAvailable,
-            ),
-            (
-                SqlState::LOCK_NOT_AVAILABLE,
-                Some("ProcessInterrupts"),
-                ErrorKind::LockTimeout,
-            ),
-            (SqlState::QUERY_CANCELED, None, ErrorKind::StatementTimeout),
-            (
-                SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-                None,
-                ErrorKind::IdleInTransactionTimeout,
-            ),
-            (
-                SqlState::IN_FAILED_SQL_TRANSACTION,
-                None,
-                ErrorKind::TransactionAborted,
-            ),
-            (SqlState::CONNECTION_FAILURE, None, ErrorKind::Closed),
-            (SqlState::ADMIN_SHUTDOWN, None, ErrorKind::Closed),
-            (SqlState::UNIQUE_VIOLATION, None, ErrorKind::Db),
-        ];
-        for (state, routine, kind) in cases {
-            assert_eq!(classify_db(&state, routine), kind, "{}", state.code());
-        }
-    }
 
     #[test]
     fn retryable_covers_swallowed_root_causes() {

@@ -51,10 +51,12 @@ use futures_util::future::BoxFuture;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
+use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::{Error, ErrorKind, Step};
+use crate::flush::{Flush, Side};
 use crate::lock::LockStrength;
 use crate::options::TransactionOptions;
-use crate::retry::{LockStep, RetryPolicy, run_locked};
+use crate::policy::RetryPolicy;
 use crate::row::{LockableRow, Names, quote_ident};
 use crate::transaction::{OwnedParam, Transaction};
 
@@ -91,6 +93,7 @@ impl Compare {
 
 /// Sort direction of an order column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive] // e.g. NULLS FIRST / LAST variants may come.
 pub enum Direction {
     /// Ascending (the default).
     #[default]
@@ -163,6 +166,7 @@ impl Default for Claim {
 
 impl Claim {
     /// No filter (every row is eligible), no order yet, `FOR NO KEY UPDATE SKIP LOCKED`.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -326,16 +330,14 @@ impl Transaction {
             // Prepared first (a cache hit sends nothing), so the claim's Bind leaves before
             // the SET that follows it.
             let stmt = self.cached_statement(sql).await?;
-            if !restore_plans {
-                return conn.query(&stmt, params).await;
+            let mut flush = Flush::new(conn);
+            if restore_plans {
+                flush = flush.after(Side::Simple("SET LOCAL plan_cache_mode TO DEFAULT"));
             }
-            let (rows, restored) = futures_util::future::join(
-                conn.query(&stmt, params),
-                conn.batch_execute("SET LOCAL plan_cache_mode TO DEFAULT"),
-            )
-            .await;
-            restored?;
-            rows
+            flush
+                .send(conn.query(&stmt, params))
+                .await
+                .map_err(|f| f.error)
         };
         let rows = self.run(Step::Lock, request).await.map_err(|e| {
             if e.sql_state() == Some(&SqlState::UNDEFINED_COLUMN) {
@@ -344,7 +346,7 @@ impl Transaction {
                     "the claim's filter or order names a column the table does not have",
                 )
                 .with_sql_state(e.sql_state().cloned())
-                .with_source(e)
+                .with_boxed_source(e.into_source())
             } else {
                 e
             }
@@ -352,7 +354,7 @@ impl Transaction {
         rows.iter()
             .map(R::from_row)
             .collect::<Result<Vec<R>, _>>()
-            .map_err(Error::decode)
+            .map_err(|e| Error::decode(e).at(Step::Lock))
     }
 }
 
@@ -416,23 +418,18 @@ where
     let (sql, params) = claim.render::<R>(&n)?;
     let mut options = claim.transaction.clone();
     options.force_custom_plans = true;
-    let mut f = Some(f);
     let step = ClaimStep::<R> {
         sql,
         params,
         row: PhantomData,
     };
     run_locked(
-        "with_claimed_rows",
-        R::TABLE.name(),
+        Some(("with_claimed_rows", R::TABLE.name())),
         pool,
         &options,
         &RetryPolicy::once(),
         &step,
-        move |tx, rows| {
-            f.take()
-                .expect("a one-attempt policy calls the closure once")(tx, rows)
-        },
+        call_once(f),
     )
     .await
 }
@@ -511,6 +508,9 @@ pub async fn explain_claim<R: LockableRow>(
     tx.rollback_quietly().await;
     rows?
         .iter()
-        .map(|r| r.try_get::<_, String>(0).map_err(Error::decode))
+        .map(|r| {
+            r.try_get::<_, String>(0)
+                .map_err(|e| Error::decode(e).at(Step::Statement))
+        })
         .collect()
 }

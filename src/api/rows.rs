@@ -8,26 +8,31 @@
 
 use std::collections::BTreeSet;
 
+use std::future::Future;
+
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::attempt::{LockStep, call_once, run_locked};
 use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
+use crate::flush::{Flush, Side};
 use crate::lock::{LockMode, LockOptions};
 use crate::options::millis_ceil;
 use crate::outcome::{Outcome, RowsOutcome};
-use crate::retry::{RetryPolicy, with_locked_row_retry, with_locked_rows_retry};
+use crate::policy::RetryPolicy;
 use crate::row::{Key, LockableRow, Names};
 use crate::transaction::Transaction;
 
 /// PostgreSQL's limit on bind parameters in one statement.
 const MAX_PARAMS: usize = u16::MAX as usize;
 
-/// Result of the locking statement, before the caller sees it.
-enum Locked {
+/// The reply to the locking statement, before the caller sees it.
+enum LockReply {
     Rows(Vec<Row>),
+    /// `55P03`: lock not available, or lock timeout.
     Contended(Error),
 }
 
@@ -108,9 +113,8 @@ impl Transaction {
         let mut params = Vec::with_capacity(names.keys.len());
         key.push_params(&mut params);
         let rows = match self.lock_query(&sql, &params, options, set_timeout).await? {
-            Locked::Rows(rows) => rows,
-            Locked::Contended(e) => {
-                let e = e.with_blocker_query(BlockerQuery::rows(names, vec![key.clone()]));
+            LockReply::Rows(rows) => rows,
+            LockReply::Contended(e) => {
                 return Ok(if e.kind() == ErrorKind::LockTimeout {
                     Outcome::LockTimeout(e)
                 } else {
@@ -121,7 +125,7 @@ impl Transaction {
         match rows.len() {
             1 => R::from_row(&rows[0])
                 .map(Outcome::Done)
-                .map_err(Error::decode),
+                .map_err(|e| Error::decode(e).at(Step::Lock)),
             0 if options.mode == LockMode::SkipLocked => {
                 if self.existing::<R>(names, 1, &params).await?.is_empty() {
                     Ok(Outcome::NotFound)
@@ -154,9 +158,8 @@ impl Transaction {
             key.push_params(&mut params);
         }
         let rows = match self.lock_query(&sql, &params, options, set_timeout).await? {
-            Locked::Rows(rows) => rows,
-            Locked::Contended(e) => {
-                let e = e.with_blocker_query(BlockerQuery::rows(names, keys.to_vec()));
+            LockReply::Rows(rows) => rows,
+            LockReply::Contended(e) => {
                 return Ok(if e.kind() == ErrorKind::LockTimeout {
                     RowsOutcome::LockTimeout(e)
                 } else {
@@ -171,7 +174,7 @@ impl Transaction {
             .iter()
             .map(R::from_row)
             .collect::<Result<Vec<R>, _>>()
-            .map_err(Error::decode)?;
+            .map_err(|e| Error::decode(e).at(Step::Lock))?;
         locked.sort_by_key(R::key);
         let got: BTreeSet<R::Key> = locked.iter().map(R::key).collect();
         if got.len() != locked.len() {
@@ -200,15 +203,15 @@ impl Transaction {
         }
     }
 
-    /// Sends the locking statement (with `SET LOCAL lock_timeout` first when asked), mapping
-    /// `55P03` to a contention result rather than an error.
+    /// Sends the locking statement (with `SET LOCAL lock_timeout` in the same flush, first,
+    /// when asked), mapping `55P03` to a contention reply rather than an error.
     async fn lock_query(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         options: &LockOptions,
         set_timeout: bool,
-    ) -> Result<Locked, Error> {
+    ) -> Result<LockReply, Error> {
         let conn = self.conn();
         let timeout_sql = match options.transaction.lock_timeout {
             Some(t) if set_timeout => Some(format!("SET LOCAL lock_timeout = {}", millis_ceil(t))),
@@ -218,25 +221,22 @@ impl Transaction {
             let stmt = self.cached_statement(sql).await?;
             conn.query(&stmt, params).await
         };
-        let request = async {
-            match &timeout_sql {
-                Some(set) => {
-                    let (set, rows) =
-                        futures_util::future::join(conn.batch_execute(set), select).await;
-                    set?;
-                    rows
-                }
-                None => select.await,
-            }
-        };
+        let mut flush = Flush::new(conn);
+        if let Some(set) = &timeout_sql {
+            flush = flush.before(Side::Simple(set));
+        }
+        let request = async { flush.send(select).await.map_err(|f| f.error) };
         match self.run(Step::Lock, request).await {
-            Ok(rows) => Ok(Locked::Rows(rows)),
+            Ok(rows) => Ok(LockReply::Rows(rows)),
             Err(e) => match e.kind() {
                 // Only lock_timeout can raise 55P03 while waiting in Wait mode.
                 ErrorKind::LockNotAvailable if options.mode == LockMode::Wait => {
-                    Ok(Locked::Contended(reclassify_timeout(e)))
+                    Ok(LockReply::Contended(e.reclassified(
+                        ErrorKind::LockTimeout,
+                        "waited longer than lock_timeout for a row lock",
+                    )))
                 }
-                ErrorKind::LockNotAvailable | ErrorKind::LockTimeout => Ok(Locked::Contended(e)),
+                ErrorKind::LockNotAvailable | ErrorKind::LockTimeout => Ok(LockReply::Contended(e)),
                 _ => Err(e),
             },
         }
@@ -256,18 +256,8 @@ impl Transaction {
         rows.iter()
             .map(|r| R::from_row(r).map(|row| row.key()))
             .collect::<Result<_, _>>()
-            .map_err(Error::decode)
+            .map_err(|e| Error::decode(e).at(Step::Lock))
     }
-}
-
-fn reclassify_timeout(e: Error) -> Error {
-    Error::with_kind(
-        ErrorKind::LockTimeout,
-        "waited longer than lock_timeout for a row lock",
-    )
-    .at(Step::Lock)
-    .with_sql_state(e.sql_state().cloned())
-    .with_source(e)
 }
 
 fn not_unique(names: &Names, rows: usize, keys: usize) -> Error {
@@ -357,13 +347,68 @@ where
     E: From<Error>,
     F: for<'t> FnOnce(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
 {
-    let mut f = Some(f);
-    with_locked_row_retry(pool, key, options, &RetryPolicy::once(), move |tx, row| {
-        let f = f
-            .take()
-            .expect("a one-attempt policy calls the closure once");
-        f(tx, row)
-    })
+    with_locked_row_retry(pool, key, options, &RetryPolicy::once(), call_once(f)).await
+}
+
+/// [`with_locked_row`](crate::with_locked_row), retried under `policy`: each attempt opens a
+/// new transaction, locks the row again and calls `f` again.
+///
+/// Outcomes other than `Done` are returned as they are, except lock-not-available and lock
+/// timeouts when the policy has [`RetryPolicy::retry_lock_contention`] on: those are retried,
+/// and [`ErrorKind::RetriesExhausted`] (SQLSTATE `55P03`) is returned if they persist.
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct Account { id: i64, balance: i64 }
+/// # impl LockableRow for Account {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("accounts");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+/// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
+/// #     }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{LockMode, LockOptions, RetryPolicy, with_locked_row_retry};
+///
+/// // NoWait, but try up to 3 times before telling the user "busy".
+/// let opts = LockOptions::new().mode(LockMode::NoWait);
+/// let policy = RetryPolicy::new().max_attempts(3).retry_lock_contention(true);
+/// let outcome = with_locked_row_retry(pool, &1, &opts, &policy, |tx, acc: Account| Box::pin(async move {
+///     tx.execute("UPDATE accounts SET balance = $2 WHERE id = $1", &[&acc.id, &(acc.balance + 1)]).await?;
+///     Ok::<_, rowlock::Error>(())
+/// }))
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn with_locked_row_retry<R, T, E, F>(
+    pool: &Pool,
+    key: &R::Key,
+    options: &LockOptions,
+    policy: &RetryPolicy,
+    f: F,
+) -> Result<Outcome<T>, E>
+where
+    R: LockableRow,
+    E: From<Error>,
+    F: for<'t> FnMut(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
+{
+    options.validate()?;
+    let names = Names::of::<R>()?;
+    let step = RowLock::<R> {
+        names: &names,
+        key,
+        options,
+    };
+    run_locked(
+        Some(("with_locked_row", &names.table)),
+        pool,
+        &options.transaction,
+        policy,
+        &step,
+        f,
+    )
     .await
 }
 
@@ -415,18 +460,90 @@ where
     E: From<Error>,
     F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
 {
-    let mut f = Some(f);
-    with_locked_rows_retry(
-        pool,
-        keys,
+    with_locked_rows_retry(pool, keys, options, &RetryPolicy::once(), call_once(f)).await
+}
+
+/// [`with_locked_rows`](crate::with_locked_rows), retried under `policy`: each attempt opens
+/// a new transaction, locks the rows again (in key order) and calls `f` again. Outcomes other
+/// than `Done` are handled as in [`with_locked_row_retry`].
+pub async fn with_locked_rows_retry<R, T, E, F>(
+    pool: &Pool,
+    keys: &[R::Key],
+    options: &LockOptions,
+    policy: &RetryPolicy,
+    f: F,
+) -> Result<RowsOutcome<T, R::Key>, E>
+where
+    R: LockableRow,
+    E: From<Error>,
+    F: for<'t> FnMut(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
+{
+    options.validate()?;
+    let names = Names::of::<R>()?;
+    let keys = sorted_keys::<R>(keys)?;
+    let step = RowsLock::<R> {
+        names: &names,
+        keys: &keys,
         options,
-        &RetryPolicy::once(),
-        move |tx, rows| {
-            let f = f
-                .take()
-                .expect("a one-attempt policy calls the closure once");
-            f(tx, rows)
-        },
+    };
+    run_locked(
+        Some(("with_locked_rows", &names.table)),
+        pool,
+        &options.transaction,
+        policy,
+        &step,
+        f,
     )
     .await
+}
+
+/// One row by key (`with_locked_row`). The lock timeout was set with `BEGIN`.
+struct RowLock<'a, R: LockableRow> {
+    names: &'a Names,
+    key: &'a R::Key,
+    options: &'a LockOptions,
+}
+
+impl<R: LockableRow> LockStep for RowLock<'_, R> {
+    type Locked = Outcome<R>;
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+    ) -> impl Future<Output = Result<Outcome<R>, Error>> + Send + 't {
+        tx.lock_one::<R>(self.names, self.key, self.options, false)
+    }
+    fn blockers(&self) -> Option<BlockerQuery<'_>> {
+        let mut params = Vec::with_capacity(self.names.keys.len());
+        self.key.push_params(&mut params);
+        Some(BlockerQuery::rows(
+            &self.names.table,
+            &self.names.where_keys(1),
+            params,
+        ))
+    }
+}
+
+/// Rows by sorted, deduplicated keys (`with_locked_rows`).
+struct RowsLock<'a, R: LockableRow> {
+    names: &'a Names,
+    keys: &'a [R::Key],
+    options: &'a LockOptions,
+}
+
+impl<R: LockableRow> LockStep for RowsLock<'_, R> {
+    type Locked = RowsOutcome<Vec<R>, R::Key>;
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+    ) -> impl Future<Output = Result<Self::Locked, Error>> + Send + 't {
+        tx.lock_many::<R>(self.names, self.keys, self.options, false)
+    }
+    fn blockers(&self) -> Option<BlockerQuery<'_>> {
+        let mut params = Vec::with_capacity(self.keys.len() * self.names.keys.len());
+        for key in self.keys {
+            key.push_params(&mut params);
+        }
+        let filter = self.names.where_keys(self.keys.len());
+        Some(BlockerQuery::rows(&self.names.table, &filter, params))
+    }
 }

@@ -1,4 +1,6 @@
-//! Retrying whole transactions on serialization failures and deadlocks.
+//! The retry schedule: which failures are retried, how many times, and the delays between
+//! attempts. It knows nothing of transactions: the attempt loop ([`crate::attempt`]) asks it
+//! whether a failure is retried and waits on its [`Backoff`].
 //!
 //! Each attempt runs the caller's closure again in a **new transaction** (never a savepoint
 //! loop), so the decision that chose the writes is re-made on fresh data. Whether an attempt
@@ -8,28 +10,16 @@
 //! pipelined statement reported `25P02` first.
 //!
 //! The delay schedule comes from [`backon`]'s exponential builder (well kept, seedable jitter,
-//! and usable as a plain iterator, so the schedule is unit-tested without sleeping); the loop
-//! itself is rowlock's, because each attempt needs a fresh transaction and a classification
-//! that only rowlock can make.
+//! and usable as a plain iterator, so the schedule is unit-tested without sleeping).
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use deadpool_postgres::Pool;
-use futures_util::future::BoxFuture;
 use tokio_postgres::error::SqlState;
 
 use crate::error::{Error, ErrorKind};
-use crate::lock::LockOptions;
-use crate::locking::sorted_keys;
-use crate::options::TransactionOptions;
-use crate::outcome::{Contended, Locked, Outcome, RowsOutcome};
-use crate::row::{LockableRow, Names};
-use crate::trace;
-use crate::transaction::Transaction;
 
 /// When and how often to retry a transaction.
 ///
@@ -134,6 +124,7 @@ pub struct RetryEvent {
 
 impl RetryPolicy {
     /// The defaults described on [`RetryPolicy`].
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -258,6 +249,11 @@ impl RetryPolicy {
             .map(|d| Duration::from_micros(((d.as_nanos() + 500) / 1000) as u64))
     }
 
+    /// Whether this policy allows a second attempt at all.
+    pub(crate) fn may_retry(&self) -> bool {
+        self.max_attempts > 1
+    }
+
     /// Whether this policy retries a failure.
     pub fn retries(&self, error: &Error) -> bool {
         match error.kind() {
@@ -272,8 +268,8 @@ impl RetryPolicy {
     }
 }
 
-/// Counts attempts and waits between them.
-struct Retrier<'p> {
+/// Counts attempts and waits between them, under a [`RetryPolicy`].
+pub(crate) struct Backoff<'p> {
     policy: &'p RetryPolicy,
     /// Built at the first retry: a call that succeeds at once pays nothing for it.
     delays: Option<Box<dyn Iterator<Item = Duration> + Send>>,
@@ -281,10 +277,11 @@ struct Retrier<'p> {
     attempts: u32,
 }
 
-impl<'p> Retrier<'p> {
-    fn new(policy: &'p RetryPolicy) -> Result<Self, Error> {
+impl<'p> Backoff<'p> {
+    /// Refuses an invalid policy before the first attempt.
+    pub(crate) fn new(policy: &'p RetryPolicy) -> Result<Self, Error> {
         policy.validate()?;
-        Ok(Retrier {
+        Ok(Backoff {
             policy,
             delays: None,
             started: tokio::time::Instant::now(),
@@ -292,9 +289,14 @@ impl<'p> Retrier<'p> {
         })
     }
 
+    /// The number of attempts that have failed so far.
+    pub(crate) fn failed_attempts(&self) -> u32 {
+        self.attempts
+    }
+
     /// After a failed attempt: waits and returns `Ok` if another attempt should run, or the
     /// exhaustion error.
-    async fn backoff(&mut self, cause: Error) -> Result<(), Error> {
+    pub(crate) async fn wait(&mut self, cause: Error) -> Result<(), Error> {
         self.attempts += 1;
         let delay = if self.attempts < self.policy.max_attempts {
             let policy = self.policy;
@@ -314,13 +316,12 @@ impl<'p> Retrier<'p> {
                 // No retry was ever on offer: report the failure itself.
                 return Err(cause);
             }
-            return Err(Error::with_kind(
-                ErrorKind::RetriesExhausted,
-                format!("the last attempt failed with: {}", cause.kind()),
-            )
-            .with_attempts(self.attempts)
-            .with_sql_state(cause.sql_state().cloned())
-            .with_source(cause));
+            // The cause (the source) says how the last attempt failed; this error only says
+            // that the policy gave up.
+            return Err(Error::new(ErrorKind::RetriesExhausted)
+                .with_attempts(self.attempts)
+                .with_sql_state(cause.sql_state().cloned())
+                .with_source(cause));
         };
         let event = RetryEvent {
             attempt: self.attempts,
@@ -342,351 +343,6 @@ impl<'p> Retrier<'p> {
         tokio::time::sleep(delay).await;
         Ok(())
     }
-}
-
-/// Why an attempt did not produce a value.
-enum Failure<E> {
-    /// Give the caller this error.
-    Stop(E),
-    /// Try again (if the policy allows), because of this.
-    Retry(Error),
-}
-
-fn failure<E: From<Error>>(error: Error, policy: &RetryPolicy) -> Failure<E> {
-    if policy.retries(&error) {
-        Failure::Retry(error)
-    } else {
-        Failure::Stop(error.into())
-    }
-}
-
-/// Commits or rolls back after the closure, and classifies the result.
-async fn settle<T, E: From<Error>>(
-    tx: Transaction,
-    result: Result<T, E>,
-    policy: &RetryPolicy,
-) -> Result<T, Failure<E>> {
-    match result {
-        Ok(value) => match tx.commit().await {
-            Ok(()) => Ok(value),
-            Err(e) => Err(failure(e, policy)),
-        },
-        Err(e) => {
-            // The caller's own error is never retried, unless the server had already failed
-            // the transaction retryably (the closure mapped a 40001 into its own error).
-            let cause = tx.failure();
-            tx.rollback_quietly().await;
-            // With one attempt nothing is retried, so the caller's error goes out as it is.
-            match cause {
-                Some(cause) if policy.max_attempts > 1 && policy.retries(&cause) => {
-                    Err(Failure::Retry(cause))
-                }
-                _ => Err(Failure::Stop(e)),
-            }
-        }
-    }
-}
-
-/// When the lock step did not lock: rolls back, and decides whether the attempt is retried
-/// (lock contention, when the policy asks) or its outcome returned.
-async fn not_locked<O: Contended, E: From<Error>>(
-    tx: Transaction,
-    locked: Result<O, Error>,
-    policy: &RetryPolicy,
-) -> Result<O, Failure<E>> {
-    match locked {
-        Ok(mut outcome) => match outcome.contention_mut() {
-            Some(e) if policy.retries(e) => {
-                tx.rollback_quietly().await;
-                Err(Failure::Retry(
-                    outcome.into_contention().expect("matched just above"),
-                ))
-            }
-            // Returned to the caller: say who holds the lock (failure path only).
-            Some(e) => {
-                tx.rollback_and_find_blockers(e).await;
-                Ok(outcome)
-            }
-            None => {
-                tx.rollback_quietly().await;
-                Ok(outcome)
-            }
-        },
-        Err(e) => {
-            tx.rollback_quietly().await;
-            Err(failure(e, policy))
-        }
-    }
-}
-
-/// Runs attempts until one succeeds, one fails for good, or the policy gives up.
-macro_rules! retry_loop {
-    ($policy:expr, $attempt:expr) => {{
-        let mut retrier = Retrier::new($policy)?;
-        loop {
-            match $attempt {
-                Ok(v) => return Ok(v),
-                Err(Failure::Stop(e)) => return Err(e),
-                Err(Failure::Retry(cause)) => retrier.backoff(cause).await?,
-            }
-        }
-    }};
-}
-
-/// [`with_transaction`](crate::with_transaction), retried under `policy`: each attempt calls
-/// `f` again in a new transaction.
-///
-/// Returns `f`'s value once an attempt commits; `f`'s own error at once (unless the server
-/// had already failed the transaction retryably); [`ErrorKind::RetriesExhausted`] when the
-/// policy gives up; [`ErrorKind::CommitOutcomeUnknown`] without retrying. Invalid options or
-/// policy are refused before a connection is taken. Dropping the future cancels the current
-/// attempt as described on [`Transaction`].
-///
-/// ```no_run
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{Isolation, RetryPolicy, TransactionOptions, with_transaction_retry};
-///
-/// let opts = TransactionOptions::new().isolation(Isolation::Serializable);
-/// with_transaction_retry(pool, &opts, &RetryPolicy::new(), |tx| Box::pin(async move {
-///     let on_call: i64 = tx.query_one("SELECT count(*) FROM doctors WHERE on_call", &[]).await?.get(0);
-///     if on_call > 1 {
-///         tx.execute("UPDATE doctors SET on_call = false WHERE name = 'alice'", &[]).await?;
-///     }
-///     Ok::<_, rowlock::Error>(())
-/// }))
-/// .await?;
-/// # Ok(()) }
-/// ```
-pub async fn with_transaction_retry<T, E, F>(
-    pool: &Pool,
-    options: &TransactionOptions,
-    policy: &RetryPolicy,
-    mut f: F,
-) -> Result<T, E>
-where
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
-{
-    options.validate()?;
-    retry_loop!(
-        policy,
-        async {
-            let tx = Transaction::begin_unchecked(pool, options)
-                .await
-                .map_err(|e| failure(e, policy))?;
-            let result = f(&tx).await;
-            settle(tx, result, policy).await
-        }
-        .await
-    )
-}
-
-/// [`with_locked_row`](crate::with_locked_row), retried under `policy`: each attempt opens a
-/// new transaction, locks the row again and calls `f` again.
-///
-/// Outcomes other than `Done` are returned as they are, except lock-not-available and lock
-/// timeouts when the policy has [`RetryPolicy::retry_lock_contention`] on: those are retried,
-/// and [`ErrorKind::RetriesExhausted`] (SQLSTATE `55P03`) is returned if they persist.
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct Account { id: i64, balance: i64 }
-/// # impl LockableRow for Account {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("accounts");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
-/// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
-/// #     }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{LockMode, LockOptions, RetryPolicy, with_locked_row_retry};
-///
-/// // NoWait, but try up to 3 times before telling the user "busy".
-/// let opts = LockOptions::new().mode(LockMode::NoWait);
-/// let policy = RetryPolicy::new().max_attempts(3).retry_lock_contention(true);
-/// let outcome = with_locked_row_retry(pool, &1, &opts, &policy, |tx, acc: Account| Box::pin(async move {
-///     tx.execute("UPDATE accounts SET balance = $2 WHERE id = $1", &[&acc.id, &(acc.balance + 1)]).await?;
-///     Ok::<_, rowlock::Error>(())
-/// }))
-/// .await?;
-/// # Ok(()) }
-/// ```
-pub async fn with_locked_row_retry<R, T, E, F>(
-    pool: &Pool,
-    key: &R::Key,
-    options: &LockOptions,
-    policy: &RetryPolicy,
-    f: F,
-) -> Result<Outcome<T>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
-{
-    options.validate()?;
-    let names = Names::of::<R>()?;
-    let step = RowLock::<R> {
-        names: &names,
-        key,
-        options,
-    };
-    run_locked(
-        "with_locked_row",
-        &names.table,
-        pool,
-        &options.transaction,
-        policy,
-        &step,
-        f,
-    )
-    .await
-}
-
-/// [`with_locked_rows`](crate::with_locked_rows), retried under `policy`: each attempt opens
-/// a new transaction, locks the rows again (in key order) and calls `f` again. Outcomes other
-/// than `Done` are handled as in [`with_locked_row_retry`].
-pub async fn with_locked_rows_retry<R, T, E, F>(
-    pool: &Pool,
-    keys: &[R::Key],
-    options: &LockOptions,
-    policy: &RetryPolicy,
-    f: F,
-) -> Result<RowsOutcome<T, R::Key>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
-{
-    options.validate()?;
-    let names = Names::of::<R>()?;
-    let keys = sorted_keys::<R>(keys)?;
-    let step = RowsLock::<R> {
-        names: &names,
-        keys: &keys,
-        options,
-    };
-    run_locked(
-        "with_locked_rows",
-        &names.table,
-        pool,
-        &options.transaction,
-        policy,
-        &step,
-        f,
-    )
-    .await
-}
-
-/// The lock step of a locked call: takes the locks inside the attempt's transaction.
-pub(crate) trait LockStep: Sync {
-    /// What it produced.
-    type Locked: Locked;
-    /// Takes the locks.
-    fn lock<'t>(
-        &'t self,
-        tx: &'t Transaction,
-    ) -> impl Future<Output = Result<Self::Locked, Error>> + Send + 't;
-}
-
-/// One row by key (`with_locked_row`). The lock timeout was set with `BEGIN`.
-struct RowLock<'a, R: LockableRow> {
-    names: &'a Names,
-    key: &'a R::Key,
-    options: &'a LockOptions,
-}
-
-impl<R: LockableRow> LockStep for RowLock<'_, R> {
-    type Locked = Outcome<R>;
-    fn lock<'t>(
-        &'t self,
-        tx: &'t Transaction,
-    ) -> impl Future<Output = Result<Outcome<R>, Error>> + Send + 't {
-        tx.lock_one::<R>(self.names, self.key, self.options, false)
-    }
-}
-
-/// Rows by sorted, deduplicated keys (`with_locked_rows`).
-struct RowsLock<'a, R: LockableRow> {
-    names: &'a Names,
-    keys: &'a [R::Key],
-    options: &'a LockOptions,
-}
-
-impl<R: LockableRow> LockStep for RowsLock<'_, R> {
-    type Locked = RowsOutcome<Vec<R>, R::Key>;
-    fn lock<'t>(
-        &'t self,
-        tx: &'t Transaction,
-    ) -> impl Future<Output = Result<Self::Locked, Error>> + Send + 't {
-        tx.lock_many::<R>(self.names, self.keys, self.options, false)
-    }
-}
-
-/// The one shape of every locked call: under `policy`, each attempt opens a transaction with
-/// `options`, runs the lock `step`, and either returns its outcome (rolled back, with who
-/// holds the lock) or runs `f` on what it locked and commits. Inside a
-/// `rowlock.locked_call` span named `call` (feature `tracing`).
-pub(crate) async fn run_locked<S, T, E, F>(
-    call: &'static str,
-    table: &str,
-    pool: &Pool,
-    options: &TransactionOptions,
-    policy: &RetryPolicy,
-    step: &S,
-    mut f: F,
-) -> Result<<S::Locked as Locked>::Output<T>, E>
-where
-    S: LockStep,
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, <S::Locked as Locked>::Value) -> BoxFuture<'t, Result<T, E>>,
-{
-    trace::locked_call(call, table, async {
-        let result = locked_attempts(pool, options, policy, step, &mut f).await;
-        trace::outcome(result.as_ref().map_or("error", Contended::label));
-        result
-    })
-    .await
-}
-
-async fn locked_attempts<S, T, E, F>(
-    pool: &Pool,
-    options: &TransactionOptions,
-    policy: &RetryPolicy,
-    step: &S,
-    f: &mut F,
-) -> Result<<S::Locked as Locked>::Output<T>, E>
-where
-    S: LockStep,
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, <S::Locked as Locked>::Value) -> BoxFuture<'t, Result<T, E>>,
-{
-    let mut attempt = 0;
-    retry_loop!(
-        policy,
-        async {
-            attempt += 1;
-            trace::attempt(attempt);
-            let tx = Transaction::begin_unchecked(pool, options)
-                .await
-                .map_err(|e| failure(e, policy))?;
-            let started = trace::Mark::now();
-            let locked = step.lock(&tx).await;
-            trace::lock_wait(started);
-            let value = match locked.map(Locked::split) {
-                Ok(Ok(value)) => value,
-                Ok(Err(outcome)) => return not_locked(tx, Ok(outcome), policy).await,
-                Err(e) => return not_locked(tx, Err(e), policy).await,
-            };
-            let locked_at = trace::Mark::now();
-            let result = f(&tx, value).await;
-            let settled = settle(tx, result, policy).await.map(S::Locked::done);
-            trace::hold(locked_at);
-            settled
-        }
-        .await
-    )
 }
 
 #[cfg(test)]
@@ -769,18 +425,23 @@ mod tests {
         assert!(contention.retries(&failure_with(SqlState::LOCK_NOT_AVAILABLE)));
     }
 
-    /// A fake operation that fails `n` times with `state`, driven through the real retry
-    /// loop on a paused clock (sleeps advance virtual time instantly).
+    /// A fake operation that fails `n` times with `state`, driven through the real backoff
+    /// on a paused clock (sleeps advance virtual time instantly), as the attempt loop drives
+    /// it: a failure the policy does not retry is returned as it is.
     async fn fake(policy: &RetryPolicy, n: u32, state: SqlState) -> Result<u32, Error> {
+        let mut backoff = Backoff::new(policy)?;
         let mut calls = 0;
-        retry_loop!(policy, {
+        loop {
             calls += 1;
-            if calls <= n {
-                Err(failure::<Error>(failure_with(state.clone()), policy))
-            } else {
-                Ok(calls)
+            if calls > n {
+                return Ok(calls);
             }
-        })
+            let failure = failure_with(state.clone());
+            if !policy.retries(&failure) {
+                return Err(failure);
+            }
+            backoff.wait(failure).await?;
+        }
     }
 
     #[tokio::test(start_paused = true)]

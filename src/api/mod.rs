@@ -1,0 +1,8 @@
+//! The entry points: each public call names its lock step and hands it to the attempt loop
+//! ([`crate::attempt`]); each `_retry` twin sits next to its plain form.
+
+pub(crate) mod advisory;
+pub(crate) mod claim;
+pub(crate) mod commit_outcome;
+pub(crate) mod rows;
+pub(crate) mod transaction;

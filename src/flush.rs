@@ -1,0 +1,292 @@
+//! Sending several requests in one flush: the only way rowlock pipelines.
+//!
+//! tokio-postgres writes a request to the connection when its future is first polled and
+//! matches replies in order, so futures that are polled together share a round trip. The
+//! server runs requests in the order they were written, so that order must be the order of
+//! first polls. A [`Flush`] is a list of side requests around one main request (`BEGIN` and
+//! `SET LOCAL`s before a locking `SELECT`, queued writes before `COMMIT`, `SET LOCAL … TO
+//! DEFAULT` after a claim); [`Flush::send`] polls all of them, every time, in that order.
+//!
+//! The main request must write everything it sends on its first poll (one tokio-postgres
+//! call on an already prepared statement, or a simple-query string); one that awaits a reply
+//! before sending more would let the side requests after it overtake it.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+use futures_util::FutureExt as _;
+use futures_util::future::join3;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, SimpleQueryMessage, Statement};
+
+type PgError = tokio_postgres::Error;
+
+/// A request whose reply is only checked for an error.
+pub(crate) enum Side<'a> {
+    /// One or more `;`-separated statements, simple query protocol.
+    Simple(&'a str),
+    /// `BEGIN …` (with its `SET LOCAL`s) that ends in `SELECT pg_current_xact_id()`; the id
+    /// is stored in the cell.
+    BeginTracked(&'a str, &'a OnceLock<u64>),
+    /// A prepared statement with owned parameters (a write queued for `COMMIT`).
+    Execute(&'a Statement, &'a [Box<dyn ToSql + Send + Sync>]),
+}
+
+impl<'a> Side<'a> {
+    /// The request as a boxed future (the general case; see [`Sides::send`] for the common
+    /// one, which is not boxed).
+    fn boxed(self, conn: &'a Client) -> Request<'a> {
+        match self {
+            Side::Simple(sql) => Box::pin(conn.batch_execute(sql)),
+            Side::BeginTracked(sql, xid) => Box::pin(async move {
+                let messages = conn.simple_query(sql).await?;
+                let id = messages.iter().find_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+                    _ => None,
+                });
+                if let Some(id) = id {
+                    let _ = xid.set(id);
+                }
+                Ok(())
+            }),
+            Side::Execute(statement, params) => Box::pin(async move {
+                let params = params.iter().map(|p| &**p as &(dyn ToSql + Sync));
+                conn.execute_raw(statement, params).await.map(|_| ())
+            }),
+        }
+    }
+}
+
+type Request<'a> = Pin<Box<dyn Future<Output = Result<(), PgError>> + Send + 'a>>;
+
+/// Where a failed request stood in its flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum At {
+    /// The side request at this index before the main one.
+    Before(usize),
+    /// The main request.
+    Main,
+    /// The side request at this index after the main one.
+    After(usize),
+}
+
+/// The first request of a flush that failed, in sending order: the root cause (the server
+/// answers every later request of the same transaction with `25P02`).
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) error: PgError,
+    pub(crate) at: At,
+}
+
+/// Requests to send in one flush, in order: side requests, the main request, side requests.
+pub(crate) struct Flush<'a> {
+    conn: &'a Client,
+    before: Sides<'a>,
+    after: Sides<'a>,
+}
+
+impl<'a> Flush<'a> {
+    pub(crate) fn new(conn: &'a Client) -> Self {
+        Flush {
+            conn,
+            before: Sides::default(),
+            after: Sides::default(),
+        }
+    }
+
+    /// Sends `side` before the main request (after the side requests already added).
+    #[must_use]
+    pub(crate) fn before(mut self, side: Side<'a>) -> Self {
+        self.before.push(side);
+        self
+    }
+
+    /// Sends `side` after the main request (after the side requests already added).
+    #[must_use]
+    pub(crate) fn after(mut self, side: Side<'a>) -> Self {
+        self.after.push(side);
+        self
+    }
+
+    /// Sends every request and waits for every reply. Returns the main request's value, or
+    /// the first failure in sending order.
+    ///
+    /// Built from combinators, not an `async fn`: the main future is moved once, into the
+    /// join, so nesting flushes (a `BEGIN` flush around a `SET LOCAL` flush) does not copy it
+    /// at every level.
+    pub(crate) fn send<T>(
+        self,
+        main: impl Future<Output = Result<T, PgError>> + 'a,
+    ) -> impl Future<Output = Result<T, Failed>> + 'a {
+        // `join3` polls its futures in argument order, every time (unlike `tokio::join!`,
+        // which rotates its starting point): the order the requests are written in.
+        join3(
+            self.before.send(self.conn),
+            main,
+            self.after.send(self.conn),
+        )
+        .map(|(before, main, after)| first_failure(before, main, after))
+    }
+
+    /// Sends only the side requests.
+    pub(crate) fn send_sides(self) -> impl Future<Output = Result<(), Failed>> + 'a {
+        self.send(std::future::ready(Ok(())))
+    }
+}
+
+/// The first failure of a flush in sending order: the root cause (the server answers every
+/// later request of the same transaction with `25P02`).
+fn first_failure<T>(
+    before: Option<(usize, PgError)>,
+    main: Result<T, PgError>,
+    after: Option<(usize, PgError)>,
+) -> Result<T, Failed> {
+    if let Some((i, error)) = before {
+        return Err(Failed {
+            error,
+            at: At::Before(i),
+        });
+    }
+    let value = main.map_err(|error| Failed {
+        error,
+        at: At::Main,
+    })?;
+    match after {
+        Some((i, error)) => Err(Failed {
+            error,
+            at: At::After(i),
+        }),
+        None => Ok(value),
+    }
+}
+
+/// Side requests: the first inline (the common case is one `BEGIN` or one `SET LOCAL`), more
+/// in a vector.
+#[derive(Default)]
+struct Sides<'a> {
+    first: Option<Side<'a>>,
+    rest: Vec<Side<'a>>,
+}
+
+impl<'a> Sides<'a> {
+    fn push(&mut self, side: Side<'a>) {
+        if self.first.is_none() {
+            self.first = Some(side);
+        } else {
+            self.rest.push(side);
+        }
+    }
+
+    /// Sends every side request, first-polling them in order; the first failure (index and
+    /// error), if any.
+    async fn send(self, conn: &'a Client) -> Option<(usize, PgError)> {
+        let first = self.first?;
+        if let (Side::Simple(sql), true) = (&first, self.rest.is_empty()) {
+            // The common case (one `BEGIN` or `SET LOCAL`): no allocation, a small future.
+            return conn.batch_execute(sql).await.err().map(|e| (0, e));
+        }
+        let requests = std::iter::once(first)
+            .chain(self.rest)
+            .map(|side| side.boxed(conn))
+            .collect();
+        all_in_order(requests)
+            .await
+            .into_iter()
+            .enumerate()
+            .find_map(|(i, r)| r.err().map(|e| (i, e)))
+    }
+}
+
+/// Polls `future` unless it already finished; true while it is pending.
+fn poll_into<F: Future + ?Sized>(
+    future: Pin<&mut F>,
+    out: &mut Option<F::Output>,
+    cx: &mut Context<'_>,
+) -> bool {
+    if out.is_some() {
+        return false;
+    }
+    match future.poll(cx) {
+        Poll::Ready(v) => {
+            *out = Some(v);
+            false
+        }
+        Poll::Pending => true,
+    }
+}
+
+/// Polls every future, every time, in index order (unlike fair joins, which rotate their
+/// starting point); returns their outputs in the same order.
+async fn all_in_order<F: Future + ?Sized>(mut futures: Vec<Pin<Box<F>>>) -> Vec<F::Output> {
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            pending |= poll_into(future.as_mut(), output, cx);
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn first_polls_happen_in_order_and_outputs_keep_it() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let futures = (0..40)
+            .map(|i| {
+                let log = log.clone();
+                Box::pin(async move {
+                    log.lock().unwrap().push(i);
+                    // Yield a different number of times so completions interleave.
+                    for _ in 0..(40 - i) % 3 {
+                        tokio::task::yield_now().await;
+                    }
+                    i * 2
+                })
+            })
+            .collect();
+        let out = all_in_order(futures).await;
+        assert_eq!(out, (0..40).map(|i| i * 2).collect::<Vec<_>>());
+        assert_eq!(*log.lock().unwrap(), (0..40).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn join3_polls_in_argument_order() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let step = |name: &'static str, yields: usize| {
+            let log = log.clone();
+            async move {
+                for _ in 0..yields {
+                    log.lock().unwrap().push(name);
+                    tokio::task::yield_now().await;
+                }
+                name
+            }
+        };
+        let out = join3(step("before", 3), step("main", 2), step("after", 3)).await;
+        assert_eq!(out, ("before", "main", "after"));
+        let log = log.lock().unwrap();
+        assert_eq!(
+            &log[..3],
+            ["before", "main", "after"],
+            "first polls in order"
+        );
+        assert_eq!(
+            &log[3..6],
+            ["before", "main", "after"],
+            "and every poll after"
+        );
+    }
+}

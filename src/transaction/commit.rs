@@ -1,0 +1,248 @@
+//! Committing: plan from the state ([`State::plan_commit`](super::state::State::plan_commit)),
+//! send `[BEGIN] [queued writes…] [probe;] COMMIT` in one flush, and classify the replies
+//! with a pure function.
+
+use super::state::{CommitPlan, Deferred};
+use super::{Transaction, idle_timeout_error};
+use crate::error::{Error, ErrorKind, Step};
+use crate::flush::{At, Flush, Side};
+
+/// After an unseen error, `SELECT 1` fails with `25P02` and the server skips the `COMMIT` of
+/// the same query string, so an aborted transaction cannot pass for committed.
+const PROBE_AND_COMMIT: &str = "SELECT 1; COMMIT";
+
+/// What the replies to a commit flush mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Committed.
+    Committed,
+    /// The connection died with `COMMIT` in the same flush: it may have reached the server.
+    Unknown,
+    /// A request before `COMMIT` failed, so the server turns `COMMIT` into `ROLLBACK`; make
+    /// sure the session is idle, report the failure.
+    RolledBack,
+    /// The probe failed: `COMMIT` was skipped and the transaction is still open.
+    ProbeFailed,
+    /// `COMMIT` itself failed (serialization failure, deferred constraint…): the server
+    /// ended the transaction.
+    CommitFailed,
+}
+
+/// Classifies a commit flush's outcome: `None` when every request succeeded, else the kind of
+/// the first failure and where it stood. Pure.
+fn classify(first_failure: Option<(ErrorKind, At)>, verify: bool) -> Verdict {
+    match first_failure {
+        None => Verdict::Committed,
+        Some((ErrorKind::Closed, _)) => Verdict::Unknown,
+        Some((ErrorKind::TransactionAborted, At::Main)) if verify => Verdict::ProbeFailed,
+        Some((_, At::Main)) => Verdict::CommitFailed,
+        Some((_, At::Before(_) | At::After(_))) => Verdict::RolledBack,
+    }
+}
+
+impl Transaction {
+    /// Commits the transaction.
+    ///
+    /// Sends the queued writes and `COMMIT` in one flush. Returns:
+    /// - `Ok(())` only when PostgreSQL committed;
+    /// - [`ErrorKind::TransactionAborted`] (rolled back) when an earlier statement failed,
+    ///   with the root cause's SQLSTATE;
+    /// - the queued write's or `COMMIT`'s own error (e.g. `40001`, a deferred constraint),
+    ///   after which nothing is committed;
+    /// - [`ErrorKind::CommitOutcomeUnknown`] when the connection was lost while `COMMIT` was
+    ///   in flight;
+    /// - [`ErrorKind::Closed`] when the connection was lost before `COMMIT` was sent
+    ///   (nothing committed).
+    ///
+    /// A transaction that never sent a statement commits without a round trip.
+    /// Dropping the returned future before it completes leaves the outcome unknown; the
+    /// connection is cleaned up as described on [`Transaction`].
+    pub async fn commit(mut self) -> Result<(), Error> {
+        if self.per_transaction {
+            self.send_queued_ahead().await?;
+        }
+        let plan = self.state().plan_commit(self.conn().is_closed());
+        // StatementCache::Transaction: close this transaction's statements before COMMIT.
+        self.close_statements();
+        match plan {
+            CommitPlan::Lost => {
+                self.discard();
+                Err(Error::with_kind(
+                    ErrorKind::Closed,
+                    "the connection was lost before COMMIT was sent; nothing was committed",
+                )
+                .at(Step::Commit))
+            }
+            CommitPlan::ClosedByServer => {
+                // Terminated backend, idle timeout, restart: COMMIT cannot leave.
+                let idled_out = self.idle_timeout_elapsed(&self.state());
+                self.discard();
+                Err(if idled_out {
+                    idle_timeout_error(Step::Commit, self.idle_timeout)
+                } else {
+                    Error::with_kind(
+                        ErrorKind::Closed,
+                        "the server closed the connection before COMMIT was sent; nothing was \
+                         committed",
+                    )
+                    .at(Step::Commit)
+                })
+            }
+            CommitPlan::Aborted(root) => {
+                let _ = self.end(false).await;
+                Err(Error::with_kind(
+                    ErrorKind::TransactionAborted,
+                    "an earlier statement failed, so the transaction was rolled back",
+                )
+                .at(Step::Commit)
+                .with_sql_state(root.sql_state))
+            }
+            CommitPlan::Nothing => {
+                self.release();
+                Ok(())
+            }
+            CommitPlan::Send {
+                begin,
+                deferred,
+                verify,
+            } => self.send_commit(begin.as_deref(), &deferred, verify).await,
+        }
+    }
+
+    /// Sends `[BEGIN] [queued writes…] [probe;] COMMIT` in one flush and acts on the verdict.
+    async fn send_commit(
+        &mut self,
+        begin: Option<&str>,
+        deferred: &[Deferred],
+        verify: bool,
+    ) -> Result<(), Error> {
+        let conn = self.conn();
+        let mut flush = Flush::new(conn);
+        if let Some(sql) = begin {
+            flush = flush.before(self.begin_side(sql));
+        }
+        for (statement, params) in deferred {
+            flush = flush.before(Side::Execute(statement, params));
+        }
+        let commit_sql = if verify { PROBE_AND_COMMIT } else { "COMMIT" };
+        let flight = super::InFlight(Some(&self.state));
+        let reply = flush.send(conn.batch_execute(commit_sql)).await;
+        flight.landed();
+        let failed = reply
+            .err()
+            .map(|f| (Error::from_pg(f.error, Step::Commit), f.at));
+        let verdict = classify(failed.as_ref().map(|(e, at)| (e.kind(), *at)), verify);
+        let error = failed.map(|(e, _)| e);
+        match verdict {
+            Verdict::Committed => {
+                self.release();
+                Ok(())
+            }
+            Verdict::Unknown => Err(self.outcome_unknown(error.expect("a failure"))),
+            Verdict::RolledBack => {
+                let _ = self.end(false).await;
+                Err(error.expect("a failure"))
+            }
+            Verdict::ProbeFailed => {
+                let _ = self.end(false).await;
+                let cause = error.expect("a failure");
+                Err(Error::with_kind(
+                    ErrorKind::TransactionAborted,
+                    "a statement not seen by rowlock had failed, so the transaction was rolled \
+                     back",
+                )
+                .at(Step::Commit)
+                .with_sql_state(cause.sql_state().cloned())
+                .with_boxed_source(cause.into_source()))
+            }
+            Verdict::CommitFailed => {
+                self.release();
+                Err(error.expect("a failure"))
+            }
+        }
+    }
+
+    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction): a statement is
+    /// closed when its last handle drops, and queued writes hold theirs until their replies
+    /// arrive, so they are sent and acknowledged before `COMMIT` (one extra round trip) to
+    /// close them inside the transaction.
+    async fn send_queued_ahead(&mut self) -> Result<(), Error> {
+        let deferred = self.state().take_queued_if_healthy();
+        if deferred.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn();
+        let mut flush = Flush::new(conn);
+        for (statement, params) in &deferred {
+            flush = flush.before(Side::Execute(statement, params));
+        }
+        let sent = self
+            .run(Step::Commit, async {
+                flush.send_sides().await.map_err(|f| f.error)
+            })
+            .await;
+        drop(deferred);
+        if let Err(e) = sent {
+            let _ = self.end(false).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn outcome_unknown(&mut self, cause: Error) -> Error {
+        let xid = self.transaction_id();
+        self.discard();
+        Error::with_kind(
+            ErrorKind::CommitOutcomeUnknown,
+            "the connection was lost while COMMIT was in flight; the transaction may or may \
+             not have committed",
+        )
+        .at(Step::Commit)
+        .with_transaction_id(xid)
+        .with_boxed_source(cause.into_source())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_replies_are_classified() {
+        use ErrorKind::*;
+        let cases = [
+            (None, false, Verdict::Committed),
+            (Some((Closed, At::Main)), false, Verdict::Unknown),
+            (Some((Closed, At::Before(0))), true, Verdict::Unknown),
+            (Some((Db, At::Before(1))), false, Verdict::RolledBack),
+            (
+                Some((TransactionAborted, At::Before(2))),
+                true,
+                Verdict::RolledBack,
+            ),
+            (
+                Some((TransactionAborted, At::Main)),
+                true,
+                Verdict::ProbeFailed,
+            ),
+            (
+                Some((TransactionAborted, At::Main)),
+                false,
+                Verdict::CommitFailed,
+            ),
+            (
+                Some((SerializationFailure, At::Main)),
+                true,
+                Verdict::CommitFailed,
+            ),
+            (Some((Db, At::Main)), false, Verdict::CommitFailed),
+        ];
+        for (failure, verify, verdict) in cases {
+            assert_eq!(
+                classify(failure, verify),
+                verdict,
+                "{failure:?}, verify {verify}"
+            );
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Ending a transaction without committing: `ROLLBACK`, cancelling a request that may still
+//! run, and never returning a connection to the pool inside a transaction.
+
+use std::time::Duration;
+
+use deadpool_postgres::Object;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use super::state::Ending;
+use super::{Transaction, lock};
+use crate::diagnostics::{Blocker, BlockerQuery, QUERY_TIMEOUT, blocker};
+use crate::error::{Error, ErrorKind, Step};
+use crate::flush::{Flush, Side};
+
+/// How long cleanup after a dropped or failed transaction may take before the connection is
+/// closed instead of returned to the pool.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Transaction {
+    /// Rolls the transaction back and returns the connection to the pool.
+    ///
+    /// If `ROLLBACK` fails, the connection is closed rather than returned, and the error is
+    /// returned ([`ErrorKind::Closed`] when the connection was already gone: the server rolls
+    /// back by itself then).
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        self.end(true).await
+    }
+
+    pub(crate) async fn rollback_quietly(mut self) {
+        let _ = self.end(false).await;
+    }
+
+    /// Ends the transaction with `ROLLBACK` (after cancelling a request that may still run),
+    /// then releases or discards the connection.
+    pub(super) async fn end(&mut self, report: bool) -> Result<(), Error> {
+        let ending = self.state().ending();
+        self.close_statements();
+        match ending {
+            Ending::Release => {
+                self.release();
+                Ok(())
+            }
+            Ending::Discard => {
+                self.discard();
+                if report {
+                    Err(Error::with_kind(
+                        ErrorKind::Closed,
+                        "the connection was lost; the server rolled the transaction back",
+                    )
+                    .at(Step::Rollback))
+                } else {
+                    Ok(())
+                }
+            }
+            Ending::Rollback { cancel_first } => {
+                let client = self
+                    .client
+                    .take()
+                    .expect("rowlock: transaction ended twice");
+                match cleanup(client, cancel_first).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if report => Err(Error::from_pg(e, Step::Rollback)),
+                    Err(_) => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Rolls back after a lock that could not be taken and, when `query` says how and the
+    /// connection is clean, asks the server on the same connection who holds the lock,
+    /// recording it on `contention`.
+    pub(crate) async fn rollback_and_find_blockers(
+        mut self,
+        query: Option<BlockerQuery<'_>>,
+        contention: &mut Error,
+    ) {
+        let clean = self.state().ending()
+            == Ending::Rollback {
+                cancel_first: false,
+            };
+        let Some(query) = query.filter(|_| clean) else {
+            return self.rollback_quietly().await;
+        };
+        self.close_statements();
+        let client = self
+            .client
+            .take()
+            .expect("rowlock: transaction ended twice");
+        let dirty = Dirty(Some(client));
+        let lookup = rollback_and_look_up(dirty.conn(), &query, self.per_transaction);
+        if let Ok(Some(blockers)) = tokio::time::timeout(QUERY_TIMEOUT, lookup).await {
+            contention.set_blockers(blockers);
+            dirty.release();
+        }
+        // A failed or timed-out lookup may leave a transaction open: `dirty` closes it.
+    }
+
+    /// Returns the connection to the pool: only called when the server is known to be
+    /// outside a transaction.
+    pub(super) fn release(&mut self) {
+        self.client.take();
+    }
+
+    /// Closes the connection instead of returning it to the pool.
+    pub(super) fn discard(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+/// Ends the transaction open on `conn` with `ROLLBACK` and runs the blocker lookup in a short
+/// read-only transaction of its own (so that, behind PgBouncer, it stays on one server
+/// connection). Two round trips: `ROLLBACK`, `BEGIN` and the statement's `Parse` in one flush,
+/// then the query and `COMMIT` in the next. With `close_before_commit`
+/// ([`StatementCache::Transaction`](crate::StatementCache::Transaction)) the statement is
+/// closed before `COMMIT` leaves, at the cost of a third.
+///
+/// `None` if anything failed: the connection may then still be inside a transaction.
+async fn rollback_and_look_up(
+    conn: &Client,
+    query: &BlockerQuery<'_>,
+    close_before_commit: bool,
+) -> Option<Vec<Blocker>> {
+    let statement = Flush::new(conn)
+        .before(Side::Simple("ROLLBACK; BEGIN READ ONLY"))
+        .send(conn.prepare(query.sql()))
+        .await
+        .ok()?;
+    let rows = if close_before_commit {
+        let rows = conn.query(&statement, query.params()).await;
+        drop(statement);
+        conn.batch_execute("COMMIT").await.ok()?;
+        rows.ok()?
+    } else {
+        Flush::new(conn)
+            .after(Side::Simple("COMMIT"))
+            .send(conn.query(&statement, query.params()))
+            .await
+            .ok()?
+    };
+    rows.iter().map(blocker).collect::<Result<_, _>>().ok()
+}
+
+/// A connection whose transaction state is not known to be clean: closed (not returned to the
+/// pool) when dropped, unless [`release`](Dirty::release)d. Guards every cleanup path,
+/// including a cleanup future that is itself dropped (runtime shutdown, a cancelled
+/// `rollback()`).
+struct Dirty(Option<Object>);
+
+impl Dirty {
+    fn conn(&self) -> &Object {
+        self.0
+            .as_ref()
+            .expect("a Dirty connection is present until released or dropped")
+    }
+
+    /// The server confirmed the session is outside a transaction: back to the pool.
+    fn release(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for Dirty {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+/// Ends whatever the server is doing on `client`.
+///
+/// Without a request in flight: `ROLLBACK`, and the connection returns to the pool only if
+/// the server acknowledged it. With one (`cancel_first`): a cancel request first, so a lock
+/// wait cannot hold up the `ROLLBACK`, and then the connection is closed even after a
+/// successful `ROLLBACK`. PostgreSQL acts on a cancel request asynchronously (tokio-postgres
+/// returns once it is sent), so a reused connection could see a late cancel interrupt the next
+/// borrower's statement. Closing it makes that impossible, and the acknowledged `ROLLBACK`
+/// means the locks are already released when this returns.
+async fn cleanup(client: Object, cancel_first: bool) -> Result<(), tokio_postgres::Error> {
+    let dirty = Dirty(Some(client));
+    if cancel_first {
+        // Best effort: the cancel connection uses no TLS; if it fails, the ROLLBACK timeout
+        // below still bounds the wait.
+        let token = dirty.conn().cancel_token();
+        let _ = tokio::time::timeout(CLEANUP_TIMEOUT, token.cancel_query(NoTls)).await;
+    }
+    // A late cancel can interrupt the ROLLBACK itself (57014); it is consumed by doing so, so a
+    // second ROLLBACK then runs normally.
+    let mut result = Ok(());
+    for _ in 0..2 {
+        match tokio::time::timeout(CLEANUP_TIMEOUT, dirty.conn().batch_execute("ROLLBACK")).await {
+            Ok(Ok(())) => {
+                if !cancel_first {
+                    dirty.release();
+                }
+                return Ok(());
+            }
+            Ok(Err(e)) if e.code() == Some(&SqlState::QUERY_CANCELED) => result = Err(e),
+            Ok(Err(e)) => return Err(e),
+            Err(_elapsed) => return result,
+        }
+    }
+    result
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let ending = {
+            let mut st = lock(&self.state);
+            // Closed before the ROLLBACK is queued (see `close_statements`).
+            drop(st.take_statements());
+            st.ending()
+        };
+        match ending {
+            Ending::Release => {} // Nothing was sent: the connection is clean.
+            Ending::Discard => drop(Object::take(client)),
+            Ending::Rollback { cancel_first } => match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn(async move {
+                        let _ = cleanup(client, cancel_first).await;
+                    });
+                }
+                // No runtime to roll back on: close the connection; the server rolls back.
+                Err(_) => drop(Object::take(client)),
+            },
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! rowlock's own transaction guard over a pooled connection.
+//!
+//! Why not `tokio_postgres::Transaction`: `Client::transaction()` waits for `BEGIN`'s reply
+//! before anything else can be sent, which costs a round trip per transaction, and its
+//! `commit()` reports success when the server turned `COMMIT` into `ROLLBACK` after an error
+//! that the caller swallowed. This guard sends `BEGIN` (and its `SET LOCAL`s) in the same
+//! flush as the first statement, can send queued writes in the same flush as `COMMIT`, and
+//! tracks every error on its own path so an aborted transaction is never reported committed.
+//!
+//! Round trips: `BEGIN` costs none of its own; each statement costs one (fewer when the
+//! caller polls several together); `commit` costs one, including the writes queued with
+//! [`Transaction::execute_on_commit`]; a first-time `prepare_cached` on a connection costs one.
+
+mod commit;
+mod end;
+mod state;
+
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Object, Pool};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement, ToStatement};
+
+use crate::error::{Error, ErrorKind, Step};
+use crate::flush::{At, Flush, Side};
+use crate::options::{StatementCache, TransactionOptions};
+use state::{Phase, State};
+
+/// A parameter owned by a queued statement (see [`Transaction::execute_on_commit`]).
+pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
+
+/// An open transaction on a pooled connection.
+///
+/// Obtained from [`Transaction::begin`], or handed to the closures of
+/// [`with_transaction`](crate::with_transaction) and [`with_locked_row`](crate::with_locked_row).
+/// Its methods take `&self`, so several statements can be polled together (for example with
+/// `futures::try_join!`) and share one round trip.
+///
+/// `BEGIN` is not sent on its own: it goes out in the same flush as the first statement.
+///
+/// **Errors are tracked.** Any server error on a statement run through this guard marks the
+/// transaction aborted (as PostgreSQL does); [`commit`](Self::commit) then rolls back and
+/// returns [`ErrorKind::TransactionAborted`] with the root cause's SQLSTATE, even if the
+/// caller ignored the error.
+///
+/// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future), the
+/// transaction is rolled back by a task spawned on the current Tokio runtime, and the
+/// connection goes back to the pool only after the `ROLLBACK` succeeded. If a statement was
+/// still in flight, a cancel request is sent first so a lock wait cannot linger, and the
+/// connection is closed after the `ROLLBACK` instead of reused (a late cancel must not hit
+/// the next borrower). If there is no runtime, or cleanup fails, the connection is closed
+/// (the server then rolls back). A connection is never returned to the pool inside a
+/// transaction.
+pub struct Transaction {
+    client: Option<Object>,
+    state: Mutex<State>,
+    /// [`StatementCache::Transaction`]: statements are prepared per transaction.
+    per_transaction: bool,
+    /// `idle_in_transaction_session_timeout` set by the options.
+    idle_timeout: Option<Duration>,
+    /// `BEGIN` also asks for the transaction id.
+    track: bool,
+    /// The transaction id, when tracked and `BEGIN` was sent.
+    xid: OnceLock<u64>,
+}
+
+impl std::fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state();
+        let mut d = f.debug_struct("Transaction");
+        match st.phase() {
+            Phase::NotBegun { .. } => d.field("open", &false),
+            Phase::Open { aborted, blind } => d
+                .field("open", &true)
+                .field("aborted", &aborted.as_ref().map(|x| x.kind))
+                .field("unseen", blind),
+            Phase::Broken => d.field("broken", &true),
+        };
+        d.field("queued_on_commit", &st.queued()).finish()
+    }
+}
+
+/// Marks the transaction as having a request in flight if dropped before [`landed`]: the
+/// request may still be running on the server.
+///
+/// [`landed`]: InFlight::landed
+struct InFlight<'a>(Option<&'a Mutex<State>>);
+
+impl InFlight<'_> {
+    fn landed(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(state) = self.0 {
+            lock(state).request_dropped();
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // The state stays consistent even if a holder panicked: every transition is one call.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The error for a connection the server closed because the transaction sat idle too long.
+fn idle_timeout_error(step: Step, limit: Option<Duration>) -> Error {
+    Error::with_kind(
+        ErrorKind::IdleInTransactionTimeout,
+        format!(
+            "the server ended the session: the transaction was idle for longer than \
+             idle_in_transaction_session_timeout ({limit:?}); nothing was committed"
+        ),
+    )
+    .at(step)
+}
+
+impl Transaction {
+    /// Takes a connection from `pool` and prepares a transaction with `options`.
+    ///
+    /// Invalid options are refused before a connection is taken. Pool errors are returned
+    /// as [`ErrorKind::PoolTimeout`] / [`ErrorKind::Pool`] / [`ErrorKind::Closed`]. Nothing is
+    /// sent yet: `BEGIN` leaves with the first statement.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Transaction, TransactionOptions};
+    ///
+    /// let tx = Transaction::begin(pool, &TransactionOptions::new()).await?;
+    /// tx.execute("UPDATE counters SET n = n + 1 WHERE id = $1", &[&1_i64]).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin(pool: &Pool, options: &TransactionOptions) -> Result<Transaction, Error> {
+        options.validate()?;
+        Self::begin_unchecked(pool, options).await
+    }
+
+    pub(crate) async fn begin_unchecked(
+        pool: &Pool,
+        options: &TransactionOptions,
+    ) -> Result<Transaction, Error> {
+        let per_transaction = options
+            .statement_cache
+            .unwrap_or_else(|| StatementCache::for_pool(pool))
+            == StatementCache::Transaction;
+        let client = pool.get().await.map_err(Error::from_pool)?;
+        Ok(Transaction {
+            client: Some(client),
+            state: Mutex::new(State::new(options.begin_sql())),
+            per_transaction,
+            idle_timeout: options.idle_in_transaction_timeout,
+            track: options.track_commit_outcome,
+            xid: OnceLock::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    pub(crate) fn conn(&self) -> &Object {
+        // `client` is only taken by `commit`/`rollback`/`drop`, which consume the guard.
+        self.client
+            .as_ref()
+            .expect("rowlock: transaction used after it ended")
+    }
+
+    /// Whether the server's idle-in-transaction timeout has had time to fire.
+    fn idle_timeout_elapsed(&self, st: &State) -> bool {
+        match (self.idle_timeout, st.idle_since()) {
+            (Some(limit), Some(since)) => since.elapsed() >= limit,
+            _ => false,
+        }
+    }
+
+    /// The request that sends `BEGIN …` (reading back the transaction id when tracked).
+    fn begin_side<'a>(&'a self, sql: &'a str) -> Side<'a> {
+        if self.track {
+            Side::BeginTracked(sql, &self.xid)
+        } else {
+            Side::Simple(sql)
+        }
+    }
+
+    /// Runs one request, preceded in the same flush by `BEGIN` if it has not been sent, and
+    /// records its error.
+    pub(crate) async fn run<T>(
+        &self,
+        step: Step,
+        request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Error> {
+        let (begin, idled_out) = {
+            let mut st = self.state();
+            let Ok(begin) = st.start_request() else {
+                return Err(Error::with_kind(
+                    ErrorKind::Closed,
+                    "the connection of this transaction was lost earlier",
+                )
+                .at(step));
+            };
+            (begin, self.idle_timeout_elapsed(&st))
+        };
+        let flight = InFlight(Some(&self.state));
+        let mut flush = Flush::new(self.conn());
+        if let Some(sql) = &begin {
+            flush = flush.before(self.begin_side(sql));
+        }
+        let result = flush.send(request).await;
+        flight.landed();
+        if self.idle_timeout.is_some() {
+            self.state().request_done(Instant::now());
+        }
+        result.map_err(|failed| {
+            let step = if failed.at == At::Main {
+                step
+            } else {
+                Step::Begin
+            };
+            let err = Error::from_pg(failed.error, step);
+            let err = if idled_out && err.kind() == ErrorKind::Closed {
+                idle_timeout_error(step, self.idle_timeout).with_boxed_source(err.into_source())
+            } else {
+                err
+            };
+            self.record(err)
+        })
+    }
+
+    /// What has gone wrong with the transaction on the server so far, as an error: the root
+    /// cause of an abort, or the lost connection. Used to classify an attempt whose closure
+    /// returned its own error.
+    pub(crate) fn failure(&self) -> Option<Error> {
+        let st = self.state();
+        if st.is_broken() {
+            return Some(
+                Error::with_kind(ErrorKind::Closed, "the connection was lost").at(Step::Statement),
+            );
+        }
+        st.aborted().map(|f| {
+            Error::with_kind(f.kind, "a statement failed and aborted the transaction")
+                .at(Step::Statement)
+                .with_sql_state(f.sql_state.clone())
+        })
+    }
+
+    /// Notes what an error means for the transaction and returns it, enriched with the root
+    /// cause when the server only said "current transaction is aborted" (25P02).
+    fn record(&self, err: Error) -> Error {
+        match self.state().record(err.kind(), err.sql_state()) {
+            Some(root) => err.with_sql_state(root),
+            None => err,
+        }
+    }
+
+    /// Prepares a statement, reusing a cached one. A cache hit sends nothing.
+    ///
+    /// With [`StatementCache::Connection`] (the default) the cache is the connection's
+    /// (deadpool-postgres's `prepare_cached`); with [`StatementCache::Transaction`] it is this
+    /// transaction's, and the statement is closed before the transaction ends.
+    pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+        self.run(Step::Statement, self.cached_statement(query))
+            .await
+    }
+
+    /// The cached statement for `query`, in the cache [`StatementCache`] selects. Called inside
+    /// [`run`](Self::run), so a first prepare rides with `BEGIN`.
+    pub(crate) async fn cached_statement(
+        &self,
+        query: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if !self.per_transaction {
+            return self.conn().prepare_cached(query).await;
+        }
+        if let Some(stmt) = self.state().statement(query) {
+            return Ok(stmt);
+        }
+        let stmt = self.conn().prepare(query).await?;
+        self.state().remember(query, stmt.clone());
+        Ok(stmt)
+    }
+
+    /// Drops this transaction's own statement cache ([`StatementCache::Transaction`]): each
+    /// statement no one else holds is closed (a `Close` message, queued ahead of whatever is
+    /// sent next on the connection, so still inside the transaction).
+    fn close_statements(&self) {
+        if self.per_transaction {
+            let statements = self.state().take_statements();
+            drop(statements);
+        }
+    }
+
+    /// Prepares a statement without caching it.
+    pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        self.run(Step::Statement, self.conn().prepare(query)).await
+    }
+
+    /// Runs a statement and returns its rows. A `&str` is prepared first (an extra round
+    /// trip); pass a [`Statement`] from [`prepare_cached`](Self::prepare_cached) to avoid it.
+    pub async fn query<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(Step::Statement, self.conn().query(statement, params))
+            .await
+    }
+
+    /// Runs a statement that returns exactly one row; zero or several rows are an error.
+    pub async fn query_one<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(Step::Statement, self.conn().query_one(statement, params))
+            .await
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub async fn query_opt<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(Step::Statement, self.conn().query_opt(statement, params))
+            .await
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(Step::Statement, self.conn().execute(statement, params))
+            .await
+    }
+
+    /// Runs one or more `;`-separated statements with the simple query protocol (no
+    /// parameters).
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+        self.run(Step::Statement, self.conn().batch_execute(sql))
+            .await
+    }
+
+    /// Queues a write to be sent in the same flush as `COMMIT`, saving a round trip.
+    ///
+    /// Use it for the final writes whose results you do not need. If a queued write fails,
+    /// the server rolls the transaction back, and [`commit`](Self::commit) returns that
+    /// error. Queued writes are discarded if the transaction rolls back.
+    ///
+    /// ```no_run
+    /// # async fn demo(tx: &rowlock::Transaction) -> Result<(), rowlock::Error> {
+    /// let stmt = tx.prepare_cached("UPDATE projects SET status = $2 WHERE id = $1").await?;
+    /// tx.execute_on_commit(&stmt, vec![Box::new(7_i64), Box::new("assigned")]);
+    /// # Ok(()) }
+    /// ```
+    pub fn execute_on_commit(&self, statement: &Statement, params: Vec<OwnedParam>) {
+        self.state().queue((statement.clone(), params));
+    }
+
+    /// The underlying client, for calls this guard does not wrap (`COPY`, `query_raw`, …).
+    ///
+    /// Sends `BEGIN` first if it is still pending. Errors on the raw client are not seen by
+    /// the guard, so [`commit`](Self::commit) then checks the transaction state in the same
+    /// flush as `COMMIT` (one extra statement, no extra round trip).
+    pub async fn client(&self) -> Result<&tokio_postgres::Client, Error> {
+        self.run(Step::Begin, async { Ok(()) }).await?;
+        self.state().used_raw_client();
+        Ok(self.conn())
+    }
+
+    /// The transaction id recorded with `BEGIN` when
+    /// [`TransactionOptions::track_commit_outcome`] is on and a statement has been sent.
+    pub fn transaction_id(&self) -> Option<u64> {
+        self.xid.get().copied()
+    }
+}

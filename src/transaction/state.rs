@@ -1,0 +1,386 @@
+//! What the transaction guard knows about the server's side of its transaction, as a small
+//! state machine: each method is one transition, so impossible combinations (an aborted
+//! transaction that was never begun, a lost connection with a pending `BEGIN`) cannot be
+//! written. Pure: no I/O here, unit-tested below.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tokio_postgres::Statement;
+use tokio_postgres::error::SqlState;
+
+use super::OwnedParam;
+use crate::error::ErrorKind;
+
+/// A write queued to be sent in the same flush as `COMMIT`.
+pub(super) type Deferred = (Statement, Vec<OwnedParam>);
+
+/// Where the transaction stands on the server.
+#[derive(Debug)]
+pub(super) enum Phase {
+    /// Nothing sent yet: `BEGIN …` (with its `SET LOCAL`s) leaves with the first request.
+    NotBegun { begin: String },
+    /// `BEGIN` was sent: the server has a transaction open.
+    Open {
+        /// The first error that aborted the transaction on the server.
+        aborted: Option<Failure>,
+        /// What the guard may have missed.
+        blind: Blind,
+    },
+    /// The connection is gone; the server rolled back.
+    Broken,
+}
+
+/// What the guard may not have seen of an open transaction, least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Blind {
+    /// Every request's reply was seen.
+    No,
+    /// The caller used the raw client, whose errors the guard does not see.
+    RawClient,
+    /// A request was dropped before its reply arrived: it may still be running.
+    InFlight,
+}
+
+/// The root cause of an aborted transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Failure {
+    pub(super) kind: ErrorKind,
+    pub(super) sql_state: Option<SqlState>,
+}
+
+/// The connection is gone (returned by [`State::start_request`]).
+#[derive(Debug)]
+pub(super) struct Lost;
+
+/// How a transaction that is not committed must be ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ending {
+    /// Nothing was sent: the connection is clean and goes back to the pool.
+    Release,
+    /// The connection is gone: close it.
+    Discard,
+    /// `ROLLBACK`; with `cancel_first`, a request may still run: cancel it first and close
+    /// the connection afterwards.
+    Rollback { cancel_first: bool },
+}
+
+/// What [`commit`](super::Transaction::commit) must do.
+#[derive(Debug)]
+pub(super) enum CommitPlan {
+    /// The connection was lost earlier: nothing to send, nothing committed.
+    Lost,
+    /// The server closed the connection before `COMMIT` could leave.
+    ClosedByServer,
+    /// An earlier statement aborted the transaction: roll back, report this root cause.
+    Aborted(Failure),
+    /// Nothing was ever sent or queued: there is nothing to commit.
+    Nothing,
+    /// Send `[BEGIN] [queued writes…] [probe;] COMMIT` in one flush.
+    Send {
+        begin: Option<String>,
+        deferred: Vec<Deferred>,
+        /// Errors may have gone unseen: a probe in the `COMMIT` string checks the state.
+        verify: bool,
+    },
+}
+
+/// The guard's mutable state, behind one mutex in [`Transaction`](super::Transaction).
+pub(super) struct State {
+    phase: Phase,
+    /// Writes to send in the same flush as `COMMIT`.
+    deferred: Vec<Deferred>,
+    /// The statements this transaction prepared ([`StatementCache::Transaction`]), closed
+    /// before the transaction ends.
+    ///
+    /// [`StatementCache::Transaction`]: crate::StatementCache::Transaction
+    statements: HashMap<String, Statement>,
+    /// When the last request finished (tracked only with an idle timeout).
+    idle_since: Option<Instant>,
+}
+
+impl State {
+    pub(super) fn new(begin: String) -> Self {
+        State {
+            phase: Phase::NotBegun { begin },
+            deferred: Vec::new(),
+            statements: HashMap::new(),
+            idle_since: None,
+        }
+    }
+
+    pub(super) fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Before a request: the `BEGIN` text if it must go first (from here on the transaction
+    /// is open), or [`Lost`] if the connection is gone.
+    pub(super) fn start_request(&mut self) -> Result<Option<String>, Lost> {
+        match &mut self.phase {
+            Phase::Broken => Err(Lost),
+            Phase::Open { .. } => Ok(None),
+            Phase::NotBegun { begin } => {
+                let begin = std::mem::take(begin);
+                self.phase = Phase::Open {
+                    aborted: None,
+                    blind: Blind::No,
+                };
+                Ok(Some(begin))
+            }
+        }
+    }
+
+    fn see_less(&mut self, less: Blind) {
+        if let Phase::Open { blind, .. } = &mut self.phase {
+            *blind = (*blind).max(less);
+        }
+    }
+
+    /// A request was dropped before its reply arrived.
+    pub(super) fn request_dropped(&mut self) {
+        self.see_less(Blind::InFlight);
+    }
+
+    /// The caller took the raw client.
+    pub(super) fn used_raw_client(&mut self) {
+        self.see_less(Blind::RawClient);
+    }
+
+    /// A request finished (for the idle-in-transaction clock).
+    pub(super) fn request_done(&mut self, now: Instant) {
+        self.idle_since = Some(now);
+    }
+
+    pub(super) fn idle_since(&self) -> Option<Instant> {
+        self.idle_since
+    }
+
+    /// Notes what a request's error means for the transaction. Returns the root cause's
+    /// SQLSTATE when the error only echoes an earlier failure (`25P02`), so the caller can
+    /// report the cause instead.
+    pub(super) fn record(
+        &mut self,
+        kind: ErrorKind,
+        sql_state: Option<&SqlState>,
+    ) -> Option<Option<SqlState>> {
+        match kind {
+            ErrorKind::Closed | ErrorKind::IdleInTransactionTimeout => {
+                self.phase = Phase::Broken;
+                None
+            }
+            // Driver-side errors (a parameter that does not serialize…) happen before
+            // anything is sent; the server's transaction is unaffected.
+            ErrorKind::Driver | ErrorKind::Decode => None,
+            kind => {
+                let Phase::Open { aborted, .. } = &mut self.phase else {
+                    return None;
+                };
+                match aborted {
+                    Some(root) if kind == ErrorKind::TransactionAborted => {
+                        Some(root.sql_state.clone())
+                    }
+                    // The first real cause stays the root.
+                    Some(root) if root.kind != ErrorKind::TransactionAborted => None,
+                    _ => {
+                        *aborted = Some(Failure {
+                            kind,
+                            sql_state: sql_state.cloned(),
+                        });
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// The root cause of an abort, if the server aborted the transaction.
+    pub(super) fn aborted(&self) -> Option<&Failure> {
+        match &self.phase {
+            Phase::Open { aborted, .. } => aborted.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub(super) fn is_broken(&self) -> bool {
+        matches!(self.phase, Phase::Broken)
+    }
+
+    /// How to end the transaction without committing. Drops the queued writes.
+    pub(super) fn ending(&mut self) -> Ending {
+        self.deferred.clear();
+        match self.phase {
+            Phase::NotBegun { .. } => Ending::Release,
+            Phase::Broken => Ending::Discard,
+            Phase::Open { blind, .. } => Ending::Rollback {
+                cancel_first: blind == Blind::InFlight,
+            },
+        }
+    }
+
+    /// Decides how to commit, taking the queued writes (and the `BEGIN` if it is still
+    /// pending). `closed`: the driver already knows the connection is closed.
+    pub(super) fn plan_commit(&mut self, closed: bool) -> CommitPlan {
+        let deferred = std::mem::take(&mut self.deferred);
+        match &mut self.phase {
+            Phase::Broken => CommitPlan::Lost,
+            _ if closed => CommitPlan::ClosedByServer,
+            Phase::Open {
+                aborted: Some(root),
+                ..
+            } => CommitPlan::Aborted(root.clone()),
+            Phase::NotBegun { .. } if deferred.is_empty() => CommitPlan::Nothing,
+            Phase::NotBegun { begin } => {
+                let begin = std::mem::take(begin);
+                self.phase = Phase::Open {
+                    aborted: None,
+                    blind: Blind::No,
+                };
+                CommitPlan::Send {
+                    begin: Some(begin),
+                    deferred,
+                    verify: false,
+                }
+            }
+            Phase::Open {
+                aborted: None,
+                blind,
+            } => CommitPlan::Send {
+                begin: None,
+                deferred,
+                verify: *blind != Blind::No,
+            },
+        }
+    }
+
+    /// Queues a write for `COMMIT`.
+    pub(super) fn queue(&mut self, write: Deferred) {
+        self.deferred.push(write);
+    }
+
+    pub(super) fn queued(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// Takes the queued writes, if the transaction is healthy (for sending them ahead of
+    /// `COMMIT`).
+    pub(super) fn take_queued_if_healthy(&mut self) -> Vec<Deferred> {
+        if self.aborted().is_some() || self.is_broken() {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// A statement this transaction prepared for `query`.
+    pub(super) fn statement(&self, query: &str) -> Option<Statement> {
+        self.statements.get(query).cloned()
+    }
+
+    pub(super) fn remember(&mut self, query: &str, statement: Statement) {
+        self.statements.insert(query.to_owned(), statement);
+    }
+
+    /// This transaction's own prepared statements, to be closed.
+    pub(super) fn take_statements(&mut self) -> HashMap<String, Statement> {
+        std::mem::take(&mut self.statements)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> State {
+        let mut st = State::new("BEGIN".into());
+        assert_eq!(st.start_request().unwrap().as_deref(), Some("BEGIN"));
+        st
+    }
+
+    #[test]
+    fn begin_leaves_once_and_nothing_sent_means_nothing_to_end() {
+        let mut st = State::new("BEGIN".into());
+        assert_eq!(st.ending(), Ending::Release);
+        assert!(matches!(st.plan_commit(false), CommitPlan::Nothing));
+        let mut st = open();
+        assert_eq!(st.start_request().unwrap(), None, "BEGIN is sent once");
+        assert_eq!(
+            st.ending(),
+            Ending::Rollback {
+                cancel_first: false
+            }
+        );
+    }
+
+    #[test]
+    fn the_first_real_error_is_the_root_cause() {
+        let mut st = open();
+        let serialization = SqlState::T_R_SERIALIZATION_FAILURE;
+        assert_eq!(st.record(ErrorKind::Driver, None), None);
+        assert_eq!(st.aborted(), None, "driver errors do not abort");
+        assert_eq!(
+            st.record(ErrorKind::SerializationFailure, Some(&serialization)),
+            None
+        );
+        // Later echoes (25P02) are answered with the root cause's state.
+        assert_eq!(
+            st.record(
+                ErrorKind::TransactionAborted,
+                Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
+            ),
+            Some(Some(serialization.clone()))
+        );
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        let root = st.aborted().unwrap();
+        assert_eq!(root.kind, ErrorKind::SerializationFailure);
+        assert!(
+            matches!(st.plan_commit(false), CommitPlan::Aborted(f) if f.sql_state == Some(serialization))
+        );
+    }
+
+    #[test]
+    fn an_echo_seen_first_is_replaced_by_a_real_cause() {
+        let mut st = open();
+        st.record(
+            ErrorKind::TransactionAborted,
+            Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+        );
+        st.record(ErrorKind::Deadlock, Some(&SqlState::T_R_DEADLOCK_DETECTED));
+        assert_eq!(st.aborted().unwrap().kind, ErrorKind::Deadlock);
+    }
+
+    #[test]
+    fn a_lost_connection_wins_over_everything() {
+        let mut st = open();
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        st.record(ErrorKind::Closed, None);
+        assert!(st.is_broken());
+        assert!(st.start_request().is_err());
+        assert!(matches!(st.plan_commit(false), CommitPlan::Lost));
+        assert_eq!(st.ending(), Ending::Discard);
+    }
+
+    #[test]
+    fn blindness_only_grows_and_decides_probe_and_cancel() {
+        let mut st = open();
+        st.used_raw_client();
+        assert!(matches!(
+            st.plan_commit(false),
+            CommitPlan::Send { verify: true, .. }
+        ));
+        let mut st = open();
+        st.request_dropped();
+        st.used_raw_client();
+        assert_eq!(st.ending(), Ending::Rollback { cancel_first: true });
+        let mut st = State::new("BEGIN".into());
+        st.request_dropped();
+        assert_eq!(st.ending(), Ending::Release, "nothing was in flight yet");
+    }
+
+    #[test]
+    fn a_connection_known_closed_is_reported_before_commit_leaves() {
+        let mut st = State::new("BEGIN".into());
+        assert!(matches!(st.plan_commit(true), CommitPlan::ClosedByServer));
+        let mut st = open();
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        assert!(matches!(st.plan_commit(true), CommitPlan::ClosedByServer));
+    }
+}

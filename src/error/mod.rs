@@ -474,4 +474,32 @@ mod tests {
             "lock timeout while locking rows: row of \"t\" (SQLSTATE 55P03)"
         );
     }
+
+    #[test]
+    fn reclassified_and_exhausted_errors_print_each_fact_once() {
+        let state = Some(SqlState::LOCK_NOT_AVAILABLE);
+        let timeout = Error::with_kind(ErrorKind::LockNotAvailable, "x")
+            .at(Step::Lock)
+            .with_sql_state(state.clone())
+            .reclassified(
+                ErrorKind::LockTimeout,
+                "waited longer than lock_timeout for a row lock",
+            );
+        assert_eq!(timeout.kind(), ErrorKind::LockTimeout);
+        assert!(StdError::source(&timeout).is_none(), "not wrapped");
+        assert_eq!(
+            timeout.to_string(),
+            "lock timeout while locking rows: waited longer than lock_timeout for a row lock \
+             (SQLSTATE 55P03)"
+        );
+        let exhausted = Error::new(ErrorKind::RetriesExhausted)
+            .with_attempts(3)
+            .with_sql_state(state)
+            .with_source(timeout);
+        assert_eq!(
+            exhausted.to_string(),
+            "retries exhausted after 3 attempt(s)"
+        );
+        assert_eq!(exhausted.sql_state(), Some(&SqlState::LOCK_NOT_AVAILABLE));
+    }
 }

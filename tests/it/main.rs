@@ -8,6 +8,7 @@ mod cancellation;
 mod claim;
 mod conflicts;
 mod diagnostics;
+mod errors;
 mod faults;
 mod harness;
 mod locking;

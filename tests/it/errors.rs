@@ -1,0 +1,194 @@
+//! Errors are printed once: walking an error's `source()` chain, no link repeats what another
+//! already says (its whole text, its kind, its SQLSTATE). Each error here is a real one, made
+//! by the server.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use rowlock::tokio_postgres::Client;
+use rowlock::{
+    Claim, Direction, ErrorKind, LockMode, LockOptions, Outcome, RetryPolicy, Transaction,
+    TransactionOptions, with_claimed_rows, with_locked_row, with_locked_row_retry,
+    with_transaction,
+};
+
+use crate::support::{Account, accounts};
+
+/// The texts of `err` and of every `source()` below it.
+fn chain(err: &(dyn StdError + 'static)) -> Vec<String> {
+    let mut texts = Vec::new();
+    let mut link = Some(err);
+    while let Some(e) = link {
+        texts.push(e.to_string());
+        link = e.source();
+    }
+    texts
+}
+
+/// Asserts that no text in the chain repeats: no link contains another link's whole text,
+/// each SQLSTATE is printed at most once, and each rowlock kind is named by one rowlock link
+/// only (the server's own message may use the same words).
+fn assert_printed_once(err: &rowlock::Error) {
+    let texts = chain(err);
+    for (i, a) in texts.iter().enumerate() {
+        for (j, b) in texts.iter().enumerate() {
+            assert!(
+                i == j || b.is_empty() || !a.contains(b.as_str()),
+                "link {i} repeats link {j}: {texts:#?}"
+            );
+        }
+    }
+    let joined = texts.join("\n");
+    for code in joined
+        .match_indices("SQLSTATE ")
+        .map(|(at, _)| &joined[at..at + 14])
+    {
+        assert_eq!(
+            joined.matches(code).count(),
+            1,
+            "{code} printed more than once: {texts:#?}"
+        );
+    }
+    let mut ours = Vec::new();
+    let mut link: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = link {
+        if let Some(e) = e.downcast_ref::<rowlock::Error>() {
+            ours.push((e.kind().to_string(), e.to_string()));
+        }
+        link = e.source();
+    }
+    for (kind, _) in &ours {
+        let naming = ours.iter().filter(|(_, text)| text.contains(kind)).count();
+        assert_eq!(naming, 1, "{kind:?} named more than once: {texts:#?}");
+    }
+}
+
+fn never(_: &Transaction, _: Account) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
+    panic!("the row is held elsewhere")
+}
+
+async fn hold_row_1(db: &rowlock::testing::TestDatabase) -> Client {
+    let holder = db.client().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    holder
+}
+
+#[tokio::test]
+async fn contention_errors_are_printed_once() {
+    let (db, pool) = accounts(1).await;
+    let _holder = hold_row_1(&db).await;
+
+    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let outcome = with_locked_row(&pool, &1, &nowait, never).await.unwrap();
+    let Outcome::LockNotAvailable(e) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_printed_once(&e);
+
+    // A lock timeout is the same 55P03, told apart: one error, not one inside the other.
+    let timeout = LockOptions::new().lock_timeout(Duration::from_millis(20));
+    let outcome = with_locked_row(&pool, &1, &timeout, never).await.unwrap();
+    let Outcome::LockTimeout(e) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(e.kind(), ErrorKind::LockTimeout);
+    let inner = e.source().and_then(|s| s.downcast_ref::<rowlock::Error>());
+    assert!(inner.is_none(), "not wrapped in a second rowlock error");
+    assert_printed_once(&e);
+
+    // Retries that run out: the policy says it gave up, the cause says why, once each.
+    let policy = RetryPolicy::new()
+        .max_attempts(2)
+        .base_delay(Duration::from_millis(1))
+        .retry_lock_contention(true);
+    let e = with_locked_row_retry(&pool, &1, &nowait, &policy, never)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::RetriesExhausted);
+    assert_eq!(e.sql_state().map(|s| s.code()), Some("55P03"));
+    assert_printed_once(&e);
+    assert!(
+        !e.to_string().contains("lock not available"),
+        "the cause is printed by the source: {e}"
+    );
+}
+
+#[tokio::test]
+async fn commit_and_statement_errors_are_printed_once() {
+    let (_db, pool) = accounts(1).await;
+    let opts = TransactionOptions::new();
+
+    // A statement error the closure swallowed: the commit reports the root cause's state.
+    let e = with_transaction(&pool, &opts, |tx| {
+        Box::pin(async move {
+            let _ = tx.execute("INSERT INTO accounts VALUES (1, 0)", &[]).await;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TransactionAborted);
+    assert_eq!(e.sql_state().map(|s| s.code()), Some("23505"));
+    assert_printed_once(&e);
+
+    // An error on the raw client, which rowlock does not see: the probe finds it at COMMIT.
+    let e = with_transaction(&pool, &opts, |tx| {
+        Box::pin(async move {
+            let client = tx.client().await?;
+            let _ = client.batch_execute("SELECT 1/0").await;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TransactionAborted);
+    assert_printed_once(&e);
+
+    // The caller's own statement error, returned with `?`.
+    let e = with_transaction(&pool, &opts, |tx| {
+        Box::pin(async move {
+            tx.execute("INSERT INTO accounts VALUES (1, 0)", &[])
+                .await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.sql_state().map(|s| s.code()), Some("23505"));
+    assert_printed_once(&e);
+}
+
+#[tokio::test]
+async fn decode_errors_name_no_step_they_did_not_fail_in() {
+    let (_db, pool) = accounts(1).await;
+    // A closure decoding an INSERT's RETURNING row with the wrong type.
+    let e = with_transaction(&pool, &TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            let row = tx
+                .query_one("INSERT INTO accounts VALUES (2, 5) RETURNING balance", &[])
+                .await?;
+            let wrong: Result<String, _> = row.try_get(0);
+            wrong.map_err(rowlock::Error::decode)
+        })
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Decode);
+    assert!(!e.to_string().contains("locking"), "{e}");
+    assert_printed_once(&e);
+
+    // A claim naming a column the table does not have.
+    let claim = Claim::new()
+        .filter_null("no_such_column")
+        .order_by("id", Direction::Asc);
+    let e = with_claimed_rows(&pool, &claim, 1, |_, _: Vec<Account>| {
+        Box::pin(async move { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap_err();
+    assert!(e.is_invalid_argument(), "{e:?}");
+    assert_printed_once(&e);
+}

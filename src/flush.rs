@@ -43,7 +43,7 @@ impl<'a> Side<'a> {
             Side::BeginTracked(sql, xid) => Box::pin(async move {
                 let messages = conn.simple_query(sql).await?;
                 let id = messages.iter().find_map(|m| match m {
-                    SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+                    SimpleQueryMessage::Row(row) => row.try_get(0).ok().flatten()?.parse().ok(),
                     _ => None,
                 });
                 if let Some(id) = id {

@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
+#![doc = include_str!("../docs/layout.md")]
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,

@@ -14,13 +14,13 @@ use crate::transaction::Transaction;
 
 /// Runs `f` in a transaction: commits if it returns `Ok`, rolls back if it returns `Err`.
 ///
-/// - Invalid `options` are refused with [`ErrorKind::InvalidArgument`] before a connection is
+/// - Invalid `options` are refused with [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) before a connection is
 ///   taken.
 /// - Pool and connection failures are returned as [`Error`] (converted into `E`).
 /// - If `f` returns `Err(e)`, the transaction is rolled back and `e` is returned unchanged.
 /// - If `f` returns `Ok(v)` but a statement in it failed (even one whose error `f`
 ///   swallowed), the transaction is rolled back and
-///   [`ErrorKind::TransactionAborted`] is returned: never a false success.
+///   [`ErrorKind::TransactionAborted`](crate::ErrorKind::TransactionAborted) is returned: never a false success.
 /// - If `f` panics or the returned future is dropped, the transaction is rolled back as
 ///   described on [`Transaction`], and the panic propagates.
 ///
@@ -66,8 +66,8 @@ where
 /// `f` again in a new transaction.
 ///
 /// Returns `f`'s value once an attempt commits; `f`'s own error at once (unless the server
-/// had already failed the transaction retryably); [`ErrorKind::RetriesExhausted`] when the
-/// policy gives up; [`ErrorKind::CommitOutcomeUnknown`] without retrying. Invalid options or
+/// had already failed the transaction retryably); [`ErrorKind::RetriesExhausted`](crate::ErrorKind::RetriesExhausted) when the
+/// policy gives up; [`ErrorKind::CommitOutcomeUnknown`](crate::ErrorKind::CommitOutcomeUnknown) without retrying. Invalid options or
 /// policy are refused before a connection is taken. Dropping the future cancels the current
 /// attempt as described on [`Transaction`].
 ///

@@ -118,11 +118,17 @@ where
     E: From<Error>,
     F: for<'t> FnMut(&'t Transaction, Value<S>) -> BoxFuture<'t, Result<T, E>>,
 {
-    let tx = Transaction::begin_unchecked(pool, options)
+    let mut tx = Transaction::begin_unchecked(pool, options)
         .await
         .map_err(|e| failure(e, policy))?;
     let started = Mark::now();
-    let locked = step.lock(&tx).await;
+    let mut locked = step.lock(&tx).await;
+    if locked.as_ref().is_err_and(Error::is_stale_plan) {
+        // A migration changed the table under the cached lock statement (now forgotten):
+        // again on the same connection, since another could hold the same stale statement.
+        tx = tx.restart(options).await.map_err(|e| failure(e, policy))?;
+        locked = step.lock(&tx).await;
+    }
     rec.lock_wait(started);
     let value = match locked.map(Locked::split) {
         Ok(Ok(value)) => value,

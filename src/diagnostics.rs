@@ -1,5 +1,5 @@
-//! Who holds the lock: gathered only when a lock was not available or a lock wait timed out,
-//! never on the success path.
+//! Who holds the lock: gathered only when asked (`LockOptions::find_blockers`) and a lock was
+//! not available or a lock wait timed out, never on the success path.
 //!
 //! After `NOWAIT` fails or `lock_timeout` fires, the caller is no longer waiting, so
 //! `pg_blocking_pids()` has nothing to report for it. The holder is found from what the lock
@@ -29,7 +29,10 @@ use tokio_postgres::types::ToSql;
 
 /// A session holding a lock that this call could not take, as `pg_stat_activity` described
 /// it just after the failure. See [`Error::blockers`](crate::Error::blockers).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// `Display` and `Debug` leave out the blocking session's query text, which can carry another
+/// user's data; [`query_text`](Blocker::query_text) returns it.
+#[derive(Clone, PartialEq)]
 #[non_exhaustive] // more columns of pg_stat_activity may be added.
 pub struct Blocker {
     /// The blocking backend's process id (`pg_terminate_backend` takes it).
@@ -40,8 +43,35 @@ pub struct Blocker {
     pub transaction_age: Option<Duration>,
     /// Its state (`active`, `idle in transaction`, …), if visible to this role.
     pub state: Option<String>,
-    /// Its current or last query (`<insufficient privilege>` without the privileges above).
-    pub query: Option<String>,
+    /// Its current or last query: see [`query_text`](Self::query_text).
+    pub(crate) query: Option<String>,
+}
+
+impl Blocker {
+    /// The blocking session's current or last query, as `pg_stat_activity` shows it
+    /// (`<insufficient privilege>` without the privileges above).
+    ///
+    /// **Sensitive:** it is another session's SQL, and can carry another user's data (literal
+    /// values, names, tokens). It is left out of `Display` and `Debug`, so logging an error
+    /// never prints it; show it only where such data may go.
+    pub fn query_text(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+}
+
+impl fmt::Debug for Blocker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Blocker")
+            .field("pid", &self.pid)
+            .field("application_name", &self.application_name)
+            .field("transaction_age", &self.transaction_age)
+            .field("state", &self.state)
+            .field(
+                "query",
+                &self.query.as_ref().map(|_| "<redacted: see query_text()>"),
+            )
+            .finish()
+    }
 }
 
 impl fmt::Display for Blocker {
@@ -55,12 +85,6 @@ impl fmt::Display for Blocker {
         }
         if let Some(age) = self.transaction_age {
             write!(f, ", transaction open {:.1} s", age.as_secs_f64())?;
-        }
-        if let Some(query) = &self.query {
-            let query: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
-            let short: String = query.chars().take(120).collect();
-            let more = if short.len() < query.len() { "…" } else { "" };
-            write!(f, ", query: {short}{more}")?;
         }
         Ok(())
     }

@@ -23,13 +23,23 @@ use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
 type PgError = tokio_postgres::Error;
 
+/// What a `BEGIN` reported about its transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Reported {
+    /// `pg_current_xact_id()`.
+    pub(crate) xid: OnceLock<u64>,
+    /// `pg_backend_pid()`: the server process actually serving the transaction (behind a
+    /// pooler, not the one the connection's cancel key names).
+    pub(crate) pid: OnceLock<i32>,
+}
+
 /// A request whose reply is only checked for an error.
 pub(crate) enum Side<'a> {
     /// One or more `;`-separated statements, simple query protocol.
     Simple(&'a str),
-    /// `BEGIN …` (with its `SET LOCAL`s) that ends in `SELECT pg_current_xact_id()`; the id
-    /// is stored in the cell.
-    BeginTracked(&'a str, &'a OnceLock<u64>),
+    /// `BEGIN …` (with its `SET LOCAL`s) that ends in a `SELECT` of the transaction id
+    /// (column `xid`) and/or the server process id (`pid`); they are stored in the cells.
+    BeginReporting(&'a str, &'a Reported),
     /// A prepared statement with owned parameters (a write queued for `COMMIT`).
     Execute(&'a Statement, &'a [Box<dyn ToSql + Send + Sync>]),
 }
@@ -40,14 +50,18 @@ impl<'a> Side<'a> {
     fn boxed(self, conn: &'a Client) -> Request<'a> {
         match self {
             Side::Simple(sql) => Box::pin(conn.batch_execute(sql)),
-            Side::BeginTracked(sql, xid) => Box::pin(async move {
+            Side::BeginReporting(sql, reported) => Box::pin(async move {
                 let messages = conn.simple_query(sql).await?;
-                let id = messages.iter().find_map(|m| match m {
-                    SimpleQueryMessage::Row(row) => row.try_get(0).ok().flatten()?.parse().ok(),
-                    _ => None,
-                });
-                if let Some(id) = id {
-                    let _ = xid.set(id);
+                for message in &messages {
+                    if let SimpleQueryMessage::Row(row) = message {
+                        let column = |name| row.try_get(name).ok().flatten();
+                        if let Some(xid) = column("xid").and_then(|v| v.parse().ok()) {
+                            let _ = reported.xid.set(xid);
+                        }
+                        if let Some(pid) = column("pid").and_then(|v| v.parse().ok()) {
+                            let _ = reported.pid.set(pid);
+                        }
+                    }
                 }
                 Ok(())
             }),

@@ -63,7 +63,7 @@ pub use crate::options::{Isolation, StatementCache, TransactionOptions};
 pub use crate::outcome::{Outcome, RowsOutcome};
 pub use crate::policy::{RetryEvent, RetryPolicy};
 pub use crate::row::{Key, KeyValue, LockableRow, Table};
-pub use crate::transaction::{OwnedParam, Transaction};
+pub use crate::transaction::{AsStatement, OwnedParam, Savepoint, Transaction};
 
 /// The future type the closures of [`with_transaction`], [`with_locked_row`] and
 /// [`with_locked_rows`] return: write `Box::pin(async move { … })`.

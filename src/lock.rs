@@ -110,6 +110,9 @@ pub struct LockOptions {
     /// Options of the transaction (its `lock_timeout` included) that [`with_locked_row`](crate::with_locked_row) and
     /// [`with_locked_rows`](crate::with_locked_rows) open.
     pub transaction: TransactionOptions,
+    /// When the lock is not available or the wait times out, find out who holds it
+    /// ([`Error::blockers`](crate::Error::blockers)).
+    pub find_blockers: bool,
 }
 
 impl LockOptions {
@@ -131,6 +134,19 @@ impl LockOptions {
     #[must_use]
     pub fn strength(mut self, strength: LockStrength) -> Self {
         self.strength = strength;
+        self
+    }
+
+    /// When the lock is not available or the wait times out, asks the server who holds it, so
+    /// that [`Error::blockers`](crate::Error::blockers) can name the sessions: two more round
+    /// trips, on that failure path only, and the privileges the README's "Who holds the lock"
+    /// names. Applies to the calls that open their own transaction
+    /// ([`with_locked_row(s)`](crate::with_locked_row), their retry forms,
+    /// [`with_advisory_lock`](crate::with_advisory_lock)). Defaults to off: `NoWait` exists to
+    /// fail fast, and a busy row is an ordinary outcome that should cost what success costs.
+    #[must_use]
+    pub fn find_blockers(mut self, find: bool) -> Self {
+        self.find_blockers = find;
         self
     }
 

@@ -276,9 +276,10 @@ impl TransactionOptions {
         Ok(())
     }
 
-    /// The one simple-query string that opens the transaction: `BEGIN …; SET LOCAL …`.
-    /// Only fixed keywords and validated integers go into it.
-    pub(crate) fn begin_sql(&self) -> String {
+    /// The one simple-query string that opens the transaction: `BEGIN …; SET LOCAL …`, and a
+    /// `SELECT` of the transaction id (`xid`, when tracked) and the server process id (`pid`,
+    /// when `report_pid`). Only fixed keywords and validated integers go into it.
+    pub(crate) fn begin_sql(&self, report_pid: bool) -> String {
         let mut sql = String::from("BEGIN");
         if let Some(level) = self.isolation {
             sql.push_str(" ISOLATION LEVEL ");
@@ -306,8 +307,13 @@ impl TransactionOptions {
         if self.force_custom_plans {
             sql.push_str("; SET LOCAL plan_cache_mode = force_custom_plan");
         }
-        if self.track_commit_outcome {
-            sql.push_str("; SELECT pg_current_xact_id()");
+        match (self.track_commit_outcome, report_pid) {
+            (true, true) => {
+                sql.push_str("; SELECT pg_current_xact_id() AS xid, pg_backend_pid() AS pid")
+            }
+            (true, false) => sql.push_str("; SELECT pg_current_xact_id() AS xid"),
+            (false, true) => sql.push_str("; SELECT pg_backend_pid() AS pid"),
+            (false, false) => {}
         }
         sql
     }
@@ -342,7 +348,13 @@ mod tests {
 
     #[test]
     fn begin_sql_renders_all_options() {
-        assert_eq!(TransactionOptions::new().begin_sql(), "BEGIN");
+        assert_eq!(TransactionOptions::new().begin_sql(false), "BEGIN");
+        assert_eq!(
+            TransactionOptions::new()
+                .track_commit_outcome(true)
+                .begin_sql(true),
+            "BEGIN; SELECT pg_current_xact_id() AS xid, pg_backend_pid() AS pid"
+        );
         let o = TransactionOptions::new()
             .isolation(Isolation::Serializable)
             .read_only(true)
@@ -350,7 +362,7 @@ mod tests {
             .lock_timeout(Duration::from_micros(1500))
             .statement_timeout(Duration::from_secs(2));
         assert_eq!(
-            o.begin_sql(),
+            o.begin_sql(false),
             "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE; \
              SET LOCAL lock_timeout = 2; SET LOCAL statement_timeout = 2000"
         );

@@ -12,7 +12,10 @@ use crate::error::{Error, ErrorKind};
 /// | lock timeout expires while waiting | `LockTimeout` | — | — |
 /// | no such key | `NotFound` | `NotFound` | `NotFound` |
 ///
-/// In every case but `Done` the transaction was rolled back and the closure did not run.
+/// From [`with_locked_row`](crate::with_locked_row) and the other calls that open their own
+/// transaction: in every case but `Done` the transaction was rolled back and the closure did
+/// not run. From [`Transaction::lock_row`](crate::Transaction::lock_row) inside your own
+/// transaction: in every case the transaction can go on (see there).
 #[must_use = "an outcome other than Done means the closure did not run"]
 #[derive(Debug)]
 #[non_exhaustive] // new outcomes may be told apart later; match with a wildcard arm.

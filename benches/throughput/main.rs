@@ -372,6 +372,16 @@ fn check(
             (delta != committed as i64)
                 .then(|| format!("counters grew by {delta} for {committed} committed transactions"))
         }
+        Workload::NowaitBusy => {
+            let delta = after.counter_sum - before.counter_sum;
+            let rejected = rows.unwrap_or(committed);
+            if delta != 0 {
+                Some(format!("counters grew by {delta}"))
+            } else {
+                (rejected != committed)
+                    .then(|| format!("{rejected} rejections in {committed} tries of held rows"))
+            }
+        }
         Workload::ClaimOne | Workload::ClaimBatch => {
             let done = after.jobs_done - before.jobs_done;
             if after.jobs_claimed_twice != 0 {
@@ -435,6 +445,14 @@ async fn run() -> Result<(), BoxError> {
         .filter(|w| only.is_empty() || only.split(',').any(|o| o.trim() == w.name()))
         .collect();
     for &workload in &selected {
+        // nowait_busy: a session holds the rows every client asks for, for the whole run.
+        let holder = if workload == Workload::NowaitBusy {
+            let holder = db.client().await?;
+            holder.batch_execute(workloads::HOLD).await?;
+            Some(holder)
+        } else {
+            None
+        };
         for &clients in &mode.clients {
             let mut cell = Cell {
                 workload,
@@ -446,6 +464,10 @@ async fn run() -> Result<(), BoxError> {
                     let imp = Imp::ALL[(round + k) % Imp::ALL.len()];
                     if !impls.is_empty() && !impls.split(',').any(|i| i.trim() == imp.name()) {
                         cell.runs[imp as usize].push(Measure::default());
+                        continue;
+                    }
+                    if imp == Imp::Pgbench && !workload.has_pgbench() {
+                        cell.runs[imp as usize].push(Measure::missing());
                         continue;
                     }
                     let before = workloads::snapshot(&admin).await?;
@@ -490,6 +512,9 @@ async fn run() -> Result<(), BoxError> {
                 }
             }
             cells.push(cell);
+        }
+        if let Some(holder) = holder {
+            holder.batch_execute("ROLLBACK").await?;
         }
     }
 

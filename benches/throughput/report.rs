@@ -42,6 +42,28 @@ pub struct Measure {
     pub client_cpu_us: f64,
 }
 
+impl Measure {
+    /// An implementation that cannot run the workload: shown as "—".
+    pub fn missing() -> Measure {
+        Measure {
+            tps: f64::NAN,
+            rows_per_s: f64::NAN,
+            p50_ms: f64::NAN,
+            p99_ms: f64::NAN,
+            client_cpu_us: f64::NAN,
+        }
+    }
+}
+
+/// A number with `decimals` decimals, or "—" when not measured.
+fn num(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "—".to_string()
+    }
+}
+
 /// All rounds of one (workload, clients) cell: `runs[imp][round]`.
 pub struct Cell {
     pub workload: Workload,
@@ -106,20 +128,20 @@ pub fn table(workload: Workload, cells: &[&Cell]) -> String {
         };
         let lat = |imp: Imp| {
             format!(
-                "{:.2} / {:.2}",
-                cell.median_of(imp, |m| m.p50_ms),
-                cell.median_of(imp, |m| m.p99_ms)
+                "{} / {}",
+                num(cell.median_of(imp, |m| m.p50_ms), 2),
+                num(cell.median_of(imp, |m| m.p99_ms), 2)
             )
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell.clients,
-            metric(Imp::Pgbench),
-            metric(Imp::Hand),
-            metric(Imp::Rowlock),
-            cell.ratio(Imp::Pgbench),
-            cell.ratio(Imp::Hand),
+            num(metric(Imp::Pgbench), 0),
+            num(metric(Imp::Hand), 0),
+            num(metric(Imp::Rowlock), 0),
+            num(cell.ratio(Imp::Pgbench), 2),
+            num(cell.ratio(Imp::Hand), 2),
             lat(Imp::Pgbench),
             lat(Imp::Hand),
             lat(Imp::Rowlock),

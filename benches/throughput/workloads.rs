@@ -9,7 +9,7 @@
 use futures_util::future::{join, join3};
 use rowlock::tokio_postgres::{Client, Error as PgError, Row, Statement};
 use rowlock::{
-    Claim, Compare, Direction, LockOptions, LockStrength, LockableRow, Outcome, Table,
+    Claim, Compare, Direction, LockMode, LockOptions, LockStrength, LockableRow, Outcome, Table,
     with_claimed_rows, with_locked_row,
 };
 
@@ -22,15 +22,24 @@ pub enum Workload {
     Spread,
     ClaimOne,
     ClaimBatch,
+    /// Every transaction asks for a row another session holds, with `NOWAIT`: the cost of a
+    /// rejection. pgbench stops a client at the first error, so it has no column here.
+    NowaitBusy,
 }
 
+/// The rows the `nowait_busy` holder keeps locked during its runs.
+pub const HELD_COUNTERS: i64 = 16;
+/// What the holder runs (and keeps open) before a `nowait_busy` run.
+pub const HOLD: &str = "BEGIN; SELECT * FROM counters WHERE id <= 16 FOR UPDATE";
+
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Accept,
         Workload::HotRow,
         Workload::Spread,
         Workload::ClaimOne,
         Workload::ClaimBatch,
+        Workload::NowaitBusy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,7 +49,13 @@ impl Workload {
             Workload::Spread => "spread",
             Workload::ClaimOne => "claim_one",
             Workload::ClaimBatch => "claim_batch",
+            Workload::NowaitBusy => "nowait_busy",
         }
+    }
+
+    /// Whether pgbench can run it.
+    pub fn has_pgbench(self) -> bool {
+        self != Workload::NowaitBusy
     }
 
     /// Rows a claim transaction takes (claims are measured in jobs/s too).
@@ -86,6 +101,7 @@ COMMIT;
                     format!("random(1, {})", sizes.counters)
                 }
             ),
+            Workload::NowaitBusy => String::new(),
             // pgbench cannot carry a set of ids from one statement to the next, so its claim
             // marks the rows in the same statement: one round trip fewer than the others.
             Workload::ClaimOne | Workload::ClaimBatch => format!(
@@ -155,7 +171,7 @@ pub async fn reset(client: &Client, workload: Workload) -> Result<(), PgError> {
             "UPDATE proposals SET status = 'pending' WHERE status <> 'pending';
              UPDATE projects SET status = 'open' WHERE status <> 'open';"
         }
-        Workload::HotRow | Workload::Spread => return Ok(()),
+        Workload::HotRow | Workload::Spread | Workload::NowaitBusy => return Ok(()),
         Workload::ClaimOne | Workload::ClaimBatch => {
             "UPDATE jobs SET status = 'pending', claims = 0 WHERE status <> 'pending';"
         }
@@ -218,6 +234,7 @@ const ACCEPT: &str = "UPDATE proposals SET status = 'accepted' WHERE id = $1";
 const REJECT: &str = "UPDATE proposals SET status = 'rejected' WHERE project_id = $1 AND id <> $2 AND status = 'pending'";
 const LOCK_COUNTER: &str = "SELECT * FROM counters WHERE id = $1 FOR UPDATE";
 const BUMP: &str = "UPDATE counters SET n = n + 1 WHERE id = $1";
+const LOCK_COUNTER_NOWAIT: &str = "SELECT * FROM counters WHERE id = $1 FOR UPDATE NOWAIT";
 const CLAIM: &str = "WITH claimed AS MATERIALIZED (SELECT * FROM jobs WHERE status = 'pending' \
                      ORDER BY id LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED) \
                      SELECT * FROM claimed ORDER BY id";
@@ -231,6 +248,7 @@ pub struct Hand {
     accept: Statement,
     reject: Statement,
     lock_counter: Statement,
+    lock_counter_nowait: Statement,
     bump: Statement,
     claim: Statement,
     mark_done: Statement,
@@ -244,6 +262,7 @@ impl Hand {
             accept: client.prepare(ACCEPT).await?,
             reject: client.prepare(REJECT).await?,
             lock_counter: client.prepare(LOCK_COUNTER).await?,
+            lock_counter_nowait: client.prepare(LOCK_COUNTER_NOWAIT).await?,
             bump: client.prepare(BUMP).await?,
             claim: client.prepare(CLAIM).await?,
             mark_done: client.prepare(MARK_DONE).await?,
@@ -307,6 +326,21 @@ impl Hand {
                 bump?;
                 commit?;
                 Ok(1)
+            }
+            Workload::NowaitBusy => {
+                let id = rng.below(HELD_COUNTERS) as i32 + 1;
+                let (begin, row) = join(
+                    c.batch_execute("BEGIN"),
+                    c.query_one(&self.lock_counter_nowait, &[&id]),
+                )
+                .await;
+                begin?;
+                let rejected = row.is_err_and(|e| {
+                    e.code() == Some(&rowlock::tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                });
+                c.batch_execute("ROLLBACK").await?;
+                // 1 per rejection; the check fails the run if a held row was ever locked.
+                Ok(i64::from(rejected))
             }
             Workload::ClaimOne | Workload::ClaimBatch => {
                 let (begin, rows) = join(
@@ -437,6 +471,18 @@ pub async fn with_rowlock(
                 Ok(1)
             } else {
                 outcome.into_result().map(|()| 1)
+            }
+        }
+        Workload::NowaitBusy => {
+            let id = rng.below(HELD_COUNTERS) as i32 + 1;
+            let nowait = LockOptions::new().mode(LockMode::NoWait);
+            let outcome = with_locked_row(pool, &id, &nowait, |_, _: Counter| {
+                Box::pin(async { Ok::<_, rowlock::Error>(()) })
+            })
+            .await?;
+            match outcome {
+                Outcome::LockNotAvailable(_) => Ok(1),
+                other => other.into_result().map(|()| 0),
             }
         }
         Workload::ClaimOne | Workload::ClaimBatch => {

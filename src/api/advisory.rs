@@ -84,7 +84,8 @@ impl Transaction {
     /// ends.
     ///
     /// - [`LockMode::Wait`]: waits (`pg_advisory_xact_lock`), bounded by the transaction's
-    ///   lock timeout if it has one: [`Outcome::LockTimeout`] then (the transaction is aborted).
+    ///   lock timeout if it has one: [`Outcome::LockTimeout`] then; the wait ran in a savepoint
+    ///   (same flush) that is rolled back, so the transaction can go on.
     /// - [`LockMode::NoWait`]: tries once (`pg_try_advisory_xact_lock`):
     ///   [`Outcome::LockNotAvailable`] if another transaction holds it. Nothing failed on the
     ///   server, so the transaction can go on.
@@ -96,6 +97,18 @@ impl Transaction {
         &self,
         key: AdvisoryKey,
         mode: LockMode,
+    ) -> Result<Outcome<()>, Error> {
+        self.take_advisory_lock(key, mode, true).await
+    }
+
+    /// [`advisory_lock`](Self::advisory_lock); inside the caller's own transaction
+    /// (`in_callers_tx`) a wait that can time out runs in a savepoint, rolled back if it does,
+    /// so the transaction stays usable.
+    async fn take_advisory_lock(
+        &self,
+        key: AdvisoryKey,
+        mode: LockMode,
+        in_callers_tx: bool,
     ) -> Result<Outcome<()>, Error> {
         let (wait_sql, try_sql) = match key.0 {
             Repr::Single(_) => (
@@ -128,7 +141,13 @@ impl Transaction {
             let stmt = self.cached_statement(sql).await?;
             conn.query_one(&stmt, &params).await
         };
-        match self.run(Step::Lock, request).await {
+        let savepoint = if in_callers_tx && mode == LockMode::Wait && self.lock_may_time_out(false)
+        {
+            Some(self.open_savepoint()?)
+        } else {
+            None
+        };
+        let outcome = match self.run(Step::Lock, request).await {
             // pg_try_advisory_xact_lock says whether it got the lock; the waiting form
             // returns void.
             Ok(row) if mode == LockMode::NoWait => match row.try_get::<_, bool>(0) {
@@ -142,7 +161,11 @@ impl Transaction {
             Ok(_) => Ok(Outcome::Done(())),
             Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(e)),
             Err(e) => Err(e),
+        };
+        if let Some(id) = savepoint {
+            self.end_savepoint(id, matches!(outcome, Ok(Outcome::LockTimeout(_))));
         }
+        outcome
     }
 }
 
@@ -191,7 +214,7 @@ where
     let step = AdvisoryLock {
         key,
         mode: options.mode,
-        pg_locks_key: key.pg_locks_key(),
+        pg_locks_key: options.find_blockers.then(|| key.pg_locks_key()),
     };
     run_locked(
         Some(("with_advisory_lock", "")),
@@ -215,8 +238,8 @@ fn skip_locked_refused() -> Error {
 struct AdvisoryLock {
     key: AdvisoryKey,
     mode: LockMode,
-    /// `[classid, objid, objsubid]` of the lock in `pg_locks`.
-    pg_locks_key: [i64; 3],
+    /// `[classid, objid, objsubid]` of the lock in `pg_locks`, when asked to find blockers.
+    pg_locks_key: Option<[i64; 3]>,
 }
 
 impl LockStep for AdvisoryLock {
@@ -225,10 +248,10 @@ impl LockStep for AdvisoryLock {
         &'t self,
         tx: &'t Transaction,
     ) -> impl Future<Output = Result<Outcome<()>, Error>> + Send + 't {
-        tx.advisory_lock(self.key, self.mode)
+        tx.take_advisory_lock(self.key, self.mode, false)
     }
     fn blockers(&self) -> Option<BlockerQuery<'_>> {
-        Some(BlockerQuery::advisory(&self.pg_locks_key))
+        self.pg_locks_key.as_ref().map(BlockerQuery::advisory)
     }
 }
 

@@ -18,7 +18,6 @@ use tokio_postgres::types::ToSql;
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
-use crate::flush::{Flush, Side};
 use crate::lock::{LockMode, LockOptions};
 use crate::options::millis_ceil;
 use crate::outcome::{Outcome, RowsOutcome};
@@ -41,9 +40,17 @@ impl Transaction {
     ///
     /// Of `options.transaction` only the lock timeout is used here (the transaction is already
     /// open); it is applied with `SET LOCAL` in the same flush as the locking `SELECT`, and
-    /// lasts until the transaction ends. After [`Outcome::LockNotAvailable`] or
-    /// [`Outcome::LockTimeout`] the transaction is aborted (PostgreSQL raised an error) and
-    /// can only be rolled back; after [`Outcome::NotFound`] or [`Outcome::Skipped`] it can go on.
+    /// lasts until the transaction ends.
+    ///
+    /// **The transaction can go on after every outcome.** When the lock can fail
+    /// ([`LockMode::NoWait`], or a lock timeout set here or on the transaction), the locking
+    /// statement runs in a savepoint that rides in the same flush; after
+    /// [`Outcome::LockNotAvailable`] or [`Outcome::LockTimeout`] it is rolled back (with the
+    /// next statement, no extra round trip), so you can try another row, lock something else,
+    /// or return the outcome and commit what you wrote. Such a lock takes a subtransaction id:
+    /// more than 64 in one transaction slow the server down, so lock many rows with
+    /// [`lock_rows`](Self::lock_rows) rather than `lock_row` in a loop. Other errors (a
+    /// deadlock, a lost connection) abort the transaction, as PostgreSQL does.
     ///
     /// Invalid options or names give [`ErrorKind::InvalidArgument`] before anything is sent.
     ///
@@ -102,7 +109,7 @@ impl Transaction {
         names: &Names,
         key: &R::Key,
         options: &LockOptions,
-        set_timeout: bool,
+        in_callers_tx: bool,
     ) -> Result<Outcome<R>, Error> {
         let sql = format!(
             "SELECT * FROM {} {} {}",
@@ -112,7 +119,10 @@ impl Transaction {
         );
         let mut params = Vec::with_capacity(names.keys.len());
         key.push_params(&mut params);
-        let rows = match self.lock_query(&sql, &params, options, set_timeout).await? {
+        let rows = match self
+            .lock_query(&sql, &params, options, in_callers_tx)
+            .await?
+        {
             LockReply::Rows(rows) => rows,
             LockReply::Contended(e) => {
                 return Ok(if e.kind() == ErrorKind::LockTimeout {
@@ -143,7 +153,7 @@ impl Transaction {
         names: &Names,
         keys: &[R::Key],
         options: &LockOptions,
-        set_timeout: bool,
+        in_callers_tx: bool,
     ) -> Result<RowsOutcome<Vec<R>, R::Key>, Error> {
         // ORDER BY makes PostgreSQL lock in key order, so overlapping callers cannot deadlock.
         let sql = format!(
@@ -157,7 +167,10 @@ impl Transaction {
         for key in keys {
             key.push_params(&mut params);
         }
-        let rows = match self.lock_query(&sql, &params, options, set_timeout).await? {
+        let rows = match self
+            .lock_query(&sql, &params, options, in_callers_tx)
+            .await?
+        {
             LockReply::Rows(rows) => rows,
             LockReply::Contended(e) => {
                 return Ok(if e.kind() == ErrorKind::LockTimeout {
@@ -203,30 +216,39 @@ impl Transaction {
         }
     }
 
-    /// Sends the locking statement (with `SET LOCAL lock_timeout` in the same flush, first,
-    /// when asked), mapping `55P03` to a contention reply rather than an error.
+    /// Sends the locking statement, mapping `55P03` to a contention reply rather than an
+    /// error.
+    ///
+    /// Inside the caller's own transaction (`in_callers_tx`), the call's lock timeout goes
+    /// ahead of it (`SET LOCAL`, same flush), and when the lock can fail (`NoWait`, a lock
+    /// timeout) the statement runs in a savepoint (same flush again) that is rolled back if the
+    /// lock was not taken: the transaction stays usable, at no extra round trip.
     async fn lock_query(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         options: &LockOptions,
-        set_timeout: bool,
+        in_callers_tx: bool,
     ) -> Result<LockReply, Error> {
+        let mut savepoint = None;
+        if in_callers_tx {
+            let call_timeout = options.transaction.lock_timeout;
+            if let Some(t) = call_timeout {
+                self.queue_statement(format!("SET LOCAL lock_timeout = {}", millis_ceil(t)));
+            }
+            let may_fail = options.mode == LockMode::NoWait
+                || (options.mode == LockMode::Wait
+                    && self.lock_may_time_out(call_timeout.is_some()));
+            if may_fail {
+                savepoint = Some(self.open_savepoint()?);
+            }
+        }
         let conn = self.conn();
-        let timeout_sql = match options.transaction.lock_timeout {
-            Some(t) if set_timeout => Some(format!("SET LOCAL lock_timeout = {}", millis_ceil(t))),
-            _ => None,
-        };
-        let select = async {
+        let request = async {
             let stmt = self.cached_statement(sql).await?;
             conn.query(&stmt, params).await
         };
-        let mut flush = Flush::new(conn);
-        if let Some(set) = &timeout_sql {
-            flush = flush.before(Side::Simple(set));
-        }
-        let request = async { flush.send(select).await.map_err(|f| f.error) };
-        match self.run(Step::Lock, request).await {
+        let reply = match self.run(Step::Lock, request).await {
             Ok(rows) => Ok(LockReply::Rows(rows)),
             Err(e) => match e.kind() {
                 // Only lock_timeout can raise 55P03 while waiting in Wait mode.
@@ -239,7 +261,11 @@ impl Transaction {
                 ErrorKind::LockNotAvailable | ErrorKind::LockTimeout => Ok(LockReply::Contended(e)),
                 _ => Err(e),
             },
+        };
+        if let Some(id) = savepoint {
+            self.end_savepoint(id, matches!(reply, Ok(LockReply::Contended(_))));
         }
+        reply
     }
 
     /// Which of these keys have a row, read without locking (plain reads are never blocked
@@ -513,6 +539,9 @@ impl<R: LockableRow> LockStep for RowLock<'_, R> {
         tx.lock_one::<R>(self.names, self.key, self.options, false)
     }
     fn blockers(&self) -> Option<BlockerQuery<'_>> {
+        if !self.options.find_blockers {
+            return None;
+        }
         let mut params = Vec::with_capacity(self.names.keys.len());
         self.key.push_params(&mut params);
         Some(BlockerQuery::rows(
@@ -539,6 +568,9 @@ impl<R: LockableRow> LockStep for RowsLock<'_, R> {
         tx.lock_many::<R>(self.names, self.keys, self.options, false)
     }
     fn blockers(&self) -> Option<BlockerQuery<'_>> {
+        if !self.options.find_blockers {
+            return None;
+        }
         let mut params = Vec::with_capacity(self.keys.len() * self.names.keys.len());
         for key in self.keys {
             key.push_params(&mut params);

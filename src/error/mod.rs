@@ -132,9 +132,16 @@ impl Step {
 /// The error type of every fallible rowlock call.
 ///
 /// Opaque on purpose: match on [`kind`](Error::kind), ask the predicates, read the
-/// [`sql_state`](Error::sql_state); the underlying driver or pool error is reachable through
-/// [`std::error::Error::source`] (and [`as_db_error`](Error::as_db_error) for server errors).
-/// `Display` describes this layer only and never repeats the cause.
+/// [`sql_state`](Error::sql_state).
+///
+/// **Printed once.** `Display` says what failed and where, then the server's message (or the
+/// driver's, for a value that could not be converted) and the SQLSTATE: a handler that logs
+/// `{e}` logs everything it needs. So that no reporter prints it twice, a driver error whose
+/// text `Display` already carries is not also the `source()`: reach it with
+/// [`as_driver_error`](Error::as_driver_error) (and [`as_db_error`](Error::as_db_error) for
+/// the server's fields: detail, constraint, …). `source()` is another rowlock error (the last
+/// failure of [`ErrorKind::RetriesExhausted`]) or a pool error. Other sessions' SQL is never
+/// printed (see [`Blocker::query_text`](crate::Blocker::query_text)).
 pub struct Error {
     inner: Box<Inner>,
 }
@@ -229,9 +236,10 @@ impl Error {
     /// [`ErrorKind::LockNotAvailable`] and [`ErrorKind::LockTimeout`] outcomes of
     /// [`with_locked_row`](crate::with_locked_row), [`with_locked_rows`](crate::with_locked_rows),
     /// their `_retry` forms (when the outcome is returned, not retried) and
-    /// [`with_advisory_lock`](crate::with_advisory_lock).
+    /// [`with_advisory_lock`](crate::with_advisory_lock), when the call asked with
+    /// [`LockOptions::find_blockers`](crate::LockOptions::find_blockers).
     ///
-    /// `None` when not gathered (other errors, locks taken with
+    /// `None` when not gathered (not asked for, other errors, locks taken with
     /// [`Transaction::lock_row`](crate::Transaction::lock_row) inside your own transaction, or
     /// the lookup failed); `Some(&[])` when the holder could not be identified (it finished
     /// meanwhile, a shared lock held by several transactions, or hidden by privileges). Gathered
@@ -325,10 +333,14 @@ impl Error {
 
     /// The server's error (message, detail, constraint, …) when the cause is one.
     pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
-        let source = self.inner.source.as_deref()?;
-        source
-            .downcast_ref::<tokio_postgres::Error>()
+        self.as_driver_error()
             .and_then(tokio_postgres::Error::as_db_error)
+    }
+
+    /// The driver's error, when the cause is one (a server error, a lost connection, a value
+    /// that could not be converted). `Display` already prints its message.
+    pub fn as_driver_error(&self) -> Option<&tokio_postgres::Error> {
+        self.inner.source.as_deref()?.downcast_ref()
     }
 
     /// True for failures that a fresh attempt of the whole transaction can cure: serialization
@@ -359,6 +371,16 @@ impl Error {
     /// True when the connection was lost or closed.
     pub fn is_closed(&self) -> bool {
         self.inner.kind == ErrorKind::Closed
+    }
+
+    /// A prepared statement whose result columns changed under it (a migration while the
+    /// connection was pooled): `0A000` "cached plan must not change result type", raised by
+    /// the server's plan cache. Preparing the statement again cures it.
+    pub(crate) fn is_stale_plan(&self) -> bool {
+        self.as_db_error().is_some_and(|db| {
+            *db.code() == SqlState::FEATURE_NOT_SUPPORTED
+                && db.routine() == Some("RevalidateCachedQuery")
+        })
     }
 
     /// True when the caller's input was refused before anything was sent.
@@ -405,6 +427,9 @@ impl fmt::Display for Error {
         if let Some(detail) = &self.inner.detail {
             write!(f, ": {detail}")?;
         }
+        if let Some(driver) = self.as_driver_error() {
+            write_driver_message(f, driver, self.inner.kind.describe())?;
+        }
         if let Some(attempts) = self.inner.attempts {
             write!(f, " after {attempts} attempt(s)")?;
         }
@@ -440,12 +465,38 @@ impl Error {
     }
 }
 
+/// Writes `: <message>` for a driver error: the server's message for a server error, else the
+/// driver's own text and its causes (`error deserializing column 1: cannot convert …`), unless
+/// it only repeats the kind (`connection closed`).
+fn write_driver_message(
+    f: &mut fmt::Formatter<'_>,
+    driver: &tokio_postgres::Error,
+    kind: &str,
+) -> fmt::Result {
+    if let Some(db) = driver.as_db_error() {
+        return write!(f, ": {}", db.message());
+    }
+    let mut text = driver.to_string();
+    let mut cause = driver.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    if text == kind {
+        return Ok(());
+    }
+    write!(f, ": {text}")
+}
+
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.inner
-            .source
-            .as_deref()
-            .map(|s| s as &(dyn StdError + 'static))
+        // A driver error's text is part of `Display` already (see `as_driver_error`).
+        let source = self.inner.source.as_deref()?;
+        if source.is::<tokio_postgres::Error>() {
+            return None;
+        }
+        Some(source as &(dyn StdError + 'static))
     }
 }
 

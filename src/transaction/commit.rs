@@ -2,7 +2,7 @@
 //! send `[BEGIN] [queued writes…] [probe;] COMMIT` in one flush, and classify the replies
 //! with a pure function.
 
-use super::state::{CommitPlan, Deferred};
+use super::state::{CommitPlan, Deferred, Prelude};
 use super::{Transaction, idle_timeout_error};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{At, Flush, Side};
@@ -102,24 +102,25 @@ impl Transaction {
                 Ok(())
             }
             CommitPlan::Send {
-                begin,
+                prelude,
                 deferred,
                 verify,
-            } => self.send_commit(begin.as_deref(), &deferred, verify).await,
+            } => self.send_commit(prelude.as_ref(), &deferred, verify).await,
         }
     }
 
-    /// Sends `[BEGIN] [queued writes…] [probe;] COMMIT` in one flush and acts on the verdict.
+    /// Sends `[BEGIN and queued statements] [queued writes…] [probe;] COMMIT` in one flush
+    /// and acts on the verdict.
     async fn send_commit(
         &mut self,
-        begin: Option<&str>,
+        prelude: Option<&Prelude>,
         deferred: &[Deferred],
         verify: bool,
     ) -> Result<(), Error> {
         let conn = self.conn();
         let mut flush = Flush::new(conn);
-        if let Some(sql) = begin {
-            flush = flush.before(self.begin_side(sql));
+        if let Some(prelude) = prelude {
+            flush = flush.before(self.prelude_side(prelude));
         }
         for (statement, params) in deferred {
             flush = flush.before(Side::Execute(statement, params));

@@ -12,6 +12,7 @@ use super::{Transaction, lock};
 use crate::diagnostics::{Blocker, BlockerQuery, QUERY_TIMEOUT, blocker};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{Flush, Side};
+use crate::options::TransactionOptions;
 
 /// How long cleanup after a dropped or failed transaction may take before the connection is
 /// closed instead of returned to the pool.
@@ -54,16 +55,49 @@ impl Transaction {
                 }
             }
             Ending::Rollback { cancel_first } => {
+                let cancel = self.cancel(cancel_first);
                 let client = self
                     .client
                     .take()
                     .expect("rowlock: transaction ended twice");
-                match cleanup(client, cancel_first).await {
+                match cleanup(client, cancel).await {
                     Ok(()) => Ok(()),
                     Err(e) if report => Err(Error::from_pg(e, Step::Rollback)),
                     Err(_) => Ok(()),
                 }
             }
+        }
+    }
+
+    /// Rolls back and begins again with `options` on the same connection, for a lock step
+    /// whose cached statement went stale (a migration): nothing of the caller's has run yet,
+    /// and another pooled connection could hold the same stale statement. Gives up (closing
+    /// the connection) if the `ROLLBACK` fails or a request may still be running.
+    pub(crate) async fn restart(mut self, options: &TransactionOptions) -> Result<Self, Error> {
+        let ending = self.state().ending();
+        self.close_statements();
+        let client = self
+            .client
+            .take()
+            .expect("rowlock: transaction ended twice");
+        let dirty = Dirty(Some(client));
+        let rolled_back = match ending {
+            Ending::Release => true,
+            Ending::Rollback {
+                cancel_first: false,
+            } => matches!(
+                tokio::time::timeout(CLEANUP_TIMEOUT, dirty.conn().batch_execute("ROLLBACK")).await,
+                Ok(Ok(()))
+            ),
+            _ => false,
+        };
+        match dirty.clean(rolled_back) {
+            Some(client) => Ok(Transaction::on(client, options, self.per_transaction)),
+            None => Err(Error::with_kind(
+                ErrorKind::Closed,
+                "the connection could not be rolled back to prepare a changed statement again",
+            )
+            .at(Step::Rollback)),
         }
     }
 
@@ -160,6 +194,12 @@ impl Dirty {
     fn release(mut self) {
         self.0.take();
     }
+
+    /// The connection, if `clean` (the server confirmed it is outside a transaction); else it
+    /// is closed.
+    fn clean(mut self, clean: bool) -> Option<Object> {
+        if clean { self.0.take() } else { None }
+    }
 }
 
 impl Drop for Dirty {
@@ -170,22 +210,56 @@ impl Drop for Dirty {
     }
 }
 
+/// How to stop a request that may still be running before `ROLLBACK`.
+#[derive(Debug, Clone, Copy)]
+enum Cancel {
+    /// Nothing is running.
+    No,
+    /// PostgreSQL's cancel request, to the host the connection was made to.
+    Request,
+    /// Behind a pooler: `pg_cancel_backend` of the server process `BEGIN` reported, from
+    /// a new connection. A cancel request through PgBouncer 1.18 can crash it when
+    /// the canceller closes its socket first (tokio-postgres closes at once), and the
+    /// connection's cancel key names PgBouncer's client, not the server process.
+    Backend(Option<i32>),
+}
+
+impl Transaction {
+    /// How a request still in flight is stopped on this transaction's connection.
+    fn cancel(&self, in_flight: bool) -> Cancel {
+        match (in_flight, self.per_transaction) {
+            (false, _) => Cancel::No,
+            (true, false) => Cancel::Request,
+            (true, true) => Cancel::Backend(self.reported.pid.get().copied()),
+        }
+    }
+}
+
 /// Ends whatever the server is doing on `client`.
 ///
 /// Without a request in flight: `ROLLBACK`, and the connection returns to the pool only if
-/// the server acknowledged it. With one (`cancel_first`): a cancel request first, so a lock
-/// wait cannot hold up the `ROLLBACK`, and then the connection is closed even after a
-/// successful `ROLLBACK`. PostgreSQL acts on a cancel request asynchronously (tokio-postgres
-/// returns once it is sent), so a reused connection could see a late cancel interrupt the next
-/// borrower's statement. Closing it makes that impossible, and the acknowledged `ROLLBACK`
-/// means the locks are already released when this returns.
-async fn cleanup(client: Object, cancel_first: bool) -> Result<(), tokio_postgres::Error> {
+/// the server acknowledged it. With one: it is cancelled first (see [`Cancel`]), so a lock
+/// wait cannot hold up the `ROLLBACK`, and the connection is closed even after a successful
+/// `ROLLBACK`. PostgreSQL acts on a cancel request asynchronously (tokio-postgres returns once
+/// it is sent), so a reused connection could see a late cancel interrupt the next borrower's
+/// statement. Closing it makes that impossible, and the acknowledged `ROLLBACK` means the
+/// locks are already released when this returns. Behind a pooler, if the server process is
+/// not known, the connection is closed without a `ROLLBACK`: the pooler then closes its
+/// server connection, and the server rolls back.
+async fn cleanup(client: Object, cancel: Cancel) -> Result<(), tokio_postgres::Error> {
     let dirty = Dirty(Some(client));
-    if cancel_first {
-        // Best effort: the cancel connection uses no TLS; if it fails, the ROLLBACK timeout
-        // below still bounds the wait.
-        let token = dirty.conn().cancel_token();
-        let _ = tokio::time::timeout(CLEANUP_TIMEOUT, token.cancel_query(NoTls)).await;
+    match cancel {
+        Cancel::No => {}
+        Cancel::Request => {
+            // Best effort: the cancel connection uses no TLS; if it fails, the ROLLBACK
+            // timeout below still bounds the wait.
+            let token = dirty.conn().cancel_token();
+            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, token.cancel_query(NoTls)).await;
+        }
+        Cancel::Backend(Some(pid)) => {
+            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, cancel_backend(dirty.conn(), pid)).await;
+        }
+        Cancel::Backend(None) => return Ok(()), // `dirty` closes the connection
     }
     // A late cancel can interrupt the ROLLBACK itself (57014); it is consumed by doing so, so a
     // second ROLLBACK then runs normally.
@@ -193,7 +267,7 @@ async fn cleanup(client: Object, cancel_first: bool) -> Result<(), tokio_postgre
     for _ in 0..2 {
         match tokio::time::timeout(CLEANUP_TIMEOUT, dirty.conn().batch_execute("ROLLBACK")).await {
             Ok(Ok(())) => {
-                if !cancel_first {
+                if matches!(cancel, Cancel::No) {
                     dirty.release();
                 }
                 return Ok(());
@@ -204,6 +278,24 @@ async fn cleanup(client: Object, cancel_first: bool) -> Result<(), tokio_postgre
         }
     }
     result
+}
+
+/// `pg_cancel_backend(pid)` from a new connection made like the pool's (outside its size
+/// limit: the pool may have no connection to spare). The signal is delivered before the
+/// function returns, so it is acted on (or, if the process went idle meanwhile, ignored)
+/// before the `ROLLBACK` that follows.
+async fn cancel_backend(client: &Object, pid: i32) {
+    use deadpool::managed::Manager as _;
+    let Some(pool) = Object::pool(client) else {
+        return;
+    };
+    if let Ok(other) = pool.manager().create().await {
+        // Simple protocol, no prepared statement: behind transaction pooling. The pid is the
+        // server's integer, not caller input.
+        let _ = other
+            .batch_execute(&format!("SELECT pg_cancel_backend({pid})"))
+            .await;
+    }
 }
 
 impl Drop for Transaction {
@@ -222,8 +314,9 @@ impl Drop for Transaction {
             Ending::Discard => drop(Object::take(client)),
             Ending::Rollback { cancel_first } => match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
+                    let cancel = self.cancel(cancel_first);
                     handle.spawn(async move {
-                        let _ = cleanup(client, cancel_first).await;
+                        let _ = cleanup(client, cancel).await;
                     });
                 }
                 // No runtime to roll back on: close the connection; the server rolls back.

@@ -13,10 +13,11 @@
 
 mod commit;
 mod end;
+mod savepoint;
 mod state;
 
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Object, Pool};
@@ -24,9 +25,11 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
-use crate::flush::{At, Flush, Side};
+use crate::flush::{At, Flush, Reported, Side};
 use crate::options::{StatementCache, TransactionOptions};
-use state::{Phase, State};
+use state::{Phase, Prelude, State, savepoint_command};
+
+pub use savepoint::{AsStatement, Savepoint};
 
 /// A parameter owned by a queued statement (see [`Transaction::execute_on_commit`]).
 pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
@@ -60,10 +63,13 @@ pub struct Transaction {
     per_transaction: bool,
     /// `idle_in_transaction_session_timeout` set by the options.
     idle_timeout: Option<Duration>,
-    /// `BEGIN` also asks for the transaction id.
-    track: bool,
-    /// The transaction id, when tracked and `BEGIN` was sent.
-    xid: OnceLock<u64>,
+    /// `BEGIN` also asks for the transaction id and/or the server process id.
+    reporting: bool,
+    /// The options set a lock timeout: any lock wait can fail with `55P03`.
+    lock_timeout: bool,
+    /// What `BEGIN` reported: the transaction id (when tracked), the server process id (behind
+    /// a pooler).
+    reported: Reported,
 }
 
 impl std::fmt::Debug for Transaction {
@@ -149,14 +155,22 @@ impl Transaction {
             .unwrap_or_else(|| StatementCache::for_pool(pool))
             == StatementCache::Transaction;
         let client = pool.get().await.map_err(Error::from_pool)?;
-        Ok(Transaction {
+        Ok(Self::on(client, options, per_transaction))
+    }
+
+    /// A transaction with `options` on a connection that is outside any transaction.
+    fn on(client: Object, options: &TransactionOptions, per_transaction: bool) -> Transaction {
+        Transaction {
             client: Some(client),
-            state: Mutex::new(State::new(options.begin_sql())),
+            // Behind a pooler (`StatementCache::Transaction`), the connection's cancel key names
+            // the pooler, not the server process: `BEGIN` reports the process to cancel.
+            state: Mutex::new(State::new(options.begin_sql(per_transaction))),
             per_transaction,
             idle_timeout: options.idle_in_transaction_timeout,
-            track: options.track_commit_outcome,
-            xid: OnceLock::new(),
-        })
+            reporting: options.track_commit_outcome || per_transaction,
+            lock_timeout: options.lock_timeout.is_some(),
+            reported: Reported::default(),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -170,6 +184,12 @@ impl Transaction {
             .expect("rowlock: transaction used after it ended")
     }
 
+    /// Whether a lock wait in this transaction can end in a lock timeout: its options set one,
+    /// or the call does.
+    pub(crate) fn lock_may_time_out(&self, call_timeout: bool) -> bool {
+        self.lock_timeout || call_timeout
+    }
+
     /// Whether the server's idle-in-transaction timeout has had time to fire.
     fn idle_timeout_elapsed(&self, st: &State) -> bool {
         match (self.idle_timeout, st.idle_since()) {
@@ -178,12 +198,20 @@ impl Transaction {
         }
     }
 
-    /// The request that sends `BEGIN …` (reading back the transaction id when tracked).
-    fn begin_side<'a>(&'a self, sql: &'a str) -> Side<'a> {
-        if self.track {
-            Side::BeginTracked(sql, &self.xid)
+    /// The request that sends what goes ahead of the next one: `BEGIN …` (reading back the
+    /// transaction id when tracked) and queued statements.
+    fn prelude_side<'a>(&'a self, prelude: &'a Prelude) -> Side<'a> {
+        if prelude.begins && self.reporting {
+            Side::BeginReporting(&prelude.sql, &self.reported)
         } else {
-            Side::Simple(sql)
+            Side::Simple(&prelude.sql)
+        }
+    }
+
+    /// Follows a savepoint command the caller sent as SQL text, once it succeeded.
+    fn observe_sql(&self, sql: Option<&str>, succeeded: bool) {
+        if let (Some(command), true) = (sql.and_then(savepoint_command), succeeded) {
+            self.state().observe(command);
         }
     }
 
@@ -194,21 +222,21 @@ impl Transaction {
         step: Step,
         request: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, Error> {
-        let (begin, idled_out) = {
+        let (prelude, idled_out) = {
             let mut st = self.state();
-            let Ok(begin) = st.start_request() else {
+            let Ok(prelude) = st.start_request() else {
                 return Err(Error::with_kind(
                     ErrorKind::Closed,
                     "the connection of this transaction was lost earlier",
                 )
                 .at(step));
             };
-            (begin, self.idle_timeout_elapsed(&st))
+            (prelude, self.idle_timeout_elapsed(&st))
         };
         let flight = InFlight(Some(&self.state));
         let mut flush = Flush::new(self.conn());
-        if let Some(sql) = &begin {
-            flush = flush.before(self.begin_side(sql));
+        if let Some(prelude) = &prelude {
+            flush = flush.before(self.prelude_side(prelude));
         }
         let result = flush.send(request).await;
         flight.landed();
@@ -216,12 +244,16 @@ impl Transaction {
             self.state().request_done(Instant::now());
         }
         result.map_err(|failed| {
-            let step = if failed.at == At::Main {
-                step
-            } else {
-                Step::Begin
+            let step = match &prelude {
+                _ if failed.at == At::Main => step,
+                Some(p) if p.begins => Step::Begin,
+                _ => Step::Statement,
             };
             let err = Error::from_pg(failed.error, step);
+            if err.is_stale_plan() {
+                // A migration changed a table under the cached statements: prepare afresh.
+                self.forget_statements();
+            }
             let err = if idled_out && err.kind() == ErrorKind::Closed {
                 idle_timeout_error(step, self.idle_timeout).with_boxed_source(err.into_source())
             } else {
@@ -284,6 +316,16 @@ impl Transaction {
         Ok(stmt)
     }
 
+    /// Empties the statement caches this transaction uses (the connection's, or its own), so
+    /// every statement is prepared again.
+    fn forget_statements(&self) {
+        if self.per_transaction {
+            drop(self.state().take_statements());
+        } else {
+            self.conn().statement_cache.clear();
+        }
+    }
+
     /// Drops this transaction's own statement cache ([`StatementCache::Transaction`]): each
     /// statement no one else holds is closed (a `Close` message, queued ahead of whatever is
     /// sent next on the connection, so still inside the transaction).
@@ -307,10 +349,13 @@ impl Transaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Error>
     where
-        T: ?Sized + ToStatement,
+        T: ?Sized + ToStatement + AsStatement,
     {
-        self.run(Step::Statement, self.conn().query(statement, params))
-            .await
+        let result = self
+            .run(Step::Statement, self.conn().query(statement, params))
+            .await;
+        self.observe_sql(statement.sql_text(), result.is_ok());
+        result
     }
 
     /// Runs a statement that returns exactly one row; zero or several rows are an error.
@@ -320,10 +365,13 @@ impl Transaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, Error>
     where
-        T: ?Sized + ToStatement,
+        T: ?Sized + ToStatement + AsStatement,
     {
-        self.run(Step::Statement, self.conn().query_one(statement, params))
-            .await
+        let result = self
+            .run(Step::Statement, self.conn().query_one(statement, params))
+            .await;
+        self.observe_sql(statement.sql_text(), result.is_ok());
+        result
     }
 
     /// Runs a statement that returns at most one row.
@@ -333,10 +381,13 @@ impl Transaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, Error>
     where
-        T: ?Sized + ToStatement,
+        T: ?Sized + ToStatement + AsStatement,
     {
-        self.run(Step::Statement, self.conn().query_opt(statement, params))
-            .await
+        let result = self
+            .run(Step::Statement, self.conn().query_opt(statement, params))
+            .await;
+        self.observe_sql(statement.sql_text(), result.is_ok());
+        result
     }
 
     /// Runs a statement and returns the number of rows it affected.
@@ -346,17 +397,23 @@ impl Transaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, Error>
     where
-        T: ?Sized + ToStatement,
+        T: ?Sized + ToStatement + AsStatement,
     {
-        self.run(Step::Statement, self.conn().execute(statement, params))
-            .await
+        let result = self
+            .run(Step::Statement, self.conn().execute(statement, params))
+            .await;
+        self.observe_sql(statement.sql_text(), result.is_ok());
+        result
     }
 
     /// Runs one or more `;`-separated statements with the simple query protocol (no
     /// parameters).
     pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
-        self.run(Step::Statement, self.conn().batch_execute(sql))
-            .await
+        let result = self
+            .run(Step::Statement, self.conn().batch_execute(sql))
+            .await;
+        self.observe_sql(Some(sql), result.is_ok());
+        result
     }
 
     /// Queues a write to be sent in the same flush as `COMMIT`, saving a round trip.
@@ -389,6 +446,6 @@ impl Transaction {
     /// The transaction id recorded with `BEGIN` when
     /// [`TransactionOptions::track_commit_outcome`] is on and a statement has been sent.
     pub fn transaction_id(&self) -> Option<u64> {
-        self.xid.get().copied()
+        self.reported.xid.get().copied()
     }
 }

@@ -65,6 +65,44 @@ pub(super) enum Ending {
     Rollback { cancel_first: bool },
 }
 
+/// Simple statements that go out in the same flush as the next request, ahead of it: `BEGIN`
+/// (when the transaction has not begun), and queued `SET LOCAL` and savepoint commands.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Prelude {
+    /// One simple-query string, `;`-separated.
+    pub(super) sql: String,
+    /// It starts with `BEGIN`.
+    pub(super) begins: bool,
+}
+
+/// A savepoint command the caller sent as SQL text, recognised so that the guard's error
+/// tracking follows the server (see [`savepoint_command`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SavepointCommand {
+    Savepoint(String),
+    Release(String),
+    RollbackTo(String),
+}
+
+/// An open savepoint, innermost last.
+#[derive(Debug)]
+struct OpenSavepoint {
+    /// The name as the server folds it.
+    name: String,
+    /// rowlock's own savepoint (`rowlock_sp_<id>`), or `None` for one the caller opened
+    /// with SQL.
+    id: Option<u32>,
+}
+
+/// Why a savepoint could not be opened.
+#[derive(Debug, PartialEq)]
+pub(super) enum NoSavepoint {
+    /// The connection is gone.
+    Lost,
+    /// An earlier statement aborted the transaction; the root cause.
+    Aborted(Failure),
+}
+
 /// What [`commit`](super::Transaction::commit) must do.
 #[derive(Debug)]
 pub(super) enum CommitPlan {
@@ -76,9 +114,9 @@ pub(super) enum CommitPlan {
     Aborted(Failure),
     /// Nothing was ever sent or queued: there is nothing to commit.
     Nothing,
-    /// Send `[BEGIN] [queued writes…] [probe;] COMMIT` in one flush.
+    /// Send `[BEGIN and queued statements] [queued writes…] [probe;] COMMIT` in one flush.
     Send {
-        begin: Option<String>,
+        prelude: Option<Prelude>,
         deferred: Vec<Deferred>,
         /// Errors may have gone unseen: a probe in the `COMMIT` string checks the state.
         verify: bool,
@@ -97,6 +135,16 @@ pub(super) struct State {
     statements: HashMap<String, Statement>,
     /// When the last request finished (tracked only with an idle timeout).
     idle_since: Option<Instant>,
+    /// Statements to send ahead of the next request (after `BEGIN`, if that is pending).
+    queued: Vec<String>,
+    /// Open savepoints, innermost last.
+    savepoints: Vec<OpenSavepoint>,
+    /// The id of the next savepoint rowlock opens (`rowlock_sp_<id>`).
+    next_savepoint: u32,
+}
+
+fn savepoint_name(id: u32) -> String {
+    format!("rowlock_sp_{id}")
 }
 
 impl State {
@@ -106,6 +154,9 @@ impl State {
             deferred: Vec::new(),
             statements: HashMap::new(),
             idle_since: None,
+            queued: Vec::new(),
+            savepoints: Vec::new(),
+            next_savepoint: 1,
         }
     }
 
@@ -113,20 +164,139 @@ impl State {
         &self.phase
     }
 
-    /// Before a request: the `BEGIN` text if it must go first (from here on the transaction
-    /// is open), or [`Lost`] if the connection is gone.
-    pub(super) fn start_request(&mut self) -> Result<Option<String>, Lost> {
-        match &mut self.phase {
-            Phase::Broken => Err(Lost),
-            Phase::Open { .. } => Ok(None),
+    /// Before a request: what must go out ahead of it in the same flush (`BEGIN`, from here
+    /// on the transaction is open, and queued statements), or [`Lost`] if the connection is
+    /// gone.
+    pub(super) fn start_request(&mut self) -> Result<Option<Prelude>, Lost> {
+        let begin = match &mut self.phase {
+            Phase::Broken => return Err(Lost),
+            Phase::Open { .. } => None,
             Phase::NotBegun { begin } => {
                 let begin = std::mem::take(begin);
                 self.phase = Phase::Open {
                     aborted: None,
                     blind: Blind::No,
                 };
-                Ok(Some(begin))
+                Some(begin)
             }
+        };
+        Ok(self.prelude(begin))
+    }
+
+    /// `begin` followed by the queued statements, as one string.
+    fn prelude(&mut self, begin: Option<String>) -> Option<Prelude> {
+        let begins = begin.is_some();
+        let mut parts = begin.into_iter().chain(self.queued.drain(..));
+        let mut sql = parts.next()?;
+        for part in parts {
+            sql.push_str("; ");
+            sql.push_str(&part);
+        }
+        Some(Prelude { sql, begins })
+    }
+
+    /// Queues a simple statement (`SET LOCAL …`) to go ahead of the next request.
+    pub(super) fn queue_statement(&mut self, sql: String) {
+        self.queued.push(sql);
+    }
+
+    /// Opens a savepoint: `SAVEPOINT` is queued to go ahead of the next request. Refused in
+    /// an aborted transaction (the server would refuse it too) and on a lost connection.
+    pub(super) fn open_savepoint(&mut self) -> Result<u32, NoSavepoint> {
+        match &self.phase {
+            Phase::Broken => return Err(NoSavepoint::Lost),
+            Phase::Open {
+                aborted: Some(root),
+                ..
+            } => return Err(NoSavepoint::Aborted(root.clone())),
+            _ => {}
+        }
+        let id = self.next_savepoint;
+        self.next_savepoint += 1;
+        let name = savepoint_name(id);
+        self.queued.push(format!("SAVEPOINT {name}"));
+        self.savepoints.push(OpenSavepoint { name, id: Some(id) });
+        Ok(id)
+    }
+
+    /// Where rowlock's savepoint `id` is on the stack, if still open (releasing or rolling
+    /// back to an outer savepoint also ends the inner ones).
+    fn position(&self, id: u32) -> Option<usize> {
+        self.savepoints.iter().rposition(|s| s.id == Some(id))
+    }
+
+    /// If `SAVEPOINT name` is the last queued statement, nothing was sent inside the
+    /// savepoint: drop both instead of sending an empty savepoint and its end.
+    fn unqueue_empty(&mut self, name: &str) -> bool {
+        let empty = self
+            .queued
+            .last()
+            .is_some_and(|q| q.strip_prefix("SAVEPOINT ") == Some(name));
+        if empty {
+            self.queued.pop();
+        }
+        empty
+    }
+
+    /// Releases savepoint `id` (and any inside it), keeping their work: `RELEASE` is queued.
+    /// Returns the root cause instead, leaving the savepoint open, if the transaction was
+    /// aborted inside it.
+    pub(super) fn release_savepoint(&mut self, id: u32) -> Result<(), Failure> {
+        let Some(at) = self.position(id) else {
+            return Ok(());
+        };
+        if let Some(root) = self.aborted() {
+            return Err(root.clone());
+        }
+        let name = self.savepoints[at].name.clone();
+        self.savepoints.truncate(at);
+        if !self.unqueue_empty(&name) {
+            self.queued.push(format!("RELEASE SAVEPOINT {name}"));
+        }
+        Ok(())
+    }
+
+    /// Rolls back to savepoint `id` and ends it: `ROLLBACK TO` and `RELEASE` are queued, and
+    /// the transaction is healthy again (a savepoint is only opened in a healthy one).
+    pub(super) fn rollback_to_savepoint(&mut self, id: u32) {
+        let Some(at) = self.position(id) else {
+            return;
+        };
+        let name = self.savepoints[at].name.clone();
+        self.savepoints.truncate(at);
+        if !self.unqueue_empty(&name) {
+            self.queued.push(format!(
+                "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"
+            ));
+        }
+        self.recovered();
+    }
+
+    /// The caller's own savepoint command succeeded on the server.
+    pub(super) fn observe(&mut self, command: SavepointCommand) {
+        match command {
+            SavepointCommand::Savepoint(name) => {
+                self.savepoints.push(OpenSavepoint { name, id: None })
+            }
+            SavepointCommand::Release(name) => {
+                if let Some(at) = self.savepoints.iter().rposition(|s| s.name == name) {
+                    self.savepoints.truncate(at);
+                }
+            }
+            SavepointCommand::RollbackTo(name) => {
+                if let Some(at) = self.savepoints.iter().rposition(|s| s.name == name) {
+                    self.savepoints.truncate(at + 1);
+                }
+                // The server accepted it: the transaction is healthy again, whichever
+                // savepoint it was.
+                self.recovered();
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Phase::Open { aborted, .. } = &mut self.phase {
+            *aborted = None;
         }
     }
 
@@ -205,9 +375,11 @@ impl State {
         matches!(self.phase, Phase::Broken)
     }
 
-    /// How to end the transaction without committing. Drops the queued writes.
+    /// How to end the transaction without committing. Drops the queued writes and
+    /// statements.
     pub(super) fn ending(&mut self) -> Ending {
         self.deferred.clear();
+        self.queued.clear();
         match self.phase {
             Phase::NotBegun { .. } => Ending::Release,
             Phase::Broken => Ending::Discard,
@@ -228,6 +400,7 @@ impl State {
                 aborted: Some(root),
                 ..
             } => CommitPlan::Aborted(root.clone()),
+            // Savepoint commands alone change nothing: nothing to commit.
             Phase::NotBegun { .. } if deferred.is_empty() => CommitPlan::Nothing,
             Phase::NotBegun { begin } => {
                 let begin = std::mem::take(begin);
@@ -236,7 +409,7 @@ impl State {
                     blind: Blind::No,
                 };
                 CommitPlan::Send {
-                    begin: Some(begin),
+                    prelude: self.prelude(Some(begin)),
                     deferred,
                     verify: false,
                 }
@@ -244,11 +417,14 @@ impl State {
             Phase::Open {
                 aborted: None,
                 blind,
-            } => CommitPlan::Send {
-                begin: None,
-                deferred,
-                verify: *blind != Blind::No,
-            },
+            } => {
+                let verify = *blind != Blind::No;
+                CommitPlan::Send {
+                    prelude: self.prelude(None),
+                    deferred,
+                    verify,
+                }
+            }
         }
     }
 
@@ -285,13 +461,57 @@ impl State {
     }
 }
 
+/// Recognises one savepoint command in SQL text (`SAVEPOINT s`, `RELEASE [SAVEPOINT] s`,
+/// `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] s`, any case, one statement, an optional
+/// trailing `;`), with the name folded as the server folds it. Anything else is `None`.
+pub(super) fn savepoint_command(sql: &str) -> Option<SavepointCommand> {
+    let sql = sql.trim().trim_end_matches(';').trim_end();
+    if sql.len() > 200 || sql.contains(';') {
+        return None;
+    }
+    let words: Vec<&str> = sql.split_whitespace().collect();
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let upper: Vec<&str> = upper.iter().map(String::as_str).collect();
+    let (command, name): (fn(String) -> SavepointCommand, &str) = match upper.as_slice() {
+        ["SAVEPOINT", _] => (SavepointCommand::Savepoint, words[1]),
+        ["RELEASE", _] => (SavepointCommand::Release, words[1]),
+        ["RELEASE", "SAVEPOINT", _] => (SavepointCommand::Release, words[2]),
+        ["ROLLBACK", rest @ ..] => {
+            let rest = match rest {
+                ["WORK" | "TRANSACTION", rest @ ..] => rest,
+                rest => rest,
+            };
+            let skip = words.len() - rest.len();
+            match rest {
+                ["TO", _] => (SavepointCommand::RollbackTo, words[skip + 1]),
+                ["TO", "SAVEPOINT", _] => (SavepointCommand::RollbackTo, words[skip + 2]),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    identifier(name).map(command)
+}
+
+/// An identifier as the server folds it: quoted kept as written (`""` is `"`), unquoted in
+/// lower case.
+fn identifier(name: &str) -> Option<String> {
+    if let Some(inner) = name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        return (!inner.is_empty()).then(|| inner.replace("\"\"", "\""));
+    }
+    let plain = name
+        .chars()
+        .all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    plain.then(|| name.to_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn open() -> State {
         let mut st = State::new("BEGIN".into());
-        assert_eq!(st.start_request().unwrap().as_deref(), Some("BEGIN"));
+        assert_eq!(st.start_request().unwrap().unwrap().sql, "BEGIN");
         st
     }
 
@@ -382,5 +602,92 @@ mod tests {
         let mut st = open();
         st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
         assert!(matches!(st.plan_commit(true), CommitPlan::ClosedByServer));
+    }
+
+    #[test]
+    fn savepoint_commands_are_recognised_as_the_server_reads_them() {
+        use SavepointCommand::*;
+        let cases = [
+            ("SAVEPOINT s", Some(Savepoint("s".into()))),
+            ("  savepoint S1 ;", Some(Savepoint("s1".into()))),
+            ("SAVEPOINT \"My Point\"", None), // a quoted name with a space is two words
+            ("SAVEPOINT \"MyPoint\"", Some(Savepoint("MyPoint".into()))),
+            ("RELEASE s", Some(Release("s".into()))),
+            ("release savepoint S", Some(Release("s".into()))),
+            ("ROLLBACK TO s", Some(RollbackTo("s".into()))),
+            ("rollback to savepoint s", Some(RollbackTo("s".into()))),
+            ("ROLLBACK WORK TO SAVEPOINT s", Some(RollbackTo("s".into()))),
+            ("ROLLBACK TRANSACTION TO s", Some(RollbackTo("s".into()))),
+            ("ROLLBACK", None),
+            ("ROLLBACK PREPARED 'x'", None),
+            ("SAVEPOINT a; INSERT INTO t VALUES (1)", None),
+            ("SELECT 1", None),
+            ("SAVEPOINT", None),
+            ("SAVEPOINT a-b", None),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(savepoint_command(sql), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_savepoint_rides_with_the_next_request_and_recovers_the_transaction() {
+        let mut st = State::new("BEGIN".into());
+        let outer = st.open_savepoint().unwrap();
+        let inner = st.open_savepoint().unwrap();
+        let prelude = st.start_request().unwrap().unwrap();
+        assert_eq!(
+            prelude,
+            Prelude {
+                sql: "BEGIN; SAVEPOINT rowlock_sp_1; SAVEPOINT rowlock_sp_2".into(),
+                begins: true
+            }
+        );
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        assert!(matches!(st.open_savepoint(), Err(NoSavepoint::Aborted(_))));
+        assert!(st.release_savepoint(inner).is_err(), "aborted inside");
+        st.rollback_to_savepoint(inner);
+        assert_eq!(st.aborted(), None, "healthy again");
+        assert_eq!(
+            st.start_request().unwrap().unwrap().sql,
+            "ROLLBACK TO SAVEPOINT rowlock_sp_2; RELEASE SAVEPOINT rowlock_sp_2"
+        );
+        st.release_savepoint(outer).unwrap();
+        assert!(matches!(
+            st.plan_commit(false),
+            CommitPlan::Send { prelude: Some(Prelude { ref sql, begins: false }), .. }
+                if sql == "RELEASE SAVEPOINT rowlock_sp_1"
+        ));
+    }
+
+    #[test]
+    fn an_empty_savepoint_sends_nothing_and_an_outer_end_ends_the_inner() {
+        let mut st = open();
+        let sp = st.open_savepoint().unwrap();
+        st.release_savepoint(sp).unwrap();
+        let sp = st.open_savepoint().unwrap();
+        st.rollback_to_savepoint(sp);
+        assert_eq!(st.start_request().unwrap(), None);
+        let outer = st.open_savepoint().unwrap();
+        let inner = st.open_savepoint().unwrap();
+        st.start_request().unwrap();
+        st.release_savepoint(outer).unwrap();
+        st.rollback_to_savepoint(inner); // already released with the outer one
+        assert_eq!(
+            st.start_request().unwrap().unwrap().sql,
+            "RELEASE SAVEPOINT rowlock_sp_3"
+        );
+    }
+
+    #[test]
+    fn the_callers_own_savepoint_sql_recovers_the_transaction_too() {
+        let mut st = open();
+        st.observe(SavepointCommand::Savepoint("s".into()));
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        st.observe(SavepointCommand::RollbackTo("s".into()));
+        assert_eq!(st.aborted(), None);
+        st.observe(SavepointCommand::Release("s".into()));
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        assert!(matches!(st.plan_commit(false), CommitPlan::Aborted(_)));
     }
 }

@@ -24,8 +24,9 @@ async fn holder(db: &rowlock::testing::TestDatabase) -> (Client, i32) {
         )
         .await
         .unwrap();
+    // Its last query carries a value another user must not see in our logs.
     let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
+        .query_one("SELECT pg_backend_pid(), 'secret-42'", &[])
         .await
         .unwrap()
         .get(0);
@@ -44,7 +45,17 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
     let (db, pool) = accounts(2).await;
     let (_holder, pid) = holder(&db).await;
 
+    // Not asked for: nothing is looked up, the failure costs what success costs.
     let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let outcome = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &nowait, never)
+        .await
+        .unwrap();
+    let Outcome::LockNotAvailable(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(err.blockers().is_none());
+
+    let nowait = nowait.find_blockers(true);
     let outcome = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &nowait, never)
         .await
         .unwrap();
@@ -58,18 +69,22 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
     assert_eq!(b.application_name, "billing-batch");
     assert_eq!(b.state.as_deref(), Some("idle in transaction"));
     assert!(b.transaction_age.is_some());
-    assert!(
-        b.query.as_deref().unwrap().contains("pg_backend_pid"),
-        "{b:?}"
-    );
+    assert!(b.query_text().unwrap().contains("pg_backend_pid"), "{b:?}");
     let shown = err.to_string();
     assert!(
         shown.contains(&format!("held by pid {pid} (billing-batch)")),
         "{shown}"
     );
+    // Another session's SQL is never printed by Display or Debug.
+    for printed in [shown, format!("{err:?}"), format!("{b:?}"), b.to_string()] {
+        assert!(!printed.contains("secret-42"), "{printed}");
+        assert!(!printed.contains("pg_backend_pid"), "{printed}");
+    }
 
     // The same for a lock wait that timed out, through the retry form.
-    let timeout = LockOptions::new().lock_timeout(Duration::from_millis(50));
+    let timeout = LockOptions::new()
+        .lock_timeout(Duration::from_millis(50))
+        .find_blockers(true);
     let outcome = with_locked_row_retry::<Account, _, rowlock::Error, _>(
         &pool,
         &1,
@@ -101,7 +116,9 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
 async fn advisory_lock_contention_names_the_holder() {
     let (db, pool) = accounts(1).await;
     let (_holder, pid) = holder(&db).await;
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let nowait = LockOptions::new()
+        .mode(LockMode::NoWait)
+        .find_blockers(true);
     let outcome = with_advisory_lock(&pool, AdvisoryKey::single(77), &nowait, |_| {
         Box::pin(async { Ok::<_, rowlock::Error>(()) })
     })

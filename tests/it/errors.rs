@@ -192,3 +192,32 @@ async fn decode_errors_name_no_step_they_did_not_fail_in() {
     assert!(e.is_invalid_argument(), "{e:?}");
     assert_printed_once(&e);
 }
+
+#[tokio::test]
+async fn display_carries_the_servers_and_the_drivers_message_once() {
+    let (_db, pool) = accounts(1).await;
+    let opts = TransactionOptions::new();
+    let e = with_transaction(&pool, &opts, |tx| {
+        Box::pin(async move { tx.execute("SELECT * FROM no_such_table", &[]).await })
+    })
+    .await
+    .unwrap_err();
+    let shown = e.to_string();
+    assert!(
+        shown.contains("relation \"no_such_table\" does not exist") && shown.contains("42P01"),
+        "{shown}"
+    );
+    assert!(e.as_db_error().is_some(), "still reachable with its fields");
+    assert_printed_once(&e);
+
+    // A value of the wrong type: the driver's message, which names both types.
+    let e = with_transaction(&pool, &opts, |tx| {
+        Box::pin(async move { tx.execute("SELECT $1::int8", &[&1_i32]).await })
+    })
+    .await
+    .unwrap_err();
+    let shown = e.to_string();
+    assert!(shown.contains("i32") && shown.contains("int8"), "{shown}");
+    assert!(e.as_driver_error().is_some());
+    assert_printed_once(&e);
+}

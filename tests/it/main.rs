@@ -12,9 +12,12 @@ mod errors;
 mod faults;
 mod harness;
 mod locking;
+mod migrations;
+mod own_transaction;
 mod pgbouncer;
 mod proxy;
 mod retry;
+mod savepoints;
 #[cfg(feature = "tracing")] // run by CI with `--features tracing`
 mod spans;
 mod support;

@@ -1,0 +1,139 @@
+//! A migration while connections are pooled: column changes never break rowlock's own cached
+//! statements; a change that breaks the row type is a decode error naming the column.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rowlock::{ErrorKind, LockOptions, Outcome, RowsOutcome, with_locked_row, with_locked_rows};
+
+use crate::support::{Account, accounts};
+
+async fn bump(pool: &rowlock::deadpool_postgres::Pool, id: i64) -> Result<(), rowlock::Error> {
+    let outcome = with_locked_row(pool, &id, &LockOptions::new(), |tx, acc: Account| {
+        Box::pin(async move {
+            tx.execute(
+                "UPDATE accounts SET balance = $2 WHERE id = $1",
+                &[&acc.id, &(acc.balance + 1)],
+            )
+            .await
+            .map(|_| ())
+        })
+    })
+    .await?;
+    assert!(matches!(outcome, Outcome::Done(())), "{outcome:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_column_added_under_a_warm_single_connection_pool_breaks_nothing() {
+    let (db, _) = accounts(2).await;
+    let pool = db.pool(1);
+    let admin = db.client().await.unwrap();
+    bump(&pool, 1).await.unwrap();
+    let both = with_locked_rows(
+        &pool,
+        &[1, 2],
+        &LockOptions::new(),
+        |_, rows: Vec<Account>| Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) }),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(both, RowsOutcome::Done(2)));
+    admin
+        .batch_execute("ALTER TABLE accounts ADD COLUMN note text")
+        .await
+        .unwrap();
+    // The one pooled connection cached `SELECT *` before the column existed.
+    bump(&pool, 1).await.unwrap();
+    let both = with_locked_rows(
+        &pool,
+        &[1, 2],
+        &LockOptions::new(),
+        |_, rows: Vec<Account>| Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) }),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(both, RowsOutcome::Done(2)));
+}
+
+#[tokio::test]
+async fn column_changes_under_load_break_no_call() {
+    let (db, pool) = accounts(4).await;
+    let admin = db.client().await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..8)
+        .map(|i| {
+            let (pool, stop, done) = (pool.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match bump(&pool, i % 4 + 1).await {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            errors.push(e.to_string());
+                            0
+                        }
+                    };
+                }
+                errors
+            })
+        })
+        .collect();
+    // Each change lands while the workers run: wait for fresh progress around it.
+    let progress = |at_least: u64| {
+        let done = done.clone();
+        async move {
+            let start = done.load(Ordering::Relaxed);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while done.load(Ordering::Relaxed) < start + at_least {
+                assert!(tokio::time::Instant::now() < deadline, "workers stalled");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    for change in [
+        "ALTER TABLE accounts ADD COLUMN note text",
+        "ALTER TABLE accounts RENAME COLUMN note TO memo",
+        "ALTER TABLE accounts ALTER COLUMN memo TYPE varchar(20)",
+        "ALTER TABLE accounts DROP COLUMN memo",
+    ] {
+        progress(50).await;
+        admin.batch_execute(change).await.unwrap();
+        progress(50).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for w in workers {
+        errors.extend(w.await.unwrap());
+    }
+    assert!(
+        errors.is_empty(),
+        "{} calls failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    let total: i64 = admin
+        .query_one("SELECT sum(balance)::int8 FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 400 + done.load(Ordering::Relaxed) as i64);
+}
+
+#[tokio::test]
+async fn dropping_a_column_the_row_type_reads_is_a_decode_error_naming_it() {
+    let (db, pool) = accounts(1).await;
+    bump(&pool, 1).await.unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE accounts DROP COLUMN balance")
+        .await
+        .unwrap();
+    let err = bump(&pool, 1).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Decode);
+    let shown = err.to_string();
+    assert!(shown.contains("balance"), "{shown}");
+}

@@ -1,0 +1,218 @@
+//! Savepoints inside a locked call or a transaction: an error recovered by rolling back to a
+//! savepoint no longer fails the commit; one that is not recovered still does.
+
+use rowlock::tokio_postgres::error::SqlState;
+use rowlock::{
+    ErrorKind, LockOptions, Outcome, Transaction, TransactionOptions, with_locked_row,
+    with_transaction,
+};
+
+use crate::support::{Account, accounts, balance, in_transaction};
+
+/// `audit.note` is unique: inserting `note` twice fails with 23505.
+async fn insert_note(tx: &Transaction, note: &str) -> Result<u64, rowlock::Error> {
+    tx.execute(
+        "INSERT INTO audit (account_id, note) VALUES (1, $1)",
+        &[&note],
+    )
+    .await
+}
+
+async fn notes(client: &rowlock::tokio_postgres::Client) -> Vec<String> {
+    client
+        .query("SELECT note FROM audit ORDER BY note", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn raw_savepoint_sql_recovers_an_insert_conflict_inside_with_locked_row() {
+    let (db, pool) = accounts(1).await;
+    let client = db.client().await.unwrap();
+    client
+        .execute("INSERT INTO audit VALUES (1, 'seen')", &[])
+        .await
+        .unwrap();
+    // "Insert, or fall back on conflict", as a service writes it with plain SQL.
+    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
+        Box::pin(async move {
+            tx.batch_execute("SAVEPOINT s").await?;
+            let err = insert_note(tx, "seen").await.unwrap_err();
+            assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
+            tx.execute("ROLLBACK TO SAVEPOINT s", &[]).await?;
+            tx.execute(
+                "UPDATE accounts SET balance = $2 WHERE id = $1",
+                &[&acc.id, &(acc.balance + 1)],
+            )
+            .await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert!(outcome.is_done(), "{outcome:?}");
+    assert_eq!(balance(&client, 1).await, 101, "the UPDATE committed");
+    assert_eq!(in_transaction(&client).await, 0);
+}
+
+#[tokio::test]
+async fn raw_savepoints_two_deep_and_an_unrecovered_error_still_fails_the_commit() {
+    let (db, pool) = accounts(1).await;
+    let client = db.client().await.unwrap();
+    let opts = TransactionOptions::new();
+    with_transaction(&pool, &opts, |tx| {
+        Box::pin(async move {
+            insert_note(tx, "a").await?;
+            tx.batch_execute("SAVEPOINT outer_sp").await?;
+            insert_note(tx, "b").await?;
+            tx.batch_execute("savepoint Inner_SP;").await?;
+            insert_note(tx, "a").await.unwrap_err();
+            tx.batch_execute("ROLLBACK TO inner_sp").await?;
+            insert_note(tx, "c").await?;
+            tx.batch_execute("RELEASE SAVEPOINT outer_sp").await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(notes(&client).await, ["a", "b", "c"]);
+
+    // The same error without the rollback to the savepoint: nothing is committed.
+    let err = with_transaction(&pool, &opts, |tx| {
+        Box::pin(async move {
+            insert_note(tx, "d").await?;
+            tx.batch_execute("SAVEPOINT s").await?;
+            let _ = insert_note(tx, "a").await;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TransactionAborted);
+    assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
+    assert_eq!(notes(&client).await, ["a", "b", "c"]);
+}
+
+#[tokio::test]
+async fn savepoint_guards_nest_and_roll_back_what_failed() {
+    let (db, pool) = accounts(1).await;
+    let client = db.client().await.unwrap();
+    with_transaction(&pool, &TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            insert_note(tx, "a").await?;
+            let outer = tx.savepoint()?;
+            insert_note(&outer, "b").await?;
+            {
+                let inner = outer.savepoint()?;
+                let err = insert_note(&inner, "a").await.unwrap_err();
+                assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
+                // Nothing more can run until the savepoint is rolled back...
+                assert_eq!(
+                    tx.savepoint().unwrap_err().kind(),
+                    ErrorKind::TransactionAborted
+                );
+                inner.rollback();
+            }
+            // ...and then everything can.
+            insert_note(&outer, "c").await?;
+            {
+                let dropped = outer.savepoint()?;
+                insert_note(&dropped, "x").await?;
+                // Dropped without release: rolled back, like a transaction.
+            }
+            outer.release()?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(notes(&client).await, ["a", "b", "c"]);
+    assert_eq!(in_transaction(&client).await, 0);
+}
+
+#[tokio::test]
+async fn releasing_a_savepoint_with_an_unrecovered_error_rolls_it_back_and_says_so() {
+    let (db, pool) = accounts(1).await;
+    let client = db.client().await.unwrap();
+    with_transaction(&pool, &TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            insert_note(tx, "a").await?;
+            let sp = tx.savepoint()?;
+            insert_note(&sp, "b").await?;
+            let _ = insert_note(&sp, "a").await; // swallowed
+            let err = sp.release().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::TransactionAborted);
+            assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
+            // The transaction goes on without the savepoint's work.
+            insert_note(tx, "c").await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(notes(&client).await, ["a", "c"]);
+}
+
+#[tokio::test]
+async fn with_savepoint_releases_on_ok_and_rolls_back_on_err() {
+    let (db, pool) = accounts(1).await;
+    let client = db.client().await.unwrap();
+    with_transaction(&pool, &TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            tx.with_savepoint(|tx| Box::pin(async move { insert_note(tx, "a").await }))
+                .await?;
+            // Insert, or fall back on conflict.
+            let again = tx
+                .with_savepoint(|tx| Box::pin(async move { insert_note(tx, "a").await }))
+                .await;
+            assert_eq!(
+                again.unwrap_err().sql_state(),
+                Some(&SqlState::UNIQUE_VIOLATION)
+            );
+            // A closure that swallows its failure is not a success.
+            let swallowed = tx
+                .with_savepoint(|tx| {
+                    Box::pin(async move {
+                        insert_note(tx, "b").await?;
+                        let _ = insert_note(tx, "a").await;
+                        Ok::<_, rowlock::Error>(())
+                    })
+                })
+                .await;
+            assert_eq!(swallowed.unwrap_err().kind(), ErrorKind::TransactionAborted);
+            insert_note(tx, "c").await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(notes(&client).await, ["a", "c"]);
+}
+
+#[tokio::test]
+async fn an_empty_savepoint_sends_nothing_and_a_lone_one_commits_nothing() {
+    let (db, pool) = accounts(1).await;
+    let client = db.client().await.unwrap();
+    let tx = Transaction::begin(&pool, &TransactionOptions::new())
+        .await
+        .unwrap();
+    tx.savepoint().unwrap().release().unwrap();
+    tx.savepoint().unwrap().rollback();
+    tx.commit().await.unwrap();
+    assert_eq!(in_transaction(&client).await, 0);
+    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), |tx, _: Account| {
+        Box::pin(async move {
+            let sp = tx.savepoint()?;
+            insert_note(&sp, "kept").await?;
+            sp.release()?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert!(matches!(outcome, Outcome::Done(())));
+    assert_eq!(notes(&client).await, ["kept"]);
+}

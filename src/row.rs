@@ -1,11 +1,15 @@
 //! Lockable rows: how a row type names its table and key, and how it is built from a `Row`.
 
+use std::any::TypeId;
+use std::collections::HashMap;
 use std::fmt::Debug;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock};
 
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::error::Error;
+use crate::lock::{LockMode, LockOptions, LockStrength};
 
 /// A table name, optionally schema-qualified. Names are used verbatim (case-sensitive, never
 /// case-folded) and always rendered as quoted identifiers, so no name can inject SQL.
@@ -167,14 +171,61 @@ pub trait LockableRow: Sized + Send + 'static {
     fn key(&self) -> Self::Key;
 }
 
-/// The rendered, checked names of a `LockableRow`: table and key columns.
+/// The rendered, checked names of a `LockableRow` (table and key columns) and the lock
+/// statements rendered from them: checked, quoted and formatted once per row type, not per
+/// call.
 pub(crate) struct Names {
     pub(crate) table: String,
     pub(crate) keys: Vec<String>,
+    /// Lock statements by (strength, mode, key count).
+    lock_sql: Mutex<HashMap<(LockStrength, LockMode, usize), Arc<str>>>,
 }
 
+/// The names of every row type used so far. Row types are few and their names are constants,
+/// so entries are never evicted.
+static NAMES: LazyLock<RwLock<HashMap<TypeId, Arc<Names>>>> = LazyLock::new(Default::default);
+
 impl Names {
-    pub(crate) fn of<R: LockableRow>() -> Result<Names, Error> {
+    /// The names of `R`, checked the first time (a bad name is refused on every call).
+    pub(crate) fn of<R: LockableRow>() -> Result<Arc<Names>, Error> {
+        let id = TypeId::of::<R>();
+        if let Some(names) = NAMES
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+        {
+            return Ok(names.clone());
+        }
+        let names = Arc::new(Self::render::<R>()?);
+        let mut all = NAMES.write().unwrap_or_else(PoisonError::into_inner);
+        Ok(all.entry(id).or_insert(names).clone())
+    }
+
+    /// `SELECT * FROM <table> WHERE <key> = … | IN (…) [ORDER BY <key>] FOR <strength> [NOWAIT |
+    /// SKIP LOCKED]` for `count` keys; several keys are locked in key order.
+    pub(crate) fn lock_sql(&self, options: &LockOptions, count: usize) -> Arc<str> {
+        let key = (options.strength, options.mode, count);
+        let mut cache = self.lock_sql.lock().unwrap_or_else(PoisonError::into_inner);
+        cache
+            .entry(key)
+            .or_insert_with(|| {
+                let order = if count == 1 {
+                    String::new()
+                } else {
+                    format!(" {}", self.order_by())
+                };
+                format!(
+                    "SELECT * FROM {} {}{order} {}",
+                    self.table,
+                    self.where_keys(count),
+                    options.clause()
+                )
+                .into()
+            })
+            .clone()
+    }
+
+    fn render<R: LockableRow>() -> Result<Names, Error> {
         let table = R::TABLE.render()?;
         if R::KEY_COLUMNS.len() != <R::Key as Key>::ARITY {
             return Err(Error::invalid(format!(
@@ -188,7 +239,11 @@ impl Names {
             .iter()
             .map(|c| quote_ident(c))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Names { table, keys })
+        Ok(Names {
+            table,
+            keys,
+            lock_sql: Mutex::default(),
+        })
     }
 
     /// `"a"` or `("a", "b")`.

@@ -14,8 +14,12 @@
 //! For profiling, `ROWLOCK_BENCH_WORKLOADS=hot_row,spread`, `ROWLOCK_BENCH_CLIENTS=1,4`,
 //! `ROWLOCK_BENCH_IMPLS=rowlock` and `ROWLOCK_BENCH_SECS=2` narrow a run.
 
+mod alloc;
 mod report;
 mod workloads;
+
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -127,6 +131,7 @@ fn measure(runs: Vec<ClientRun>, elapsed: Duration) -> (Measure, u64, u64) {
             p50_ms: percentile(&latencies, 0.5),
             p99_ms: percentile(&latencies, 0.99),
             client_cpu_us: f64::NAN,
+            allocs_per_tx: f64::NAN,
         },
         committed,
         rows,
@@ -208,6 +213,7 @@ async fn run_in_process(
     }
     start.wait().await;
     let cpu_before = thread_cpu_ns();
+    let allocs_before = alloc::allocations();
     let mut timed_runs = Vec::new();
     let (mut committed, mut rows, mut elapsed) = (0, 0, Duration::ZERO);
     for t in tasks {
@@ -219,6 +225,9 @@ async fn run_in_process(
     }
     let timed_committed: u64 = timed_runs.iter().map(|r| r.committed).sum();
     let (mut m, _, _) = measure(timed_runs, elapsed);
+    // The clients and their connections' tasks all run in this process, on this thread; the
+    // allocations of the whole timed part, per transaction.
+    m.allocs_per_tx = (alloc::allocations() - allocs_before) as f64 / timed_committed.max(1) as f64;
     if let (Some(before), Some(after)) = (cpu_before, thread_cpu_ns()) {
         m.client_cpu_us = (after - before) as f64 / 1000.0 / timed_committed.max(1) as f64;
     }
@@ -345,6 +354,7 @@ impl Pgbench {
                 p50_ms: percentile(&latencies, 0.5),
                 p99_ms: percentile(&latencies, 0.99),
                 client_cpu_us: f64::NAN,
+                allocs_per_tx: f64::NAN,
             },
             processed,
         ))
@@ -499,14 +509,15 @@ async fn run() -> Result<(), BoxError> {
                     }
                     workloads::reset(&admin, workload).await?;
                     eprintln!(
-                        "{:<11} {:>2} clients  {:<12} {:>8.0} tps  p50 {:.2} ms  p99 {:.2} ms  client CPU {:.1} µs/tx",
+                        "{:<11} {:>2} clients  {:<12} {:>8.0} tps  p50 {:.2} ms  p99 {:.2} ms  client CPU {:.1} µs/tx  {:.1} allocs/tx",
                         workload.name(),
                         clients,
                         imp.name(),
                         m.tps,
                         m.p50_ms,
                         m.p99_ms,
-                        m.client_cpu_us
+                        m.client_cpu_us,
+                        m.allocs_per_tx
                     );
                     cell.runs[imp as usize].push(m);
                 }

@@ -40,6 +40,8 @@ pub struct Measure {
     pub p99_ms: f64,
     /// CPU time of the client thread per transaction (in-process implementations only).
     pub client_cpu_us: f64,
+    /// Heap allocations per transaction, in this process (in-process implementations only).
+    pub allocs_per_tx: f64,
 }
 
 impl Measure {
@@ -51,6 +53,7 @@ impl Measure {
             p50_ms: f64::NAN,
             p99_ms: f64::NAN,
             client_cpu_us: f64::NAN,
+            allocs_per_tx: f64::NAN,
         }
     }
 }

@@ -111,12 +111,7 @@ impl Transaction {
         options: &LockOptions,
         in_callers_tx: bool,
     ) -> Result<Outcome<R>, Error> {
-        let sql = format!(
-            "SELECT * FROM {} {} {}",
-            names.table,
-            names.where_keys(1),
-            options.clause()
-        );
+        let sql = names.lock_sql(options, 1);
         let mut params = Vec::with_capacity(names.keys.len());
         key.push_params(&mut params);
         let rows = match self
@@ -156,13 +151,7 @@ impl Transaction {
         in_callers_tx: bool,
     ) -> Result<RowsOutcome<Vec<R>, R::Key>, Error> {
         // ORDER BY makes PostgreSQL lock in key order, so overlapping callers cannot deadlock.
-        let sql = format!(
-            "SELECT * FROM {} {} {} {}",
-            names.table,
-            names.where_keys(keys.len()),
-            names.order_by(),
-            options.clause()
-        );
+        let sql = names.lock_sql(options, keys.len());
         let mut params = Vec::with_capacity(keys.len() * names.keys.len());
         for key in keys {
             key.push_params(&mut params);

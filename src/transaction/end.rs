@@ -60,7 +60,7 @@ impl Transaction {
                     .client
                     .take()
                     .expect("rowlock: transaction ended twice");
-                match cleanup(client, cancel).await {
+                match cleanup(client, cancel, false).await {
                     Ok(()) => Ok(()),
                     Err(e) if report => Err(Error::from_pg(e, Step::Rollback)),
                     Err(_) => Ok(()),
@@ -246,7 +246,16 @@ impl Transaction {
 /// locks are already released when this returns. Behind a pooler, if the server process is
 /// not known, the connection is closed without a `ROLLBACK`: the pooler then closes its
 /// server connection, and the server rolls back.
-async fn cleanup(client: Object, cancel: Cancel) -> Result<(), tokio_postgres::Error> {
+///
+/// `bounded`: the `ROLLBACK` gets [`CLEANUP_TIMEOUT`], for cleanups no caller waits for (a
+/// dropped guard's task), which must not hold a pooled connection forever. A caller that
+/// awaits a plain `ROLLBACK` waits for it as for any statement, without a timer on the hot
+/// failure path.
+async fn cleanup(
+    client: Object,
+    cancel: Cancel,
+    bounded: bool,
+) -> Result<(), tokio_postgres::Error> {
     let dirty = Dirty(Some(client));
     match cancel {
         Cancel::No => {}
@@ -265,7 +274,14 @@ async fn cleanup(client: Object, cancel: Cancel) -> Result<(), tokio_postgres::E
     // second ROLLBACK then runs normally.
     let mut result = Ok(());
     for _ in 0..2 {
-        match tokio::time::timeout(CLEANUP_TIMEOUT, dirty.conn().batch_execute("ROLLBACK")).await {
+        let rollback = dirty.conn().batch_execute("ROLLBACK");
+        // After a cancel the ROLLBACK may still wait behind the cancelled statement: bounded.
+        let done = if bounded || !matches!(cancel, Cancel::No) {
+            tokio::time::timeout(CLEANUP_TIMEOUT, rollback).await
+        } else {
+            Ok(rollback.await)
+        };
+        match done {
             Ok(Ok(())) => {
                 if matches!(cancel, Cancel::No) {
                     dirty.release();
@@ -316,7 +332,7 @@ impl Drop for Transaction {
                 Ok(handle) => {
                     let cancel = self.cancel(cancel_first);
                     handle.spawn(async move {
-                        let _ = cleanup(client, cancel).await;
+                        let _ = cleanup(client, cancel, true).await;
                     });
                 }
                 // No runtime to roll back on: close the connection; the server rolls back.

@@ -46,7 +46,9 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// **Errors are tracked.** Any server error on a statement run through this guard marks the
 /// transaction aborted (as PostgreSQL does); [`commit`](Self::commit) then rolls back and
 /// returns [`ErrorKind::TransactionAborted`] with the root cause's SQLSTATE, even if the
-/// caller ignored the error.
+/// caller ignored the error, unless the error was recovered by rolling back to a savepoint
+/// ([`savepoint`](Self::savepoint), or savepoint SQL sent through this guard), as PostgreSQL
+/// recovers it.
 ///
 /// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future), the
 /// transaction is rolled back by a task spawned on the current Tokio runtime, and the

@@ -35,6 +35,22 @@ enum LockReply {
     Contended(Error),
 }
 
+impl LockReply {
+    /// The locked rows, or the outcome a contended lock ends with: `busy` for a lock that
+    /// was not available, `timed_out` for a wait that exceeded the lock timeout.
+    fn rows_or<O>(
+        self,
+        busy: impl FnOnce(Error) -> O,
+        timed_out: impl FnOnce(Error) -> O,
+    ) -> Result<Vec<Row>, O> {
+        match self {
+            LockReply::Rows(rows) => Ok(rows),
+            LockReply::Contended(e) if e.kind() == ErrorKind::LockTimeout => Err(timed_out(e)),
+            LockReply::Contended(e) => Err(busy(e)),
+        }
+    }
+}
+
 impl Transaction {
     /// Locks the row of `R` with this key inside this transaction, and returns it.
     ///
@@ -114,18 +130,13 @@ impl Transaction {
         let sql = names.lock_sql(options, 1);
         let mut params = Vec::with_capacity(names.keys.len());
         key.push_params(&mut params);
-        let rows = match self
-            .lock_query(&sql, &params, options, in_callers_tx)
+        let reply = self.lock_query(&sql, &params, options, in_callers_tx);
+        let rows = match reply
             .await?
+            .rows_or(Outcome::LockNotAvailable, Outcome::LockTimeout)
         {
-            LockReply::Rows(rows) => rows,
-            LockReply::Contended(e) => {
-                return Ok(if e.kind() == ErrorKind::LockTimeout {
-                    Outcome::LockTimeout(e)
-                } else {
-                    Outcome::LockNotAvailable(e)
-                });
-            }
+            Ok(rows) => rows,
+            Err(contended) => return Ok(contended),
         };
         match rows.len() {
             1 => R::from_row(&rows[0])
@@ -156,18 +167,11 @@ impl Transaction {
         for key in keys {
             key.push_params(&mut params);
         }
-        let rows = match self
-            .lock_query(&sql, &params, options, in_callers_tx)
-            .await?
-        {
-            LockReply::Rows(rows) => rows,
-            LockReply::Contended(e) => {
-                return Ok(if e.kind() == ErrorKind::LockTimeout {
-                    RowsOutcome::LockTimeout(e)
-                } else {
-                    RowsOutcome::LockNotAvailable(e)
-                });
-            }
+        let reply = self.lock_query(&sql, &params, options, in_callers_tx);
+        let busy = RowsOutcome::LockNotAvailable;
+        let rows = match reply.await?.rows_or(busy, RowsOutcome::LockTimeout) {
+            Ok(rows) => rows,
+            Err(contended) => return Ok(contended),
         };
         if rows.len() > keys.len() {
             return Err(not_unique(names, rows.len(), keys.len()));

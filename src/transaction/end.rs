@@ -75,12 +75,7 @@ impl Transaction {
     /// the connection) if the `ROLLBACK` fails or a request may still be running.
     pub(crate) async fn restart(mut self, options: &TransactionOptions) -> Result<Self, Error> {
         let ending = self.state().ending();
-        self.close_statements();
-        let client = self
-            .client
-            .take()
-            .expect("rowlock: transaction ended twice");
-        let dirty = Dirty(Some(client));
+        let dirty = self.take_dirty();
         let rolled_back = match ending {
             Ending::Release => true,
             Ending::Rollback {
@@ -116,18 +111,20 @@ impl Transaction {
         let Some(query) = query.filter(|_| clean) else {
             return self.rollback_quietly().await;
         };
-        self.close_statements();
-        let client = self
-            .client
-            .take()
-            .expect("rowlock: transaction ended twice");
-        let dirty = Dirty(Some(client));
+        let dirty = self.take_dirty();
         let lookup = rollback_and_look_up(dirty.conn(), &query, self.per_transaction);
         if let Ok(Some(blockers)) = tokio::time::timeout(QUERY_TIMEOUT, lookup).await {
             contention.set_blockers(blockers);
             dirty.release();
         }
         // A failed or timed-out lookup may leave a transaction open: `dirty` closes it.
+    }
+
+    /// Takes the connection out of the guard (closing this transaction's own statements
+    /// first), to be released only once the server is known to be outside a transaction.
+    fn take_dirty(&mut self) -> Dirty {
+        self.close_statements();
+        Dirty(self.client.take())
     }
 
     /// Returns the connection to the pool: only called when the server is known to be

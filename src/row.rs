@@ -88,14 +88,74 @@ pub(crate) fn quote_ident(ident: &str) -> Result<String, Error> {
 
 /// One component of a key: a value that can be bound as a parameter and ordered.
 ///
-/// Implemented for the common key types. Implement it (no methods needed) for your own key
-/// newtypes that implement [`ToSql`], `Ord`, `Clone` and `Debug`.
+/// Implemented for the integer, text, boolean and `bytea` types, and, behind the cargo feature
+/// of the same name, for `uuid::Uuid` (`uuid`), `chrono`'s and `time`'s dates and timestamps
+/// (`chrono`, `time`) and `rust_decimal::Decimal` (`rust_decimal`). Several rows are locked in
+/// the order PostgreSQL sorts their key columns (`ORDER BY`), the same for every caller; they
+/// are handed to you in this type's `Ord`.
+///
+/// For your own key newtypes, one line: implement it (it has no methods) for a type that
+/// implements [`ToSql`], `Ord`, `Clone` and `Debug`, e.g. one with tokio-postgres's
+/// `#[derive(ToSql)] #[postgres(transparent)]`:
+///
+/// ```
+/// use bytes::BytesMut;
+/// use rowlock::KeyValue;
+/// use rowlock::tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+///
+/// #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// struct AccountId(i64);
+///
+/// impl ToSql for AccountId {
+///     fn to_sql(&self, ty: &Type, out: &mut BytesMut)
+///         -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+///         self.0.to_sql(ty, out)
+///     }
+///     fn accepts(ty: &Type) -> bool { <i64 as ToSql>::accepts(ty) }
+///     to_sql_checked!();
+/// }
+///
+/// impl KeyValue for AccountId {}
+/// ```
 pub trait KeyValue: ToSql + Sync + Send + Clone + Ord + Debug + 'static {}
 
 macro_rules! key_values {
-    ($($t:ty),*) => { $(impl KeyValue for $t {})* };
+    ($($t:ty),* $(,)?) => { $(impl KeyValue for $t {})* };
 }
-key_values!(i16, i32, i64, String, bool);
+key_values!(
+    i8,
+    i16,
+    i32,
+    i64,
+    u32,
+    bool,
+    String,
+    &'static str,
+    Box<str>,
+    Vec<u8>
+);
+
+#[cfg(feature = "uuid")]
+key_values!(uuid::Uuid);
+
+#[cfg(feature = "chrono")]
+key_values!(
+    chrono::NaiveDate,
+    chrono::NaiveDateTime,
+    chrono::NaiveTime,
+    chrono::DateTime<chrono::Utc>,
+);
+
+#[cfg(feature = "time")]
+key_values!(
+    time::Date,
+    time::PrimitiveDateTime,
+    time::Time,
+    time::OffsetDateTime,
+);
+
+#[cfg(feature = "rust_decimal")]
+key_values!(rust_decimal::Decimal);
 
 mod private {
     /// Keeps [`Key`](super::Key) closed: its implementations are the blanket ones below, so

@@ -11,6 +11,7 @@ mod diagnostics;
 mod errors;
 mod faults;
 mod harness;
+mod keys;
 mod locking;
 mod migrations;
 mod own_transaction;

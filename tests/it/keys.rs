@@ -1,0 +1,184 @@
+//! Keys of other crates' types: a UUID primary key and a (uuid, date) composite key, locked
+//! one by one and several at once, in key order.
+
+use chrono::NaiveDate;
+use rowlock::tokio_postgres::{Error as PgError, Row};
+use rowlock::{
+    LockMode, LockOptions, LockableRow, Outcome, RowsOutcome, Table, with_locked_row,
+    with_locked_rows,
+};
+use uuid::Uuid;
+
+#[derive(Debug)]
+struct Order {
+    id: Uuid,
+    status: String,
+}
+
+impl LockableRow for Order {
+    type Key = Uuid;
+    const TABLE: Table = Table::new("orders");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Order {
+            id: row.try_get("id")?,
+            status: row.try_get("status")?,
+        })
+    }
+    fn key(&self) -> Uuid {
+        self.id
+    }
+}
+
+#[derive(Debug)]
+struct Shift {
+    worker: Uuid,
+    day: NaiveDate,
+    hours: i32,
+}
+
+impl LockableRow for Shift {
+    type Key = (Uuid, NaiveDate);
+    const TABLE: Table = Table::new("shifts");
+    const KEY_COLUMNS: &'static [&'static str] = &["worker", "day"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Shift {
+            worker: row.try_get("worker")?,
+            day: row.try_get("day")?,
+            hours: row.try_get("hours")?,
+        })
+    }
+    fn key(&self) -> (Uuid, NaiveDate) {
+        (self.worker, self.day)
+    }
+}
+
+fn uuid(n: u128) -> Uuid {
+    Uuid::from_u128(n)
+}
+
+fn day(d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(2026, 11, d).unwrap()
+}
+
+async fn setup() -> (
+    rowlock::testing::TestDatabase,
+    rowlock::deadpool_postgres::Pool,
+) {
+    let db = rowlock::testing::TestCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let client = db.client().await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE orders (id uuid PRIMARY KEY, status text NOT NULL);
+             CREATE TABLE shifts (worker uuid, day date, hours int NOT NULL,
+                                  PRIMARY KEY (worker, day));",
+        )
+        .await
+        .unwrap();
+    for n in [3_u128, 1, 2] {
+        client
+            .execute("INSERT INTO orders VALUES ($1, 'new')", &[&uuid(n)])
+            .await
+            .unwrap();
+        for d in [2, 1] {
+            client
+                .execute(
+                    "INSERT INTO shifts VALUES ($1, $2, 8)",
+                    &[&uuid(n), &day(d)],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let pool = db.pool(4);
+    (db, pool)
+}
+
+#[tokio::test]
+async fn a_uuid_primary_key_locks_and_reports_outcomes() {
+    let (db, pool) = setup().await;
+    let outcome = with_locked_row(&pool, &uuid(2), &LockOptions::new(), |tx, o: Order| {
+        Box::pin(async move {
+            tx.execute("UPDATE orders SET status = 'paid' WHERE id = $1", &[&o.id])
+                .await?;
+            Ok::<_, rowlock::Error>(o.status)
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome.done().as_deref(), Some("new"));
+    let missing = with_locked_row(&pool, &uuid(99), &LockOptions::new(), |_, _: Order| {
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap();
+    assert!(matches!(missing, Outcome::NotFound));
+
+    let holder = db.client().await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute("SELECT * FROM orders WHERE id = $1 FOR UPDATE", &[&uuid(3)])
+        .await
+        .unwrap();
+    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let busy = with_locked_rows(&pool, &[uuid(3), uuid(1)], &nowait, |_, _: Vec<Order>| {
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap();
+    assert!(matches!(busy, RowsOutcome::LockNotAvailable(_)), "{busy:?}");
+}
+
+#[tokio::test]
+async fn a_uuid_and_date_composite_key_locks_several_rows_in_key_order() {
+    let (_db, pool) = setup().await;
+    // Asked for out of order, with a duplicate: locked once each, handed over in key order.
+    let keys = [
+        (uuid(3), day(1)),
+        (uuid(1), day(2)),
+        (uuid(1), day(1)),
+        (uuid(3), day(1)),
+    ];
+    let outcome = with_locked_rows(
+        &pool,
+        &keys,
+        &LockOptions::new(),
+        |tx, shifts: Vec<Shift>| {
+            Box::pin(async move {
+                for s in &shifts {
+                    tx.execute(
+                        "UPDATE shifts SET hours = $3 WHERE worker = $1 AND day = $2",
+                        &[&s.worker, &s.day, &(s.hours + 1)],
+                    )
+                    .await?;
+                }
+                Ok::<_, rowlock::Error>(shifts.iter().map(Shift::key).collect::<Vec<_>>())
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let RowsOutcome::Done(locked) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        locked,
+        [(uuid(1), day(1)), (uuid(1), day(2)), (uuid(3), day(1))]
+    );
+    let missing = with_locked_rows(
+        &pool,
+        &[(uuid(2), day(9)), (uuid(2), day(1))],
+        &LockOptions::new(),
+        |_, _: Vec<Shift>| Box::pin(async { Ok::<_, rowlock::Error>(()) }),
+    )
+    .await
+    .unwrap();
+    let RowsOutcome::NotFound(keys) = missing else {
+        panic!("{missing:?}")
+    };
+    assert_eq!(keys, [(uuid(2), day(9))]);
+}

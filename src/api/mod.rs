@@ -4,5 +4,6 @@
 pub(crate) mod advisory;
 pub(crate) mod claim;
 pub(crate) mod commit_outcome;
+pub(crate) mod pool;
 pub(crate) mod rows;
 pub(crate) mod transaction;

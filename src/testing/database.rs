@@ -88,7 +88,8 @@ impl TestDatabase {
     }
 
     /// A deadpool pool of at most `max_size` connections to this database, recycled with the
-    /// `Fast` method (rowlock never returns a connection inside a transaction).
+    /// `Fast` method (rowlock never returns a connection inside a transaction), without
+    /// timeouts. [`pool_with`](Self::pool_with) takes [`PoolOptions`](crate::PoolOptions).
     ///
     /// When the cluster has a PgBouncer in front
     /// ([`TestCluster::start_behind_pgbouncer`]), the pool connects through it, and
@@ -96,7 +97,7 @@ impl TestDatabase {
     /// mode, as a service behind PgBouncer would set it.
     pub fn pool(&self, max_size: usize) -> Pool {
         let manager = Manager::from_config(
-            self.pooled.as_ref().unwrap_or(&self.config).clone(),
+            self.pool_config().clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -106,6 +107,29 @@ impl TestDatabase {
             .max_size(max_size)
             .build()
             .expect("a pool without timeouts or hooks always builds");
+        self.behind_pgbouncer(pool)
+    }
+
+    /// A pool to this database with `options` (timeouts included), as
+    /// [`pool_from_url`](crate::pool_from_url) builds one for a service; through PgBouncer
+    /// as [`pool`](Self::pool) says. Invalid options are refused.
+    pub fn pool_with(&self, options: &crate::PoolOptions) -> Result<Pool, crate::Error> {
+        let pool = options.build(self.pool_config().clone())?;
+        Ok(self.behind_pgbouncer(pool))
+    }
+
+    /// A connection URL for this database (`postgres://user@host:port/db`, with the password
+    /// if the cluster has one), for code under test that reads `DATABASE_URL`. Through
+    /// PgBouncer when the cluster has one, as the pools are.
+    pub fn url(&self) -> String {
+        config_url(self.pool_config())
+    }
+
+    fn pool_config(&self) -> &Config {
+        self.pooled.as_ref().unwrap_or(&self.config)
+    }
+
+    fn behind_pgbouncer(&self, pool: Pool) -> Pool {
         if self.pooled.is_some() {
             crate::StatementCache::Transaction.set_for_pool(&pool);
         }
@@ -181,4 +205,46 @@ impl Deref for Session {
     fn deref(&self) -> &Client {
         &self.client
     }
+}
+
+/// `postgres://user[:password]@host:port/dbname` for `config` (its first host; a Unix socket
+/// directory goes into `?host=`), percent-encoding what needs it.
+fn config_url(config: &Config) -> String {
+    use tokio_postgres::config::Host;
+    fn enc(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+    let mut url = String::from("postgres://");
+    if let Some(user) = config.get_user() {
+        url.push_str(&enc(user));
+        if let Some(password) = config.get_password() {
+            url.push(':');
+            url.push_str(&enc(&String::from_utf8_lossy(password)));
+        }
+        url.push('@');
+    }
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let mut socket_dir = None;
+    match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => url.push_str(&format!("{host}:{port}")),
+        Some(Host::Unix(dir)) => {
+            url.push_str(&format!(":{port}"));
+            socket_dir = Some(dir.display().to_string());
+        }
+        None => url.push_str(&format!("localhost:{port}")),
+    }
+    url.push('/');
+    url.push_str(&enc(config.get_dbname().unwrap_or("postgres")));
+    if let Some(dir) = socket_dir {
+        url.push_str("?host=");
+        url.push_str(&enc(&dir));
+    }
+    url
 }

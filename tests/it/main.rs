@@ -16,6 +16,7 @@ mod locking;
 mod migrations;
 mod own_transaction;
 mod pgbouncer;
+mod pools;
 mod proxy;
 mod retry;
 mod savepoints;

@@ -56,6 +56,7 @@ pub use crate::api::pool::{PoolOptions, pool_from_env, pool_from_url};
 pub use crate::api::rows::{
     with_locked_row, with_locked_row_retry, with_locked_rows, with_locked_rows_retry,
 };
+pub use crate::api::set::{LockSet, LockedRows, RowRef, with_locked_set, with_locked_set_retry};
 pub use crate::api::transaction::{with_transaction, with_transaction_retry};
 pub use crate::diagnostics::Blocker;
 pub use crate::error::{Error, ErrorKind};

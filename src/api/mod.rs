@@ -6,4 +6,5 @@ pub(crate) mod claim;
 pub(crate) mod commit_outcome;
 pub(crate) mod pool;
 pub(crate) mod rows;
+pub(crate) mod set;
 pub(crate) mod transaction;

@@ -20,6 +20,7 @@ mod pools;
 mod proxy;
 mod retry;
 mod savepoints;
+mod sets;
 #[cfg(feature = "tracing")] // run by CI with `--features tracing`
 mod spans;
 mod support;

@@ -12,8 +12,8 @@ use rowlock::{
 use crate::support::in_transaction;
 
 #[derive(Debug)]
-struct User {
-    id: i64,
+pub struct User {
+    pub id: i64,
 }
 
 impl LockableRow for User {
@@ -31,9 +31,9 @@ impl LockableRow for User {
 }
 
 #[derive(Debug)]
-struct Wallet {
-    user_id: i64,
-    cents: i64,
+pub struct Wallet {
+    pub user_id: i64,
+    pub cents: i64,
 }
 
 impl LockableRow for Wallet {
@@ -51,7 +51,7 @@ impl LockableRow for Wallet {
     }
 }
 
-async fn users_and_wallets() -> (
+pub async fn users_and_wallets() -> (
     rowlock::testing::TestDatabase,
     rowlock::deadpool_postgres::Pool,
 ) {

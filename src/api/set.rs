@@ -1,0 +1,372 @@
+//! Locking rows of several tables in one call, in one global order: "lock the user, then the
+//! wallet, always in the same order, or deadlock" built in.
+//!
+//! Whatever order the caller adds rows in, a [`LockSet`] locks its tables in the order of their
+//! quoted names, and the rows of each table in key order (one statement per table, `ORDER BY`
+//! the key). Two calls that lock overlapping sets, written in any order, take their locks in
+//! the same order, so they cannot deadlock each other.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use futures_util::future::BoxFuture;
+
+use crate::api::rows::sorted_keys;
+use crate::attempt::{LockStep, call_once, run_locked};
+use crate::error::Error;
+use crate::lock::LockOptions;
+use crate::outcome::RowsOutcome;
+use crate::policy::RetryPolicy;
+use crate::row::{LockableRow, Names, Table};
+use crate::transaction::Transaction;
+
+/// A row of a [`LockSet`] that was not locked: its table and its key (as `Debug` prints it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive] // more detail may be added.
+pub struct RowRef {
+    /// The row's table.
+    pub table: Table,
+    /// The row's key, as its `Debug` implementation prints it.
+    pub key: String,
+}
+
+impl fmt::Display for RowRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(schema) = self.table.schema() {
+            write!(f, "{schema}.")?;
+        }
+        write!(f, "{} key {}", self.table.name(), self.key)
+    }
+}
+
+/// What locking one table of a set produced: its rows (a `Vec<R>`, type-erased) or why not.
+type TableOutcome = RowsOutcome<Box<dyn Any + Send>, RowRef>;
+
+/// The rows of one table in a set: type-erased so that a set can hold several row types.
+trait TableRows: Send + Sync {
+    fn names(&self) -> &Names;
+    fn row_type(&self) -> TypeId;
+    fn add(&mut self, other: Box<dyn TableRows>) -> Result<(), Error>;
+    fn as_any_box(self: Box<Self>) -> Box<dyn Any>;
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+        options: &'t LockOptions,
+    ) -> BoxFuture<'t, Result<TableOutcome, Error>>;
+}
+
+struct Rows<R: LockableRow> {
+    names: Arc<Names>,
+    keys: Vec<R::Key>,
+}
+
+impl<R: LockableRow> TableRows for Rows<R> {
+    fn names(&self) -> &Names {
+        &self.names
+    }
+
+    fn row_type(&self) -> TypeId {
+        TypeId::of::<R>()
+    }
+
+    fn add(&mut self, other: Box<dyn TableRows>) -> Result<(), Error> {
+        let other = other
+            .as_any_box()
+            .downcast::<Rows<R>>()
+            .expect("entries are merged by row type");
+        self.keys.extend(other.keys);
+        self.keys = sorted_keys::<R>(&self.keys)?;
+        Ok(())
+    }
+
+    fn as_any_box(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+
+    fn lock<'t>(
+        &'t self,
+        tx: &'t Transaction,
+        options: &'t LockOptions,
+    ) -> BoxFuture<'t, Result<TableOutcome, Error>> {
+        Box::pin(async move {
+            let outcome = tx
+                .lock_many::<R>(&self.names, &self.keys, options, false)
+                .await?;
+            let refs = |keys: Vec<R::Key>| {
+                keys.iter()
+                    .map(|k| RowRef {
+                        table: R::TABLE,
+                        key: format!("{k:?}"),
+                    })
+                    .collect()
+            };
+            Ok(match outcome {
+                RowsOutcome::Done(rows) => RowsOutcome::Done(Box::new(rows) as Box<dyn Any + Send>),
+                RowsOutcome::NotFound(keys) => RowsOutcome::NotFound(refs(keys)),
+                RowsOutcome::Skipped(keys) => RowsOutcome::Skipped(refs(keys)),
+                RowsOutcome::LockNotAvailable(e) => RowsOutcome::LockNotAvailable(e),
+                RowsOutcome::LockTimeout(e) => RowsOutcome::LockTimeout(e),
+            })
+        })
+    }
+}
+
+/// Rows of one or more tables to lock together, in one order that does not depend on the order
+/// they were added in: tables by quoted name, rows of a table by key.
+///
+/// Add rows with [`row`](Self::row) and [`rows`](Self::rows) (duplicates are locked once), then
+/// lock them with [`with_locked_set`]. A bad table or column name, or a key count over
+/// PostgreSQL's limit, is refused when added; two row types naming the same table, or an empty
+/// set, when locked. In both cases with [`ErrorKind::InvalidArgument`] and before anything is
+/// sent.
+///
+/// ```
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct User { id: i64 }
+/// # impl LockableRow for User {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("users");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(User { id: row.try_get("id")? }) }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # struct Wallet { user_id: i64 }
+/// # impl LockableRow for Wallet {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("wallets");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["user_id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Wallet { user_id: row.try_get("user_id")? }) }
+/// #     fn key(&self) -> i64 { self.user_id }
+/// # }
+/// use rowlock::LockSet;
+///
+/// // Written wallet-first here and user-first elsewhere: both lock "users", then "wallets".
+/// let set = LockSet::new().row::<Wallet>(&7)?.row::<User>(&7)?;
+/// # Ok::<(), rowlock::Error>(())
+/// ```
+///
+/// [`ErrorKind::InvalidArgument`]: crate::ErrorKind::InvalidArgument
+#[derive(Default)]
+pub struct LockSet {
+    tables: Vec<Box<dyn TableRows>>,
+}
+
+impl fmt::Debug for LockSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.tables.iter().map(|t| &t.names().table))
+            .finish()
+    }
+}
+
+impl LockSet {
+    /// An empty set.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the row of `R` with this key.
+    pub fn row<R: LockableRow>(self, key: &R::Key) -> Result<Self, Error> {
+        self.rows::<R>(std::slice::from_ref(key))
+    }
+
+    /// Adds the rows of `R` with these keys.
+    pub fn rows<R: LockableRow>(mut self, keys: &[R::Key]) -> Result<Self, Error> {
+        let rows = Rows::<R> {
+            names: Names::of::<R>()?,
+            keys: sorted_keys::<R>(keys)?,
+        };
+        match self
+            .tables
+            .iter_mut()
+            .find(|t| t.row_type() == TypeId::of::<R>())
+        {
+            Some(same) => same.add(Box::new(rows))?,
+            None => self.tables.push(Box::new(rows)),
+        }
+        Ok(self)
+    }
+
+    /// The tables in locking order; refuses an empty set and two types on one table.
+    fn ordered(&self) -> Result<Vec<&dyn TableRows>, Error> {
+        if self.tables.is_empty() {
+            return Err(Error::invalid("an empty LockSet: add rows to lock"));
+        }
+        let mut tables: Vec<&dyn TableRows> = self.tables.iter().map(|t| &**t).collect();
+        tables.sort_by(|a, b| a.names().table.cmp(&b.names().table));
+        for pair in tables.windows(2) {
+            if pair[0].names().table == pair[1].names().table {
+                return Err(Error::invalid(format!(
+                    "two row types of a LockSet name the same table {}; their rows could not \
+                     be locked in one order",
+                    pair[0].names().table
+                )));
+            }
+        }
+        Ok(tables)
+    }
+}
+
+/// The rows a [`with_locked_set`] call locked, by row type and key.
+#[derive(Default)]
+pub struct LockedRows {
+    by_type: HashMap<TypeId, Box<dyn Any + Send>>,
+}
+
+impl fmt::Debug for LockedRows {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockedRows")
+            .field("row_types", &self.by_type.len())
+            .finish()
+    }
+}
+
+impl LockedRows {
+    fn of<R: LockableRow>(&self) -> Option<&Vec<R>> {
+        self.by_type.get(&TypeId::of::<R>())?.downcast_ref()
+    }
+
+    fn of_mut<R: LockableRow>(&mut self) -> Option<&mut Vec<R>> {
+        self.by_type.get_mut(&TypeId::of::<R>())?.downcast_mut()
+    }
+
+    /// The locked row of `R` with this key, if the set had it.
+    pub fn get<R: LockableRow>(&self, key: &R::Key) -> Option<&R> {
+        let rows = self.of::<R>()?;
+        let at = rows.binary_search_by(|r| r.key().cmp(key)).ok()?;
+        rows.get(at)
+    }
+
+    /// Takes the locked row of `R` with this key out of the set, if it had it.
+    pub fn take<R: LockableRow>(&mut self, key: &R::Key) -> Option<R> {
+        let rows = self.of_mut::<R>()?;
+        let at = rows.binary_search_by(|r| r.key().cmp(key)).ok()?;
+        Some(rows.remove(at))
+    }
+
+    /// Takes every locked row of `R`, in key order.
+    pub fn take_all<R: LockableRow>(&mut self) -> Vec<R> {
+        self.of_mut::<R>().map(std::mem::take).unwrap_or_default()
+    }
+}
+
+/// The lock step of [`with_locked_set`]: one statement per table, in the set's order.
+struct SetLock<'a> {
+    tables: Vec<&'a dyn TableRows>,
+    options: &'a LockOptions,
+}
+
+impl LockStep for SetLock<'_> {
+    type Locked = RowsOutcome<LockedRows, RowRef>;
+    async fn lock(&self, tx: &Transaction) -> Result<Self::Locked, Error> {
+        let mut locked = LockedRows::default();
+        for table in &self.tables {
+            match table.lock(tx, self.options).await? {
+                RowsOutcome::Done(rows) => {
+                    locked.by_type.insert(table.row_type(), rows);
+                }
+                other => return Ok(other.map(|_| unreachable!("Done is matched above"))),
+            }
+        }
+        Ok(RowsOutcome::Done(locked))
+    }
+}
+
+/// Opens a pooled transaction, locks every row of `set` in the set's global order (tables by
+/// name, rows by key), runs `f` with the transaction and the [`LockedRows`], and commits if `f`
+/// returns `Ok`.
+///
+/// Outcomes are those of [`with_locked_rows`](crate::with_locked_rows), per row: `f` runs only
+/// when every row was locked; otherwise [`RowsOutcome::NotFound`] / [`RowsOutcome::Skipped`]
+/// list the [`RowRef`]s of the first table that had missing or skipped rows, or the lock was not
+/// available or timed out, and nothing was committed. Round trips: one per table, then the
+/// closure's own, then `COMMIT`. Blockers ([`LockOptions::find_blockers`]) are not looked up for
+/// sets.
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct User { id: i64 }
+/// # impl LockableRow for User {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("users");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(User { id: row.try_get("id")? }) }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # struct Wallet { user_id: i64, cents: i64 }
+/// # impl LockableRow for Wallet {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("wallets");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["user_id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+/// #         Ok(Wallet { user_id: row.try_get("user_id")?, cents: row.try_get("cents")? })
+/// #     }
+/// #     fn key(&self) -> i64 { self.user_id }
+/// # }
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{LockOptions, LockSet, LockedRows, with_locked_set};
+///
+/// let set = LockSet::new().row::<User>(&7)?.row::<Wallet>(&7)?;
+/// let paid = with_locked_set(pool, &set, &LockOptions::new(), |tx, mut rows: LockedRows| {
+///     Box::pin(async move {
+///         let wallet: Wallet = rows.take(&7).expect("locked");
+///         tx.execute("UPDATE wallets SET cents = $2 WHERE user_id = $1",
+///                    &[&wallet.user_id, &(wallet.cents - 100)]).await?;
+///         Ok::<_, rowlock::Error>(wallet.cents - 100)
+///     })
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn with_locked_set<T, E, F>(
+    pool: &Pool,
+    set: &LockSet,
+    options: &LockOptions,
+    f: F,
+) -> Result<RowsOutcome<T, RowRef>, E>
+where
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t Transaction, LockedRows) -> BoxFuture<'t, Result<T, E>>,
+{
+    with_locked_set_retry(pool, set, options, &RetryPolicy::once(), call_once(f)).await
+}
+
+/// [`with_locked_set`], retried under `policy`: each attempt opens a new transaction, locks the
+/// rows again and calls `f` again. Outcomes other than `Done` are handled as in
+/// [`with_locked_row_retry`](crate::with_locked_row_retry).
+pub async fn with_locked_set_retry<T, E, F>(
+    pool: &Pool,
+    set: &LockSet,
+    options: &LockOptions,
+    policy: &RetryPolicy,
+    f: F,
+) -> Result<RowsOutcome<T, RowRef>, E>
+where
+    E: From<Error>,
+    F: for<'t> FnMut(&'t Transaction, LockedRows) -> BoxFuture<'t, Result<T, E>>,
+{
+    options.validate()?;
+    let step = SetLock {
+        tables: set.ordered()?,
+        options,
+    };
+    let table = step
+        .tables
+        .iter()
+        .map(|t| t.names().table.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    run_locked(
+        Some(("with_locked_set", &table)),
+        pool,
+        &options.transaction,
+        policy,
+        &step,
+        f,
+    )
+    .await
+}

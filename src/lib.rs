@@ -52,6 +52,7 @@ pub use crate::api::claim::{
     Claim, Compare, Direction, explain_claim, with_claimed_rows, with_next_locked_row,
 };
 pub use crate::api::commit_outcome::{CommitStatus, resolve_commit};
+pub use crate::api::executor::Executor;
 pub use crate::api::pool::{PoolOptions, pool_from_env, pool_from_url};
 pub use crate::api::rows::{
     with_locked_row, with_locked_row_retry, with_locked_rows, with_locked_rows_retry,

@@ -4,6 +4,7 @@
 pub(crate) mod advisory;
 pub(crate) mod claim;
 pub(crate) mod commit_outcome;
+pub(crate) mod executor;
 pub(crate) mod pool;
 pub(crate) mod rows;
 pub(crate) mod set;

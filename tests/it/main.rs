@@ -9,6 +9,7 @@ mod claim;
 mod conflicts;
 mod diagnostics;
 mod errors;
+mod executor;
 mod faults;
 mod harness;
 mod keys;

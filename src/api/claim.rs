@@ -51,6 +51,7 @@ use futures_util::future::BoxFuture;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
+use crate::api::claim_sql::{Predicate, filter_value};
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{Flush, Side};
@@ -106,6 +107,7 @@ enum Condition {
     Compare(String, Compare, OwnedParam),
     IsNull(String),
     IsNotNull(String),
+    Predicate(Predicate),
 }
 
 /// What to claim: which rows are eligible, in which order, with which lock strength.
@@ -141,6 +143,7 @@ impl fmt::Debug for Claim {
                 Condition::Compare(col, op, v) => format!("{col} {} {v:?}", op.sql()),
                 Condition::IsNull(col) => format!("{col} IS NULL"),
                 Condition::IsNotNull(col) => format!("{col} IS NOT NULL"),
+                Condition::Predicate(p) => format!("{p:?}"),
             })
             .collect();
         f.debug_struct("Claim")
@@ -172,7 +175,11 @@ impl Claim {
     }
 
     /// Adds `column <op> value` to the filter (all conditions are ANDed). The value is bound
-    /// as a parameter.
+    /// as a parameter, of the column's type: text (`&'static str`, `String`) also fits a
+    /// PostgreSQL enum column (`status = 'pending'` on a `job_status`), and an integer
+    /// (`i16`, `i32`, `i64`) any integer column it fits in. A value that does not fit its column
+    /// is refused with [`ErrorKind::InvalidArgument`] when the claim runs, before anything is
+    /// locked.
     #[must_use]
     pub fn filter(
         mut self,
@@ -181,7 +188,35 @@ impl Claim {
         value: impl ToSql + Send + Sync + 'static,
     ) -> Self {
         self.conditions
-            .push(Condition::Compare(column.into(), op, Box::new(value)));
+            .push(Condition::Compare(column.into(), op, filter_value(value)));
+        self
+    }
+
+    /// Adds a predicate in SQL, ANDed with the other filters, for what `filter` cannot say:
+    /// `run_at <= now()`, `queue = ANY($1)`, an `OR`. Its own placeholders count from `$1`;
+    /// `params` are their values, bound as parameters. It stays inside the fenced,
+    /// custom-planned claim, before the `LIMIT`.
+    ///
+    /// Refused with [`ErrorKind::InvalidArgument`] when the claim is used: a `;` outside
+    /// literals and comments, a placeholder without a value, or a value no placeholder uses.
+    /// Write column names as SQL (quote them if they need it); never format values into the
+    /// text.
+    ///
+    /// ```
+    /// use rowlock::{Claim, Compare, Direction};
+    ///
+    /// let claim = Claim::new()
+    ///     .filter("status", Compare::Eq, "pending")
+    ///     .where_sql("run_at <= now() AND queue = ANY($1)", vec![Box::new(vec!["mail", "sms"])])
+    ///     .order_by("run_at", Direction::Asc)
+    ///     .order_by("id", Direction::Asc);
+    /// ```
+    #[must_use]
+    pub fn where_sql(mut self, sql: impl Into<String>, params: Vec<OwnedParam>) -> Self {
+        self.conditions.push(Condition::Predicate(Predicate {
+            sql: sql.into(),
+            params,
+        }));
         self
     }
 
@@ -263,6 +298,11 @@ impl Claim {
                 }
                 Condition::IsNull(col) => format!("{} IS NULL", quote_ident(col)?),
                 Condition::IsNotNull(col) => format!("{} IS NOT NULL", quote_ident(col)?),
+                Condition::Predicate(p) => {
+                    let sql = p.renumbered(params.len())?;
+                    params.extend(p.params.iter().map(|v| &**v as &(dyn ToSql + Sync)));
+                    format!("({sql})")
+                }
             });
         }
         let order = self
@@ -340,13 +380,17 @@ impl Transaction {
                 .map_err(|f| f.error)
         };
         let rows = self.run(Step::Lock, request).await.map_err(|e| {
+            let refused = |detail: &str| {
+                Error::with_kind(ErrorKind::InvalidArgument, detail)
+                    .with_sql_state(e.sql_state().cloned())
+            };
             if e.sql_state() == Some(&SqlState::UNDEFINED_COLUMN) {
-                Error::with_kind(
-                    ErrorKind::InvalidArgument,
-                    "the claim's filter or order names a column the table does not have",
-                )
-                .with_sql_state(e.sql_state().cloned())
-                .with_boxed_source(e.into_source())
+                refused("the claim's filter or order names a column the table does not have")
+                    .with_boxed_source(e.into_source())
+            } else if e.kind() == ErrorKind::Driver {
+                // A value the driver could not bind as its column's type: nothing was sent.
+                refused("a claim filter value does not fit its column")
+                    .with_boxed_source(e.into_source())
             } else {
                 e
             }

@@ -3,6 +3,7 @@
 
 pub(crate) mod advisory;
 pub(crate) mod claim;
+pub(crate) mod claim_sql;
 pub(crate) mod commit_outcome;
 pub(crate) mod executor;
 pub(crate) mod pool;

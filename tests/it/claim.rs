@@ -392,3 +392,101 @@ async fn the_closure_runs_with_the_default_plan_cache_mode() {
         "the claim's forced custom plans end with it"
     );
 }
+
+/// A queue as services write it: an enum status, a bigint attempt count, a due time, queues.
+async fn real_queue() -> (TestDatabase, Pool) {
+    let db = rowlock::testing::TestCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TYPE job_status AS ENUM ('pending', 'running', 'done');
+             CREATE TABLE jobs (id bigint PRIMARY KEY, status job_status NOT NULL DEFAULT 'pending',
+                                attempts bigint NOT NULL DEFAULT 0, queue text NOT NULL,
+                                run_at timestamptz NOT NULL DEFAULT now());
+             CREATE INDEX jobs_due ON jobs (run_at, id) WHERE status = 'pending';
+             INSERT INTO jobs (id, queue, attempts, run_at) VALUES
+               (1, 'mail', 0, now() - interval '1 hour'),
+               (2, 'sms', 5, now() - interval '1 hour'),
+               (3, 'push', 0, now() - interval '1 hour'),
+               (4, 'mail', 1, now() + interval '1 hour'),
+               (5, 'sms', 2, now() - interval '2 hours');
+             UPDATE jobs SET status = 'done' WHERE id = 3;
+             INSERT INTO jobs (id, queue, status) SELECT g, 'mail', 'done'
+               FROM generate_series(100, 20000) g;
+             ANALYZE jobs;",
+        )
+        .await
+        .unwrap();
+    let pool = db.pool(2);
+    (db, pool)
+}
+
+#[tokio::test]
+async fn enum_integer_and_sql_filters_claim_what_a_real_queue_asks_for() {
+    let (_db, pool) = real_queue().await;
+    let claim = Claim::new()
+        .filter("status", Compare::Eq, "pending") // a job_status enum column
+        .filter("attempts", Compare::Lt, 3_i32) // an int8 column, an i32 value
+        .where_sql(
+            "run_at <= now() AND queue = ANY($1)",
+            vec![Box::new(vec!["mail".to_string(), "sms".to_string()])],
+        )
+        .order_by("run_at", Direction::Asc)
+        .order_by("id", Direction::Asc);
+    let claimed = with_claimed_rows(&pool, &claim, 10, |_, jobs: Vec<Job>| {
+        Box::pin(
+            async move { Ok::<_, rowlock::Error>(jobs.iter().map(|j| j.id).collect::<Vec<_>>()) },
+        )
+    })
+    .await
+    .unwrap();
+    // 2 has too many attempts, 3 is done, 4 is not due; 5 is due earliest.
+    assert_eq!(claimed, Some(vec![5, 1]));
+    let plan = explain_claim::<Job>(&pool, &claim, 10)
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(
+        plan.contains("jobs_due"),
+        "the partial index serves the enum filter: {plan}"
+    );
+}
+
+#[tokio::test]
+async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
+    let (_db, pool) = real_queue().await;
+    let run = |claim: Claim| {
+        let pool = pool.clone();
+        async move {
+            with_claimed_rows(&pool, &claim, 1, |_, _: Vec<Job>| {
+                Box::pin(async { Ok::<_, rowlock::Error>(()) })
+            })
+            .await
+            .unwrap_err()
+        }
+    };
+    let order = |c: Claim| c.order_by("id", Direction::Asc);
+    // A value out of the column's range, a value of another type, a bad predicate.
+    for claim in [
+        order(Claim::new().filter("status", Compare::Eq, 1_i64)),
+        order(Claim::new().filter("attempts", Compare::Eq, 2.5_f64)),
+        order(Claim::new().where_sql("queue = $2", vec![Box::new("mail")])),
+        order(Claim::new().where_sql("true; DELETE FROM jobs", vec![])),
+    ] {
+        let err = run(claim).await;
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    }
+    // `id` is int8, so i64::MAX fits: an ordinary empty claim.
+    let fits = order(Claim::new().filter("id", Compare::Eq, i64::MAX));
+    let none = with_claimed_rows(&pool, &fits, 1, |_, _: Vec<Job>| {
+        Box::pin(async { Ok::<_, rowlock::Error>(()) })
+    })
+    .await
+    .unwrap();
+    assert_eq!(none, None);
+}

@@ -1,0 +1,303 @@
+//! What a claim's filters bind and splice: filter values that fit the column PostgreSQL
+//! infers (a text label for an enum column, an integer of another width), and raw predicates
+//! whose `$n` placeholders are renumbered into the claim's.
+
+use std::any::Any;
+use std::error::Error as StdError;
+use std::fmt;
+
+use bytes::BytesMut;
+use tokio_postgres::types::{IsNull, Kind, ToSql, Type, to_sql_checked};
+
+use crate::error::Error;
+use crate::transaction::OwnedParam;
+
+type BoxError = Box<dyn StdError + Sync + Send>;
+
+/// A filter value as the claim binds it: text and integers are bound as whatever text-like,
+/// enum or integer type PostgreSQL infers for the column, so `filter("status", Eq, "pending")`
+/// works on a `job_status` enum column and `filter("attempts", Lt, 3_i32)` on an `int8` one.
+/// Other values are bound as they are.
+pub(crate) fn filter_value<V: ToSql + Send + Sync + 'static>(value: V) -> OwnedParam {
+    let any: &dyn Any = &value;
+    if let Some(s) = any.downcast_ref::<&'static str>() {
+        return Box::new(Label((*s).to_owned()));
+    }
+    if let Some(s) = any.downcast_ref::<String>() {
+        return Box::new(Label(s.clone()));
+    }
+    let int = (any.downcast_ref::<i16>().map(|v| i64::from(*v)))
+        .or_else(|| any.downcast_ref::<i32>().map(|v| i64::from(*v)))
+        .or_else(|| any.downcast_ref::<i64>().copied());
+    match int {
+        Some(int) => Box::new(Int(int)),
+        None => Box::new(value),
+    }
+}
+
+/// Text bound as a text-like type or as an enum label (an enum's binary form is its label).
+#[derive(Debug)]
+struct Label(String);
+
+impl ToSql for Label {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        if matches!(ty.kind(), Kind::Enum(_)) {
+            out.extend_from_slice(self.0.as_bytes());
+            return Ok(IsNull::No);
+        }
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(ty.kind(), Kind::Enum(_)) || <String as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
+/// An integer bound as `int2`, `int4` or `int8`, whichever the column is; a value that does
+/// not fit is refused when bound.
+#[derive(Debug)]
+struct Int(i64);
+
+impl ToSql for Int {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        let out_of_range = || -> BoxError {
+            format!(
+                "the filter value {} does not fit a {} column",
+                self.0,
+                ty.name()
+            )
+            .into()
+        };
+        match *ty {
+            Type::INT2 => i16::try_from(self.0)
+                .map_err(|_| out_of_range())?
+                .to_sql(ty, out),
+            Type::INT4 => i32::try_from(self.0)
+                .map_err(|_| out_of_range())?
+                .to_sql(ty, out),
+            _ => self.0.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::INT2 | Type::INT4 | Type::INT8)
+    }
+
+    to_sql_checked!();
+}
+
+/// A raw SQL predicate and the values for its `$1`, `$2`, … placeholders.
+pub(crate) struct Predicate {
+    pub(crate) sql: String,
+    pub(crate) params: Vec<OwnedParam>,
+}
+
+impl fmt::Debug for Predicate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({}) with {} parameter(s)", self.sql, self.params.len())
+    }
+}
+
+impl Predicate {
+    /// The predicate with its placeholders shifted by `offset` (the claim's parameters before
+    /// it). Refuses a `;` outside literals and comments, a placeholder with no value, and a
+    /// value no placeholder uses (PostgreSQL could not infer its type).
+    pub(crate) fn renumbered(&self, offset: usize) -> Result<String, Error> {
+        let count = self.params.len();
+        let mut used = vec![false; count];
+        let mut out = String::with_capacity(self.sql.len() + 8);
+        let sql = self.sql.as_str();
+        let bytes = sql.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let rest = &sql[i..];
+            let skip = if rest.starts_with("--") {
+                rest.find('\n').unwrap_or(rest.len())
+            } else if rest.starts_with("/*") {
+                block_comment(rest)?
+            } else if rest.starts_with('\'') || rest.starts_with("E'") || rest.starts_with("e'") {
+                quoted(rest, '\'')?
+            } else if rest.starts_with('"') {
+                quoted(rest, '"')?
+            } else {
+                dollar_quote(rest)?.unwrap_or_default()
+            };
+            if skip > 0 {
+                out.push_str(&rest[..skip]);
+                i += skip;
+                continue;
+            }
+            let c = rest.chars().next().expect("not at the end");
+            if c == ';' {
+                return Err(Error::invalid(
+                    "a claim predicate is one expression: it may not contain ';'",
+                ));
+            }
+            if c == '$' {
+                let digits = rest[1..].bytes().take_while(u8::is_ascii_digit).count();
+                if digits > 0 {
+                    let n: usize = rest[1..=digits].parse().unwrap_or(0);
+                    if n == 0 || n > count {
+                        return Err(Error::invalid(format!(
+                            "the claim predicate uses ${n} but has {count} parameter(s)"
+                        )));
+                    }
+                    used[n - 1] = true;
+                    out.push_str(&format!("${}", n + offset));
+                    i += 1 + digits;
+                    continue;
+                }
+            }
+            out.push(c);
+            i += c.len_utf8();
+        }
+        if let Some(unused) = used.iter().position(|u| !u) {
+            return Err(Error::invalid(format!(
+                "parameter ${} of the claim predicate is not used in it",
+                unused + 1
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// The length of a quoted literal or identifier at the start of `s` (`''` / `""` escape the
+/// quote; `E'…'` also takes backslash escapes).
+fn quoted(s: &str, quote: char) -> Result<usize, Error> {
+    let escapes = s.starts_with(['E', 'e']);
+    let start = if escapes { 2 } else { 1 };
+    let mut chars = s[start..].char_indices();
+    while let Some((at, c)) = chars.next() {
+        if escapes && c == '\\' {
+            chars.next();
+        } else if c == quote {
+            if s[start + at + 1..].starts_with(quote) {
+                chars.next();
+            } else {
+                return Ok(start + at + 1);
+            }
+        }
+    }
+    Err(Error::invalid(
+        "the claim predicate has an unterminated quote",
+    ))
+}
+
+/// The length of a (nested) block comment at the start of `s`.
+fn block_comment(s: &str) -> Result<usize, Error> {
+    let mut depth = 0;
+    let mut i = 0;
+    while i < s.len() {
+        if s[i..].starts_with("/*") {
+            depth += 1;
+            i += 2;
+        } else if s[i..].starts_with("*/") {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return Ok(i);
+            }
+        } else {
+            i += s[i..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    Err(Error::invalid(
+        "the claim predicate has an unterminated comment",
+    ))
+}
+
+/// The length of a dollar-quoted string (`$$…$$`, `$tag$…$tag$`) at the start of `s`, if
+/// one starts there.
+fn dollar_quote(s: &str) -> Result<Option<usize>, Error> {
+    let Some(after) = s.strip_prefix('$') else {
+        return Ok(None);
+    };
+    let tag_len = after
+        .char_indices()
+        .take_while(|(i, c)| c.is_alphabetic() || *c == '_' || (*i > 0 && c.is_ascii_digit()))
+        .map(|(i, c)| i + c.len_utf8())
+        .last()
+        .unwrap_or(0);
+    if !after[tag_len..].starts_with('$') {
+        return Ok(None);
+    }
+    let delimiter = &s[..tag_len + 2];
+    let body = &s[delimiter.len()..];
+    match body.find(delimiter) {
+        Some(end) => Ok(Some(delimiter.len() + end + delimiter.len())),
+        None => Err(Error::invalid(
+            "the claim predicate has an unterminated dollar quote",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn predicate(sql: &str, params: usize) -> Predicate {
+        Predicate {
+            sql: sql.to_owned(),
+            params: (0..params)
+                .map(|i| Box::new(i as i64) as OwnedParam)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn placeholders_are_renumbered_outside_literals_and_comments() {
+        let p = predicate(
+            "run_at <= now() AND (queue = $1 OR note = '$1; x' OR tag = $tag$ $2 ; $tag$) \
+             -- $9;\n AND \"weird$1\" = $2 /* $3; /* nested */ */",
+            2,
+        );
+        assert_eq!(
+            p.renumbered(3).unwrap(),
+            "run_at <= now() AND (queue = $4 OR note = '$1; x' OR tag = $tag$ $2 ; $tag$) \
+             -- $9;\n AND \"weird$1\" = $5 /* $3; /* nested */ */"
+        );
+        assert_eq!(
+            predicate("a = E'it\\'s $1' AND b = $1", 1)
+                .renumbered(1)
+                .unwrap(),
+            "a = E'it\\'s $1' AND b = $2"
+        );
+    }
+
+    #[test]
+    fn bad_predicates_are_refused() {
+        for (sql, params) in [
+            ("a = $2", 1),
+            ("a = $0", 1),
+            ("a = 1", 1),
+            ("a = $1; DROP TABLE jobs", 1),
+            ("a = 'open", 0),
+            ("a = $q$ open", 0),
+            ("a = 1 /* open", 0),
+        ] {
+            let err = predicate(sql, params).renumbered(0).unwrap_err();
+            assert!(err.is_invalid_argument(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn values_take_the_inferred_type_or_are_refused() {
+        let mut buf = BytesMut::new();
+        let int = filter_value(7_i32);
+        assert!(int.to_sql_checked(&Type::INT8, &mut buf).is_ok());
+        assert!(int.to_sql_checked(&Type::INT2, &mut buf).is_ok());
+        assert!(int.to_sql_checked(&Type::TEXT, &mut buf).is_err());
+        let big = filter_value(1_i64 << 40);
+        assert!(
+            big.to_sql_checked(&Type::INT4, &mut buf).is_err(),
+            "out of range"
+        );
+        let label = filter_value("pending");
+        assert!(label.to_sql_checked(&Type::TEXT, &mut buf).is_ok());
+        assert!(label.to_sql_checked(&Type::INT4, &mut buf).is_err());
+        let other = filter_value(2.5_f64);
+        assert!(other.to_sql_checked(&Type::FLOAT8, &mut buf).is_ok());
+    }
+}

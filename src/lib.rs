@@ -67,6 +67,10 @@ pub use crate::outcome::{Outcome, RowsOutcome};
 pub use crate::policy::{RetryEvent, RetryPolicy};
 pub use crate::row::{Key, KeyValue, LockableRow, Table};
 pub use crate::transaction::{AsStatement, OwnedParam, Savepoint, Transaction};
+/// `#[derive(LockableRow)]`: see [the trait](trait@LockableRow) and the README's "Row types".
+#[cfg(feature = "derive")]
+#[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
+pub use rowlock_macros::LockableRow;
 
 /// The future type the closures of [`with_transaction`], [`with_locked_row`] and
 /// [`with_locked_rows`] return: write `Box::pin(async move { … })`.

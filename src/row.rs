@@ -117,6 +117,13 @@ pub(crate) fn quote_ident(ident: &str) -> Result<String, Error> {
 ///
 /// impl KeyValue for AccountId {}
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a rowlock key",
+    label = "not a key type",
+    note = "keys are integers, text, bool, bytea, uuid / chrono / time / rust_decimal values \
+            (cargo features), tuples of those, or your own type with `impl rowlock::KeyValue for \
+            T {{}}`; floating-point numbers have no total order, so they cannot be keys"
+)]
 pub trait KeyValue: ToSql + Sync + Send + Clone + Ord + Debug + 'static {}
 
 macro_rules! key_values {
@@ -167,6 +174,11 @@ mod private {
 /// Keys are bound as parameters, never formatted into SQL.
 ///
 /// This trait is sealed: implement [`KeyValue`] for your own key types instead.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a rowlock key",
+    label = "not a key type",
+    note = "a key is one `KeyValue` or a tuple of up to four; see `rowlock::KeyValue`"
+)]
 pub trait Key: private::Sealed + Clone + Ord + Debug + Send + Sync + 'static {
     /// The number of key columns this key binds.
     const ARITY: usize;
@@ -225,7 +237,13 @@ pub trait LockableRow: Sized + Send + 'static {
     /// The key columns, in the order of [`Key`]'s values. Locks on several rows are taken in
     /// ascending order of these columns.
     const KEY_COLUMNS: &'static [&'static str];
-    /// Builds the row from a `SELECT *` result row.
+    /// The columns [`from_row`](Self::from_row) reads: rowlock selects only these (so a
+    /// column added, dropped or changed elsewhere in the table never touches its statements).
+    /// Empty, the default, selects every column (`SELECT *`). `#[derive(LockableRow)]` lists
+    /// the struct's fields.
+    const COLUMNS: &'static [&'static str] = &[];
+    /// Builds the row from a result row with [`COLUMNS`](Self::COLUMNS) (every column when
+    /// that is empty).
     fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error>;
     /// This row's key.
     fn key(&self) -> Self::Key;
@@ -237,6 +255,8 @@ pub trait LockableRow: Sized + Send + 'static {
 pub(crate) struct Names {
     pub(crate) table: String,
     pub(crate) keys: Vec<String>,
+    /// What `SELECT` lists: the quoted [`LockableRow::COLUMNS`], or `*`.
+    pub(crate) select: String,
     /// Lock statements by (strength, mode, key count).
     lock_sql: Mutex<HashMap<(LockStrength, LockMode, usize), Arc<str>>>,
 }
@@ -275,7 +295,8 @@ impl Names {
                     format!(" {}", self.order_by())
                 };
                 format!(
-                    "SELECT * FROM {} {}{order} {}",
+                    "SELECT {} FROM {} {}{order} {}",
+                    self.select,
                     self.table,
                     self.where_keys(count),
                     options.clause()
@@ -299,9 +320,19 @@ impl Names {
             .iter()
             .map(|c| quote_ident(c))
             .collect::<Result<Vec<_>, _>>()?;
+        let select = if R::COLUMNS.is_empty() {
+            "*".to_string()
+        } else {
+            R::COLUMNS
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(", ")
+        };
         Ok(Names {
             table,
             keys,
+            select,
             lock_sql: Mutex::default(),
         })
     }

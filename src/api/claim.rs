@@ -322,9 +322,19 @@ impl Claim {
         } else {
             conditions.join(" AND ")
         };
+        // The row type's columns, and the order's, which the outer ORDER BY needs.
+        let mut select = names.select.clone();
+        if !R::COLUMNS.is_empty() {
+            for (col, _) in &self.order {
+                if !R::COLUMNS.contains(&col.as_str()) {
+                    select.push_str(", ");
+                    select.push_str(&quote_ident(col)?);
+                }
+            }
+        }
         let sql = format!(
-            "WITH claimed AS MATERIALIZED (SELECT * FROM {table} WHERE {filter} ORDER BY {order} \
-             LIMIT ${limit} {strength} SKIP LOCKED) SELECT * FROM claimed ORDER BY {order}",
+            "WITH claimed AS MATERIALIZED (SELECT {select} FROM {table} WHERE {filter} ORDER BY \
+             {order} LIMIT ${limit} {strength} SKIP LOCKED) SELECT * FROM claimed ORDER BY {order}",
             table = names.table,
             limit = params.len(),
             strength = self.strength.clause(),

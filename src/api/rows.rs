@@ -269,7 +269,12 @@ impl Transaction {
         count: usize,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<BTreeSet<R::Key>, Error> {
-        let sql = format!("SELECT * FROM {} {}", names.table, names.where_keys(count));
+        let sql = format!(
+            "SELECT {} FROM {} {}",
+            names.select,
+            names.table,
+            names.where_keys(count)
+        );
         let stmt = self.prepare_cached(&sql).await?;
         let rows = self.query(&stmt, params).await?;
         rows.iter()

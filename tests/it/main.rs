@@ -7,6 +7,7 @@ mod bad_input;
 mod cancellation;
 mod claim;
 mod conflicts;
+mod derive;
 mod diagnostics;
 mod errors;
 mod executor;

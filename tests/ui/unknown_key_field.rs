@@ -1,0 +1,10 @@
+use rowlock::LockableRow;
+
+#[derive(LockableRow)]
+#[rowlock(table = "accounts", key = "account_id")]
+struct Account {
+    id: i64,
+    balance: i64,
+}
+
+fn main() {}

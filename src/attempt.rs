@@ -8,8 +8,8 @@
 
 use std::future::Future;
 
+use crate::scoped::ScopedBoxFuture;
 use deadpool_postgres::Pool;
-use futures_util::future::BoxFuture;
 
 use crate::diagnostics::BlockerQuery;
 use crate::error::Error;
@@ -41,7 +41,7 @@ type Value<S> = <<S as LockStep>::Locked as Locked>::Value;
 
 /// Runs attempts under `policy` until one succeeds, one fails for good, or the policy gives
 /// up; inside a `rowlock.locked_call` span when `call` names one (feature `tracing`).
-pub(crate) async fn run_locked<S, T, E, F>(
+pub(crate) async fn run_locked<'a, S, T, E, F>(
     call: Option<(&'static str, &str)>,
     pool: &Pool,
     options: &TransactionOptions,
@@ -52,7 +52,7 @@ pub(crate) async fn run_locked<S, T, E, F>(
 where
     S: LockStep,
     E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, Value<S>) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnMut(&'t Transaction, Value<S>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     let rec = Recorder::new(call.is_some());
     trace::locked_call(call, async {
@@ -63,7 +63,7 @@ where
     .await
 }
 
-async fn attempts<S, T, E, F>(
+async fn attempts<'a, S, T, E, F>(
     pool: &Pool,
     options: &TransactionOptions,
     policy: &RetryPolicy,
@@ -74,7 +74,7 @@ async fn attempts<S, T, E, F>(
 where
     S: LockStep,
     E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, Value<S>) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnMut(&'t Transaction, Value<S>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     let mut backoff = Backoff::new(policy)?;
     loop {
@@ -105,7 +105,7 @@ fn failure<E: From<Error>>(error: Error, policy: &RetryPolicy) -> Failure<E> {
 
 /// One attempt: a new transaction, the lock step, and then the closure and the commit, or the
 /// outcome that ends the call.
-async fn attempt<S, T, E, F>(
+async fn attempt<'a, S, T, E, F>(
     pool: &Pool,
     options: &TransactionOptions,
     policy: &RetryPolicy,
@@ -116,7 +116,7 @@ async fn attempt<S, T, E, F>(
 where
     S: LockStep,
     E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, Value<S>) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnMut(&'t Transaction, Value<S>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     let mut tx = Transaction::begin_unchecked(pool, options)
         .await
@@ -200,9 +200,9 @@ async fn not_locked<S: LockStep, O: Contended, E>(
 /// Lets a closure that may run only once drive the attempt loop, which takes `FnMut`: the
 /// calls without a retry policy run the loop with [`RetryPolicy::once`], which calls it at
 /// most once.
-pub(crate) fn call_once<V, T, E>(
-    f: impl for<'t> FnOnce(&'t Transaction, V) -> BoxFuture<'t, Result<T, E>>,
-) -> impl for<'t> FnMut(&'t Transaction, V) -> BoxFuture<'t, Result<T, E>> {
+pub(crate) fn call_once<'a, V, T, E>(
+    f: impl for<'t> FnOnce(&'t Transaction, V) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
+) -> impl for<'t> FnMut(&'t Transaction, V) -> ScopedBoxFuture<'a, 't, Result<T, E>> {
     let mut f = Some(f);
     move |tx, value| {
         f.take()

@@ -18,11 +18,12 @@
 mod diagnostics;
 mod error;
 
-// 2. The model: lock modes and strengths, options, row types, outcomes.
+// 2. The model: lock modes and strengths, options, row types, outcomes, closure futures.
 mod lock;
 mod options;
 mod outcome;
 mod row;
+mod scoped;
 
 // 3. The transaction guard, and the one way it pipelines requests.
 mod flush;
@@ -72,6 +73,4 @@ pub use crate::transaction::{AsStatement, OwnedParam, Savepoint, Transaction};
 #[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
 pub use rowlock_macros::LockableRow;
 
-/// The future type the closures of [`with_transaction`], [`with_locked_row`] and
-/// [`with_locked_rows`] return: write `Box::pin(async move { … })`.
-pub type BoxFuture<'a, T> = futures_util::future::BoxFuture<'a, T>;
+pub use crate::scoped::{BoxFuture, ScopedBoxFuture, ScopedFuture};

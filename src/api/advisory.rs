@@ -7,8 +7,8 @@
 
 use std::future::Future;
 
+use crate::scoped::ScopedBoxFuture;
 use deadpool_postgres::Pool;
-use futures_util::future::BoxFuture;
 
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::diagnostics::BlockerQuery;
@@ -197,7 +197,7 @@ impl Transaction {
 /// }
 /// # Ok(()) }
 /// ```
-pub async fn with_advisory_lock<T, E, F>(
+pub async fn with_advisory_lock<'a, T, E, F>(
     pool: &Pool,
     key: AdvisoryKey,
     options: &LockOptions,
@@ -205,7 +205,7 @@ pub async fn with_advisory_lock<T, E, F>(
 ) -> Result<Outcome<T>, E>
 where
     E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnOnce(&'t Transaction) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     options.validate()?;
     if options.mode == LockMode::SkipLocked {

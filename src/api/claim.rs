@@ -46,8 +46,8 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 
+use crate::scoped::ScopedBoxFuture;
 use deadpool_postgres::Pool;
-use futures_util::future::BoxFuture;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
@@ -455,7 +455,7 @@ impl Transaction {
 /// }
 /// # Ok(()) }
 /// ```
-pub async fn with_claimed_rows<R, T, E, F>(
+pub async fn with_claimed_rows<'a, R, T, E, F>(
     pool: &Pool,
     claim: &Claim,
     n: usize,
@@ -464,7 +464,7 @@ pub async fn with_claimed_rows<R, T, E, F>(
 where
     R: LockableRow,
     E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     // Everything that can be refused without the server is refused before a connection is
     // taken.
@@ -528,7 +528,7 @@ impl<R: LockableRow> LockStep for ClaimStep<'_, R> {
 /// .await?;
 /// # Ok(()) }
 /// ```
-pub async fn with_next_locked_row<R, T, E, F>(
+pub async fn with_next_locked_row<'a, R, T, E, F>(
     pool: &Pool,
     claim: &Claim,
     f: F,
@@ -536,7 +536,7 @@ pub async fn with_next_locked_row<R, T, E, F>(
 where
     R: LockableRow,
     E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnOnce(&'t Transaction, R) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     with_claimed_rows(pool, claim, 1, move |tx, mut rows: Vec<R>| {
         let row = rows.pop().expect("a non-empty claim of one row");

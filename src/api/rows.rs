@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 
 use std::future::Future;
 
+use crate::scoped::ScopedBoxFuture;
 use deadpool_postgres::Pool;
-use futures_util::future::BoxFuture;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -360,7 +360,7 @@ pub(crate) fn sorted_keys<R: LockableRow>(keys: &[R::Key]) -> Result<Vec<R::Key>
 /// }
 /// # Ok(()) }
 /// ```
-pub async fn with_locked_row<R, T, E, F>(
+pub async fn with_locked_row<'a, R, T, E, F>(
     pool: &Pool,
     key: &R::Key,
     options: &LockOptions,
@@ -369,7 +369,7 @@ pub async fn with_locked_row<R, T, E, F>(
 where
     R: LockableRow,
     E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnOnce(&'t Transaction, R) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     with_locked_row_retry(pool, key, options, &RetryPolicy::once(), call_once(f)).await
 }
@@ -406,7 +406,7 @@ where
 /// .await?;
 /// # Ok(()) }
 /// ```
-pub async fn with_locked_row_retry<R, T, E, F>(
+pub async fn with_locked_row_retry<'a, R, T, E, F>(
     pool: &Pool,
     key: &R::Key,
     options: &LockOptions,
@@ -416,7 +416,7 @@ pub async fn with_locked_row_retry<R, T, E, F>(
 where
     R: LockableRow,
     E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, R) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnMut(&'t Transaction, R) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     options.validate()?;
     let names = Names::of::<R>()?;
@@ -473,7 +473,7 @@ where
 /// assert!(matches!(outcome, RowsOutcome::Done(2)));
 /// # Ok(()) }
 /// ```
-pub async fn with_locked_rows<R, T, E, F>(
+pub async fn with_locked_rows<'a, R, T, E, F>(
     pool: &Pool,
     keys: &[R::Key],
     options: &LockOptions,
@@ -482,7 +482,7 @@ pub async fn with_locked_rows<R, T, E, F>(
 where
     R: LockableRow,
     E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     with_locked_rows_retry(pool, keys, options, &RetryPolicy::once(), call_once(f)).await
 }
@@ -490,7 +490,7 @@ where
 /// [`with_locked_rows`](crate::with_locked_rows), retried under `policy`: each attempt opens
 /// a new transaction, locks the rows again (in key order) and calls `f` again. Outcomes other
 /// than `Done` are handled as in [`with_locked_row_retry`].
-pub async fn with_locked_rows_retry<R, T, E, F>(
+pub async fn with_locked_rows_retry<'a, R, T, E, F>(
     pool: &Pool,
     keys: &[R::Key],
     options: &LockOptions,
@@ -500,7 +500,7 @@ pub async fn with_locked_rows_retry<R, T, E, F>(
 where
     R: LockableRow,
     E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, Vec<R>) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnMut(&'t Transaction, Vec<R>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     options.validate()?;
     let names = Names::of::<R>()?;

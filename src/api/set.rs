@@ -14,6 +14,8 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 
+use crate::scoped::ScopedBoxFuture;
+
 use crate::api::rows::sorted_keys;
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::Error;
@@ -322,7 +324,7 @@ impl LockStep for SetLock<'_> {
 /// .await?;
 /// # Ok(()) }
 /// ```
-pub async fn with_locked_set<T, E, F>(
+pub async fn with_locked_set<'a, T, E, F>(
     pool: &Pool,
     set: &LockSet,
     options: &LockOptions,
@@ -330,7 +332,7 @@ pub async fn with_locked_set<T, E, F>(
 ) -> Result<RowsOutcome<T, RowRef>, E>
 where
     E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, LockedRows) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnOnce(&'t Transaction, LockedRows) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     with_locked_set_retry(pool, set, options, &RetryPolicy::once(), call_once(f)).await
 }
@@ -338,7 +340,7 @@ where
 /// [`with_locked_set`], retried under `policy`: each attempt opens a new transaction, locks the
 /// rows again and calls `f` again. Outcomes other than `Done` are handled as in
 /// [`with_locked_row_retry`](crate::with_locked_row_retry).
-pub async fn with_locked_set_retry<T, E, F>(
+pub async fn with_locked_set_retry<'a, T, E, F>(
     pool: &Pool,
     set: &LockSet,
     options: &LockOptions,
@@ -347,7 +349,7 @@ pub async fn with_locked_set_retry<T, E, F>(
 ) -> Result<RowsOutcome<T, RowRef>, E>
 where
     E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, LockedRows) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnMut(&'t Transaction, LockedRows) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     options.validate()?;
     let step = SetLock {

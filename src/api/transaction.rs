@@ -2,8 +2,8 @@
 
 use std::future::Future;
 
+use crate::scoped::ScopedBoxFuture;
 use deadpool_postgres::Pool;
-use futures_util::future::BoxFuture;
 
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::Error;
@@ -39,14 +39,14 @@ use crate::transaction::Transaction;
 /// .await?;
 /// # Ok(()) }
 /// ```
-pub async fn with_transaction<T, E, F>(
+pub async fn with_transaction<'a, T, E, F>(
     pool: &Pool,
     options: &TransactionOptions,
     f: F,
 ) -> Result<T, E>
 where
     E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnOnce(&'t Transaction) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     options.validate()?;
     let once = RetryPolicy::once();
@@ -86,7 +86,7 @@ where
 /// .await?;
 /// # Ok(()) }
 /// ```
-pub async fn with_transaction_retry<T, E, F>(
+pub async fn with_transaction_retry<'a, T, E, F>(
     pool: &Pool,
     options: &TransactionOptions,
     policy: &RetryPolicy,
@@ -94,7 +94,7 @@ pub async fn with_transaction_retry<T, E, F>(
 ) -> Result<T, E>
 where
     E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction) -> BoxFuture<'t, Result<T, E>>,
+    F: for<'t> FnMut(&'t Transaction) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
     options.validate()?;
     let plain = run_locked(None, pool, options, policy, &NoLock, |tx, ()| f(tx)).await?;

@@ -7,7 +7,7 @@
 
 use std::ops::Deref;
 
-use futures_util::future::BoxFuture;
+use crate::scoped::ScopedBoxFuture;
 use tokio_postgres::Statement;
 
 use super::Transaction;
@@ -207,10 +207,10 @@ impl Transaction {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn with_savepoint<T, E, F>(&self, f: F) -> Result<T, E>
+    pub async fn with_savepoint<'a, T, E, F>(&self, f: F) -> Result<T, E>
     where
         E: From<Error>,
-        F: for<'s> FnOnce(&'s Transaction) -> BoxFuture<'s, Result<T, E>>,
+        F: for<'s> FnOnce(&'s Transaction) -> ScopedBoxFuture<'a, 's, Result<T, E>>,
     {
         let savepoint = self.savepoint()?;
         match f(self).await {

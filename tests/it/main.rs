@@ -4,6 +4,7 @@
 mod advisory;
 mod assignment;
 mod bad_input;
+mod borrowing;
 mod cancellation;
 mod claim;
 mod conflicts;

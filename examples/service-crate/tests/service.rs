@@ -1,0 +1,90 @@
+use rowlock::RowsOutcome;
+use rowlock::testing::TestCluster;
+use rowlock_example_service::{Paid, SCHEMA, log_event, pay, work};
+use uuid::Uuid;
+
+async fn setup() -> (
+    rowlock::testing::TestDatabase,
+    rowlock::deadpool_postgres::Pool,
+) {
+    let db = TestCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let client = db.client().await.unwrap();
+    client.batch_execute(SCHEMA).await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO customers VALUES (1, 100);
+             INSERT INTO orders (id, customer, amount) VALUES
+               ('00000000-0000-0000-0000-000000000001', 1, 60),
+               ('00000000-0000-0000-0000-000000000002', 1, 60);
+             INSERT INTO jobs (id, order_id) SELECT g, '00000000-0000-0000-0000-000000000001'
+               FROM generate_series(1, 5) g;",
+        )
+        .await
+        .unwrap();
+    let pool = db.pool(4);
+    (db, pool)
+}
+
+#[tokio::test]
+async fn orders_are_paid_once_and_never_overdraw() {
+    let (db, pool) = setup().await;
+    let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    let actor = String::from("checkout");
+    // Both orders at once, each paid twice: one order is paid, the other declined.
+    let results = tokio::join!(
+        pay(&pool, a, 1, &actor),
+        pay(&pool, b, 1, &actor),
+        pay(&pool, a, 1, &actor),
+        pay(&pool, b, 1, &actor),
+    );
+    let mut outcomes = Vec::new();
+    for r in [results.0, results.1, results.2, results.3] {
+        match r.unwrap() {
+            RowsOutcome::Done(paid) => outcomes.push(paid),
+            other => panic!("{other:?}"),
+        }
+    }
+    let done = outcomes
+        .iter()
+        .filter(|p| matches!(p, Paid::Done { .. }))
+        .count();
+    assert_eq!(done, 1, "{outcomes:?}");
+    let credit: i64 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT credit FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(credit, 40);
+
+    // The same repository function outside any transaction.
+    let conn = pool.get().await.unwrap();
+    log_event(&conn, a, "audited", "ops").await.unwrap();
+    let missing = pay(&pool, Uuid::from_u128(9), 1, "checkout").await.unwrap();
+    assert!(matches!(missing, RowsOutcome::NotFound(_)), "{missing:?}");
+}
+
+#[tokio::test]
+async fn queued_jobs_are_worked_exactly_once() {
+    let (db, pool) = setup().await;
+    let mut total = 0;
+    while let Some(n) = work(&pool, 2, "worker-1").await.unwrap() {
+        total += n;
+    }
+    assert_eq!(total, 5);
+    let shipped: i64 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM events WHERE what = 'shipped'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shipped, 5);
+}

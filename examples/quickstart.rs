@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rowlock::testing::{TestCluster, wait_for_blocked_by};
-use rowlock::tokio_postgres::{Error as PgError, Row};
 use rowlock::{
-    BoxFuture, LockMode, LockOptions, LockableRow, Outcome, RowsOutcome, Table, Transaction,
+    BoxFuture, LockMode, LockOptions, LockableRow, Outcome, RowsOutcome, Transaction,
     with_locked_row, with_locked_rows,
 };
 
@@ -21,27 +20,12 @@ const SCHEMA: &str = "
     CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance bigint NOT NULL);
     INSERT INTO accounts VALUES (1, 'ada', 100), (2, 'grace', 100);";
 
-#[derive(Debug)]
+#[derive(Debug, LockableRow)]
+#[rowlock(table = "accounts", key = "id")]
 struct Account {
     id: i64,
     owner: String,
     balance: i64,
-}
-
-impl LockableRow for Account {
-    type Key = i64;
-    const TABLE: Table = Table::new("accounts");
-    const KEY_COLUMNS: &'static [&'static str] = &["id"];
-    fn from_row(row: &Row) -> Result<Self, PgError> {
-        Ok(Account {
-            id: row.try_get("id")?,
-            owner: row.try_get("owner")?,
-            balance: row.try_get("balance")?,
-        })
-    }
-    fn key(&self) -> i64 {
-        self.id
-    }
 }
 
 /// The read-check-write critical section: runs only while the row is locked.

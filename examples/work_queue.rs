@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rowlock::testing::TestCluster;
-use rowlock::tokio_postgres::{Error as PgError, Row};
-use rowlock::{Claim, Compare, Direction, LockableRow, Table, with_claimed_rows};
+use rowlock::{Claim, Compare, Direction, LockableRow, with_claimed_rows};
 
 const SCHEMA: &str = "
     CREATE TABLE tasks (
@@ -30,22 +29,10 @@ const SCHEMA: &str = "
 const MARK_DONE: &str = "UPDATE tasks SET status = 'done', processed_by = $2, \
                          processed_count = processed_count + 1 WHERE id = ANY($1)";
 
+#[derive(LockableRow)]
+#[rowlock(table = "tasks", key = "id")]
 struct Task {
     id: i64,
-}
-
-impl LockableRow for Task {
-    type Key = i64;
-    const TABLE: Table = Table::new("tasks");
-    const KEY_COLUMNS: &'static [&'static str] = &["id"];
-    fn from_row(row: &Row) -> Result<Self, PgError> {
-        Ok(Task {
-            id: row.try_get("id")?,
-        })
-    }
-    fn key(&self) -> i64 {
-        self.id
-    }
 }
 
 struct Args {

@@ -197,9 +197,13 @@ impl<'a> Sides<'a> {
     /// error), if any.
     async fn send(self, conn: &'a Client) -> Option<(usize, PgError)> {
         let first = self.first?;
-        if let (Side::Simple(sql), true) = (&first, self.rest.is_empty()) {
-            // The common case (one `BEGIN` or `SET LOCAL`): no allocation, a small future.
-            return conn.batch_execute(sql).await.err().map(|e| (0, e));
+        if self.rest.is_empty() {
+            // The common case (one `BEGIN`, `SET LOCAL` or queued write): no list.
+            let sent = match first {
+                Side::Simple(sql) => conn.batch_execute(sql).await,
+                other => other.boxed(conn).await,
+            };
+            return sent.err().map(|e| (0, e));
         }
         let requests = std::iter::once(first)
             .chain(self.rest)

@@ -1,5 +1,6 @@
 //! Options of the transactions rowlock opens, and how they are rendered into one `BEGIN`.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -279,7 +280,15 @@ impl TransactionOptions {
     /// The one simple-query string that opens the transaction: `BEGIN …; SET LOCAL …`, and a
     /// `SELECT` of the transaction id (`xid`, when tracked) and the server process id (`pid`,
     /// when `report_pid`). Only fixed keywords and validated integers go into it.
-    pub(crate) fn begin_sql(&self, report_pid: bool) -> String {
+    pub(crate) fn begin_sql(&self, report_pid: bool) -> Cow<'static, str> {
+        let plain = TransactionOptions {
+            statement_cache: self.statement_cache,
+            ..TransactionOptions::default()
+        };
+        if *self == plain && !report_pid {
+            // The common case: no allocation per transaction.
+            return Cow::Borrowed("BEGIN");
+        }
         let mut sql = String::from("BEGIN");
         if let Some(level) = self.isolation {
             sql.push_str(" ISOLATION LEVEL ");
@@ -315,7 +324,7 @@ impl TransactionOptions {
             (false, true) => sql.push_str("; SELECT pg_backend_pid() AS pid"),
             (false, false) => {}
         }
-        sql
+        Cow::Owned(sql)
     }
 }
 

@@ -42,9 +42,11 @@
 //!   `UPDATE … SET status = 'done'` needs anyway, and unlike `Update` it does not block inserts
 //!   of rows that reference the job through a foreign key (those take `KEY SHARE`).
 
+use std::any::TypeId;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::{Arc, OnceLock};
 
 use crate::scoped::ScopedBoxFuture;
 use deadpool_postgres::Pool;
@@ -132,6 +134,9 @@ pub struct Claim {
     order: Vec<(String, Direction)>,
     strength: LockStrength,
     transaction: TransactionOptions,
+    /// The SQL rendered for a row type, once (the setters take the claim by value and start
+    /// afresh).
+    rendered: OnceLock<(TypeId, Arc<str>)>,
 }
 
 impl fmt::Debug for Claim {
@@ -163,6 +168,7 @@ impl Default for Claim {
             // What the usual follow-up UPDATE needs, without blocking foreign-key inserts.
             strength: LockStrength::NoKeyUpdate,
             transaction: TransactionOptions::new(),
+            rendered: OnceLock::new(),
         }
     }
 }
@@ -187,6 +193,7 @@ impl Claim {
         op: Compare,
         value: impl ToSql + Send + Sync + 'static,
     ) -> Self {
+        self.rendered.take();
         self.conditions
             .push(Condition::Compare(column.into(), op, filter_value(value)));
         self
@@ -213,6 +220,7 @@ impl Claim {
     /// ```
     #[must_use]
     pub fn where_sql(mut self, sql: impl Into<String>, params: Vec<OwnedParam>) -> Self {
+        self.rendered.take();
         self.conditions.push(Condition::Predicate(Predicate {
             sql: sql.into(),
             params,
@@ -223,6 +231,7 @@ impl Claim {
     /// Adds `column IS NULL` to the filter.
     #[must_use]
     pub fn filter_null(mut self, column: impl Into<String>) -> Self {
+        self.rendered.take();
         self.conditions.push(Condition::IsNull(column.into()));
         self
     }
@@ -230,6 +239,7 @@ impl Claim {
     /// Adds `column IS NOT NULL` to the filter.
     #[must_use]
     pub fn filter_not_null(mut self, column: impl Into<String>) -> Self {
+        self.rendered.take();
         self.conditions.push(Condition::IsNotNull(column.into()));
         self
     }
@@ -238,6 +248,7 @@ impl Claim {
     /// columns, so that it is total and every worker sees the same order.
     #[must_use]
     pub fn order_by(mut self, column: impl Into<String>, direction: Direction) -> Self {
+        self.rendered.take();
         self.order.push((column.into(), direction));
         self
     }
@@ -245,6 +256,7 @@ impl Claim {
     /// The lock strength. Defaults to [`LockStrength::NoKeyUpdate`].
     #[must_use]
     pub fn strength(mut self, strength: LockStrength) -> Self {
+        self.rendered.take();
         self.strength = strength;
         self
     }
@@ -254,16 +266,42 @@ impl Claim {
     /// locks are never waited for).
     #[must_use]
     pub fn transaction(mut self, transaction: TransactionOptions) -> Self {
+        self.rendered.take();
         self.transaction = transaction;
         self
     }
 
-    /// Renders the claim for `R`, checking everything that can be checked without the server.
-    /// Returns the SQL and its parameters (the last one is the limit).
+    /// The claim's SQL for `R` (checked and rendered once per claim and row type, since a
+    /// claim does not change once built) and its parameters (the last one is the limit).
     fn render<'a, R: LockableRow>(
         &'a self,
         n: &'a i64,
-    ) -> Result<(String, Vec<&'a (dyn ToSql + Sync)>), Error> {
+    ) -> Result<(Arc<str>, Vec<&'a (dyn ToSql + Sync)>), Error> {
+        let sql = match self.rendered.get() {
+            Some((row_type, sql)) if *row_type == TypeId::of::<R>() => sql.clone(),
+            _ => {
+                let sql: Arc<str> = self.render_sql::<R>()?.into();
+                let _ = self.rendered.set((TypeId::of::<R>(), sql.clone()));
+                sql
+            }
+        };
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(self.conditions.len() + 1);
+        for c in &self.conditions {
+            match c {
+                Condition::Compare(_, _, value) => params.push(&**value),
+                Condition::Predicate(p) => {
+                    params.extend(p.params.iter().map(|v| &**v as &(dyn ToSql + Sync)))
+                }
+                Condition::IsNull(_) | Condition::IsNotNull(_) => {}
+            }
+        }
+        params.push(n);
+        Ok((sql, params))
+    }
+
+    /// Renders the claim for `R`, checking everything that can be checked without the server.
+    /// Parameters are numbered in the order [`render`](Self::render) lists them.
+    fn render_sql<R: LockableRow>(&self) -> Result<String, Error> {
         self.transaction.validate()?;
         if self.transaction.read_only {
             return Err(Error::invalid(
@@ -288,19 +326,19 @@ impl Claim {
                 R::KEY_COLUMNS
             )));
         }
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let mut bound = 0;
         let mut conditions = Vec::with_capacity(self.conditions.len());
         for c in &self.conditions {
             conditions.push(match c {
-                Condition::Compare(col, op, value) => {
-                    params.push(&**value as &(dyn ToSql + Sync));
-                    format!("{} {} ${}", quote_ident(col)?, op.sql(), params.len())
+                Condition::Compare(col, op, _) => {
+                    bound += 1;
+                    format!("{} {} ${bound}", quote_ident(col)?, op.sql())
                 }
                 Condition::IsNull(col) => format!("{} IS NULL", quote_ident(col)?),
                 Condition::IsNotNull(col) => format!("{} IS NOT NULL", quote_ident(col)?),
                 Condition::Predicate(p) => {
-                    let sql = p.renumbered(params.len())?;
-                    params.extend(p.params.iter().map(|v| &**v as &(dyn ToSql + Sync)));
+                    let sql = p.renumbered(bound)?;
+                    bound += p.params.len();
                     format!("({sql})")
                 }
             });
@@ -316,7 +354,6 @@ impl Claim {
             })
             .collect::<Result<Vec<_>, _>>()?
             .join(", ");
-        params.push(n);
         let filter = if conditions.is_empty() {
             "TRUE".to_string()
         } else {
@@ -336,10 +373,10 @@ impl Claim {
             "WITH claimed AS MATERIALIZED (SELECT {select} FROM {table} WHERE {filter} ORDER BY \
              {order} LIMIT ${limit} {strength} SKIP LOCKED) SELECT * FROM claimed ORDER BY {order}",
             table = names.table,
-            limit = params.len(),
+            limit = bound + 1,
             strength = self.strength.clause(),
         );
-        Ok((sql, params))
+        Ok(sql)
     }
 }
 
@@ -490,7 +527,7 @@ where
 
 /// The lock step of [`with_claimed_rows`]: the rendered claim.
 struct ClaimStep<'a, R> {
-    sql: String,
+    sql: Arc<str>,
     params: Vec<&'a (dyn ToSql + Sync)>,
     row: PhantomData<fn() -> R>,
 }

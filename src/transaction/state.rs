@@ -3,6 +3,7 @@
 //! transaction that was never begun, a lost connection with a pending `BEGIN`) cannot be
 //! written. Pure: no I/O here, unit-tested below.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -19,7 +20,7 @@ pub(super) type Deferred = (Statement, Vec<OwnedParam>);
 #[derive(Debug)]
 pub(super) enum Phase {
     /// Nothing sent yet: `BEGIN …` (with its `SET LOCAL`s) leaves with the first request.
-    NotBegun { begin: String },
+    NotBegun { begin: Cow<'static, str> },
     /// `BEGIN` was sent: the server has a transaction open.
     Open {
         /// The first error that aborted the transaction on the server.
@@ -70,7 +71,7 @@ pub(super) enum Ending {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Prelude {
     /// One simple-query string, `;`-separated.
-    pub(super) sql: String,
+    pub(super) sql: Cow<'static, str>,
     /// It starts with `BEGIN`.
     pub(super) begins: bool,
 }
@@ -148,7 +149,7 @@ fn savepoint_name(id: u32) -> String {
 }
 
 impl State {
-    pub(super) fn new(begin: String) -> Self {
+    pub(super) fn new(begin: Cow<'static, str>) -> Self {
         State {
             phase: Phase::NotBegun { begin },
             deferred: Vec::new(),
@@ -184,13 +185,16 @@ impl State {
     }
 
     /// `begin` followed by the queued statements, as one string.
-    fn prelude(&mut self, begin: Option<String>) -> Option<Prelude> {
+    fn prelude(&mut self, begin: Option<Cow<'static, str>>) -> Option<Prelude> {
         let begins = begin.is_some();
-        let mut parts = begin.into_iter().chain(self.queued.drain(..));
+        let mut parts = begin
+            .into_iter()
+            .chain(self.queued.drain(..).map(Cow::Owned));
         let mut sql = parts.next()?;
         for part in parts {
-            sql.push_str("; ");
-            sql.push_str(&part);
+            let joined = sql.to_mut();
+            joined.push_str("; ");
+            joined.push_str(&part);
         }
         Some(Prelude { sql, begins })
     }

@@ -490,3 +490,23 @@ async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
     .unwrap();
     assert_eq!(none, None);
 }
+
+#[tokio::test]
+async fn a_claim_extended_after_use_claims_by_its_new_filters() {
+    let (_db, pool) = jobs(10, 1).await;
+    let claim = Claim::new().order_by("id", Direction::Asc);
+    // Used once (rendered and cached), then extended: the cache must not outlive the change.
+    let got = with_claimed_rows(&pool, &claim, 1, |_, jobs: Vec<Job>| {
+        Box::pin(async move { Ok::<_, rowlock::Error>(jobs[0].id) })
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, Some(1));
+    let claim = claim.filter("id", Compare::Gt, 5_i64);
+    let got = with_claimed_rows(&pool, &claim, 1, |_, jobs: Vec<Job>| {
+        Box::pin(async move { Ok::<_, rowlock::Error>(jobs[0].id) })
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, Some(6));
+}

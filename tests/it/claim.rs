@@ -395,16 +395,8 @@ async fn the_closure_runs_with_the_default_plan_cache_mode() {
 
 /// A queue as services write it: an enum status, a bigint attempt count, a due time, queues.
 async fn real_queue() -> (TestDatabase, Pool) {
-    let db = rowlock::testing::TestCluster::shared()
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE TYPE job_status AS ENUM ('pending', 'running', 'done');
+    crate::support::database(
+        "CREATE TYPE job_status AS ENUM ('pending', 'running', 'done');
              CREATE TABLE jobs (id bigint PRIMARY KEY, status job_status NOT NULL DEFAULT 'pending',
                                 attempts bigint NOT NULL DEFAULT 0, queue text NOT NULL,
                                 run_at timestamptz NOT NULL DEFAULT now());
@@ -419,11 +411,9 @@ async fn real_queue() -> (TestDatabase, Pool) {
              INSERT INTO jobs (id, queue, status) SELECT g, 'mail', 'done'
                FROM generate_series(100, 20000) g;
              ANALYZE jobs;",
-        )
-        .await
-        .unwrap();
-    let pool = db.pool(2);
-    (db, pool)
+        2,
+    )
+    .await
 }
 
 #[tokio::test]

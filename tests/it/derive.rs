@@ -34,16 +34,8 @@ async fn setup() -> (
     rowlock::testing::TestDatabase,
     rowlock::deadpool_postgres::Pool,
 ) {
-    let db = rowlock::testing::TestCluster::shared()
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
+    crate::support::database(
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
              INSERT INTO accounts VALUES (1, 100), (2, 200);
              CREATE SCHEMA hr;
              CREATE TABLE hr.\"Shifts\" (worker uuid, day date, \"hours worked\" int NOT NULL,
@@ -54,11 +46,9 @@ async fn setup() -> (
              CREATE TABLE jobs (id uuid PRIMARY KEY, priority int NOT NULL, done bool NOT NULL);
              INSERT INTO jobs VALUES ('00000000-0000-0000-0000-00000000000a', 1, false),
                                      ('00000000-0000-0000-0000-00000000000b', 9, false);",
-        )
-        .await
-        .unwrap();
-    let pool = db.pool(1);
-    (db, pool)
+        1,
+    )
+    .await
 }
 
 #[tokio::test]

@@ -55,23 +55,13 @@ pub async fn users_and_wallets() -> (
     rowlock::testing::TestDatabase,
     rowlock::deadpool_postgres::Pool,
 ) {
-    let db = rowlock::testing::TestCluster::shared()
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE TABLE users (id bigint PRIMARY KEY, last_paid timestamptz);
-             CREATE TABLE wallets (user_id bigint PRIMARY KEY REFERENCES users, cents bigint);
-             INSERT INTO users VALUES (1, NULL); INSERT INTO wallets VALUES (1, 500);",
-        )
-        .await
-        .unwrap();
-    let pool = db.pool(4);
-    (db, pool)
+    crate::support::database(
+        "CREATE TABLE users (id bigint PRIMARY KEY, last_paid timestamptz);
+         CREATE TABLE wallets (user_id bigint PRIMARY KEY REFERENCES users, cents bigint);
+         INSERT INTO users VALUES (1, NULL); INSERT INTO wallets VALUES (1, 500);",
+        4,
+    )
+    .await
 }
 
 /// The seed's transfer: lock the user, then the wallet, then write. A busy row is an

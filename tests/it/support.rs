@@ -49,6 +49,24 @@ impl LockableRow for Account {
     }
 }
 
+/// A fresh database on which `schema` (any `;`-separated SQL) has run, and a pool of
+/// `pool_size` connections to it.
+pub async fn database(schema: &str, pool_size: usize) -> (TestDatabase, Pool) {
+    let db = TestCluster::shared()
+        .expect("test cluster")
+        .create_database()
+        .await
+        .expect("test database");
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute(schema)
+        .await
+        .unwrap();
+    let pool = db.pool(pool_size);
+    (db, pool)
+}
+
 /// A fresh database with `accounts` rows 1..=n, each with balance 100.
 pub async fn accounts(n: i64) -> (TestDatabase, Pool) {
     let db = TestCluster::shared()

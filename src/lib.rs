@@ -69,6 +69,7 @@ pub use crate::policy::{RetryEvent, RetryPolicy};
 pub use crate::row::{Key, KeyValue, LockableRow, Table};
 pub use crate::transaction::{AsStatement, OwnedParam, Savepoint, Transaction};
 /// `#[derive(LockableRow)]`: see [the trait](trait@LockableRow) and the README's "Row types".
+/// The generated code names the crate `::rowlock`: keep that name for the dependency.
 #[cfg(feature = "derive")]
 #[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
 pub use rowlock_macros::LockableRow;

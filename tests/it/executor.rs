@@ -6,7 +6,7 @@ use rowlock::{
     with_transaction,
 };
 
-use crate::support::{Account, accounts};
+use crate::support::{Account, accounts, notes};
 
 /// A repository function as a service writes it.
 async fn add_note(db: &impl Executor, account: i64, note: &str) -> Result<u64, rowlock::Error> {
@@ -15,15 +15,6 @@ async fn add_note(db: &impl Executor, account: i64, note: &str) -> Result<u64, r
         &[&account, &note],
     )
     .await
-}
-
-async fn notes(db: &impl Executor) -> Vec<String> {
-    db.query("SELECT note FROM audit ORDER BY note", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
 }
 
 #[tokio::test]

@@ -25,36 +25,32 @@ async fn bump(pool: &rowlock::deadpool_postgres::Pool, id: i64) -> Result<(), ro
     Ok(())
 }
 
+async fn lock_both(pool: &rowlock::deadpool_postgres::Pool) {
+    let both = with_locked_rows(
+        pool,
+        &[1, 2],
+        &LockOptions::new(),
+        |_, rows: Vec<Account>| Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) }),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(both, RowsOutcome::Done(2)));
+}
+
 #[tokio::test]
 async fn a_column_added_under_a_warm_single_connection_pool_breaks_nothing() {
     let (db, _) = accounts(2).await;
     let pool = db.pool(1);
     let admin = db.client().await.unwrap();
     bump(&pool, 1).await.unwrap();
-    let both = with_locked_rows(
-        &pool,
-        &[1, 2],
-        &LockOptions::new(),
-        |_, rows: Vec<Account>| Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) }),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(both, RowsOutcome::Done(2)));
+    lock_both(&pool).await;
     admin
         .batch_execute("ALTER TABLE accounts ADD COLUMN note text")
         .await
         .unwrap();
     // The one pooled connection cached `SELECT *` before the column existed.
     bump(&pool, 1).await.unwrap();
-    let both = with_locked_rows(
-        &pool,
-        &[1, 2],
-        &LockOptions::new(),
-        |_, rows: Vec<Account>| Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) }),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(both, RowsOutcome::Done(2)));
+    lock_both(&pool).await;
 }
 
 #[tokio::test]

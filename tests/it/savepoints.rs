@@ -7,7 +7,7 @@ use rowlock::{
     with_transaction,
 };
 
-use crate::support::{Account, accounts, balance, in_transaction};
+use crate::support::{Account, accounts, balance, in_transaction, notes};
 
 /// `audit.note` is unique: inserting `note` twice fails with 23505.
 async fn insert_note(tx: &Transaction, note: &str) -> Result<u64, rowlock::Error> {
@@ -16,16 +16,6 @@ async fn insert_note(tx: &Transaction, note: &str) -> Result<u64, rowlock::Error
         &[&note],
     )
     .await
-}
-
-async fn notes(client: &rowlock::tokio_postgres::Client) -> Vec<String> {
-    client
-        .query("SELECT note FROM audit ORDER BY note", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
 }
 
 #[tokio::test]

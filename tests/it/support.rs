@@ -67,6 +67,16 @@ pub async fn database(schema: &str, pool_size: usize) -> (TestDatabase, Pool) {
     (db, pool)
 }
 
+/// The notes of the `audit` table, in order, read through any executor.
+pub async fn notes(db: &impl rowlock::Executor) -> Vec<String> {
+    db.query("SELECT note FROM audit ORDER BY note", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// A fresh database with `accounts` rows 1..=n, each with balance 100.
 pub async fn accounts(n: i64) -> (TestDatabase, Pool) {
     let db = TestCluster::shared()

@@ -60,6 +60,7 @@ pub use crate::api::rows::{
 };
 pub use crate::api::set::{LockSet, LockedRows, RowRef, with_locked_set, with_locked_set_retry};
 pub use crate::api::transaction::{with_transaction, with_transaction_retry};
+pub use crate::api::transition::{Transition, Transitioned, transition};
 pub use crate::diagnostics::Blocker;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::lock::{LockMode, LockOptions, LockStrength};

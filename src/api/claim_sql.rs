@@ -106,61 +106,112 @@ impl Predicate {
     /// value no placeholder uses (PostgreSQL could not infer its type).
     pub(crate) fn renumbered(&self, offset: usize) -> Result<String, Error> {
         let count = self.params.len();
-        let mut used = vec![false; count];
-        let mut out = String::with_capacity(self.sql.len() + 8);
-        let sql = self.sql.as_str();
-        let bytes = sql.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            let rest = &sql[i..];
-            let skip = if rest.starts_with("--") {
-                rest.find('\n').unwrap_or(rest.len())
-            } else if rest.starts_with("/*") {
-                block_comment(rest)?
-            } else if rest.starts_with('\'') || rest.starts_with("E'") || rest.starts_with("e'") {
-                quoted(rest, '\'')?
-            } else if rest.starts_with('"') {
-                quoted(rest, '"')?
-            } else {
-                dollar_quote(rest)?.unwrap_or_default()
-            };
-            if skip > 0 {
-                out.push_str(&rest[..skip]);
-                i += skip;
-                continue;
-            }
-            let c = rest.chars().next().expect("not at the end");
-            if c == ';' {
-                return Err(Error::invalid(
-                    "a claim predicate is one expression: it may not contain ';'",
-                ));
-            }
-            if c == '$' {
-                let digits = rest[1..].bytes().take_while(u8::is_ascii_digit).count();
-                if digits > 0 {
-                    let n: usize = rest[1..=digits].parse().unwrap_or(0);
-                    if n == 0 || n > count {
-                        return Err(Error::invalid(format!(
-                            "the claim predicate uses ${n} but has {count} parameter(s)"
-                        )));
-                    }
-                    used[n - 1] = true;
-                    out.push_str(&format!("${}", n + offset));
-                    i += 1 + digits;
-                    continue;
-                }
-            }
-            out.push(c);
-            i += c.len_utf8();
-        }
-        if let Some(unused) = used.iter().position(|u| !u) {
+        let (out, used) = renumber(&self.sql, offset, "the claim predicate")?;
+        if let Some(&n) = used.iter().find(|&&n| n > count) {
             return Err(Error::invalid(format!(
-                "parameter ${} of the claim predicate is not used in it",
-                unused + 1
+                "the claim predicate uses ${n} but has {count} parameter(s)"
+            )));
+        }
+        if let Some(unused) = (1..=count).find(|n| !used.contains(n)) {
+            return Err(Error::invalid(format!(
+                "parameter ${unused} of the claim predicate is not used in it"
             )));
         }
         Ok(out)
     }
+}
+
+/// `sql` with every `$n` placeholder outside literals, quoted identifiers and comments shifted
+/// by `offset`, and the placeholder numbers it uses (sorted, without repeats). Refuses a `;`
+/// outside literals and comments (`what` is one expression or statement) and `$0`.
+pub(crate) fn renumber(
+    sql: &str,
+    offset: usize,
+    what: &str,
+) -> Result<(String, Vec<usize>), Error> {
+    let mut used = Vec::new();
+    let mut out = String::with_capacity(sql.len() + 8);
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &sql[i..];
+        let skip = if rest.starts_with("--") {
+            rest.find('\n').unwrap_or(rest.len())
+        } else if rest.starts_with("/*") {
+            block_comment(rest)?
+        } else if rest.starts_with('\'') || rest.starts_with("E'") || rest.starts_with("e'") {
+            quoted(rest, '\'')?
+        } else if rest.starts_with('"') {
+            quoted(rest, '"')?
+        } else {
+            dollar_quote(rest)?.unwrap_or_default()
+        };
+        if skip > 0 {
+            out.push_str(&rest[..skip]);
+            i += skip;
+            continue;
+        }
+        let c = rest.chars().next().expect("not at the end");
+        if c == ';' {
+            return Err(Error::invalid(format!(
+                "{what} is one expression or statement: it may not contain ';'"
+            )));
+        }
+        if c == '$' {
+            let digits = rest[1..].bytes().take_while(u8::is_ascii_digit).count();
+            if digits > 0 {
+                let n: usize = rest[1..=digits].parse().unwrap_or(0);
+                if n == 0 {
+                    return Err(Error::invalid(format!(
+                        "{what} uses $0; placeholders start at $1"
+                    )));
+                }
+                if let Err(at) = used.binary_search(&n) {
+                    used.insert(at, n);
+                }
+                out.push_str(&format!("${}", n + offset));
+                i += 1 + digits;
+                continue;
+            }
+        }
+        out.push(c);
+        i += c.len_utf8();
+    }
+    Ok((out, used))
+}
+
+/// Whether `word` appears in `sql` as an identifier of its own (not inside a longer name, a
+/// literal or a comment), case-insensitively.
+pub(crate) fn mentions(sql: &str, word: &str) -> bool {
+    let bytes = sql.as_bytes();
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &sql[i..];
+        let skip = if rest.starts_with("--") {
+            rest.find('\n').unwrap_or(rest.len())
+        } else if rest.starts_with("/*") {
+            block_comment(rest).unwrap_or(rest.len())
+        } else if rest.starts_with('\'') {
+            quoted(rest, '\'').unwrap_or(rest.len())
+        } else {
+            0
+        };
+        if skip > 0 {
+            i += skip;
+            continue;
+        }
+        if ident(bytes[i]) {
+            let len = bytes[i..].iter().take_while(|&&b| ident(b)).count();
+            if sql[i..i + len].eq_ignore_ascii_case(word) {
+                return true;
+            }
+            i += len;
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 /// The length of a quoted literal or identifier at the start of `s` (`''` / `""` escape the

@@ -10,3 +10,4 @@ pub(crate) mod pool;
 pub(crate) mod rows;
 pub(crate) mod set;
 pub(crate) mod transaction;
+pub(crate) mod transition;

@@ -17,6 +17,7 @@
 //! | [`submit_proposal`] | project `FOR SHARE` (waits for an accept in progress) | `InvalidInput`, `ProjectNotFound`, `ProjectNotOpen`, `DuplicateProposal` |
 //! | [`withdraw_proposal`] | the proposal row (conditional `UPDATE`) | `ProposalNotFound`, `NotPending` |
 //! | [`accept_proposal`] | project `FOR NO KEY UPDATE`, then the proposal (conditional `UPDATE`) | `ProposalNotFound`, `AlreadyAssigned`, `NotPending`, `Busy`, `LockTimeout` |
+//! | [`accept_proposal_in_one_statement`] | one statement: project `FOR NO KEY UPDATE`, then the proposal `FOR UPDATE` | `ProjectNotFound`, `ProposalNotFound`, `AlreadyAssigned`, `NotPending` |
 //! | [`project_details`] | — (one snapshot) | `ProjectNotFound` |
 //!
 //! Accept and withdraw race cleanly: both change the proposal only `WHERE status = 'pending'`,
@@ -30,7 +31,7 @@ mod schema;
 pub use error::AssignmentError;
 pub use model::{Project, ProjectDetails, ProjectStatus, Proposal, ProposalStatus};
 pub use ops::{
-    AcceptOptions, accept_proposal, accept_proposal_with, create_project, project_details,
-    submit_proposal, withdraw_proposal,
+    AcceptOptions, accept_proposal, accept_proposal_in_one_statement, accept_proposal_with,
+    create_project, project_details, submit_proposal, withdraw_proposal,
 };
 pub use schema::{ONE_ACCEPTED_INDEX, migrate};

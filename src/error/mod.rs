@@ -112,6 +112,7 @@ pub(crate) enum Step {
     Begin,
     Lock,
     Statement,
+    Transition,
     Commit,
     Rollback,
 }
@@ -123,6 +124,7 @@ impl Step {
             Step::Begin => "beginning the transaction",
             Step::Lock => "locking rows",
             Step::Statement => "running a statement",
+            Step::Transition => "running a transition",
             Step::Commit => "committing",
             Step::Rollback => "rolling back",
         }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use rowlock::assignment::{
     AcceptOptions, AssignmentError, ONE_ACCEPTED_INDEX, ProjectStatus, ProposalStatus,
-    accept_proposal, accept_proposal_with, create_project, migrate, project_details,
-    submit_proposal, withdraw_proposal,
+    accept_proposal, accept_proposal_in_one_statement, accept_proposal_with, create_project,
+    migrate, project_details, submit_proposal, withdraw_proposal,
 };
 use rowlock::deadpool_postgres::Pool;
 use rowlock::testing::{TestCluster, TestDatabase, wait_for_blocked_by};
@@ -409,4 +409,106 @@ async fn bad_input_gets_typed_errors_and_writes_nothing() {
         matches!(&err, AssignmentError::Db(e) if e.is_invalid_argument()),
         "{err:?}"
     );
+}
+
+/// The one-statement accept under the same races: K managers per project at once (each on a
+/// different proposal), and an accept racing a withdrawal of the same proposal.
+#[tokio::test]
+async fn the_one_statement_accept_keeps_the_invariant_under_races() {
+    let (projects, per) = (150_i64, 4_i64);
+    let (db, pool) = setup(16).await;
+    let client = db.client().await.unwrap();
+    seed(&client, projects, per).await;
+    let mut handles = Vec::new();
+    for project in 1..=projects {
+        for k in 0..per {
+            let pool = pool.clone();
+            let proposal = (project - 1) * per + k + 1;
+            handles.push(tokio::spawn(async move {
+                if k == 3 {
+                    // The last proposal of each project is also being withdrawn.
+                    let (accept, withdraw) = tokio::join!(
+                        accept_proposal_in_one_statement(&pool, project, proposal),
+                        withdraw_proposal(&pool, proposal)
+                    );
+                    assert!(
+                        !(accept.is_ok() && withdraw.is_ok()),
+                        "proposal {proposal} both accepted and withdrawn"
+                    );
+                    (project, accept)
+                } else {
+                    (
+                        project,
+                        accept_proposal_in_one_statement(&pool, project, proposal).await,
+                    )
+                }
+            }));
+        }
+    }
+    let mut winners = vec![0; projects as usize + 1];
+    for h in handles {
+        let (project, result) = h.await.unwrap();
+        match result {
+            Ok(()) => winners[project as usize] += 1,
+            Err(AssignmentError::AlreadyAssigned(p)) => assert_eq!(p, project),
+            Err(AssignmentError::NotPending { .. }) => {}
+            Err(e) => panic!("project {project}: {e:?}"),
+        }
+    }
+    assert!(
+        winners[1..].iter().all(|&w| w == 1),
+        "every project has exactly one winning accept"
+    );
+    assert_eq!(violations(&client).await, (0, 0));
+}
+
+#[tokio::test]
+async fn the_one_statement_accept_reports_typed_errors_and_writes_nothing() {
+    let (db, pool) = setup(4).await;
+    let client = db.client().await.unwrap();
+    let p = create_project(&pool, "p").await.unwrap();
+    let q = create_project(&pool, "q").await.unwrap();
+    let mine = submit_proposal(&pool, p.id, "ada").await.unwrap();
+    let other = submit_proposal(&pool, p.id, "grace").await.unwrap();
+    let elsewhere = submit_proposal(&pool, q.id, "linus").await.unwrap();
+    let before = counts(&client).await;
+    for (project, proposal) in [(9_999, mine.id), (p.id, 9_999), (p.id, elsewhere.id)] {
+        let err = accept_proposal_in_one_statement(&pool, project, proposal)
+            .await
+            .unwrap_err();
+        let expected = if project == 9_999 {
+            matches!(err, AssignmentError::ProjectNotFound(9_999))
+        } else {
+            matches!(err, AssignmentError::ProposalNotFound(id) if id == proposal)
+        };
+        assert!(expected, "({project}, {proposal}): {err:?}");
+    }
+    assert_eq!(counts(&client).await, before, "nothing was written");
+    withdraw_proposal(&pool, mine.id).await.unwrap();
+    let err = accept_proposal_in_one_statement(&pool, p.id, mine.id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AssignmentError::NotPending {
+                status: ProposalStatus::Withdrawn,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    accept_proposal_in_one_statement(&pool, p.id, other.id)
+        .await
+        .unwrap();
+    let details = project_details(&pool, p.id).await.unwrap();
+    assert_eq!(details.project.status, ProjectStatus::Assigned);
+    let err = accept_proposal_in_one_statement(&pool, p.id, other.id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AssignmentError::AlreadyAssigned(_)),
+        "{err:?}"
+    );
+    assert_eq!(violations(&client).await, (0, 0));
 }

@@ -28,3 +28,4 @@ mod sets;
 mod spans;
 mod support;
 mod transaction;
+mod transitions;

@@ -1,0 +1,471 @@
+//! Transitions: "change this row only if it still is in the expected state", as one
+//! conditional statement with a typed outcome.
+
+use std::any::TypeId;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use deadpool_postgres::Pool;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::api::claim_sql::{mentions, renumber};
+use crate::api::transaction::with_transaction;
+use crate::error::{Error, ErrorKind, Step};
+use crate::options::{StatementCache, TransactionOptions};
+use crate::row::{Key, LockableRow, Names, quote_ident};
+use crate::transaction::Transaction;
+
+/// A conditional change of one row, run as one statement: the physical limit of a
+/// read-check-write when the decision is a predicate on the row (and, with
+/// [`guard`](Self::guard), on rows it reaches).
+///
+/// ```
+/// use rowlock::Transition;
+///
+/// // "Assign the project to $1, only while it is open."
+/// let assign = Transition::new("status = 'assigned', assignee = $1").when("status = 'open'");
+/// ```
+///
+/// What it runs, for a row type `R` and its key (rendered once per transition and row type,
+/// then a prepared statement on each connection):
+///
+/// ```sql
+/// WITH changed AS (UPDATE <R's table> SET <set> WHERE <key> = $1 AND (<when>) RETURNING <R's columns>),
+///      <each `then` statement>,
+///      -- read only when nothing changed: the row's current state, or nothing (not found)
+///      current AS (SELECT <R's columns> FROM <R's table> WHERE <key> = $1 FOR SHARE)
+/// SELECT … FROM changed UNION ALL SELECT … FROM current WHERE NOT EXISTS (SELECT 1 FROM changed)
+/// ```
+///
+/// With guards, the row is first locked (`FOR NO KEY UPDATE`, the `when` checked on its
+/// latest version), then each guard runs, then the update:
+///
+/// ```sql
+/// WITH target AS MATERIALIZED (SELECT … FROM <table> WHERE <key> = $1 AND (<when>) FOR NO KEY UPDATE),
+///      guarded AS MATERIALIZED (SELECT <key> FROM target WHERE EXISTS (<guard>) AND …),
+///      changed AS (UPDATE <table> SET <set> FROM guarded WHERE <key matches> RETURNING …), …
+/// ```
+///
+/// **Placeholders.** `$1`, `$2`, … in every fragment are the `params` of the call, in order
+/// (rowlock shifts them past the key's own placeholders). Every fragment is one expression or
+/// statement: a `;` outside literals and comments is refused.
+///
+/// **When a transition is enough, and when to lock instead.** A transition decides with what
+/// SQL can see in the same statement: the row, and rows its guards reach. It holds no lock
+/// across a round trip, so it cannot be blocked by a slow client and it is about twice the
+/// lock path's throughput. Use [`with_locked_row`](crate::with_locked_row) instead when the
+/// decision needs data from elsewhere (another service, a computation in Rust), or when side
+/// effects must happen while the row is held.
+///
+/// **Semantics** (READ COMMITTED, the default): if another transaction is changing the row,
+/// the statement waits for it and then checks `when` again on the row's new version, so two
+/// concurrent transitions from the same state never both succeed. The `then` statements run
+/// only if the row changed, all in the same statement (one atomic commit): each sees the
+/// database as of the statement's start (plus the rows it locks), so they must not depend on
+/// each other's effects.
+///
+/// **Keys must be unique.** The lock paths read rows before writing and refuse a key that
+/// matches several ([`ErrorKind::KeyNotUnique`]); a transition writes in the same statement
+/// that reads, so on a key that is not unique (no primary key or unique constraint on
+/// [`LockableRow::KEY_COLUMNS`]) it changes every matching row and then reports
+/// [`ErrorKind::KeyNotUnique`].
+///
+/// **Invalid transitions** (an empty `SET`, a `;`, `$0`, a guard that does not mention `target`,
+/// a `then` that does not mention `changed`, a bad identifier in `R`) give
+/// [`ErrorKind::InvalidArgument`] before anything is sent; SQL the server rejects is a
+/// [`ErrorKind::Db`] error from preparing it, before it runs.
+pub struct Transition {
+    set: String,
+    when: Option<String>,
+    guards: Vec<String>,
+    then: Vec<String>,
+    /// The SQL rendered for a row type, once (the setters take the transition by value and
+    /// start afresh).
+    rendered: OnceLock<(TypeId, Rendered)>,
+}
+
+#[derive(Clone)]
+struct Rendered {
+    sql: Arc<str>,
+    /// How many parameters the fragments use ($1..=params, every one of them).
+    params: usize,
+}
+
+impl fmt::Debug for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transition")
+            .field("set", &self.set)
+            .field("when", &self.when)
+            .field("guards", &self.guards)
+            .field("then", &self.then)
+            .finish()
+    }
+}
+
+impl Clone for Transition {
+    fn clone(&self) -> Self {
+        Transition {
+            set: self.set.clone(),
+            when: self.when.clone(),
+            guards: self.guards.clone(),
+            then: self.then.clone(),
+            rendered: self.rendered.clone(),
+        }
+    }
+}
+
+impl Transition {
+    /// A transition that sets `set` (the body of an `UPDATE … SET`, e.g.
+    /// `"status = 'done', n = n + 1"`), unconditionally until [`when`](Self::when) adds a
+    /// condition.
+    #[must_use]
+    pub fn new(set: impl Into<String>) -> Self {
+        Transition {
+            set: set.into(),
+            when: None,
+            guards: Vec::new(),
+            then: Vec::new(),
+            rendered: OnceLock::new(),
+        }
+    }
+
+    /// The condition the row must meet (a predicate on its columns, e.g. `"status = 'open'"`).
+    /// Calling it again replaces the condition. A row that exists but does not meet it is a
+    /// [`Transitioned::Conflict`].
+    #[must_use]
+    pub fn when(mut self, predicate: impl Into<String>) -> Self {
+        self.when = Some(predicate.into());
+        self.rendered = OnceLock::new();
+        self
+    }
+
+    /// A query that must return a row for the transition to happen, run after the row is
+    /// locked: it sees the locked row as `target` (e.g.
+    /// `"SELECT 1 FROM proposals p WHERE p.id = $1 AND p.project_id = target.id AND
+    /// p.status = 'pending' FOR UPDATE OF p"`). Add `FOR UPDATE` to keep what it found from
+    /// changing before the transaction commits. It must mention `target`, so that it runs
+    /// after the row's lock (locks always in the same order: the row, then what guards lock).
+    /// A failed guard is a [`Transitioned::Conflict`] with the row as it is.
+    #[must_use]
+    pub fn guard(mut self, query: impl Into<String>) -> Self {
+        self.guards.push(query.into());
+        self.rendered = OnceLock::new();
+        self
+    }
+
+    /// A data-modifying statement that runs in the same statement, only when the row changed:
+    /// it must read the changed row as `changed` (e.g.
+    /// `"UPDATE proposals SET status = 'accepted' FROM changed WHERE proposals.id = $1"`).
+    /// Its results are not returned.
+    #[must_use]
+    pub fn then(mut self, statement: impl Into<String>) -> Self {
+        self.then.push(statement.into());
+        self.rendered = OnceLock::new();
+        self
+    }
+
+    /// The statement for `R`, rendered and checked once per transition and row type.
+    fn render<R: LockableRow>(&self) -> Result<Rendered, Error> {
+        match self.rendered.get() {
+            Some((row_type, r)) if *row_type == TypeId::of::<R>() => Ok(r.clone()),
+            _ => {
+                let r = self.render_sql::<R>()?;
+                let _ = self.rendered.set((TypeId::of::<R>(), r.clone()));
+                Ok(r)
+            }
+        }
+    }
+
+    fn render_sql<R: LockableRow>(&self) -> Result<Rendered, Error> {
+        let names = Names::of::<R>()?;
+        let offset = R::KEY_COLUMNS.len();
+        let mut used: Vec<usize> = Vec::new();
+        let mut shift = |sql: &str, what: &str| -> Result<String, Error> {
+            let (out, numbers) = renumber(sql, offset, what)?;
+            used.extend(numbers);
+            Ok(out)
+        };
+        if self.set.trim().is_empty() {
+            return Err(Error::invalid("a transition's SET list is empty"));
+        }
+        let set = shift(&self.set, "a transition's SET list")?;
+        let when = match &self.when {
+            Some(w) if w.trim().is_empty() => {
+                return Err(Error::invalid("a transition's `when` condition is empty"));
+            }
+            Some(w) => format!(" AND ({})", shift(w, "a transition's `when` condition")?),
+            None => String::new(),
+        };
+        let mut guards = Vec::with_capacity(self.guards.len());
+        for g in &self.guards {
+            if !mentions(g, "target") {
+                return Err(Error::invalid(format!(
+                    "a transition guard must read the locked row as `target` (so that it runs \
+                     after the row is locked): {g:?}"
+                )));
+            }
+            guards.push(format!("EXISTS ({})", shift(g, "a transition guard")?));
+        }
+        let mut then = Vec::with_capacity(self.then.len());
+        for (i, t) in self.then.iter().enumerate() {
+            if !mentions(t, "changed") {
+                return Err(Error::invalid(format!(
+                    "a transition's `then` statement must read the changed row as `changed` \
+                     (so that it runs only when the row changed): {t:?}"
+                )));
+            }
+            then.push(format!(
+                ", rowlock_then_{} AS ({})",
+                i + 1,
+                shift(t, "a transition's `then` statement")?
+            ));
+        }
+        used.sort_unstable();
+        used.dedup();
+        let params = used.last().copied().unwrap_or(0);
+        if let Some(missing) = (1..=params).find(|n| used.binary_search(n).is_err()) {
+            return Err(Error::invalid(format!(
+                "a transition uses ${params} but not ${missing}: PostgreSQL could not infer \
+                 the type of an unused parameter"
+            )));
+        }
+        let table = &names.table;
+        let key = format!("{} = {}", names.key_tuple(), names.key_placeholders(0));
+        let returning = if R::COLUMNS.is_empty() {
+            format!("{table}.*")
+        } else {
+            R::COLUMNS
+                .iter()
+                .map(|c| quote_ident(c).map(|c| format!("{table}.{c}")))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(", ")
+        };
+        let select = &names.select;
+        let changed = if guards.is_empty() {
+            format!("changed AS (UPDATE {table} SET {set} WHERE {key}{when} RETURNING {returning})")
+        } else {
+            let aliases: Vec<String> = (1..=names.keys.len())
+                .map(|i| format!("rowlock_k{i}"))
+                .collect();
+            let matches: Vec<String> = names
+                .keys
+                .iter()
+                .zip(&aliases)
+                .map(|(k, a)| format!("{table}.{k} = rowlock_g.{a}"))
+                .collect();
+            format!(
+                "target AS MATERIALIZED (SELECT {select} FROM {table} WHERE {key}{when} \
+                 FOR NO KEY UPDATE), \
+                 rowlock_guarded AS MATERIALIZED (SELECT {keys} FROM target WHERE {guards}), \
+                 changed AS (UPDATE {table} SET {set} FROM rowlock_guarded AS rowlock_g ({aliases}) \
+                 WHERE {matches} RETURNING {returning})",
+                keys = names.keys.join(", "),
+                guards = guards.join(" AND "),
+                aliases = aliases.join(", "),
+                matches = matches.join(" AND "),
+            )
+        };
+        let sql = format!(
+            "WITH {changed}{then}, \
+             rowlock_current AS (SELECT {select} FROM {table} WHERE {key} FOR SHARE) \
+             SELECT *, true AS rowlock_done FROM changed \
+             UNION ALL SELECT *, false FROM rowlock_current WHERE NOT EXISTS (SELECT 1 FROM changed)",
+            then = then.concat(),
+        );
+        Ok(Rendered {
+            sql: sql.into(),
+            params,
+        })
+    }
+
+    /// The statement for `R` and its parameters (the key's, then the caller's), checked.
+    fn bind<'a, R: LockableRow>(
+        &self,
+        key: &'a R::Key,
+        params: &[&'a (dyn ToSql + Sync)],
+    ) -> Result<(Arc<str>, Vec<&'a (dyn ToSql + Sync)>), Error> {
+        let rendered = self.render::<R>()?;
+        if params.len() != rendered.params {
+            return Err(Error::invalid(format!(
+                "the transition uses {} parameter(s) ($1..${}) but the call passed {}",
+                rendered.params,
+                rendered.params,
+                params.len()
+            )));
+        }
+        let mut all = Vec::with_capacity(<R::Key as Key>::ARITY + params.len());
+        key.push_params(&mut all);
+        all.extend_from_slice(params);
+        Ok((rendered.sql, all))
+    }
+}
+
+/// What a [`Transition`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a conflict or a missing row is not an error: check the outcome"]
+pub enum Transitioned<R> {
+    /// The row met the condition (and every guard held): it changed, and this is its new
+    /// state. The `then` statements ran. Committed, unless the call ran inside a caller's
+    /// transaction.
+    Done(R),
+    /// No row has this key. Nothing changed.
+    NotFound,
+    /// The row exists but did not meet the condition, or a guard found nothing: nothing
+    /// changed. This is the row's latest committed state (after waiting for a transaction
+    /// that was changing it), read in the same statement: no extra round trip.
+    Conflict(R),
+}
+
+impl<R> Transitioned<R> {
+    /// Whether the row changed.
+    pub fn is_done(&self) -> bool {
+        matches!(self, Transitioned::Done(_))
+    }
+
+    /// The new row, if it changed.
+    pub fn done(self) -> Option<R> {
+        match self {
+            Transitioned::Done(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Transitioned<R>, Error> {
+    let mut rows = rows.into_iter();
+    let Some(row) = rows.next() else {
+        return Ok(Transitioned::NotFound);
+    };
+    if rows.next().is_some() {
+        return Err(Error::with_kind(
+            ErrorKind::KeyNotUnique,
+            format!(
+                "the key columns {:?} of {} matched more than one row, and the transition \
+                 changed every one that met its condition",
+                R::KEY_COLUMNS,
+                R::TABLE.name()
+            ),
+        )
+        .at(Step::Transition));
+    }
+    let done: bool = row
+        .try_get(row.len() - 1)
+        .map_err(|e| Error::decode(e).at(Step::Transition))?;
+    let r = R::from_row(&row).map_err(|e| Error::decode(e).at(Step::Transition))?;
+    Ok(if done {
+        Transitioned::Done(r)
+    } else {
+        Transitioned::Conflict(r)
+    })
+}
+
+/// Runs `transition` on the row of `R` with `key`, as one statement outside any transaction
+/// (PostgreSQL commits it on its own), and returns what it did: [`Transitioned::Done`] with the
+/// new row, [`Transitioned::NotFound`], or [`Transitioned::Conflict`] with the row as it is.
+///
+/// - **Round trips:** one (the statement is prepared once per connection; the first call on a
+///   connection costs one more). Behind a pooler ([`StatementCache::Transaction`] for the
+///   pool) it runs in a transaction of its own instead: `BEGIN` and the prepare, the
+///   statement, `COMMIT`.
+/// - **Invalid arguments** (see [`Transition`], or `params` not matching its placeholders):
+///   [`ErrorKind::InvalidArgument`] before a connection is taken.
+/// - **Errors** from the server (a constraint the change violates, a deadlock between guards,
+///   a `lock_timeout` set on the server…) are returned as they are, and nothing changed.
+/// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`] (nothing
+///   ran: retry freely); lost after it was sent, [`ErrorKind::CommitOutcomeUnknown`]: it may
+///   have committed. Running the same transition again is safe when its `when` excludes the
+///   new state: a second run is a [`Transitioned::Conflict`].
+/// - **Dropping the future** after the statement was sent does not stop it: it runs to its
+///   end on the server, and commits if it succeeds.
+/// - A migration that changed the table under a cached statement is handled: the statement
+///   is prepared again once.
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct Project { id: i64, status: String }
+/// # impl LockableRow for Project {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("projects");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+/// #         Ok(Project { id: row.try_get("id")?, status: row.try_get("status")? })
+/// #     }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{Transition, Transitioned, transition};
+///
+/// let close = Transition::new("status = 'closed'").when("status = 'open'");
+/// match transition::<Project>(pool, &7, &close, &[]).await? {
+///     Transitioned::Done(project) => println!("closed {}", project.id),
+///     Transitioned::Conflict(project) => println!("not open: {}", project.status),
+///     Transitioned::NotFound => println!("no project 7"),
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn transition<R: LockableRow>(
+    pool: &Pool,
+    key: &R::Key,
+    transition: &Transition,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Transitioned<R>, Error> {
+    let (sql, all) = transition.bind::<R>(key, params)?;
+    if StatementCache::for_pool(pool) == StatementCache::Transaction {
+        // Behind a pooler, a statement prepared outside a transaction may not exist on the
+        // server that runs the next message: prepare and run it inside one.
+        return with_transaction(pool, &TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.transition::<R>(key, transition, params).await })
+        })
+        .await;
+    }
+    let client = pool.get().await.map_err(Error::from_pool)?;
+    for _ in 0..2 {
+        let stmt = client
+            .prepare_cached(&sql)
+            .await
+            .map_err(|e| Error::from_pg(e, Step::Transition))?;
+        match client.query(&stmt, &all).await {
+            Ok(rows) => return decode(rows),
+            Err(e) => {
+                let err = Error::from_pg(e, Step::Transition);
+                if err.is_stale_plan() {
+                    // A migration changed the table under the cached statement: nothing ran.
+                    client.statement_cache.clear();
+                    continue;
+                }
+                if err.kind() == ErrorKind::Closed {
+                    return Err(err.reclassified(
+                        ErrorKind::CommitOutcomeUnknown,
+                        "the connection was lost after the transition was sent: it may or may \
+                         not have committed",
+                    ));
+                }
+                return Err(err);
+            }
+        }
+    }
+    Err(Error::with_kind(
+        ErrorKind::Db,
+        "the transition's statement went stale twice in a row (a migration in progress?)",
+    )
+    .at(Step::Transition))
+}
+
+impl Transaction {
+    /// Runs `transition` on the row of `R` with `key` inside this transaction, and returns
+    /// what it did (see [`transition`](fn@transition)). Nothing is committed until the
+    /// transaction is; the changed row stays locked until then, and so does the row of a
+    /// [`Transitioned::Conflict`] (`FOR SHARE`, taken to read its latest state).
+    pub async fn transition<R: LockableRow>(
+        &self,
+        key: &R::Key,
+        transition: &Transition,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Transitioned<R>, Error> {
+        let (sql, all) = transition.bind::<R>(key, params)?;
+        let stmt = self.prepare_cached(&sql).await?;
+        let rows = self.query(&stmt, &all).await?;
+        decode(rows)
+    }
+}

@@ -1,0 +1,318 @@
+//! Transitions: one conditional statement, typed outcomes, and the races they must survive.
+
+use rowlock::testing::wait_for_blocked_by;
+use rowlock::tokio_postgres::{Error as PgError, Row};
+use rowlock::{
+    ErrorKind, LockableRow, Table, Transaction, TransactionOptions, Transition, Transitioned,
+    transition,
+};
+
+use crate::support::{Account, WAIT, accounts, database};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Task {
+    id: i64,
+    status: String,
+    owner: Option<String>,
+}
+
+impl LockableRow for Task {
+    type Key = i64;
+    const TABLE: Table = Table::new("tasks");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    const COLUMNS: &'static [&'static str] = &["id", "status", "owner"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(Task {
+            id: row.try_get("id")?,
+            status: row.try_get("status")?,
+            owner: row.try_get("owner")?,
+        })
+    }
+    fn key(&self) -> i64 {
+        self.id
+    }
+}
+
+const TASKS: &str = "CREATE TABLE tasks (id bigint PRIMARY KEY, status text NOT NULL, owner text);
+                     CREATE TABLE history (task_id bigint, note text);
+                     INSERT INTO tasks (id, status) VALUES (1, 'open'), (2, 'done');";
+
+fn take() -> Transition {
+    Transition::new("status = 'taken', owner = $1").when("status = 'open'")
+}
+
+fn task(id: i64, status: &str, owner: Option<&str>) -> Task {
+    Task {
+        id,
+        status: status.into(),
+        owner: owner.map(Into::into),
+    }
+}
+
+#[tokio::test]
+async fn done_conflict_and_not_found_in_one_statement() {
+    let (_db, pool) = database(TASKS, 2).await;
+    let take = take();
+    let done = transition::<Task>(&pool, &1, &take, &[&"ann"])
+        .await
+        .unwrap();
+    assert_eq!(done, Transitioned::Done(task(1, "taken", Some("ann"))));
+    // Already taken: the conflict carries the row as it is now.
+    let again = transition::<Task>(&pool, &1, &take, &[&"bob"])
+        .await
+        .unwrap();
+    assert_eq!(again, Transitioned::Conflict(task(1, "taken", Some("ann"))));
+    let other = transition::<Task>(&pool, &2, &take, &[&"bob"])
+        .await
+        .unwrap();
+    assert_eq!(other, Transitioned::Conflict(task(2, "done", None)));
+    let missing = transition::<Task>(&pool, &9, &take, &[&"bob"])
+        .await
+        .unwrap();
+    assert_eq!(missing, Transitioned::NotFound);
+}
+
+#[tokio::test]
+async fn then_statements_run_only_when_the_row_changed() {
+    let (db, pool) = database(TASKS, 2).await;
+    let take = take().then("INSERT INTO history SELECT id, 'taken by ' || $1 FROM changed");
+    assert!(
+        transition::<Task>(&pool, &1, &take, &[&"ann"])
+            .await
+            .unwrap()
+            .is_done()
+    );
+    let conflict = transition::<Task>(&pool, &1, &take, &[&"bob"])
+        .await
+        .unwrap();
+    assert!(matches!(conflict, Transitioned::Conflict(_)));
+    let rows = db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT task_id, note FROM history", &[])
+        .await
+        .unwrap();
+    let notes: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(notes, vec![(1, "taken by ann".to_string())]);
+}
+
+/// A transition that finds the row being changed waits, then checks its condition on the new
+/// version: two takers from the same state never both win.
+#[tokio::test]
+async fn a_concurrent_change_is_seen_after_the_wait() {
+    let (db, pool) = database(TASKS, 2).await;
+    let holder = db.client().await.unwrap();
+    holder
+        .batch_execute("BEGIN; UPDATE tasks SET status = 'taken', owner = 'zoe' WHERE id = 1")
+        .await
+        .unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let take = take();
+    let pool2 = pool.clone();
+    let racer = tokio::spawn(async move {
+        let take = take;
+        transition::<Task>(&pool2, &1, &take, &[&"ann"]).await
+    });
+    let observer = db.client().await.unwrap();
+    wait_for_blocked_by(&observer, holder_pid, 1, WAIT)
+        .await
+        .unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+    let outcome = racer.await.unwrap().unwrap();
+    assert_eq!(
+        outcome,
+        Transitioned::Conflict(task(1, "taken", Some("zoe"))),
+        "the conflict reports the state committed by the other transaction"
+    );
+}
+
+#[tokio::test]
+async fn many_takers_exactly_one_wins() {
+    let (db, pool) = database(TASKS, 8).await;
+    let take = std::sync::Arc::new(take());
+    let mut handles = Vec::new();
+    for i in 0..32 {
+        let (pool, take) = (pool.clone(), take.clone());
+        handles.push(tokio::spawn(async move {
+            let name = format!("worker {i}");
+            transition::<Task>(&pool, &1, &take, &[&name]).await
+        }));
+    }
+    let mut winners = 0;
+    for h in handles {
+        match h.await.unwrap().unwrap() {
+            Transitioned::Done(_) => winners += 1,
+            Transitioned::Conflict(t) => assert_eq!(t.status, "taken"),
+            Transitioned::NotFound => panic!("task 1 exists"),
+        }
+    }
+    assert_eq!(winners, 1);
+    let owner: Option<String> = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT owner FROM tasks WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(owner.unwrap().starts_with("worker "));
+}
+
+#[tokio::test]
+async fn bad_transitions_are_refused_before_anything_is_sent() {
+    let (db, pool) = database(TASKS, 1).await;
+    let cases: Vec<(Transition, Vec<&str>, &str)> = vec![
+        (Transition::new("  "), vec![], "SET list is empty"),
+        (take().when(""), vec!["x"], "condition is empty"),
+        (
+            Transition::new("status = 'x'; DROP TABLE tasks"),
+            vec![],
+            "may not contain ';'",
+        ),
+        (Transition::new("owner = $2"), vec!["a", "b"], "not $1"),
+        (take(), vec![], "passed 0"),
+        (take(), vec!["a", "b"], "passed 2"),
+        (
+            take().guard("SELECT 1 FROM history"),
+            vec!["a"],
+            "as `target`",
+        ),
+        (
+            take().then("DELETE FROM history"),
+            vec!["a"],
+            "as `changed`",
+        ),
+        (
+            // `changed` only inside a literal does not count.
+            take().then("INSERT INTO history VALUES (1, 'changed')"),
+            vec!["a"],
+            "as `changed`",
+        ),
+    ];
+    for (t, params, expected) in cases {
+        let params: Vec<&(dyn rowlock::tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn rowlock::tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let err = transition::<Task>(&pool, &1, &t, &params)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{t:?}: {err}");
+        assert!(err.to_string().contains(expected), "{t:?}: {err}");
+    }
+    let status: String = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT status FROM tasks WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "open");
+    // SQL the server rejects fails when prepared, before it runs; the message says where.
+    let err = transition::<Task>(&pool, &1, &Transition::new("no_such_column = 1"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Db);
+    assert!(err.to_string().contains("running a transition"), "{err}");
+    assert!(err.to_string().contains("no_such_column"), "{err}");
+}
+
+#[tokio::test]
+async fn a_key_that_is_not_unique_is_reported() {
+    let (_db, pool) = database(
+        "CREATE TABLE tasks (id bigint, status text NOT NULL, owner text);
+         INSERT INTO tasks (id, status) VALUES (1, 'open'), (1, 'open');",
+        1,
+    )
+    .await;
+    let err = transition::<Task>(&pool, &1, &take(), &[&"ann"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::KeyNotUnique, "{err}");
+}
+
+/// Inside a caller's transaction the change is the caller's to commit or roll back.
+#[tokio::test]
+async fn inside_a_transaction_it_commits_with_the_transaction() {
+    let (_db, pool) = accounts(1).await;
+    let debit = Transition::new("balance = balance - $1").when("balance >= $1");
+    let tx = Transaction::begin(&pool, &TransactionOptions::new())
+        .await
+        .unwrap();
+    let done = tx
+        .transition::<Account>(&1, &debit, &[&60_i64])
+        .await
+        .unwrap();
+    assert_eq!(done.done().unwrap().balance, 40);
+    let short = tx
+        .transition::<Account>(&1, &debit, &[&60_i64])
+        .await
+        .unwrap();
+    assert_eq!(
+        short,
+        Transitioned::Conflict(Account { id: 1, balance: 40 })
+    );
+    tx.rollback().await.unwrap();
+    let again = transition::<Account>(&pool, &1, &debit, &[&60_i64])
+        .await
+        .unwrap();
+    assert_eq!(again, Transitioned::Done(Account { id: 1, balance: 40 }));
+}
+
+/// `SELECT *` row types survive a column added while the pool is warm.
+#[tokio::test]
+async fn a_migration_while_the_pool_is_warm() {
+    let (db, pool) = accounts(1).await;
+    let credit = Transition::new("balance = balance + $1");
+    for _ in 0..2 {
+        let done = transition::<Account>(&pool, &1, &credit, &[&1_i64]).await;
+        assert!(done.unwrap().is_done());
+    }
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE accounts ADD COLUMN note text")
+        .await
+        .unwrap();
+    let after = transition::<Account>(&pool, &1, &credit, &[&1_i64])
+        .await
+        .unwrap();
+    assert_eq!(
+        after,
+        Transitioned::Done(Account {
+            id: 1,
+            balance: 103
+        })
+    );
+}
+
+/// A guard reaches another table; the rows it locks are locked after the target row.
+#[tokio::test]
+async fn guards_decide_with_other_rows() {
+    let (_db, pool) = database(
+        "CREATE TABLE tasks (id bigint PRIMARY KEY, status text NOT NULL, owner text);
+         CREATE TABLE workers (name text PRIMARY KEY, active boolean NOT NULL);
+         INSERT INTO tasks (id, status) VALUES (1, 'open');
+         INSERT INTO workers VALUES ('ann', true), ('bob', false);",
+        1,
+    )
+    .await;
+    let take = take().guard(
+        "SELECT 1 FROM workers w WHERE w.name = $1 AND w.active AND target.status = 'open' \
+         FOR KEY SHARE OF w",
+    );
+    let refused = transition::<Task>(&pool, &1, &take, &[&"bob"])
+        .await
+        .unwrap();
+    assert_eq!(refused, Transitioned::Conflict(task(1, "open", None)));
+    let done = transition::<Task>(&pool, &1, &take, &[&"ann"])
+        .await
+        .unwrap();
+    assert_eq!(done, Transitioned::Done(task(1, "taken", Some("ann"))));
+}

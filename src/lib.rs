@@ -50,7 +50,8 @@ pub use tokio_postgres;
 
 pub use crate::api::advisory::{AdvisoryKey, with_advisory_lock};
 pub use crate::api::claim::{
-    Claim, Compare, Direction, explain_claim, with_claimed_rows, with_next_locked_row,
+    Claim, Compare, Direction, claim_and_mark, explain_claim, with_claimed_rows,
+    with_next_locked_row,
 };
 pub use crate::api::commit_outcome::{CommitStatus, resolve_commit};
 pub use crate::api::executor::Executor;

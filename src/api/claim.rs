@@ -53,12 +53,13 @@ use deadpool_postgres::Pool;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
+use crate::api::alone::run_alone;
 use crate::api::claim_sql::{Predicate, filter_value};
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{Flush, Side};
 use crate::lock::LockStrength;
-use crate::options::TransactionOptions;
+use crate::options::{StatementCache, TransactionOptions};
 use crate::policy::RetryPolicy;
 use crate::row::{LockableRow, Names, quote_ident};
 use crate::transaction::{OwnedParam, Transaction};
@@ -134,6 +135,8 @@ pub struct Claim {
     order: Vec<(String, Direction)>,
     strength: LockStrength,
     transaction: TransactionOptions,
+    /// `SET` list applied to the claimed rows in the claim's statement (claim-and-mark).
+    mark: Option<Predicate>,
     /// The SQL rendered for a row type, once (the setters take the claim by value and start
     /// afresh).
     rendered: OnceLock<(TypeId, Arc<str>)>,
@@ -155,6 +158,7 @@ impl fmt::Debug for Claim {
             .field("conditions", &conditions)
             .field("order", &self.order)
             .field("strength", &self.strength)
+            .field("mark", &self.mark)
             .field("transaction", &self.transaction)
             .finish()
     }
@@ -168,6 +172,7 @@ impl Default for Claim {
             // What the usual follow-up UPDATE needs, without blocking foreign-key inserts.
             strength: LockStrength::NoKeyUpdate,
             transaction: TransactionOptions::new(),
+            mark: None,
             rendered: OnceLock::new(),
         }
     }
@@ -261,6 +266,36 @@ impl Claim {
         self
     }
 
+    /// Marks the claimed rows in the claim's own statement: `set` is the body of an
+    /// `UPDATE … SET` (e.g. `"status = 'running', worker = $1, attempts = attempts + 1"`), its
+    /// placeholders count from `$1` and `params` are their values. The claimed rows are
+    /// returned as they are after the update. Calling it again replaces the mark.
+    ///
+    /// One statement instead of a claim and an `UPDATE` (one round trip fewer, and the rows
+    /// leave the claimable set at once if the mark changes a filtered column):
+    ///
+    /// ```sql
+    /// WITH claimed AS MATERIALIZED (SELECT <key> FROM <table> WHERE <filter> ORDER BY <order>
+    ///                               LIMIT $n FOR NO KEY UPDATE SKIP LOCKED),
+    ///      marked AS (UPDATE <table> SET <set> FROM claimed WHERE <key matches> RETURNING …)
+    /// SELECT * FROM marked ORDER BY <order>
+    /// ```
+    ///
+    /// (never `UPDATE … WHERE id IN (SELECT … SKIP LOCKED)`, which can lock more rows than the
+    /// limit). Use it with [`claim_and_mark`] (one statement, committed on its own, for work
+    /// that does not need the rows held) or with [`with_claimed_rows`] (the closure runs on
+    /// the marked rows while they are locked). The same checks as
+    /// [`where_sql`](Self::where_sql) apply, and an empty `set` is refused.
+    #[must_use]
+    pub fn mark(mut self, set: impl Into<String>, params: Vec<OwnedParam>) -> Self {
+        self.rendered.take();
+        self.mark = Some(Predicate {
+            sql: set.into(),
+            params,
+        });
+        self
+    }
+
     /// Options of the transaction [`with_claimed_rows`] opens. Defaults to
     /// [`TransactionOptions::new`]. A `lock_timeout` bounds waits for the table lock (row
     /// locks are never waited for).
@@ -294,6 +329,9 @@ impl Claim {
                 }
                 Condition::IsNull(_) | Condition::IsNotNull(_) => {}
             }
+        }
+        if let Some(mark) = &self.mark {
+            params.extend(mark.params.iter().map(|v| &**v as &(dyn ToSql + Sync)));
         }
         params.push(n);
         Ok((sql, params))
@@ -360,23 +398,66 @@ impl Claim {
             conditions.join(" AND ")
         };
         // The row type's columns, and the order's, which the outer ORDER BY needs.
-        let mut select = names.select.clone();
+        let mut columns: Vec<String> = Vec::new();
         if !R::COLUMNS.is_empty() {
+            for col in R::COLUMNS {
+                columns.push(quote_ident(col)?);
+            }
             for (col, _) in &self.order {
                 if !R::COLUMNS.contains(&col.as_str()) {
-                    select.push_str(", ");
-                    select.push_str(&quote_ident(col)?);
+                    columns.push(quote_ident(col)?);
                 }
             }
         }
-        let sql = format!(
-            "WITH claimed AS MATERIALIZED (SELECT {select} FROM {table} WHERE {filter} ORDER BY \
-             {order} LIMIT ${limit} {strength} SKIP LOCKED) SELECT * FROM claimed ORDER BY {order}",
-            table = names.table,
+        let select = if columns.is_empty() {
+            "*".to_string()
+        } else {
+            columns.join(", ")
+        };
+        let strength = self.strength.clause();
+        let table = &names.table;
+        let Some(mark) = &self.mark else {
+            return Ok(format!(
+                "WITH claimed AS MATERIALIZED (SELECT {select} FROM {table} WHERE {filter} ORDER \
+                 BY {order} LIMIT ${limit} {strength} SKIP LOCKED) SELECT * FROM claimed ORDER \
+                 BY {order}",
+                limit = bound + 1,
+            ));
+        };
+        if mark.sql.trim().is_empty() {
+            return Err(Error::invalid("a claim's mark (its SET list) is empty"));
+        }
+        let set = mark.renumbered(bound)?;
+        bound += mark.params.len();
+        // The claimed keys under names of their own, so that the SET list can name any column.
+        let aliases: Vec<String> = (1..=names.keys.len())
+            .map(|i| format!("rowlock_k{i}"))
+            .collect();
+        let matches: Vec<String> = names
+            .keys
+            .iter()
+            .zip(&aliases)
+            .map(|(k, a)| format!("{table}.{k} = claimed.{a}"))
+            .collect();
+        let returning = if columns.is_empty() {
+            format!("{table}.*")
+        } else {
+            columns
+                .iter()
+                .map(|c| format!("{table}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Ok(format!(
+            "WITH claimed AS MATERIALIZED (SELECT {keys} FROM {table} WHERE {filter} ORDER BY \
+             {order} LIMIT ${limit} {strength} SKIP LOCKED), \
+             marked AS (UPDATE {table} SET {set} FROM claimed AS claimed ({aliases}) \
+             WHERE {matches} RETURNING {returning}) SELECT * FROM marked ORDER BY {order}",
+            keys = names.keys.join(", "),
             limit = bound + 1,
-            strength = self.strength.clause(),
-        );
-        Ok(sql)
+            aliases = aliases.join(", "),
+            matches = matches.join(" AND "),
+        ))
     }
 }
 
@@ -426,26 +507,32 @@ impl Transaction {
                 .await
                 .map_err(|f| f.error)
         };
-        let rows = self.run(Step::Lock, request).await.map_err(|e| {
-            let refused = |detail: &str| {
-                Error::with_kind(ErrorKind::InvalidArgument, detail)
-                    .with_sql_state(e.sql_state().cloned())
-            };
-            if e.sql_state() == Some(&SqlState::UNDEFINED_COLUMN) {
-                refused("the claim's filter or order names a column the table does not have")
-                    .with_boxed_source(e.into_source())
-            } else if e.kind() == ErrorKind::Driver {
-                // A value the driver could not bind as its column's type: nothing was sent.
-                refused("a claim filter value does not fit its column")
-                    .with_boxed_source(e.into_source())
-            } else {
-                e
-            }
-        })?;
+        let rows = self
+            .run(Step::Lock, request)
+            .await
+            .map_err(refine_claim_error)?;
         rows.iter()
             .map(R::from_row)
             .collect::<Result<Vec<R>, _>>()
             .map_err(|e| Error::decode(e).at(Step::Lock))
+    }
+}
+
+/// A claim's failure in the caller's terms: a column the table lacks, or a filter value that
+/// does not fit its column, is the claim's fault ([`ErrorKind::InvalidArgument`]; nothing was
+/// locked).
+fn refine_claim_error(e: Error) -> Error {
+    let refused = |detail: &str| {
+        Error::with_kind(ErrorKind::InvalidArgument, detail).with_sql_state(e.sql_state().cloned())
+    };
+    if e.sql_state() == Some(&SqlState::UNDEFINED_COLUMN) {
+        refused("the claim's filter or order names a column the table does not have")
+            .with_boxed_source(e.into_source())
+    } else if e.kind() == ErrorKind::Driver {
+        // A value the driver could not bind as its column's type: nothing was sent.
+        refused("a claim filter value does not fit its column").with_boxed_source(e.into_source())
+    } else {
+        e
     }
 }
 
@@ -580,6 +667,75 @@ where
         f(tx, row)
     })
     .await
+}
+
+/// Claims up to `n` eligible unlocked rows of `R` and marks them with the claim's
+/// [`mark`](Claim::mark), in one statement committed on its own; returns the marked rows in
+/// the claim's order (empty when nothing eligible was free). For workers whose processing
+/// does not need the rows held: the mark takes them out of the claimable set (e.g.
+/// `status = 'running'`), and the worker records the result later.
+///
+/// - **Round trips:** one. The statement is planned for the call's values each time (as
+///   [`with_claimed_rows`] does), so partial indexes on the filter are used. A claim with
+///   transaction options other than the default, or a pool behind a pooler
+///   ([`StatementCache::Transaction`](crate::StatementCache::Transaction)), runs in a
+///   transaction of its own instead (`BEGIN` with the statement, then `COMMIT`).
+/// - **Invalid arguments:** a claim without a mark, an invalid claim (see [`Claim`]), or
+///   `n = 0`: [`ErrorKind::InvalidArgument`] before a connection is taken.
+/// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`]; after it,
+///   [`ErrorKind::CommitOutcomeUnknown`]: the rows may have been marked.
+/// - **Dropping the future** after the statement was sent does not stop it.
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct Job { id: i64 }
+/// # impl LockableRow for Job {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("jobs");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// use rowlock::{Claim, Compare, Direction, claim_and_mark};
+///
+/// let claim = Claim::new()
+///     .filter("status", Compare::Eq, "pending")
+///     .order_by("id", Direction::Asc)
+///     .mark("status = 'running', worker = $1", vec![Box::new("worker-7")]);
+/// let jobs: Vec<Job> = claim_and_mark(pool, &claim, 10).await?;
+/// # Ok(()) }
+/// ```
+pub async fn claim_and_mark<R: LockableRow>(
+    pool: &Pool,
+    claim: &Claim,
+    n: usize,
+) -> Result<Vec<R>, Error> {
+    if claim.mark.is_none() {
+        return Err(Error::invalid(
+            "claim_and_mark needs a claim with a mark (Claim::mark); use with_claimed_rows \
+             to claim without one",
+        ));
+    }
+    let n = limit(n)?;
+    let (sql, params) = claim.render::<R>(&n)?;
+    let alone = claim.transaction == TransactionOptions::new()
+        && StatementCache::for_pool(pool) == StatementCache::Connection;
+    if !alone {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        return with_claimed_rows(pool, claim, n, |_, rows: Vec<R>| {
+            Box::pin(async move { Ok::<_, Error>(rows) })
+        })
+        .await
+        .map(Option::unwrap_or_default);
+    }
+    let rows = run_alone(pool, &sql, &params, Step::Lock, true)
+        .await
+        .map_err(refine_claim_error)?;
+    rows.iter()
+        .map(R::from_row)
+        .collect::<Result<Vec<R>, _>>()
+        .map_err(|e| Error::decode(e).at(Step::Lock))
 }
 
 /// The server's plan for claiming `n` rows of `R` with `claim` (`EXPLAIN`, as the claim runs:

@@ -9,6 +9,7 @@ use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::api::alone::run_alone;
 use crate::api::claim_sql::{mentions, renumber};
 use crate::api::transaction::with_transaction;
 use crate::error::{Error, ErrorKind, Step};
@@ -419,37 +420,8 @@ pub async fn transition<R: LockableRow>(
         })
         .await;
     }
-    let client = pool.get().await.map_err(Error::from_pool)?;
-    for _ in 0..2 {
-        let stmt = client
-            .prepare_cached(&sql)
-            .await
-            .map_err(|e| Error::from_pg(e, Step::Transition))?;
-        match client.query(&stmt, &all).await {
-            Ok(rows) => return decode(rows),
-            Err(e) => {
-                let err = Error::from_pg(e, Step::Transition);
-                if err.is_stale_plan() {
-                    // A migration changed the table under the cached statement: nothing ran.
-                    client.statement_cache.clear();
-                    continue;
-                }
-                if err.kind() == ErrorKind::Closed {
-                    return Err(err.reclassified(
-                        ErrorKind::CommitOutcomeUnknown,
-                        "the connection was lost after the transition was sent: it may or may \
-                         not have committed",
-                    ));
-                }
-                return Err(err);
-            }
-        }
-    }
-    Err(Error::with_kind(
-        ErrorKind::Db,
-        "the transition's statement went stale twice in a row (a migration in progress?)",
-    )
-    .at(Step::Transition))
+    let rows = run_alone(pool, &sql, &all, Step::Transition, false).await?;
+    decode(rows)
 }
 
 impl Transaction {

@@ -16,12 +16,13 @@
 //! | [`create_project`] | — | `InvalidInput` |
 //! | [`submit_proposal`] | project `FOR SHARE` (waits for an accept in progress) | `InvalidInput`, `ProjectNotFound`, `ProjectNotOpen`, `DuplicateProposal` |
 //! | [`withdraw_proposal`] | the proposal row (conditional `UPDATE`) | `ProposalNotFound`, `NotPending` |
-//! | [`accept_proposal`] | project `FOR NO KEY UPDATE`, then the proposal (conditional `UPDATE`) | `ProposalNotFound`, `AlreadyAssigned`, `NotPending`, `Busy`, `LockTimeout` |
+//! | [`accept_proposal`] | project, then proposal, `FOR NO KEY UPDATE` (one query, sent with `BEGIN`; the writes go with `COMMIT`) | `ProposalNotFound`, `AlreadyAssigned`, `NotPending`, `Busy`, `LockTimeout` |
 //! | [`accept_proposal_in_one_statement`] | one statement: project `FOR NO KEY UPDATE`, then the proposal `FOR UPDATE` | `ProjectNotFound`, `ProposalNotFound`, `AlreadyAssigned`, `NotPending` |
 //! | [`project_details`] | — (one snapshot) | `ProjectNotFound` |
 //!
-//! Accept and withdraw race cleanly: both change the proposal only `WHERE status = 'pending'`,
-//! so exactly one of them wins and the other reports `NotPending`.
+//! Accept and withdraw race cleanly: the accept locks the proposal and reads its latest
+//! state, the withdrawal changes it only `WHERE status = 'pending'`, so exactly one of them
+//! wins and the other reports `NotPending`.
 
 mod error;
 mod model;

@@ -161,13 +161,15 @@ impl AcceptOptions {
     }
 }
 
-/// Accepts a proposal: locks its project, checks the project is open and the proposal
-/// pending, then assigns the project, accepts the proposal and rejects every other pending
-/// proposal, in one transaction.
+/// Accepts a proposal: locks its project and then the proposal, checks the project is open
+/// and the proposal pending, then assigns the project, accepts the proposal and rejects every
+/// other pending proposal, in one transaction of two round trips (`BEGIN` with the locking
+/// query, then the writes with `COMMIT`).
 ///
 /// With [`LockMode::Wait`] a concurrent accept on the same project waits and then gets
-/// [`AssignmentError::AlreadyAssigned`]; with [`LockMode::NoWait`] it gets
-/// [`AssignmentError::Busy`] at once.
+/// [`AssignmentError::AlreadyAssigned`]; with [`LockMode::NoWait`] (and
+/// [`LockMode::SkipLocked`], which acts like it here) it gets [`AssignmentError::Busy`] at
+/// once, as it does when a withdrawal of the same proposal is in flight.
 pub async fn accept_proposal(
     pool: &Pool,
     proposal_id: i64,
@@ -184,51 +186,55 @@ pub async fn accept_proposal_with(
 ) -> Result<(), AssignmentError> {
     let once = RetryPolicy::new().max_attempts(1);
     let policy = options.retry.as_ref().unwrap_or(&once);
-    // The lock timeout travels with BEGIN; the row lock itself only needs mode and strength.
-    let project_lock = LockOptions::new()
-        .mode(options.lock.mode)
-        .strength(LockStrength::NoKeyUpdate);
+    // The lock timeout travels with BEGIN; the locking query says whether to wait.
+    let lock = match options.lock.mode {
+        LockMode::Wait => LOCK_FOR_ACCEPT,
+        LockMode::NoWait | LockMode::SkipLocked => LOCK_FOR_ACCEPT_NOWAIT,
+    };
     with_transaction_retry(pool, &options.lock.transaction, policy, |tx| {
-        let project_lock = project_lock.clone();
-        Box::pin(async move { accept_in(tx, proposal_id, &project_lock).await })
+        Box::pin(async move { accept_in(tx, proposal_id, lock).await })
     })
     .await
 }
 
-async fn accept_in(
-    tx: &Transaction,
-    proposal_id: i64,
-    project_lock: &LockOptions,
-) -> Result<(), AssignmentError> {
-    // A proposal never moves to another project, so this plain read is safe before the lock.
+/// Locks the project reached through the proposal, then the proposal (the order of the
+/// `FOR … OF` list and of the join: always the project first, as every accept does, so
+/// concurrent accepts cannot deadlock), and reads both rows' latest states.
+const LOCK_FOR_ACCEPT: &str = "SELECT pj.id, pj.status, pr.status FROM projects pj \
+    JOIN proposals pr ON pr.project_id = pj.id WHERE pr.id = $1 \
+    FOR NO KEY UPDATE OF pj, pr";
+const LOCK_FOR_ACCEPT_NOWAIT: &str = "SELECT pj.id, pj.status, pr.status FROM projects pj \
+    JOIN proposals pr ON pr.project_id = pj.id WHERE pr.id = $1 \
+    FOR NO KEY UPDATE OF pj, pr NOWAIT";
+
+/// Two round trips: `BEGIN` with the locking query, then the writes with `COMMIT`.
+async fn accept_in(tx: &Transaction, proposal_id: i64, lock: &str) -> Result<(), AssignmentError> {
+    // Both rows are locked: nothing read here can change before the commit.
+    let stmt = tx.prepare_cached(lock).await?;
     let row = tx
-        .query_opt(FIND_PROPOSAL, &[&proposal_id])
+        .query_opt(&stmt, &[&proposal_id])
         .await?
         .ok_or(AssignmentError::ProposalNotFound(proposal_id))?;
-    let (project_id, status): (i64, ProposalStatus) = (row.get(0), row.get(1));
+    let decode = crate::Error::decode;
+    let project_id: i64 = row.try_get(0).map_err(decode)?;
+    let project: ProjectStatus = row.try_get(1).map_err(decode)?;
+    let status: ProposalStatus = row.try_get(2).map_err(decode)?;
+    if project != ProjectStatus::Open {
+        return Err(AssignmentError::AlreadyAssigned(project_id));
+    }
     if status != ProposalStatus::Pending {
         return Err(AssignmentError::NotPending {
             id: proposal_id,
             status,
         });
     }
-    // The serialisation point: one accept per project at a time.
-    let project = match tx.lock_row::<Project>(&project_id, project_lock).await? {
-        Outcome::Done(project) => project,
-        Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => return Err(e.into()),
-        _ => return Err(AssignmentError::ProjectNotFound(project_id)),
-    };
-    if project.status != ProjectStatus::Open {
-        return Err(AssignmentError::AlreadyAssigned(project_id));
-    }
-    // Conditional: a withdrawal that committed meanwhile makes this change nothing.
-    if tx.execute(ACCEPT, &[&proposal_id]).await? == 0 {
-        return Err(not_pending(tx, proposal_id).await);
-    }
-    // The rest needs no answer: send it with COMMIT.
+    // The rest needs no answer: send it with COMMIT. The rejection runs after the lock, with
+    // a new snapshot, so it also sees proposals submitted just before the lock was granted.
     let assign = tx.prepare_cached(ASSIGN).await?;
+    let accept = tx.prepare_cached(ACCEPT).await?;
     let reject = tx.prepare_cached(REJECT_OTHERS).await?;
     tx.execute_on_commit(&assign, vec![Box::new(project_id)]);
+    tx.execute_on_commit(&accept, vec![Box::new(proposal_id)]);
     tx.execute_on_commit(&reject, vec![Box::new(project_id), Box::new(proposal_id)]);
     Ok(())
 }

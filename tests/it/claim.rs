@@ -500,3 +500,162 @@ async fn a_claim_extended_after_use_claims_by_its_new_filters() {
     .unwrap();
     assert_eq!(got, Some(6));
 }
+
+#[derive(Debug, PartialEq, Eq)]
+struct MarkedJob {
+    id: i64,
+    status: String,
+    worker: Option<i32>,
+    claims: i32,
+}
+
+impl LockableRow for MarkedJob {
+    type Key = i64;
+    const TABLE: Table = Table::new("jobs");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    const COLUMNS: &'static [&'static str] = &["id", "status", "worker", "claims"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(MarkedJob {
+            id: row.try_get("id")?,
+            status: row.try_get("status")?,
+            worker: row.try_get("worker")?,
+            claims: row.try_get("claims")?,
+        })
+    }
+    fn key(&self) -> i64 {
+        self.id
+    }
+}
+
+fn running(worker: i32) -> Claim {
+    pending().mark(
+        "status = 'running', worker = $1, claims = claims + 1",
+        vec![Box::new(worker)],
+    )
+}
+
+#[tokio::test]
+async fn claim_and_mark_claims_and_updates_in_one_statement() {
+    let (db, pool) = jobs(10, 2).await;
+    let claim = running(7);
+    let first: Vec<MarkedJob> = rowlock::claim_and_mark(&pool, &claim, 3).await.unwrap();
+    let expected: Vec<MarkedJob> = (1..=3)
+        .map(|id| MarkedJob {
+            id,
+            status: "running".into(),
+            worker: Some(7),
+            claims: 1,
+        })
+        .collect();
+    assert_eq!(first, expected, "the marked rows, in the claim's order");
+    let next: Vec<MarkedJob> = rowlock::claim_and_mark(&pool, &claim, 3).await.unwrap();
+    assert_eq!(next.iter().map(|j| j.id).collect::<Vec<_>>(), [4, 5, 6]);
+    // A row another transaction holds is skipped, never waited for.
+    let holder = db.client().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM jobs WHERE id = 7 FOR UPDATE")
+        .await
+        .unwrap();
+    let skipped: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 2).await.unwrap();
+    assert_eq!(ids(&skipped), [8, 9]);
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let rest: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 10).await.unwrap();
+    assert_eq!(ids(&rest), [7, 10]);
+    let none: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 10).await.unwrap();
+    assert!(none.is_empty(), "nothing eligible left is not an error");
+}
+
+#[tokio::test]
+async fn claim_and_mark_from_many_workers_claims_each_row_exactly_once() {
+    let (db, pool) = jobs(2_000, 16).await;
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let claim = running(w);
+                let mut got = Vec::new();
+                loop {
+                    let batch: Vec<Job> =
+                        rowlock::claim_and_mark(&pool, &claim, 1 + w as usize % 5)
+                            .await
+                            .unwrap();
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    assert!(batch.len() <= 1 + w as usize % 5, "never more than asked");
+                    got.extend(ids(&batch));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    let unique: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), 2_000, "every job claimed");
+    assert_eq!(unique.len(), 2_000, "no job claimed twice");
+    let twice: i64 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM jobs WHERE claims <> 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(twice, 0);
+}
+
+#[tokio::test]
+async fn a_marked_claim_in_with_claimed_rows_rolls_back_with_the_closure() {
+    let (_db, pool) = jobs(3, 2).await;
+    let claim = running(1);
+    let failed = with_claimed_rows(&pool, &claim, 2, |_, jobs: Vec<MarkedJob>| {
+        Box::pin(async move {
+            assert!(jobs.iter().all(|j| j.status == "running" && j.claims == 1));
+            Err::<(), _>(crate::support::AppError::Conflict)
+        })
+    })
+    .await;
+    assert!(failed.is_err());
+    let again: Vec<MarkedJob> = rowlock::claim_and_mark(&pool, &claim, 2).await.unwrap();
+    assert_eq!(
+        again.iter().map(|j| (j.id, j.claims)).collect::<Vec<_>>(),
+        [(1, 1), (2, 1)],
+        "the rolled-back mark left no trace"
+    );
+}
+
+#[tokio::test]
+async fn claim_and_mark_refuses_bad_input_before_sending() {
+    let (_db, pool) = jobs(3, 1).await;
+    let cases = [
+        (pending(), 1, "needs a claim with a mark"),
+        (
+            pending().mark(" ", vec![]),
+            1,
+            "mark (its SET list) is empty",
+        ),
+        (
+            pending().mark("worker = $2", vec![Box::new(1)]),
+            1,
+            "uses $2",
+        ),
+        (running(1), 0, "at least 1"),
+    ];
+    for (claim, n, expected) in cases {
+        let err = rowlock::claim_and_mark::<Job>(&pool, &claim, n)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+    let left: Vec<Job> = rowlock::claim_and_mark(&pool, &running(1), 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&left),
+        [1, 2, 3],
+        "nothing was claimed by the refused calls"
+    );
+}

@@ -144,14 +144,14 @@ const WARM_UP: u64 = 5;
 async fn one(
     hand: &Option<Hand>,
     pool: &rowlock::deadpool_postgres::Pool,
-    claim: &rowlock::Claim,
+    prepared: &workloads::Prepared,
     sizes: &Sizes,
     workload: Workload,
     rng: &mut Rng,
 ) -> Result<i64, BoxError> {
     match hand {
-        Some(h) => Ok(h.run(workload, rng, sizes).await?),
-        None => Ok(workloads::with_rowlock(pool, workload, rng, sizes, claim).await?),
+        Some(h) => h.run(workload, rng, sizes).await,
+        None => Ok(workloads::with_rowlock(pool, workload, rng, sizes, prepared).await?),
     }
 }
 
@@ -166,17 +166,17 @@ async fn run_in_process(
     sizes: &Arc<Sizes>,
 ) -> Result<(Measure, u64, u64), BoxError> {
     let pool = db.pool(clients);
-    let claim = Arc::new(workloads::claim());
+    let prepared = Arc::new(workloads::Prepared::new());
     let start = Arc::new(Barrier::new(clients + 1));
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let hand = if imp == Imp::Hand {
-            Some(Hand::new(db.client().await?).await?)
-        } else {
-            None
+        let hand = match imp {
+            Imp::Hand => Some(Hand::new(db.client().await?).await?),
+            Imp::HandPool => Some(Hand::Pooled(pool.clone())),
+            _ => None,
         };
-        let (pool, claim, start, sizes) =
-            (pool.clone(), claim.clone(), start.clone(), sizes.clone());
+        let (pool, prepared, start, sizes) =
+            (pool.clone(), prepared.clone(), start.clone(), sizes.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) << 17));
             let mut run = ClientRun {
@@ -185,7 +185,7 @@ async fn run_in_process(
                 rows: 0,
             };
             for _ in 0..WARM_UP {
-                run.rows += one(&hand, &pool, &claim, &sizes, workload, &mut rng).await? as u64;
+                run.rows += one(&hand, &pool, &prepared, &sizes, workload, &mut rng).await? as u64;
                 run.committed += 1;
             }
             start.wait().await;
@@ -202,7 +202,8 @@ async fn run_in_process(
                     _ => {}
                 }
                 let t = Instant::now();
-                timed.rows += one(&hand, &pool, &claim, &sizes, workload, &mut rng).await? as u64;
+                timed.rows +=
+                    one(&hand, &pool, &prepared, &sizes, workload, &mut rng).await? as u64;
                 timed
                     .latencies_us
                     .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
@@ -371,7 +372,7 @@ fn check(
     rows: Option<u64>,
 ) -> Option<String> {
     let failed = match workload {
-        Workload::Accept => (after.doubly_accepted != 0).then(|| {
+        Workload::Accept | Workload::AcceptCas => (after.doubly_accepted != 0).then(|| {
             format!(
                 "{} projects with more than one accepted proposal",
                 after.doubly_accepted
@@ -392,7 +393,7 @@ fn check(
                     .then(|| format!("{rejected} rejections in {committed} tries of held rows"))
             }
         }
-        Workload::ClaimOne | Workload::ClaimBatch => {
+        Workload::ClaimOne | Workload::ClaimBatch | Workload::ClaimLocked => {
             let done = after.jobs_done - before.jobs_done;
             if after.jobs_claimed_twice != 0 {
                 Some(format!(
@@ -467,7 +468,7 @@ async fn run() -> Result<(), BoxError> {
             let mut cell = Cell {
                 workload,
                 clients,
-                runs: [Vec::new(), Vec::new(), Vec::new()],
+                runs: [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
             };
             for round in 0..mode.rounds {
                 for k in 0..Imp::ALL.len() {

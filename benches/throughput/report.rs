@@ -8,16 +8,19 @@ use crate::workloads::Workload;
 pub enum Imp {
     Pgbench,
     Hand,
+    /// Hand-written, with a connection checked out of a deadpool `Pool` per transaction.
+    HandPool,
     Rowlock,
 }
 
 impl Imp {
-    pub const ALL: [Imp; 3] = [Imp::Pgbench, Imp::Hand, Imp::Rowlock];
+    pub const ALL: [Imp; 4] = [Imp::Pgbench, Imp::Hand, Imp::HandPool, Imp::Rowlock];
 
     pub fn name(self) -> &'static str {
         match self {
             Imp::Pgbench => "pgbench",
             Imp::Hand => "hand-written",
+            Imp::HandPool => "hand-pooled",
             Imp::Rowlock => "rowlock",
         }
     }
@@ -26,6 +29,7 @@ impl Imp {
         match self {
             Imp::Pgbench => "#888888",
             Imp::Hand => "#1f77b4",
+            Imp::HandPool => "#2ca02c",
             Imp::Rowlock => "#d62728",
         }
     }
@@ -71,7 +75,7 @@ fn num(v: f64, decimals: usize) -> String {
 pub struct Cell {
     pub workload: Workload,
     pub clients: usize,
-    pub runs: [Vec<Measure>; 3],
+    pub runs: [Vec<Measure>; 4],
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -116,9 +120,12 @@ pub fn table(workload: Workload, cells: &[&Cell]) -> String {
     let _ = writeln!(out, "### {}\n", workload.name());
     let _ = writeln!(
         out,
-        "| clients | pgbench {unit} | hand-written {unit} | rowlock {unit} | rowlock / pgbench | rowlock / hand-written | p50 / p99 ms: pgbench | hand-written | rowlock |"
+        "| clients | pgbench {unit} | hand-written {unit} | hand-pooled {unit} | rowlock {unit} | rowlock / pgbench | rowlock / hand-written | rowlock / hand-pooled | allocs/tx hand-written / hand-pooled / rowlock | p50 / p99 ms: pgbench | hand-written | rowlock |"
     );
-    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for cell in cells {
         let metric = |imp: Imp| {
             cell.median_of(imp, |m| {
@@ -136,15 +143,21 @@ pub fn table(workload: Workload, cells: &[&Cell]) -> String {
                 num(cell.median_of(imp, |m| m.p99_ms), 2)
             )
         };
+        let allocs = |imp: Imp| num(cell.median_of(imp, |m| m.allocs_per_tx), 1);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} |",
             cell.clients,
             num(metric(Imp::Pgbench), 0),
             num(metric(Imp::Hand), 0),
+            num(metric(Imp::HandPool), 0),
             num(metric(Imp::Rowlock), 0),
             num(cell.ratio(Imp::Pgbench), 2),
             num(cell.ratio(Imp::Hand), 2),
+            num(cell.ratio(Imp::HandPool), 2),
+            allocs(Imp::Hand),
+            allocs(Imp::HandPool),
+            allocs(Imp::Rowlock),
             lat(Imp::Pgbench),
             lat(Imp::Hand),
             lat(Imp::Rowlock),

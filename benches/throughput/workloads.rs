@@ -1,16 +1,19 @@
-//! The five workloads, each in three implementations running the same SQL:
-//! a pgbench script, hand-written tokio-postgres (the 2-round-trip form: BEGIN pipelined with
-//! the locking SELECT, the writes pipelined with COMMIT), and rowlock's public API.
+//! The workloads, each in four implementations running the same SQL: a pgbench script,
+//! hand-written tokio-postgres on its own connection and on a connection checked out of a
+//! deadpool `Pool` per transaction, and rowlock's public API.
 //!
-//! Round trips per transaction: pgbench sends one statement per round trip (4 to 6); the
-//! hand-written form and rowlock take 2: `with_locked_row` / `with_claimed_rows` send BEGIN
-//! with the locking SELECT, and the writes queued with `execute_on_commit` go with COMMIT.
+//! Round trips per transaction: pgbench sends one statement per round trip (4 to 6; its
+//! one-statement workloads 3 with `BEGIN`/`COMMIT`, 1 without); the hand-written forms and
+//! rowlock take 2 on the lock path (`BEGIN` pipelined with the locking SELECT, the writes
+//! pipelined with `COMMIT`) and 1 on the one-statement paths (`accept_cas`: a transition;
+//! `claim_one`, `claim_batch`: claim-and-mark).
 
 use futures_util::future::{join, join3};
+use rowlock::deadpool_postgres::Object;
 use rowlock::tokio_postgres::{Client, Error as PgError, Row, Statement};
 use rowlock::{
     Claim, Compare, Direction, LockMode, LockOptions, LockStrength, LockableRow, Outcome, Table,
-    with_claimed_rows, with_locked_row,
+    Transition, claim_and_mark, transition, with_claimed_rows, with_locked_row,
 };
 
 pub const PROPOSALS_PER_PROJECT: i64 = 4;
@@ -18,10 +21,17 @@ pub const PROPOSALS_PER_PROJECT: i64 = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
     Accept,
+    /// The accept as one conditional statement (a transition): no lock held across a round
+    /// trip.
+    AcceptCas,
     HotRow,
     Spread,
+    /// Claim-and-mark of one row in one statement.
     ClaimOne,
+    /// Claim-and-mark of 100 rows in one statement.
     ClaimBatch,
+    /// The lock path's claim of one row: claim with `BEGIN`, mark with `COMMIT`.
+    ClaimLocked,
     /// Every transaction asks for a row another session holds, with `NOWAIT`: the cost of a
     /// rejection. pgbench stops a client at the first error, so it has no column here.
     NowaitBusy,
@@ -33,22 +43,26 @@ pub const HELD_COUNTERS: i64 = 16;
 pub const HOLD: &str = "BEGIN; SELECT * FROM counters WHERE id <= 16 FOR UPDATE";
 
 impl Workload {
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Accept,
+        Workload::AcceptCas,
         Workload::HotRow,
         Workload::Spread,
         Workload::ClaimOne,
         Workload::ClaimBatch,
+        Workload::ClaimLocked,
         Workload::NowaitBusy,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Workload::Accept => "accept",
+            Workload::AcceptCas => "accept_cas",
             Workload::HotRow => "hot_row",
             Workload::Spread => "spread",
             Workload::ClaimOne => "claim_one",
             Workload::ClaimBatch => "claim_batch",
+            Workload::ClaimLocked => "claim_locked",
             Workload::NowaitBusy => "nowait_busy",
         }
     }
@@ -67,7 +81,14 @@ impl Workload {
     }
 
     pub fn is_claim(self) -> bool {
-        matches!(self, Workload::ClaimOne | Workload::ClaimBatch)
+        matches!(
+            self,
+            Workload::ClaimOne | Workload::ClaimBatch | Workload::ClaimLocked
+        )
+    }
+
+    pub fn is_accept(self) -> bool {
+        matches!(self, Workload::Accept | Workload::AcceptCas)
     }
 
     /// The pgbench script: the same statements, one per round trip.
@@ -88,6 +109,18 @@ COMMIT;
                 proposals = sizes.projects * PROPOSALS_PER_PROJECT,
                 per = PROPOSALS_PER_PROJECT
             ),
+            // One statement, committed on its own.
+            Workload::AcceptCas => format!(
+                "\\set proposal random(1, {proposals})
+\\set project (:proposal - 1) / {per} + 1
+{sql};
+",
+                proposals = sizes.projects * PROPOSALS_PER_PROJECT,
+                per = PROPOSALS_PER_PROJECT,
+                sql = ACCEPT_CAS
+                    .replace("$1", ":project")
+                    .replace("$2", ":proposal")
+            ),
             Workload::HotRow | Workload::Spread => format!(
                 "\\set id {}
 BEGIN;
@@ -104,7 +137,7 @@ COMMIT;
             Workload::NowaitBusy => String::new(),
             // pgbench cannot carry a set of ids from one statement to the next, so its claim
             // marks the rows in the same statement: one round trip fewer than the others.
-            Workload::ClaimOne | Workload::ClaimBatch => format!(
+            Workload::ClaimOne | Workload::ClaimBatch | Workload::ClaimLocked => format!(
                 "BEGIN;
 WITH claimed AS MATERIALIZED (SELECT id FROM jobs WHERE status = 'pending' ORDER BY id LIMIT {} FOR NO KEY UPDATE SKIP LOCKED) UPDATE jobs SET status = 'done', claims = claims + 1 FROM claimed WHERE jobs.id = claimed.id;
 COMMIT;
@@ -167,17 +200,17 @@ pub async fn load(client: &Client, sizes: &Sizes) -> Result<(), PgError> {
 /// Puts the workload's data back to its starting state after a run.
 pub async fn reset(client: &Client, workload: Workload) -> Result<(), PgError> {
     let sql = match workload {
-        Workload::Accept => {
+        Workload::Accept | Workload::AcceptCas => {
             "UPDATE proposals SET status = 'pending' WHERE status <> 'pending';
              UPDATE projects SET status = 'open' WHERE status <> 'open';"
         }
         Workload::HotRow | Workload::Spread | Workload::NowaitBusy => return Ok(()),
-        Workload::ClaimOne | Workload::ClaimBatch => {
+        Workload::ClaimOne | Workload::ClaimBatch | Workload::ClaimLocked => {
             "UPDATE jobs SET status = 'pending', claims = 0 WHERE status <> 'pending';"
         }
     };
     client.batch_execute(sql).await?;
-    let table = if workload == Workload::Accept {
+    let table = if workload.is_accept() {
         "projects, proposals"
     } else {
         "jobs"
@@ -232,6 +265,9 @@ const LOCK_PROJECT: &str = "SELECT * FROM projects WHERE id = $1 FOR NO KEY UPDA
 const ASSIGN: &str = "UPDATE projects SET status = 'assigned' WHERE id = $1";
 const ACCEPT: &str = "UPDATE proposals SET status = 'accepted' WHERE id = $1";
 const REJECT: &str = "UPDATE proposals SET status = 'rejected' WHERE project_id = $1 AND id <> $2 AND status = 'pending'";
+/// The accept as one statement, written by hand: the project changes only while open, and the
+/// proposals change only with it.
+const ACCEPT_CAS: &str = "WITH assign AS (UPDATE projects SET status = 'assigned' WHERE id = $1 AND status = 'open' RETURNING id), accept AS (UPDATE proposals SET status = 'accepted' FROM assign WHERE proposals.id = $2), reject AS (UPDATE proposals SET status = 'rejected' FROM assign WHERE proposals.project_id = assign.id AND proposals.id <> $2 AND proposals.status = 'pending') SELECT count(*) FROM assign";
 const LOCK_COUNTER: &str = "SELECT * FROM counters WHERE id = $1 FOR UPDATE";
 const BUMP: &str = "UPDATE counters SET n = n + 1 WHERE id = $1";
 const LOCK_COUNTER_NOWAIT: &str = "SELECT * FROM counters WHERE id = $1 FOR UPDATE NOWAIT";
@@ -239,35 +275,66 @@ const CLAIM: &str = "WITH claimed AS MATERIALIZED (SELECT * FROM jobs WHERE stat
                      ORDER BY id LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED) \
                      SELECT * FROM claimed ORDER BY id";
 const MARK_DONE: &str = "UPDATE jobs SET status = 'done', claims = claims + 1 WHERE id = ANY($1)";
+/// Claim-and-mark, written by hand: the same statement rowlock generates.
+const CLAIM_MARK: &str = "WITH claimed AS MATERIALIZED (SELECT id FROM jobs WHERE status = 'pending' \
+                          ORDER BY id LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED), \
+                          marked AS (UPDATE jobs SET status = 'done', claims = claims + 1 \
+                          FROM claimed WHERE jobs.id = claimed.id RETURNING jobs.*) \
+                          SELECT * FROM marked ORDER BY id";
 
-/// A hand-written client: its own connection and prepared statements.
-pub struct Hand {
-    client: Client,
+/// The statements a hand-written client prepared on its own connection.
+pub struct Stmts {
     lock_project: Statement,
     assign: Statement,
     accept: Statement,
     reject: Statement,
+    accept_cas: Statement,
     lock_counter: Statement,
     lock_counter_nowait: Statement,
     bump: Statement,
     claim: Statement,
     mark_done: Statement,
+    claim_mark: Statement,
+}
+
+/// A hand-written client: its own connection and prepared statements, or a pool it checks a
+/// connection out of per transaction (statements from the connection's `prepare_cached`).
+pub enum Hand {
+    Own(Client, Box<Stmts>),
+    Pooled(rowlock::deadpool_postgres::Pool),
+}
+
+/// Where a transaction's statements come from.
+enum Source<'a> {
+    Own(&'a Stmts),
+    Pooled(&'a Object),
+}
+
+impl Source<'_> {
+    async fn get(&self, pick: fn(&Stmts) -> &Statement, sql: &str) -> Result<Statement, PgError> {
+        match self {
+            Source::Own(s) => Ok(pick(s).clone()),
+            Source::Pooled(o) => o.prepare_cached(sql).await,
+        }
+    }
 }
 
 impl Hand {
     pub async fn new(client: Client) -> Result<Hand, PgError> {
-        Ok(Hand {
+        let stmts = Stmts {
             lock_project: client.prepare(LOCK_PROJECT).await?,
             assign: client.prepare(ASSIGN).await?,
             accept: client.prepare(ACCEPT).await?,
             reject: client.prepare(REJECT).await?,
+            accept_cas: client.prepare(ACCEPT_CAS).await?,
             lock_counter: client.prepare(LOCK_COUNTER).await?,
             lock_counter_nowait: client.prepare(LOCK_COUNTER_NOWAIT).await?,
             bump: client.prepare(BUMP).await?,
             claim: client.prepare(CLAIM).await?,
             mark_done: client.prepare(MARK_DONE).await?,
-            client,
-        })
+            claim_mark: client.prepare(CLAIM_MARK).await?,
+        };
+        Ok(Hand::Own(client, Box::new(stmts)))
     }
 
     /// One transaction; returns the rows it processed (claims) or 1.
@@ -276,94 +343,118 @@ impl Hand {
         workload: Workload,
         rng: &mut Rng,
         sizes: &Sizes,
-    ) -> Result<i64, PgError> {
-        let c = &self.client;
-        match workload {
-            Workload::Accept => {
-                let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
-                let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
-                let (begin, row) = join(
-                    c.batch_execute("BEGIN"),
-                    c.query_one(&self.lock_project, &[&project]),
-                )
-                .await;
-                begin?;
-                let open = row?.get::<_, &str>("status") == "open";
-                if open {
-                    let ((assign, accept, reject), commit) = join(
-                        join3(
-                            c.execute(&self.assign, &[&project]),
-                            c.execute(&self.accept, &[&proposal]),
-                            c.execute(&self.reject, &[&project, &proposal]),
-                        ),
-                        c.batch_execute("COMMIT"),
-                    )
-                    .await;
-                    assign?;
-                    accept?;
-                    reject?;
-                    commit?;
-                } else {
-                    c.batch_execute("COMMIT").await?;
-                }
-                Ok(1)
+    ) -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
+        match self {
+            Hand::Own(client, stmts) => {
+                Ok(run_hand(client, Source::Own(stmts), workload, rng, sizes).await?)
             }
-            Workload::HotRow | Workload::Spread => {
-                let id = if workload == Workload::HotRow {
-                    1
-                } else {
-                    rng.below(sizes.counters) as i32 + 1
-                };
-                let (begin, row) = join(
-                    c.batch_execute("BEGIN"),
-                    c.query_one(&self.lock_counter, &[&id]),
+            Hand::Pooled(pool) => {
+                let obj = pool.get().await?;
+                Ok(run_hand(&obj, Source::Pooled(&obj), workload, rng, sizes).await?)
+            }
+        }
+    }
+}
+
+async fn run_hand(
+    c: &Client,
+    st: Source<'_>,
+    workload: Workload,
+    rng: &mut Rng,
+    sizes: &Sizes,
+) -> Result<i64, PgError> {
+    match workload {
+        Workload::Accept => {
+            let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
+            let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
+            let lock = st.get(|s| &s.lock_project, LOCK_PROJECT).await?;
+            let (begin, row) =
+                join(c.batch_execute("BEGIN"), c.query_one(&lock, &[&project])).await;
+            begin?;
+            let open = row?.get::<_, &str>("status") == "open";
+            if open {
+                let assign = st.get(|s| &s.assign, ASSIGN).await?;
+                let accept = st.get(|s| &s.accept, ACCEPT).await?;
+                let reject = st.get(|s| &s.reject, REJECT).await?;
+                let ((assign, accept, reject), commit) = join(
+                    join3(
+                        c.execute(&assign, &[&project]),
+                        c.execute(&accept, &[&proposal]),
+                        c.execute(&reject, &[&project, &proposal]),
+                    ),
+                    c.batch_execute("COMMIT"),
                 )
                 .await;
-                begin?;
-                row?;
-                let (bump, commit) =
-                    join(c.execute(&self.bump, &[&id]), c.batch_execute("COMMIT")).await;
-                bump?;
+                assign?;
+                accept?;
+                reject?;
                 commit?;
-                Ok(1)
+            } else {
+                c.batch_execute("COMMIT").await?;
             }
-            Workload::NowaitBusy => {
-                let id = rng.below(HELD_COUNTERS) as i32 + 1;
-                let (begin, row) = join(
-                    c.batch_execute("BEGIN"),
-                    c.query_one(&self.lock_counter_nowait, &[&id]),
-                )
-                .await;
-                begin?;
-                let rejected = row.is_err_and(|e| {
-                    e.code() == Some(&rowlock::tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-                });
-                c.batch_execute("ROLLBACK").await?;
-                // 1 per rejection; the check fails the run if a held row was ever locked.
-                Ok(i64::from(rejected))
+            Ok(1)
+        }
+        Workload::AcceptCas => {
+            let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
+            let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
+            let cas = st.get(|s| &s.accept_cas, ACCEPT_CAS).await?;
+            c.query_one(&cas, &[&project, &proposal]).await?;
+            Ok(1)
+        }
+        Workload::HotRow | Workload::Spread => {
+            let id = if workload == Workload::HotRow {
+                1
+            } else {
+                rng.below(sizes.counters) as i32 + 1
+            };
+            let lock = st.get(|s| &s.lock_counter, LOCK_COUNTER).await?;
+            let (begin, row) = join(c.batch_execute("BEGIN"), c.query_one(&lock, &[&id])).await;
+            begin?;
+            row?;
+            let bump = st.get(|s| &s.bump, BUMP).await?;
+            let (bump, commit) = join(c.execute(&bump, &[&id]), c.batch_execute("COMMIT")).await;
+            bump?;
+            commit?;
+            Ok(1)
+        }
+        Workload::NowaitBusy => {
+            let id = rng.below(HELD_COUNTERS) as i32 + 1;
+            let lock = st
+                .get(|s| &s.lock_counter_nowait, LOCK_COUNTER_NOWAIT)
+                .await?;
+            let (begin, row) = join(c.batch_execute("BEGIN"), c.query_one(&lock, &[&id])).await;
+            begin?;
+            let rejected = row.is_err_and(|e| {
+                e.code() == Some(&rowlock::tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+            });
+            c.batch_execute("ROLLBACK").await?;
+            // 1 per rejection; the check fails the run if a held row was ever locked.
+            Ok(i64::from(rejected))
+        }
+        Workload::ClaimOne | Workload::ClaimBatch => {
+            let claim = st.get(|s| &s.claim_mark, CLAIM_MARK).await?;
+            Ok(c.query(&claim, &[&workload.batch()]).await?.len() as i64)
+        }
+        Workload::ClaimLocked => {
+            let claim = st.get(|s| &s.claim, CLAIM).await?;
+            let (begin, rows) = join(
+                c.batch_execute("BEGIN"),
+                c.query(&claim, &[&workload.batch()]),
+            )
+            .await;
+            begin?;
+            let ids: Vec<i64> = rows?.iter().map(|r| r.get("id")).collect();
+            let n = ids.len() as i64;
+            if ids.is_empty() {
+                c.batch_execute("COMMIT").await?;
+            } else {
+                let mark = st.get(|s| &s.mark_done, MARK_DONE).await?;
+                let (mark, commit) =
+                    join(c.execute(&mark, &[&ids]), c.batch_execute("COMMIT")).await;
+                mark?;
+                commit?;
             }
-            Workload::ClaimOne | Workload::ClaimBatch => {
-                let (begin, rows) = join(
-                    c.batch_execute("BEGIN"),
-                    c.query(&self.claim, &[&workload.batch()]),
-                )
-                .await;
-                begin?;
-                let ids: Vec<i64> = rows?.iter().map(|r| r.get("id")).collect();
-                let n = ids.len() as i64;
-                if ids.is_empty() {
-                    c.batch_execute("COMMIT").await?;
-                } else {
-                    let (mark, commit) = join(
-                        c.execute(&self.mark_done, &[&ids]),
-                        c.batch_execute("COMMIT"),
-                    )
-                    .await;
-                    mark?;
-                    commit?;
-                }
-                Ok(n)
-            }
+            Ok(n)
         }
     }
 }
@@ -424,13 +515,42 @@ impl LockableRow for Job {
     }
 }
 
+/// The accept as a rowlock transition: the same statement shape as the hand-written
+/// `ACCEPT_CAS`.
+pub fn accept_transition() -> Transition {
+    Transition::new("status = 'assigned'")
+        .when("status = 'open'")
+        .then("UPDATE proposals SET status = 'accepted' FROM changed WHERE proposals.id = $1")
+        .then(
+            "UPDATE proposals SET status = 'rejected' FROM changed WHERE proposals.project_id = \
+             changed.id AND proposals.id <> $1 AND proposals.status = 'pending'",
+        )
+}
+
+/// What rowlock's workloads reuse across transactions, as a service would keep them.
+pub struct Prepared {
+    pub claim: Claim,
+    pub claim_mark: Claim,
+    pub accept: Transition,
+}
+
+impl Prepared {
+    pub fn new() -> Prepared {
+        Prepared {
+            claim: claim(),
+            claim_mark: claim().mark("status = 'done', claims = claims + 1", vec![]),
+            accept: accept_transition(),
+        }
+    }
+}
+
 /// One transaction through rowlock's public API; returns the rows processed or 1.
 pub async fn with_rowlock(
     pool: &rowlock::deadpool_postgres::Pool,
     workload: Workload,
     rng: &mut Rng,
     sizes: &Sizes,
-    claim: &Claim,
+    prepared: &Prepared,
 ) -> Result<i64, rowlock::Error> {
     match workload {
         Workload::Accept => {
@@ -452,6 +572,18 @@ pub async fn with_rowlock(
             })
             .await?;
             outcome.into_result().map(|()| 1)
+        }
+        Workload::AcceptCas => {
+            let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
+            let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
+            // Done or Conflict (already assigned): both are a completed transaction.
+            let outcome =
+                transition::<Project>(pool, &project, &prepared.accept, &[&proposal]).await?;
+            assert!(
+                !matches!(outcome, rowlock::Transitioned::NotFound),
+                "project {project} exists"
+            );
+            Ok(1)
         }
         Workload::HotRow | Workload::Spread => {
             let id = if workload == Workload::HotRow {
@@ -486,9 +618,14 @@ pub async fn with_rowlock(
             }
         }
         Workload::ClaimOne | Workload::ClaimBatch => {
+            let jobs: Vec<Job> =
+                claim_and_mark(pool, &prepared.claim_mark, workload.batch() as usize).await?;
+            Ok(jobs.len() as i64)
+        }
+        Workload::ClaimLocked => {
             let claimed = with_claimed_rows(
                 pool,
-                claim,
+                &prepared.claim,
                 workload.batch() as usize,
                 |tx, jobs: Vec<Job>| {
                     Box::pin(async move {

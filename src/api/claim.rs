@@ -54,7 +54,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::api::alone::run_alone;
-use crate::api::claim_sql::{Predicate, filter_value};
+use crate::api::claim_sql::{FilterValue, Predicate, filter_value};
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{Flush, Side};
@@ -107,7 +107,7 @@ pub enum Direction {
 }
 
 enum Condition {
-    Compare(String, Compare, OwnedParam),
+    Compare(String, Compare, FilterValue),
     IsNull(String),
     IsNotNull(String),
     Predicate(Predicate),
@@ -185,12 +185,14 @@ impl Claim {
         Self::default()
     }
 
-    /// Adds `column <op> value` to the filter (all conditions are ANDed). The value is bound
-    /// as a parameter, of the column's type: text (`&'static str`, `String`) also fits a
-    /// PostgreSQL enum column (`status = 'pending'` on a `job_status`), and an integer
-    /// (`i16`, `i32`, `i64`) any integer column it fits in. A value that does not fit its column
-    /// is refused with [`ErrorKind::InvalidArgument`] when the claim runs, before anything is
-    /// locked.
+    /// Adds `column <op> value` to the filter (all conditions are ANDed). Text
+    /// (`&'static str`, `String`) and integers (`i16`, `i32`, `i64`) are written into the SQL as
+    /// literals (quoted and escaped), which PostgreSQL types as the column: text also fits a
+    /// PostgreSQL enum column (`status = 'pending'` on a `job_status`), an integer any integer
+    /// column, and the claim matches a partial index on the same condition under a generic
+    /// plan. Other values are bound as parameters of the column's type (and the claim is then
+    /// planned per call); one that does not fit its column, or text with a NUL, is refused with
+    /// [`ErrorKind::InvalidArgument`] when the claim runs, before anything is locked.
     #[must_use]
     pub fn filter(
         mut self,
@@ -323,7 +325,8 @@ impl Claim {
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(self.conditions.len() + 1);
         for c in &self.conditions {
             match c {
-                Condition::Compare(_, _, value) => params.push(&**value),
+                Condition::Compare(_, _, FilterValue::Param(value)) => params.push(&**value),
+                Condition::Compare(..) => {} // a literal in the SQL
                 Condition::Predicate(p) => {
                     params.extend(p.params.iter().map(|v| &**v as &(dyn ToSql + Sync)))
                 }
@@ -335,6 +338,18 @@ impl Claim {
         }
         params.push(n);
         Ok((sql, params))
+    }
+
+    /// Whether the claim must be planned for each call's values: a filter value or predicate
+    /// bound as a parameter could keep a generic plan from using a partial index. Text and
+    /// integer filters are literals in the SQL, and the limit alone does not change the plan's
+    /// shape, so most claims run as plain prepared statements.
+    fn needs_custom_plans(&self) -> bool {
+        self.conditions.iter().any(|c| match c {
+            Condition::Compare(_, _, value) => matches!(value, FilterValue::Param(_)),
+            Condition::Predicate(p) => !p.params.is_empty(),
+            Condition::IsNull(_) | Condition::IsNotNull(_) => false,
+        })
     }
 
     /// Renders the claim for `R`, checking everything that can be checked without the server.
@@ -368,10 +383,13 @@ impl Claim {
         let mut conditions = Vec::with_capacity(self.conditions.len());
         for c in &self.conditions {
             conditions.push(match c {
-                Condition::Compare(col, op, _) => {
-                    bound += 1;
-                    format!("{} {} ${bound}", quote_ident(col)?, op.sql())
-                }
+                Condition::Compare(col, op, value) => match value.literal()? {
+                    Some(literal) => format!("{} {} {literal}", quote_ident(col)?, op.sql()),
+                    None => {
+                        bound += 1;
+                        format!("{} {} ${bound}", quote_ident(col)?, op.sql())
+                    }
+                },
                 Condition::IsNull(col) => format!("{} IS NULL", quote_ident(col)?),
                 Condition::IsNotNull(col) => format!("{} IS NOT NULL", quote_ident(col)?),
                 Condition::Predicate(p) => {
@@ -476,7 +494,8 @@ impl Transaction {
     /// An empty result is an ordinary outcome: nothing eligible was free.
     ///
     /// The claim's transaction options are not used here (the transaction is open), and
-    /// custom plans are not forced; [`with_claimed_rows`] does both. Invalid claims (see
+    /// custom plans are not forced for claims with bound filter values;
+    /// [`with_claimed_rows`] does both. Invalid claims (see
     /// [`Claim`]) and `n = 0` give [`ErrorKind::InvalidArgument`] before anything is sent.
     pub async fn claim<R: LockableRow>(&self, claim: &Claim, n: usize) -> Result<Vec<R>, Error> {
         let n = limit(n)?;
@@ -518,8 +537,9 @@ impl Transaction {
     }
 }
 
-/// A claim's failure in the caller's terms: a column the table lacks, or a filter value that
-/// does not fit its column, is the claim's fault ([`ErrorKind::InvalidArgument`]; nothing was
+/// A claim's failure in the caller's terms: a column the table lacks (`42703`), or a filter
+/// value that does not fit its column (`42883`, `22P02`, or the driver's refusal), is the
+/// claim's fault ([`ErrorKind::InvalidArgument`]; nothing was
 /// locked).
 fn refine_claim_error(e: Error) -> Error {
     let refused = |detail: &str| {
@@ -528,8 +548,13 @@ fn refine_claim_error(e: Error) -> Error {
     if e.sql_state() == Some(&SqlState::UNDEFINED_COLUMN) {
         refused("the claim's filter or order names a column the table does not have")
             .with_boxed_source(e.into_source())
-    } else if e.kind() == ErrorKind::Driver {
-        // A value the driver could not bind as its column's type: nothing was sent.
+    } else if e.kind() == ErrorKind::Driver
+        || e.sql_state() == Some(&SqlState::UNDEFINED_FUNCTION)
+        || e.sql_state() == Some(&SqlState::INVALID_TEXT_REPRESENTATION)
+    {
+        // A value the driver could not bind as its column's type (nothing was sent), or a
+        // literal the server could not compare with or read as the column's type (refused
+        // when the statement was prepared, before it ran).
         refused("a claim filter value does not fit its column").with_boxed_source(e.into_source())
     } else {
         e
@@ -595,10 +620,11 @@ where
     let n = limit(n)?;
     let (sql, params) = claim.render::<R>(&n)?;
     let mut options = claim.transaction.clone();
-    options.force_custom_plans = true;
+    options.force_custom_plans = claim.needs_custom_plans();
     let step = ClaimStep::<R> {
         sql,
         params,
+        custom_plans: options.force_custom_plans,
         row: PhantomData,
     };
     run_locked(
@@ -616,6 +642,8 @@ where
 struct ClaimStep<'a, R> {
     sql: Arc<str>,
     params: Vec<&'a (dyn ToSql + Sync)>,
+    /// Whether `BEGIN` forced custom plans, to be restored after the claim.
+    custom_plans: bool,
     row: PhantomData<fn() -> R>,
 }
 
@@ -625,7 +653,7 @@ impl<R: LockableRow> LockStep for ClaimStep<'_, R> {
         &'t self,
         tx: &'t Transaction,
     ) -> impl Future<Output = Result<Vec<R>, Error>> + Send + 't {
-        tx.claim_rendered::<R>(&self.sql, &self.params, true)
+        tx.claim_rendered::<R>(&self.sql, &self.params, self.custom_plans)
     }
 }
 
@@ -729,7 +757,7 @@ pub async fn claim_and_mark<R: LockableRow>(
         .await
         .map(Option::unwrap_or_default);
     }
-    let rows = run_alone(pool, &sql, &params, Step::Lock, true)
+    let rows = run_alone(pool, &sql, &params, Step::Lock, claim.needs_custom_plans())
         .await
         .map_err(refine_claim_error)?;
     rows.iter()

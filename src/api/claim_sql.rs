@@ -3,89 +3,79 @@
 //! whose `$n` placeholders are renumbered into the claim's.
 
 use std::any::Any;
-use std::error::Error as StdError;
 use std::fmt;
 
-use bytes::BytesMut;
-use tokio_postgres::types::{IsNull, Kind, ToSql, Type, to_sql_checked};
+use tokio_postgres::types::ToSql;
 
 use crate::error::Error;
 use crate::transaction::OwnedParam;
 
-type BoxError = Box<dyn StdError + Sync + Send>;
+/// A filter value as the claim uses it. Text and integers are written into the claim's SQL
+/// as literals, so that the statement matches a partial index on the same condition under a
+/// generic plan (a prepared statement's parameter never matches one), and PostgreSQL gives
+/// the literal the column's type: `filter("status", Eq, "pending")` works on a `job_status`
+/// enum column and `filter("attempts", Lt, 3_i32)` on an `int8` one. Other values are bound as
+/// parameters, as they are.
+pub(crate) enum FilterValue {
+    Text(String),
+    Int(i64),
+    Param(OwnedParam),
+}
 
-/// A filter value as the claim binds it: text and integers are bound as whatever text-like,
-/// enum or integer type PostgreSQL infers for the column, so `filter("status", Eq, "pending")`
-/// works on a `job_status` enum column and `filter("attempts", Lt, 3_i32)` on an `int8` one.
-/// Other values are bound as they are.
-pub(crate) fn filter_value<V: ToSql + Send + Sync + 'static>(value: V) -> OwnedParam {
+impl fmt::Debug for FilterValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FilterValue::Text(t) => write!(f, "{t:?}"),
+            FilterValue::Int(i) => write!(f, "{i}"),
+            FilterValue::Param(p) => write!(f, "{p:?}"),
+        }
+    }
+}
+
+pub(crate) fn filter_value<V: ToSql + Send + Sync + 'static>(value: V) -> FilterValue {
     let any: &dyn Any = &value;
     if let Some(s) = any.downcast_ref::<&'static str>() {
-        return Box::new(Label((*s).to_owned()));
+        return FilterValue::Text((*s).to_owned());
     }
     if let Some(s) = any.downcast_ref::<String>() {
-        return Box::new(Label(s.clone()));
+        return FilterValue::Text(s.clone());
     }
     let int = (any.downcast_ref::<i16>().map(|v| i64::from(*v)))
         .or_else(|| any.downcast_ref::<i32>().map(|v| i64::from(*v)))
         .or_else(|| any.downcast_ref::<i64>().copied());
     match int {
-        Some(int) => Box::new(Int(int)),
-        None => Box::new(value),
+        Some(int) => FilterValue::Int(int),
+        None => FilterValue::Param(Box::new(value)),
     }
 }
 
-/// Text bound as a text-like type or as an enum label (an enum's binary form is its label).
-#[derive(Debug)]
-struct Label(String);
-
-impl ToSql for Label {
-    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
-        if matches!(ty.kind(), Kind::Enum(_)) {
-            out.extend_from_slice(self.0.as_bytes());
-            return Ok(IsNull::No);
+impl FilterValue {
+    /// The SQL literal, or `None` for a value bound as a parameter.
+    pub(crate) fn literal(&self) -> Result<Option<String>, Error> {
+        match self {
+            FilterValue::Text(t) => literal(t).map(Some),
+            FilterValue::Int(i) => Ok(Some(i.to_string())),
+            FilterValue::Param(_) => Ok(None),
         }
-        self.0.to_sql(ty, out)
     }
-
-    fn accepts(ty: &Type) -> bool {
-        matches!(ty.kind(), Kind::Enum(_)) || <String as ToSql>::accepts(ty)
-    }
-
-    to_sql_checked!();
 }
 
-/// An integer bound as `int2`, `int4` or `int8`, whichever the column is; a value that does
-/// not fit is refused when bound.
-#[derive(Debug)]
-struct Int(i64);
-
-impl ToSql for Int {
-    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
-        let out_of_range = || -> BoxError {
-            format!(
-                "the filter value {} does not fit a {} column",
-                self.0,
-                ty.name()
-            )
-            .into()
-        };
-        match *ty {
-            Type::INT2 => i16::try_from(self.0)
-                .map_err(|_| out_of_range())?
-                .to_sql(ty, out),
-            Type::INT4 => i32::try_from(self.0)
-                .map_err(|_| out_of_range())?
-                .to_sql(ty, out),
-            _ => self.0.to_sql(ty, out),
-        }
+/// `text` as an SQL string literal of unknown type (PostgreSQL gives it the type the context
+/// asks for): `'…'` with quotes doubled, or `E'…'` with backslashes doubled too when it has
+/// any (so it reads the same whatever `standard_conforming_strings` says). Text with a NUL is
+/// refused: PostgreSQL text cannot hold one.
+pub(crate) fn literal(text: &str) -> Result<String, Error> {
+    if text.contains('\0') {
+        return Err(Error::invalid(
+            "a claim filter value contains a NUL character, which PostgreSQL text cannot hold",
+        ));
     }
-
-    fn accepts(ty: &Type) -> bool {
-        matches!(*ty, Type::INT2 | Type::INT4 | Type::INT8)
-    }
-
-    to_sql_checked!();
+    let quoted = text.replace('\'', "''");
+    Ok(if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    })
 }
 
 /// A raw SQL predicate and the values for its `$1`, `$2`, … placeholders.
@@ -334,21 +324,17 @@ mod tests {
     }
 
     #[test]
-    fn values_take_the_inferred_type_or_are_refused() {
-        let mut buf = BytesMut::new();
-        let int = filter_value(7_i32);
-        assert!(int.to_sql_checked(&Type::INT8, &mut buf).is_ok());
-        assert!(int.to_sql_checked(&Type::INT2, &mut buf).is_ok());
-        assert!(int.to_sql_checked(&Type::TEXT, &mut buf).is_err());
-        let big = filter_value(1_i64 << 40);
-        assert!(
-            big.to_sql_checked(&Type::INT4, &mut buf).is_err(),
-            "out of range"
+    fn text_and_integers_become_literals() {
+        assert_eq!(literal("pending").unwrap(), "'pending'");
+        assert_eq!(literal("it's").unwrap(), "'it''s'");
+        assert_eq!(literal("a\\b'c").unwrap(), "E'a\\\\b''c'");
+        assert!(literal("a\0b").unwrap_err().is_invalid_argument());
+        assert_eq!(filter_value(7_i16).literal().unwrap().unwrap(), "7");
+        assert_eq!(filter_value(-7_i64).literal().unwrap().unwrap(), "-7");
+        assert_eq!(
+            filter_value(String::from("x")).literal().unwrap().unwrap(),
+            "'x'"
         );
-        let label = filter_value("pending");
-        assert!(label.to_sql_checked(&Type::TEXT, &mut buf).is_ok());
-        assert!(label.to_sql_checked(&Type::INT4, &mut buf).is_err());
-        let other = filter_value(2.5_f64);
-        assert!(other.to_sql_checked(&Type::FLOAT8, &mut buf).is_ok());
+        assert!(filter_value(true).literal().unwrap().is_none());
     }
 }

@@ -7,10 +7,15 @@
 //!   run WITHOUT the safety-net unique index, so double acceptances show;
 //! - `locked Wait`: `accept_proposal` with `LockMode::Wait`: losers wait, then see "already
 //!   assigned";
-//! - `locked NoWait+retry`: `LockMode::NoWait`, retrying a busy project a few times.
+//! - `locked NoWait+retry`: `LockMode::NoWait`, retrying a busy project a few times;
+//! - `one statement`: `accept_proposal_in_one_statement`, a transition of the project: no lock
+//!   held across a round trip.
 //!
 //! ```text
-//! cargo run --example accept_race -- --managers 8 --projects 500 --concurrency 4
+//! cargo run --release --example accept_race -- --managers 8 --projects 500 --concurrency 4
+//! # rounds × K managers on one project, a barrier per round (attempts/s comparable with a
+//! # web framework's view raced the same way):
+//! cargo run --release --example accept_race -- --rounds 500 --managers 2
 //! ```
 //!
 //! Runs on `DATABASE_URL`, or on a throwaway cluster when it is unset.
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use rowlock::assignment::{
     AcceptOptions, AssignmentError, ONE_ACCEPTED_INDEX, ProposalStatus, accept_proposal,
-    accept_proposal_with, migrate,
+    accept_proposal_in_one_statement, accept_proposal_with, migrate,
 };
 use rowlock::deadpool_postgres::Pool;
 use rowlock::testing::TestCluster;
@@ -35,6 +40,7 @@ enum Strategy {
     Flawed,
     Wait,
     NoWaitRetry,
+    OneStatement,
 }
 
 impl Strategy {
@@ -43,6 +49,7 @@ impl Strategy {
             Strategy::Flawed => "flawed (no lock, no index)",
             Strategy::Wait => "locked Wait",
             Strategy::NoWaitRetry => "locked NoWait+retry",
+            Strategy::OneStatement => "one statement (transition)",
         }
     }
 }
@@ -83,8 +90,15 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--managers" => args.managers = value()?,
             "--projects" => args.projects = value()?,
             "--concurrency" => args.concurrency = value()?,
+            // The race shape of one project per round: a barrier per round of K clicks.
+            "--rounds" => {
+                args.projects = value()?;
+                args.concurrency = 1;
+            }
             "--help" | "-h" => {
-                println!("usage: accept_race [--managers K] [--projects P] [--concurrency C]");
+                println!(
+                    "usage: accept_race [--managers K] [--projects P] [--concurrency C] | [--rounds R]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}; try --help").into()),
@@ -99,6 +113,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
 async fn click(
     pool: &Pool,
     strategy: Strategy,
+    project: i64,
     proposal: i64,
 ) -> Result<Click, Box<dyn std::error::Error + Send + Sync>> {
     let result = match strategy {
@@ -119,6 +134,7 @@ async fn click(
             );
             accept_proposal_with(pool, proposal, &options).await
         }
+        Strategy::OneStatement => accept_proposal_in_one_statement(pool, project, proposal).await,
     };
     match result {
         Ok(()) => Ok(Click::Accepted),
@@ -191,7 +207,7 @@ async fn race(
                 let (pool, start) = (pool.clone(), start.clone());
                 clicks.push(tokio::spawn(async move {
                     start.wait().await; // everyone clicks at the same instant
-                    click(&pool, strategy, proposal).await
+                    click(&pool, strategy, project, proposal).await
                 }));
             }
         }
@@ -230,7 +246,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut broken = false;
-    for strategy in [Strategy::Flawed, Strategy::Wait, Strategy::NoWaitRetry] {
+    for strategy in [
+        Strategy::Flawed,
+        Strategy::Wait,
+        Strategy::NoWaitRetry,
+        Strategy::OneStatement,
+    ] {
         let r = race(&cluster, strategy, &args).await?;
         println!(
             "| {} | {} | {} | {} | {} | {} | {:.2} s | {:.0} |",

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench throughput              # full: clients 1, 4, 16; 3 rounds of 3 s
 //! cargo bench --bench throughput -- --quick   # smoke test: small data, correctness only
+//! cargo bench --bench throughput -- --durable # server defaults for durability (fsync, WAL waits)
 //! ```
 //!
 //! Uses `DATABASE_URL` if set (and `pgbench` from the installed server binaries), else a
@@ -46,6 +47,8 @@ enum Limit {
 
 struct Mode {
     quick: bool,
+    /// Server defaults for durability: every commit waits for its WAL to reach the disk.
+    durable: bool,
     limit: Limit,
     rounds: usize,
     clients: Vec<usize>,
@@ -57,6 +60,8 @@ impl Mode {
         let quick = std::env::args().any(|a| a == "--quick")
             || std::env::var_os("ROWLOCK_BENCH_QUICK").is_some();
         let mut mode = Self::base(quick);
+        mode.durable = std::env::args().any(|a| a == "--durable")
+            || std::env::var_os("ROWLOCK_BENCH_DURABLE").is_some();
         // For profiling one cell: ROWLOCK_BENCH_CLIENTS=1,4 and ROWLOCK_BENCH_WORKLOADS=hot_row.
         if let Ok(list) = std::env::var("ROWLOCK_BENCH_CLIENTS") {
             mode.clients = list
@@ -71,6 +76,7 @@ impl Mode {
         if quick {
             Mode {
                 quick,
+                durable: false,
                 limit: Limit::Count(20),
                 rounds: 1,
                 clients: vec![1, 4],
@@ -87,6 +93,7 @@ impl Mode {
                 .unwrap_or(3);
             Mode {
                 quick,
+                durable: false,
                 limit: Limit::Secs(secs),
                 rounds: 3,
                 clients: vec![1, 4, 16],
@@ -430,7 +437,18 @@ fn main() -> Result<(), BoxError> {
 
 async fn run() -> Result<(), BoxError> {
     let mode = Mode::from_args();
-    let cluster = Arc::new(TestCluster::from_env()?);
+    let cluster = Arc::new(
+        if mode.durable && std::env::var_os("DATABASE_URL").is_none() {
+            TestCluster::start_with(&[
+                ("fsync", "on"),
+                ("synchronous_commit", "on"),
+                ("full_page_writes", "on"),
+            ])?
+        } else {
+            // With DATABASE_URL the server's own settings apply (printed with the results).
+            TestCluster::from_env()?
+        },
+    );
     let bindir = match cluster.bindir() {
         Some(dir) => dir.to_path_buf(),
         None => server_bindir()?,
@@ -544,10 +562,11 @@ async fn run() -> Result<(), BoxError> {
     }
     let mut md = String::new();
     md.push_str(&format!(
-        "## Throughput ({} mode)\n\nPostgreSQL {version}, {} cores, client and server on one machine; \
+        "## Throughput ({} mode{})\n\nPostgreSQL {version}, {} cores, client and server on one machine; \
          {}; pgbench -M prepared -j 1; clients run on one Tokio current-thread runtime; \
          {}; medians of {} round(s), ratios are medians of per-round ratios.\n\n",
         if mode.quick { "quick" } else { "full" },
+        if mode.durable { ", durable" } else { "" },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         settings.join(", "),
         match mode.limit {
@@ -565,6 +584,7 @@ async fn run() -> Result<(), BoxError> {
             report::svg(workload, &mine),
         )?;
     }
+    md.push_str(&report::targets(&cells));
     md.push_str(&format!(
         "Correctness checks: {}\n",
         if failures.is_empty() {
@@ -576,7 +596,12 @@ async fn run() -> Result<(), BoxError> {
         }
     ));
     println!("\n{md}");
-    std::fs::write(dir.join("throughput.md"), &md)?;
+    let name = if mode.durable {
+        "throughput-durable.md"
+    } else {
+        "throughput.md"
+    };
+    std::fs::write(dir.join(name), &md)?;
     println!("written to {}", dir.display());
     let _ = std::fs::remove_dir_all(&scratch);
     drop((admin, db));

@@ -273,3 +273,77 @@ pub fn svg(workload: Workload, cells: &[&Cell]) -> String {
     s.push_str("</svg>\n");
     s
 }
+
+/// The performance targets, computed from this run's cells (medians over rounds).
+pub fn targets(cells: &[Cell]) -> String {
+    let cell = |w: Workload, clients: usize| {
+        cells
+            .iter()
+            .find(|c| c.workload == w && c.clients == clients)
+    };
+    let rows = |c: &Cell, imp: Imp| c.median_of(imp, |m| m.rows_per_s);
+    let mut lines = Vec::new();
+    let mut worst: Option<(f64, String)> = None;
+    for c in cells {
+        for other in [Imp::Hand, Imp::HandPool] {
+            let r = c.ratio(other);
+            if r.is_finite() && worst.as_ref().is_none_or(|(w, _)| r < *w) {
+                worst = Some((
+                    r,
+                    format!(
+                        "{} at {} clients, vs {}",
+                        c.workload.name(),
+                        c.clients,
+                        other.name()
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some((r, at)) = worst {
+        lines.push(format!(
+            "| rowlock ≥ 0.97× hand-written on every workload and client count | lowest {r:.2} ({at}) | {} |",
+            if r >= 0.97 { "met" } else { "missed" }
+        ));
+    }
+    if let (Some(cas), Some(lock)) = (cell(Workload::AcceptCas, 1), cell(Workload::Accept, 1)) {
+        let r = median(
+            cas.runs[Imp::Rowlock as usize]
+                .iter()
+                .zip(&lock.runs[Imp::Pgbench as usize])
+                .map(|(a, b)| a.tps / b.tps)
+                .collect(),
+        );
+        lines.push(format!(
+            "| accept_cas (rowlock) ≥ 2.0× pgbench's accept lock script, 1 client | {r:.2} | {} |",
+            if r >= 2.0 { "met" } else { "missed" }
+        ));
+    }
+    for (clients, target) in [(1, 1.3), (16, 1.0)] {
+        if let Some(c) = cell(Workload::ClaimOne, clients) {
+            let r = c.ratio(Imp::Pgbench);
+            lines.push(format!(
+                "| claim_one ≥ {target}× pgbench, {clients} client(s) | {r:.2} | {} |",
+                if r >= target { "met" } else { "missed" }
+            ));
+        }
+    }
+    if let (Some(batch), Some(one)) = (cell(Workload::ClaimBatch, 16), cell(Workload::ClaimOne, 16))
+    {
+        for imp in [Imp::Pgbench, Imp::Hand, Imp::Rowlock] {
+            let r = rows(batch, imp) / rows(one, imp);
+            lines.push(format!(
+                "| claim_batch ≥ 10× claim_one jobs/s, 16 clients ({}) | {r:.1}× | {} |",
+                imp.name(),
+                if r >= 10.0 { "met" } else { "missed" }
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "### Targets\n\n| target | this run | |\n|---|---:|---|\n{}\n\n",
+        lines.join("\n")
+    )
+}

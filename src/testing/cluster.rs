@@ -90,6 +90,8 @@ struct Embedded {
     bindir: PathBuf,
     port: u16,
     run_as: Option<String>,
+    /// Server settings on top of (or instead of) [`SERVER_SETTINGS`].
+    settings: Vec<(String, String)>,
     server: Mutex<Option<Child>>,
     pooler: Mutex<Option<Child>>,
     guardian: Mutex<Option<(Child, ChildStdin)>>,
@@ -212,25 +214,132 @@ impl TestCluster {
     /// Server binaries are looked up in `ROWLOCK_PG_BINDIR`, then on `PATH`, then via
     /// `pg_config --bindir`, then under `/usr/lib/postgresql/*/bin` (newest version first).
     pub fn start() -> Result<TestCluster, HarnessError> {
-        let bindir = find_bindir()?;
-        let run_as = unprivileged_user()?;
-        let dir = tempfile::Builder::new()
-            .prefix("rowlock-pg-")
-            .tempdir()
-            .map_err(|e| io("creating a temporary directory", e))?
-            .keep();
-        // From here on the guardian owns `dir`: it removes it however we exit.
-        let guardian = spawn_guardian(&dir)?;
-        let mut embedded = Embedded {
-            dir: dir.clone(),
-            bindir,
-            port: 0,
-            run_as,
-            server: Mutex::new(None),
-            pooler: Mutex::new(None),
-            guardian: Mutex::new(Some(guardian)),
-        };
+        TestCluster::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with server settings of the caller's on top of the test
+    /// defaults (which turn durability off: `fsync`, `synchronous_commit` and
+    /// `full_page_writes` are `off`). `&[("fsync", "on"), ("synchronous_commit", "on"),
+    /// ("full_page_writes", "on")]` gives a server that keeps every acknowledged commit.
+    ///
+    /// A name or value with a NUL or a newline is refused with [`HarnessError::Config`].
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<TestCluster, HarnessError> {
+        let embedded = Embedded::new(settings)?;
         embedded.init()?;
+        TestCluster::serve(embedded)
+    }
+
+    /// Starts a streaming standby of this cluster (embedded clusters only): a base backup
+    /// taken with `pg_basebackup -R` (which writes the standby's connection settings) into a
+    /// new temporary directory, run as the same unprivileged user, on a port of its own, and
+    /// stopped with its own guardian like any throwaway cluster. `settings` are added to the
+    /// test defaults, as for [`start_with`](Self::start_with).
+    ///
+    /// Databases created on this cluster appear on the standby once it has replayed them: see
+    /// [`wait_for_replay`](Self::wait_for_replay). For synchronous replication, call
+    /// [`set_synchronous_standby`](Self::set_synchronous_standby) on this cluster.
+    pub fn start_standby(&self, settings: &[(&str, &str)]) -> Result<TestCluster, HarnessError> {
+        let primary = self.embedded()?;
+        let standby = Embedded::new(settings)?;
+        let out = standby
+            .command("pg_basebackup")
+            .arg("-D")
+            .arg(standby.data())
+            .args(["-R", "-X", "stream", "-c", "fast", "-h", "127.0.0.1"])
+            .arg("-p")
+            .arg(primary.port.to_string())
+            .args(["-U", "postgres"])
+            .current_dir(&standby.dir)
+            .output()
+            .map_err(|e| io("running pg_basebackup", e))?;
+        if !out.status.success() {
+            return Err(HarnessError::Start(format!(
+                "pg_basebackup failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        TestCluster::serve(standby)
+    }
+
+    /// Makes every standby synchronous (`synchronous_standby_names = '*'`), or none, and
+    /// reloads the configuration. With it on, a commit is acknowledged only once a standby
+    /// has flushed it (and waits while no standby is connected).
+    pub async fn set_synchronous_standby(&self, on: bool) -> Result<(), HarnessError> {
+        let client = self.admin_client().await?;
+        let value = if on { "'*'" } else { "''" };
+        client
+            .batch_execute(&format!(
+                "ALTER SYSTEM SET synchronous_standby_names = {value}; SELECT pg_reload_conf()"
+            ))
+            .await
+            .map_err(HarnessError::Sql)
+    }
+
+    /// Promotes this standby to a primary (`pg_promote`, waiting up to 60 s for it to
+    /// finish). Fails if the server is not a standby.
+    pub async fn promote(&self) -> Result<(), HarnessError> {
+        let client = self.admin_client().await?;
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .await
+            .map_err(HarnessError::Sql)?
+            .get(0);
+        if promoted {
+            Ok(())
+        } else {
+            Err(HarnessError::Timeout(
+                Duration::from_secs(60),
+                "the standby to finish promotion".into(),
+            ))
+        }
+    }
+
+    /// Waits until `standby` has replayed everything this primary has written so far (for
+    /// example a database just created on it).
+    pub async fn wait_for_replay(
+        &self,
+        standby: &TestCluster,
+        timeout: Duration,
+    ) -> Result<(), HarnessError> {
+        let primary = self.admin_client().await?;
+        let lsn: String = primary
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(HarnessError::Sql)?
+            .get(0);
+        let standby = standby.admin_client().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let caught_up: bool = standby
+                .query_one(
+                    "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
+                    &[&lsn],
+                )
+                .await
+                .map_err(HarnessError::Sql)?
+                .get(0);
+            if caught_up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout(
+                    timeout,
+                    format!("the standby to replay up to {lsn}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The port the server listens on (embedded clusters), for multi-host URLs such as
+    /// `postgres://postgres@127.0.0.1:<primary>,127.0.0.1:<standby>/db?target_session_attrs=read-write`.
+    pub fn port(&self) -> Option<u16> {
+        self.embedded.as_ref().map(|e| e.port)
+    }
+
+    /// Starts the server of a new cluster directory and builds the handle.
+    fn serve(mut embedded: Embedded) -> Result<TestCluster, HarnessError> {
         let mut last_error = None;
         for _ in 0..5 {
             embedded.port = free_port()?;
@@ -365,6 +474,47 @@ impl Drop for TestCluster {
 }
 
 impl Embedded {
+    /// A new cluster directory, watched by its own guardian from the start.
+    fn new(settings: &[(&str, &str)]) -> Result<Embedded, HarnessError> {
+        for (name, value) in settings {
+            if [name, value]
+                .iter()
+                .any(|t| t.contains(['\0', '\n', '\r']) || t.is_empty())
+            {
+                return Err(HarnessError::Config(format!(
+                    "server setting {name:?} = {value:?}: names and values must be non-empty, \
+                     without NUL or newlines"
+                )));
+            }
+        }
+        let bindir = find_bindir()?;
+        let run_as = unprivileged_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix("rowlock-pg-")
+            .tempdir()
+            .map_err(|e| io("creating a temporary directory", e))?
+            .keep();
+        // From here on the guardian owns `dir`: it removes it however we exit.
+        let guardian = spawn_guardian(&dir)?;
+        let embedded = Embedded {
+            dir: dir.clone(),
+            bindir,
+            port: 0,
+            run_as,
+            settings: settings
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            server: Mutex::new(None),
+            pooler: Mutex::new(None),
+            guardian: Mutex::new(Some(guardian)),
+        };
+        if let Some(user) = &embedded.run_as {
+            chown_dir(&embedded.dir, user)?;
+        }
+        Ok(embedded)
+    }
+
     fn command(&self, program: &str) -> Command {
         self.command_at(&self.bindir.join(program))
     }
@@ -386,9 +536,6 @@ impl Embedded {
     }
 
     fn init(&self) -> Result<(), HarnessError> {
-        if let Some(user) = &self.run_as {
-            chown_dir(&self.dir, user)?;
-        }
         let out = self
             .command("initdb")
             .arg("-D")
@@ -434,6 +581,11 @@ impl Embedded {
             .arg("-k")
             .arg(&self.dir);
         for (name, value) in SERVER_SETTINGS {
+            if !self.settings.iter().any(|(n, _)| n == name) {
+                cmd.arg("-c").arg(format!("{name}={value}"));
+            }
+        }
+        for (name, value) in &self.settings {
             cmd.arg("-c").arg(format!("{name}={value}"));
         }
         let mut child = cmd

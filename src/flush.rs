@@ -18,6 +18,8 @@ use std::task::{Context, Poll};
 
 use futures_util::FutureExt as _;
 use futures_util::future::join3;
+
+use crate::error::TransactionRef;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
@@ -28,6 +30,8 @@ type PgError = tokio_postgres::Error;
 pub(crate) struct Reported {
     /// `pg_current_xact_id()`.
     pub(crate) xid: OnceLock<u64>,
+    /// The id with the server's system identifier and timeline.
+    pub(crate) transaction: OnceLock<TransactionRef>,
     /// `pg_backend_pid()`: the server process actually serving the transaction (behind a
     /// pooler, not the one the connection's cancel key names).
     pub(crate) pid: OnceLock<i32>,
@@ -57,6 +61,16 @@ impl<'a> Side<'a> {
                         let column = |name| row.try_get(name).ok().flatten();
                         if let Some(xid) = column("xid").and_then(|v| v.parse().ok()) {
                             let _ = reported.xid.set(xid);
+                            // The identifier is an unsigned 64-bit value shown as int8.
+                            let sysid = column("sysid").and_then(|v| v.parse::<i64>().ok());
+                            let tli = column("tli").and_then(|v| u32::from_str_radix(v, 16).ok());
+                            if let (Some(sysid), Some(timeline)) = (sysid, tli) {
+                                let _ = reported.transaction.set(TransactionRef {
+                                    id: xid,
+                                    system_identifier: sysid as u64,
+                                    timeline,
+                                });
+                            }
                         }
                         if let Some(pid) = column("pid").and_then(|v| v.parse().ok()) {
                             let _ = reported.pid.set(pid);

@@ -63,7 +63,7 @@ pub use crate::api::set::{LockSet, LockedRows, RowRef, with_locked_set, with_loc
 pub use crate::api::transaction::{with_transaction, with_transaction_retry};
 pub use crate::api::transition::{Transition, Transitioned, transition};
 pub use crate::diagnostics::Blocker;
-pub use crate::error::{Error, ErrorKind};
+pub use crate::error::{Error, ErrorKind, TransactionRef};
 pub use crate::lock::{LockMode, LockOptions, LockStrength};
 pub use crate::options::{Isolation, StatementCache, TransactionOptions};
 pub use crate::outcome::{Outcome, RowsOutcome};

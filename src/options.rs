@@ -316,11 +316,17 @@ impl TransactionOptions {
         if self.force_custom_plans {
             sql.push_str("; SET LOCAL plan_cache_mode = force_custom_plan");
         }
+        // The server's identity rides with the id, for `resolve_commit` to refuse to ask any
+        // other server (a promoted standby shares the system identifier, not the timeline).
+        const TRACKED: &str = "; SELECT pg_current_xact_id() AS xid, \
+             (SELECT system_identifier FROM pg_control_system()) AS sysid, \
+             substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) AS tli";
         match (self.track_commit_outcome, report_pid) {
             (true, true) => {
-                sql.push_str("; SELECT pg_current_xact_id() AS xid, pg_backend_pid() AS pid")
+                sql.push_str(TRACKED);
+                sql.push_str(", pg_backend_pid() AS pid");
             }
-            (true, false) => sql.push_str("; SELECT pg_current_xact_id() AS xid"),
+            (true, false) => sql.push_str(TRACKED),
             (false, true) => sql.push_str("; SELECT pg_backend_pid() AS pid"),
             (false, false) => {}
         }
@@ -362,7 +368,9 @@ mod tests {
             TransactionOptions::new()
                 .track_commit_outcome(true)
                 .begin_sql(true),
-            "BEGIN; SELECT pg_current_xact_id() AS xid, pg_backend_pid() AS pid"
+            "BEGIN; SELECT pg_current_xact_id() AS xid, \
+             (SELECT system_identifier FROM pg_control_system()) AS sysid, \
+             substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) AS tli, pg_backend_pid() AS pid"
         );
         let o = TransactionOptions::new()
             .isolation(Isolation::Serializable)

@@ -258,6 +258,9 @@ impl RetryPolicy {
     pub fn retries(&self, error: &Error) -> bool {
         match error.kind() {
             ErrorKind::SerializationFailure | ErrorKind::Deadlock => true,
+            // The server stopped accepting writes (a failover): the connection was closed,
+            // and the next attempt takes a new one.
+            ErrorKind::ReadOnly => true,
             ErrorKind::TransactionAborted => error.is_retryable(),
             ErrorKind::LockNotAvailable | ErrorKind::LockTimeout => self.retry_lock_contention,
             // Closed is only reported before COMMIT was sent: nothing was committed.

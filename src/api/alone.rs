@@ -56,6 +56,11 @@ pub(crate) async fn run_alone(
                     client.statement_cache.clear();
                     continue;
                 }
+                if err.kind() == ErrorKind::ReadOnly {
+                    // A standby now (a failover): never back into the pool.
+                    drop(deadpool_postgres::Object::take(client));
+                    return Err(err);
+                }
                 if err.kind() == ErrorKind::Closed {
                     return Err(err.reclassified(
                         ErrorKind::CommitOutcomeUnknown,

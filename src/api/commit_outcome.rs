@@ -1,8 +1,9 @@
 //! Finding out whether a transaction committed when the connection died during `COMMIT`.
 
 use deadpool_postgres::Pool;
+use tokio_postgres::error::SqlState;
 
-use crate::error::{Error, Step};
+use crate::error::{Error, Step, TransactionRef};
 
 /// What the server says became of a transaction ([`resolve_commit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -15,23 +16,33 @@ pub enum CommitStatus {
     /// The server is still finishing it (its backend has not noticed the lost connection
     /// yet); ask again shortly.
     InProgress,
-    /// The server no longer knows (the id is older than the commit log it keeps). Fall back
-    /// to checking the data, e.g. an idempotency key the transaction wrote.
+    /// The server no longer knows (the id is older than the commit log it keeps), or never
+    /// assigned it. Fall back to checking the data, e.g. an idempotency key the transaction
+    /// wrote.
     Unknown,
+    /// The pool's server is not the one that ran the transaction: another system, a standby,
+    /// or a standby promoted since (a new timeline; after a failover with asynchronous
+    /// replication it may never have received the commit, and its own transaction with the
+    /// same id is another one). It was not asked. Check the data (an idempotency key).
+    ServerChanged,
 }
 
-/// Asks the server what became of transaction `transaction_id`, on a fresh pooled connection
-/// (`pg_xact_status`).
+/// Asks the server that ran `transaction` what became of it (`pg_xact_status`), on a fresh
+/// pooled connection, after checking it is that server: the same system identifier and the
+/// same timeline (a standby promoted since has a new one). Any other server is not asked:
+/// [`CommitStatus::ServerChanged`]. Two round trips.
 ///
 /// Use it after [`ErrorKind::CommitOutcomeUnknown`](crate::ErrorKind::CommitOutcomeUnknown):
-/// the id is in [`Error::transaction_id`] when the transaction was opened with
-/// [`TransactionOptions::track_commit_outcome`](crate::TransactionOptions::track_commit_outcome).
+/// [`Error::transaction`] has the reference when the transaction was opened with
+/// [`TransactionOptions::track_commit_outcome`](crate::TransactionOptions::track_commit_outcome)
+/// (and [`Transaction::transaction_ref`](crate::Transaction::transaction_ref) once it began).
 ///
 /// The pattern that makes the ambiguous case safe end to end: give each logical operation an
 /// idempotency key, write it in the same transaction (a unique column), and on
 /// `CommitOutcomeUnknown` resolve the commit: `Committed` means done, `Aborted` means run it
-/// again, `InProgress` means ask again, and `Unknown` means look the key up, since the key is
-/// there exactly when the transaction committed.
+/// again, `InProgress` means ask again, and `Unknown` or `ServerChanged` mean look the key up,
+/// since the key is there exactly when the transaction committed (on the server you now write
+/// to).
 ///
 /// ```no_run
 /// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
@@ -44,28 +55,54 @@ pub enum CommitStatus {
 /// }))
 /// .await;
 /// if let Err(e) = &result {
-///     if let (ErrorKind::CommitOutcomeUnknown, Some(xid)) = (e.kind(), e.transaction_id()) {
-///         match resolve_commit(pool, xid).await? {
+///     if let (ErrorKind::CommitOutcomeUnknown, Some(tx)) = (e.kind(), e.transaction()) {
+///         match resolve_commit(pool, &tx).await? {
 ///             CommitStatus::Committed => println!("it went through"),
 ///             CommitStatus::Aborted => println!("safe to try again"),
-///             other => println!("not known yet: {other:?}; check the idempotency key"),
+///             other => println!("not known here: {other:?}; check the idempotency key"),
 ///         }
 ///     }
 /// }
 /// # Ok(()) }
 /// ```
-pub async fn resolve_commit(pool: &Pool, transaction_id: u64) -> Result<CommitStatus, Error> {
+pub async fn resolve_commit(
+    pool: &Pool,
+    transaction: &TransactionRef,
+) -> Result<CommitStatus, Error> {
     let client = pool.get().await.map_err(Error::from_pool)?;
+    let pg = |e| Error::from_pg(e, Step::Statement);
+    // The timeline of the WAL being written now: NULL on a standby (in recovery).
     let row = client
         .query_one(
-            "SELECT pg_xact_status($1::text::xid8)",
-            &[&transaction_id.to_string()],
+            "SELECT (SELECT system_identifier FROM pg_control_system()), \
+             CASE WHEN pg_is_in_recovery() THEN NULL \
+                  ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
+            &[],
         )
         .await
-        .map_err(|e| Error::from_pg(e, Step::Statement))?;
-    let status: Option<String> = row
-        .try_get(0)
-        .map_err(|e| Error::from_pg(e, Step::Statement))?;
+        .map_err(pg)?;
+    let system_identifier: i64 = row.try_get(0).map_err(pg)?;
+    let timeline: Option<String> = row.try_get(1).map_err(pg)?;
+    let timeline = timeline.and_then(|t| u32::from_str_radix(&t, 16).ok());
+    if system_identifier as u64 != transaction.system_identifier
+        || timeline != Some(transaction.timeline)
+    {
+        return Ok(CommitStatus::ServerChanged);
+    }
+    let status = client
+        .query_one(
+            "SELECT pg_xact_status($1::text::xid8)",
+            &[&transaction.id.to_string()],
+        )
+        .await;
+    let status: Option<String> = match status {
+        Ok(row) => row.try_get(0).map_err(pg)?,
+        // "transaction ID … is in the future": this server never assigned it.
+        Err(e) if e.code() == Some(&SqlState::INVALID_PARAMETER_VALUE) => {
+            return Ok(CommitStatus::Unknown);
+        }
+        Err(e) => return Err(pg(e)),
+    };
     Ok(match status.as_deref() {
         Some("committed") => CommitStatus::Committed,
         Some("aborted") => CommitStatus::Aborted,

@@ -30,6 +30,13 @@ pub struct PoolOptions {
     pub create_timeout: Duration,
     /// How long checking a returned connection may take before it is replaced.
     pub recycle_timeout: Duration,
+    /// Check, before handing out a pooled connection, that its server is still a primary
+    /// (`SELECT pg_current_wal_lsn()`, which fails on a standby); a connection whose server
+    /// went into recovery is closed and another one is taken. One round trip per checkout.
+    /// Off by default: rowlock closes such a connection anyway at its first refused write
+    /// ([`ErrorKind::ReadOnly`](crate::ErrorKind::ReadOnly)), and new connections go to the
+    /// primary when the URL lists every host with `target_session_attrs=read-write`.
+    pub check_primary: bool,
 }
 
 impl Default for PoolOptions {
@@ -46,6 +53,7 @@ impl Default for PoolOptions {
             // Recycling only checks the connection is open (rowlock never returns one inside
             // a transaction), so this bounds a stuck socket.
             recycle_timeout: Duration::from_secs(5),
+            check_primary: false,
         }
     }
 }
@@ -86,6 +94,14 @@ impl PoolOptions {
         self
     }
 
+    /// Checks that a pooled connection's server is still a primary before handing it out
+    /// (see [`check_primary`](Self::check_primary)). Defaults to off.
+    #[must_use]
+    pub fn check_primary(mut self, check: bool) -> Self {
+        self.check_primary = check;
+        self
+    }
+
     /// Checks the settings: at least one connection, every timeout at least 1 ms.
     pub fn validate(&self) -> Result<(), Error> {
         if self.max_size == 0 {
@@ -103,7 +119,12 @@ impl PoolOptions {
             config,
             NoTls,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                recycling_method: if self.check_primary {
+                    // Fails with "recovery is in progress" on a standby.
+                    RecyclingMethod::Custom("SELECT pg_catalog.pg_current_wal_lsn()".into())
+                } else {
+                    RecyclingMethod::Fast
+                },
             },
         );
         Pool::builder(manager)

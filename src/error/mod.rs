@@ -40,6 +40,14 @@ pub enum ErrorKind {
     Deadlock,
     /// `57014` query canceled: `statement_timeout` expired, or the statement was cancelled.
     StatementTimeout,
+    /// `25006` read-only SQL transaction: the server no longer accepts writes (a standby, e.g.
+    /// an old primary after a failover, or a server set read-only). The connection is closed,
+    /// never returned to the pool; the retry helpers run the transaction again on a new
+    /// connection (which a multi-host URL with `target_session_attrs=read-write` makes to the
+    /// current primary). A transaction opened with
+    /// [`TransactionOptions::read_only`](crate::TransactionOptions::read_only) that writes gets
+    /// it too.
+    ReadOnly,
     /// `25P03`: `idle_in_transaction_session_timeout` ended the session.
     IdleInTransactionTimeout,
     /// The transaction was already aborted by an earlier error (possibly one the caller
@@ -85,6 +93,7 @@ impl ErrorKind {
             ErrorKind::SerializationFailure => "serialization failure",
             ErrorKind::Deadlock => "deadlock detected",
             ErrorKind::StatementTimeout => "statement timeout or cancellation",
+            ErrorKind::ReadOnly => "the server does not accept writes (a standby?)",
             ErrorKind::IdleInTransactionTimeout => "idle-in-transaction timeout",
             ErrorKind::TransactionAborted => "transaction aborted by an earlier error",
             ErrorKind::CommitOutcomeUnknown => "commit outcome unknown",
@@ -103,6 +112,25 @@ impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.describe())
     }
+}
+
+/// A transaction and the server that ran it, recorded with `BEGIN` (no extra round trip) when
+/// [`TransactionOptions::track_commit_outcome`](crate::TransactionOptions::track_commit_outcome)
+/// is on: what [`resolve_commit`](crate::resolve_commit) needs to ask the right server, and
+/// only it, what became of the transaction.
+///
+/// A streaming standby has its primary's system identifier; promoting it starts a new
+/// timeline. So the pair tells the server that ran the transaction (or a server that has its
+/// history up to now, on the same timeline) from one that cannot know about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TransactionRef {
+    /// `pg_current_xact_id()`.
+    pub id: u64,
+    /// The server's `pg_control_system().system_identifier` (shared by a primary and its
+    /// physical standbys).
+    pub system_identifier: u64,
+    /// The server's WAL timeline when the transaction began (a promotion starts a new one).
+    pub timeline: u32,
 }
 
 /// The step that failed; printed by `Display` so a log line says where, not only what.
@@ -155,6 +183,7 @@ struct Inner {
     detail: Option<String>,
     attempts: Option<u32>,
     transaction_id: Option<u64>,
+    transaction: Option<TransactionRef>,
     source: Option<Box<dyn StdError + Send + Sync>>,
     /// Who held the lock, when gathered.
     blockers: Option<Vec<Blocker>>,
@@ -170,6 +199,7 @@ impl Error {
                 detail: None,
                 attempts: None,
                 transaction_id: None,
+                transaction: None,
                 source: None,
                 blockers: None,
             }),
@@ -256,6 +286,11 @@ impl Error {
         self
     }
 
+    pub(crate) fn with_transaction(mut self, transaction: Option<TransactionRef>) -> Self {
+        self.inner.transaction = transaction;
+        self
+    }
+
     /// Classifies a driver error; the driver error becomes the `source()`.
     pub(crate) fn from_pg(e: tokio_postgres::Error, step: Step) -> Self {
         let kind = classify(&e);
@@ -333,6 +368,14 @@ impl Error {
         self.inner.transaction_id
     }
 
+    /// The transaction and the server it ran on, for [`ErrorKind::CommitOutcomeUnknown`]
+    /// when the transaction was opened with
+    /// [`TransactionOptions::track_commit_outcome`](crate::TransactionOptions::track_commit_outcome).
+    /// Pass it to [`resolve_commit`](crate::resolve_commit).
+    pub fn transaction(&self) -> Option<TransactionRef> {
+        self.inner.transaction
+    }
+
     /// The server's error (message, detail, constraint, …) when the cause is one.
     pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
         self.as_driver_error()
@@ -350,11 +393,12 @@ impl Error {
     /// transaction and was swallowed by the caller.
     pub fn is_retryable(&self) -> bool {
         match self.inner.kind {
-            ErrorKind::SerializationFailure | ErrorKind::Deadlock => true,
+            ErrorKind::SerializationFailure | ErrorKind::Deadlock | ErrorKind::ReadOnly => true,
             ErrorKind::TransactionAborted => matches!(
                 self.inner.sql_state,
                 Some(ref s) if *s == SqlState::T_R_SERIALIZATION_FAILURE
                     || *s == SqlState::T_R_DEADLOCK_DETECTED
+                    || *s == SqlState::READ_ONLY_SQL_TRANSACTION
             ),
             _ => false,
         }
@@ -409,6 +453,9 @@ impl fmt::Debug for Error {
         }
         if let Some(xid) = self.inner.transaction_id {
             d.field("transaction_id", &xid);
+        }
+        if let Some(t) = &self.inner.transaction {
+            d.field("transaction", t);
         }
         if let Some(blockers) = &self.inner.blockers {
             d.field("blockers", blockers);

@@ -44,6 +44,8 @@ pub(crate) fn classify_db(code: &SqlState, routine: Option<&str>) -> ErrorKind {
         ErrorKind::StatementTimeout
     } else if *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT {
         ErrorKind::IdleInTransactionTimeout
+    } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+        ErrorKind::ReadOnly
     } else if *code == SqlState::IN_FAILED_SQL_TRANSACTION {
         ErrorKind::TransactionAborted
     } else if c.starts_with("08")
@@ -70,6 +72,11 @@ mod tests {
                 ErrorKind::SerializationFailure,
             ),
             (SqlState::T_R_DEADLOCK_DETECTED, None, ErrorKind::Deadlock),
+            (
+                SqlState::READ_ONLY_SQL_TRANSACTION,
+                None,
+                ErrorKind::ReadOnly,
+            ),
             (
                 SqlState::LOCK_NOT_AVAILABLE,
                 Some("heap_lock_tuple"),

@@ -268,10 +268,16 @@ impl TestCluster {
     pub async fn set_synchronous_standby(&self, on: bool) -> Result<(), HarnessError> {
         let client = self.admin_client().await?;
         let value = if on { "'*'" } else { "''" };
+        // Two messages: ALTER SYSTEM cannot run in the implicit transaction of a multi-statement
+        // query.
         client
             .batch_execute(&format!(
-                "ALTER SYSTEM SET synchronous_standby_names = {value}; SELECT pg_reload_conf()"
+                "ALTER SYSTEM SET synchronous_standby_names = {value}"
             ))
+            .await
+            .map_err(HarnessError::Sql)?;
+        client
+            .batch_execute("SELECT pg_reload_conf()")
             .await
             .map_err(HarnessError::Sql)
     }

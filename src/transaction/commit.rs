@@ -192,6 +192,7 @@ impl Transaction {
 
     fn outcome_unknown(&mut self, cause: Error) -> Error {
         let xid = self.transaction_id();
+        let transaction = self.transaction_ref();
         self.discard();
         Error::with_kind(
             ErrorKind::CommitOutcomeUnknown,
@@ -200,6 +201,7 @@ impl Transaction {
         )
         .at(Step::Commit)
         .with_transaction_id(xid)
+        .with_transaction(transaction)
         .with_boxed_source(cause.into_source())
     }
 }

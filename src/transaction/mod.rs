@@ -69,6 +69,8 @@ pub struct Transaction {
     reporting: bool,
     /// The options set a lock timeout: any lock wait can fail with `55P03`.
     lock_timeout: bool,
+    /// Opened `READ ONLY`: a refused write (`25006`) is the caller's, not a standby's.
+    read_only: bool,
     /// What `BEGIN` reported: the transaction id (when tracked), the server process id (behind
     /// a pooler).
     reported: Reported,
@@ -171,6 +173,7 @@ impl Transaction {
             idle_timeout: options.idle_in_transaction_timeout,
             reporting: options.track_commit_outcome || per_transaction,
             lock_timeout: options.lock_timeout.is_some(),
+            read_only: options.read_only,
             reported: Reported::default(),
         }
     }
@@ -285,6 +288,12 @@ impl Transaction {
     /// Notes what an error means for the transaction and returns it, enriched with the root
     /// cause when the server only said "current transaction is aborted" (25P02).
     fn record(&self, err: Error) -> Error {
+        let err = if self.read_only && err.kind() == ErrorKind::ReadOnly {
+            // The transaction itself is read-only: not a sign of a standby.
+            err.reclassified(ErrorKind::Db, "a write in a transaction opened READ ONLY")
+        } else {
+            err
+        };
         match self.state().record(err.kind(), err.sql_state()) {
             Some(root) => err.with_sql_state(root),
             None => err,
@@ -449,5 +458,12 @@ impl Transaction {
     /// [`TransactionOptions::track_commit_outcome`] is on and a statement has been sent.
     pub fn transaction_id(&self) -> Option<u64> {
         self.reported.xid.get().copied()
+    }
+
+    /// The transaction id with the server it runs on, recorded with `BEGIN` when
+    /// [`TransactionOptions::track_commit_outcome`] is on and a statement has been sent: log
+    /// it, or keep it, to ask [`resolve_commit`](crate::resolve_commit) later.
+    pub fn transaction_ref(&self) -> Option<crate::error::TransactionRef> {
+        self.reported.transaction.get().copied()
     }
 }

@@ -142,6 +142,9 @@ pub(super) struct State {
     savepoints: Vec<OpenSavepoint>,
     /// The id of the next savepoint rowlock opens (`rowlock_sp_<id>`).
     next_savepoint: u32,
+    /// The server refused a write as read-only (`25006`): it is a standby now (a failover),
+    /// so the connection is closed at the end instead of returning to the pool.
+    server_read_only: bool,
 }
 
 fn savepoint_name(id: u32) -> String {
@@ -158,6 +161,7 @@ impl State {
             queued: Vec::new(),
             savepoints: Vec::new(),
             next_savepoint: 1,
+            server_read_only: false,
         }
     }
 
@@ -346,6 +350,9 @@ impl State {
             // anything is sent; the server's transaction is unaffected.
             ErrorKind::Driver | ErrorKind::Decode => None,
             kind => {
+                if kind == ErrorKind::ReadOnly {
+                    self.server_read_only = true;
+                }
                 let Phase::Open { aborted, .. } = &mut self.phase else {
                     return None;
                 };
@@ -384,6 +391,11 @@ impl State {
     pub(super) fn ending(&mut self) -> Ending {
         self.deferred.clear();
         self.queued.clear();
+        if self.server_read_only {
+            // Never reuse a connection to a server that refuses writes; closing it rolls the
+            // transaction back.
+            return Ending::Discard;
+        }
         match self.phase {
             Phase::NotBegun { .. } => Ending::Release,
             Phase::Broken => Ending::Discard,

@@ -26,7 +26,7 @@ use crate::assignment::violations;
 use crate::support::{Account, WAIT, accounts, balance, in_transaction};
 
 /// Polls `condition` every 10 ms until it holds; panics with `what` after `limit`.
-async fn until<F, Fut>(limit: Duration, what: &str, mut condition: F)
+pub(crate) async fn until<F, Fut>(limit: Duration, what: &str, mut condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -92,7 +92,7 @@ fn pool_with_wait_timeout(config: &Config, max_size: usize, wait: Duration) -> P
 }
 
 /// A small xorshift generator: reproducible randomness without a dependency.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -101,7 +101,7 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }

@@ -12,6 +12,7 @@ mod derive;
 mod diagnostics;
 mod errors;
 mod executor;
+mod failover;
 mod faults;
 mod harness;
 mod keys;

@@ -377,10 +377,13 @@ async fn lock_contention_is_retried_only_when_asked() {
 }
 
 /// Resolves until the server has finished with the transaction.
-async fn settled_status(pool: &rowlock::deadpool_postgres::Pool, xid: u64) -> CommitStatus {
+async fn settled_status(
+    pool: &rowlock::deadpool_postgres::Pool,
+    tx: rowlock::TransactionRef,
+) -> CommitStatus {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let status = resolve_commit(pool, xid).await.unwrap();
+        let status = resolve_commit(pool, &tx).await.unwrap();
         if status != CommitStatus::InProgress || tokio::time::Instant::now() > deadline {
             return status;
         }
@@ -432,8 +435,9 @@ async fn commit_cut_before_the_server_committed_resolves_to_aborted() {
     let err = call.await.unwrap().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::CommitOutcomeUnknown, "{err}");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "never retried");
-    let xid = err.transaction_id().expect("tracked transaction id");
-    assert_eq!(settled_status(&pool, xid).await, CommitStatus::Aborted);
+    let tx = err.transaction().expect("tracked transaction");
+    assert_eq!(err.transaction_id(), Some(tx.id));
+    assert_eq!(settled_status(&pool, tx).await, CommitStatus::Aborted);
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM payments", &[])
         .await
@@ -473,9 +477,9 @@ async fn commit_whose_reply_was_lost_resolves_to_committed() {
     assert_eq!(err.kind(), ErrorKind::CommitOutcomeUnknown, "{err}");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "never retried");
     assert!(proxy.dropped_a_commit_reply());
-    let xid = err.transaction_id().expect("tracked transaction id");
+    let tx = err.transaction().expect("tracked transaction");
     let direct = db.pool(1);
-    assert_eq!(settled_status(&direct, xid).await, CommitStatus::Committed);
+    assert_eq!(settled_status(&direct, tx).await, CommitStatus::Committed);
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM payments", &[])
         .await

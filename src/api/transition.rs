@@ -436,8 +436,12 @@ impl Transaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Transitioned<R>, Error> {
         let (sql, all) = transition.bind::<R>(key, params)?;
-        let stmt = self.prepare_cached(&sql).await?;
-        let rows = self.query(&stmt, &all).await?;
+        let stmt = self
+            .run(Step::Transition, self.cached_statement(&sql))
+            .await?;
+        let rows = self
+            .run(Step::Transition, self.conn().query(&stmt, &all))
+            .await?;
         decode(rows)
     }
 }

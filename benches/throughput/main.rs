@@ -13,7 +13,9 @@
 //! per transaction for the in-process implementations.
 //!
 //! For profiling, `ROWLOCK_BENCH_WORKLOADS=hot_row,spread`, `ROWLOCK_BENCH_CLIENTS=1,4`,
-//! `ROWLOCK_BENCH_IMPLS=rowlock` and `ROWLOCK_BENCH_SECS=2` narrow a run.
+//! `ROWLOCK_BENCH_IMPLS=rowlock` and `ROWLOCK_BENCH_SECS=2` narrow a run;
+//! `ROWLOCK_BENCH_CHECK_PRIMARY=1` turns on `PoolOptions::check_primary` for the pooled
+//! implementations.
 
 mod alloc;
 mod report;
@@ -172,7 +174,17 @@ async fn run_in_process(
     limit: Limit,
     sizes: &Arc<Sizes>,
 ) -> Result<(Measure, u64, u64), BoxError> {
-    let pool = db.pool(clients);
+    // ROWLOCK_BENCH_CHECK_PRIMARY=1: the pool checks its server is a primary at each checkout
+    // (`PoolOptions::check_primary`), to measure what that round trip costs.
+    let pool = if std::env::var_os("ROWLOCK_BENCH_CHECK_PRIMARY").is_some() {
+        db.pool_with(
+            &rowlock::PoolOptions::new()
+                .max_size(clients)
+                .check_primary(true),
+        )?
+    } else {
+        db.pool(clients)
+    };
     let prepared = Arc::new(workloads::Prepared::new());
     let start = Arc::new(Barrier::new(clients + 1));
     let mut tasks = Vec::new();

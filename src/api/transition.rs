@@ -34,9 +34,13 @@ use crate::transaction::Transaction;
 /// ```sql
 /// WITH changed AS (UPDATE <R's table> SET <set> WHERE <key> = $1 AND (<when>) RETURNING <R's columns>),
 ///      <each `then` statement>,
-///      -- read only when nothing changed: the row's current state, or nothing (not found)
-///      current AS (SELECT <R's columns> FROM <R's table> WHERE <key> = $1 FOR SHARE)
-/// SELECT … FROM changed UNION ALL SELECT … FROM current WHERE NOT EXISTS (SELECT 1 FROM changed)
+///      -- read only when nothing changed: the row as the statement saw it, not matching…
+///      current AS (SELECT <R's columns> FROM <R's table> WHERE <key> = $1 AND (<when>) IS NOT TRUE),
+///      -- …or, if it matched and still did not change (changed meanwhile), its latest state
+///      latest AS (SELECT <R's columns> FROM <R's table> WHERE <key> = $1 FOR SHARE)
+/// SELECT … FROM changed
+/// UNION ALL SELECT … FROM current WHERE NOT EXISTS (SELECT 1 FROM changed)
+/// UNION ALL SELECT … FROM latest WHERE NOT EXISTS (SELECT 1 FROM changed) AND NOT EXISTS (SELECT 1 FROM current)
 /// ```
 ///
 /// With guards, the row is first locked (`FOR NO KEY UPDATE`, the `when` checked on its
@@ -191,12 +195,17 @@ impl Transition {
             return Err(Error::invalid("a transition's SET list is empty"));
         }
         let set = shift(&self.set, "a transition's SET list")?;
-        let when = match &self.when {
+        let when_sql = match &self.when {
             Some(w) if w.trim().is_empty() => {
                 return Err(Error::invalid("a transition's `when` condition is empty"));
             }
-            Some(w) => format!(" AND ({})", shift(w, "a transition's `when` condition")?),
+            Some(w) => shift(w, "a transition's `when` condition")?,
             None => String::new(),
+        };
+        let when = if self.when.is_some() {
+            format!(" AND ({when_sql})")
+        } else {
+            String::new()
         };
         let mut guards = Vec::with_capacity(self.guards.len());
         for g in &self.guards {
@@ -267,11 +276,24 @@ impl Transition {
                 matches = matches.join(" AND "),
             )
         };
+        // What nothing changing means, read in the same statement. Usually the row as the
+        // statement saw it, not matching `when` (no lock needed: that is what the update
+        // decided on). If it matched `when` and still did not change, another transaction
+        // changed or deleted it meanwhile, or a guard failed: then its latest committed state
+        // (`FOR SHARE` waits for a writer and reads its result). CTEs run only when read, and
+        // the `NOT EXISTS` filters are one-time filters: the success path reads neither.
+        let not_when = match &self.when {
+            Some(_) => format!("{key} AND ({}) IS NOT TRUE", when_sql),
+            None => "false".to_string(),
+        };
         let sql = format!(
             "WITH {changed}{then}, \
-             rowlock_current AS (SELECT {select} FROM {table} WHERE {key} FOR SHARE) \
+             rowlock_current AS (SELECT {select} FROM {table} WHERE {not_when}), \
+             rowlock_latest AS (SELECT {select} FROM {table} WHERE {key} FOR SHARE) \
              SELECT *, true AS rowlock_done FROM changed \
-             UNION ALL SELECT *, false FROM rowlock_current WHERE NOT EXISTS (SELECT 1 FROM changed)",
+             UNION ALL SELECT *, false FROM rowlock_current WHERE NOT EXISTS (SELECT 1 FROM changed) \
+             UNION ALL SELECT *, false FROM rowlock_latest WHERE NOT EXISTS (SELECT 1 FROM changed) \
+             AND NOT EXISTS (SELECT 1 FROM rowlock_current)",
             then = then.concat(),
         );
         Ok(Rendered {
@@ -313,8 +335,10 @@ pub enum Transitioned<R> {
     /// No row has this key. Nothing changed.
     NotFound,
     /// The row exists but did not meet the condition, or a guard found nothing: nothing
-    /// changed. This is the row's latest committed state (after waiting for a transaction
-    /// that was changing it), read in the same statement: no extra round trip.
+    /// changed. This is the row as the statement decided on it, read in the same statement
+    /// (no extra round trip): the version that did not meet the condition, or, when another
+    /// transaction changed it meanwhile (the statement waited for it, then found the condition
+    /// no longer met), its latest committed state.
     Conflict(R),
 }
 
@@ -428,7 +452,8 @@ impl Transaction {
     /// Runs `transition` on the row of `R` with `key` inside this transaction, and returns
     /// what it did (see [`transition`](fn@transition)). Nothing is committed until the
     /// transaction is; the changed row stays locked until then, and so does the row of a
-    /// [`Transitioned::Conflict`] (`FOR SHARE`, taken to read its latest state).
+    /// [`Transitioned::Conflict`] whose latest state had to be read (`FOR SHARE`: it met the
+    /// condition, but changed meanwhile or failed a guard).
     pub async fn transition<R: LockableRow>(
         &self,
         key: &R::Key,

@@ -316,3 +316,21 @@ async fn guards_decide_with_other_rows() {
         .unwrap();
     assert_eq!(done, Transitioned::Done(task(1, "taken", Some("ann"))));
 }
+
+/// The usual conflict (the row as the statement saw it does not meet the condition) is read
+/// without a lock: inside a caller's transaction it leaves the row free for others.
+#[tokio::test]
+async fn a_plain_conflict_takes_no_lock() {
+    let (db, pool) = database(TASKS, 1).await;
+    let tx = Transaction::begin(&pool, &TransactionOptions::new())
+        .await
+        .unwrap();
+    let done = tx.transition::<Task>(&2, &take(), &[&"ann"]).await.unwrap();
+    assert_eq!(done, Transitioned::Conflict(task(2, "done", None)));
+    let other = db.client().await.unwrap();
+    other
+        .batch_execute("SET lock_timeout = '1ms'; SELECT * FROM tasks WHERE id = 2 FOR UPDATE")
+        .await
+        .expect("the conflicting row is not locked by the transition");
+    tx.rollback().await.unwrap();
+}

@@ -34,14 +34,14 @@ use crate::transaction::Transaction;
 /// ```sql
 /// WITH changed AS (UPDATE <R's table> SET <set> WHERE <key> = $1 AND (<when>) RETURNING <R's columns>),
 ///      <each `then` statement>,
-///      -- read only when nothing changed: the row as the statement saw it, not matching…
-///      current AS (SELECT <R's columns> FROM <R's table> WHERE <key> = $1 AND (<when>) IS NOT TRUE),
-///      -- …or, if it matched and still did not change (changed meanwhile), its latest state
-///      latest AS (SELECT <R's columns> FROM <R's table> WHERE <key> = $1 FOR SHARE)
-/// SELECT … FROM changed
-/// UNION ALL SELECT … FROM current WHERE NOT EXISTS (SELECT 1 FROM changed)
-/// UNION ALL SELECT … FROM latest WHERE NOT EXISTS (SELECT 1 FROM changed) AND NOT EXISTS (SELECT 1 FROM current)
+///      -- read only when nothing changed: the row as the statement saw it, not matching
+///      current AS (SELECT <R's columns> FROM <R's table> WHERE <key> = $1 AND (<when>) IS NOT TRUE)
+/// SELECT … FROM changed UNION ALL SELECT … FROM current WHERE NOT EXISTS (SELECT 1 FROM changed)
 /// ```
+///
+/// When that returns nothing (no such row, or the row met `when` and still did not change:
+/// another transaction changed it meanwhile, or a guard failed), a second statement reads the
+/// row's latest committed state: `NotFound` or `Conflict`.
 ///
 /// With guards, the row is first locked (`FOR NO KEY UPDATE`, the `when` checked on its
 /// latest version), then each guard runs, then the update:
@@ -93,6 +93,8 @@ pub struct Transition {
 #[derive(Clone)]
 struct Rendered {
     sql: Arc<str>,
+    /// The row's latest state by key, for an outcome the statement could not tell.
+    read_sql: Arc<str>,
     /// How many parameters the fragments use ($1..=params, every one of them).
     params: usize,
 }
@@ -276,28 +278,27 @@ impl Transition {
                 matches = matches.join(" AND "),
             )
         };
-        // What nothing changing means, read in the same statement. Usually the row as the
-        // statement saw it, not matching `when` (no lock needed: that is what the update
-        // decided on). If it matched `when` and still did not change, another transaction
-        // changed or deleted it meanwhile, or a guard failed: then its latest committed state
-        // (`FOR SHARE` waits for a writer and reads its result). CTEs run only when read, and
-        // the `NOT EXISTS` filters are one-time filters: the success path reads neither.
+        // What nothing changing means, read in the same statement when it is cheap: the row
+        // as the statement saw it, not meeting `when` (no lock needed: that is what the update
+        // decided on). A CTE runs only when read, and the `NOT EXISTS` is a one-time filter:
+        // the success path reads nothing more. Nothing at all comes back when the row is
+        // missing, or met `when` and still did not change (another transaction changed it
+        // meanwhile, or a guard failed): `read_sql` then reads its latest state.
         let not_when = match &self.when {
-            Some(_) => format!("{key} AND ({}) IS NOT TRUE", when_sql),
+            Some(_) => format!("{key} AND ({when_sql}) IS NOT TRUE"),
             None => "false".to_string(),
         };
         let sql = format!(
             "WITH {changed}{then}, \
-             rowlock_current AS (SELECT {select} FROM {table} WHERE {not_when}), \
-             rowlock_latest AS (SELECT {select} FROM {table} WHERE {key} FOR SHARE) \
+             rowlock_current AS (SELECT {select} FROM {table} WHERE {not_when}) \
              SELECT *, true AS rowlock_done FROM changed \
-             UNION ALL SELECT *, false FROM rowlock_current WHERE NOT EXISTS (SELECT 1 FROM changed) \
-             UNION ALL SELECT *, false FROM rowlock_latest WHERE NOT EXISTS (SELECT 1 FROM changed) \
-             AND NOT EXISTS (SELECT 1 FROM rowlock_current)",
+             UNION ALL SELECT *, false FROM rowlock_current WHERE NOT EXISTS (SELECT 1 FROM changed)",
             then = then.concat(),
         );
+        let read_sql = format!("SELECT {select}, false AS rowlock_done FROM {table} WHERE {key}");
         Ok(Rendered {
             sql: sql.into(),
+            read_sql: read_sql.into(),
             params,
         })
     }
@@ -307,7 +308,7 @@ impl Transition {
         &self,
         key: &'a R::Key,
         params: &[&'a (dyn ToSql + Sync)],
-    ) -> Result<(Arc<str>, Vec<&'a (dyn ToSql + Sync)>), Error> {
+    ) -> Result<(Rendered, Vec<&'a (dyn ToSql + Sync)>), Error> {
         let rendered = self.render::<R>()?;
         if params.len() != rendered.params {
             return Err(Error::invalid(format!(
@@ -320,7 +321,7 @@ impl Transition {
         let mut all = Vec::with_capacity(<R::Key as Key>::ARITY + params.len());
         key.push_params(&mut all);
         all.extend_from_slice(params);
-        Ok((rendered.sql, all))
+        Ok((rendered, all))
     }
 }
 
@@ -335,10 +336,10 @@ pub enum Transitioned<R> {
     /// No row has this key. Nothing changed.
     NotFound,
     /// The row exists but did not meet the condition, or a guard found nothing: nothing
-    /// changed. This is the row as the statement decided on it, read in the same statement
-    /// (no extra round trip): the version that did not meet the condition, or, when another
+    /// changed. This is the row as the statement decided on it: the version that did not meet
+    /// the condition, read in the same statement (no extra round trip); or, when another
     /// transaction changed it meanwhile (the statement waited for it, then found the condition
-    /// no longer met), its latest committed state.
+    /// no longer met) or a guard failed, its latest committed state, read by a second statement.
     Conflict(R),
 }
 
@@ -357,10 +358,12 @@ impl<R> Transitioned<R> {
     }
 }
 
-fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Transitioned<R>, Error> {
+/// The outcome in `rows`, or `None` when they do not tell (no row: missing, or changed
+/// meanwhile).
+fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Option<Transitioned<R>>, Error> {
     let mut rows = rows.into_iter();
     let Some(row) = rows.next() else {
-        return Ok(Transitioned::NotFound);
+        return Ok(None);
     };
     if rows.next().is_some() {
         return Err(Error::with_kind(
@@ -378,11 +381,16 @@ fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Transitioned<R>, Error> {
         .try_get(row.len() - 1)
         .map_err(|e| Error::decode(e).at(Step::Transition))?;
     let r = R::from_row(&row).map_err(|e| Error::decode(e).at(Step::Transition))?;
-    Ok(if done {
+    Ok(Some(if done {
         Transitioned::Done(r)
     } else {
         Transitioned::Conflict(r)
-    })
+    }))
+}
+
+/// The outcome of a statement that returned nothing, from the row's latest state.
+fn settle<R: LockableRow>(rows: Vec<Row>) -> Result<Transitioned<R>, Error> {
+    Ok(decode(rows)?.unwrap_or(Transitioned::NotFound))
 }
 
 /// Runs `transition` on the row of `R` with `key`, as one statement outside any transaction
@@ -390,7 +398,8 @@ fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Transitioned<R>, Error> {
 /// new row, [`Transitioned::NotFound`], or [`Transitioned::Conflict`] with the row as it is.
 ///
 /// - **Round trips:** one (the statement is prepared once per connection; the first call on a
-///   connection costs one more). Behind a pooler ([`StatementCache::Transaction`] for the
+///   connection costs one more); two for `NotFound`, and for a `Conflict` whose row met the
+///   condition (changed meanwhile, or a guard failed). Behind a pooler ([`StatementCache::Transaction`] for the
 ///   pool) it runs in a transaction of its own instead: `BEGIN` and the prepare, the
 ///   statement, `COMMIT`.
 /// - **Invalid arguments** (see [`Transition`], or `params` not matching its placeholders):
@@ -435,7 +444,7 @@ pub async fn transition<R: LockableRow>(
     transition: &Transition,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Transitioned<R>, Error> {
-    let (sql, all) = transition.bind::<R>(key, params)?;
+    let (rendered, all) = transition.bind::<R>(key, params)?;
     if StatementCache::for_pool(pool) == StatementCache::Transaction {
         // Behind a pooler, a statement prepared outside a transaction may not exist on the
         // server that runs the next message: prepare and run it inside one.
@@ -444,29 +453,49 @@ pub async fn transition<R: LockableRow>(
         })
         .await;
     }
-    let rows = run_alone(pool, &sql, &all, Step::Transition, false).await?;
-    decode(rows)
+    let rows = run_alone(pool, &rendered.sql, &all, Step::Transition, false).await?;
+    if let Some(outcome) = decode(rows)? {
+        return Ok(outcome);
+    }
+    let key_params = &all[..<R::Key as Key>::ARITY];
+    let rows = run_alone(
+        pool,
+        &rendered.read_sql,
+        key_params,
+        Step::Transition,
+        false,
+    )
+    .await?;
+    settle(rows)
 }
 
 impl Transaction {
     /// Runs `transition` on the row of `R` with `key` inside this transaction, and returns
     /// what it did (see [`transition`](fn@transition)). Nothing is committed until the
-    /// transaction is; the changed row stays locked until then, and so does the row of a
-    /// [`Transitioned::Conflict`] whose latest state had to be read (`FOR SHARE`: it met the
-    /// condition, but changed meanwhile or failed a guard).
+    /// transaction is; the changed row stays locked until then (and rows a guard locked).
     pub async fn transition<R: LockableRow>(
         &self,
         key: &R::Key,
         transition: &Transition,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Transitioned<R>, Error> {
-        let (sql, all) = transition.bind::<R>(key, params)?;
+        let (rendered, all) = transition.bind::<R>(key, params)?;
         let stmt = self
-            .run(Step::Transition, self.cached_statement(&sql))
+            .run(Step::Transition, self.cached_statement(&rendered.sql))
             .await?;
         let rows = self
             .run(Step::Transition, self.conn().query(&stmt, &all))
             .await?;
-        decode(rows)
+        if let Some(outcome) = decode(rows)? {
+            return Ok(outcome);
+        }
+        let read = self
+            .run(Step::Transition, self.cached_statement(&rendered.read_sql))
+            .await?;
+        let key_params = &all[..<R::Key as Key>::ARITY];
+        let rows = self
+            .run(Step::Transition, self.conn().query(&read, key_params))
+            .await?;
+        settle(rows)
     }
 }

@@ -301,6 +301,37 @@ impl TestCluster {
         }
     }
 
+    /// Turns this stopped old primary into a streaming standby of `primary` (after a failover
+    /// promoted it): the data directory is replaced by a base backup of `primary`
+    /// (`pg_basebackup -R`), and the server starts again on the same port, so clients that
+    /// still point at this address reach a standby. Stops this server first if it runs.
+    pub fn rejoin_as_standby_of(&self, primary: &TestCluster) -> Result<(), HarnessError> {
+        let old = self.embedded()?;
+        let new_primary = primary.embedded()?;
+        old.stop_server(StopMode::Fast)?;
+        std::fs::remove_dir_all(old.data())
+            .map_err(|e| io("removing the old primary's data directory", e))?;
+        let out = old
+            .command("pg_basebackup")
+            .arg("-D")
+            .arg(old.data())
+            .args(["-R", "-X", "stream", "-c", "fast", "-h", "127.0.0.1"])
+            .arg("-p")
+            .arg(new_primary.port.to_string())
+            .args(["-U", "postgres"])
+            .current_dir(&old.dir)
+            .output()
+            .map_err(|e| io("running pg_basebackup", e))?;
+        if !out.status.success() {
+            return Err(HarnessError::Start(format!(
+                "pg_basebackup failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        old.start_server()
+    }
+
     /// Waits until `standby` has replayed everything this primary has written so far (for
     /// example a database just created on it).
     pub async fn wait_for_replay(

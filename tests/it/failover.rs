@@ -499,3 +499,92 @@ async fn failover_with_synchronous_replication_loses_no_acknowledged_commit() {
 async fn failover_with_asynchronous_replication_reports_what_it_lost() {
     failover_under_load(false).await;
 }
+
+/// After a failover the old primary comes back as a standby of the new one, at its old
+/// address: a pool listing both hosts writes only to the new primary, and a pool that still
+/// points at the old address alone gets `ReadOnly` and never keeps those connections.
+#[tokio::test]
+async fn an_old_primary_back_as_a_standby_never_takes_a_write() {
+    let pair = pair(false).await;
+    let both = PoolOptions::new()
+        .max_size(4)
+        .check_primary(true)
+        .build(pair.url().parse().unwrap())
+        .unwrap();
+    let old_address = PoolOptions::new()
+        .max_size(2)
+        .build(
+            format!(
+                "postgres://postgres@127.0.0.1:{}/{}",
+                pair.primary.port().unwrap(),
+                pair.db.name()
+            )
+            .parse()
+            .unwrap(),
+        )
+        .unwrap();
+    let bump = |pool: Pool| async move {
+        with_locked_row(&pool, &1_i64, &LockOptions::new(), |tx, a: Account| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                    &[&a.id],
+                )
+                .await?;
+                Ok::<_, rowlock::Error>(())
+            })
+        })
+        .await
+    };
+    assert!(bump(both.clone()).await.unwrap().is_done());
+    assert!(bump(old_address.clone()).await.unwrap().is_done());
+    // Both writes are on the standby before the primary goes (asynchronous replication).
+    pair.primary
+        .wait_for_replay(&pair.standby, WAIT)
+        .await
+        .unwrap();
+
+    let p = pair.primary.clone();
+    tokio::task::spawn_blocking(move || p.stop(StopMode::Immediate))
+        .await
+        .unwrap()
+        .unwrap();
+    pair.standby.promote().await.unwrap();
+    let (old, new) = (pair.primary.clone(), pair.standby.clone());
+    tokio::task::spawn_blocking(move || old.rejoin_as_standby_of(&new))
+        .await
+        .unwrap()
+        .expect("the old primary rejoins as a standby");
+
+    // The pool listing both hosts finds the new primary, past the old one (now read-only).
+    for _ in 0..4 {
+        assert!(bump(both.clone()).await.unwrap().is_done());
+    }
+    let port: i32 = both
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        port,
+        i32::from(pair.standby.port().unwrap()),
+        "writes go to the new primary"
+    );
+
+    // The pool still pointing at the old address reaches a standby: refused, never kept.
+    let err = bump(old_address.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
+    assert_eq!(old_address.status().size, 0);
+    let balance: i64 = both
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT balance FROM accounts WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(balance, 6, "two writes before the failover, four after");
+}

@@ -367,6 +367,35 @@ impl Names {
         }
     }
 
+    /// For an `UPDATE <table> … FROM <cte> AS <alias> (<aliases>) WHERE <matches>` joined to a
+    /// CTE of this row type's keys: the CTE's key columns under names of their own (so that
+    /// a `SET` list may name any column without ambiguity), and the join condition.
+    pub(crate) fn key_join(&self, alias: &str) -> (String, String) {
+        let aliases: Vec<String> = (1..=self.keys.len())
+            .map(|i| format!("rowlock_k{i}"))
+            .collect();
+        let matches: Vec<String> = self
+            .keys
+            .iter()
+            .zip(&aliases)
+            .map(|(k, a)| format!("{}.{k} = {alias}.{a}", self.table))
+            .collect();
+        (aliases.join(", "), matches.join(" AND "))
+    }
+
+    /// A `RETURNING` list of already quoted `columns`, qualified by the table; every column
+    /// when `columns` is empty.
+    pub(crate) fn returning(&self, columns: &[String]) -> String {
+        if columns.is_empty() {
+            return format!("{}.*", self.table);
+        }
+        columns
+            .iter()
+            .map(|c| format!("{}.{c}", self.table))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub(crate) fn order_by(&self) -> String {
         format!("ORDER BY {}", self.keys.join(", "))
     }

@@ -447,25 +447,8 @@ impl Claim {
         }
         let set = mark.renumbered(bound)?;
         bound += mark.params.len();
-        // The claimed keys under names of their own, so that the SET list can name any column.
-        let aliases: Vec<String> = (1..=names.keys.len())
-            .map(|i| format!("rowlock_k{i}"))
-            .collect();
-        let matches: Vec<String> = names
-            .keys
-            .iter()
-            .zip(&aliases)
-            .map(|(k, a)| format!("{table}.{k} = claimed.{a}"))
-            .collect();
-        let returning = if columns.is_empty() {
-            format!("{table}.*")
-        } else {
-            columns
-                .iter()
-                .map(|c| format!("{table}.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let (aliases, matches) = names.key_join("claimed");
+        let returning = names.returning(&columns);
         Ok(format!(
             "WITH claimed AS MATERIALIZED (SELECT {keys} FROM {table} WHERE {filter} ORDER BY \
              {order} LIMIT ${limit} {strength} SKIP LOCKED), \
@@ -473,8 +456,6 @@ impl Claim {
              WHERE {matches} RETURNING {returning}) SELECT * FROM marked ORDER BY {order}",
             keys = names.keys.join(", "),
             limit = bound + 1,
-            aliases = aliases.join(", "),
-            matches = matches.join(" AND "),
         ))
     }
 }

@@ -244,28 +244,16 @@ impl Transition {
         }
         let table = &names.table;
         let key = format!("{} = {}", names.key_tuple(), names.key_placeholders(0));
-        let returning = if R::COLUMNS.is_empty() {
-            format!("{table}.*")
-        } else {
-            R::COLUMNS
-                .iter()
-                .map(|c| quote_ident(c).map(|c| format!("{table}.{c}")))
-                .collect::<Result<Vec<_>, _>>()?
-                .join(", ")
-        };
+        let columns = R::COLUMNS
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let returning = names.returning(&columns);
         let select = &names.select;
         let changed = if guards.is_empty() {
             format!("changed AS (UPDATE {table} SET {set} WHERE {key}{when} RETURNING {returning})")
         } else {
-            let aliases: Vec<String> = (1..=names.keys.len())
-                .map(|i| format!("rowlock_k{i}"))
-                .collect();
-            let matches: Vec<String> = names
-                .keys
-                .iter()
-                .zip(&aliases)
-                .map(|(k, a)| format!("{table}.{k} = rowlock_g.{a}"))
-                .collect();
+            let (aliases, matches) = names.key_join("rowlock_g");
             format!(
                 "target AS MATERIALIZED (SELECT {select} FROM {table} WHERE {key}{when} \
                  FOR NO KEY UPDATE), \
@@ -274,8 +262,6 @@ impl Transition {
                  WHERE {matches} RETURNING {returning})",
                 keys = names.keys.join(", "),
                 guards = guards.join(" AND "),
-                aliases = aliases.join(", "),
-                matches = matches.join(" AND "),
             )
         };
         // What nothing changing means, read in the same statement when it is cheap: the row
@@ -448,8 +434,9 @@ pub async fn transition<R: LockableRow>(
     if StatementCache::for_pool(pool) == StatementCache::Transaction {
         // Behind a pooler, a statement prepared outside a transaction may not exist on the
         // server that runs the next message: prepare and run it inside one.
+        let (rendered, all) = (&rendered, &all);
         return with_transaction(pool, &TransactionOptions::new(), |tx| {
-            Box::pin(async move { tx.transition::<R>(key, transition, params).await })
+            Box::pin(async move { tx.run_transition::<R>(rendered, all).await })
         })
         .await;
     }
@@ -480,11 +467,20 @@ impl Transaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Transitioned<R>, Error> {
         let (rendered, all) = transition.bind::<R>(key, params)?;
+        self.run_transition::<R>(&rendered, &all).await
+    }
+
+    /// Runs a bound transition in this transaction.
+    async fn run_transition<R: LockableRow>(
+        &self,
+        rendered: &Rendered,
+        all: &[&(dyn ToSql + Sync)],
+    ) -> Result<Transitioned<R>, Error> {
         let stmt = self
             .run(Step::Transition, self.cached_statement(&rendered.sql))
             .await?;
         let rows = self
-            .run(Step::Transition, self.conn().query(&stmt, &all))
+            .run(Step::Transition, self.conn().query(&stmt, all))
             .await?;
         if let Some(outcome) = decode(rows)? {
             return Ok(outcome);

@@ -241,24 +241,7 @@ impl TestCluster {
     pub fn start_standby(&self, settings: &[(&str, &str)]) -> Result<TestCluster, HarnessError> {
         let primary = self.embedded()?;
         let standby = Embedded::new(settings)?;
-        let out = standby
-            .command("pg_basebackup")
-            .arg("-D")
-            .arg(standby.data())
-            .args(["-R", "-X", "stream", "-c", "fast", "-h", "127.0.0.1"])
-            .arg("-p")
-            .arg(primary.port.to_string())
-            .args(["-U", "postgres"])
-            .current_dir(&standby.dir)
-            .output()
-            .map_err(|e| io("running pg_basebackup", e))?;
-        if !out.status.success() {
-            return Err(HarnessError::Start(format!(
-                "pg_basebackup failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        standby.base_backup_from(primary.port)?;
         TestCluster::serve(standby)
     }
 
@@ -311,24 +294,7 @@ impl TestCluster {
         old.stop_server(StopMode::Fast)?;
         std::fs::remove_dir_all(old.data())
             .map_err(|e| io("removing the old primary's data directory", e))?;
-        let out = old
-            .command("pg_basebackup")
-            .arg("-D")
-            .arg(old.data())
-            .args(["-R", "-X", "stream", "-c", "fast", "-h", "127.0.0.1"])
-            .arg("-p")
-            .arg(new_primary.port.to_string())
-            .args(["-U", "postgres"])
-            .current_dir(&old.dir)
-            .output()
-            .map_err(|e| io("running pg_basebackup", e))?;
-        if !out.status.success() {
-            return Err(HarnessError::Start(format!(
-                "pg_basebackup failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        old.base_backup_from(new_primary.port)?;
         old.start_server()
     }
 
@@ -550,6 +516,30 @@ impl Embedded {
             chown_dir(&embedded.dir, user)?;
         }
         Ok(embedded)
+    }
+
+    /// Fills the (absent) data directory with a base backup of the server on `port`, with the
+    /// settings that make it a streaming standby of it (`pg_basebackup -R`).
+    fn base_backup_from(&self, port: u16) -> Result<(), HarnessError> {
+        let out = self
+            .command("pg_basebackup")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-R", "-X", "stream", "-c", "fast", "-h", "127.0.0.1"])
+            .arg("-p")
+            .arg(port.to_string())
+            .args(["-U", "postgres"])
+            .current_dir(&self.dir)
+            .output()
+            .map_err(|e| io("running pg_basebackup", e))?;
+        if !out.status.success() {
+            return Err(HarnessError::Start(format!(
+                "pg_basebackup failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
 
     fn command(&self, program: &str) -> Command {

@@ -31,7 +31,7 @@ async fn setup(pool_size: usize) -> (TestDatabase, Pool) {
 
 /// `projects` open projects with `per` pending proposals each: project p has proposals
 /// (p-1)*per+1 ..= p*per.
-async fn seed(client: &Client, projects: i64, per: i64) {
+pub(crate) async fn seed(client: &Client, projects: i64, per: i64) {
     client
         .execute(
             "INSERT INTO projects (title) SELECT 'project ' || g FROM generate_series(1, $1::int8) g",

@@ -17,6 +17,7 @@ use rowlock::{
     TransactionOptions, resolve_commit, with_locked_row, with_transaction, with_transaction_retry,
 };
 
+use crate::assignment::{seed, violations};
 use crate::faults::{Rng, until};
 use crate::support::{Account, WAIT};
 
@@ -94,9 +95,14 @@ impl Pair {
     /// A pool on the standby alone, as one made before a failover turned its server into a
     /// standby.
     fn standby_pool(&self, options: &PoolOptions) -> Pool {
+        self.pool_on(&self.standby, options)
+    }
+
+    /// A pool on one server of the pair, whatever its role.
+    fn pool_on(&self, server: &TestCluster, options: &PoolOptions) -> Pool {
         let url = format!(
             "postgres://postgres@127.0.0.1:{}/{}",
-            self.standby.port().unwrap(),
+            server.port().unwrap(),
             self.db.name()
         );
         options.build(url.parse().unwrap()).unwrap()
@@ -276,18 +282,7 @@ async fn failover_under_load(synchronous: bool) {
     };
     let pair = pair(synchronous).await;
     let (projects, per) = (2_000_i64, 3_i64);
-    pair.db
-        .client()
-        .await
-        .unwrap()
-        .batch_execute(&format!(
-            "INSERT INTO projects (title) SELECT 'p' || g FROM generate_series(1, {projects}) g;
-             INSERT INTO proposals (project_id, freelancer)
-               SELECT p, 'f' || f FROM generate_series(1, {projects}) p,
-                                      generate_series(1, {per}) f ORDER BY p, f;"
-        ))
-        .await
-        .unwrap();
+    seed(&pair.db.client().await.unwrap(), projects, per).await;
     let pool = PoolOptions::new()
         .max_size(32)
         .create_timeout(Duration::from_secs(3))
@@ -470,23 +465,7 @@ async fn failover_under_load(synchronous: bool) {
             "unexpected error kind during the failover: {kind}"
         );
     }
-    let row = client
-        .query_one(
-            "SELECT
-               (SELECT count(*) FROM projects p WHERE p.status = 'assigned' AND (
-                  (SELECT count(*) FROM proposals WHERE project_id = p.id AND status = 'accepted') <> 1
-                  OR EXISTS (SELECT 1 FROM proposals WHERE project_id = p.id AND status = 'pending'))),
-               (SELECT count(*) FROM projects p WHERE p.status = 'open' AND
-                  EXISTS (SELECT 1 FROM proposals WHERE project_id = p.id AND status = 'accepted'))",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
-        (0, 0),
-        "invariant"
-    );
+    assert_eq!(violations(&client).await, (0, 0), "invariant");
     assert!(recovered < Duration::from_secs(30));
 }
 
@@ -511,18 +490,7 @@ async fn an_old_primary_back_as_a_standby_never_takes_a_write() {
         .check_primary(true)
         .build(pair.url().parse().unwrap())
         .unwrap();
-    let old_address = PoolOptions::new()
-        .max_size(2)
-        .build(
-            format!(
-                "postgres://postgres@127.0.0.1:{}/{}",
-                pair.primary.port().unwrap(),
-                pair.db.name()
-            )
-            .parse()
-            .unwrap(),
-        )
-        .unwrap();
+    let old_address = pair.pool_on(&pair.primary, &PoolOptions::new().max_size(2));
     let bump = |pool: Pool| async move {
         with_locked_row(&pool, &1_i64, &LockOptions::new(), |tx, a: Account| {
             Box::pin(async move {

@@ -80,6 +80,7 @@ use crate::transaction::Transaction;
 /// a `then` that does not mention `changed`, a bad identifier in `R`) give
 /// [`ErrorKind::InvalidArgument`] before anything is sent; SQL the server rejects is a
 /// [`ErrorKind::Db`] error from preparing it, before it runs.
+#[derive(Clone)]
 pub struct Transition {
     set: String,
     when: Option<String>,
@@ -107,18 +108,6 @@ impl fmt::Debug for Transition {
             .field("guards", &self.guards)
             .field("then", &self.then)
             .finish()
-    }
-}
-
-impl Clone for Transition {
-    fn clone(&self) -> Self {
-        Transition {
-            set: self.set.clone(),
-            when: self.when.clone(),
-            guards: self.guards.clone(),
-            then: self.then.clone(),
-            rendered: self.rendered.clone(),
-        }
     }
 }
 

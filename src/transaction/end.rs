@@ -217,8 +217,16 @@ enum Cancel {
     /// Behind a pooler: `pg_cancel_backend` of the server process `BEGIN` reported, from
     /// a new connection. A cancel request through PgBouncer 1.18 can crash it when
     /// the canceller closes its socket first (tokio-postgres closes at once), and the
-    /// connection's cancel key names PgBouncer's client, not the server process.
+    /// connection's cancel key names PgBouncer's client, not the server process. `None`:
+    /// dropped before `BEGIN`'s reply, nothing can be cancelled.
     Backend(Option<i32>),
+}
+
+impl Cancel {
+    /// Whether no cancel is sent, so none can interrupt a later statement on the connection.
+    fn none_sent(self) -> bool {
+        matches!(self, Cancel::No | Cancel::Backend(None))
+    }
 }
 
 impl Transaction {
@@ -241,8 +249,13 @@ impl Transaction {
 /// it is sent), so a reused connection could see a late cancel interrupt the next borrower's
 /// statement. Closing it makes that impossible, and the acknowledged `ROLLBACK` means the
 /// locks are already released when this returns. Behind a pooler, if the server process is
-/// not known, the connection is closed without a `ROLLBACK`: the pooler then closes its
-/// server connection, and the server rolls back.
+/// not known yet (dropped before `BEGIN`'s reply), nothing can be cancelled: the `ROLLBACK`
+/// queues behind the request in flight, and the connection returns to the pool once it is
+/// acknowledged (no cancel was sent, so none can arrive late); if the request is still
+/// waiting (a lock wait) when [`CLEANUP_TIMEOUT`] runs out, the connection is closed. Closing
+/// at once would not end such a wait sooner: a backend waiting for a lock notices its client
+/// is gone only once it has the lock. And it would leave the server rolling back after the
+/// slot is free, so the next caller could find the row still locked.
 ///
 /// `bounded`: the `ROLLBACK` gets [`CLEANUP_TIMEOUT`], for cleanups no caller waits for (a
 /// dropped guard's task), which must not hold a pooled connection forever. A caller that
@@ -265,7 +278,7 @@ async fn cleanup(
         Cancel::Backend(Some(pid)) => {
             let _ = tokio::time::timeout(CLEANUP_TIMEOUT, cancel_backend(dirty.conn(), pid)).await;
         }
-        Cancel::Backend(None) => return Ok(()), // `dirty` closes the connection
+        Cancel::Backend(None) => {}
     }
     // A late cancel can interrupt the ROLLBACK itself (57014); it is consumed by doing so, so a
     // second ROLLBACK then runs normally.
@@ -280,7 +293,7 @@ async fn cleanup(
         };
         match done {
             Ok(Ok(())) => {
-                if matches!(cancel, Cancel::No) {
+                if cancel.none_sent() {
                     dirty.release();
                 }
                 return Ok(());

@@ -38,6 +38,10 @@
 //!   multiply throughput when each job is cheap; but a batch is held (and redone after a
 //!   failure) as a unit, and a worker holding a large batch leaves less for the others. Start
 //!   with `n` around 10–100 and keep `workers × n` below the backlog you expect.
+//! - Many batch claimers: claims that all start at the head of the order meet there, each
+//!   walking past (and trying to lock) the rows the others hold. [`Claim::start_at`] starts
+//!   each claim at a different point and wraps around; with random starts 16 claimers of 100
+//!   rows claimed 4.6–6.5× more jobs per second than head-first claims in the bench.
 //! - Strength: [`LockStrength::NoKeyUpdate`] (the default here) is what the later
 //!   `UPDATE … SET status = 'done'` needs anyway, and unlike `Update` it does not block inserts
 //!   of rows that reference the job through a foreign key (those take `KEY SHARE`).
@@ -137,6 +141,9 @@ pub struct Claim {
     transaction: TransactionOptions,
     /// `SET` list applied to the claimed rows in the claim's statement (claim-and-mark).
     mark: Option<Predicate>,
+    /// Where the scan starts in the first order column, wrapping around (see
+    /// [`start_at`](Claim::start_at)).
+    start: Option<OwnedParam>,
     /// The SQL rendered for a row type, once (the setters take the claim by value and start
     /// afresh).
     rendered: OnceLock<(TypeId, Arc<str>)>,
@@ -159,6 +166,7 @@ impl fmt::Debug for Claim {
             .field("order", &self.order)
             .field("strength", &self.strength)
             .field("mark", &self.mark)
+            .field("start", &self.start)
             .field("transaction", &self.transaction)
             .finish()
     }
@@ -173,6 +181,7 @@ impl Default for Claim {
             strength: LockStrength::NoKeyUpdate,
             transaction: TransactionOptions::new(),
             mark: None,
+            start: None,
             rendered: OnceLock::new(),
         }
     }
@@ -298,6 +307,66 @@ impl Claim {
         self
     }
 
+    /// Starts the claim at `value` of the first order column instead of at the head of the
+    /// order, wrapping around: the claim takes the first free eligible rows at or after `value`
+    /// (at or before it for a [`Direction::Desc`] column), then, if fewer than `n` were found,
+    /// those before it, then those whose first order column is `NULL`. `value` is bound as a
+    /// parameter and must be of the column's type (an `i64` for `bigint`); a `NULL` value
+    /// (`None::<i64>`) starts at the head.
+    ///
+    /// For many workers claiming batches at once: every claim that starts at the head walks
+    /// past the rows the others hold (they still match the filter and its index until they
+    /// commit), so with 16 claimers of 100 rows each claim skips up to 1,500 locked rows, and
+    /// they all clean the same index pages. Claimers that start at different points (a random
+    /// point between the lowest and highest claimable key, or one per worker) rarely meet.
+    /// The price is order: a started claim is not oldest-first (the rows it returns are still
+    /// sorted by the claim's order). Exactly-once is unchanged: a row is still locked by one
+    /// claimer at a time, and the mark or the closure's update takes it out of the claimable
+    /// set.
+    ///
+    /// The start is a parameter of the claim's SQL, so moving the start of a claim that
+    /// already has one keeps the SQL rendered: a worker can move its claim's start before
+    /// every call (`claim = claim.start_at(next)`) at the cost of one boxed value.
+    ///
+    /// ```no_run
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct Job { id: i64 }
+    /// # impl LockableRow for Job {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("jobs");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # fn random_between(lo: i64, hi: i64) -> i64 { lo }
+    /// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Claim, Compare, Direction, claim_and_mark};
+    ///
+    /// let mut claim = Claim::new()
+    ///     .filter("status", Compare::Eq, "pending")
+    ///     .order_by("id", Direction::Asc)
+    ///     .mark("status = 'running'", vec![])
+    ///     .start_at(0_i64);
+    /// loop {
+    ///     // Somewhere in the backlog (here: the ids a producer has handed out so far).
+    ///     claim = claim.start_at(random_between(1, 500_000));
+    ///     let jobs: Vec<Job> = claim_and_mark(pool, &claim, 100).await?;
+    ///     if jobs.is_empty() {
+    ///         break;
+    ///     }
+    ///     // … process them …
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn start_at(mut self, value: impl ToSql + Send + Sync + 'static) -> Self {
+        if self.start.is_none() {
+            self.rendered.take();
+        }
+        self.start = Some(Box::new(value));
+        self
+    }
+
     /// Options of the transaction [`with_claimed_rows`] opens. Defaults to
     /// [`TransactionOptions::new`]. A `lock_timeout` bounds waits for the table lock (row
     /// locks are never waited for).
@@ -332,6 +401,9 @@ impl Claim {
                 }
                 Condition::IsNull(_) | Condition::IsNotNull(_) => {}
             }
+        }
+        if let Some(start) = &self.start {
+            params.push(&**start);
         }
         if let Some(mark) = &self.mark {
             params.extend(mark.params.iter().map(|v| &**v as &(dyn ToSql + Sync)));
@@ -434,28 +506,73 @@ impl Claim {
         };
         let strength = self.strength.clause();
         let table = &names.table;
-        let Some(mark) = &self.mark else {
+        let start = match &self.start {
+            Some(_) => {
+                bound += 1;
+                let (col, dir) = &self.order[0];
+                Some((quote_ident(col)?, *dir, bound))
+            }
+            None => None,
+        };
+        let mark = match &self.mark {
+            Some(mark) if mark.sql.trim().is_empty() => {
+                return Err(Error::invalid("a claim's mark (its SET list) is empty"));
+            }
+            Some(mark) => {
+                let set = mark.renumbered(bound)?;
+                bound += mark.params.len();
+                Some(set)
+            }
+            None => None,
+        };
+        let limit = bound + 1;
+        let keys = names.keys.join(", ");
+        // The locking query: what it selects, and the rows it may lock.
+        let locking = |what: &str| {
+            let scan = |condition: &str| {
+                format!(
+                    "SELECT {what} FROM {table} WHERE {filter}{condition} ORDER BY {order} LIMIT \
+                     ${limit} {strength} SKIP LOCKED"
+                )
+            };
+            match &start {
+                None => scan(""),
+                // Each branch stops at the limit, and the outer LIMIT stops pulling branches
+                // once it has `n` rows: a later branch locks only what is still missing.
+                Some((col, dir, p)) => {
+                    let (from, before) = match dir {
+                        Direction::Asc => (">=", "<"),
+                        Direction::Desc => ("<=", ">"),
+                    };
+                    // A locking clause is not allowed on a UNION's own branches: each is a
+                    // subquery.
+                    let branch = |condition: String| {
+                        format!("SELECT * FROM ({}) AS rowlock_branch", scan(&condition))
+                    };
+                    format!(
+                        "SELECT * FROM ({} UNION ALL {} UNION ALL {} UNION ALL {}) AS \
+                         rowlock_wrapped LIMIT ${limit}",
+                        branch(format!(" AND {col} {from} ${p}")),
+                        branch(format!(" AND {col} {before} ${p}")),
+                        branch(format!(" AND {col} IS NULL AND ${p} IS NOT NULL")),
+                        branch(format!(" AND ${p} IS NULL")),
+                    )
+                }
+            }
+        };
+        let Some(set) = mark else {
             return Ok(format!(
-                "WITH claimed AS MATERIALIZED (SELECT {select} FROM {table} WHERE {filter} ORDER \
-                 BY {order} LIMIT ${limit} {strength} SKIP LOCKED) SELECT * FROM claimed ORDER \
-                 BY {order}",
-                limit = bound + 1,
+                "WITH claimed AS MATERIALIZED ({}) SELECT * FROM claimed ORDER BY {order}",
+                locking(&select)
             ));
         };
-        if mark.sql.trim().is_empty() {
-            return Err(Error::invalid("a claim's mark (its SET list) is empty"));
-        }
-        let set = mark.renumbered(bound)?;
-        bound += mark.params.len();
         let (aliases, matches) = names.key_join("claimed");
         let returning = names.returning(&columns);
         Ok(format!(
-            "WITH claimed AS MATERIALIZED (SELECT {keys} FROM {table} WHERE {filter} ORDER BY \
-             {order} LIMIT ${limit} {strength} SKIP LOCKED), \
+            "WITH claimed AS MATERIALIZED ({}), \
              marked AS (UPDATE {table} SET {set} FROM claimed AS claimed ({aliases}) \
              WHERE {matches} RETURNING {returning}) SELECT * FROM marked ORDER BY {order}",
-            keys = names.keys.join(", "),
-            limit = bound + 1,
+            locking(&keys)
         ))
     }
 }
@@ -536,7 +653,8 @@ fn refine_claim_error(e: Error) -> Error {
         // A value the driver could not bind as its column's type (nothing was sent), or a
         // literal the server could not compare with or read as the column's type (refused
         // when the statement was prepared, before it ran).
-        refused("a claim filter value does not fit its column").with_boxed_source(e.into_source())
+        refused("a claim filter or start value does not fit its column")
+            .with_boxed_source(e.into_source())
     } else {
         e
     }

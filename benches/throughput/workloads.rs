@@ -6,7 +6,7 @@
 //! one-statement workloads 3 with `BEGIN`/`COMMIT`, 1 without); the hand-written forms and
 //! rowlock take 2 on the lock path (`BEGIN` pipelined with the locking SELECT, the writes
 //! pipelined with `COMMIT`) and 1 on the one-statement paths (`accept_cas`: a transition;
-//! `claim_one`, `claim_batch`: claim-and-mark).
+//! `claim_one`, `claim_batch`, `claim_spread`: claim-and-mark).
 
 use futures_util::future::{join, join3};
 use rowlock::deadpool_postgres::Object;
@@ -30,6 +30,9 @@ pub enum Workload {
     ClaimOne,
     /// Claim-and-mark of 100 rows in one statement.
     ClaimBatch,
+    /// `claim_batch` from a random start in the id range, wrapping around
+    /// (`Claim::start_at`): claimers rarely meet.
+    ClaimSpread,
     /// The lock path's claim of one row: claim with `BEGIN`, mark with `COMMIT`.
     ClaimLocked,
     /// Every transaction asks for a row another session holds, with `NOWAIT`: the cost of a
@@ -43,13 +46,14 @@ pub const HELD_COUNTERS: i64 = 16;
 pub const HOLD: &str = "BEGIN; SELECT * FROM counters WHERE id <= 16 FOR UPDATE";
 
 impl Workload {
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Accept,
         Workload::AcceptCas,
         Workload::HotRow,
         Workload::Spread,
         Workload::ClaimOne,
         Workload::ClaimBatch,
+        Workload::ClaimSpread,
         Workload::ClaimLocked,
         Workload::NowaitBusy,
     ];
@@ -62,6 +66,7 @@ impl Workload {
             Workload::Spread => "spread",
             Workload::ClaimOne => "claim_one",
             Workload::ClaimBatch => "claim_batch",
+            Workload::ClaimSpread => "claim_spread",
             Workload::ClaimLocked => "claim_locked",
             Workload::NowaitBusy => "nowait_busy",
         }
@@ -75,7 +80,7 @@ impl Workload {
     /// Rows a claim transaction takes (claims are measured in jobs/s too).
     pub fn batch(self) -> i64 {
         match self {
-            Workload::ClaimBatch => 100,
+            Workload::ClaimBatch | Workload::ClaimSpread => 100,
             _ => 1,
         }
     }
@@ -83,7 +88,10 @@ impl Workload {
     pub fn is_claim(self) -> bool {
         matches!(
             self,
-            Workload::ClaimOne | Workload::ClaimBatch | Workload::ClaimLocked
+            Workload::ClaimOne
+                | Workload::ClaimBatch
+                | Workload::ClaimSpread
+                | Workload::ClaimLocked
         )
     }
 
@@ -135,6 +143,17 @@ COMMIT;
                 }
             ),
             Workload::NowaitBusy => String::new(),
+            Workload::ClaimSpread => format!(
+                "\\set start random(1, {jobs})
+BEGIN;
+{sql};
+COMMIT;
+",
+                jobs = sizes.jobs,
+                sql = CLAIM_MARK_FROM
+                    .replace("$1", &self.batch().to_string())
+                    .replace("$2", ":start")
+            ),
             // pgbench cannot carry a set of ids from one statement to the next, so its claim
             // marks the rows in the same statement: one round trip fewer than the others.
             Workload::ClaimOne | Workload::ClaimBatch | Workload::ClaimLocked => format!(
@@ -205,7 +224,10 @@ pub async fn reset(client: &Client, workload: Workload) -> Result<(), PgError> {
              UPDATE projects SET status = 'open' WHERE status <> 'open';"
         }
         Workload::HotRow | Workload::Spread | Workload::NowaitBusy => return Ok(()),
-        Workload::ClaimOne | Workload::ClaimBatch | Workload::ClaimLocked => {
+        Workload::ClaimOne
+        | Workload::ClaimBatch
+        | Workload::ClaimSpread
+        | Workload::ClaimLocked => {
             "UPDATE jobs SET status = 'pending', claims = 0 WHERE status <> 'pending';"
         }
     };
@@ -281,6 +303,18 @@ const CLAIM_MARK: &str = "WITH claimed AS MATERIALIZED (SELECT id FROM jobs WHER
                           marked AS (UPDATE jobs SET status = 'done', claims = claims + 1 \
                           FROM claimed WHERE jobs.id = claimed.id RETURNING jobs.*) \
                           SELECT * FROM marked ORDER BY id";
+/// Claim-and-mark from a start (`$2`), wrapping around, written by hand: rows from the start
+/// on, then rows before it; the outer `LIMIT` stops pulling once it has `$1` rows.
+const CLAIM_MARK_FROM: &str = "WITH claimed AS MATERIALIZED (SELECT * FROM (\
+                               SELECT * FROM (SELECT id FROM jobs WHERE status = 'pending' \
+                               AND id >= $2 ORDER BY id LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED) a \
+                               UNION ALL \
+                               SELECT * FROM (SELECT id FROM jobs WHERE status = 'pending' \
+                               AND id < $2 ORDER BY id LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED) b\
+                               ) w LIMIT $1), \
+                               marked AS (UPDATE jobs SET status = 'done', claims = claims + 1 \
+                               FROM claimed WHERE jobs.id = claimed.id RETURNING jobs.*) \
+                               SELECT * FROM marked ORDER BY id";
 
 /// The statements a hand-written client prepared on its own connection.
 pub struct Stmts {
@@ -295,6 +329,7 @@ pub struct Stmts {
     claim: Statement,
     mark_done: Statement,
     claim_mark: Statement,
+    claim_mark_from: Statement,
 }
 
 /// A hand-written client: its own connection and prepared statements, or a pool it checks a
@@ -333,6 +368,7 @@ impl Hand {
             claim: client.prepare(CLAIM).await?,
             mark_done: client.prepare(MARK_DONE).await?,
             claim_mark: client.prepare(CLAIM_MARK).await?,
+            claim_mark_from: client.prepare(CLAIM_MARK_FROM).await?,
         };
         Ok(Hand::Own(client, Box::new(stmts)))
     }
@@ -435,6 +471,11 @@ async fn run_hand(
             let claim = st.get(|s| &s.claim_mark, CLAIM_MARK).await?;
             Ok(c.query(&claim, &[&workload.batch()]).await?.len() as i64)
         }
+        Workload::ClaimSpread => {
+            let start = rng.below(sizes.jobs) + 1;
+            let claim = st.get(|s| &s.claim_mark_from, CLAIM_MARK_FROM).await?;
+            Ok(c.query(&claim, &[&workload.batch(), &start]).await?.len() as i64)
+        }
         Workload::ClaimLocked => {
             let claim = st.get(|s| &s.claim, CLAIM).await?;
             let (begin, rows) = join(
@@ -527,18 +568,22 @@ pub fn accept_transition() -> Transition {
         )
 }
 
-/// What rowlock's workloads reuse across transactions, as a service would keep them.
+/// What a rowlock client reuses across transactions, as a service's worker would keep them.
 pub struct Prepared {
     pub claim: Claim,
     pub claim_mark: Claim,
+    /// Moved to a new start before each claim.
+    pub claim_mark_from: Claim,
     pub accept: Transition,
 }
 
 impl Prepared {
     pub fn new() -> Prepared {
+        let mark = || claim().mark("status = 'done', claims = claims + 1", vec![]);
         Prepared {
             claim: claim(),
-            claim_mark: claim().mark("status = 'done', claims = claims + 1", vec![]),
+            claim_mark: mark(),
+            claim_mark_from: mark().start_at(1_i64),
             accept: accept_transition(),
         }
     }
@@ -550,7 +595,7 @@ pub async fn with_rowlock(
     workload: Workload,
     rng: &mut Rng,
     sizes: &Sizes,
-    prepared: &Prepared,
+    prepared: &mut Prepared,
 ) -> Result<i64, rowlock::Error> {
     match workload {
         Workload::Accept => {
@@ -621,6 +666,14 @@ pub async fn with_rowlock(
             let jobs: Vec<Job> =
                 claim_and_mark(pool, &prepared.claim_mark, workload.batch() as usize).await?;
             Ok(jobs.len() as i64)
+        }
+        Workload::ClaimSpread => {
+            let start = rng.below(sizes.jobs) + 1;
+            let claim = std::mem::take(&mut prepared.claim_mark_from).start_at(start);
+            let jobs: Result<Vec<Job>, _> =
+                claim_and_mark(pool, &claim, workload.batch() as usize).await;
+            prepared.claim_mark_from = claim;
+            Ok(jobs?.len() as i64)
         }
         Workload::ClaimLocked => {
             let claimed = with_claimed_rows(

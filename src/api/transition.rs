@@ -378,7 +378,10 @@ fn settle<R: LockableRow>(rows: Vec<Row>) -> Result<Transitioned<R>, Error> {
 ///   pool) it runs in a transaction of its own instead: `BEGIN` and the prepare, the
 ///   statement, `COMMIT`.
 /// - **Invalid arguments** (see [`Transition`], or `params` not matching its placeholders):
-///   [`ErrorKind::InvalidArgument`] before a connection is taken.
+///   [`ErrorKind::InvalidArgument`] before a connection is taken. A value whose Rust type does
+///   not fit the type PostgreSQL gives its placeholder (an `i32` for a `bigint` column) is
+///   refused when the statement is bound, before it is sent: [`ErrorKind::InvalidArgument`]
+///   naming the caller's `$n` (or the key).
 /// - **Errors** from the server (a constraint the change violates, a deadlock between guards,
 ///   a `lock_timeout` set on the server…) are returned as they are, and nothing changed.
 /// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`] (nothing
@@ -414,6 +417,17 @@ fn settle<R: LockableRow>(rows: Vec<Row>) -> Result<Transitioned<R>, Error> {
 /// # Ok(()) }
 /// ```
 pub async fn transition<R: LockableRow>(
+    pool: &Pool,
+    key: &R::Key,
+    transition: &Transition,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Transitioned<R>, Error> {
+    transition_alone(pool, key, transition, params)
+        .await
+        .map_err(refine_bind_error::<R>)
+}
+
+async fn transition_alone<R: LockableRow>(
     pool: &Pool,
     key: &R::Key,
     transition: &Transition,
@@ -456,7 +470,9 @@ impl Transaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Transitioned<R>, Error> {
         let (rendered, all) = transition.bind::<R>(key, params)?;
-        self.run_transition::<R>(&rendered, &all).await
+        self.run_transition::<R>(&rendered, &all)
+            .await
+            .map_err(refine_bind_error::<R>)
     }
 
     /// Runs a bound transition in this transaction.
@@ -483,4 +499,37 @@ impl Transaction {
             .await?;
         settle(rows)
     }
+}
+
+/// A value the driver could not bind (nothing was sent), in the caller's terms: tokio-postgres
+/// numbers the statement's parameters from 0, and the statement's start with the key's, so
+/// its "parameter 1" may be the caller's `$1`, `$2` or the key. Other errors pass unchanged.
+fn refine_bind_error<R: LockableRow>(e: Error) -> Error {
+    const PREFIX: &str = "error serializing parameter ";
+    if e.kind() != ErrorKind::Driver {
+        return e;
+    }
+    let Some(driver) = e.as_driver_error() else {
+        return e;
+    };
+    let text = driver.to_string();
+    let Some(index) = text.strip_prefix(PREFIX).and_then(|rest| {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        rest[..digits].parse::<usize>().ok()
+    }) else {
+        return e;
+    };
+    let arity = <R::Key as Key>::ARITY;
+    let what = match index.checked_sub(arity) {
+        None => format!("the key of {}", R::TABLE.name()),
+        Some(i) => format!("parameter ${} of the transition", i + 1),
+    };
+    let cause = std::error::Error::source(driver)
+        .map(|c| format!(": {c}"))
+        .unwrap_or_default();
+    Error::with_kind(
+        ErrorKind::InvalidArgument,
+        format!("{what} does not fit its placeholder's type{cause}"),
+    )
+    .at(Step::Transition)
 }

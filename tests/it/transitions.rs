@@ -334,3 +334,66 @@ async fn a_plain_conflict_takes_no_lock() {
         .expect("the conflicting row is not locked by the transition");
     tx.rollback().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_value_of_the_wrong_type_names_the_callers_placeholder_and_changes_nothing() {
+    let (db, pool) = database(TASKS, 2).await;
+    let take = Transition::new("status = 'taken', owner = $1").when("status = $2");
+    let cases: [(&[&(dyn rowlock::tokio_postgres::types::ToSql + Sync)], &str); 2] = [
+        (&[&5_i32, &"open"], "parameter $1 of the transition"),
+        (&[&"ann", &5_i32], "parameter $2 of the transition"),
+    ];
+    for (params, expected) in cases {
+        let err = transition::<Task>(&pool, &1, &take, params)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        let text = err.to_string();
+        assert!(text.contains(expected), "{text}");
+        assert!(
+            text.contains("Rust type `i32`"),
+            "the driver's cause: {text}"
+        );
+        assert!(
+            !text.contains("serializing parameter"),
+            "no 0-based index: {text}"
+        );
+        // Inside a transaction, the same.
+        let take = &take;
+        let inside = rowlock::with_transaction(&pool, &TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.transition::<Task>(&1, &take, params).await })
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(inside.kind(), ErrorKind::InvalidArgument, "{inside}");
+        assert!(inside.to_string().contains(expected), "{inside}");
+    }
+    // A key type that does not fit the key column.
+    #[derive(Debug)]
+    struct NarrowKey;
+    impl LockableRow for NarrowKey {
+        type Key = i32;
+        const TABLE: Table = Table::new("tasks");
+        const KEY_COLUMNS: &'static [&'static str] = &["id"];
+        fn from_row(_: &Row) -> Result<Self, PgError> {
+            Ok(NarrowKey)
+        }
+        fn key(&self) -> i32 {
+            0
+        }
+    }
+    let err = transition::<NarrowKey>(&pool, &1, &take, &[&"ann", &"open"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("the key of tasks"), "{err}");
+    let status: String = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT status FROM tasks WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "open", "nothing changed");
+}

@@ -361,7 +361,7 @@ async fn a_value_of_the_wrong_type_names_the_callers_placeholder_and_changes_not
         // Inside a transaction, the same.
         let take = &take;
         let inside = rowlock::with_transaction(&pool, &TransactionOptions::new(), |tx| {
-            Box::pin(async move { tx.transition::<Task>(&1, &take, params).await })
+            Box::pin(async move { tx.transition::<Task>(&1, take, params).await })
         })
         .await
         .unwrap_err();

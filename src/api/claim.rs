@@ -58,7 +58,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::api::alone::run_alone;
-use crate::api::claim_sql::{FilterValue, Predicate, filter_value};
+use crate::api::claim_sql::{FilterValue, Predicate, SharedParam, filter_value, shared};
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{Flush, Side};
@@ -110,6 +110,7 @@ pub enum Direction {
     Desc,
 }
 
+#[derive(Clone)]
 enum Condition {
     Compare(String, Compare, FilterValue),
     IsNull(String),
@@ -134,6 +135,11 @@ enum Condition {
 ///     .order_by("priority", Direction::Desc)
 ///     .order_by("id", Direction::Asc);
 /// ```
+///
+/// A claim is `Clone`: the clone shares the bound values (they are reference-counted) and
+/// keeps the SQL already rendered, so one claim can be built at start-up and cloned per worker
+/// or per call.
+#[derive(Clone)]
 pub struct Claim {
     conditions: Vec<Condition>,
     order: Vec<(String, Direction)>,
@@ -143,7 +149,7 @@ pub struct Claim {
     mark: Option<Predicate>,
     /// Where the scan starts in the first order column, wrapping around (see
     /// [`start_at`](Claim::start_at)).
-    start: Option<OwnedParam>,
+    start: Option<SharedParam>,
     /// The SQL rendered for a row type, once (the setters take the claim by value and start
     /// afresh).
     rendered: OnceLock<(TypeId, Arc<str>)>,
@@ -239,7 +245,7 @@ impl Claim {
         self.rendered.take();
         self.conditions.push(Condition::Predicate(Predicate {
             sql: sql.into(),
-            params,
+            params: shared(params),
         }));
         self
     }
@@ -302,7 +308,7 @@ impl Claim {
         self.rendered.take();
         self.mark = Some(Predicate {
             sql: set.into(),
-            params,
+            params: shared(params),
         });
         self
     }
@@ -326,7 +332,8 @@ impl Claim {
     ///
     /// The start is a parameter of the claim's SQL, so moving the start of a claim that
     /// already has one keeps the SQL rendered: a worker can move its claim's start before
-    /// every call (`claim = claim.start_at(next)`) at the cost of one boxed value.
+    /// every call (`claim = claim.start_at(next)`, one allocation), or start a clone of a
+    /// shared claim (`shared.clone().start_at(next)`).
     ///
     /// ```no_run
     /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
@@ -363,7 +370,7 @@ impl Claim {
         if self.start.is_none() {
             self.rendered.take();
         }
-        self.start = Some(Box::new(value));
+        self.start = Some(Arc::new(value));
         self
     }
 

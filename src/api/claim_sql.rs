@@ -4,11 +4,20 @@
 
 use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 use tokio_postgres::types::ToSql;
 
 use crate::error::Error;
 use crate::transaction::OwnedParam;
+
+/// A bound value a claim keeps: shared, so that a claim can be cloned.
+pub(crate) type SharedParam = Arc<dyn ToSql + Send + Sync>;
+
+/// The caller's boxed values, kept shared.
+pub(crate) fn shared(params: Vec<OwnedParam>) -> Vec<SharedParam> {
+    params.into_iter().map(Arc::from).collect()
+}
 
 /// A filter value as the claim uses it. Text and integers are written into the claim's SQL
 /// as literals, so that the statement matches a partial index on the same condition under a
@@ -16,10 +25,11 @@ use crate::transaction::OwnedParam;
 /// the literal the column's type: `filter("status", Eq, "pending")` works on a `job_status`
 /// enum column and `filter("attempts", Lt, 3_i32)` on an `int8` one. Other values are bound as
 /// parameters, as they are.
+#[derive(Clone)]
 pub(crate) enum FilterValue {
     Text(String),
     Int(i64),
-    Param(OwnedParam),
+    Param(SharedParam),
 }
 
 impl fmt::Debug for FilterValue {
@@ -45,7 +55,7 @@ pub(crate) fn filter_value<V: ToSql + Send + Sync + 'static>(value: V) -> Filter
         .or_else(|| any.downcast_ref::<i64>().copied());
     match int {
         Some(int) => FilterValue::Int(int),
-        None => FilterValue::Param(Box::new(value)),
+        None => FilterValue::Param(Arc::new(value)),
     }
 }
 
@@ -79,9 +89,10 @@ pub(crate) fn literal(text: &str) -> Result<String, Error> {
 }
 
 /// A raw SQL predicate and the values for its `$1`, `$2`, … placeholders.
+#[derive(Clone)]
 pub(crate) struct Predicate {
     pub(crate) sql: String,
-    pub(crate) params: Vec<OwnedParam>,
+    pub(crate) params: Vec<SharedParam>,
 }
 
 impl fmt::Debug for Predicate {
@@ -282,7 +293,7 @@ mod tests {
         Predicate {
             sql: sql.to_owned(),
             params: (0..params)
-                .map(|i| Box::new(i as i64) as OwnedParam)
+                .map(|i| Arc::new(i as i64) as SharedParam)
                 .collect(),
         }
     }

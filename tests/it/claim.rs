@@ -893,3 +893,41 @@ async fn moving_the_start_of_a_used_claim_claims_from_the_new_start() {
     let third: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 2).await.unwrap();
     assert_eq!(ids(&third), [1, 2]);
 }
+
+#[tokio::test]
+async fn a_cloned_claim_keeps_its_values_and_takes_its_own_start() {
+    let (db, pool) = jobs(10, 2).await;
+    let base = by_id()
+        .where_sql("id <> $1", vec![Box::new(5_i64)])
+        .mark("status = 'done', worker = $1", vec![Box::new(7_i32)])
+        .start_at(0_i64);
+    let first: Vec<Job> = rowlock::claim_and_mark(&pool, &base, 2).await.unwrap();
+    assert_eq!(ids(&first), [1, 2]);
+    let moved = base.clone().start_at(4_i64);
+    let second: Vec<Job> = rowlock::claim_and_mark(&pool, &moved, 2).await.unwrap();
+    assert_eq!(
+        ids(&second),
+        [4, 6],
+        "from its own start, with the shared filter"
+    );
+    let third: Vec<Job> = rowlock::claim_and_mark(&pool, &base, 2).await.unwrap();
+    assert_eq!(ids(&third), [3, 7], "the original keeps its start");
+    let workers: Vec<Option<i32>> = db
+        .client()
+        .await
+        .unwrap()
+        .query(
+            "SELECT worker FROM jobs WHERE status = 'done' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        workers,
+        [Some(7); 6],
+        "the mark's value is shared by the clone"
+    );
+}

@@ -635,11 +635,16 @@ impl Transaction {
             .run(Step::Lock, request)
             .await
             .map_err(refine_claim_error)?;
-        rows.iter()
-            .map(R::from_row)
-            .collect::<Result<Vec<R>, _>>()
-            .map_err(|e| Error::decode(e).at(Step::Lock))
+        decode_claimed(&rows)
     }
+}
+
+/// The claimed rows as `R`s; a row that does not decode fails the claim.
+fn decode_claimed<R: LockableRow>(rows: &[tokio_postgres::Row]) -> Result<Vec<R>, Error> {
+    rows.iter()
+        .map(R::from_row)
+        .collect::<Result<Vec<R>, _>>()
+        .map_err(|e| Error::decode(e).at(Step::Lock))
 }
 
 /// A claim's failure in the caller's terms: a column the table lacks (`42703`), or a filter
@@ -866,10 +871,7 @@ pub async fn claim_and_mark<R: LockableRow>(
     let rows = run_alone(pool, &sql, &params, Step::Lock, claim.needs_custom_plans())
         .await
         .map_err(refine_claim_error)?;
-    rows.iter()
-        .map(R::from_row)
-        .collect::<Result<Vec<R>, _>>()
-        .map_err(|e| Error::decode(e).at(Step::Lock))
+    decode_claimed(&rows)
 }
 
 /// The server's plan for claiming `n` rows of `R` with `claim` (`EXPLAIN`, as the claim runs:

@@ -521,25 +521,16 @@ impl Embedded {
     /// Fills the (absent) data directory with a base backup of the server on `port`, with the
     /// settings that make it a streaming standby of it (`pg_basebackup -R`).
     fn base_backup_from(&self, port: u16) -> Result<(), HarnessError> {
-        let out = self
-            .command("pg_basebackup")
+        let mut command = self.command("pg_basebackup");
+        command
             .arg("-D")
             .arg(self.data())
             .args(["-R", "-X", "stream", "-c", "fast", "-h", "127.0.0.1"])
             .arg("-p")
             .arg(port.to_string())
             .args(["-U", "postgres"])
-            .current_dir(&self.dir)
-            .output()
-            .map_err(|e| io("running pg_basebackup", e))?;
-        if !out.status.success() {
-            return Err(HarnessError::Start(format!(
-                "pg_basebackup failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+            .current_dir(&self.dir);
+        run_tool(&mut command, "pg_basebackup")
     }
 
     fn command(&self, program: &str) -> Command {
@@ -563,23 +554,14 @@ impl Embedded {
     }
 
     fn init(&self) -> Result<(), HarnessError> {
-        let out = self
-            .command("initdb")
+        let mut command = self.command("initdb");
+        command
             .arg("-D")
             .arg(self.data())
             .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
             .args(["--no-sync", "--no-instructions"])
-            .current_dir(&self.dir)
-            .output()
-            .map_err(|e| io("running initdb", e))?;
-        if !out.status.success() {
-            return Err(HarnessError::Start(format!(
-                "initdb failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+            .current_dir(&self.dir);
+        run_tool(&mut command, "initdb")
     }
 
     fn start_server(&self) -> Result<(), HarnessError> {
@@ -985,4 +967,19 @@ pub(super) async fn connect(config: &Config) -> Result<tokio_postgres::Client, H
         let _ = conn.await;
     });
     Ok(client)
+}
+
+/// Runs a server tool to completion; a failure carries its exit status and standard error.
+fn run_tool(command: &mut Command, tool: &str) -> Result<(), HarnessError> {
+    let out = command
+        .output()
+        .map_err(|e| io(&format!("running {tool}"), e))?;
+    if !out.status.success() {
+        return Err(HarnessError::Start(format!(
+            "{tool} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }

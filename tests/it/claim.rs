@@ -66,6 +66,37 @@ fn pending() -> Claim {
         .order_by("id", Direction::Asc)
 }
 
+/// (rows claimed other than once, rows not done): `(0, 0)` when every row was processed once.
+async fn claimed_once_and_done(db: &TestDatabase) -> (i64, i64) {
+    let row = db
+        .client()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FILTER (WHERE claims <> 1), count(*) FILTER (WHERE status <> 'done')
+             FROM jobs",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// How many rows of `jobs` another session could lock right now.
+async fn free_rows(observer: &mut rowlock::tokio_postgres::Client) -> i64 {
+    let tx = observer.transaction().await.unwrap();
+    let free: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM (SELECT id FROM jobs FOR UPDATE SKIP LOCKED) s",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.rollback().await.unwrap();
+    free
+}
+
 fn ids(jobs: &[Job]) -> Vec<i64> {
     jobs.iter().map(|j| j.id).collect()
 }
@@ -131,16 +162,7 @@ async fn sixteen_workers_with_random_batches_process_every_row_exactly_once() {
         (1..=total).collect::<BTreeSet<_>>(),
         "their union is every row"
     );
-    let client = db.client().await.unwrap();
-    let row = client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE status <> 'done'), count(*) FILTER (WHERE claims <> 1)
-             FROM jobs",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 0));
+    assert_eq!(claimed_once_and_done(&db).await, (0, 0));
 }
 
 #[tokio::test]
@@ -250,16 +272,7 @@ async fn concurrent_claims_never_lock_more_than_asked() {
     }
     // Every row a claim holds is one the observer cannot lock.
     let mut observer = db.client().await.unwrap();
-    let tx = observer.transaction().await.unwrap();
-    let free: i64 = tx
-        .query_one(
-            "SELECT count(*) FROM (SELECT id FROM jobs FOR UPDATE SKIP LOCKED) s",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    tx.rollback().await.unwrap();
+    let free = free_rows(&mut observer).await;
     assert_eq!(
         total - free,
         (workers * n) as i64,
@@ -763,16 +776,7 @@ async fn a_started_claim_never_locks_more_than_asked() {
         let locked = with_claimed_rows(&pool, &claim, n, |_, jobs: Vec<Job>| {
             let observer = &mut observer;
             Box::pin(async move {
-                let tx = observer.transaction().await.unwrap();
-                let free: i64 = tx
-                    .query_one(
-                        "SELECT count(*) FROM (SELECT id FROM jobs FOR UPDATE SKIP LOCKED) s",
-                        &[],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
-                tx.rollback().await.unwrap();
+                let free = free_rows(observer).await;
                 Ok::<_, rowlock::Error>((jobs.len(), total - free))
             })
         })
@@ -815,18 +819,7 @@ async fn sixteen_claimers_at_random_starts_claim_each_row_exactly_once() {
     let unique: BTreeSet<i64> = all.iter().copied().collect();
     assert_eq!(all.len(), total as usize, "every job claimed once");
     assert_eq!(unique, (1..=total).collect::<BTreeSet<_>>());
-    let row = db
-        .client()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FILTER (WHERE claims <> 1), count(*) FILTER (WHERE status <> 'done')
-             FROM jobs",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 0));
+    assert_eq!(claimed_once_and_done(&db).await, (0, 0));
 }
 
 #[tokio::test]

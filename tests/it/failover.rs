@@ -546,13 +546,6 @@ async fn an_old_primary_back_as_a_standby_never_takes_a_write() {
     let err = bump(old_address.clone()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
     assert_eq!(old_address.status().size, 0);
-    let balance: i64 = both
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT balance FROM accounts WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let balance = crate::support::balance(&both.get().await.unwrap(), 1).await;
     assert_eq!(balance, 6, "two writes before the failover, four after");
 }

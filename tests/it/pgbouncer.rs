@@ -158,14 +158,7 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
     );
 
     other.batch_execute("COMMIT").await.unwrap();
-    let balance: i64 = db
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT balance FROM accounts WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let balance = crate::support::balance(&db.client().await.unwrap(), 1).await;
     assert_eq!(balance, 101, "the queued write committed once");
 }
 

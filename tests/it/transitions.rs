@@ -41,6 +41,17 @@ fn take() -> Transition {
     Transition::new("status = 'taken', owner = $1").when("status = 'open'")
 }
 
+/// Task `id`'s status as another session reads it.
+async fn status_of(db: &rowlock::testing::TestDatabase, id: i64) -> String {
+    db.client()
+        .await
+        .unwrap()
+        .query_one("SELECT status FROM tasks WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn task(id: i64, status: &str, owner: Option<&str>) -> Task {
     Task {
         id,
@@ -205,15 +216,7 @@ async fn bad_transitions_are_refused_before_anything_is_sent() {
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{t:?}: {err}");
         assert!(err.to_string().contains(expected), "{t:?}: {err}");
     }
-    let status: String = db
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT status FROM tasks WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(status, "open");
+    assert_eq!(status_of(&db, 1).await, "open");
     // SQL the server rejects fails when prepared, before it runs; the message says where.
     let err = transition::<Task>(&pool, &1, &Transition::new("no_such_column = 1"), &[])
         .await
@@ -387,13 +390,5 @@ async fn a_value_of_the_wrong_type_names_the_callers_placeholder_and_changes_not
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("the key of tasks"), "{err}");
-    let status: String = db
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT status FROM tasks WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(status, "open", "nothing changed");
+    assert_eq!(status_of(&db, 1).await, "open", "nothing changed");
 }

@@ -57,7 +57,6 @@ use deadpool_postgres::Pool;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use crate::api::alone::run_alone;
 use crate::api::claim_sql::{FilterValue, Predicate, SharedParam, filter_value, shared};
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::{Error, ErrorKind, Step};
@@ -66,6 +65,7 @@ use crate::lock::LockStrength;
 use crate::options::{StatementCache, TransactionOptions};
 use crate::policy::RetryPolicy;
 use crate::row::{LockableRow, Names, quote_ident};
+use crate::transaction::run_alone;
 use crate::transaction::{OwnedParam, Transaction};
 
 /// A comparison operator in a claim filter.

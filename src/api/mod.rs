@@ -2,7 +2,6 @@
 //! ([`crate::attempt`]); each `_retry` twin sits next to its plain form.
 
 pub(crate) mod advisory;
-pub(crate) mod alone;
 pub(crate) mod claim;
 pub(crate) mod claim_sql;
 pub(crate) mod commit_outcome;

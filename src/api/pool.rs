@@ -129,6 +129,10 @@ impl PoolOptions {
         );
         Pool::builder(manager)
             .max_size(self.max_size)
+            // The connection returned last is handed out first: the warmest one (its
+            // statements prepared), and one whose queued `ROLLBACK` (a dropped transaction)
+            // the server reads before the next borrower's statements.
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
             .wait_timeout(Some(self.wait_timeout))
             .create_timeout(Some(self.create_timeout))
             .recycle_timeout(Some(self.recycle_timeout))

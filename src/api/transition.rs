@@ -9,13 +9,13 @@ use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::api::alone::run_alone;
 use crate::api::claim_sql::{mentions, renumber};
 use crate::api::transaction::with_transaction;
 use crate::error::{Error, ErrorKind, Step};
 use crate::options::{StatementCache, TransactionOptions};
 use crate::row::{Key, LockableRow, Names, quote_ident};
 use crate::transaction::Transaction;
+use crate::transaction::run_alone;
 
 /// A conditional change of one row, run as one statement: the physical limit of a
 /// read-check-write when the decision is a predicate on the row (and, with

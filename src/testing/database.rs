@@ -105,6 +105,8 @@ impl TestDatabase {
         );
         let pool = Pool::builder(manager)
             .max_size(max_size)
+            // As `PoolOptions` builds it: the connection returned last is handed out first.
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .build()
             .expect("a pool without timeouts or hooks always builds");
         self.behind_pgbouncer(pool)

@@ -209,7 +209,7 @@ impl Drop for Dirty {
 
 /// How to stop a request that may still be running before `ROLLBACK`.
 #[derive(Debug, Clone, Copy)]
-enum Cancel {
+pub(super) enum Cancel {
     /// Nothing is running.
     No,
     /// PostgreSQL's cancel request, to the host the connection was made to.
@@ -261,7 +261,7 @@ impl Transaction {
 /// dropped guard's task), which must not hold a pooled connection forever. A caller that
 /// awaits a plain `ROLLBACK` waits for it as for any statement, without a timer on the hot
 /// failure path.
-async fn cleanup(
+pub(super) async fn cleanup(
     client: Object,
     cancel: Cancel,
     bounded: bool,
@@ -324,6 +324,25 @@ async fn cancel_backend(client: &Object, pid: i32) {
     }
 }
 
+/// Queues `ROLLBACK` on `client` now, in the caller's thread, and returns the connection to the
+/// pool at once: whatever is sent on it afterwards (the next borrower's statements, the pool's
+/// recycling check) reaches the server after the `ROLLBACK`, so the next borrower of this
+/// connection finds the row free, and a caller on another connection finds it free as soon as
+/// the server has read one more message. tokio-postgres writes a request into the
+/// connection's queue on its first poll (the property [`Flush`] rests on too), so one poll with
+/// a no-op waker sends it; the reply is read and discarded by the connection task. Only for a
+/// connection with no request in flight: one still running would hold the `ROLLBACK` (and the
+/// next borrower) behind it.
+fn queue_rollback(client: Object) {
+    use futures_util::FutureExt as _;
+    match client.batch_execute("ROLLBACK").now_or_never() {
+        // Queued (pending), or already answered: the connection is clean for the next borrower.
+        None | Some(Ok(())) => drop(client),
+        // The connection is closed: it must not go back to the pool.
+        Some(Err(_)) => drop(Object::take(client)),
+    }
+}
+
 impl Drop for Transaction {
     fn drop(&mut self) {
         let Some(client) = self.client.take() else {
@@ -338,6 +357,9 @@ impl Drop for Transaction {
         match ending {
             Ending::Release => {} // Nothing was sent: the connection is clean.
             Ending::Discard => drop(Object::take(client)),
+            Ending::Rollback {
+                cancel_first: false,
+            } => queue_rollback(client),
             Ending::Rollback { cancel_first } => match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
                     let cancel = self.cancel(cancel_first);

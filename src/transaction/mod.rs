@@ -11,6 +11,7 @@
 //! caller polls several together); `commit` costs one, including the writes queued with
 //! [`Transaction::execute_on_commit`]; a first-time `prepare_cached` on a connection costs one.
 
+mod alone;
 mod commit;
 mod end;
 mod savepoint;
@@ -29,6 +30,7 @@ use crate::flush::{At, Flush, Reported, Side};
 use crate::options::{StatementCache, TransactionOptions};
 use state::{Phase, Prelude, State, savepoint_command};
 
+pub(crate) use alone::run_alone;
 pub use savepoint::{AsStatement, Savepoint};
 
 /// A parameter owned by a queued statement (see [`Transaction::execute_on_commit`]).
@@ -50,14 +52,21 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// ([`savepoint`](Self::savepoint), or savepoint SQL sent through this guard), as PostgreSQL
 /// recovers it.
 ///
-/// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future), the
-/// transaction is rolled back by a task spawned on the current Tokio runtime, and the
-/// connection goes back to the pool only after the `ROLLBACK` succeeded. If a statement was
-/// still in flight, a cancel request is sent first so a lock wait cannot linger, and the
-/// connection is closed after the `ROLLBACK` instead of reused (a late cancel must not hit
-/// the next borrower). If there is no runtime, or cleanup fails, the connection is closed
-/// (the server then rolls back). A connection is never returned to the pool inside a
-/// transaction.
+/// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future):
+/// - with no statement in flight (the usual case: dropped between statements), `ROLLBACK` is
+///   queued on the connection inside `drop` itself and the connection goes straight back to
+///   the pool, as tokio-postgres's own `Transaction` does. Anything sent on that connection
+///   afterwards reaches the server behind the `ROLLBACK`, so the next borrower of the
+///   connection finds the rows free;
+/// - with a statement still in flight (a lock wait, a slow query), a task spawned on the
+///   current Tokio runtime cancels it first (so a lock wait cannot linger), then rolls back
+///   and closes the connection instead of reusing it (a late cancel must not hit the next
+///   borrower);
+/// - if there is no runtime, or cleanup fails, the connection is closed (the server then
+///   rolls back).
+///
+/// A connection is never returned to the pool inside a transaction or with a statement still
+/// running.
 pub struct Transaction {
     client: Option<Object>,
     state: Mutex<State>,

@@ -1,11 +1,15 @@
 //! Dropping the future at every poll: the connection that goes back to the pool is never
 //! inside a transaction, and the row can be locked at once by another session.
 
+use std::sync::Arc;
+
 use rowlock::testing::wait_for_blocked_by;
+use rowlock::tokio_postgres::Client;
 use rowlock::{
-    LockOptions, Transaction, TransactionOptions, with_locked_row, with_locked_rows,
-    with_transaction,
+    Claim, Direction, LockMode, LockOptions, Transaction, TransactionOptions, Transition,
+    Transitioned, claim_and_mark, transition, with_locked_row, with_locked_rows, with_transaction,
 };
+use tokio::sync::Notify;
 
 use crate::support::{Account, WAIT, accounts, balance, in_transaction, lockable_now, poll_limit};
 
@@ -220,4 +224,143 @@ async fn dropping_a_transaction_with_a_statement_in_flight_cleans_up() {
     assert_eq!(in_transaction(&observer).await, 0);
     assert_eq!(balance(&observer, 1).await, 100);
     drop(conn);
+}
+
+/// Sessions of this database waiting for a lock that `holder` holds.
+async fn blocked_behind(observer: &Client, holder: i32) -> i64 {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            &[&holder],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_dropped_transition_waiting_for_a_lock_does_not_hold_up_the_next_caller() {
+    let (db, _) = accounts(2).await;
+    let pool = db.pool(1);
+    let observer = db.client().await.unwrap();
+    let holder = db.session().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let add = Transition::new("balance = balance + 1");
+    let call = tokio::spawn({
+        let (pool, add) = (pool.clone(), add.clone());
+        async move { transition::<Account>(&pool, &1, &add, &[]).await }
+    });
+    wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
+        .await
+        .unwrap();
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    // The holder keeps its lock throughout: if the dropped call's connection went back to the
+    // one-slot pool with its statement still waiting, this call would wait behind it.
+    let next = tokio::time::timeout(WAIT, transition::<Account>(&pool, &2, &add, &[]))
+        .await
+        .expect("the next caller is not held up by the dropped call's statement")
+        .unwrap();
+    assert!(matches!(
+        next,
+        Transitioned::Done(Account {
+            id: 2,
+            balance: 101
+        })
+    ));
+    assert_eq!(blocked_behind(&observer, holder.pid()).await, 0);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        balance(&observer, 1).await,
+        100,
+        "the cancelled statement changed nothing"
+    );
+    assert_eq!(in_transaction(&observer).await, 0);
+}
+
+#[tokio::test]
+async fn a_dropped_claim_and_mark_waiting_for_a_lock_does_not_hold_up_the_next_caller() {
+    let (db, _) = accounts(2).await;
+    let pool = db.pool(1);
+    let observer = db.client().await.unwrap();
+    let holder = db.session().await.unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let claim = Claim::new()
+        .order_by("id", Direction::Asc)
+        .mark("balance = balance - 1", vec![]);
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move { claim_and_mark::<Account>(&pool, &claim, 2).await }
+    });
+    wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
+        .await
+        .unwrap();
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    // Unrelated work on the one pooled connection runs at once.
+    let next = tokio::time::timeout(WAIT, async {
+        let conn = pool.get().await.unwrap();
+        conn.query_one("SELECT count(*) FROM audit", &[]).await
+    })
+    .await
+    .expect("the next caller is not held up by the dropped call's statement")
+    .unwrap();
+    assert_eq!(next.get::<_, i64>(0), 0);
+    assert_eq!(blocked_behind(&observer, holder.pid()).await, 0);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        balance(&observer, 1).await,
+        100,
+        "the cancelled claim marked nothing"
+    );
+    assert_eq!(
+        balance(&observer, 2).await,
+        100,
+        "the cancelled claim marked nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_row_is_free_at_once_after_a_call_dropped_between_statements() {
+    let (db, _) = accounts(1).await;
+    let pool = db.pool(4);
+    let (wait, no_wait) = (
+        LockOptions::new(),
+        LockOptions::new().mode(LockMode::NoWait),
+    );
+    for round in 0..50 {
+        let locked = Arc::new(Notify::new());
+        let call = with_locked_row(&pool, &1, &wait, {
+            let locked = locked.clone();
+            move |_, _: Account| {
+                Box::pin(async move {
+                    locked.notify_one();
+                    std::future::pending::<()>().await;
+                    Ok::<_, rowlock::Error>(())
+                })
+            }
+        });
+        // Run the call until its closure holds the row, then drop it there: no statement
+        // is in flight.
+        tokio::select! {
+            _ = call => unreachable!("the closure never finishes"),
+            () = locked.notified() => {}
+        }
+        let relock = with_locked_row(&pool, &1, &no_wait, |_, acc: Account| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(acc.id) })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            relock.done(),
+            Some(1),
+            "round {round}: the row is free at once"
+        );
+    }
 }

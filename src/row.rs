@@ -3,7 +3,7 @@
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError, RwLock};
 
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -259,6 +259,10 @@ pub(crate) struct Names {
     pub(crate) select: String,
     /// Lock statements by (strength, mode, key count).
     lock_sql: Mutex<HashMap<(LockStrength, LockMode, usize), Arc<str>>>,
+    /// The relation [`table`](Self::table) names as the server resolved it (quoted schema and
+    /// name, through the `search_path`), once asked: the order of a lock set, the same for
+    /// every spelling of one table.
+    pub(crate) relation: OnceLock<String>,
 }
 
 /// The names of every row type used so far. Row types are few and their names are constants,
@@ -334,6 +338,7 @@ impl Names {
             keys,
             select,
             lock_sql: Mutex::default(),
+            relation: OnceLock::new(),
         })
     }
 

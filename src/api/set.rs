@@ -1,10 +1,12 @@
 //! Locking rows of several tables in one call, in one global order: "lock the user, then the
 //! wallet, always in the same order, or deadlock" built in.
 //!
-//! Whatever order the caller adds rows in, a [`LockSet`] locks its tables in the order of their
-//! quoted names, and the rows of each table in key order (one statement per table, `ORDER BY`
-//! the key). Two calls that lock overlapping sets, written in any order, take their locks in
-//! the same order, so they cannot deadlock each other.
+//! Whatever order the caller adds rows in, a [`LockSet`] locks its tables in the order of the
+//! relations the server resolves them to (schema, then name: `items`, `public.items` and
+//! `"public"."items"` are one table), and the rows of each table in key order (one statement
+//! per table, `ORDER BY` the key). Two calls that lock overlapping sets, written in any order
+//! and with any spelling, take their locks in the same order, so they cannot deadlock each
+//! other.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -22,7 +24,7 @@ use crate::error::Error;
 use crate::lock::LockOptions;
 use crate::outcome::RowsOutcome;
 use crate::policy::RetryPolicy;
-use crate::row::{LockableRow, Names, Table};
+use crate::row::{LockableRow, Names, Table, quote_ident};
 use crate::transaction::Transaction;
 
 /// A row of a [`LockSet`] that was not locked: its table and its key (as `Debug` prints it).
@@ -117,7 +119,9 @@ impl<R: LockableRow> TableRows for Rows<R> {
 }
 
 /// Rows of one or more tables to lock together, in one order that does not depend on the order
-/// they were added in: tables by quoted name, rows of a table by key.
+/// they were added in nor on how a table is spelled: tables by the relation the server
+/// resolves (schema, then name; looked up once per row type, riding with `BEGIN`), rows of a
+/// table by key.
 ///
 /// Add rows with [`row`](Self::row) and [`rows`](Self::rows) (duplicates are locked once), then
 /// lock them with [`with_locked_set`]. A bad table or column name, or a key count over
@@ -193,7 +197,8 @@ impl LockSet {
         Ok(self)
     }
 
-    /// The tables in locking order; refuses an empty set and two types on one table.
+    /// The tables, in the order of their spelled names; refuses an empty set and two types on
+    /// one spelled table. [`in_server_order`] orders them for locking.
     fn ordered(&self) -> Result<Vec<&dyn TableRows>, Error> {
         if self.tables.is_empty() {
             return Err(Error::invalid("an empty LockSet: add rows to lock"));
@@ -256,6 +261,65 @@ impl LockedRows {
     }
 }
 
+/// Each spelling's relation as the server resolves it, in the order given (`NULL`s for one that
+/// names no table: its lock statement then reports it).
+const RESOLVE_SQL: &str = "SELECT n.nspname, c.relname \
+     FROM unnest($1::text[]) WITH ORDINALITY AS s(spelled, i) \
+     LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(s.spelled) \
+     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     ORDER BY s.i";
+
+/// `tables` in locking order: by the relation the server resolves each spelling to, asked
+/// once per row type (the first query of the transaction, riding with `BEGIN`). Two row
+/// types that turn out to name one table are refused: their rows could not be locked in one
+/// order.
+async fn in_server_order<'a>(
+    tx: &Transaction,
+    tables: &[&'a dyn TableRows],
+) -> Result<Vec<&'a dyn TableRows>, Error> {
+    let mut tables = tables.to_vec();
+    if tables.len() < 2 {
+        return Ok(tables);
+    }
+    let unknown: Vec<&Names> = tables
+        .iter()
+        .map(|t| t.names())
+        .filter(|n| n.relation.get().is_none())
+        .collect();
+    if !unknown.is_empty() {
+        let spelled: Vec<&str> = unknown.iter().map(|n| n.table.as_str()).collect();
+        let statement = tx.prepare_cached(RESOLVE_SQL).await?;
+        let rows = tx.query(&statement, &[&spelled]).await?;
+        for (names, row) in unknown.iter().zip(&rows) {
+            let part = |i| row.try_get::<_, Option<String>>(i).ok().flatten();
+            if let (Some(schema), Some(name)) = (part(0), part(1)) {
+                let _ = names.relation.set(format!(
+                    "{}.{}",
+                    quote_ident(&schema)?,
+                    quote_ident(&name)?
+                ));
+            }
+        }
+    }
+    let key = |t: &&dyn TableRows| {
+        let names = t.names();
+        names.relation.get().unwrap_or(&names.table).clone()
+    };
+    tables.sort_by_cached_key(key);
+    for pair in tables.windows(2) {
+        if key(&pair[0]) == key(&pair[1]) {
+            return Err(Error::invalid(format!(
+                "two row types of a LockSet name the same table {} (spelled {} and {}); their \
+                 rows could not be locked in one order",
+                key(&pair[0]),
+                pair[0].names().table,
+                pair[1].names().table
+            )));
+        }
+    }
+    Ok(tables)
+}
+
 /// The lock step of [`with_locked_set`]: one statement per table, in the set's order.
 struct SetLock<'a> {
     tables: Vec<&'a dyn TableRows>,
@@ -266,7 +330,7 @@ impl LockStep for SetLock<'_> {
     type Locked = RowsOutcome<LockedRows, RowRef>;
     async fn lock(&self, tx: &Transaction) -> Result<Self::Locked, Error> {
         let mut locked = LockedRows::default();
-        for table in &self.tables {
+        for table in in_server_order(tx, &self.tables).await? {
             match table.lock(tx, self.options).await? {
                 RowsOutcome::Done(rows) => {
                     locked.by_type.insert(table.row_type(), rows);
@@ -279,7 +343,7 @@ impl LockStep for SetLock<'_> {
 }
 
 /// Opens a pooled transaction, locks every row of `set` in the set's global order (tables by
-/// name, rows by key), runs `f` with the transaction and the [`LockedRows`], and commits if `f`
+/// the relation the server resolves, rows by key), runs `f` with the transaction and the [`LockedRows`], and commits if `f`
 /// returns `Ok`.
 ///
 /// Outcomes are those of [`with_locked_rows`](crate::with_locked_rows), per row: `f` runs only

@@ -10,6 +10,7 @@ use rowlock::{
 };
 
 use crate::own_transaction::{User, Wallet, users_and_wallets};
+use crate::support::WAIT;
 
 /// Locks the set (built in the given order) and moves 1 cent, noting the user.
 async fn transfer(
@@ -146,4 +147,113 @@ async fn outcomes_per_row_and_bad_sets() {
         .await
         .unwrap_err();
     assert!(err.is_invalid_argument(), "{err}");
+}
+
+/// The wallets table, spelled with its schema.
+#[derive(Debug)]
+struct QualifiedWallet(i64);
+
+impl LockableRow for QualifiedWallet {
+    type Key = i64;
+    const TABLE: Table = Table::qualified("public", "wallets");
+    const KEY_COLUMNS: &'static [&'static str] = &["user_id"];
+    fn from_row(row: &Row) -> Result<Self, PgError> {
+        Ok(QualifiedWallet(row.try_get("user_id")?))
+    }
+    fn key(&self) -> i64 {
+        self.0
+    }
+}
+
+/// Locks user 1 and wallet 1, the wallet spelled `wallets` or `public.wallets`.
+async fn lock_user_and_wallet(
+    pool: &rowlock::deadpool_postgres::Pool,
+    qualified: bool,
+) -> Result<RowsOutcome<(), rowlock::RowRef>, rowlock::Error> {
+    let set = if qualified {
+        LockSet::new().row::<QualifiedWallet>(&1)?.row::<User>(&1)?
+    } else {
+        LockSet::new().row::<Wallet>(&1)?.row::<User>(&1)?
+    };
+    let opts = LockOptions::new()
+        .transaction(TransactionOptions::new().lock_timeout(Duration::from_secs(30)));
+    with_locked_set(pool, &set, &opts, |tx, _| {
+        Box::pin(async move {
+            tx.execute(
+                "UPDATE wallets SET cents = cents + 1 WHERE user_id = 1",
+                &[],
+            )
+            .await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_table_spelled_with_its_schema_keeps_its_place_in_the_order() {
+    let (db, pool) = users_and_wallets().await;
+    let observer = db.client().await.unwrap();
+    let holder = db.session().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM users WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    // Spelled `"public"."wallets"`, the wallets table still comes after `users`: the call
+    // waits for the user's row while holding nothing.
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move { lock_user_and_wallet(&pool, true).await }
+    });
+    rowlock::testing::wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
+        .await
+        .unwrap();
+    let wallet_free: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM (SELECT FROM wallets WHERE user_id = 1 FOR UPDATE SKIP LOCKED) w",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(wallet_free, 1, "the wallet was not locked before the user");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert!(matches!(call.await.unwrap(), Ok(RowsOutcome::Done(()))));
+}
+
+#[tokio::test]
+async fn two_spellings_of_one_table_never_deadlock() {
+    let (_db, pool) = users_and_wallets().await;
+    let mut deadlocks = 0;
+    for _ in 0..200 {
+        let (a, b) = tokio::join!(
+            lock_user_and_wallet(&pool, false),
+            lock_user_and_wallet(&pool, true)
+        );
+        for r in [a, b] {
+            match r {
+                Ok(RowsOutcome::Done(())) => {}
+                Err(e) if e.kind() == ErrorKind::Deadlock => deadlocks += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(deadlocks, 0);
+}
+
+#[tokio::test]
+async fn two_row_types_spelling_one_table_two_ways_are_refused() {
+    let (db, pool) = users_and_wallets().await;
+    let set = LockSet::new()
+        .row::<Wallet>(&1)
+        .unwrap()
+        .row::<QualifiedWallet>(&1)
+        .unwrap();
+    let err = with_locked_set(&pool, &set, &LockOptions::new(), never)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("\"public\".\"wallets\""), "{err}");
+    let observer = db.client().await.unwrap();
+    assert_eq!(crate::support::in_transaction(&observer).await, 0);
 }

@@ -254,19 +254,15 @@ impl RetryPolicy {
         self.max_attempts > 1
     }
 
-    /// Whether this policy retries a failure.
+    /// Whether this policy retries a failure: what [`Error::is_retryable`] says (serialization
+    /// failures, deadlocks, a standby's `25006`, a connection lost before `COMMIT` or not made,
+    /// also when they aborted the transaction), and lock contention
+    /// ([`ErrorKind::LockNotAvailable`], [`ErrorKind::LockTimeout`]) when the policy asks for
+    /// it.
     pub fn retries(&self, error: &Error) -> bool {
         match error.kind() {
-            ErrorKind::SerializationFailure | ErrorKind::Deadlock => true,
-            // The server stopped accepting writes (a failover): the connection was closed,
-            // and the next attempt takes a new one.
-            ErrorKind::ReadOnly => true,
-            ErrorKind::TransactionAborted => error.is_retryable(),
             ErrorKind::LockNotAvailable | ErrorKind::LockTimeout => self.retry_lock_contention,
-            // Closed is only reported before COMMIT was sent: nothing was committed.
-            // (A loss during COMMIT is CommitOutcomeUnknown, never retried.)
-            ErrorKind::Closed => true,
-            _ => false,
+            _ => error.is_retryable(),
         }
     }
 }
@@ -356,6 +352,49 @@ mod tests {
     fn failure_with(state: SqlState) -> Error {
         let kind = crate::error::classify_db(&state, None);
         Error::with_kind(kind, "fake").with_sql_state(Some(state))
+    }
+
+    #[test]
+    fn the_policy_retries_what_the_error_calls_retryable() {
+        use ErrorKind::*;
+        let kinds = [
+            InvalidArgument,
+            PoolTimeout,
+            Pool,
+            Unreachable,
+            AuthenticationFailed,
+            UnknownDatabase,
+            Closed,
+            LockNotAvailable,
+            LockTimeout,
+            SerializationFailure,
+            Deadlock,
+            StatementTimeout,
+            ReadOnly,
+            IdleInTransactionTimeout,
+            TransactionAborted,
+            CommitOutcomeUnknown,
+            KeyNotUnique,
+            Decode,
+            RowNotFound,
+            RowSkipped,
+            RetriesExhausted,
+            Db,
+            Driver,
+        ];
+        let policy = RetryPolicy::new();
+        for kind in kinds {
+            let e = Error::with_kind(kind, "x");
+            assert_eq!(policy.retries(&e), e.is_retryable(), "{kind:?}");
+        }
+        for state in [SqlState::T_R_SERIALIZATION_FAILURE, SqlState::T_R_DEADLOCK_DETECTED] {
+            let swallowed = Error::with_kind(TransactionAborted, "x").with_sql_state(Some(state));
+            assert!(swallowed.is_retryable() && policy.retries(&swallowed));
+        }
+        assert!(!Error::with_kind(CommitOutcomeUnknown, "x").is_retryable());
+        let contention = RetryPolicy::new().retry_lock_contention(true);
+        assert!(contention.retries(&Error::with_kind(LockNotAvailable, "x")));
+        assert!(!Error::with_kind(LockNotAvailable, "x").is_retryable());
     }
 
     #[test]

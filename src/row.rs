@@ -8,7 +8,7 @@ use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError, RwLock};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{LockMode, LockOptions, LockStrength};
 
 /// A table name, optionally schema-qualified. Names are used verbatim (case-sensitive, never
@@ -239,8 +239,11 @@ pub trait LockableRow: Sized + Send + 'static {
     const KEY_COLUMNS: &'static [&'static str];
     /// The columns [`from_row`](Self::from_row) reads: rowlock selects only these (so a
     /// column added, dropped or changed elsewhere in the table never touches its statements).
-    /// Empty, the default, selects every column (`SELECT *`). `#[derive(LockableRow)]` lists
-    /// the struct's fields.
+    /// Empty, the default, reads every column: inside a transaction, the columns the table has
+    /// when a connection first locks the row type (asked once per connection, with the first
+    /// statement), so that a later `ALTER TABLE … ADD COLUMN` never changes the result type of
+    /// a cached statement; one-statement calls select `*` and prepare again when needed.
+    /// `#[derive(LockableRow)]` lists the struct's fields.
     const COLUMNS: &'static [&'static str] = &[];
     /// Builds the row from a result row with [`COLUMNS`](Self::COLUMNS) (every column when
     /// that is empty).
@@ -249,20 +252,87 @@ pub trait LockableRow: Sized + Send + 'static {
     fn key(&self) -> Self::Key;
 }
 
+/// A row of `R`'s table that [`LockableRow::from_row`] could not read (a column dropped,
+/// renamed or retyped under the row type): [`ErrorKind::Decode`] naming the table and the row
+/// type; the driver's error, which names the column, is the source.
+pub(crate) fn decode_error<R: LockableRow>(e: tokio_postgres::Error, step: Step) -> Error {
+    let table = R::TABLE
+        .render()
+        .unwrap_or_else(|_| R::TABLE.name().to_string());
+    Error::with_kind(
+        ErrorKind::Decode,
+        format!(
+            "a row of table {table} does not fit the row type {}",
+            std::any::type_name::<R>()
+        ),
+    )
+    .at(step)
+    .with_source(e)
+}
+
 /// The rendered, checked names of a `LockableRow` (table and key columns) and the lock
 /// statements rendered from them: checked, quoted and formatted once per row type, not per
 /// call.
 pub(crate) struct Names {
     pub(crate) table: String,
     pub(crate) keys: Vec<String>,
-    /// What `SELECT` lists: the quoted [`LockableRow::COLUMNS`], or `*`.
-    pub(crate) select: String,
-    /// Lock statements by (strength, mode, key count).
-    lock_sql: Mutex<HashMap<(LockStrength, LockMode, usize), Arc<str>>>,
+    /// The row type's own [`LockableRow::COLUMNS`], or `*` when it lists none.
+    declared: Arc<Columns>,
+    /// Column lists learned from the server for a row type that lists none (one per table
+    /// shape seen: connections to databases whose tables differ learn different lists).
+    learned: Mutex<Vec<Arc<Columns>>>,
+    /// A statement whose result columns are the table's (prepared per connection, never run).
+    pub(crate) describe_sql: String,
+    /// Lock statements by (strength, mode, key count, column list).
+    lock_sql: Mutex<HashMap<LockSqlKey, Arc<str>>>,
     /// The relation [`table`](Self::table) names as the server resolved it (quoted schema and
     /// name, through the `search_path`), once asked: the order of a lock set, the same for
     /// every spelling of one table.
     pub(crate) relation: OnceLock<String>,
+}
+
+/// A lock statement's strength, mode, key count and [`Columns::id`].
+type LockSqlKey = (LockStrength, LockMode, usize, usize);
+
+/// The columns a statement of a row type reads: the row type's own
+/// ([`LockableRow::COLUMNS`], or `*` when it lists none: id 0), or the table's columns as the
+/// server listed them on a connection (ids from 1). rowlock's statements inside a transaction
+/// never read `*`: a column added later would change their result type under the cached
+/// statement (`0A000`), which a caller's own transaction could not recover from.
+#[derive(Debug)]
+pub(crate) struct Columns {
+    pub(crate) id: usize,
+    /// As the table names them.
+    names: Vec<String>,
+    /// Quoted; empty for `*`.
+    pub(crate) quoted: Vec<String>,
+    /// What `SELECT` lists.
+    pub(crate) select: String,
+}
+
+impl Columns {
+    fn new(id: usize, names: Vec<String>) -> Result<Columns, Error> {
+        let quoted = names
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let select = if quoted.is_empty() {
+            "*".to_string()
+        } else {
+            quoted.join(", ")
+        };
+        Ok(Columns {
+            id,
+            names,
+            quoted,
+            select,
+        })
+    }
+
+    /// Learned from the server rather than listed by the row type.
+    pub(crate) fn learned(&self) -> bool {
+        self.id > 0
+    }
 }
 
 /// The names of every row type used so far. Row types are few and their names are constants,
@@ -287,8 +357,13 @@ impl Names {
 
     /// `SELECT * FROM <table> WHERE <key> = … | IN (…) [ORDER BY <key>] FOR <strength> [NOWAIT |
     /// SKIP LOCKED]` for `count` keys; several keys are locked in key order.
-    pub(crate) fn lock_sql(&self, options: &LockOptions, count: usize) -> Arc<str> {
-        let key = (options.strength, options.mode, count);
+    pub(crate) fn lock_sql(
+        &self,
+        options: &LockOptions,
+        count: usize,
+        columns: &Columns,
+    ) -> Arc<str> {
+        let key = (options.strength, options.mode, count, columns.id);
         let mut cache = self.lock_sql.lock().unwrap_or_else(PoisonError::into_inner);
         cache
             .entry(key)
@@ -300,7 +375,7 @@ impl Names {
                 };
                 format!(
                     "SELECT {} FROM {} {}{order} {}",
-                    self.select,
+                    columns.select,
                     self.table,
                     self.where_keys(count),
                     options.clause()
@@ -324,22 +399,54 @@ impl Names {
             .iter()
             .map(|c| quote_ident(c))
             .collect::<Result<Vec<_>, _>>()?;
-        let select = if R::COLUMNS.is_empty() {
-            "*".to_string()
-        } else {
-            R::COLUMNS
-                .iter()
-                .map(|c| quote_ident(c))
-                .collect::<Result<Vec<_>, _>>()?
-                .join(", ")
-        };
+        let declared = Columns::new(0, R::COLUMNS.iter().map(|c| c.to_string()).collect())?;
         Ok(Names {
+            describe_sql: format!("SELECT * FROM {table} LIMIT 0"),
             table,
             keys,
-            select,
+            declared: Arc::new(declared),
+            learned: Mutex::default(),
             lock_sql: Mutex::default(),
             relation: OnceLock::new(),
         })
+    }
+
+    /// The row type's own columns ([`LockableRow::COLUMNS`]), or `*` when it lists none.
+    pub(crate) fn declared(&self) -> &Arc<Columns> {
+        &self.declared
+    }
+
+    /// Whether the row type lists no columns, so statements inside a transaction read the
+    /// list the server gives for the connection ([`learned`](Self::learned)).
+    pub(crate) fn needs_columns(&self) -> bool {
+        self.declared.quoted.is_empty()
+    }
+
+    /// The learned list equal to `columns` (the result columns of
+    /// [`describe_sql`](Self::describe_sql) prepared on a connection), added if new.
+    pub(crate) fn learned(
+        &self,
+        columns: &[tokio_postgres::Column],
+    ) -> Result<Arc<Columns>, Error> {
+        let mut learned = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
+        let same = |c: &&Arc<Columns>| {
+            c.names.len() == columns.len()
+                && c.names.iter().zip(columns).all(|(a, b)| a == b.name())
+        };
+        if let Some(known) = learned.iter().find(same) {
+            return Ok(known.clone());
+        }
+        let names = columns.iter().map(|c| c.name().to_string()).collect();
+        let new = Arc::new(Columns::new(learned.len() + 1, names)?);
+        learned.push(new.clone());
+        Ok(new)
+    }
+
+    /// `e`, naming the row type's column and table if `e` says `sql` (rendered from these
+    /// names and `columns`) reads a column the table no longer has; for a learned list, the
+    /// error is one that preparing again cures.
+    pub(crate) fn missing_column(&self, e: Error, sql: &str, columns: &Columns) -> Error {
+        e.naming_missing_column(sql, &self.table, &columns.quoted, columns.learned())
     }
 
     /// `"a"` or `("a", "b")`.

@@ -64,7 +64,7 @@ use crate::flush::{Flush, Side};
 use crate::lock::LockStrength;
 use crate::options::{StatementCache, TransactionOptions};
 use crate::policy::RetryPolicy;
-use crate::row::{LockableRow, Names, quote_ident};
+use crate::row::{Columns, LockableRow, Names, decode_error, quote_ident};
 use crate::transaction::run_alone;
 use crate::transaction::{OwnedParam, Transaction};
 
@@ -152,7 +152,7 @@ pub struct Claim {
     start: Option<SharedParam>,
     /// The SQL rendered for a row type, once (the setters take the claim by value and start
     /// afresh).
-    rendered: OnceLock<(TypeId, Arc<str>)>,
+    rendered: OnceLock<(TypeId, usize, Arc<str>)>,
 }
 
 impl fmt::Debug for Claim {
@@ -389,12 +389,17 @@ impl Claim {
     fn render<'a, R: LockableRow>(
         &'a self,
         n: &'a i64,
+        columns: &Columns,
     ) -> Result<(Arc<str>, Vec<&'a (dyn ToSql + Sync)>), Error> {
         let sql = match self.rendered.get() {
-            Some((row_type, sql)) if *row_type == TypeId::of::<R>() => sql.clone(),
+            Some((row_type, id, sql)) if *row_type == TypeId::of::<R>() && *id == columns.id => {
+                sql.clone()
+            }
             _ => {
-                let sql: Arc<str> = self.render_sql::<R>()?.into();
-                let _ = self.rendered.set((TypeId::of::<R>(), sql.clone()));
+                let sql: Arc<str> = self.render_sql::<R>(columns)?.into();
+                let _ = self
+                    .rendered
+                    .set((TypeId::of::<R>(), columns.id, sql.clone()));
                 sql
             }
         };
@@ -433,7 +438,7 @@ impl Claim {
 
     /// Renders the claim for `R`, checking everything that can be checked without the server.
     /// Parameters are numbered in the order [`render`](Self::render) lists them.
-    fn render_sql<R: LockableRow>(&self) -> Result<String, Error> {
+    fn render_sql<R: LockableRow>(&self, read: &Columns) -> Result<String, Error> {
         self.transaction.validate()?;
         if self.transaction.read_only {
             return Err(Error::invalid(
@@ -496,13 +501,12 @@ impl Claim {
         };
         // The row type's columns, and the order's, which the outer ORDER BY needs.
         let mut columns: Vec<String> = Vec::new();
-        if !R::COLUMNS.is_empty() {
-            for col in R::COLUMNS {
-                columns.push(quote_ident(col)?);
-            }
+        if !read.quoted.is_empty() {
+            columns.extend_from_slice(&read.quoted);
             for (col, _) in &self.order {
-                if !R::COLUMNS.contains(&col.as_str()) {
-                    columns.push(quote_ident(col)?);
+                let col = quote_ident(col)?;
+                if !columns.contains(&col) {
+                    columns.push(col);
                 }
             }
         }
@@ -604,8 +608,11 @@ impl Transaction {
     /// [`Claim`]) and `n = 0` give [`ErrorKind::InvalidArgument`] before anything is sent.
     pub async fn claim<R: LockableRow>(&self, claim: &Claim, n: usize) -> Result<Vec<R>, Error> {
         let n = limit(n)?;
-        let (sql, params) = claim.render::<R>(&n)?;
-        self.claim_rendered(&sql, &params, false).await
+        let names = Names::of::<R>()?;
+        claim.render::<R>(&n, names.declared())?; // refused before anything is sent
+        let columns = self.columns_for(&names).await?;
+        let (sql, params) = claim.render::<R>(&n, &columns)?;
+        self.claim_rendered(&sql, &params, false, &columns).await
     }
 
     /// Runs a rendered claim. With `restore_plans`, the `plan_cache_mode` forced by
@@ -616,6 +623,7 @@ impl Transaction {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         restore_plans: bool,
+        columns: &Columns,
     ) -> Result<Vec<R>, Error> {
         let conn = self.conn();
         let request = async {
@@ -631,10 +639,14 @@ impl Transaction {
                 .await
                 .map_err(|f| f.error)
         };
-        let rows = self
-            .run(Step::Lock, request)
-            .await
-            .map_err(refine_claim_error)?;
+        let rows = self.run(Step::Lock, request).await.map_err(|e| {
+            let names = Names::of::<R>();
+            let e = refine_claim_error(e);
+            match names {
+                Ok(names) => self.missing_column(&names, e, sql, columns),
+                Err(_) => e,
+            }
+        })?;
         decode_claimed(&rows)
     }
 }
@@ -644,7 +656,7 @@ fn decode_claimed<R: LockableRow>(rows: &[tokio_postgres::Row]) -> Result<Vec<R>
     rows.iter()
         .map(R::from_row)
         .collect::<Result<Vec<R>, _>>()
-        .map_err(|e| Error::decode(e).at(Step::Lock))
+        .map_err(|e| decode_error::<R>(e, Step::Lock))
 }
 
 /// A claim's failure in the caller's terms: a column the table lacks (`42703`), or a filter
@@ -729,13 +741,15 @@ where
     // Everything that can be refused without the server is refused before a connection is
     // taken.
     let n = limit(n)?;
-    let (sql, params) = claim.render::<R>(&n)?;
+    let names = Names::of::<R>()?;
+    let (sql, params) = claim.render::<R>(&n, names.declared())?;
     let mut options = claim.transaction.clone();
     options.force_custom_plans = claim.needs_custom_plans();
     let step = ClaimStep::<R> {
         sql,
         params,
         custom_plans: options.force_custom_plans,
+        columns: names.declared().clone(),
         row: PhantomData,
     };
     run_locked(
@@ -755,6 +769,8 @@ struct ClaimStep<'a, R> {
     params: Vec<&'a (dyn ToSql + Sync)>,
     /// Whether `BEGIN` forced custom plans, to be restored after the claim.
     custom_plans: bool,
+    /// The columns `sql` reads.
+    columns: Arc<Columns>,
     row: PhantomData<fn() -> R>,
 }
 
@@ -764,7 +780,9 @@ impl<R: LockableRow> LockStep for ClaimStep<'_, R> {
         &'t self,
         tx: &'t Transaction,
     ) -> impl Future<Output = Result<Vec<R>, Error>> + Send + 't {
-        tx.claim_rendered::<R>(&self.sql, &self.params, self.custom_plans)
+        // Rendered before the transaction, with the row type's own columns (`*` when it
+        // lists none): a statement a migration made stale restarts the attempt.
+        tx.claim_rendered::<R>(&self.sql, &self.params, self.custom_plans, &self.columns)
     }
 }
 
@@ -857,7 +875,8 @@ pub async fn claim_and_mark<R: LockableRow>(
         ));
     }
     let n = limit(n)?;
-    let (sql, params) = claim.render::<R>(&n)?;
+    let names = Names::of::<R>()?;
+    let (sql, params) = claim.render::<R>(&n, names.declared())?;
     let alone = claim.transaction == TransactionOptions::new()
         && StatementCache::for_pool(pool) == StatementCache::Connection;
     if !alone {
@@ -870,7 +889,7 @@ pub async fn claim_and_mark<R: LockableRow>(
     }
     let rows = run_alone(pool, &sql, &params, Step::Lock, claim.needs_custom_plans())
         .await
-        .map_err(refine_claim_error)?;
+        .map_err(|e| names.missing_column(refine_claim_error(e), &sql, names.declared()))?;
     decode_claimed(&rows)
 }
 
@@ -883,7 +902,8 @@ pub async fn explain_claim<R: LockableRow>(
     n: usize,
 ) -> Result<Vec<String>, Error> {
     let n = limit(n)?;
-    let (sql, params) = claim.render::<R>(&n)?;
+    let names = Names::of::<R>()?;
+    let (sql, params) = claim.render::<R>(&n, names.declared())?;
     let mut options = claim.transaction.clone();
     options.force_custom_plans = true;
     let tx = Transaction::begin_unchecked(pool, &options).await?;

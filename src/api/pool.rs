@@ -113,8 +113,23 @@ impl PoolOptions {
     }
 
     /// A pool of connections made with `config` (no TLS).
+    ///
+    /// A `config` that could never connect (no host, no user) is refused with
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) here, rather than as
+    /// a failed connection, retried, at the first call.
     pub fn build(&self, config: Config) -> Result<Pool, Error> {
         self.validate()?;
+        if config.get_hosts().is_empty() {
+            return Err(Error::invalid(
+                "the connection string names no host (e.g. postgres://user@localhost/db, or \
+                 host=/var/run/postgresql for a Unix socket)",
+            ));
+        }
+        if config.get_user().is_none() {
+            return Err(Error::invalid(
+                "the connection string names no user (e.g. postgres://user@localhost/db)",
+            ));
+        }
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -146,8 +161,8 @@ impl PoolOptions {
 /// `host=… user=…`), with [`PoolOptions::new`]'s settings. Connections are made when first
 /// needed, without TLS: for TLS, build the deadpool `Pool` yourself with your connector.
 ///
-/// A string that does not parse is refused with
-/// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument); the message does not
+/// A string that does not parse, or names no host or no user (an empty string), is refused
+/// with [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument); the message does not
 /// repeat the string, which may carry a password.
 ///
 /// ```no_run

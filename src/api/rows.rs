@@ -7,6 +7,7 @@
 //! "skipped" from "not found".
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use std::future::Future;
 
@@ -22,7 +23,7 @@ use crate::lock::{LockMode, LockOptions};
 use crate::options::millis_ceil;
 use crate::outcome::{Outcome, RowsOutcome};
 use crate::policy::RetryPolicy;
-use crate::row::{Key, LockableRow, Names};
+use crate::row::{Columns, Key, LockableRow, Names, decode_error};
 use crate::transaction::Transaction;
 
 /// PostgreSQL's limit on bind parameters in one statement.
@@ -120,6 +121,41 @@ impl Transaction {
         self.lock_many(&names, &keys, options, true).await
     }
 
+    /// The columns rowlock's statements read for a row type in this transaction: the row
+    /// type's own, or, when it lists none, the table's columns as the server lists them on this
+    /// connection (a statement prepared once per connection and never run; the first time it
+    /// rides with `BEGIN`).
+    ///
+    /// With [`StatementCache::Transaction`](crate::StatementCache::Transaction) statements
+    /// live only as long as the transaction, which keeps the table from changing under them
+    /// (preparing takes a lock on it until the end): the row type's own list serves.
+    pub(crate) async fn columns_for(&self, names: &Names) -> Result<Arc<Columns>, Error> {
+        if !names.needs_columns() || self.statements_per_transaction() {
+            return Ok(names.declared().clone());
+        }
+        let described = self
+            .run(Step::Lock, self.cached_statement(&names.describe_sql))
+            .await?;
+        names.learned(described.columns())
+    }
+
+    /// `e` from a statement rendered with `columns`, naming a column of the row type's that
+    /// the table no longer has; the connection's statements are forgotten if asking the
+    /// server for the columns again cures it.
+    pub(crate) fn missing_column(
+        &self,
+        names: &Names,
+        e: Error,
+        sql: &str,
+        columns: &Columns,
+    ) -> Error {
+        let e = names.missing_column(e, sql, columns);
+        if e.is_stale_plan() {
+            self.forget_statements();
+        }
+        e
+    }
+
     pub(crate) async fn lock_one<R: LockableRow>(
         &self,
         names: &Names,
@@ -127,12 +163,14 @@ impl Transaction {
         options: &LockOptions,
         in_callers_tx: bool,
     ) -> Result<Outcome<R>, Error> {
-        let sql = names.lock_sql(options, 1);
+        let columns = self.columns_for(names).await?;
+        let sql = names.lock_sql(options, 1, &columns);
         let mut params = Vec::with_capacity(names.keys.len());
         key.push_params(&mut params);
         let reply = self.lock_query(&sql, &params, options, in_callers_tx);
         let rows = match reply
-            .await?
+            .await
+            .map_err(|e| self.missing_column(names, e, &sql, &columns))?
             .rows_or(Outcome::LockNotAvailable, Outcome::LockTimeout)
         {
             Ok(rows) => rows,
@@ -141,9 +179,13 @@ impl Transaction {
         match rows.len() {
             1 => R::from_row(&rows[0])
                 .map(Outcome::Done)
-                .map_err(|e| Error::decode(e).at(Step::Lock)),
+                .map_err(|e| decode_error::<R>(e, Step::Lock)),
             0 if options.mode == LockMode::SkipLocked => {
-                if self.existing::<R>(names, 1, &params).await?.is_empty() {
+                if self
+                    .existing::<R>(names, &columns, 1, &params)
+                    .await?
+                    .is_empty()
+                {
                     Ok(Outcome::NotFound)
                 } else {
                     Ok(Outcome::Skipped)
@@ -161,15 +203,19 @@ impl Transaction {
         options: &LockOptions,
         in_callers_tx: bool,
     ) -> Result<RowsOutcome<Vec<R>, R::Key>, Error> {
+        let columns = self.columns_for(names).await?;
         // ORDER BY makes PostgreSQL lock in key order, so overlapping callers cannot deadlock.
-        let sql = names.lock_sql(options, keys.len());
+        let sql = names.lock_sql(options, keys.len(), &columns);
         let mut params = Vec::with_capacity(keys.len() * names.keys.len());
         for key in keys {
             key.push_params(&mut params);
         }
         let reply = self.lock_query(&sql, &params, options, in_callers_tx);
         let busy = RowsOutcome::LockNotAvailable;
-        let rows = match reply.await?.rows_or(busy, RowsOutcome::LockTimeout) {
+        let reply = reply
+            .await
+            .map_err(|e| self.missing_column(names, e, &sql, &columns))?;
+        let rows = match reply.rows_or(busy, RowsOutcome::LockTimeout) {
             Ok(rows) => rows,
             Err(contended) => return Ok(contended),
         };
@@ -180,7 +226,7 @@ impl Transaction {
             .iter()
             .map(R::from_row)
             .collect::<Result<Vec<R>, _>>()
-            .map_err(|e| Error::decode(e).at(Step::Lock))?;
+            .map_err(|e| decode_error::<R>(e, Step::Lock))?;
         locked.sort_by_key(R::key);
         let got: BTreeSet<R::Key> = locked.iter().map(R::key).collect();
         if got.len() != locked.len() {
@@ -198,7 +244,7 @@ impl Transaction {
             key.push_params(&mut missing_params);
         }
         let exists = self
-            .existing::<R>(names, missing.len(), &missing_params)
+            .existing::<R>(names, &columns, missing.len(), &missing_params)
             .await?;
         let (skipped, not_found): (Vec<_>, Vec<_>) =
             missing.into_iter().partition(|k| exists.contains(k));
@@ -266,12 +312,13 @@ impl Transaction {
     async fn existing<R: LockableRow>(
         &self,
         names: &Names,
+        columns: &Columns,
         count: usize,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<BTreeSet<R::Key>, Error> {
         let sql = format!(
             "SELECT {} FROM {} {}",
-            names.select,
+            columns.select,
             names.table,
             names.where_keys(count)
         );
@@ -280,7 +327,7 @@ impl Transaction {
         rows.iter()
             .map(|r| R::from_row(r).map(|row| row.key()))
             .collect::<Result<_, _>>()
-            .map_err(|e| Error::decode(e).at(Step::Lock))
+            .map_err(|e| decode_error::<R>(e, Step::Lock))
     }
 }
 

@@ -13,7 +13,7 @@ use crate::api::claim_sql::{mentions, renumber};
 use crate::api::transaction::with_transaction;
 use crate::error::{Error, ErrorKind, Step};
 use crate::options::{StatementCache, TransactionOptions};
-use crate::row::{Key, LockableRow, Names, quote_ident};
+use crate::row::{Columns, Key, LockableRow, Names, decode_error};
 use crate::transaction::Transaction;
 use crate::transaction::run_alone;
 
@@ -88,7 +88,7 @@ pub struct Transition {
     then: Vec<String>,
     /// The SQL rendered for a row type, once (the setters take the transition by value and
     /// start afresh).
-    rendered: OnceLock<(TypeId, Rendered)>,
+    rendered: OnceLock<(TypeId, usize, Rendered)>,
 }
 
 #[derive(Clone)]
@@ -162,18 +162,24 @@ impl Transition {
     }
 
     /// The statement for `R`, rendered and checked once per transition and row type.
-    fn render<R: LockableRow>(&self) -> Result<Rendered, Error> {
+    /// `columns` are those the statement reads (see [`Columns`]); only the first list a
+    /// transition is used with is kept.
+    fn render<R: LockableRow>(&self, columns: &Columns) -> Result<Rendered, Error> {
         match self.rendered.get() {
-            Some((row_type, r)) if *row_type == TypeId::of::<R>() => Ok(r.clone()),
+            Some((row_type, id, r)) if *row_type == TypeId::of::<R>() && *id == columns.id => {
+                Ok(r.clone())
+            }
             _ => {
-                let r = self.render_sql::<R>()?;
-                let _ = self.rendered.set((TypeId::of::<R>(), r.clone()));
+                let r = self.render_sql::<R>(columns)?;
+                let _ = self
+                    .rendered
+                    .set((TypeId::of::<R>(), columns.id, r.clone()));
                 Ok(r)
             }
         }
     }
 
-    fn render_sql<R: LockableRow>(&self) -> Result<Rendered, Error> {
+    fn render_sql<R: LockableRow>(&self, columns: &Columns) -> Result<Rendered, Error> {
         let names = Names::of::<R>()?;
         let offset = R::KEY_COLUMNS.len();
         let mut used: Vec<usize> = Vec::new();
@@ -233,12 +239,8 @@ impl Transition {
         }
         let table = &names.table;
         let key = format!("{} = {}", names.key_tuple(), names.key_placeholders(0));
-        let columns = R::COLUMNS
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect::<Result<Vec<_>, _>>()?;
-        let returning = names.returning(&columns);
-        let select = &names.select;
+        let returning = names.returning(&columns.quoted);
+        let select = &columns.select;
         let changed = if guards.is_empty() {
             format!("changed AS (UPDATE {table} SET {set} WHERE {key}{when} RETURNING {returning})")
         } else {
@@ -283,8 +285,9 @@ impl Transition {
         &self,
         key: &'a R::Key,
         params: &[&'a (dyn ToSql + Sync)],
+        columns: &Columns,
     ) -> Result<(Rendered, Vec<&'a (dyn ToSql + Sync)>), Error> {
-        let rendered = self.render::<R>()?;
+        let rendered = self.render::<R>(columns)?;
         if params.len() != rendered.params {
             return Err(Error::invalid(format!(
                 "the transition uses {} parameter(s) ($1..${}) but the call passed {}",
@@ -355,7 +358,7 @@ fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Option<Transitioned<R>>, Err
     let done: bool = row
         .try_get(row.len() - 1)
         .map_err(|e| Error::decode(e).at(Step::Transition))?;
-    let r = R::from_row(&row).map_err(|e| Error::decode(e).at(Step::Transition))?;
+    let r = R::from_row(&row).map_err(|e| decode_error::<R>(e, Step::Transition))?;
     Ok(Some(if done {
         Transitioned::Done(r)
     } else {
@@ -433,17 +436,24 @@ async fn transition_alone<R: LockableRow>(
     transition: &Transition,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Transitioned<R>, Error> {
-    let (rendered, all) = transition.bind::<R>(key, params)?;
+    // One statement on its own (or, behind a pooler, in a transaction whose statements are
+    // its own): a statement made stale by a migration is prepared again, so the row type's
+    // own columns (`*` when it lists none) are safe here.
+    let names = Names::of::<R>()?;
+    let columns = names.declared();
+    let (rendered, all) = transition.bind::<R>(key, params, columns)?;
     if StatementCache::for_pool(pool) == StatementCache::Transaction {
         // Behind a pooler, a statement prepared outside a transaction may not exist on the
         // server that runs the next message: prepare and run it inside one.
         let (rendered, all) = (&rendered, &all);
         return with_transaction(pool, &TransactionOptions::new(), |tx| {
-            Box::pin(async move { tx.run_transition::<R>(rendered, all).await })
+            Box::pin(async move { tx.run_transition::<R>(rendered, all, columns).await })
         })
         .await;
     }
-    let rows = run_alone(pool, &rendered.sql, &all, Step::Transition, false).await?;
+    let rows = run_alone(pool, &rendered.sql, &all, Step::Transition, false)
+        .await
+        .map_err(|e| names.missing_column(e, &rendered.sql, columns))?;
     if let Some(outcome) = decode(rows)? {
         return Ok(outcome);
     }
@@ -469,8 +479,11 @@ impl Transaction {
         transition: &Transition,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Transitioned<R>, Error> {
-        let (rendered, all) = transition.bind::<R>(key, params)?;
-        self.run_transition::<R>(&rendered, &all)
+        let names = Names::of::<R>()?;
+        transition.bind::<R>(key, params, names.declared())?; // refused before anything is sent
+        let columns = self.columns_for(&names).await?;
+        let (rendered, all) = transition.bind::<R>(key, params, &columns)?;
+        self.run_transition::<R>(&rendered, &all, &columns)
             .await
             .map_err(refine_bind_error::<R>)
     }
@@ -480,13 +493,17 @@ impl Transaction {
         &self,
         rendered: &Rendered,
         all: &[&(dyn ToSql + Sync)],
+        columns: &Columns,
     ) -> Result<Transitioned<R>, Error> {
+        let names = Names::of::<R>()?;
         let stmt = self
             .run(Step::Transition, self.cached_statement(&rendered.sql))
-            .await?;
+            .await
+            .map_err(|e| names.missing_column(e, &rendered.sql, columns))?;
         let rows = self
             .run(Step::Transition, self.conn().query(&stmt, all))
-            .await?;
+            .await
+            .map_err(|e| names.missing_column(e, &rendered.sql, columns))?;
         if let Some(outcome) = decode(rows)? {
             return Ok(outcome);
         }

@@ -25,8 +25,20 @@ pub enum ErrorKind {
     InvalidArgument,
     /// No connection could be taken from the pool before its wait/create timeout.
     PoolTimeout,
-    /// The pool could not hand out a connection (pool closed, connecting failed, …).
+    /// The pool could not hand out a connection for another reason (the pool was closed, the
+    /// connection string was refused by the driver, …).
     Pool,
+    /// Connecting failed before the server answered: connection refused, unknown host, no
+    /// route, or the server is starting up or shutting down (`57P03`, `57P01`). The OS's or
+    /// the server's message is the `source()`. Retried by the retry policies: a server that
+    /// restarts or fails over is unreachable for a moment.
+    Unreachable,
+    /// The server refused the login: wrong password (`28P01`), or no such role or no
+    /// `pg_hba.conf` entry for it (`28000`). Not retried.
+    AuthenticationFailed,
+    /// The server has no database of the name the connection asked for (`3D000`). Not
+    /// retried.
+    UnknownDatabase,
     /// The connection was lost or closed by the server (I/O error, SQLSTATE class 08,
     /// `57P01` admin shutdown / `pg_terminate_backend`, `57P02`, `57P03`).
     Closed,
@@ -87,6 +99,9 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => "invalid argument",
             ErrorKind::PoolTimeout => "timed out waiting for a pooled connection",
             ErrorKind::Pool => "could not get a pooled connection",
+            ErrorKind::Unreachable => "could not reach the server",
+            ErrorKind::AuthenticationFailed => "the server refused the login",
+            ErrorKind::UnknownDatabase => "the server has no such database",
             ErrorKind::Closed => "connection closed",
             ErrorKind::LockNotAvailable => "lock not available",
             ErrorKind::LockTimeout => "lock timeout",
@@ -187,6 +202,9 @@ struct Inner {
     source: Option<Box<dyn StdError + Send + Sync>>,
     /// Who held the lock, when gathered.
     blockers: Option<Vec<Blocker>>,
+    /// Preparing the statement again (after asking the server for the table's columns again)
+    /// cures it: see [`Error::is_stale_plan`].
+    stale: bool,
 }
 
 impl Error {
@@ -202,6 +220,7 @@ impl Error {
                 transaction: None,
                 source: None,
                 blockers: None,
+                stale: false,
             }),
         }
     }
@@ -244,6 +263,44 @@ impl Error {
         self.inner.kind = kind;
         self.inner.detail = Some(detail.into());
         self
+    }
+
+    /// For a statement rowlock rendered from a row type: a column of the row type's
+    /// (`columns`, quoted) that the server says does not exist (`42703`: dropped or renamed by
+    /// a migration since the row type's columns were listed) becomes [`ErrorKind::Decode`]
+    /// naming the column and `table`. The column is read at the error's position in `sql` (a
+    /// structured field, never the message text). Other errors, and a missing column written
+    /// by the caller (in a transition's `SET`, a claim's filter), pass unchanged.
+    pub(crate) fn naming_missing_column(
+        self,
+        sql: &str,
+        table: &str,
+        columns: &[String],
+        learned: bool,
+    ) -> Self {
+        if self.sql_state() != Some(&SqlState::UNDEFINED_COLUMN) {
+            return self;
+        }
+        let column = self.as_db_error().and_then(|db| match db.position()? {
+            tokio_postgres::error::ErrorPosition::Original(at) => identifier_at(sql, *at as usize),
+            tokio_postgres::error::ErrorPosition::Internal { .. } => None,
+        });
+        match column {
+            Some(column) if columns.contains(&column) => {
+                let mut e = self.reclassified(
+                    ErrorKind::Decode,
+                    format!(
+                        "the row type reads column {column}, which table {table} does not have \
+                         (dropped or renamed by a migration?)"
+                    ),
+                );
+                // A list rowlock learned from the server, not the row type's own: asking
+                // again cures it.
+                e.inner.stale = learned;
+                e
+            }
+            _ => self,
+        }
     }
 
     /// This error's own cause (the driver's error), for an error that replaces it: the new
@@ -322,17 +379,8 @@ impl Error {
                 .at(Step::Checkout)
                 .with_source(e),
             PoolError::Backend(pg) => {
-                // Connecting failed: keep the server's SQLSTATE if it sent one (e.g. 3D000).
                 let state = pg.code().cloned();
-                // No SQLSTATE (refused, reset) or a shutdown/startup one (57P01, 57P03…): the
-                // server is unreachable for now. Others (3D000, 28P01…) are configuration.
-                let kind = match &state {
-                    _ if pg.is_closed() => ErrorKind::Closed,
-                    None => ErrorKind::Closed,
-                    Some(code) if classify_db(code, None) == ErrorKind::Closed => ErrorKind::Closed,
-                    Some(_) => ErrorKind::Pool,
-                };
-                Error::new(kind)
+                Error::new(connect_kind(&pg))
                     .at(Step::Checkout)
                     .with_sql_state(state)
                     .with_source(pg)
@@ -388,19 +436,23 @@ impl Error {
         self.inner.source.as_deref()?.downcast_ref()
     }
 
-    /// True for failures that a fresh attempt of the whole transaction can cure: serialization
-    /// failures (`40001`) and deadlocks (`40P01`), including when one of them aborted the
-    /// transaction and was swallowed by the caller.
+    /// True for failures that a fresh attempt of the whole transaction, on a fresh connection,
+    /// can cure, and that left nothing committed: serialization failures (`40001`), deadlocks
+    /// (`40P01`), a server that no longer accepts writes (`25006`, a failover), a connection
+    /// lost before `COMMIT` was sent ([`ErrorKind::Closed`]) or not made
+    /// ([`ErrorKind::Unreachable`]), including when one of them aborted the transaction and was
+    /// swallowed by the caller. [`RetryPolicy::retries`](crate::RetryPolicy::retries) retries
+    /// exactly these (and lock contention when the policy asks for it).
+    /// [`ErrorKind::CommitOutcomeUnknown`] is never retryable: the transaction may have
+    /// committed.
     pub fn is_retryable(&self) -> bool {
         match self.inner.kind {
-            ErrorKind::SerializationFailure | ErrorKind::Deadlock | ErrorKind::ReadOnly => true,
-            ErrorKind::TransactionAborted => matches!(
-                self.inner.sql_state,
-                Some(ref s) if *s == SqlState::T_R_SERIALIZATION_FAILURE
-                    || *s == SqlState::T_R_DEADLOCK_DETECTED
-                    || *s == SqlState::READ_ONLY_SQL_TRANSACTION
-            ),
-            _ => false,
+            ErrorKind::TransactionAborted => self
+                .inner
+                .sql_state
+                .as_ref()
+                .is_some_and(|s| retryable(classify_db(s, None))),
+            kind => retryable(kind),
         }
     }
 
@@ -423,10 +475,11 @@ impl Error {
     /// connection was pooled): `0A000` "cached plan must not change result type", raised by
     /// the server's plan cache. Preparing the statement again cures it.
     pub(crate) fn is_stale_plan(&self) -> bool {
-        self.as_db_error().is_some_and(|db| {
-            *db.code() == SqlState::FEATURE_NOT_SUPPORTED
-                && db.routine() == Some("RevalidateCachedQuery")
-        })
+        self.inner.stale
+            || self.as_db_error().is_some_and(|db| {
+                *db.code() == SqlState::FEATURE_NOT_SUPPORTED
+                    && db.routine() == Some("RevalidateCachedQuery")
+            })
     }
 
     /// True when the caller's input was refused before anything was sent.
@@ -482,6 +535,10 @@ impl fmt::Display for Error {
         if let Some(attempts) = self.inner.attempts {
             write!(f, " after {attempts} attempt(s)")?;
         }
+        if let Some(last) = self.last_attempt() {
+            // What a log line needs to act on: why the last attempt failed.
+            return write!(f, "; the last failed with: {last}");
+        }
         if let Some(state) = self
             .inner
             .sql_state
@@ -503,6 +560,15 @@ impl fmt::Display for Error {
 }
 
 impl Error {
+    /// The last attempt's failure, for [`ErrorKind::RetriesExhausted`].
+    fn last_attempt(&self) -> Option<&Error> {
+        self.inner
+            .source
+            .as_deref()
+            .and_then(|s| s.downcast_ref::<Error>())
+            .filter(|_| self.inner.kind == ErrorKind::RetriesExhausted)
+    }
+
     /// Whether this error's cause is a rowlock error that already prints the same SQLSTATE
     /// (a retry policy's last failure): then `Display` leaves it to the cause.
     fn cause_prints_state(&self) -> bool {
@@ -549,6 +615,77 @@ impl StdError for Error {
     }
 }
 
+/// Whether a failure of this kind leaves nothing committed and may not recur on a fresh
+/// attempt with a fresh connection: the one rule behind [`Error::is_retryable`] and
+/// [`RetryPolicy::retries`](crate::RetryPolicy::retries).
+pub(crate) fn retryable(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::SerializationFailure
+            | ErrorKind::Deadlock
+            | ErrorKind::ReadOnly
+            | ErrorKind::Closed
+            | ErrorKind::Unreachable
+    )
+}
+
+/// What a failure to connect means, from the SQLSTATE the server sent (if it answered) and
+/// the driver's cause: an I/O error before any answer is [`ErrorKind::Unreachable`].
+fn connect_kind(e: &tokio_postgres::Error) -> ErrorKind {
+    let io = || {
+        StdError::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some()
+    };
+    match e.code() {
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            ErrorKind::AuthenticationFailed
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => ErrorKind::UnknownDatabase,
+        Some(c) if classify_db(c, None) == ErrorKind::Closed => ErrorKind::Unreachable,
+        Some(_) => ErrorKind::Pool,
+        None if e.is_closed() => ErrorKind::Closed,
+        None if io() => ErrorKind::Unreachable,
+        None => ErrorKind::Pool,
+    }
+}
+
+/// The identifier that starts at character `position` (1-based, as PostgreSQL counts) of
+/// `sql`, quoted or not, as written there; of a qualified name (`"t"."c"`), the last part.
+fn identifier_at(sql: &str, position: usize) -> Option<String> {
+    let rest: String = sql.chars().skip(position.checked_sub(1)?).collect();
+    let mut rest = rest.as_str();
+    loop {
+        let (ident, after) = split_identifier(rest)?;
+        match after.strip_prefix('.') {
+            Some(next) if split_identifier(next).is_some() => rest = next,
+            _ => return Some(ident.to_string()),
+        }
+    }
+}
+
+/// The identifier `text` starts with (quoted or not), and what follows it.
+fn split_identifier(text: &str) -> Option<(&str, &str)> {
+    let end = if let Some(quoted) = text.strip_prefix('"') {
+        let mut at = 0;
+        let bytes = quoted.as_bytes();
+        loop {
+            match bytes.get(at)? {
+                b'"' if bytes.get(at + 1) == Some(&b'"') => at += 2,
+                b'"' => break at + 2,
+                _ => at += 1,
+            }
+        }
+    } else {
+        text.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(text.len())
+    };
+    (end > 0).then(|| text.split_at(end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -576,6 +713,22 @@ mod tests {
     }
 
     #[test]
+    fn the_identifier_at_an_error_position() {
+        let sql = r#"SELECT "id", "bal""ance", note FROM "t""#;
+        assert_eq!(identifier_at(sql, 8).as_deref(), Some(r#""id""#));
+        assert_eq!(identifier_at(sql, 14).as_deref(), Some(r#""bal""ance""#));
+        assert_eq!(identifier_at(sql, 27).as_deref(), Some("note"));
+        assert_eq!(identifier_at(sql, 0), None);
+        assert_eq!(identifier_at(sql, 100), None);
+        assert_eq!(identifier_at(r#"SELECT "open"#, 8), None);
+        assert_eq!(identifier_at("SELECT ö1 FROM t", 8).as_deref(), Some("ö1"));
+        let qualified = r#"RETURNING "s"."t"."c", x"#;
+        assert_eq!(identifier_at(qualified, 11).as_deref(), Some(r#""c""#));
+        assert_eq!(identifier_at("t.c + 1", 1).as_deref(), Some("c"));
+        assert_eq!(identifier_at("t. + 1", 1).as_deref(), Some("t"));
+    }
+
+    #[test]
     fn reclassified_and_exhausted_errors_print_each_fact_once() {
         let state = Some(SqlState::LOCK_NOT_AVAILABLE);
         let timeout = Error::with_kind(ErrorKind::LockNotAvailable, "x")
@@ -598,7 +751,8 @@ mod tests {
             .with_source(timeout);
         assert_eq!(
             exhausted.to_string(),
-            "retries exhausted after 3 attempt(s)"
+            "retries exhausted after 3 attempt(s); the last failed with: lock timeout while \
+             locking rows: waited longer than lock_timeout for a row lock (SQLSTATE 55P03)"
         );
         assert_eq!(exhausted.sql_state(), Some(&SqlState::LOCK_NOT_AVAILABLE));
     }

@@ -198,6 +198,12 @@ impl Transaction {
             .expect("rowlock: transaction used after it ended")
     }
 
+    /// Whether statements are prepared per transaction
+    /// ([`StatementCache::Transaction`](crate::StatementCache::Transaction)).
+    pub(crate) fn statements_per_transaction(&self) -> bool {
+        self.per_transaction
+    }
+
     /// Whether a lock wait in this transaction can end in a lock timeout: its options set one,
     /// or the call does.
     pub(crate) fn lock_may_time_out(&self, call_timeout: bool) -> bool {
@@ -338,7 +344,7 @@ impl Transaction {
 
     /// Empties the statement caches this transaction uses (the connection's, or its own), so
     /// every statement is prepared again.
-    fn forget_statements(&self) {
+    pub(crate) fn forget_statements(&self) {
         if self.per_transaction {
             drop(self.state().take_statements());
         } else {

@@ -202,7 +202,8 @@ async fn closed_pool_and_unreachable_server_are_clear_errors() {
     let err = with_locked_row(&dead, &1, &LockOptions::new(), ok::<Account>)
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
+    assert!(err.is_retryable(), "a server that is down may come back");
 }
 
 #[tokio::test]
@@ -233,4 +234,49 @@ async fn connection_killed_inside_the_closure_is_a_closed_error_and_the_pool_rec
         .await
         .unwrap();
     assert!(outcome.is_done(), "the pool serves new calls");
+}
+
+#[tokio::test]
+async fn connection_strings_that_cannot_connect_are_refused_at_once() {
+    for url in ["", "user=app dbname=app", "host=localhost dbname=app"] {
+        let err = rowlock::pool_from_url(url).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{url:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_database_or_role_is_its_own_error_and_not_retried() {
+    let (db, _) = accounts(1).await;
+    let base = db.config().clone();
+    let policy = rowlock::RetryPolicy::new();
+    for (config, kind) in [
+        (
+            base.clone().dbname("no_such_database").to_owned(),
+            ErrorKind::UnknownDatabase,
+        ),
+        (
+            base.clone().user("no_such_role").to_owned(),
+            ErrorKind::AuthenticationFailed,
+        ),
+    ] {
+        let pool = rowlock::PoolOptions::new()
+            .max_size(1)
+            .build(config)
+            .unwrap();
+        let err = rowlock::with_locked_row_retry(
+            &pool,
+            &1,
+            &LockOptions::new(),
+            &policy,
+            |_, _: Account| Box::pin(async { Ok::<_, rowlock::Error>(()) }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), kind, "{err}");
+        assert!(!err.is_retryable(), "{err}");
+        assert!(
+            err.to_string().contains("no_such_"),
+            "the server's message: {err}"
+        );
+    }
 }

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rowlock::{ErrorKind, LockOptions, Outcome, RowsOutcome, with_locked_row, with_locked_rows};
+use rowlock::{
+    Claim, Direction, ErrorKind, LockOptions, Outcome, RowsOutcome, Transaction,
+    TransactionOptions, Transition, Transitioned, with_locked_row, with_locked_rows,
+};
 
 use crate::support::{Account, accounts};
 
@@ -132,4 +135,94 @@ async fn dropping_a_column_the_row_type_reads_is_a_decode_error_naming_it() {
     assert_eq!(err.kind(), ErrorKind::Decode);
     let shown = err.to_string();
     assert!(shown.contains("balance"), "{shown}");
+    assert!(shown.contains("table \"accounts\""), "{shown}");
+}
+
+/// Locks, transitions and claims `Account` (a row type that lists no columns) inside one
+/// transaction of the caller's, and commits.
+async fn in_own_transaction(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+    let tx = Transaction::begin(pool, &TransactionOptions::new()).await?;
+    let locked = tx.lock_row::<Account>(&1, &LockOptions::new()).await?;
+    assert!(locked.is_done());
+    let add = Transition::new("balance = balance + 1");
+    let moved = tx.transition::<Account>(&2, &add, &[]).await?;
+    assert!(matches!(moved, Transitioned::Done(Account { id: 2, .. })));
+    let claim = Claim::new().order_by("id", Direction::Asc);
+    let claimed: Vec<Account> = tx.claim(&claim, 5).await?;
+    assert_eq!(
+        claimed.len(),
+        2,
+        "its own locks do not hide rows from its claim"
+    );
+    tx.commit().await
+}
+
+#[tokio::test]
+async fn a_column_added_under_a_callers_transaction_breaks_none_of_its_statements() {
+    let (db, _) = accounts(2).await;
+    let pool = db.pool(1);
+    in_own_transaction(&pool).await.unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE accounts ADD COLUMN note text DEFAULT 'new'")
+        .await
+        .unwrap();
+    // The one pooled connection holds every statement prepared before the column existed;
+    // a caller's transaction cannot be restarted, so none of them may fail now.
+    in_own_transaction(&pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_renamed_column_is_named_with_its_table_on_every_path() {
+    let (db, _) = accounts(2).await;
+    let pool = db.pool(1);
+    in_own_transaction(&pool).await.unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE accounts RENAME COLUMN balance TO cents")
+        .await
+        .unwrap();
+    let add = Transition::new("id = id");
+    let claim = Claim::new().order_by("id", Direction::Asc);
+    let tx = Transaction::begin(&pool, &TransactionOptions::new())
+        .await
+        .unwrap();
+    let in_tx = tx
+        .lock_row::<Account>(&1, &LockOptions::new())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    drop(tx);
+    let errors = [
+        in_tx,
+        rowlock::transition::<Account>(&pool, &2, &add, &[])
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        rowlock::claim_and_mark::<Account>(&pool, &claim.clone().mark("id = id", vec![]), 1)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ];
+    for err in errors {
+        assert_eq!(err.kind(), ErrorKind::Decode, "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains("balance"), "{shown}");
+        assert!(shown.contains("table \"accounts\""), "{shown}");
+    }
+    // A column the caller's own SQL names is the caller's mistake, reported as the server's.
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE accounts RENAME COLUMN cents TO balance")
+        .await
+        .unwrap();
+    let typo = Transition::new("balanse = 0");
+    let err = rowlock::transition::<Account>(&pool, &2, &typo, &[])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Db, "{err}");
 }

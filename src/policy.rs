@@ -38,7 +38,7 @@ use crate::error::{Error, ErrorKind};
 ///
 /// **When attempts run out** (or the [`deadline`](Self::deadline) would pass during the next
 /// delay): [`ErrorKind::RetriesExhausted`], with [`Error::attempts`], the last failure's
-/// SQLSTATE, and the last failure as its `source()`.
+/// SQLSTATE, and the last failure as [`Error::last_attempt`] (printed by its `Display`).
 ///
 /// Invalid settings (zero attempts, a factor below 1, a base delay above the cap, a zero
 /// deadline) are refused with [`ErrorKind::InvalidArgument`] when the policy is used, before
@@ -387,7 +387,10 @@ mod tests {
             let e = Error::with_kind(kind, "x");
             assert_eq!(policy.retries(&e), e.is_retryable(), "{kind:?}");
         }
-        for state in [SqlState::T_R_SERIALIZATION_FAILURE, SqlState::T_R_DEADLOCK_DETECTED] {
+        for state in [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ] {
             let swallowed = Error::with_kind(TransactionAborted, "x").with_sql_state(Some(state));
             assert!(swallowed.is_retryable() && policy.retries(&swallowed));
         }
@@ -520,11 +523,12 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::RetriesExhausted);
         assert_eq!(err.attempts(), Some(3));
         assert_eq!(err.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
-        let source = std::error::Error::source(&err)
-            .unwrap()
-            .downcast_ref::<Error>()
-            .unwrap();
-        assert_eq!(source.kind(), ErrorKind::SerializationFailure);
+        let last = err.last_attempt().unwrap();
+        assert_eq!(last.kind(), ErrorKind::SerializationFailure);
+        assert!(
+            err.to_string()
+                .ends_with(&format!("; the last failed with: {last}"))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -184,6 +184,10 @@ pub trait Key: private::Sealed + Clone + Ord + Debug + Send + Sync + 'static {
     const ARITY: usize;
     /// Pushes this key's values, in key-column order.
     fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>);
+    /// Several keys of one column as one array parameter (`= ANY($1)`), so that one statement
+    /// serves any number of keys; `None` for composite keys.
+    #[doc(hidden)]
+    fn array(keys: &[Self]) -> Option<Box<dyn ToSql + Sync + Send + '_>>;
 }
 
 impl<T: KeyValue> private::Sealed for T {}
@@ -192,6 +196,9 @@ impl<T: KeyValue> Key for T {
     const ARITY: usize = 1;
     fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
         out.push(self);
+    }
+    fn array(keys: &[Self]) -> Option<Box<dyn ToSql + Sync + Send + '_>> {
+        Some(Box::new(keys.iter().collect::<Vec<&T>>()))
     }
 }
 
@@ -202,6 +209,9 @@ macro_rules! tuple_keys {
             const ARITY: usize = $n;
             fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
                 $(out.push(&self.$i);)+
+            }
+            fn array(_: &[Self]) -> Option<Box<dyn ToSql + Sync + Send + '_>> {
+                None
             }
         }
     )*};
@@ -363,6 +373,7 @@ impl Names {
         count: usize,
         columns: &Columns,
     ) -> Arc<str> {
+        let count = self.statement_count(count);
         let key = (options.strength, options.mode, count, columns.id);
         let mut cache = self.lock_sql.lock().unwrap_or_else(PoisonError::into_inner);
         cache
@@ -377,12 +388,33 @@ impl Names {
                     "SELECT {} FROM {} {}{order} {}",
                     columns.select,
                     self.table,
-                    self.where_keys(count),
+                    self.where_bound_keys(count),
                     options.clause()
                 )
                 .into()
             })
             .clone()
+    }
+
+    /// The number of keys a statement for `count` keys is written for: any number of keys of
+    /// one column share one statement (an array parameter; 0 here), composite keys are listed
+    /// one by one.
+    fn statement_count(&self, count: usize) -> usize {
+        if self.keys.len() == 1 && count > 1 {
+            0
+        } else {
+            count
+        }
+    }
+
+    /// `WHERE` for `count` keys as [`Key::array`] and [`Key::push_params`] bind them: `= $1`
+    /// for one key, `= ANY($1)` for several keys of one column, an `IN` list for composite
+    /// keys.
+    pub(crate) fn where_bound_keys(&self, count: usize) -> String {
+        match self.statement_count(count) {
+            0 => format!("WHERE {} = ANY($1)", self.keys[0]),
+            n => self.where_keys(n),
+        }
     }
 
     fn render<R: LockableRow>() -> Result<Names, Error> {
@@ -447,6 +479,16 @@ impl Names {
     /// error is one that preparing again cures.
     pub(crate) fn missing_column(&self, e: Error, sql: &str, columns: &Columns) -> Error {
         e.naming_missing_column(sql, &self.table, &columns.quoted, columns.learned())
+    }
+
+    /// The key parameter at position `index` of a lock statement, as the caller knows it:
+    /// the key, the keys (one array), or one column of a composite key.
+    pub(crate) fn key_param(&self, index: usize, array: bool) -> String {
+        match self.keys.len() {
+            _ if array => format!("a key of {}", self.table),
+            1 => format!("the key of {}", self.table),
+            n => format!("key column {} of {}", self.keys[index % n], self.table),
+        }
     }
 
     /// `"a"` or `("a", "b")`.
@@ -544,6 +586,19 @@ mod tests {
         }
     }
 
+    struct Single;
+    impl LockableRow for Single {
+        type Key = i64;
+        const TABLE: Table = Table::new("singles");
+        const KEY_COLUMNS: &'static [&'static str] = &["id"];
+        fn from_row(_: &Row) -> Result<Self, tokio_postgres::Error> {
+            Ok(Single)
+        }
+        fn key(&self) -> i64 {
+            0
+        }
+    }
+
     #[test]
     fn composite_key_sql() {
         let n = Names::of::<Pair>().unwrap();
@@ -553,6 +608,14 @@ mod tests {
             "WHERE (\"a\", \"b\") IN (($1, $2), ($3, $4))"
         );
         assert_eq!(n.order_by(), "ORDER BY \"a\", \"b\"");
+        // Composite keys are listed; keys of one column are one array parameter.
+        assert_eq!(n.where_bound_keys(2), n.where_keys(2));
+        let one = Names::of::<Single>().unwrap();
+        assert_eq!(one.where_bound_keys(1), "WHERE \"id\" = $1");
+        assert_eq!(one.where_bound_keys(2), "WHERE \"id\" = ANY($1)");
+        assert_eq!(one.where_bound_keys(999), "WHERE \"id\" = ANY($1)");
+        assert!(<(i64, String)>::array(&[(1, "x".into())]).is_none());
+        assert!(i64::array(&[1, 2]).is_some());
         let key = (7_i64, "x".to_string());
         let mut params = Vec::new();
         key.push_params(&mut params);

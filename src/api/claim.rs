@@ -48,7 +48,6 @@
 
 use std::any::TypeId;
 use std::fmt;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 
@@ -424,6 +423,33 @@ impl Claim {
         Ok((sql, params))
     }
 
+    /// The claim's parameter at position `index` (as [`render`](Self::render) binds them), as
+    /// the caller wrote it.
+    fn param_name(&self, index: usize) -> String {
+        let mut names = Vec::new();
+        for c in &self.conditions {
+            match c {
+                Condition::Compare(col, _, FilterValue::Param(_)) => {
+                    names.push(format!("the value of the filter on {col:?}"))
+                }
+                Condition::Predicate(p) => names.extend(
+                    (1..=p.params.len()).map(|n| format!("parameter ${n} of a where_sql filter")),
+                ),
+                _ => {}
+            }
+        }
+        if self.start.is_some() {
+            names.push("the claim's start value".to_string());
+        }
+        if let Some(mark) = &self.mark {
+            names.extend((1..=mark.params.len()).map(|n| format!("parameter ${n} of the mark")));
+        }
+        names
+            .into_iter()
+            .nth(index)
+            .unwrap_or_else(|| "the claim's limit".to_string())
+    }
+
     /// Whether the claim must be planned for each call's values: a filter value or predicate
     /// bound as a parameter could keep a generic plan from using a partial index. Text and
     /// integer filters are literals in the SQL, and the limit alone does not change the plan's
@@ -612,7 +638,9 @@ impl Transaction {
         claim.render::<R>(&n, names.declared())?; // refused before anything is sent
         let columns = self.columns_for(&names).await?;
         let (sql, params) = claim.render::<R>(&n, &columns)?;
-        self.claim_rendered(&sql, &params, false, &columns).await
+        self.claim_rendered(&sql, &params, false, &columns)
+            .await
+            .map_err(|e| e.misfit_named(|i| claim.param_name(i)))
     }
 
     /// Runs a rendered claim. With `restore_plans`, the `plan_cache_mode` forced by
@@ -639,14 +667,25 @@ impl Transaction {
                 .await
                 .map_err(|f| f.error)
         };
-        let rows = self.run(Step::Lock, request).await.map_err(|e| {
-            let names = Names::of::<R>();
-            let e = refine_claim_error(e);
-            match names {
-                Ok(names) => self.missing_column(&names, e, sql, columns),
-                Err(_) => e,
+        let rows = match self.run(Step::Lock, request).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                // A value the driver could not bind (nothing was sent): which one.
+                let e = if e.kind() == ErrorKind::Driver {
+                    match self.cached_statement(sql).await {
+                        Ok(stmt) => e.with_misfit(params, stmt.params()),
+                        Err(_) => e,
+                    }
+                } else {
+                    e
+                };
+                let e = refine_claim_error(e);
+                return Err(match Names::of::<R>() {
+                    Ok(names) => self.missing_column(&names, e, sql, columns),
+                    Err(_) => e,
+                });
             }
-        })?;
+        };
         decode_claimed(&rows)
     }
 }
@@ -750,6 +789,7 @@ where
         params,
         custom_plans: options.force_custom_plans,
         columns: names.declared().clone(),
+        claim,
         row: PhantomData,
     };
     run_locked(
@@ -771,18 +811,19 @@ struct ClaimStep<'a, R> {
     custom_plans: bool,
     /// The columns `sql` reads.
     columns: Arc<Columns>,
+    /// What `sql` was rendered from, to name a value that does not fit.
+    claim: &'a Claim,
     row: PhantomData<fn() -> R>,
 }
 
 impl<R: LockableRow> LockStep for ClaimStep<'_, R> {
     type Locked = Vec<R>;
-    fn lock<'t>(
-        &'t self,
-        tx: &'t Transaction,
-    ) -> impl Future<Output = Result<Vec<R>, Error>> + Send + 't {
+    async fn lock(&self, tx: &Transaction) -> Result<Vec<R>, Error> {
         // Rendered before the transaction, with the row type's own columns (`*` when it
         // lists none): a statement a migration made stale restarts the attempt.
         tx.claim_rendered::<R>(&self.sql, &self.params, self.custom_plans, &self.columns)
+            .await
+            .map_err(|e| e.misfit_named(|i| self.claim.param_name(i)))
     }
 }
 
@@ -889,7 +930,10 @@ pub async fn claim_and_mark<R: LockableRow>(
     }
     let rows = run_alone(pool, &sql, &params, Step::Lock, claim.needs_custom_plans())
         .await
-        .map_err(|e| names.missing_column(refine_claim_error(e), &sql, names.declared()))?;
+        .map_err(|e| {
+            let e = refine_claim_error(e).misfit_named(|i| claim.param_name(i));
+            names.missing_column(e, &sql, names.declared())
+        })?;
     decode_claimed(&rows)
 }
 

@@ -170,7 +170,10 @@ impl Transaction {
         let reply = self.lock_query(&sql, &params, options, in_callers_tx);
         let rows = match reply
             .await
-            .map_err(|e| self.missing_column(names, e, &sql, &columns))?
+            .map_err(|e| {
+                self.missing_column(names, e, &sql, &columns)
+                    .misfit_named(|i| names.key_param(i, false))
+            })?
             .rows_or(Outcome::LockNotAvailable, Outcome::LockTimeout)
         {
             Ok(rows) => rows,
@@ -206,15 +209,14 @@ impl Transaction {
         let columns = self.columns_for(names).await?;
         // ORDER BY makes PostgreSQL lock in key order, so overlapping callers cannot deadlock.
         let sql = names.lock_sql(options, keys.len(), &columns);
-        let mut params = Vec::with_capacity(keys.len() * names.keys.len());
-        for key in keys {
-            key.push_params(&mut params);
-        }
+        let array = (keys.len() > 1).then(|| R::Key::array(keys)).flatten();
+        let params = bind_keys(keys, array.as_deref());
         let reply = self.lock_query(&sql, &params, options, in_callers_tx);
         let busy = RowsOutcome::LockNotAvailable;
-        let reply = reply
-            .await
-            .map_err(|e| self.missing_column(names, e, &sql, &columns))?;
+        let reply = reply.await.map_err(|e| {
+            self.missing_column(names, e, &sql, &columns)
+                .misfit_named(|i| names.key_param(i, array.is_some()))
+        })?;
         let rows = match reply.rows_or(busy, RowsOutcome::LockTimeout) {
             Ok(rows) => rows,
             Err(contended) => return Ok(contended),
@@ -239,13 +241,14 @@ impl Transaction {
         if options.mode != LockMode::SkipLocked {
             return Ok(RowsOutcome::NotFound(missing));
         }
-        let mut missing_params = Vec::with_capacity(missing.len() * names.keys.len());
-        for key in &missing {
-            key.push_params(&mut missing_params);
-        }
-        let exists = self
-            .existing::<R>(names, &columns, missing.len(), &missing_params)
-            .await?;
+        let exists = {
+            let array = (missing.len() > 1)
+                .then(|| R::Key::array(&missing))
+                .flatten();
+            let params = bind_keys(&missing, array.as_deref());
+            self.existing::<R>(names, &columns, missing.len(), &params)
+                .await?
+        };
         let (skipped, not_found): (Vec<_>, Vec<_>) =
             missing.into_iter().partition(|k| exists.contains(k));
         if not_found.is_empty() {
@@ -289,6 +292,11 @@ impl Transaction {
         };
         let reply = match self.run(Step::Lock, request).await {
             Ok(rows) => Ok(LockReply::Rows(rows)),
+            // A key the driver could not bind (nothing was sent): which one.
+            Err(e) if e.kind() == ErrorKind::Driver => match self.cached_statement(sql).await {
+                Ok(stmt) => Err(e.with_misfit(params, stmt.params())),
+                Err(_) => Err(e),
+            },
             Err(e) => match e.kind() {
                 // Only lock_timeout can raise 55P03 while waiting in Wait mode.
                 ErrorKind::LockNotAvailable if options.mode == LockMode::Wait => {
@@ -320,7 +328,7 @@ impl Transaction {
             "SELECT {} FROM {} {}",
             columns.select,
             names.table,
-            names.where_keys(count)
+            names.where_bound_keys(count)
         );
         let stmt = self.prepare_cached(&sql).await?;
         let rows = self.query(&stmt, params).await?;
@@ -328,6 +336,24 @@ impl Transaction {
             .map(|r| R::from_row(r).map(|row| row.key()))
             .collect::<Result<_, _>>()
             .map_err(|e| decode_error::<R>(e, Step::Lock))
+    }
+}
+
+/// The parameters of a statement for `keys` written by [`Names::where_bound_keys`]: the keys
+/// as one array (`array`, when [`Key::array`] gave one), or each key's values in turn.
+fn bind_keys<'a, K: Key>(
+    keys: &'a [K],
+    array: Option<&'a (dyn ToSql + Sync + Send)>,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    match array {
+        Some(array) => vec![array as &(dyn ToSql + Sync)],
+        None => {
+            let mut params = Vec::with_capacity(keys.len() * K::ARITY);
+            for key in keys {
+                key.push_params(&mut params);
+            }
+            params
+        }
     }
 }
 

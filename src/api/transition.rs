@@ -499,11 +499,14 @@ impl Transaction {
         let stmt = self
             .run(Step::Transition, self.cached_statement(&rendered.sql))
             .await
-            .map_err(|e| names.missing_column(e, &rendered.sql, columns))?;
+            .map_err(|e| self.missing_column(&names, e, &rendered.sql, columns))?;
         let rows = self
             .run(Step::Transition, self.conn().query(&stmt, all))
             .await
-            .map_err(|e| names.missing_column(e, &rendered.sql, columns))?;
+            .map_err(|e| {
+                let e = e.with_misfit(all, stmt.params());
+                self.missing_column(&names, e, &rendered.sql, columns)
+            })?;
         if let Some(outcome) = decode(rows)? {
             return Ok(outcome);
         }
@@ -518,35 +521,15 @@ impl Transaction {
     }
 }
 
-/// A value the driver could not bind (nothing was sent), in the caller's terms: tokio-postgres
-/// numbers the statement's parameters from 0, and the statement's start with the key's, so
-/// its "parameter 1" may be the caller's `$1`, `$2` or the key. Other errors pass unchanged.
+/// A value the driver could not bind (nothing was sent), named in the caller's terms: the
+/// statement's parameters start with the key's, then the caller's `$1`, `$2`, ….
 fn refine_bind_error<R: LockableRow>(e: Error) -> Error {
-    const PREFIX: &str = "error serializing parameter ";
-    if e.kind() != ErrorKind::Driver {
-        return e;
-    }
-    let Some(driver) = e.as_driver_error() else {
-        return e;
-    };
-    let text = driver.to_string();
-    let Some(index) = text.strip_prefix(PREFIX).and_then(|rest| {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        rest[..digits].parse::<usize>().ok()
-    }) else {
-        return e;
-    };
     let arity = <R::Key as Key>::ARITY;
-    let what = match index.checked_sub(arity) {
-        None => format!("the key of {}", R::TABLE.name()),
+    e.misfit_named(|index| match index.checked_sub(arity) {
+        None => format!(
+            "the key of {}",
+            R::TABLE.render().unwrap_or_else(|_| R::TABLE.name().into())
+        ),
         Some(i) => format!("parameter ${} of the transition", i + 1),
-    };
-    let cause = std::error::Error::source(driver)
-        .map(|c| format!(": {c}"))
-        .unwrap_or_default();
-    Error::with_kind(
-        ErrorKind::InvalidArgument,
-        format!("{what} does not fit its placeholder's type{cause}"),
-    )
-    .at(Step::Transition)
+    })
 }

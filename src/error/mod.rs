@@ -84,7 +84,8 @@ pub enum ErrorKind {
     RowSkipped,
     /// A retry policy ran out of attempts (or of time) on retryable failures.
     /// [`Error::attempts`] says how many attempts were made, [`Error::sql_state`] gives the
-    /// last failure's SQLSTATE, and the last failure is the `source()`.
+    /// last failure's SQLSTATE, and [`Error::last_attempt`] the last failure (its `Display` ends
+    /// with it).
     RetriesExhausted,
     /// Any other error reported by the server; see [`Error::sql_state`].
     Db,
@@ -205,6 +206,9 @@ struct Inner {
     /// Preparing the statement again (after asking the server for the table's columns again)
     /// cures it: see [`Error::is_stale_plan`].
     stale: bool,
+    /// For a value that did not fit its parameter's type: its position among the statement's
+    /// parameters (0-based), for the caller to name it, and why it did not fit.
+    misfit: Option<(usize, String)>,
 }
 
 impl Error {
@@ -221,6 +225,7 @@ impl Error {
                 source: None,
                 blockers: None,
                 stale: false,
+                misfit: None,
             }),
         }
     }
@@ -301,6 +306,49 @@ impl Error {
             }
             _ => self,
         }
+    }
+
+    /// For a driver error raised while binding `params` to a statement whose parameter types
+    /// are `types`: which value does not fit, found by running each value's own type check
+    /// again (only on this error path, so a call that binds pays nothing), as
+    /// [`ErrorKind::InvalidArgument`] naming the parameter by its position; the caller names
+    /// it in its own terms with [`misfit_named`](Self::misfit_named). Nothing was sent. Other
+    /// errors pass unchanged.
+    pub(crate) fn with_misfit(
+        self,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        types: &[tokio_postgres::types::Type],
+    ) -> Self {
+        if self.inner.kind != ErrorKind::Driver {
+            return self;
+        }
+        let mut scratch = bytes::BytesMut::new();
+        let found = params
+            .iter()
+            .zip(types)
+            .enumerate()
+            .find_map(|(i, (p, ty))| {
+                scratch.clear();
+                p.to_sql_checked(ty, &mut scratch)
+                    .err()
+                    .map(|cause| (i, cause.to_string()))
+            });
+        let Some(misfit) = found else {
+            return self;
+        };
+        let mut e = Error::new(ErrorKind::InvalidArgument);
+        e.inner.step = self.inner.step;
+        e.inner.misfit = Some(misfit);
+        e.misfit_named(|i| format!("parameter {}", i + 1))
+    }
+
+    /// Names the value that did not fit (see [`with_misfit`](Self::with_misfit)) by its
+    /// position: `name(0)` for the statement's first parameter.
+    pub(crate) fn misfit_named(mut self, name: impl FnOnce(usize) -> String) -> Self {
+        if let Some((index, cause)) = &self.inner.misfit {
+            self.inner.detail = Some(format!("{} does not fit its column: {cause}", name(*index)));
+        }
+        self
     }
 
     /// This error's own cause (the driver's error), for an error that replaces it: the new
@@ -560,8 +608,10 @@ impl fmt::Display for Error {
 }
 
 impl Error {
-    /// The last attempt's failure, for [`ErrorKind::RetriesExhausted`].
-    fn last_attempt(&self) -> Option<&Error> {
+    /// For [`ErrorKind::RetriesExhausted`]: how the last attempt failed (its kind, SQLSTATE,
+    /// blockers…). `Display` prints it after the number of attempts, so a log line of `{e}`
+    /// says why the calls kept failing.
+    pub fn last_attempt(&self) -> Option<&Error> {
         self.inner
             .source
             .as_deref()
@@ -606,6 +656,10 @@ fn write_driver_message(
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        // The last attempt's failure is printed by `Display` already: its own cause follows.
+        if let Some(last) = self.last_attempt() {
+            return last.source();
+        }
         // A driver error's text is part of `Display` already (see `as_driver_error`).
         let source = self.inner.source.as_deref()?;
         if source.is::<tokio_postgres::Error>() {

@@ -116,7 +116,7 @@ pub(crate) async fn run_alone(
         match result {
             Ok(rows) => return Ok(rows),
             Err(e) => {
-                let err = Error::from_pg(e, step);
+                let err = Error::from_pg(e, step).with_misfit(params, stmt.params());
                 if err.is_stale_plan() {
                     // A migration changed the table under the cached statement: nothing ran.
                     client.statement_cache.clear();

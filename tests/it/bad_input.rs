@@ -280,3 +280,68 @@ async fn an_unknown_database_or_role_is_its_own_error_and_not_retried() {
         );
     }
 }
+
+/// `accounts` with a key type narrower than its `bigint` column.
+#[derive(Debug)]
+struct NarrowAccount;
+
+impl LockableRow for NarrowAccount {
+    type Key = i32;
+    const TABLE: Table = Table::new("accounts");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(_: &Row) -> Result<Self, PgError> {
+        Ok(NarrowAccount)
+    }
+    fn key(&self) -> i32 {
+        0
+    }
+}
+
+#[tokio::test]
+async fn a_key_of_the_wrong_type_is_an_invalid_argument_naming_it_on_every_path() {
+    let (db, pool) = accounts(2).await;
+    let one = with_locked_row(&pool, &1, &LockOptions::new(), ok::<NarrowAccount>)
+        .await
+        .unwrap_err();
+    let many = with_locked_rows(
+        &pool,
+        &[1, 2],
+        &LockOptions::new(),
+        ok::<Vec<NarrowAccount>>,
+    )
+    .await
+    .unwrap_err();
+    let add = rowlock::Transition::new("balance = balance + 1");
+    let moved = rowlock::transition::<NarrowAccount>(&pool, &1, &add, &[])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let tx = rowlock::Transaction::begin(&pool, &rowlock::TransactionOptions::new())
+        .await
+        .unwrap();
+    let inside = tx
+        .lock_row::<NarrowAccount>(&1, &LockOptions::new())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    tx.commit()
+        .await
+        .expect("a refused key sent nothing: the transaction is healthy");
+    for (err, named) in [
+        (one, "the key of \"accounts\""),
+        (many, "a key of \"accounts\""),
+        (moved, "the key of \"accounts\""),
+        (inside, "the key of \"accounts\""),
+    ] {
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        let text = err.to_string();
+        assert!(text.contains(named), "{text}");
+        assert!(text.contains("i32"), "the Rust type: {text}");
+    }
+    let client = db.client().await.unwrap();
+    assert_eq!(
+        crate::support::balance(&client, 1).await,
+        100,
+        "nothing changed"
+    );
+}

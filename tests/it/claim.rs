@@ -484,6 +484,15 @@ async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
         let err = run(claim).await;
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     }
+    // A bound value the driver cannot write as its column's type names its filter.
+    let err = run(order(Claim::new().filter(
+        "id",
+        Compare::Eq,
+        uuid::Uuid::nil(),
+    )))
+    .await;
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("the filter on \"id\""), "{err}");
     // `id` is int8, so i64::MAX fits: an ordinary empty claim.
     let fits = order(Claim::new().filter("id", Compare::Eq, i64::MAX));
     let none = with_claimed_rows(&pool, &fits, 1, |_, _: Vec<Job>| {

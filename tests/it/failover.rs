@@ -456,6 +456,7 @@ async fn failover_under_load(synchronous: bool) {
         assert!(
             [
                 "Closed",
+                "Unreachable",
                 "CommitOutcomeUnknown",
                 "ReadOnly",
                 "PoolTimeout",

@@ -27,6 +27,7 @@ mod savepoints;
 mod sets;
 #[cfg(feature = "tracing")] // run by CI with `--features tracing`
 mod spans;
+mod statements;
 mod support;
 mod transaction;
 mod transitions;

@@ -309,10 +309,9 @@ async fn exhaustion_reports_attempts_and_the_last_sqlstate() {
     assert_eq!(err.kind(), ErrorKind::RetriesExhausted, "{err}");
     assert_eq!(err.attempts(), Some(3));
     assert_eq!(err.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
-    assert!(
-        std::error::Error::source(&err).is_some(),
-        "the last cause is kept"
-    );
+    let last = err.last_attempt().expect("the last cause is kept");
+    assert_eq!(last.kind(), ErrorKind::SerializationFailure);
+    assert!(err.to_string().contains("serialization failure"), "{err}");
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 

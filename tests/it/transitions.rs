@@ -389,6 +389,6 @@ async fn a_value_of_the_wrong_type_names_the_callers_placeholder_and_changes_not
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    assert!(err.to_string().contains("the key of tasks"), "{err}");
+    assert!(err.to_string().contains("the key of \"tasks\""), "{err}");
     assert_eq!(status_of(&db, 1).await, "open", "nothing changed");
 }

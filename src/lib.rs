@@ -55,6 +55,7 @@ pub use crate::api::claim::{
 };
 pub use crate::api::commit_outcome::{CommitStatus, resolve_commit};
 pub use crate::api::executor::Executor;
+pub use crate::api::lease::{Lease, Leased};
 pub use crate::api::pool::{PoolOptions, pool_from_env, pool_from_url};
 pub use crate::api::rows::{
     with_locked_row, with_locked_row_retry, with_locked_rows, with_locked_rows_retry,

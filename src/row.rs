@@ -255,6 +255,10 @@ pub trait LockableRow: Sized + Send + 'static {
     /// a cached statement; one-statement calls select `*` and prepare again when needed.
     /// `#[derive(LockableRow)]` lists the struct's fields.
     const COLUMNS: &'static [&'static str] = &[];
+    /// Whether rows of this type carry a lease's attempt number ([`Leased`](crate::Leased)):
+    /// only a claim with a lease can hand them out.
+    #[doc(hidden)]
+    const LEASED: bool = false;
     /// Builds the row from a result row with [`COLUMNS`](Self::COLUMNS) (every column when
     /// that is empty).
     fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error>;

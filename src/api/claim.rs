@@ -57,6 +57,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::api::claim_sql::{FilterValue, Predicate, SharedParam, filter_value, shared};
+use crate::api::lease::Lease;
 use crate::attempt::{LockStep, call_once, run_locked};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{Flush, Side};
@@ -149,6 +150,8 @@ pub struct Claim {
     /// Where the scan starts in the first order column, wrapping around (see
     /// [`start_at`](Claim::start_at)).
     start: Option<SharedParam>,
+    /// Claimed rows are leased (see [`lease`](Claim::lease)).
+    lease: Option<Lease>,
     /// The SQL rendered for a row type, once (the setters take the claim by value and start
     /// afresh).
     rendered: OnceLock<(TypeId, usize, Arc<str>)>,
@@ -172,6 +175,7 @@ impl fmt::Debug for Claim {
             .field("strength", &self.strength)
             .field("mark", &self.mark)
             .field("start", &self.start)
+            .field("lease", &self.lease)
             .field("transaction", &self.transaction)
             .finish()
     }
@@ -187,6 +191,7 @@ impl Default for Claim {
             transaction: TransactionOptions::new(),
             mark: None,
             start: None,
+            lease: None,
             rendered: OnceLock::new(),
         }
     }
@@ -199,14 +204,14 @@ impl Claim {
         Self::default()
     }
 
-    /// Adds `column <op> value` to the filter (all conditions are ANDed). Text
-    /// (`&'static str`, `String`) and integers (`i16`, `i32`, `i64`) are written into the SQL as
-    /// literals (quoted and escaped), which PostgreSQL types as the column: text also fits a
-    /// PostgreSQL enum column (`status = 'pending'` on a `job_status`), an integer any integer
-    /// column, and the claim matches a partial index on the same condition under a generic
-    /// plan. Other values are bound as parameters of the column's type (and the claim is then
-    /// planned per call); one that does not fit its column, or text with a NUL, is refused with
-    /// [`ErrorKind::InvalidArgument`] when the claim runs, before anything is locked.
+    /// Adds `column <op> value` to the filter (all conditions are ANDed). The value is always
+    /// bound as a parameter of the column's type, never written into the SQL, so one prepared
+    /// statement serves every value. Text also fits a PostgreSQL enum column (`status =
+    /// 'pending'` on a `job_status`), an integer any integer column its value fits. A claim
+    /// with filters is planned for each call's values, so that it matches a partial index on
+    /// the same condition. A value that does not fit its column is refused with
+    /// [`ErrorKind::InvalidArgument`] naming the filter when the claim runs, before anything
+    /// is locked.
     #[must_use]
     pub fn filter(
         mut self,
@@ -312,6 +317,21 @@ impl Claim {
         self
     }
 
+    /// Leases the claimed rows (a visibility timeout): the claim marks each row it takes as
+    /// the claimer's until `now() + duration` and counts the attempt, and only rows whose
+    /// lease is unset or expired are eligible. Claim with
+    /// [`claim_and_mark`]`::<`[`Leased`](crate::Leased)`<R>>` to get each row's attempt
+    /// number, and end the lease with [`Leased::complete`](crate::Leased::complete) (or
+    /// [`release`](crate::Leased::release); [`extend`](crate::Leased::extend) keeps it).
+    /// A leased claim needs no [`mark`](Self::mark) of its own (the lease is one); with one,
+    /// both are applied. See [`Lease`] for the columns and the at-least-once semantics.
+    #[must_use]
+    pub fn lease(mut self, lease: Lease) -> Self {
+        self.rendered.take();
+        self.lease = Some(lease);
+        self
+    }
+
     /// Starts the claim at `value` of the first order column instead of at the head of the
     /// order, wrapping around: the claim takes the first free eligible rows at or after `value`
     /// (at or before it for a [`Direction::Desc`] column), then, if fewer than `n` were found,
@@ -405,8 +425,7 @@ impl Claim {
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(self.conditions.len() + 1);
         for c in &self.conditions {
             match c {
-                Condition::Compare(_, _, FilterValue::Param(value)) => params.push(&**value),
-                Condition::Compare(..) => {} // a literal in the SQL
+                Condition::Compare(_, _, value) => params.push(&**value),
                 Condition::Predicate(p) => {
                     params.extend(p.params.iter().map(|v| &**v as &(dyn ToSql + Sync)))
                 }
@@ -419,6 +438,9 @@ impl Claim {
         if let Some(mark) = &self.mark {
             params.extend(mark.params.iter().map(|v| &**v as &(dyn ToSql + Sync)));
         }
+        if let Some(lease) = &self.lease {
+            params.push(&*lease.seconds);
+        }
         params.push(n);
         Ok((sql, params))
     }
@@ -429,7 +451,7 @@ impl Claim {
         let mut names = Vec::new();
         for c in &self.conditions {
             match c {
-                Condition::Compare(col, _, FilterValue::Param(_)) => {
+                Condition::Compare(col, _, _) => {
                     names.push(format!("the value of the filter on {col:?}"))
                 }
                 Condition::Predicate(p) => names.extend(
@@ -444,6 +466,9 @@ impl Claim {
         if let Some(mark) = &self.mark {
             names.extend((1..=mark.params.len()).map(|n| format!("parameter ${n} of the mark")));
         }
+        if self.lease.is_some() {
+            names.push("the lease's duration".to_string());
+        }
         names
             .into_iter()
             .nth(index)
@@ -451,12 +476,12 @@ impl Claim {
     }
 
     /// Whether the claim must be planned for each call's values: a filter value or predicate
-    /// bound as a parameter could keep a generic plan from using a partial index. Text and
-    /// integer filters are literals in the SQL, and the limit alone does not change the plan's
-    /// shape, so most claims run as plain prepared statements.
+    /// bound as a parameter could keep a generic plan from using a partial index. The limit
+    /// alone does not change the plan's shape, so a claim without filters runs as a plain
+    /// prepared statement.
     fn needs_custom_plans(&self) -> bool {
         self.conditions.iter().any(|c| match c {
-            Condition::Compare(_, _, value) => matches!(value, FilterValue::Param(_)),
+            Condition::Compare(..) => true,
             Condition::Predicate(p) => !p.params.is_empty(),
             Condition::IsNull(_) | Condition::IsNotNull(_) => false,
         })
@@ -466,6 +491,11 @@ impl Claim {
     /// Parameters are numbered in the order [`render`](Self::render) lists them.
     fn render_sql<R: LockableRow>(&self, read: &Columns) -> Result<String, Error> {
         self.transaction.validate()?;
+        if R::LEASED && self.lease.is_none() {
+            return Err(Error::invalid(
+                "leased rows come only from a claim with a lease (Claim::lease)",
+            ));
+        }
         if self.transaction.read_only {
             return Err(Error::invalid(
                 "a claim locks rows and cannot run in a read-only transaction",
@@ -493,13 +523,10 @@ impl Claim {
         let mut conditions = Vec::with_capacity(self.conditions.len());
         for c in &self.conditions {
             conditions.push(match c {
-                Condition::Compare(col, op, value) => match value.literal()? {
-                    Some(literal) => format!("{} {} {literal}", quote_ident(col)?, op.sql()),
-                    None => {
-                        bound += 1;
-                        format!("{} {} ${bound}", quote_ident(col)?, op.sql())
-                    }
-                },
+                Condition::Compare(col, op, _) => {
+                    bound += 1;
+                    format!("{} {} ${bound}", quote_ident(col)?, op.sql())
+                }
                 Condition::IsNull(col) => format!("{} IS NULL", quote_ident(col)?),
                 Condition::IsNotNull(col) => format!("{} IS NOT NULL", quote_ident(col)?),
                 Condition::Predicate(p) => {
@@ -520,6 +547,9 @@ impl Claim {
             })
             .collect::<Result<Vec<_>, _>>()?
             .join(", ");
+        if let Some(lease) = &self.lease {
+            conditions.push(lease.eligible()?);
+        }
         let filter = if conditions.is_empty() {
             "TRUE".to_string()
         } else {
@@ -551,7 +581,7 @@ impl Claim {
             }
             None => None,
         };
-        let mark = match &self.mark {
+        let mut mark = match &self.mark {
             Some(mark) if mark.sql.trim().is_empty() => {
                 return Err(Error::invalid("a claim's mark (its SET list) is empty"));
             }
@@ -562,6 +592,17 @@ impl Claim {
             }
             None => None,
         };
+        let mut returning_extra = String::new();
+        if let Some(lease) = &self.lease {
+            lease.validate()?;
+            bound += 1;
+            let set = lease.set(bound)?;
+            mark = Some(match mark {
+                Some(own) => format!("{own}, {set}"),
+                None => set,
+            });
+            returning_extra = format!(", {}", lease.returning(table)?);
+        }
         let limit = bound + 1;
         let keys = names.keys.join(", ");
         // The locking query: what it selects, and the rows it may lock.
@@ -604,7 +645,7 @@ impl Claim {
             ));
         };
         let (aliases, matches) = names.key_join("claimed");
-        let returning = names.returning(&columns);
+        let returning = names.returning(&columns) + &returning_extra;
         Ok(format!(
             "WITH claimed AS MATERIALIZED ({}), \
              marked AS (UPDATE {table} SET {set} FROM claimed AS claimed ({aliases}) \
@@ -909,7 +950,7 @@ pub async fn claim_and_mark<R: LockableRow>(
     claim: &Claim,
     n: usize,
 ) -> Result<Vec<R>, Error> {
-    if claim.mark.is_none() {
+    if claim.mark.is_none() && claim.lease.is_none() {
         return Err(Error::invalid(
             "claim_and_mark needs a claim with a mark (Claim::mark); use with_claimed_rows \
              to claim without one",

@@ -1,12 +1,12 @@
-//! What a claim's filters bind and splice: filter values that fit the column PostgreSQL
-//! infers (a text label for an enum column, an integer of another width), and raw predicates
-//! whose `$n` placeholders are renumbered into the claim's.
+//! What a claim's filters bind: filter values that fit the column PostgreSQL infers (a text
+//! label for an enum column, an integer of another width), always as parameters, and raw
+//! predicates whose `$n` placeholders are renumbered into the claim's.
 
-use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
-use tokio_postgres::types::ToSql;
+use bytes::BytesMut;
+use tokio_postgres::types::{IsNull, Kind, ToSql, Type, to_sql_checked};
 
 use crate::error::Error;
 use crate::transaction::OwnedParam;
@@ -19,73 +19,80 @@ pub(crate) fn shared(params: Vec<OwnedParam>) -> Vec<SharedParam> {
     params.into_iter().map(Arc::from).collect()
 }
 
-/// A filter value as the claim uses it. Text and integers are written into the claim's SQL
-/// as literals, so that the statement matches a partial index on the same condition under a
-/// generic plan (a prepared statement's parameter never matches one), and PostgreSQL gives
-/// the literal the column's type: `filter("status", Eq, "pending")` works on a `job_status`
-/// enum column and `filter("attempts", Lt, 3_i32)` on an `int8` one. Other values are bound as
-/// parameters, as they are.
-#[derive(Clone)]
-pub(crate) enum FilterValue {
-    Text(String),
-    Int(i64),
-    Param(SharedParam),
-}
+/// A filter value, always bound as a parameter of the type PostgreSQL infers from its column
+/// (never written into the SQL), wrapped in [`Fit`] so that values whose bytes are the
+/// column's also bind: text for an enum column, an integer of another width.
+pub(crate) type FilterValue = SharedParam;
 
-impl fmt::Debug for FilterValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FilterValue::Text(t) => write!(f, "{t:?}"),
-            FilterValue::Int(i) => write!(f, "{i}"),
-            FilterValue::Param(p) => write!(f, "{p:?}"),
-        }
-    }
-}
-
+/// Wraps a filter value for binding.
 pub(crate) fn filter_value<V: ToSql + Send + Sync + 'static>(value: V) -> FilterValue {
-    let any: &dyn Any = &value;
-    if let Some(s) = any.downcast_ref::<&'static str>() {
-        return FilterValue::Text((*s).to_owned());
+    Arc::new(Fit(value))
+}
+
+/// A value bound to a parameter of the type PostgreSQL inferred from a column, also where
+/// the value's own type refuses that type but writes the same bytes: text for an enum column
+/// (an enum's binary form is its label, so `filter("status", Eq, "pending")` works on a
+/// `job_status` column) and an integer for an integer column of another width (checked for
+/// range, so `3_i32` fits an `int8` column and `70_000_i64` an `int2` one does not). Anything
+/// else is refused as the value's own type refuses it.
+#[derive(Debug)]
+pub(crate) struct Fit<V>(pub(crate) V);
+
+/// The integer types, widest first: the width a value is read in before it is narrowed.
+const INTEGERS: [Type; 3] = [Type::INT8, Type::INT4, Type::INT2];
+
+impl<V: ToSql> Fit<V> {
+    /// The integer type `V` writes, if it writes one.
+    fn integer() -> Option<&'static Type> {
+        INTEGERS.iter().find(|t| V::accepts(t))
     }
-    if let Some(s) = any.downcast_ref::<String>() {
-        return FilterValue::Text(s.clone());
-    }
-    let int = (any.downcast_ref::<i16>().map(|v| i64::from(*v)))
-        .or_else(|| any.downcast_ref::<i32>().map(|v| i64::from(*v)))
-        .or_else(|| any.downcast_ref::<i64>().copied());
-    match int {
-        Some(int) => FilterValue::Int(int),
-        None => FilterValue::Param(Arc::new(value)),
+
+    fn is_integer(ty: &Type) -> bool {
+        INTEGERS.contains(ty)
     }
 }
 
-impl FilterValue {
-    /// The SQL literal, or `None` for a value bound as a parameter.
-    pub(crate) fn literal(&self) -> Result<Option<String>, Error> {
-        match self {
-            FilterValue::Text(t) => literal(t).map(Some),
-            FilterValue::Int(i) => Ok(Some(i.to_string())),
-            FilterValue::Param(_) => Ok(None),
+impl<V: ToSql> ToSql for Fit<V> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if V::accepts(ty) {
+            return self.0.to_sql(ty, out);
+        }
+        if matches!(ty.kind(), Kind::Enum(_)) {
+            return self.0.to_sql(&Type::TEXT, out);
+        }
+        let from = Self::integer().ok_or("not an integer")?;
+        let mut own = BytesMut::new();
+        if let IsNull::Yes = self.0.to_sql(from, &mut own)? {
+            return Ok(IsNull::Yes);
+        }
+        let value = match own.as_ref() {
+            [a, b] => i64::from(i16::from_be_bytes([*a, *b])),
+            [a, b, c, d] => i64::from(i32::from_be_bytes([*a, *b, *c, *d])),
+            bytes => i64::from_be_bytes(bytes.try_into()?),
+        };
+        let out_of_range = || format!("{value} is out of range for {ty}");
+        match *ty {
+            Type::INT2 => i16::try_from(value)
+                .map_err(|_| out_of_range())?
+                .to_sql(ty, out),
+            Type::INT4 => i32::try_from(value)
+                .map_err(|_| out_of_range())?
+                .to_sql(ty, out),
+            _ => value.to_sql(ty, out),
         }
     }
-}
 
-/// `text` as an SQL string literal of unknown type (PostgreSQL gives it the type the context
-/// asks for): `'…'` with quotes doubled, or `E'…'` with backslashes doubled too when it has
-/// any (so it reads the same whatever `standard_conforming_strings` says). Text with a NUL is
-/// refused: PostgreSQL text cannot hold one.
-pub(crate) fn literal(text: &str) -> Result<String, Error> {
-    if text.contains('\0') {
-        return Err(Error::invalid(
-            "a claim filter value contains a NUL character, which PostgreSQL text cannot hold",
-        ));
+    fn accepts(ty: &Type) -> bool {
+        V::accepts(ty)
+            || (matches!(ty.kind(), Kind::Enum(_)) && V::accepts(&Type::TEXT))
+            || (Self::is_integer(ty) && Self::integer().is_some())
     }
-    let quoted = text.replace('\'', "''");
-    Ok(if text.contains('\\') {
-        format!("E'{}'", quoted.replace('\\', "\\\\"))
-    } else {
-        format!("'{quoted}'")
-    })
+
+    to_sql_checked!();
 }
 
 /// A raw SQL predicate and the values for its `$1`, `$2`, … placeholders.
@@ -335,17 +342,35 @@ mod tests {
     }
 
     #[test]
-    fn text_and_integers_become_literals() {
-        assert_eq!(literal("pending").unwrap(), "'pending'");
-        assert_eq!(literal("it's").unwrap(), "'it''s'");
-        assert_eq!(literal("a\\b'c").unwrap(), "E'a\\\\b''c'");
-        assert!(literal("a\0b").unwrap_err().is_invalid_argument());
-        assert_eq!(filter_value(7_i16).literal().unwrap().unwrap(), "7");
-        assert_eq!(filter_value(-7_i64).literal().unwrap().unwrap(), "-7");
+    fn values_fit_the_column_type_postgres_infers() {
+        let bytes = |v: &dyn ToSql, ty: &Type| {
+            let mut out = BytesMut::new();
+            v.to_sql_checked(ty, &mut out).map(|_| out.to_vec())
+        };
+        // An integer of another width, checked for range.
         assert_eq!(
-            filter_value(String::from("x")).literal().unwrap().unwrap(),
-            "'x'"
+            bytes(&Fit(3_i32), &Type::INT8).unwrap(),
+            3_i64.to_be_bytes()
         );
-        assert!(filter_value(true).literal().unwrap().is_none());
+        assert_eq!(
+            bytes(&Fit(-2_i64), &Type::INT2).unwrap(),
+            (-2_i16).to_be_bytes()
+        );
+        assert!(bytes(&Fit(70_000_i64), &Type::INT2).is_err());
+        assert!(bytes(&Fit(i64::MAX), &Type::INT4).is_err());
+        // Text for an enum column: the label's bytes.
+        let status = Type::new(
+            "job_status".into(),
+            90_000,
+            Kind::Enum(vec!["pending".into()]),
+            "public".into(),
+        );
+        assert_eq!(bytes(&Fit("pending"), &status).unwrap(), b"pending");
+        assert_eq!(bytes(&Fit(String::from("x")), &Type::TEXT).unwrap(), b"x");
+        // Anything else as the value's own type says.
+        assert!(bytes(&Fit(2.5_f64), &Type::INT8).is_err());
+        assert!(bytes(&Fit(1_i64), &status).is_err());
+        assert!(bytes(&Fit(true), &Type::TEXT).is_err());
+        assert!(bytes(&Fit(None::<i32>), &Type::INT8).is_ok());
     }
 }

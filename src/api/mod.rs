@@ -6,6 +6,7 @@ pub(crate) mod claim;
 pub(crate) mod claim_sql;
 pub(crate) mod commit_outcome;
 pub(crate) mod executor;
+pub(crate) mod lease;
 pub(crate) mod pool;
 pub(crate) mod rows;
 pub(crate) mod set;

@@ -16,6 +16,7 @@ mod failover;
 mod faults;
 mod harness;
 mod keys;
+mod leases;
 mod locking;
 mod migrations;
 mod own_transaction;

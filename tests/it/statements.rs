@@ -53,3 +53,32 @@ async fn locking_one_to_a_thousand_keys_prepares_a_bounded_set_of_statements() {
         "{prepared} statements prepared on one connection"
     );
 }
+
+#[tokio::test]
+async fn ten_thousand_distinct_filter_values_share_one_statement() {
+    let (db, _) = accounts(3).await;
+    let pool = db.pool(1);
+    let mut claimed = 0;
+    for value in 0..10_000_i64 {
+        // Text, integers of either width: every value a parameter, never part of the SQL.
+        let claim = rowlock::Claim::new()
+            .filter("id", rowlock::Compare::Eq, value % 7)
+            .filter("balance", rowlock::Compare::Ge, (value % 3) as i32)
+            .order_by("id", rowlock::Direction::Asc);
+        let got = rowlock::with_claimed_rows(&pool, &claim, 1, |_, rows: Vec<Account>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) })
+        })
+        .await
+        .unwrap();
+        claimed += got.unwrap_or(0);
+    }
+    let expected = (0..10_000_i64)
+        .filter(|v| (1..=3).contains(&(v % 7)))
+        .count();
+    assert_eq!(claimed, expected, "ids 1 to 3 exist");
+    let prepared = prepared_on(&pool).await;
+    assert!(
+        prepared <= 2,
+        "{prepared} statements prepared on one connection"
+    );
+}

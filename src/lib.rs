@@ -24,6 +24,7 @@ mod options;
 mod outcome;
 mod row;
 mod scoped;
+mod sql_text;
 
 // 3. The transaction guard, and the one way it pipelines requests.
 mod flush;

@@ -9,11 +9,11 @@ use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::api::claim_sql::{mentions, renumber};
 use crate::api::transaction::with_transaction;
 use crate::error::{Error, ErrorKind, Step};
 use crate::options::{StatementCache, TransactionOptions};
 use crate::row::{Columns, Key, LockableRow, Names, decode_error};
+use crate::sql_text::{mentions, renumber};
 use crate::transaction::Transaction;
 use crate::transaction::run_alone;
 

@@ -28,7 +28,7 @@ use tokio_postgres::{Row, Statement, ToStatement};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{At, Flush, Reported, Side};
 use crate::options::{StatementCache, TransactionOptions};
-use state::{Phase, Prelude, State, savepoint_command};
+use state::{Phase, Prelude, State};
 
 pub(crate) use alone::run_alone;
 pub use savepoint::{AsStatement, Savepoint};
@@ -230,8 +230,10 @@ impl Transaction {
 
     /// Follows a savepoint command the caller sent as SQL text, once it succeeded.
     fn observe_sql(&self, sql: Option<&str>, succeeded: bool) {
-        if let (Some(command), true) = (sql.and_then(savepoint_command), succeeded) {
-            self.state().observe(command);
+        if let (Some(sql), true) = (sql, succeeded) {
+            for command in crate::sql_text::savepoint_commands(sql) {
+                self.state().observe(command);
+            }
         }
     }
 

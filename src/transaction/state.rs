@@ -12,6 +12,7 @@ use tokio_postgres::error::SqlState;
 
 use super::OwnedParam;
 use crate::error::ErrorKind;
+use crate::sql_text::SavepointCommand;
 
 /// A write queued to be sent in the same flush as `COMMIT`.
 pub(super) type Deferred = (Statement, Vec<OwnedParam>);
@@ -74,15 +75,6 @@ pub(super) struct Prelude {
     pub(super) sql: Cow<'static, str>,
     /// It starts with `BEGIN`.
     pub(super) begins: bool,
-}
-
-/// A savepoint command the caller sent as SQL text, recognised so that the guard's error
-/// tracking follows the server (see [`savepoint_command`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum SavepointCommand {
-    Savepoint(String),
-    Release(String),
-    RollbackTo(String),
 }
 
 /// An open savepoint, innermost last.
@@ -477,50 +469,6 @@ impl State {
     }
 }
 
-/// Recognises one savepoint command in SQL text (`SAVEPOINT s`, `RELEASE [SAVEPOINT] s`,
-/// `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] s`, any case, one statement, an optional
-/// trailing `;`), with the name folded as the server folds it. Anything else is `None`.
-pub(super) fn savepoint_command(sql: &str) -> Option<SavepointCommand> {
-    let sql = sql.trim().trim_end_matches(';').trim_end();
-    if sql.len() > 200 || sql.contains(';') {
-        return None;
-    }
-    let words: Vec<&str> = sql.split_whitespace().collect();
-    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
-    let upper: Vec<&str> = upper.iter().map(String::as_str).collect();
-    let (command, name): (fn(String) -> SavepointCommand, &str) = match upper.as_slice() {
-        ["SAVEPOINT", _] => (SavepointCommand::Savepoint, words[1]),
-        ["RELEASE", _] => (SavepointCommand::Release, words[1]),
-        ["RELEASE", "SAVEPOINT", _] => (SavepointCommand::Release, words[2]),
-        ["ROLLBACK", rest @ ..] => {
-            let rest = match rest {
-                ["WORK" | "TRANSACTION", rest @ ..] => rest,
-                rest => rest,
-            };
-            let skip = words.len() - rest.len();
-            match rest {
-                ["TO", _] => (SavepointCommand::RollbackTo, words[skip + 1]),
-                ["TO", "SAVEPOINT", _] => (SavepointCommand::RollbackTo, words[skip + 2]),
-                _ => return None,
-            }
-        }
-        _ => return None,
-    };
-    identifier(name).map(command)
-}
-
-/// An identifier as the server folds it: quoted kept as written (`""` is `"`), unquoted in
-/// lower case.
-fn identifier(name: &str) -> Option<String> {
-    if let Some(inner) = name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
-        return (!inner.is_empty()).then(|| inner.replace("\"\"", "\""));
-    }
-    let plain = name
-        .chars()
-        .all(|c| c.is_alphanumeric() || c == '_' || c == '$');
-    plain.then(|| name.to_lowercase())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,32 +566,6 @@ mod tests {
         let mut st = open();
         st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
         assert!(matches!(st.plan_commit(true), CommitPlan::ClosedByServer));
-    }
-
-    #[test]
-    fn savepoint_commands_are_recognised_as_the_server_reads_them() {
-        use SavepointCommand::*;
-        let cases = [
-            ("SAVEPOINT s", Some(Savepoint("s".into()))),
-            ("  savepoint S1 ;", Some(Savepoint("s1".into()))),
-            ("SAVEPOINT \"My Point\"", None), // a quoted name with a space is two words
-            ("SAVEPOINT \"MyPoint\"", Some(Savepoint("MyPoint".into()))),
-            ("RELEASE s", Some(Release("s".into()))),
-            ("release savepoint S", Some(Release("s".into()))),
-            ("ROLLBACK TO s", Some(RollbackTo("s".into()))),
-            ("rollback to savepoint s", Some(RollbackTo("s".into()))),
-            ("ROLLBACK WORK TO SAVEPOINT s", Some(RollbackTo("s".into()))),
-            ("ROLLBACK TRANSACTION TO s", Some(RollbackTo("s".into()))),
-            ("ROLLBACK", None),
-            ("ROLLBACK PREPARED 'x'", None),
-            ("SAVEPOINT a; INSERT INTO t VALUES (1)", None),
-            ("SELECT 1", None),
-            ("SAVEPOINT", None),
-            ("SAVEPOINT a-b", None),
-        ];
-        for (sql, expected) in cases {
-            assert_eq!(savepoint_command(sql), expected, "{sql}");
-        }
     }
 
     #[test]

@@ -206,3 +206,42 @@ async fn an_empty_savepoint_sends_nothing_and_a_lone_one_commits_nothing() {
     assert!(matches!(outcome, Outcome::Done(())));
     assert_eq!(notes(&client).await, ["kept"]);
 }
+
+#[tokio::test]
+async fn savepoint_sql_is_followed_in_several_statements_and_around_comments() {
+    let (db, pool) = accounts(1).await;
+    let client = db.client().await.unwrap();
+    client
+        .execute("INSERT INTO audit VALUES (1, 'seen')", &[])
+        .await
+        .unwrap();
+    with_transaction(&pool, &TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            // A savepoint opened in a batch with other work, a name with a `;` in it.
+            tx.batch_execute(
+                "UPDATE accounts SET balance = balance + 1 WHERE id = 1; SAVEPOINT \"a;b\"",
+            )
+            .await?;
+            insert_note(tx, "seen").await.unwrap_err();
+            // Recovered by a batch that starts with a comment and ends with a release.
+            tx.batch_execute(
+                "/* back to before the insert */ ROLLBACK TO SAVEPOINT \"a;b\"; \
+                 RELEASE SAVEPOINT \"a;b\"",
+            )
+            .await?;
+            // Text that only looks like a savepoint command changes nothing.
+            tx.batch_execute("SELECT 'ROLLBACK TO SAVEPOINT x', $$SAVEPOINT y$$ -- RELEASE z")
+                .await?;
+            insert_note(tx, "new").await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        balance(&client, 1).await,
+        101,
+        "the batch's UPDATE committed"
+    );
+    assert_eq!(notes(&client).await, ["new", "seen"]);
+}

@@ -1,0 +1,359 @@
+//! What rowlock reads in SQL text that the caller wrote: claim predicates and marks,
+//! transition `SET` lists and conditions, and statements sent through a transaction. One lexer
+//! knows where literals (`'…'`, `E'…'`), quoted identifiers (`"…"`), dollar quotes
+//! (`$$…$$`, `$tag$…$tag$`) and comments (`--`, nested `/* */`) start and end; placeholder
+//! renumbering, identifier mentions, statement splitting and the savepoint commands the
+//! transaction guard follows are built on it. Pure: no I/O, unit-tested below.
+//!
+//! Limits of the savepoint scanner ([`savepoint_commands`]): it sees the top-level
+//! `SAVEPOINT`, `RELEASE [SAVEPOINT]` and `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT]`
+//! commands of text sent through the guard's own methods (one statement or several separated
+//! by `;`), in any case, with comments anywhere; text inside literals, quoted identifiers,
+//! dollar quotes and comments is never taken for a command. Text sent through the raw client
+//! ([`Transaction::client`](crate::Transaction::client)) is not seen: the guard then checks the
+//! transaction's state in the same flush as `COMMIT`.
+
+use crate::error::Error;
+
+/// A savepoint command found in SQL text, with its name as the server folds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SavepointCommand {
+    Savepoint(String),
+    Release(String),
+    RollbackTo(String),
+}
+
+/// The length of the literal, quoted identifier, dollar-quoted string or comment that starts
+/// `rest`; 0 when none starts there. `what` names the text in the error for one that never
+/// ends.
+fn opaque(rest: &str, what: &str) -> Result<usize, Error> {
+    let unterminated = |thing: &str| Error::invalid(format!("{what} has an unterminated {thing}"));
+    if rest.starts_with("--") {
+        Ok(rest.find('\n').unwrap_or(rest.len()))
+    } else if rest.starts_with("/*") {
+        block_comment(rest).ok_or_else(|| unterminated("comment"))
+    } else if rest.starts_with('\'') || rest.starts_with("E'") || rest.starts_with("e'") {
+        quoted(rest, '\'').ok_or_else(|| unterminated("quote"))
+    } else if rest.starts_with('"') {
+        quoted(rest, '"').ok_or_else(|| unterminated("quoted identifier"))
+    } else {
+        dollar_quote(rest)
+            .map(Option::unwrap_or_default)
+            .ok_or_else(|| unterminated("dollar quote"))
+    }
+}
+
+/// `sql` with every `$n` placeholder outside literals, quoted identifiers and comments shifted
+/// by `offset`, and the placeholder numbers it uses (sorted, without repeats). Refuses a `;`
+/// outside literals and comments (`what` is one expression or statement) and `$0`.
+pub(crate) fn renumber(
+    sql: &str,
+    offset: usize,
+    what: &str,
+) -> Result<(String, Vec<usize>), Error> {
+    let mut used = Vec::new();
+    let mut out = String::with_capacity(sql.len() + 8);
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &sql[i..];
+        let skip = opaque(rest, what)?;
+        if skip > 0 {
+            out.push_str(&rest[..skip]);
+            i += skip;
+            continue;
+        }
+        let c = rest.chars().next().expect("not at the end");
+        if c == ';' {
+            return Err(Error::invalid(format!(
+                "{what} is one expression or statement: it may not contain ';'"
+            )));
+        }
+        if c == '$' {
+            let digits = rest[1..].bytes().take_while(u8::is_ascii_digit).count();
+            if digits > 0 {
+                let n: usize = rest[1..=digits].parse().unwrap_or(0);
+                if n == 0 {
+                    return Err(Error::invalid(format!(
+                        "{what} uses $0; placeholders start at $1"
+                    )));
+                }
+                if let Err(at) = used.binary_search(&n) {
+                    used.insert(at, n);
+                }
+                out.push_str(&format!("${}", n + offset));
+                i += 1 + digits;
+                continue;
+            }
+        }
+        out.push(c);
+        i += c.len_utf8();
+    }
+    Ok((out, used))
+}
+
+/// Whether `word` appears in `sql` as an identifier of its own (not inside a longer name, a
+/// literal or a comment), case-insensitively.
+pub(crate) fn mentions(sql: &str, word: &str) -> bool {
+    let bytes = sql.as_bytes();
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &sql[i..];
+        let skip = opaque(rest, "").unwrap_or(rest.len());
+        if skip > 0 {
+            i += skip;
+            continue;
+        }
+        if ident(bytes[i]) {
+            let len = bytes[i..].iter().take_while(|&&b| ident(b)).count();
+            if sql[i..i + len].eq_ignore_ascii_case(word) {
+                return true;
+            }
+            i += len;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// The length of a quoted literal or identifier at the start of `s` (`''` / `""` escape the
+/// quote; `E'…'` also takes backslash escapes).
+fn quoted(s: &str, quote: char) -> Option<usize> {
+    let escapes = s.starts_with(['E', 'e']);
+    let start = if escapes { 2 } else { 1 };
+    let mut chars = s[start..].char_indices();
+    while let Some((at, c)) = chars.next() {
+        if escapes && c == '\\' {
+            chars.next();
+        } else if c == quote {
+            if s[start + at + 1..].starts_with(quote) {
+                chars.next();
+            } else {
+                return Some(start + at + 1);
+            }
+        }
+    }
+    None
+}
+
+/// The length of a (nested) block comment at the start of `s`.
+fn block_comment(s: &str) -> Option<usize> {
+    let mut depth = 0;
+    let mut i = 0;
+    while i < s.len() {
+        if s[i..].starts_with("/*") {
+            depth += 1;
+            i += 2;
+        } else if s[i..].starts_with("*/") {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return Some(i);
+            }
+        } else {
+            i += s[i..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    None
+}
+
+/// The length of a dollar-quoted string (`$$…$$`, `$tag$…$tag$`) at the start of `s`:
+/// `Some(None)` when none starts there, `None` when it does not end.
+fn dollar_quote(s: &str) -> Option<Option<usize>> {
+    let Some(after) = s.strip_prefix('$') else {
+        return Some(None);
+    };
+    let tag_len = after
+        .char_indices()
+        .take_while(|(i, c)| c.is_alphabetic() || *c == '_' || (*i > 0 && c.is_ascii_digit()))
+        .map(|(i, c)| i + c.len_utf8())
+        .last()
+        .unwrap_or(0);
+    if !after[tag_len..].starts_with('$') {
+        return Some(None);
+    }
+    let delimiter = &s[..tag_len + 2];
+    let body = &s[delimiter.len()..];
+    let end = body.find(delimiter)?;
+    Some(Some(delimiter.len() + end + delimiter.len()))
+}
+
+/// The statements of `sql`: split at each `;` outside literals, quoted identifiers, dollar
+/// quotes and comments, trimmed, empty ones left out. Text after an unterminated quote or
+/// comment belongs to the statement it starts in.
+pub(crate) fn statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < sql.len() {
+        let rest = &sql[i..];
+        let skip = opaque(rest, "").unwrap_or(rest.len());
+        if skip > 0 {
+            i += skip;
+        } else if rest.starts_with(';') {
+            out.push(&sql[start..i]);
+            i += 1;
+            start = i;
+        } else {
+            i += rest.chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    out.push(&sql[start..]);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A word of a statement, as the savepoint scanner sees it.
+#[derive(Debug, PartialEq)]
+enum Token<'a> {
+    /// An unquoted keyword or identifier.
+    Word(&'a str),
+    /// A quoted identifier, quotes included.
+    Quoted(&'a str),
+    /// Anything else: a literal, a number, punctuation.
+    Other,
+}
+
+/// The tokens of one statement, comments and white space left out.
+fn tokens(statement: &str) -> Vec<Token<'_>> {
+    let ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < statement.len() {
+        let rest = &statement[i..];
+        let c = rest.chars().next().expect("not at the end");
+        if c.is_whitespace() {
+            i += c.len_utf8();
+            continue;
+        }
+        let skip = opaque(rest, "").unwrap_or(rest.len());
+        if skip > 0 {
+            if rest.starts_with('"') {
+                out.push(Token::Quoted(&rest[..skip]));
+            } else if !(rest.starts_with("--") || rest.starts_with("/*")) {
+                out.push(Token::Other);
+            }
+            i += skip;
+        } else if ident(c) {
+            let len = rest.find(|c: char| !ident(c)).unwrap_or(rest.len());
+            out.push(Token::Word(&rest[..len]));
+            i += len;
+        } else {
+            out.push(Token::Other);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
+/// A savepoint name as the server folds it: quoted kept as written (`""` is `"`), unquoted
+/// in lower case (ASCII letters, as PostgreSQL folds them).
+fn name(token: &Token<'_>) -> Option<String> {
+    match token {
+        Token::Word(w) => Some(w.to_ascii_lowercase()),
+        Token::Quoted(q) => {
+            let inner = &q[1..q.len() - 1];
+            (!inner.is_empty()).then(|| inner.replace("\"\"", "\""))
+        }
+        Token::Other => None,
+    }
+}
+
+/// The savepoint command one statement is, if it is one.
+fn savepoint_command(statement: &str) -> Option<SavepointCommand> {
+    let tokens = tokens(statement);
+    let is = |t: &Token<'_>, keyword: &str| matches!(t, Token::Word(w) if w.eq_ignore_ascii_case(keyword));
+    match tokens.as_slice() {
+        [s, n] if is(s, "SAVEPOINT") => name(n).map(SavepointCommand::Savepoint),
+        [r, n] if is(r, "RELEASE") => name(n).map(SavepointCommand::Release),
+        [r, s, n] if is(r, "RELEASE") && is(s, "SAVEPOINT") => {
+            name(n).map(SavepointCommand::Release)
+        }
+        [r, rest @ ..] if is(r, "ROLLBACK") => {
+            let rest = match rest {
+                [w, rest @ ..] if is(w, "WORK") || is(w, "TRANSACTION") => rest,
+                rest => rest,
+            };
+            match rest {
+                [t, n] if is(t, "TO") => name(n).map(SavepointCommand::RollbackTo),
+                [t, s, n] if is(t, "TO") && is(s, "SAVEPOINT") => {
+                    name(n).map(SavepointCommand::RollbackTo)
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The savepoint commands in `sql`, in order (see the module docs for what is seen).
+pub(crate) fn savepoint_commands(sql: &str) -> Vec<SavepointCommand> {
+    statements(sql)
+        .into_iter()
+        .filter_map(savepoint_command)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SavepointCommand::*;
+
+    #[test]
+    fn savepoint_commands_are_found_as_the_server_reads_them() {
+        let one = |c: SavepointCommand| vec![c];
+        let cases: Vec<(&str, Vec<SavepointCommand>)> = vec![
+            ("SAVEPOINT s", one(Savepoint("s".into()))),
+            ("  savepoint S1 ;", one(Savepoint("s1".into()))),
+            ("SAVEPOINT \"MyPoint\"", one(Savepoint("MyPoint".into()))),
+            ("SAVEPOINT \"My Point\"", one(Savepoint("My Point".into()))),
+            ("SAVEPOINT \"a;b\"", one(Savepoint("a;b".into()))),
+            ("SAVEPOINT \"a\"\"b\"", one(Savepoint("a\"b".into()))),
+            ("release savepoint S", one(Release("s".into()))),
+            ("RELEASE s", one(Release("s".into()))),
+            ("ROLLBACK WORK TO SAVEPOINT s", one(RollbackTo("s".into()))),
+            ("rollback transaction to s", one(RollbackTo("s".into()))),
+            ("ROLLBACK", vec![]),
+            ("ROLLBACK TO", vec![]),
+            ("SELECT 'SAVEPOINT s'", vec![]),
+            ("ROLLBACK PREPARED 'x'", vec![]),
+            ("SAVEPOINT a-b", vec![]),
+            ("SELECT 1", vec![]),
+            (
+                "SAVEPOINT a; INSERT INTO t VALUES (1)",
+                one(Savepoint("a".into())),
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(savepoint_commands(sql), want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn comments_quotes_dollar_quotes_and_several_statements() {
+        let sql = "/* a */ ROLLBACK -- to x\n TO /* nested /* c */ */ SAVEPOINT s1; \
+                   SELECT ';', E'\\';', \"x;y\", $$; SAVEPOINT no$$, $t$ RELEASE no $t$; \
+                   -- SAVEPOINT no\n\
+                   UPDATE t SET a = 1; release \"S2\"; SAVEPOINT s3";
+        assert_eq!(
+            savepoint_commands(sql),
+            [
+                RollbackTo("s1".into()),
+                Release("S2".into()),
+                Savepoint("s3".into())
+            ]
+        );
+        assert_eq!(statements("a; 'b;c' ;; d").len(), 3);
+        assert_eq!(
+            statements("SELECT $$;").len(),
+            1,
+            "an unterminated dollar quote"
+        );
+        assert!(savepoint_commands("SAVEPOINT 'x'").is_empty());
+        assert!(savepoint_commands("SAVEPOINT").is_empty());
+        assert!(savepoint_commands("SAVEPOINT a b").is_empty());
+    }
+}

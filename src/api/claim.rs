@@ -212,6 +212,12 @@ impl Claim {
     /// the same condition. A value that does not fit its column is refused with
     /// [`ErrorKind::InvalidArgument`] naming the filter when the claim runs, before anything
     /// is locked.
+    ///
+    /// For a condition that never changes and that a partial index matches (`status =
+    /// 'pending'` on the queue's index), write it as SQL with
+    /// [`where_sql`](Self::where_sql)`("status = 'pending'", vec![])`: a constant in the
+    /// statement lets PostgreSQL keep one generic plan that uses the index, and the claim is
+    /// not planned per call (fewer allocations and less server time per claim).
     #[must_use]
     pub fn filter(
         mut self,

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio_postgres::types::{IsNull, Kind, ToSql, Type, to_sql_checked};
+use tokio_postgres::types::{IsNull, Kind, ToSql, Type, WrongType};
 
 use crate::error::Error;
 use crate::sql_text::renumber;
@@ -93,7 +93,17 @@ impl<V: ToSql> ToSql for Fit<V> {
             || (Self::is_integer(ty) && Self::integer().is_some())
     }
 
-    to_sql_checked!();
+    fn to_sql_checked(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if !Self::accepts(ty) {
+            // Named by the caller's type, not this wrapper's.
+            return Err(Box::new(WrongType::new::<V>(ty.clone())));
+        }
+        self.to_sql(ty, out)
+    }
 }
 
 /// A raw SQL predicate and the values for its `$1`, `$2`, … placeholders.
@@ -206,7 +216,11 @@ mod tests {
         assert_eq!(bytes(&Fit("pending"), &status).unwrap(), b"pending");
         assert_eq!(bytes(&Fit(String::from("x")), &Type::TEXT).unwrap(), b"x");
         // Anything else as the value's own type says.
-        assert!(bytes(&Fit(2.5_f64), &Type::INT8).is_err());
+        let refused = bytes(&Fit(2.5_f64), &Type::INT8).unwrap_err().to_string();
+        assert!(
+            refused.contains("`f64`") && !refused.contains("Fit"),
+            "{refused}"
+        );
         assert!(bytes(&Fit(1_i64), &status).is_err());
         assert!(bytes(&Fit(true), &Type::TEXT).is_err());
         assert!(bytes(&Fit(None::<i32>), &Type::INT8).is_ok());

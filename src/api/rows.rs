@@ -123,8 +123,8 @@ impl Transaction {
 
     /// The columns rowlock's statements read for a row type in this transaction: the row
     /// type's own, or, when it lists none, the table's columns as the server lists them on this
-    /// connection (a statement prepared once per connection and never run; the first time it
-    /// rides with `BEGIN`).
+    /// connection (a statement prepared once per connection and never run; later calls find
+    /// it in the connection's cache without sending anything).
     ///
     /// With [`StatementCache::Transaction`](crate::StatementCache::Transaction) statements
     /// live only as long as the transaction, which keeps the table from changing under them
@@ -133,9 +133,16 @@ impl Transaction {
         if !names.needs_columns() || self.statements_per_transaction() {
             return Ok(names.declared().clone());
         }
-        let described = self
-            .run(Step::Lock, self.cached_statement(&names.describe_sql))
-            .await?;
+        let describe = self.cached_statement(&names.describe_sql);
+        let described = if self.begun() {
+            // Inside the transaction: a failure here is one of the transaction's.
+            self.run(Step::Lock, describe).await?
+        } else {
+            // Before `BEGIN` leaves: a cache hit sends nothing, so `BEGIN` still rides with
+            // the lock statement; a miss prepares outside any transaction, once per
+            // connection.
+            describe.await.map_err(|e| Error::from_pg(e, Step::Lock))?
+        };
         names.learned(described.columns())
     }
 

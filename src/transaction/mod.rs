@@ -198,6 +198,11 @@ impl Transaction {
             .expect("rowlock: transaction used after it ended")
     }
 
+    /// Whether `BEGIN` has been sent.
+    pub(crate) fn begun(&self) -> bool {
+        !matches!(self.state().phase(), Phase::NotBegun { .. })
+    }
+
     /// Whether statements are prepared per transaction
     /// ([`StatementCache::Transaction`](crate::StatementCache::Transaction)).
     pub(crate) fn statements_per_transaction(&self) -> bool {

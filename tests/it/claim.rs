@@ -493,6 +493,10 @@ async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
     .await;
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("the filter on \"id\""), "{err}");
+    assert!(
+        err.to_string().contains("Uuid") && !err.to_string().contains("Fit"),
+        "{err}"
+    );
     // `id` is int8, so i64::MAX fits: an ordinary empty claim.
     let fits = order(Claim::new().filter("id", Compare::Eq, i64::MAX));
     let none = with_claimed_rows(&pool, &fits, 1, |_, _: Vec<Job>| {

@@ -53,13 +53,12 @@ use std::sync::{Arc, OnceLock};
 
 use crate::scoped::ScopedBoxFuture;
 use deadpool_postgres::Pool;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::api::claim_sql::{FilterValue, Predicate, SharedParam, filter_value, shared};
 use crate::api::lease::Lease;
 use crate::attempt::{LockStep, call_once, run_locked};
-use crate::error::{Error, ErrorKind, Step};
+use crate::error::{Error, ErrorKind, Refusal, Step, refusal};
 use crate::flush::{Flush, Side};
 use crate::lock::LockStrength;
 use crate::options::{StatementCache, TransactionOptions};
@@ -753,13 +752,11 @@ fn refine_claim_error(e: Error) -> Error {
     let refused = |detail: &str| {
         Error::with_kind(ErrorKind::InvalidArgument, detail).with_sql_state(e.sql_state().cloned())
     };
-    if e.sql_state() == Some(&SqlState::UNDEFINED_COLUMN) {
+    let refused_as = refusal(e.sql_state());
+    if refused_as == Some(Refusal::UndefinedColumn) {
         refused("the claim's filter or order names a column the table does not have")
             .with_boxed_source(e.into_source())
-    } else if e.kind() == ErrorKind::Driver
-        || e.sql_state() == Some(&SqlState::UNDEFINED_FUNCTION)
-        || e.sql_state() == Some(&SqlState::INVALID_TEXT_REPRESENTATION)
-    {
+    } else if e.kind() == ErrorKind::Driver || refused_as == Some(Refusal::ValueMisfit) {
         // A value the driver could not bind as its column's type (nothing was sent), or a
         // literal the server could not compare with or read as the column's type (refused
         // when the statement was prepared, before it ran).

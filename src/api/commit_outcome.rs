@@ -1,9 +1,8 @@
 //! Finding out whether a transaction committed when the connection died during `COMMIT`.
 
 use deadpool_postgres::Pool;
-use tokio_postgres::error::SqlState;
 
-use crate::error::{Error, Step, TransactionRef};
+use crate::error::{Error, Step, TransactionRef, is_future_transaction};
 
 /// What the server says became of a transaction ([`resolve_commit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,7 +97,7 @@ pub async fn resolve_commit(
     let status: Option<String> = match status {
         Ok(row) => row.try_get(0).map_err(pg)?,
         // "transaction ID … is in the future": this server never assigned it.
-        Err(e) if e.code() == Some(&SqlState::INVALID_PARAMETER_VALUE) => {
+        Err(e) if is_future_transaction(&e) => {
             return Ok(CommitStatus::Unknown);
         }
         Err(e) => return Err(pg(e)),

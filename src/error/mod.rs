@@ -9,8 +9,8 @@ use crate::diagnostics::Blocker;
 
 mod sqlstate;
 
-use sqlstate::classify;
-pub(crate) use sqlstate::classify_db;
+pub(crate) use sqlstate::{Refusal, classify_db, is_cancel, is_future_transaction, refusal};
+use sqlstate::{classify, connect_kind, is_stale_plan, retryable};
 
 /// What went wrong, as a value you can match on.
 ///
@@ -283,7 +283,7 @@ impl Error {
         columns: &[String],
         learned: bool,
     ) -> Self {
-        if self.sql_state() != Some(&SqlState::UNDEFINED_COLUMN) {
+        if refusal(self.sql_state()) != Some(Refusal::UndefinedColumn) {
             return self;
         }
         let column = self.as_db_error().and_then(|db| match db.position()? {
@@ -523,11 +523,7 @@ impl Error {
     /// connection was pooled): `0A000` "cached plan must not change result type", raised by
     /// the server's plan cache. Preparing the statement again cures it.
     pub(crate) fn is_stale_plan(&self) -> bool {
-        self.inner.stale
-            || self.as_db_error().is_some_and(|db| {
-                *db.code() == SqlState::FEATURE_NOT_SUPPORTED
-                    && db.routine() == Some("RevalidateCachedQuery")
-            })
+        self.inner.stale || self.as_db_error().is_some_and(is_stale_plan)
     }
 
     /// True when the caller's input was refused before anything was sent.
@@ -666,44 +662,6 @@ impl StdError for Error {
             return None;
         }
         Some(source as &(dyn StdError + 'static))
-    }
-}
-
-/// Whether a failure of this kind leaves nothing committed and may not recur on a fresh
-/// attempt with a fresh connection: the one rule behind [`Error::is_retryable`] and
-/// [`RetryPolicy::retries`](crate::RetryPolicy::retries).
-pub(crate) fn retryable(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
-        ErrorKind::SerializationFailure
-            | ErrorKind::Deadlock
-            | ErrorKind::ReadOnly
-            | ErrorKind::Closed
-            | ErrorKind::Unreachable
-    )
-}
-
-/// What a failure to connect means, from the SQLSTATE the server sent (if it answered) and
-/// the driver's cause: an I/O error before any answer is [`ErrorKind::Unreachable`].
-fn connect_kind(e: &tokio_postgres::Error) -> ErrorKind {
-    let io = || {
-        StdError::source(e)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .is_some()
-    };
-    match e.code() {
-        Some(c)
-            if *c == SqlState::INVALID_PASSWORD
-                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
-        {
-            ErrorKind::AuthenticationFailed
-        }
-        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => ErrorKind::UnknownDatabase,
-        Some(c) if classify_db(c, None) == ErrorKind::Closed => ErrorKind::Unreachable,
-        Some(_) => ErrorKind::Pool,
-        None if e.is_closed() => ErrorKind::Closed,
-        None if io() => ErrorKind::Unreachable,
-        None => ErrorKind::Pool,
     }
 }
 

@@ -59,6 +59,82 @@ pub(crate) fn classify_db(code: &SqlState, routine: Option<&str>) -> ErrorKind {
     }
 }
 
+/// Whether a failure of this kind leaves nothing committed and may not recur on a fresh
+/// attempt with a fresh connection: the one rule behind [`Error::is_retryable`] and
+/// [`RetryPolicy::retries`](crate::RetryPolicy::retries).
+pub(crate) fn retryable(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::SerializationFailure
+            | ErrorKind::Deadlock
+            | ErrorKind::ReadOnly
+            | ErrorKind::Closed
+            | ErrorKind::Unreachable
+    )
+}
+
+/// What a failure to connect means, from the SQLSTATE the server sent (if it answered) and
+/// the driver's cause: an I/O error before any answer is [`ErrorKind::Unreachable`].
+pub(crate) fn connect_kind(e: &tokio_postgres::Error) -> ErrorKind {
+    let io = || {
+        StdError::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some()
+    };
+    match e.code() {
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            ErrorKind::AuthenticationFailed
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => ErrorKind::UnknownDatabase,
+        Some(c) if classify_db(c, None) == ErrorKind::Closed => ErrorKind::Unreachable,
+        Some(_) => ErrorKind::Pool,
+        None if e.is_closed() => ErrorKind::Closed,
+        None if io() => ErrorKind::Unreachable,
+        None => ErrorKind::Pool,
+    }
+}
+
+/// Why the server refused a statement rowlock rendered from the caller's input, before it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// `42703`: a column the table does not have.
+    UndefinedColumn,
+    /// `42883` (no operator for the value's type) or `22P02` (a value that does not read as
+    /// the column's type).
+    ValueMisfit,
+}
+
+/// What a SQLSTATE says about a statement built from the caller's input, if it is a refusal.
+pub(crate) fn refusal(state: Option<&SqlState>) -> Option<Refusal> {
+    match state? {
+        s if *s == SqlState::UNDEFINED_COLUMN => Some(Refusal::UndefinedColumn),
+        s if *s == SqlState::UNDEFINED_FUNCTION || *s == SqlState::INVALID_TEXT_REPRESENTATION => {
+            Some(Refusal::ValueMisfit)
+        }
+        _ => None,
+    }
+}
+
+/// `0A000` "cached plan must not change result type", raised by the server's plan cache
+/// (told apart from other `0A000`s by the routine, the server's C function name, not text).
+pub(crate) fn is_stale_plan(db: &tokio_postgres::error::DbError) -> bool {
+    *db.code() == SqlState::FEATURE_NOT_SUPPORTED && db.routine() == Some("RevalidateCachedQuery")
+}
+
+/// `57014`: a statement was cancelled (by a cancel request, or `statement_timeout`).
+pub(crate) fn is_cancel(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::QUERY_CANCELED)
+}
+
+/// `22023` from `pg_xact_status`: "transaction ID … is in the future", the server never
+/// assigned it.
+pub(crate) fn is_future_transaction(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::INVALID_PARAMETER_VALUE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,12 @@
 use std::time::Duration;
 
 use deadpool_postgres::Object;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use super::state::Ending;
 use super::{Transaction, lock};
 use crate::diagnostics::{Blocker, BlockerQuery, QUERY_TIMEOUT, blocker};
-use crate::error::{Error, ErrorKind, Step};
+use crate::error::{Error, ErrorKind, Step, is_cancel};
 use crate::flush::{Flush, Side};
 use crate::options::TransactionOptions;
 
@@ -298,7 +297,7 @@ pub(super) async fn cleanup(
                 }
                 return Ok(());
             }
-            Ok(Err(e)) if e.code() == Some(&SqlState::QUERY_CANCELED) => result = Err(e),
+            Ok(Err(e)) if is_cancel(&e) => result = Err(e),
             Ok(Err(e)) => return Err(e),
             Err(_elapsed) => return result,
         }

@@ -173,15 +173,11 @@ async fn dropping_a_call_blocked_on_a_lock_cancels_the_wait() {
         .await
         .expect("the waiting statement was cancelled and the connection returned")
         .unwrap();
-    let blocked: i64 = observer
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-            &[&holder.pid()],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(blocked, 0, "nobody waits behind the holder any more");
+    assert_eq!(
+        blocked_behind(&observer, holder.pid()).await,
+        0,
+        "nobody waits behind the holder any more"
+    );
     conn.batch_execute("SELECT 1").await.unwrap();
     drop(conn);
     holder.batch_execute("COMMIT").await.unwrap();

@@ -24,12 +24,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rowlock::assignment::{
-    AcceptOptions, AssignmentError, ONE_ACCEPTED_INDEX, ProposalStatus, accept_proposal,
-    accept_proposal_in_one_statement, accept_proposal_with, migrate,
+    AssignmentError, ONE_ACCEPTED_INDEX, ProposalStatus, accept_proposal,
+    accept_proposal_in_one_statement, migrate,
 };
-use rowlock::deadpool_postgres::Pool;
 use rowlock::testing::TestCluster;
-use rowlock::{LockMode, RetryPolicy};
+use rowlock::{Db, Lock};
 use tokio::sync::Barrier;
 
 #[path = "common/flawed.rs"]
@@ -111,30 +110,26 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
 }
 
 async fn click(
-    pool: &Pool,
+    db: &Db,
     strategy: Strategy,
     project: i64,
     proposal: i64,
 ) -> Result<Click, Box<dyn std::error::Error + Send + Sync>> {
     let result = match strategy {
         Strategy::Flawed => {
-            let conn = pool.get().await?;
+            let conn = db.pool().get().await?;
             return Ok(if flawed::accept(&conn, proposal).await? {
                 Click::Accepted
             } else {
                 Click::AlreadyAssigned
             });
         }
-        Strategy::Wait => accept_proposal(pool, proposal, LockMode::Wait).await,
+        Strategy::Wait => accept_proposal(db, proposal, Lock::wait()).await,
         Strategy::NoWaitRetry => {
-            let options = AcceptOptions::new().mode(LockMode::NoWait).retry(
-                RetryPolicy::new()
-                    .max_attempts(4)
-                    .retry_lock_contention(true),
-            );
-            accept_proposal_with(pool, proposal, &options).await
+            // Busy at once, tried 4 times (a bare number retries lock contention too).
+            accept_proposal(db, proposal, Lock::no_wait().retry(4)).await
         }
-        Strategy::OneStatement => accept_proposal_in_one_statement(pool, project, proposal).await,
+        Strategy::OneStatement => accept_proposal_in_one_statement(db, project, proposal).await,
     };
     match result {
         Ok(()) => Ok(Click::Accepted),
@@ -162,11 +157,11 @@ async fn race(
     strategy: Strategy,
     args: &Args,
 ) -> Result<Row, Box<dyn std::error::Error + Send + Sync>> {
-    let db = cluster.create_database_owned().await?;
+    let pg = cluster.create_database_owned().await?;
     let tasks = (args.managers * args.concurrency) as usize;
-    let pool = db.pool(tasks);
-    migrate(&pool).await?;
-    let admin = db.client().await?;
+    let db = pg.db(tasks);
+    migrate(&db).await?;
+    let admin = pg.client().await?;
     if strategy == Strategy::Flawed {
         admin
             .batch_execute(&format!("DROP INDEX {ONE_ACCEPTED_INDEX}"))
@@ -204,10 +199,10 @@ async fn race(
         for project in first..=last {
             for manager in 1..=args.managers {
                 let proposal = (project - 1) * args.managers + manager;
-                let (pool, start) = (pool.clone(), start.clone());
+                let (db, start) = (db.clone(), start.clone());
                 clicks.push(tokio::spawn(async move {
                     start.wait().await; // everyone clicks at the same instant
-                    click(&pool, strategy, project, proposal).await
+                    click(&db, strategy, project, proposal).await
                 }));
             }
         }

@@ -27,11 +27,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use rowlock::Db;
 use rowlock::LockMode;
 use rowlock::assignment::{
     self, AssignmentError, Project, ProjectDetails, Proposal, accept_proposal,
 };
-use rowlock::deadpool_postgres::Pool;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -120,26 +120,26 @@ struct AcceptQuery {
 }
 
 async fn create_project(
-    State(pool): State<Pool>,
+    State(db): State<Db>,
     body: Result<Json<NewProject>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Json(body) = body?;
-    let project = assignment::create_project(&pool, &body.title).await?;
+    let project = assignment::create_project(&db, &body.title).await?;
     Ok((StatusCode::CREATED, Json(project_json(&project))))
 }
 
 async fn submit_proposal(
-    State(pool): State<Pool>,
+    State(db): State<Db>,
     id: Result<Path<i64>, PathRejection>,
     body: Result<Json<NewProposal>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (Path(id), Json(body)) = (id?, body?);
-    let proposal = assignment::submit_proposal(&pool, id, &body.freelancer).await?;
+    let proposal = assignment::submit_proposal(&db, id, &body.freelancer).await?;
     Ok((StatusCode::CREATED, Json(proposal_json(&proposal))))
 }
 
 async fn accept(
-    State(pool): State<Pool>,
+    State(db): State<Db>,
     id: Result<Path<i64>, PathRejection>,
     Query(query): Query<AcceptQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -149,38 +149,38 @@ async fn accept(
         Some("nowait") => LockMode::NoWait,
         Some(other) => return Err(ApiError::Malformed(format!("unknown mode {other:?}"))),
     };
-    accept_proposal(&pool, id, mode).await?;
+    accept_proposal(&db, id, mode).await?;
     Ok(Json(json!({ "id": id, "status": "accepted" })))
 }
 
 async fn withdraw(
-    State(pool): State<Pool>,
+    State(db): State<Db>,
     id: Result<Path<i64>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = id?;
-    assignment::withdraw_proposal(&pool, id).await?;
+    assignment::withdraw_proposal(&db, id).await?;
     Ok(Json(json!({ "id": id, "status": "withdrawn" })))
 }
 
 async fn details(
-    State(pool): State<Pool>,
+    State(db): State<Db>,
     id: Result<Path<i64>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = id?;
-    let ProjectDetails { project, proposals } = assignment::project_details(&pool, id).await?;
+    let ProjectDetails { project, proposals } = assignment::project_details(&db, id).await?;
     let mut body = project_json(&project);
     body["proposals"] = proposals.iter().map(proposal_json).collect();
     Ok(Json(body))
 }
 
-fn router(pool: Pool) -> Router {
+fn router(db: Db) -> Router {
     Router::new()
         .route("/projects", post(create_project))
         .route("/projects/{id}", get(details))
         .route("/projects/{id}/proposals", post(submit_proposal))
         .route("/proposals/{id}/accept", post(accept))
         .route("/proposals/{id}/withdraw", post(withdraw))
-        .with_state(pool)
+        .with_state(db)
 }
 
 #[tokio::main]
@@ -198,17 +198,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let cluster = std::sync::Arc::new(rowlock::testing::TestCluster::from_env()?);
-    let db = cluster.create_database_owned().await?;
-    let pool = db.pool(16);
-    assignment::migrate(&pool).await?;
+    let pg = cluster.create_database_owned().await?;
+    let db = pg.db(16);
+    assignment::migrate(&db).await?;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(pool))
+    axum::serve(listener, router(db))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
-    drop(db);
+    drop(pg);
     drop(cluster);
     Ok(())
 }
@@ -242,16 +242,16 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_accepts_over_http_have_exactly_one_winner() {
-        let db = TestCluster::shared()
+        let pg = TestCluster::shared()
             .unwrap()
             .create_database()
             .await
             .unwrap();
-        let pool = db.pool(16);
-        assignment::migrate(&pool).await.unwrap();
+        let db = pg.db(16);
+        assignment::migrate(&db).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move { axum::serve(listener, router(pool)).await });
+        let server = tokio::spawn(async move { axum::serve(listener, router(db)).await });
 
         let (status, project) = call(addr, "POST", "/projects", r#"{"title":"Logo"}"#).await;
         assert_eq!(status, 201);

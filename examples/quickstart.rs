@@ -11,10 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rowlock::testing::{TestCluster, wait_for_blocked_by};
-use rowlock::{
-    BoxFuture, LockMode, LockOptions, LockableRow, Outcome, RowsOutcome, Transaction,
-    with_locked_row, with_locked_rows,
-};
+use rowlock::{BoxFuture, Lock, LockMode, LockableRow, Outcome, Transaction};
 
 const SCHEMA: &str = "
     CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance bigint NOT NULL);
@@ -44,8 +41,8 @@ fn withdraw(tx: &Transaction, account: Account) -> BoxFuture<'_, Result<i64, row
 fn describe<T: std::fmt::Debug>(outcome: &Outcome<T>) -> String {
     match outcome {
         Outcome::Done(v) => format!("Done({v:?})"),
-        Outcome::NotFound => "NotFound".into(),
-        Outcome::Skipped => "Skipped".into(),
+        Outcome::NotFound(_) => "NotFound".into(),
+        Outcome::Skipped(_) => "Skipped".into(),
         Outcome::LockNotAvailable(e) => format!("LockNotAvailable: {e}"),
         Outcome::LockTimeout(e) => format!("LockTimeout: {e}"),
         other => format!("{other:?}"),
@@ -63,34 +60,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "DATABASE_URL"
     };
     println!("rowlock quickstart on {where_}");
-    let db = cluster.create_database_owned().await?;
-    let pool = db.pool(4);
-    let admin = db.client().await?;
+    let pg = cluster.create_database_owned().await?;
+    let db = pg.db(4);
+    let admin = pg.client().await?;
     admin.batch_execute(SCHEMA).await?;
 
     println!("\n1. Row free: every mode locks it and runs the closure");
     for mode in [LockMode::Wait, LockMode::NoWait, LockMode::SkipLocked] {
-        let outcome = with_locked_row(&pool, &1, &LockOptions::new().mode(mode), withdraw).await?;
+        let outcome = db
+            .with_locked_row(&1, &Lock::new().mode(mode), withdraw)
+            .await?;
         println!("   {:<10} -> {}", format!("{mode:?}"), describe(&outcome));
     }
 
     println!("\n2. Another session holds row 1 FOR UPDATE");
-    let holder = db.session().await?;
+    let holder = pg.session().await?;
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await?;
 
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let outcome = with_locked_row(&pool, &1, &nowait, withdraw).await?;
+    let nowait = Lock::new().mode(LockMode::NoWait);
+    let outcome = db.with_locked_row(&1, &nowait, withdraw).await?;
     println!("   NoWait     -> {}", describe(&outcome));
 
-    let skip = LockOptions::new().mode(LockMode::SkipLocked);
-    let outcome = with_locked_row(&pool, &1, &skip, withdraw).await?;
+    let skip = Lock::new().mode(LockMode::SkipLocked);
+    let outcome = db.with_locked_row(&1, &skip, withdraw).await?;
     println!("   SkipLocked -> {}", describe(&outcome));
 
-    let timeout = LockOptions::new().lock_timeout(Duration::from_millis(250));
+    let timeout = Lock::new().lock_timeout(Duration::from_millis(250));
     let started = Instant::now();
-    let outcome = with_locked_row(&pool, &1, &timeout, withdraw).await?;
+    let outcome = db.with_locked_row(&1, &timeout, withdraw).await?;
     println!(
         "   Wait 250ms -> {} (after {} ms)",
         describe(&outcome),
@@ -98,8 +97,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let waiter = tokio::spawn({
-        let pool = pool.clone();
-        async move { with_locked_row(&pool, &1, &LockOptions::new(), withdraw).await }
+        let db = db.clone();
+        async move { db.with_locked_row(&1, &Lock::new(), withdraw).await }
     });
     let blocked = wait_for_blocked_by(&admin, holder.pid(), 1, Duration::from_secs(30)).await?;
     println!(
@@ -115,33 +114,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("\n3. No such key: NotFound in every mode, distinct from Skipped");
     for mode in [LockMode::Wait, LockMode::NoWait, LockMode::SkipLocked] {
-        let outcome = with_locked_row(&pool, &99, &LockOptions::new().mode(mode), withdraw).await?;
+        let outcome = db
+            .with_locked_row(&99, &Lock::new().mode(mode), withdraw)
+            .await?;
         println!("   {:<10} -> {}", format!("{mode:?}"), describe(&outcome));
     }
 
     println!("\n4. Several rows, locked in key order (no deadlocks), all or nothing");
-    let outcome = with_locked_rows(
-        &pool,
-        &[2, 1],
-        &LockOptions::new(),
-        |tx, accounts: Vec<Account>| {
+    let outcome = db
+        .with_locked_rows(&[2, 1], &Lock::new(), |tx, accounts: Vec<Account>| {
             Box::pin(async move {
                 let owners: Vec<String> = accounts.iter().map(|a| a.owner.clone()).collect();
                 tx.execute("UPDATE accounts SET balance = balance + 1", &[])
                     .await?;
                 Ok::<_, rowlock::Error>(owners)
             })
-        },
-    )
-    .await?;
+        })
+        .await?;
     match &outcome {
-        RowsOutcome::Done(owners) => println!("   [2, 1]     -> Done({owners:?})"),
+        Outcome::Done(owners) => println!("   [2, 1]     -> Done({owners:?})"),
         other => println!("   [2, 1]     -> {other:?}"),
     }
-    let outcome = with_locked_rows(&pool, &[1, 7], &LockOptions::new(), |_, _: Vec<Account>| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await?;
+    let outcome = db
+        .with_locked_rows(&[1, 7], &Lock::new(), |_, _: Vec<Account>| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await?;
     println!("   [1, 7]     -> {outcome:?}");
 
     let rows = admin
@@ -149,7 +147,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let balances: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     println!("\nFinal balances (id, balance): {balances:?}");
-    drop((admin, holder, pool, db));
+    drop((admin, holder, db, pg));
     drop(cluster); // stops and deletes a throwaway cluster
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rowlock::testing::TestCluster;
-use rowlock::{Claim, Compare, Direction, LockableRow, with_claimed_rows};
+use rowlock::{Claim, Compare, Direction, LockableRow, Outcome};
 
 const SCHEMA: &str = "
     CREATE TABLE tasks (
@@ -80,8 +80,8 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let cluster = Arc::new(TestCluster::from_env()?);
-    let db = cluster.create_database_owned().await?;
-    let admin = db.client().await?;
+    let pg = cluster.create_database_owned().await?;
+    let admin = pg.client().await?;
     admin.batch_execute(SCHEMA).await?;
     admin
         .execute(
@@ -95,7 +95,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.workers, args.tasks, args.batch
     );
 
-    let pool = db.pool(args.workers);
+    let db = pg.db(args.workers);
     let claim = Arc::new(
         Claim::new()
             .filter("status", Compare::Eq, "pending")
@@ -104,12 +104,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let workers: Vec<_> = (0..args.workers)
         .map(|w| {
-            let (pool, claim, batch) = (pool.clone(), claim.clone(), args.batch);
+            let (db, claim, batch) = (db.clone(), claim.clone(), args.batch);
             tokio::spawn(async move {
                 let worker = w as i32;
                 let mut processed = 0_usize;
-                while let Some(n) =
-                    with_claimed_rows(&pool, &claim, batch, |tx, tasks: Vec<Task>| {
+                while let Outcome::Done(n) = db
+                    .claim(&claim, batch, |tx, tasks: Vec<Task>| {
                         Box::pin(async move {
                             let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
                             let n = ids.len();
@@ -160,7 +160,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          workers reported {total})",
         if passed { "passed" } else { "FAILED" }
     );
-    drop((admin, pool, db));
+    drop((admin, db, pg));
     drop(cluster);
     if !passed {
         return Err("the exactly-once check failed".into());

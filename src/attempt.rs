@@ -8,8 +8,8 @@
 
 use std::future::Future;
 
+use crate::db::Db;
 use crate::scoped::ScopedBoxFuture;
-use deadpool_postgres::Pool;
 
 use crate::diagnostics::BlockerQuery;
 use crate::error::Error;
@@ -39,13 +39,14 @@ type Output<S, T> = <<S as LockStep>::Locked as Locked>::Output<T>;
 /// What the closure is given.
 type Value<S> = <<S as LockStep>::Locked as Locked>::Value;
 
-/// Runs attempts under `policy` until one succeeds, one fails for good, or the policy gives
-/// up; inside a `rowlock.locked_call` span when `call` names one (feature `tracing`).
+/// Runs attempts until one succeeds, one fails for good, or the retry policy (the call's, else
+/// the handle's, else one attempt) gives up; inside a `rowlock.locked_call` span when `call`
+/// names one (feature `tracing`). The call's options, with the handle's defaults under them,
+/// are checked before a connection is taken.
 pub(crate) async fn run_locked<'a, S, T, E, F>(
     call: Option<(&'static str, &str)>,
-    pool: &Pool,
+    db: &Db,
     options: &TransactionOptions,
-    policy: &RetryPolicy,
     step: &S,
     mut f: F,
 ) -> Result<Output<S, T>, E>
@@ -54,9 +55,19 @@ where
     E: From<Error>,
     F: for<'t> FnMut(&'t Transaction, Value<S>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
+    let options = db.options(options);
+    options.validate()?;
+    let once;
+    let policy = match &options.retry {
+        Some(policy) => policy,
+        None => {
+            once = RetryPolicy::once();
+            &once
+        }
+    };
     let rec = Recorder::new(call.is_some());
     trace::locked_call(call, async {
-        let result = attempts(pool, options, policy, step, &mut f, rec).await;
+        let result = attempts(db, &options, policy, step, &mut f, rec).await;
         rec.outcome(result.as_ref().map_or("error", Contended::label));
         result
     })
@@ -64,7 +75,7 @@ where
 }
 
 async fn attempts<'a, S, T, E, F>(
-    pool: &Pool,
+    db: &Db,
     options: &TransactionOptions,
     policy: &RetryPolicy,
     step: &S,
@@ -79,7 +90,7 @@ where
     let mut backoff = Backoff::new(policy)?;
     loop {
         rec.attempt(backoff.failed_attempts() + 1);
-        match attempt(pool, options, policy, step, f, rec).await {
+        match attempt(db, options, policy, step, f, rec).await {
             Ok(output) => return Ok(output),
             Err(Failure::Stop(e)) => return Err(e),
             Err(Failure::Retry(cause)) => backoff.wait(cause).await?,
@@ -106,7 +117,7 @@ fn failure<E: From<Error>>(error: Error, policy: &RetryPolicy) -> Failure<E> {
 /// One attempt: a new transaction, the lock step, and then the closure and the commit, or the
 /// outcome that ends the call.
 async fn attempt<'a, S, T, E, F>(
-    pool: &Pool,
+    db: &Db,
     options: &TransactionOptions,
     policy: &RetryPolicy,
     step: &S,
@@ -118,7 +129,7 @@ where
     E: From<Error>,
     F: for<'t> FnMut(&'t Transaction, Value<S>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
 {
-    let mut tx = Transaction::begin_unchecked(pool, options)
+    let mut tx = Transaction::begin_unchecked(db, options)
         .await
         .map_err(|e| failure(e, policy))?;
     let started = Mark::now();
@@ -194,18 +205,5 @@ async fn not_locked<S: LockStep, O: Contended, E>(
             tx.rollback_quietly().await;
             Ok(outcome)
         }
-    }
-}
-
-/// Lets a closure that may run only once drive the attempt loop, which takes `FnMut`: the
-/// calls without a retry policy run the loop with [`RetryPolicy::once`], which calls it at
-/// most once.
-pub(crate) fn call_once<'a, V, T, E>(
-    f: impl for<'t> FnOnce(&'t Transaction, V) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-) -> impl for<'t> FnMut(&'t Transaction, V) -> ScopedBoxFuture<'a, 't, Result<T, E>> {
-    let mut f = Some(f);
-    move |tx, value| {
-        f.take()
-            .expect("a one-attempt policy calls the closure once")(tx, value)
     }
 }

@@ -1,4 +1,4 @@
-//! Who holds the lock: gathered only when asked (`LockOptions::find_blockers`) and a lock was
+//! Who holds the lock: gathered only when asked (`Lock::find_blockers`) and a lock was
 //! not available or a lock wait timed out, never on the success path.
 //!
 //! After `NOWAIT` fails or `lock_timeout` fires, the caller is no longer waiting, so

@@ -18,24 +18,27 @@
 mod diagnostics;
 mod error;
 
-// 2. The model: lock modes and strengths, options, row types, outcomes, closure futures.
+// 2. The model: lock modes and strengths, options, the retry schedule (knows nothing of
+//    transactions), row types, outcomes, closure futures.
 mod lock;
 mod options;
 mod outcome;
+mod policy;
 mod row;
 mod scoped;
 mod sql_text;
 
-// 3. The transaction guard, and the one way it pipelines requests.
+// 3. The handle (pool, defaults, what was learned per row type), the transaction guard, and
+//    the one way it pipelines requests.
+mod db;
 mod flush;
 mod transaction;
 
-// 4. The retry schedule (knows nothing of transactions), and the attempt loop that uses it.
+// 4. The attempt loop.
 mod attempt;
-mod policy;
 mod trace;
 
-// 5. The entry points.
+// 5. The operations, as methods of the handle and of the transaction.
 mod api;
 
 #[cfg(feature = "testing")]
@@ -49,26 +52,19 @@ pub mod assignment;
 pub use deadpool_postgres;
 pub use tokio_postgres;
 
-pub use crate::api::advisory::{AdvisoryKey, with_advisory_lock};
-pub use crate::api::claim::{
-    Claim, Compare, Direction, claim_and_mark, explain_claim, with_claimed_rows,
-    with_next_locked_row,
-};
-pub use crate::api::commit_outcome::{CommitStatus, resolve_commit};
+pub use crate::api::advisory::AdvisoryKey;
+pub use crate::api::claim::{Claim, Compare, Direction};
+pub use crate::api::commit_outcome::CommitStatus;
 pub use crate::api::executor::Executor;
 pub use crate::api::lease::{Lease, Leased};
-pub use crate::api::pool::{PoolOptions, pool_from_env, pool_from_url};
-pub use crate::api::rows::{
-    with_locked_row, with_locked_row_retry, with_locked_rows, with_locked_rows_retry,
-};
-pub use crate::api::set::{LockSet, LockedRows, RowRef, with_locked_set, with_locked_set_retry};
-pub use crate::api::transaction::{with_transaction, with_transaction_retry};
-pub use crate::api::transition::{Transition, Transitioned, transition};
+pub use crate::api::set::{LockSet, LockedRows};
+pub use crate::api::transition::Transition;
+pub use crate::db::{Builder, Db};
 pub use crate::diagnostics::Blocker;
 pub use crate::error::{Error, ErrorKind, TransactionRef};
-pub use crate::lock::{LockMode, LockOptions, LockStrength};
+pub use crate::lock::{Lock, LockMode, LockStrength};
 pub use crate::options::{Isolation, StatementCache, TransactionOptions};
-pub use crate::outcome::{Outcome, RowsOutcome};
+pub use crate::outcome::{Outcome, RowRef};
 pub use crate::policy::{RetryEvent, RetryPolicy};
 pub use crate::row::{Key, KeyValue, LockableRow, Table};
 pub use crate::transaction::{AsStatement, OwnedParam, Savepoint, Transaction};

@@ -92,17 +92,17 @@ impl LockStrength {
 ///
 /// ```
 /// use std::time::Duration;
-/// use rowlock::{LockMode, LockOptions, LockStrength};
+/// use rowlock::{LockMode, Lock, LockStrength};
 ///
-/// let opts = LockOptions::new()
+/// let opts = Lock::new()
 ///     .mode(LockMode::Wait)
 ///     .strength(LockStrength::NoKeyUpdate)
 ///     .lock_timeout(Duration::from_millis(500));
 /// assert!(opts.validate().is_ok());
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive] // more knobs may come; construct with `new()` and the setters.
-pub struct LockOptions {
+pub struct Lock {
     /// Wait, fail at once, or skip.
     pub mode: LockMode,
     /// Lock strength.
@@ -115,12 +115,32 @@ pub struct LockOptions {
     pub find_blockers: bool,
 }
 
-impl LockOptions {
+impl Lock {
     /// `FOR UPDATE`, waiting without a timeout (PostgreSQL's own default), in a transaction
     /// with the server's default isolation level.
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// `FOR UPDATE`, waiting (the same as [`new`](Self::new)).
+    #[must_use]
+    pub fn wait() -> Self {
+        Self::default()
+    }
+
+    /// `FOR UPDATE NOWAIT`: a row another transaction holds is
+    /// [`Outcome::LockNotAvailable`](crate::Outcome::LockNotAvailable) at once.
+    #[must_use]
+    pub fn no_wait() -> Self {
+        Self::default().mode(LockMode::NoWait)
+    }
+
+    /// `FOR UPDATE SKIP LOCKED`: a row another transaction holds is
+    /// [`Outcome::Skipped`](crate::Outcome::Skipped).
+    #[must_use]
+    pub fn skip_locked() -> Self {
+        Self::default().mode(LockMode::SkipLocked)
     }
 
     /// Sets the lock mode. Defaults to [`LockMode::Wait`].
@@ -161,6 +181,33 @@ impl LockOptions {
     #[must_use]
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.transaction.lock_timeout = Some(timeout);
+        self
+    }
+
+    /// Retries the call under `policy` (a [`RetryPolicy`](crate::RetryPolicy), or a number
+    /// of attempts), each attempt in a new transaction: the same as
+    /// [`TransactionOptions::retry`] on [`transaction`](Self::transaction). Lock contention
+    /// (`NoWait`'s busy row, a lock timeout) is retried only when the policy says
+    /// [`retry_lock_contention`](crate::RetryPolicy::retry_lock_contention); a bare number
+    /// of attempts turns it on, since a caller asking `Lock::no_wait().retry(3)` means it.
+    #[must_use]
+    pub fn retry(mut self, policy: impl Into<crate::RetryPolicy>) -> Self {
+        self.transaction.retry = Some(policy.into());
+        self
+    }
+
+    /// Sets the isolation level of the transaction (see [`TransactionOptions::isolation`]).
+    #[must_use]
+    pub fn isolation(mut self, isolation: crate::Isolation) -> Self {
+        self.transaction.isolation = Some(isolation);
+        self
+    }
+
+    /// Bounds every statement of the transaction (see
+    /// [`TransactionOptions::statement_timeout`]).
+    #[must_use]
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.transaction.statement_timeout = Some(timeout);
         self
     }
 
@@ -218,11 +265,11 @@ mod tests {
 
     #[test]
     fn clauses_render() {
-        let o = LockOptions::new()
+        let o = Lock::new()
             .strength(LockStrength::KeyShare)
             .mode(LockMode::SkipLocked);
         assert_eq!(o.clause(), "FOR KEY SHARE SKIP LOCKED");
-        let o = LockOptions::new().mode(LockMode::NoWait);
+        let o = Lock::new().mode(LockMode::NoWait);
         assert_eq!(o.clause(), "FOR UPDATE NOWAIT");
     }
 
@@ -233,11 +280,11 @@ mod tests {
             Duration::from_micros(999),
             Duration::from_secs(u64::MAX),
         ] {
-            let e = LockOptions::new().lock_timeout(t).validate().unwrap_err();
+            let e = Lock::new().lock_timeout(t).validate().unwrap_err();
             assert!(e.is_invalid_argument(), "{t:?}");
         }
         assert!(
-            LockOptions::new()
+            Lock::new()
                 .lock_timeout(Duration::from_millis(1))
                 .validate()
                 .is_ok()
@@ -246,7 +293,19 @@ mod tests {
 
     #[test]
     fn read_only_lock_is_refused() {
-        let o = LockOptions::new().transaction(TransactionOptions::new().read_only(true));
+        let o = Lock::new().transaction(TransactionOptions::new().read_only(true));
         assert!(o.validate().unwrap_err().is_invalid_argument());
+    }
+}
+
+impl From<&Lock> for Lock {
+    fn from(lock: &Lock) -> Self {
+        lock.clone()
+    }
+}
+
+impl From<LockMode> for Lock {
+    fn from(mode: LockMode) -> Self {
+        Lock::new().mode(mode)
     }
 }

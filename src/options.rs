@@ -2,13 +2,10 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, Pool, WeakPool};
-
 use crate::error::Error;
+use crate::policy::RetryPolicy;
 
 /// Transaction isolation level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,83 +56,15 @@ impl Isolation {
 /// (enums, composites, domains) on each client; behind transaction pooling, pass such values as
 /// text or cast them in SQL.
 #[doc(alias = "pgbouncer")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive] // other caching strategies (e.g. protocol-level names PgBouncer 1.21 tracks) may come.
 pub enum StatementCache {
     /// Cache prepared statements on the connection (deadpool-postgres's `prepare_cached`).
+    #[default]
     Connection,
     /// Prepare statements per transaction and close them before it ends (PgBouncer
     /// transaction pooling).
     Transaction,
-}
-
-/// The pools whose transactions use a mode other than [`StatementCache::Connection`] by
-/// default. A pool is known by its manager's address, which is stable while the pool lives
-/// and shared by its clones; the weak handle tells a live pool from a dropped one whose
-/// address was reused.
-static POOL_DEFAULTS: Mutex<Vec<PoolDefault>> = Mutex::new(Vec::new());
-/// Whether `POOL_DEFAULTS` may be non-empty: lets every other pool skip the lock.
-static ANY_POOL_DEFAULT: AtomicBool = AtomicBool::new(false);
-
-struct PoolDefault {
-    manager: usize,
-    pool: WeakPool,
-    cache: StatementCache,
-}
-
-fn pool_id(pool: &Pool) -> usize {
-    std::ptr::from_ref::<Manager>(pool.manager()) as usize
-}
-
-fn pool_defaults() -> MutexGuard<'static, Vec<PoolDefault>> {
-    POOL_DEFAULTS.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl StatementCache {
-    /// Sets the mode used by the transactions that rowlock opens on `pool` (and its clones)
-    /// whose options do not set [`TransactionOptions::statement_cache`]. Call it once where
-    /// the pool is built, before its first transaction; it applies to transactions begun
-    /// afterwards. The setting ends with the pool; other pools keep the default,
-    /// [`Connection`](Self::Connection).
-    ///
-    /// ```
-    /// use rowlock::StatementCache;
-    /// use rowlock::deadpool_postgres::{Manager, Pool};
-    /// use rowlock::tokio_postgres::{Config, NoTls};
-    ///
-    /// // This service reaches PostgreSQL through PgBouncer (pool_mode = transaction).
-    /// let config: Config = "host=pgbouncer user=app dbname=app".parse()?;
-    /// let pool = Pool::builder(Manager::new(config, NoTls)).max_size(16).build()?;
-    /// StatementCache::Transaction.set_for_pool(&pool);
-    /// assert_eq!(StatementCache::for_pool(&pool), StatementCache::Transaction);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    pub fn set_for_pool(self, pool: &Pool) {
-        let id = pool_id(pool);
-        let mut defaults = pool_defaults();
-        defaults.retain(|d| d.manager != id && d.pool.upgrade().is_some());
-        if self != StatementCache::Connection {
-            defaults.push(PoolDefault {
-                manager: id,
-                pool: pool.weak(),
-                cache: self,
-            });
-        }
-        ANY_POOL_DEFAULT.store(!defaults.is_empty(), Ordering::Release);
-    }
-
-    /// The mode of `pool`'s transactions: what [`set_for_pool`](Self::set_for_pool) set, else
-    /// [`Connection`](Self::Connection).
-    pub fn for_pool(pool: &Pool) -> StatementCache {
-        if !ANY_POOL_DEFAULT.load(Ordering::Acquire) {
-            return StatementCache::Connection;
-        }
-        let id = pool_id(pool);
-        pool_defaults()
-            .iter()
-            .find(|d| d.manager == id && d.pool.upgrade().is_some_and(|p| pool_id(&p) == id))
-            .map_or(StatementCache::Connection, |d| d.cache)
-    }
 }
 
 /// Options for a transaction opened by [`with_transaction`](crate::with_transaction),
@@ -153,7 +82,7 @@ impl StatementCache {
 ///     .statement_timeout(Duration::from_secs(5));
 /// assert!(opts.validate().is_ok());
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive] // more options may come; construct with `new()` and the setters.
 pub struct TransactionOptions {
     /// Isolation level; `None` keeps the server's `default_transaction_isolation`.
@@ -171,8 +100,12 @@ pub struct TransactionOptions {
     /// Record the transaction id with `BEGIN`, so a commit whose outcome is unknown can be
     /// resolved later.
     pub track_commit_outcome: bool,
-    /// Where prepared statements live; `None` uses [`StatementCache::for_pool`].
+    /// Where prepared statements live; `None` uses the handle's
+    /// ([`Builder::statement_cache`](crate::Builder::statement_cache)).
     pub statement_cache: Option<StatementCache>,
+    /// How the call is retried; `None` uses the handle's
+    /// ([`Builder::retry`](crate::Builder::retry)), one attempt unless set there.
+    pub retry: Option<RetryPolicy>,
     /// `SET LOCAL plan_cache_mode = force_custom_plan` (claims: lets partial indexes match
     /// bound filter values).
     pub(crate) force_custom_plans: bool,
@@ -254,17 +187,36 @@ impl TransactionOptions {
         self
     }
 
-    /// Chooses where this transaction's prepared statements live, overriding the pool's
-    /// [`StatementCache::set_for_pool`]. Use [`StatementCache::Transaction`] behind PgBouncer in
-    /// transaction pooling mode.
+    /// Chooses where this transaction's prepared statements live, overriding the handle's
+    /// [`Builder::statement_cache`](crate::Builder::statement_cache). Use
+    /// [`StatementCache::Transaction`] behind PgBouncer in transaction pooling mode.
     #[must_use]
     pub fn statement_cache(mut self, cache: StatementCache) -> Self {
         self.statement_cache = Some(cache);
         self
     }
 
+    /// Retries the call under `policy` (a [`RetryPolicy`], or a number of attempts): each
+    /// attempt is a new transaction, and the caller's code runs again in it. Overrides the
+    /// handle's [`Builder::retry`](crate::Builder::retry); defaults to one attempt.
+    ///
+    /// ```
+    /// use rowlock::{Isolation, TransactionOptions};
+    ///
+    /// let opts = TransactionOptions::new().isolation(Isolation::Serializable).retry(5);
+    /// assert!(opts.validate().is_ok());
+    /// ```
+    #[must_use]
+    pub fn retry(mut self, policy: impl Into<RetryPolicy>) -> Self {
+        self.retry = Some(policy.into());
+        self
+    }
+
     /// Checks the options without touching the database.
     pub fn validate(&self) -> Result<(), Error> {
+        if let Some(policy) = &self.retry {
+            policy.validate()?;
+        }
         if let Some(t) = self.lock_timeout {
             validate_timeout("lock_timeout", t)?;
         }
@@ -277,15 +229,36 @@ impl TransactionOptions {
         Ok(())
     }
 
+    /// Whether `BEGIN` needs nothing after it: no isolation, access mode, timeout, tracking
+    /// or plan setting (where statements live and how the call is retried do not show in it).
+    pub(crate) fn is_plain(&self) -> bool {
+        let TransactionOptions {
+            isolation,
+            read_only,
+            deferrable,
+            lock_timeout,
+            statement_timeout,
+            idle_in_transaction_timeout,
+            track_commit_outcome,
+            statement_cache: _,
+            retry: _,
+            force_custom_plans,
+        } = self;
+        isolation.is_none()
+            && !read_only
+            && !deferrable
+            && lock_timeout.is_none()
+            && statement_timeout.is_none()
+            && idle_in_transaction_timeout.is_none()
+            && !track_commit_outcome
+            && !force_custom_plans
+    }
+
     /// The one simple-query string that opens the transaction: `BEGIN …; SET LOCAL …`, and a
     /// `SELECT` of the transaction id (`xid`, when tracked) and the server process id (`pid`,
     /// when `report_pid`). Only fixed keywords and validated integers go into it.
     pub(crate) fn begin_sql(&self, report_pid: bool) -> Cow<'static, str> {
-        let plain = TransactionOptions {
-            statement_cache: self.statement_cache,
-            ..TransactionOptions::default()
-        };
-        if *self == plain && !report_pid {
+        if self.is_plain() && !report_pid {
             // The common case: no allocation per transaction.
             return Cow::Borrowed("BEGIN");
         }

@@ -1,36 +1,53 @@
 //! What happened when rowlock tried to lock: typed outcomes instead of parsed messages.
 
-use crate::error::{Error, ErrorKind};
+use std::fmt;
 
-/// The outcome of locking one row by key (and, for [`with_locked_row`](crate::with_locked_row),
-/// of running the caller's closure on it).
+use crate::error::{Error, ErrorKind};
+use crate::row::{LockableRow, Table};
+
+/// What one call did: the one vocabulary of every operation, so one `match` serves every call
+/// site.
 ///
 /// | situation | `Wait` | `NoWait` | `SkipLocked` |
 /// |---|---|---|---|
-/// | row free | `Done` | `Done` | `Done` |
-/// | row locked by another transaction | waits | `LockNotAvailable` | `Skipped` |
+/// | rows free | `Done` | `Done` | `Done` |
+/// | a row locked by another transaction | waits | `LockNotAvailable` | `Skipped` |
 /// | lock timeout expires while waiting | `LockTimeout` | — | — |
 /// | no such key | `NotFound` | `NotFound` | `NotFound` |
+/// | nothing to claim | `NotFound` (empty) | | |
+/// | a transition's condition or guard not met | `Conflict` | | |
 ///
-/// From [`with_locked_row`](crate::with_locked_row) and the other calls that open their own
-/// transaction: in every case but `Done` the transaction was rolled back and the closure did
-/// not run. From [`Transaction::lock_row`](crate::Transaction::lock_row) inside your own
-/// transaction: in every case the transaction can go on (see there).
-#[must_use = "an outcome other than Done means the closure did not run"]
+/// From the calls that open their own transaction ([`Db::with_locked_row`](crate::Db) and the
+/// other methods of [`Db`](crate::Db)): in every case but `Done` the transaction was rolled
+/// back and the caller's code did not run. From the same operations inside the caller's
+/// transaction ([`Transaction::lock_row`](crate::Transaction::lock_row) and its siblings): in
+/// every case the transaction can go on.
+///
+/// Not `#[non_exhaustive]`: these are the answers PostgreSQL's locking gives, and a handler
+/// that matches them all should not need a wildcard arm. A new variant would be a breaking
+/// change, made in a new minor version of 0.x.
+#[must_use = "an outcome other than Done means the caller's code did not run"]
 #[derive(Debug)]
-#[non_exhaustive] // new outcomes may be told apart later; match with a wildcard arm.
 pub enum Outcome<T> {
-    /// The row was locked; carries the closure's value (or the row, for
-    /// [`Transaction::lock_row`](crate::Transaction::lock_row)).
+    /// Every row was locked (or claimed, or changed); carries the caller's value (or the
+    /// rows, for the one-statement forms).
     Done(T),
-    /// No row has this key.
-    NotFound,
-    /// `SkipLocked`: the row exists but another transaction holds a conflicting lock.
-    Skipped,
-    /// `NoWait`: another transaction holds a conflicting lock (`55P03`).
+    /// These rows do not exist (table and key, ascending by key). Empty from a claim that
+    /// found nothing to claim: no row matched, or every match was locked by another claimer
+    /// (`SKIP LOCKED` cannot tell these apart).
+    NotFound(Vec<RowRef>),
+    /// `SkipLocked`: these rows exist but another transaction holds a conflicting lock.
+    Skipped(Vec<RowRef>),
+    /// `NoWait`: another transaction holds a conflicting lock (`55P03`); [`Error::rows`] names
+    /// the rows the refused statement asked for.
     LockNotAvailable(Error),
-    /// `Wait` with a lock timeout: the wait exceeded it (`55P03` from `lock_timeout`).
+    /// A lock wait exceeded the lock timeout (`55P03` from `lock_timeout`); [`Error::rows`]
+    /// names the rows the statement waited for.
     LockTimeout(Error),
+    /// Only from transitions: the row exists but did not meet the condition, or a guard found
+    /// nothing, so nothing changed. Carries the row as the statement decided on it (see
+    /// [`Transition`](crate::Transition)).
+    Conflict(T),
 }
 
 impl<T> Outcome<T> {
@@ -47,12 +64,13 @@ impl<T> Outcome<T> {
         }
     }
 
-    /// Maps the value of [`Outcome::Done`].
+    /// Maps the value of [`Outcome::Done`] (and the row of [`Outcome::Conflict`]).
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
         match self {
             Outcome::Done(v) => Outcome::Done(f(v)),
-            Outcome::NotFound => Outcome::NotFound,
-            Outcome::Skipped => Outcome::Skipped,
+            Outcome::Conflict(v) => Outcome::Conflict(f(v)),
+            Outcome::NotFound(k) => Outcome::NotFound(k),
+            Outcome::Skipped(k) => Outcome::Skipped(k),
             Outcome::LockNotAvailable(e) => Outcome::LockNotAvailable(e),
             Outcome::LockTimeout(e) => Outcome::LockTimeout(e),
         }
@@ -60,86 +78,103 @@ impl<T> Outcome<T> {
 
     /// `Done(v)` becomes `Ok(v)`; anything else an [`Error`] whose kind says what happened
     /// ([`ErrorKind::RowNotFound`], [`ErrorKind::RowSkipped`], [`ErrorKind::LockNotAvailable`],
-    /// [`ErrorKind::LockTimeout`]), for callers that treat every other outcome as a failure.
+    /// [`ErrorKind::LockTimeout`], [`ErrorKind::Conflict`]), for callers that treat every
+    /// other outcome as a failure.
     pub fn into_result(self) -> Result<T, Error> {
         match self {
             Outcome::Done(v) => Ok(v),
-            Outcome::NotFound => Err(Error::with_kind(
+            Outcome::NotFound(rows) if rows.is_empty() => {
+                Err(Error::with_kind(ErrorKind::RowNotFound, "no row to claim"))
+            }
+            Outcome::NotFound(rows) => Err(Error::with_kind(
                 ErrorKind::RowNotFound,
-                "no row has this key",
+                format!("no row {}", list(&rows)),
             )),
-            Outcome::Skipped => Err(Error::with_kind(
+            Outcome::Skipped(rows) => Err(Error::with_kind(
                 ErrorKind::RowSkipped,
-                "SKIP LOCKED left the row out",
+                format!("SKIP LOCKED left out {}", list(&rows)),
             )),
             Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => Err(e),
+            Outcome::Conflict(_) => Err(Error::with_kind(
+                ErrorKind::Conflict,
+                "the row did not meet the transition's condition; nothing changed",
+            )),
         }
     }
 }
 
-/// The outcome of locking several rows by key: all of them, or none and the reason.
-///
-/// The closure of [`with_locked_rows`](crate::with_locked_rows) runs only when every requested
-/// row was locked. `K` is the key type; missing and skipped keys are listed, never silently
-/// dropped.
-#[must_use = "an outcome other than Done means the closure did not run"]
-#[derive(Debug)]
-#[non_exhaustive] // new outcomes may be told apart later; match with a wildcard arm.
-pub enum RowsOutcome<T, K> {
-    /// Every row was locked; carries the closure's value (or the rows).
-    Done(T),
-    /// These keys match no row (ascending). Reported before skipped keys.
-    NotFound(Vec<K>),
-    /// `SkipLocked`: these rows exist but are locked by another transaction (ascending).
-    Skipped(Vec<K>),
-    /// `NoWait`: a requested row is locked by another transaction.
-    LockNotAvailable(Error),
-    /// `Wait` with a lock timeout: a lock wait exceeded it.
-    LockTimeout(Error),
+/// Outcomes compare by variant and value; the errors of `LockNotAvailable` and `LockTimeout`
+/// by their kind only (they carry the server's text, timings and blockers, which differ from
+/// one run to the next). For `assert_eq!(outcome, Outcome::Done(…))` in tests.
+impl<T: PartialEq> PartialEq for Outcome<T> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Outcome::Done(a), Outcome::Done(b)) | (Outcome::Conflict(a), Outcome::Conflict(b)) => {
+                a == b
+            }
+            (Outcome::NotFound(a), Outcome::NotFound(b))
+            | (Outcome::Skipped(a), Outcome::Skipped(b)) => a == b,
+            (Outcome::LockNotAvailable(a), Outcome::LockNotAvailable(b))
+            | (Outcome::LockTimeout(a), Outcome::LockTimeout(b)) => a.kind() == b.kind(),
+            _ => false,
+        }
+    }
 }
 
-impl<T, K> RowsOutcome<T, K> {
-    /// True for [`RowsOutcome::Done`].
-    pub fn is_done(&self) -> bool {
-        matches!(self, RowsOutcome::Done(_))
-    }
-
-    /// The value of [`RowsOutcome::Done`], if that is what happened.
-    pub fn done(self) -> Option<T> {
+/// `done`, `not found: accounts key 7`, `lock not available: …`: for logs.
+impl<T> fmt::Display for Outcome<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RowsOutcome::Done(v) => Some(v),
-            _ => None,
+            Outcome::Done(_) => f.write_str("done"),
+            Outcome::NotFound(rows) if rows.is_empty() => f.write_str("nothing to claim"),
+            Outcome::NotFound(rows) => write!(f, "not found: {}", list(rows)),
+            Outcome::Skipped(rows) => write!(f, "skipped (locked elsewhere): {}", list(rows)),
+            Outcome::LockNotAvailable(e) => write!(f, "lock not available: {e}"),
+            Outcome::LockTimeout(e) => write!(f, "lock timeout: {e}"),
+            Outcome::Conflict(_) => f.write_str("conflict: the condition was not met"),
+        }
+    }
+}
+
+fn list(rows: &[RowRef]) -> String {
+    rows.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A row named in an [`Outcome`] or an [`Error`]: its table and its key (as `Debug` prints
+/// it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive] // more detail may be added.
+pub struct RowRef {
+    /// The row's table.
+    pub table: Table,
+    /// The row's key, as its `Debug` implementation prints it.
+    pub key: String,
+}
+
+impl RowRef {
+    /// The row of `R` with this key.
+    pub fn of<R: LockableRow>(key: &R::Key) -> RowRef {
+        RowRef {
+            table: R::TABLE,
+            key: format!("{key:?}"),
         }
     }
 
-    /// Maps the value of [`RowsOutcome::Done`].
-    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> RowsOutcome<U, K> {
-        match self {
-            RowsOutcome::Done(v) => RowsOutcome::Done(f(v)),
-            RowsOutcome::NotFound(k) => RowsOutcome::NotFound(k),
-            RowsOutcome::Skipped(k) => RowsOutcome::Skipped(k),
-            RowsOutcome::LockNotAvailable(e) => RowsOutcome::LockNotAvailable(e),
-            RowsOutcome::LockTimeout(e) => RowsOutcome::LockTimeout(e),
-        }
+    /// Whether this names the row of `R` with `key`.
+    pub fn is<R: LockableRow>(&self, key: &R::Key) -> bool {
+        *self == RowRef::of::<R>(key)
     }
+}
 
-    /// `Done(v)` becomes `Ok(v)`; anything else an [`Error`] whose kind says what happened.
-    pub fn into_result(self) -> Result<T, Error>
-    where
-        K: std::fmt::Debug,
-    {
-        match self {
-            RowsOutcome::Done(v) => Ok(v),
-            RowsOutcome::NotFound(keys) => Err(Error::with_kind(
-                ErrorKind::RowNotFound,
-                format!("no rows have keys {keys:?}"),
-            )),
-            RowsOutcome::Skipped(keys) => Err(Error::with_kind(
-                ErrorKind::RowSkipped,
-                format!("SKIP LOCKED left out keys {keys:?}"),
-            )),
-            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Err(e),
+impl fmt::Display for RowRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(schema) = self.table.schema() {
+            write!(f, "{schema}.")?;
         }
+        write!(f, "{} key {}", self.table.name(), self.key)
     }
 }
 
@@ -183,10 +218,11 @@ impl<T> Contended for Outcome<T> {
     fn label(&self) -> &'static str {
         match self {
             Outcome::Done(_) => "done",
-            Outcome::NotFound => "not_found",
-            Outcome::Skipped => "skipped",
+            Outcome::NotFound(_) => "not_found",
+            Outcome::Skipped(_) => "skipped",
             Outcome::LockNotAvailable(_) => "lock_not_available",
             Outcome::LockTimeout(_) => "lock_timeout",
+            Outcome::Conflict(_) => "conflict",
         }
     }
 }
@@ -205,71 +241,23 @@ impl<R> Locked for Outcome<R> {
     }
 }
 
-impl<T, K> Contended for RowsOutcome<T, K> {
-    fn contention_mut(&mut self) -> Option<&mut Error> {
-        match self {
-            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
-            _ => None,
-        }
-    }
-    fn into_contention(self) -> Option<Error> {
-        match self {
-            RowsOutcome::LockNotAvailable(e) | RowsOutcome::LockTimeout(e) => Some(e),
-            _ => None,
-        }
-    }
-    fn label(&self) -> &'static str {
-        match self {
-            RowsOutcome::Done(_) => "done",
-            RowsOutcome::NotFound(_) => "not_found",
-            RowsOutcome::Skipped(_) => "skipped",
-            RowsOutcome::LockNotAvailable(_) => "lock_not_available",
-            RowsOutcome::LockTimeout(_) => "lock_timeout",
-        }
-    }
-}
-
-impl<R, K> Locked for RowsOutcome<R, K> {
-    type Value = R;
-    type Output<T> = RowsOutcome<T, K>;
-    fn split<T>(self) -> Result<R, RowsOutcome<T, K>> {
-        match self {
-            RowsOutcome::Done(rows) => Ok(rows),
-            other => Err(other.map(|_| unreachable!("Done is handled above"))),
-        }
-    }
-    fn done<T>(value: T) -> RowsOutcome<T, K> {
-        RowsOutcome::Done(value)
-    }
-}
-
-/// A claim's result: `Some` with the closure's value, `None` when nothing was free. Never
-/// contended (`SKIP LOCKED` does not wait or fail).
-impl<T> Contended for Option<T> {
-    fn contention_mut(&mut self) -> Option<&mut Error> {
-        None
-    }
-    fn into_contention(self) -> Option<Error> {
-        None
-    }
-    fn label(&self) -> &'static str {
-        if self.is_some() { "done" } else { "empty" }
-    }
-}
-
-/// Claimed rows: an empty claim ends the call with `None`.
+/// Claimed rows: an empty claim ends the call with `NotFound`, naming no row.
 impl<R> Locked for Vec<R> {
     type Value = Vec<R>;
-    type Output<T> = Option<T>;
-    fn split<T>(self) -> Result<Vec<R>, Option<T>> {
-        if self.is_empty() { Err(None) } else { Ok(self) }
+    type Output<T> = Outcome<T>;
+    fn split<T>(self) -> Result<Vec<R>, Outcome<T>> {
+        if self.is_empty() {
+            Err(Outcome::NotFound(Vec::new()))
+        } else {
+            Ok(self)
+        }
     }
-    fn done<T>(value: T) -> Option<T> {
-        Some(value)
+    fn done<T>(value: T) -> Outcome<T> {
+        Outcome::Done(value)
     }
 }
 
-/// The call result of [`with_transaction`](crate::with_transaction): the closure's value.
+/// The call result of [`Db::with_transaction`](crate::Db::with_transaction): the closure's value.
 pub(crate) struct Plain<T>(pub(crate) T);
 
 /// A transaction that locks nothing up front is never contended.
@@ -285,7 +273,7 @@ impl<T> Contended for Plain<T> {
     }
 }
 
-/// What the lock step of [`with_transaction`](crate::with_transaction) takes: nothing.
+/// What the lock step of [`Db::with_transaction`](crate::Db::with_transaction) takes: nothing.
 pub(crate) struct Nothing;
 
 impl Locked for Nothing {

@@ -122,6 +122,25 @@ pub struct RetryEvent {
     pub delay: Duration,
 }
 
+/// A number of attempts: the defaults with [`max_attempts`](RetryPolicy::max_attempts) set and
+/// [`retry_lock_contention`](RetryPolicy::retry_lock_contention) on, so that
+/// `Lock::no_wait().retry(3)` tries a busy row three times, as it reads.
+impl From<u32> for RetryPolicy {
+    fn from(max_attempts: u32) -> Self {
+        RetryPolicy::new()
+            .max_attempts(max_attempts)
+            .retry_lock_contention(true)
+    }
+}
+
+/// A copy of the policy (its hook is shared), so a policy kept in a variable can be passed as
+/// `.retry(&policy)`.
+impl From<&RetryPolicy> for RetryPolicy {
+    fn from(policy: &RetryPolicy) -> Self {
+        policy.clone()
+    }
+}
+
 impl RetryPolicy {
     /// The defaults described on [`RetryPolicy`].
     #[must_use]

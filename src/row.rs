@@ -1,15 +1,14 @@
 //! Lockable rows: how a row type names its table and key, and how it is built from a `Row`.
 
-use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::error::{Error, ErrorKind, Step};
-use crate::lock::{LockMode, LockOptions, LockStrength};
+use crate::lock::{Lock, LockMode, LockStrength};
 
 /// A table name, optionally schema-qualified. Names are used verbatim (case-sensitive, never
 /// case-folded) and always rendered as quoted identifiers, so no name can inject SQL.
@@ -349,34 +348,10 @@ impl Columns {
     }
 }
 
-/// The names of every row type used so far. Row types are few and their names are constants,
-/// so entries are never evicted.
-static NAMES: LazyLock<RwLock<HashMap<TypeId, Arc<Names>>>> = LazyLock::new(Default::default);
-
 impl Names {
-    /// The names of `R`, checked the first time (a bad name is refused on every call).
-    pub(crate) fn of<R: LockableRow>() -> Result<Arc<Names>, Error> {
-        let id = TypeId::of::<R>();
-        if let Some(names) = NAMES
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-        {
-            return Ok(names.clone());
-        }
-        let names = Arc::new(Self::render::<R>()?);
-        let mut all = NAMES.write().unwrap_or_else(PoisonError::into_inner);
-        Ok(all.entry(id).or_insert(names).clone())
-    }
-
     /// `SELECT * FROM <table> WHERE <key> = … | IN (…) [ORDER BY <key>] FOR <strength> [NOWAIT |
     /// SKIP LOCKED]` for `count` keys; several keys are locked in key order.
-    pub(crate) fn lock_sql(
-        &self,
-        options: &LockOptions,
-        count: usize,
-        columns: &Columns,
-    ) -> Arc<str> {
+    pub(crate) fn lock_sql(&self, options: &Lock, count: usize, columns: &Columns) -> Arc<str> {
         let count = self.statement_count(count);
         let key = (options.strength, options.mode, count, columns.id);
         let mut cache = self.lock_sql.lock().unwrap_or_else(PoisonError::into_inner);
@@ -421,7 +396,7 @@ impl Names {
         }
     }
 
-    fn render<R: LockableRow>() -> Result<Names, Error> {
+    pub(crate) fn render<R: LockableRow>() -> Result<Names, Error> {
         let table = R::TABLE.render()?;
         if R::KEY_COLUMNS.len() != <R::Key as Key>::ARITY {
             return Err(Error::invalid(format!(
@@ -605,7 +580,7 @@ mod tests {
 
     #[test]
     fn composite_key_sql() {
-        let n = Names::of::<Pair>().unwrap();
+        let n = Names::render::<Pair>().unwrap();
         assert_eq!(n.where_keys(1), "WHERE (\"a\", \"b\") = ($1, $2)");
         assert_eq!(
             n.where_keys(2),
@@ -614,7 +589,7 @@ mod tests {
         assert_eq!(n.order_by(), "ORDER BY \"a\", \"b\"");
         // Composite keys are listed; keys of one column are one array parameter.
         assert_eq!(n.where_bound_keys(2), n.where_keys(2));
-        let one = Names::of::<Single>().unwrap();
+        let one = Names::render::<Single>().unwrap();
         assert_eq!(one.where_bound_keys(1), "WHERE \"id\" = $1");
         assert_eq!(one.where_bound_keys(2), "WHERE \"id\" = ANY($1)");
         assert_eq!(one.where_bound_keys(999), "WHERE \"id\" = ANY($1)");

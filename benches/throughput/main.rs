@@ -154,7 +154,7 @@ const WARM_UP: u64 = 5;
 /// One transaction by the hand-written client (if given) or through rowlock.
 async fn one(
     hand: &Option<Hand>,
-    pool: &rowlock::deadpool_postgres::Pool,
+    db: &rowlock::Db,
     prepared: &mut workloads::Prepared,
     sizes: &Sizes,
     workload: Workload,
@@ -162,7 +162,7 @@ async fn one(
 ) -> Result<i64, BoxError> {
     match hand {
         Some(h) => h.run(workload, rng, sizes).await,
-        None => Ok(workloads::with_rowlock(pool, workload, rng, sizes, prepared).await?),
+        None => Ok(workloads::with_rowlock(db, workload, rng, sizes, prepared).await?),
     }
 }
 
@@ -177,25 +177,22 @@ async fn run_in_process(
     sizes: &Arc<Sizes>,
 ) -> Result<(Measure, u64, u64), BoxError> {
     // ROWLOCK_BENCH_CHECK_PRIMARY=1: the pool checks its server is a primary at each checkout
-    // (`PoolOptions::check_primary`), to measure what that round trip costs.
-    let pool = if std::env::var_os("ROWLOCK_BENCH_CHECK_PRIMARY").is_some() {
-        db.pool_with(
-            &rowlock::PoolOptions::new()
-                .max_size(clients)
-                .check_primary(true),
-        )?
+    // (`Builder::check_primary`), to measure what that round trip costs. The hand-pooled
+    // clients use the same pool.
+    let handle = if std::env::var_os("ROWLOCK_BENCH_CHECK_PRIMARY").is_some() {
+        db.db_with(rowlock::Db::builder().max_size(clients).check_primary(true))?
     } else {
-        db.pool(clients)
+        db.db(clients)
     };
     let start = Arc::new(Barrier::new(clients + 1));
     let mut tasks = Vec::new();
     for c in 0..clients {
         let hand = match imp {
             Imp::Hand => Some(Hand::new(db.client().await?).await?),
-            Imp::HandPool => Some(Hand::Pooled(pool.clone())),
+            Imp::HandPool => Some(Hand::Pooled(handle.pool().clone())),
             _ => None,
         };
-        let (pool, start, sizes) = (pool.clone(), start.clone(), sizes.clone());
+        let (handle, start, sizes) = (handle.clone(), start.clone(), sizes.clone());
         tasks.push(tokio::spawn(async move {
             let mut prepared = workloads::Prepared::new();
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) << 17));
@@ -206,7 +203,7 @@ async fn run_in_process(
             };
             for _ in 0..WARM_UP {
                 run.rows +=
-                    one(&hand, &pool, &mut prepared, &sizes, workload, &mut rng).await? as u64;
+                    one(&hand, &handle, &mut prepared, &sizes, workload, &mut rng).await? as u64;
                 run.committed += 1;
             }
             start.wait().await;
@@ -224,7 +221,7 @@ async fn run_in_process(
                 }
                 let t = Instant::now();
                 timed.rows +=
-                    one(&hand, &pool, &mut prepared, &sizes, workload, &mut rng).await? as u64;
+                    one(&hand, &handle, &mut prepared, &sizes, workload, &mut rng).await? as u64;
                 timed
                     .latencies_us
                     .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);

@@ -12,8 +12,7 @@ use futures_util::future::{join, join3};
 use rowlock::deadpool_postgres::Object;
 use rowlock::tokio_postgres::{Client, Error as PgError, Row, Statement};
 use rowlock::{
-    Claim, Direction, LockMode, LockOptions, LockStrength, LockableRow, Outcome, Table, Transition,
-    claim_and_mark, transition, with_claimed_rows, with_locked_row,
+    Claim, Direction, Lock, LockMode, LockStrength, LockableRow, Outcome, Table, Transition,
 };
 
 pub const PROPOSALS_PER_PROJECT: i64 = 4;
@@ -591,7 +590,7 @@ impl Prepared {
 
 /// One transaction through rowlock's public API; returns the rows processed or 1.
 pub async fn with_rowlock(
-    pool: &rowlock::deadpool_postgres::Pool,
+    db: &rowlock::Db,
     workload: Workload,
     rng: &mut Rng,
     sizes: &Sizes,
@@ -601,31 +600,33 @@ pub async fn with_rowlock(
         Workload::Accept => {
             let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
             let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
-            let opts = LockOptions::new().strength(LockStrength::NoKeyUpdate);
-            let outcome = with_locked_row(pool, &project, &opts, |tx, p: Project| {
-                Box::pin(async move {
-                    if p.open {
-                        let assign = tx.prepare_cached(ASSIGN).await?;
-                        let accept = tx.prepare_cached(ACCEPT).await?;
-                        let reject = tx.prepare_cached(REJECT).await?;
-                        tx.execute_on_commit(&assign, vec![Box::new(p.id)]);
-                        tx.execute_on_commit(&accept, vec![Box::new(proposal)]);
-                        tx.execute_on_commit(&reject, vec![Box::new(p.id), Box::new(proposal)]);
-                    }
-                    Ok::<_, rowlock::Error>(())
+            let opts = Lock::new().strength(LockStrength::NoKeyUpdate);
+            let outcome = db
+                .with_locked_row(&project, &opts, |tx, p: Project| {
+                    Box::pin(async move {
+                        if p.open {
+                            let assign = tx.prepare_cached(ASSIGN).await?;
+                            let accept = tx.prepare_cached(ACCEPT).await?;
+                            let reject = tx.prepare_cached(REJECT).await?;
+                            tx.execute_on_commit(&assign, vec![Box::new(p.id)]);
+                            tx.execute_on_commit(&accept, vec![Box::new(proposal)]);
+                            tx.execute_on_commit(&reject, vec![Box::new(p.id), Box::new(proposal)]);
+                        }
+                        Ok::<_, rowlock::Error>(())
+                    })
                 })
-            })
-            .await?;
+                .await?;
             outcome.into_result().map(|()| 1)
         }
         Workload::AcceptCas => {
             let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
             let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
             // Done or Conflict (already assigned): both are a completed transaction.
-            let outcome =
-                transition::<Project>(pool, &project, &prepared.accept, &[&proposal]).await?;
+            let outcome = db
+                .transition::<Project>(&project, &prepared.accept, &[&proposal])
+                .await?;
             assert!(
-                !matches!(outcome, rowlock::Transitioned::NotFound),
+                !matches!(outcome, rowlock::Outcome::NotFound(_)),
                 "project {project} exists"
             );
             Ok(1)
@@ -636,14 +637,15 @@ pub async fn with_rowlock(
             } else {
                 rng.below(sizes.counters) as i32 + 1
             };
-            let outcome = with_locked_row(pool, &id, &LockOptions::new(), |tx, c: Counter| {
-                Box::pin(async move {
-                    let bump = tx.prepare_cached(BUMP).await?;
-                    tx.execute_on_commit(&bump, vec![Box::new(c.id)]);
-                    Ok::<_, rowlock::Error>(())
+            let outcome = db
+                .with_locked_row(&id, &Lock::new(), |tx, c: Counter| {
+                    Box::pin(async move {
+                        let bump = tx.prepare_cached(BUMP).await?;
+                        tx.execute_on_commit(&bump, vec![Box::new(c.id)]);
+                        Ok::<_, rowlock::Error>(())
+                    })
                 })
-            })
-            .await?;
+                .await?;
             if let Outcome::Done(()) = outcome {
                 Ok(1)
             } else {
@@ -652,46 +654,48 @@ pub async fn with_rowlock(
         }
         Workload::NowaitBusy => {
             let id = rng.below(HELD_COUNTERS) as i32 + 1;
-            let nowait = LockOptions::new().mode(LockMode::NoWait);
-            let outcome = with_locked_row(pool, &id, &nowait, |_, _: Counter| {
-                Box::pin(async { Ok::<_, rowlock::Error>(()) })
-            })
-            .await?;
+            let nowait = Lock::new().mode(LockMode::NoWait);
+            let outcome = db
+                .with_locked_row(&id, &nowait, |_, _: Counter| {
+                    Box::pin(async { Ok::<_, rowlock::Error>(()) })
+                })
+                .await?;
             match outcome {
                 Outcome::LockNotAvailable(_) => Ok(1),
                 other => other.into_result().map(|()| 0),
             }
         }
         Workload::ClaimOne | Workload::ClaimBatch => {
-            let jobs: Vec<Job> =
-                claim_and_mark(pool, &prepared.claim_mark, workload.batch() as usize).await?;
+            let jobs: Vec<Job> = db
+                .claim_and_mark(&prepared.claim_mark, workload.batch() as usize)
+                .await?;
             Ok(jobs.len() as i64)
         }
         Workload::ClaimSpread => {
             let start = rng.below(sizes.jobs) + 1;
             let claim = std::mem::take(&mut prepared.claim_mark_from).start_at(start);
             let jobs: Result<Vec<Job>, _> =
-                claim_and_mark(pool, &claim, workload.batch() as usize).await;
+                db.claim_and_mark(&claim, workload.batch() as usize).await;
             prepared.claim_mark_from = claim;
             Ok(jobs?.len() as i64)
         }
         Workload::ClaimLocked => {
-            let claimed = with_claimed_rows(
-                pool,
-                &prepared.claim,
-                workload.batch() as usize,
-                |tx, jobs: Vec<Job>| {
-                    Box::pin(async move {
-                        let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
-                        let n = ids.len() as i64;
-                        let mark = tx.prepare_cached(MARK_DONE).await?;
-                        tx.execute_on_commit(&mark, vec![Box::new(ids)]);
-                        Ok::<_, rowlock::Error>(n)
-                    })
-                },
-            )
-            .await?;
-            Ok(claimed.unwrap_or(0))
+            let claimed = db
+                .claim(
+                    &prepared.claim,
+                    workload.batch() as usize,
+                    |tx, jobs: Vec<Job>| {
+                        Box::pin(async move {
+                            let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+                            let n = ids.len() as i64;
+                            let mark = tx.prepare_cached(MARK_DONE).await?;
+                            tx.execute_on_commit(&mark, vec![Box::new(ids)]);
+                            Ok::<_, rowlock::Error>(n)
+                        })
+                    },
+                )
+                .await?;
+            Ok(claimed.done().unwrap_or(0))
         }
     }
 }

@@ -8,14 +8,13 @@
 use std::future::Future;
 
 use crate::scoped::ScopedBoxFuture;
-use deadpool_postgres::Pool;
 
-use crate::attempt::{LockStep, call_once, run_locked};
+use crate::attempt::{LockStep, run_locked};
+use crate::db::Db;
 use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
-use crate::lock::{LockMode, LockOptions};
+use crate::lock::{Lock, LockMode, LockStrength};
 use crate::outcome::Outcome;
-use crate::policy::RetryPolicy;
 use crate::transaction::Transaction;
 
 /// The key of an advisory lock: one 64-bit integer, or a pair of 32-bit integers (PostgreSQL
@@ -80,8 +79,11 @@ impl AdvisoryKey {
 }
 
 impl Transaction {
-    /// Takes the exclusive transaction-scoped advisory lock `key`, held until this transaction
-    /// ends.
+    /// Takes the transaction-scoped advisory lock `key`, held until this transaction ends:
+    /// shared for the sharing strengths ([`LockStrength::Share`], [`LockStrength::KeyShare`]:
+    /// `pg_advisory_xact_lock_shared`, which other shared holders do not block), exclusive
+    /// for the others (the default, [`LockStrength::Update`]). Of the options' transaction
+    /// settings only the lock timeout applies here, as the transaction's own.
     ///
     /// - [`LockMode::Wait`]: waits (`pg_advisory_xact_lock`), bounded by the transaction's
     ///   lock timeout if it has one: [`Outcome::LockTimeout`] then; the wait ran in a savepoint
@@ -96,9 +98,12 @@ impl Transaction {
     pub async fn advisory_lock(
         &self,
         key: AdvisoryKey,
-        mode: LockMode,
+        options: impl Into<Lock>,
     ) -> Result<Outcome<()>, Error> {
-        self.take_advisory_lock(key, mode, true).await
+        let options = options.into();
+        options.validate()?;
+        self.take_advisory_lock(key, options.mode, shared(options.strength), true)
+            .await
     }
 
     /// [`advisory_lock`](Self::advisory_lock); inside the caller's own transaction
@@ -108,16 +113,25 @@ impl Transaction {
         &self,
         key: AdvisoryKey,
         mode: LockMode,
+        shared: bool,
         in_callers_tx: bool,
     ) -> Result<Outcome<()>, Error> {
-        let (wait_sql, try_sql) = match key.0 {
-            Repr::Single(_) => (
+        let (wait_sql, try_sql) = match (key.0, shared) {
+            (Repr::Single(_), false) => (
                 "SELECT pg_advisory_xact_lock($1)",
                 "SELECT pg_try_advisory_xact_lock($1)",
             ),
-            Repr::Pair(..) => (
+            (Repr::Pair(..), false) => (
                 "SELECT pg_advisory_xact_lock($1, $2)",
                 "SELECT pg_try_advisory_xact_lock($1, $2)",
+            ),
+            (Repr::Single(_), true) => (
+                "SELECT pg_advisory_xact_lock_shared($1)",
+                "SELECT pg_try_advisory_xact_lock_shared($1)",
+            ),
+            (Repr::Pair(..), true) => (
+                "SELECT pg_advisory_xact_lock_shared($1, $2)",
+                "SELECT pg_try_advisory_xact_lock_shared($1, $2)",
             ),
         };
         let (single, a, b);
@@ -169,62 +183,70 @@ impl Transaction {
     }
 }
 
-/// Opens a pooled transaction, takes the advisory lock `key` (mode and lock timeout from
-/// `options`; the strength does not apply), runs `f` while it is held, and commits if `f`
-/// returns `Ok`. The lock is released when the transaction ends, whatever happens.
-///
-/// Returns [`Outcome::Done`] with `f`'s value, or [`Outcome::LockNotAvailable`] /
-/// [`Outcome::LockTimeout`] without running `f`. Invalid options, or
-/// [`LockMode::SkipLocked`], are refused with [`ErrorKind::InvalidArgument`] before a
-/// connection is taken.
-///
-/// ```no_run
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{AdvisoryKey, LockMode, LockOptions, Outcome, with_advisory_lock};
-///
-/// // Only one instance runs the nightly report; the others skip it.
-/// let once = LockOptions::new().mode(LockMode::NoWait);
-/// match with_advisory_lock(pool, AdvisoryKey::from_name("nightly-report"), &once, |tx| {
-///     Box::pin(async move {
-///         tx.execute("INSERT INTO reports (day) VALUES (current_date)", &[]).await?;
-///         Ok::<_, rowlock::Error>(())
-///     })
-/// })
-/// .await?
-/// {
-///     Outcome::Done(()) => println!("report written"),
-///     _ => println!("another instance is on it"),
-/// }
-/// # Ok(()) }
-/// ```
-pub async fn with_advisory_lock<'a, T, E, F>(
-    pool: &Pool,
-    key: AdvisoryKey,
-    options: &LockOptions,
-    f: F,
-) -> Result<Outcome<T>, E>
-where
-    E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    options.validate()?;
-    if options.mode == LockMode::SkipLocked {
-        return Err(skip_locked_refused().into());
+impl Db {
+    /// Opens a pooled transaction, takes the advisory lock `key` (mode, lock timeout and retry
+    /// from `options`; shared for the sharing strengths, exclusive otherwise, as
+    /// [`Transaction::advisory_lock`]), runs `f` while it is held, and commits if `f`
+    /// returns `Ok`. The lock is released when the transaction ends, whatever happens.
+    ///
+    /// Returns [`Outcome::Done`] with `f`'s value, or [`Outcome::LockNotAvailable`] /
+    /// [`Outcome::LockTimeout`] without running `f`. Invalid options, or
+    /// [`LockMode::SkipLocked`], are refused with [`ErrorKind::InvalidArgument`] before a
+    /// connection is taken.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{AdvisoryKey, Lock, Outcome};
+    ///
+    /// // Only one instance runs the nightly report; the others skip it.
+    /// let key = AdvisoryKey::from_name("nightly-report");
+    /// match db
+    ///     .with_advisory_lock(key, Lock::no_wait(), |tx| Box::pin(async move {
+    ///         tx.execute("INSERT INTO reports (day) VALUES (current_date)", &[]).await?;
+    ///         Ok::<_, rowlock::Error>(())
+    ///     }))
+    ///     .await?
+    /// {
+    ///     Outcome::Done(()) => println!("report written"),
+    ///     _ => println!("another instance is on it"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn with_advisory_lock<'a, T, E, F>(
+        &self,
+        key: AdvisoryKey,
+        options: impl Into<Lock>,
+        mut f: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        E: From<Error>,
+        F: for<'t> FnMut(&'t Transaction) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
+    {
+        let options = options.into();
+        options.validate()?;
+        if options.mode == LockMode::SkipLocked {
+            return Err(skip_locked_refused().into());
+        }
+        let step = AdvisoryLock {
+            key,
+            mode: options.mode,
+            shared: shared(options.strength),
+            pg_locks_key: options.find_blockers.then(|| key.pg_locks_key()),
+        };
+        run_locked(
+            Some(("with_advisory_lock", "")),
+            self,
+            &options.transaction,
+            &step,
+            |tx, ()| f(tx),
+        )
+        .await
     }
-    let step = AdvisoryLock {
-        key,
-        mode: options.mode,
-        pg_locks_key: options.find_blockers.then(|| key.pg_locks_key()),
-    };
-    run_locked(
-        Some(("with_advisory_lock", "")),
-        pool,
-        &options.transaction,
-        &RetryPolicy::once(),
-        &step,
-        call_once(|tx, ()| f(tx)),
-    )
-    .await
+}
+
+/// Whether `strength` asks for the shared advisory lock.
+fn shared(strength: LockStrength) -> bool {
+    matches!(strength, LockStrength::Share | LockStrength::KeyShare)
 }
 
 fn skip_locked_refused() -> Error {
@@ -234,10 +256,11 @@ fn skip_locked_refused() -> Error {
     )
 }
 
-/// The lock step of [`with_advisory_lock`].
+/// The lock step of [`Db::with_advisory_lock`].
 struct AdvisoryLock {
     key: AdvisoryKey,
     mode: LockMode,
+    shared: bool,
     /// `[classid, objid, objsubid]` of the lock in `pg_locks`, when asked to find blockers.
     pg_locks_key: Option<[i64; 3]>,
 }
@@ -248,7 +271,7 @@ impl LockStep for AdvisoryLock {
         &'t self,
         tx: &'t Transaction,
     ) -> impl Future<Output = Result<Outcome<()>, Error>> + Send + 't {
-        tx.take_advisory_lock(self.key, self.mode, false)
+        tx.take_advisory_lock(self.key, self.mode, self.shared, false)
     }
     fn blockers(&self) -> Option<BlockerQuery<'_>> {
         self.pg_locks_key.as_ref().map(BlockerQuery::advisory)

@@ -52,17 +52,17 @@ use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 
 use crate::scoped::ScopedBoxFuture;
-use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 
 use crate::api::claim_sql::{FilterValue, Predicate, SharedParam, filter_value, shared};
 use crate::api::lease::Lease;
-use crate::attempt::{LockStep, call_once, run_locked};
+use crate::attempt::{LockStep, run_locked};
+use crate::db::Db;
 use crate::error::{Error, ErrorKind, Refusal, Step, refusal};
 use crate::flush::{Flush, Side};
 use crate::lock::LockStrength;
 use crate::options::{StatementCache, TransactionOptions};
-use crate::policy::RetryPolicy;
+use crate::outcome::Outcome;
 use crate::row::{Columns, LockableRow, Names, decode_error, quote_ident};
 use crate::transaction::run_alone;
 use crate::transaction::{OwnedParam, Transaction};
@@ -370,8 +370,8 @@ impl Claim {
     /// #     fn key(&self) -> i64 { self.id }
     /// # }
     /// # fn random_between(lo: i64, hi: i64) -> i64 { lo }
-    /// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-    /// use rowlock::{Claim, Compare, Direction, claim_and_mark};
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Claim, Compare, Direction};
     ///
     /// let mut claim = Claim::new()
     ///     .filter("status", Compare::Eq, "pending")
@@ -381,7 +381,7 @@ impl Claim {
     /// loop {
     ///     // Somewhere in the backlog (here: the ids a producer has handed out so far).
     ///     claim = claim.start_at(random_between(1, 500_000));
-    ///     let jobs: Vec<Job> = claim_and_mark(pool, &claim, 100).await?;
+    ///     let jobs: Vec<Job> = db.claim_and_mark(&claim, 100).await?;
     ///     if jobs.is_empty() {
     ///         break;
     ///     }
@@ -405,6 +405,15 @@ impl Claim {
     pub fn transaction(mut self, transaction: TransactionOptions) -> Self {
         self.rendered.take();
         self.transaction = transaction;
+        self
+    }
+
+    /// Retries the claim under `policy` (a [`RetryPolicy`](crate::RetryPolicy), or a number of
+    /// attempts): the same as [`TransactionOptions::retry`] on
+    /// [`transaction`](Self::transaction).
+    #[must_use]
+    pub fn retry(mut self, policy: impl Into<crate::RetryPolicy>) -> Self {
+        self.transaction.retry = Some(policy.into());
         self
     }
 
@@ -506,7 +515,7 @@ impl Claim {
                 "a claim locks rows and cannot run in a read-only transaction",
             ));
         }
-        let names = Names::of::<R>()?;
+        let names = Names::render::<R>()?;
         if self.order.is_empty() {
             return Err(Error::invalid(format!(
                 "a claim needs an order ending in the key column(s) {:?}; add order_by(..)",
@@ -680,7 +689,7 @@ impl Transaction {
     /// [`Claim`]) and `n = 0` give [`ErrorKind::InvalidArgument`] before anything is sent.
     pub async fn claim<R: LockableRow>(&self, claim: &Claim, n: usize) -> Result<Vec<R>, Error> {
         let n = limit(n)?;
-        let names = Names::of::<R>()?;
+        let names = self.db().names::<R>()?;
         claim.render::<R>(&n, names.declared())?; // refused before anything is sent
         let columns = self.columns_for(&names).await?;
         let (sql, params) = claim.render::<R>(&n, &columns)?;
@@ -726,7 +735,7 @@ impl Transaction {
                     e
                 };
                 let e = refine_claim_error(e);
-                return Err(match Names::of::<R>() {
+                return Err(match self.db().names::<R>() {
                     Ok(names) => self.missing_column(&names, e, sql, columns),
                     Err(_) => e,
                 });
@@ -767,87 +776,222 @@ fn refine_claim_error(e: Error) -> Error {
     }
 }
 
-/// Opens a pooled transaction, claims up to `n` eligible unlocked rows of `R` (see [`Claim`]
-/// for the SQL), and runs `f` on them while their locks are held; commits if `f` returns `Ok`.
-///
-/// - `Ok(Some(v))`: rows were claimed, `f` returned `Ok(v)`, and the transaction committed.
-/// - `Ok(None)`: no eligible row was free; `f` did not run. Not an error: a worker sleeps or
-///   polls again.
-/// - `Err(e)` from `f`, a panic in `f`, or dropping the future: the transaction rolls back and
-///   the rows become claimable again.
-/// - `Err(E::from(rowlock::Error))`: an invalid claim or `n = 0`
-///   ([`ErrorKind::InvalidArgument`], before anything is locked), pool or connection
-///   failures, a failed commit (including [`ErrorKind::TransactionAborted`]).
-///
-/// Round trips: one for `BEGIN` and the claim, the closure's own, one for `COMMIT` with any
-/// writes queued by [`Transaction::execute_on_commit`].
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct Job { id: i64 }
-/// # impl LockableRow for Job {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("jobs");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{Claim, Compare, Direction, with_claimed_rows};
-///
-/// let claim = Claim::new()
-///     .filter("status", Compare::Eq, "pending")
-///     .order_by("id", Direction::Asc);
-/// while let Some(done) = with_claimed_rows(pool, &claim, 50, |tx, jobs: Vec<Job>| Box::pin(async move {
-///     let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
-///     // … do the work …
-///     tx.execute("UPDATE jobs SET status = 'done' WHERE id = ANY($1)", &[&ids]).await?;
-///     Ok::<_, rowlock::Error>(ids.len())
-/// }))
-/// .await?
-/// {
-///     println!("processed {done} jobs");
-/// }
-/// # Ok(()) }
-/// ```
-pub async fn with_claimed_rows<'a, R, T, E, F>(
-    pool: &Pool,
-    claim: &Claim,
-    n: usize,
-    f: F,
-) -> Result<Option<T>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    // Everything that can be refused without the server is refused before a connection is
-    // taken.
-    let n = limit(n)?;
-    let names = Names::of::<R>()?;
-    let (sql, params) = claim.render::<R>(&n, names.declared())?;
-    let mut options = claim.transaction.clone();
-    options.force_custom_plans = claim.needs_custom_plans();
-    let step = ClaimStep::<R> {
-        sql,
-        params,
-        custom_plans: options.force_custom_plans,
-        columns: names.declared().clone(),
-        claim,
-        row: PhantomData,
-    };
-    run_locked(
-        Some(("with_claimed_rows", R::TABLE.name())),
-        pool,
-        &options,
-        &RetryPolicy::once(),
-        &step,
-        call_once(f),
-    )
-    .await
+impl Db {
+    /// Opens a pooled transaction, claims up to `n` eligible unlocked rows of `R` (see [`Claim`]
+    /// for the SQL), and runs `f` on them while their locks are held; commits if `f` returns `Ok`.
+    ///
+    /// - `Ok(Outcome::Done(v))`: rows were claimed, `f` returned `Ok(v)`, and the transaction
+    ///   committed.
+    /// - `Ok(Outcome::NotFound(rows))`, `rows` empty: no eligible row was free; `f` did not run.
+    ///   Not an error: a worker sleeps or polls again.
+    /// - With a retry policy (the claim's [`Claim::transaction`] options, or the handle's),
+    ///   serialization failures and deadlocks claim again in a new transaction and run `f`
+    ///   again (so `f` is `FnMut`).
+    /// - `Err(e)` from `f`, a panic in `f`, or dropping the future: the transaction rolls back and
+    ///   the rows become claimable again.
+    /// - `Err(E::from(rowlock::Error))`: an invalid claim or `n = 0`
+    ///   ([`ErrorKind::InvalidArgument`], before anything is locked), pool or connection
+    ///   failures, a failed commit (including [`ErrorKind::TransactionAborted`]).
+    ///
+    /// Round trips: one for `BEGIN` and the claim, the closure's own, one for `COMMIT` with any
+    /// writes queued by [`Transaction::execute_on_commit`].
+    ///
+    /// ```no_run
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct Job { id: i64 }
+    /// # impl LockableRow for Job {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("jobs");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Claim, Compare, Direction, Outcome};
+    ///
+    /// let claim = Claim::new()
+    ///     .filter("status", Compare::Eq, "pending")
+    ///     .order_by("id", Direction::Asc);
+    /// while let Outcome::Done(done) = db
+    ///     .claim(&claim, 50, |tx, jobs: Vec<Job>| Box::pin(async move {
+    ///         let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+    ///         // … do the work …
+    ///         tx.execute("UPDATE jobs SET status = 'done' WHERE id = ANY($1)", &[&ids]).await?;
+    ///         Ok::<_, rowlock::Error>(ids.len())
+    ///     }))
+    ///     .await?
+    /// {
+    ///     println!("processed {done} jobs");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn claim<'a, R, T, E, F>(
+        &self,
+        claim: &Claim,
+        n: usize,
+        f: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        R: LockableRow,
+        E: From<Error>,
+        F: for<'t> FnMut(&'t Transaction, Vec<R>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
+    {
+        // Everything that can be refused without the server is refused before a connection is
+        // taken.
+        let n = limit(n)?;
+        let names = self.names::<R>()?;
+        let (sql, params) = claim.render::<R>(&n, names.declared())?;
+        let mut options = claim.transaction.clone();
+        options.force_custom_plans = claim.needs_custom_plans();
+        let step = ClaimStep::<R> {
+            sql,
+            params,
+            custom_plans: options.force_custom_plans,
+            columns: names.declared().clone(),
+            claim,
+            row: PhantomData,
+        };
+        run_locked(Some(("claim", R::TABLE.name())), self, &options, &step, f).await
+    }
+
+    /// [`claim`](Self::claim) for one row at a time: the plain worker loop.
+    ///
+    /// ```no_run
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct Job { id: i64 }
+    /// # impl LockableRow for Job {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("jobs");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Claim, Compare, Direction};
+    ///
+    /// let claim = Claim::new().filter("status", Compare::Eq, "pending").order_by("id", Direction::Asc);
+    /// let processed = db
+    ///     .claim_one(&claim, |tx, job: Job| Box::pin(async move {
+    ///         tx.execute("UPDATE jobs SET status = 'done' WHERE id = $1", &[&job.id]).await?;
+    ///         Ok::<_, rowlock::Error>(job.id)
+    ///     }))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn claim_one<'a, R, T, E, F>(&self, claim: &Claim, mut f: F) -> Result<Outcome<T>, E>
+    where
+        R: LockableRow,
+        E: From<Error>,
+        F: for<'t> FnMut(&'t Transaction, R) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
+    {
+        self.claim(claim, 1, move |tx, mut rows: Vec<R>| {
+            let row = rows.pop().expect("a non-empty claim of one row");
+            f(tx, row)
+        })
+        .await
+    }
+
+    /// Claims up to `n` eligible unlocked rows of `R` and marks them with the claim's
+    /// [`mark`](Claim::mark), in one statement committed on its own; returns the marked rows in
+    /// the claim's order (empty when nothing eligible was free). For workers whose processing
+    /// does not need the rows held: the mark takes them out of the claimable set (e.g.
+    /// `status = 'running'`), and the worker records the result later.
+    ///
+    /// - **Round trips:** one. The statement is planned for the call's values each time (as
+    ///   [`claim`](Self::claim) does), so partial indexes on the filter are used. A claim with
+    ///   transaction options other than the default, or a pool behind a pooler
+    ///   ([`StatementCache::Transaction`](crate::StatementCache::Transaction)), runs in a
+    ///   transaction of its own instead (`BEGIN` with the statement, then `COMMIT`).
+    /// - **Invalid arguments:** a claim without a mark, an invalid claim (see [`Claim`]), or
+    ///   `n = 0`: [`ErrorKind::InvalidArgument`] before a connection is taken.
+    /// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`]; after it,
+    ///   [`ErrorKind::CommitOutcomeUnknown`]: the rows may have been marked.
+    /// - **Dropping the future** after the statement was sent does not stop it.
+    ///
+    /// ```no_run
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct Job { id: i64 }
+    /// # impl LockableRow for Job {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("jobs");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Claim, Compare, Direction};
+    ///
+    /// let claim = Claim::new()
+    ///     .filter("status", Compare::Eq, "pending")
+    ///     .order_by("id", Direction::Asc)
+    ///     .mark("status = 'running', worker = $1", vec![Box::new("worker-7")]);
+    /// let jobs: Vec<Job> = db.claim_and_mark(&claim, 10).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn claim_and_mark<R: LockableRow>(
+        &self,
+        claim: &Claim,
+        n: usize,
+    ) -> Result<Vec<R>, Error> {
+        if claim.mark.is_none() && claim.lease.is_none() {
+            return Err(Error::invalid(
+                "claim_and_mark needs a claim with a mark (Claim::mark); use Db::claim to \
+                 claim without one",
+            ));
+        }
+        let n = limit(n)?;
+        let names = self.names::<R>()?;
+        let (sql, params) = claim.render::<R>(&n, names.declared())?;
+        let options = self.options(&claim.transaction);
+        let alone = options.is_plain()
+            && options.retry.is_none()
+            && options.statement_cache == Some(StatementCache::Connection);
+        if !alone {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            return self
+                .claim(claim, n, |_, rows: Vec<R>| {
+                    Box::pin(async move { Ok::<_, Error>(rows) })
+                })
+                .await
+                .map(|o| o.done().unwrap_or_default());
+        }
+        let rows = run_alone(self, &sql, &params, Step::Lock, claim.needs_custom_plans())
+            .await
+            .map_err(|e| {
+                let e = refine_claim_error(e).misfit_named(|i| claim.param_name(i));
+                names.missing_column(e, &sql, names.declared())
+            })?;
+        decode_claimed(&rows)
+    }
+
+    /// The server's plan for claiming `n` rows of `R` with `claim` (`EXPLAIN`, as the claim runs:
+    /// custom plans forced), one line per element, in a transaction that is rolled back. Use it
+    /// to check that your index makes the claim an index scan under the lock.
+    pub async fn explain_claim<R: LockableRow>(
+        &self,
+        claim: &Claim,
+        n: usize,
+    ) -> Result<Vec<String>, Error> {
+        let n = limit(n)?;
+        let names = self.names::<R>()?;
+        let (sql, params) = claim.render::<R>(&n, names.declared())?;
+        let mut options = self.options(&claim.transaction);
+        options.validate()?;
+        options.force_custom_plans = true;
+        let tx = Transaction::begin_unchecked(self, &options).await?;
+        let rows = tx.query(&format!("EXPLAIN {sql}"), &params).await;
+        tx.rollback_quietly().await;
+        rows?
+            .iter()
+            .map(|r| {
+                r.try_get::<_, String>(0)
+                    .map_err(|e| Error::decode(e).at(Step::Statement))
+            })
+            .collect()
+    }
 }
 
-/// The lock step of [`with_claimed_rows`]: the rendered claim.
+/// The lock step of [`Db::claim`]: the rendered claim.
 struct ClaimStep<'a, R> {
     sql: Arc<str>,
     params: Vec<&'a (dyn ToSql + Sync)>,
@@ -869,139 +1013,4 @@ impl<R: LockableRow> LockStep for ClaimStep<'_, R> {
             .await
             .map_err(|e| e.misfit_named(|i| self.claim.param_name(i)))
     }
-}
-
-/// [`with_claimed_rows`] for one row at a time: the plain worker loop.
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct Job { id: i64 }
-/// # impl LockableRow for Job {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("jobs");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{Claim, Compare, Direction, with_next_locked_row};
-///
-/// let claim = Claim::new().filter("status", Compare::Eq, "pending").order_by("id", Direction::Asc);
-/// let processed = with_next_locked_row(pool, &claim, |tx, job: Job| Box::pin(async move {
-///     tx.execute("UPDATE jobs SET status = 'done' WHERE id = $1", &[&job.id]).await?;
-///     Ok::<_, rowlock::Error>(job.id)
-/// }))
-/// .await?;
-/// # Ok(()) }
-/// ```
-pub async fn with_next_locked_row<'a, R, T, E, F>(
-    pool: &Pool,
-    claim: &Claim,
-    f: F,
-) -> Result<Option<T>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, R) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    with_claimed_rows(pool, claim, 1, move |tx, mut rows: Vec<R>| {
-        let row = rows.pop().expect("a non-empty claim of one row");
-        f(tx, row)
-    })
-    .await
-}
-
-/// Claims up to `n` eligible unlocked rows of `R` and marks them with the claim's
-/// [`mark`](Claim::mark), in one statement committed on its own; returns the marked rows in
-/// the claim's order (empty when nothing eligible was free). For workers whose processing
-/// does not need the rows held: the mark takes them out of the claimable set (e.g.
-/// `status = 'running'`), and the worker records the result later.
-///
-/// - **Round trips:** one. The statement is planned for the call's values each time (as
-///   [`with_claimed_rows`] does), so partial indexes on the filter are used. A claim with
-///   transaction options other than the default, or a pool behind a pooler
-///   ([`StatementCache::Transaction`](crate::StatementCache::Transaction)), runs in a
-///   transaction of its own instead (`BEGIN` with the statement, then `COMMIT`).
-/// - **Invalid arguments:** a claim without a mark, an invalid claim (see [`Claim`]), or
-///   `n = 0`: [`ErrorKind::InvalidArgument`] before a connection is taken.
-/// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`]; after it,
-///   [`ErrorKind::CommitOutcomeUnknown`]: the rows may have been marked.
-/// - **Dropping the future** after the statement was sent does not stop it.
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct Job { id: i64 }
-/// # impl LockableRow for Job {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("jobs");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Job { id: row.try_get("id")? }) }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{Claim, Compare, Direction, claim_and_mark};
-///
-/// let claim = Claim::new()
-///     .filter("status", Compare::Eq, "pending")
-///     .order_by("id", Direction::Asc)
-///     .mark("status = 'running', worker = $1", vec![Box::new("worker-7")]);
-/// let jobs: Vec<Job> = claim_and_mark(pool, &claim, 10).await?;
-/// # Ok(()) }
-/// ```
-pub async fn claim_and_mark<R: LockableRow>(
-    pool: &Pool,
-    claim: &Claim,
-    n: usize,
-) -> Result<Vec<R>, Error> {
-    if claim.mark.is_none() && claim.lease.is_none() {
-        return Err(Error::invalid(
-            "claim_and_mark needs a claim with a mark (Claim::mark); use with_claimed_rows \
-             to claim without one",
-        ));
-    }
-    let n = limit(n)?;
-    let names = Names::of::<R>()?;
-    let (sql, params) = claim.render::<R>(&n, names.declared())?;
-    let alone = claim.transaction == TransactionOptions::new()
-        && StatementCache::for_pool(pool) == StatementCache::Connection;
-    if !alone {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        return with_claimed_rows(pool, claim, n, |_, rows: Vec<R>| {
-            Box::pin(async move { Ok::<_, Error>(rows) })
-        })
-        .await
-        .map(Option::unwrap_or_default);
-    }
-    let rows = run_alone(pool, &sql, &params, Step::Lock, claim.needs_custom_plans())
-        .await
-        .map_err(|e| {
-            let e = refine_claim_error(e).misfit_named(|i| claim.param_name(i));
-            names.missing_column(e, &sql, names.declared())
-        })?;
-    decode_claimed(&rows)
-}
-
-/// The server's plan for claiming `n` rows of `R` with `claim` (`EXPLAIN`, as the claim runs:
-/// custom plans forced), one line per element, in a transaction that is rolled back. Use it
-/// to check that your index makes the claim an index scan under the lock.
-pub async fn explain_claim<R: LockableRow>(
-    pool: &Pool,
-    claim: &Claim,
-    n: usize,
-) -> Result<Vec<String>, Error> {
-    let n = limit(n)?;
-    let names = Names::of::<R>()?;
-    let (sql, params) = claim.render::<R>(&n, names.declared())?;
-    let mut options = claim.transaction.clone();
-    options.force_custom_plans = true;
-    let tx = Transaction::begin_unchecked(pool, &options).await?;
-    let rows = tx.query(&format!("EXPLAIN {sql}"), &params).await;
-    tx.rollback_quietly().await;
-    rows?
-        .iter()
-        .map(|r| {
-            r.try_get::<_, String>(0)
-                .map_err(|e| Error::decode(e).at(Step::Statement))
-        })
-        .collect()
 }

@@ -32,7 +32,7 @@ mod private {
 /// be spawned. Errors are rowlock's [`Error`]. This trait is sealed.
 ///
 /// ```no_run
-/// use rowlock::{Executor, LockOptions, LockableRow, Outcome, with_locked_row};
+/// use rowlock::{Executor, Lock, LockableRow, Outcome};
 /// # use rowlock::{Table, tokio_postgres::{Row, Error as PgError}};
 /// # struct Account { id: i64 }
 /// # impl LockableRow for Account {
@@ -47,14 +47,15 @@ mod private {
 ///     db.execute("INSERT INTO audit (account_id, note) VALUES ($1, $2)", &[&account, &note]).await
 /// }
 ///
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
+/// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
 /// // Outside a transaction, on a pooled connection:
-/// add_note(&pool.get().await.unwrap(), 1, "opened").await?;
+/// add_note(&db.pool().get().await.unwrap(), 1, "opened").await?;
 /// // Inside a locked call, in its transaction:
-/// let outcome = with_locked_row(pool, &1, &LockOptions::new(), |tx, acc: Account| Box::pin(async move {
-///     add_note(tx, acc.id, "locked").await
-/// }))
-/// .await?;
+/// let outcome = db
+///     .with_locked_row(&1, Lock::new(), |tx, acc: Account| Box::pin(async move {
+///         add_note(tx, acc.id, "locked").await
+///     }))
+///     .await?;
 /// # Ok(()) }
 /// ```
 pub trait Executor: private::Sealed + Send + Sync {

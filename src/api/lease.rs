@@ -8,14 +8,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::api::claim_sql::SharedParam;
-use crate::api::transition::{Transition, Transitioned, transition};
+use crate::api::transition::Transition;
+use crate::db::Db;
 use crate::error::Error;
 use crate::options::validate_timeout;
+use crate::outcome::Outcome;
 use crate::row::{LockableRow, Table, quote_ident};
 
 /// The column a leased claim returns the lease's attempt number in.
@@ -33,7 +34,7 @@ pub(crate) const ATTEMPT_ALIAS: &str = "rowlock_lease_attempt";
 /// next claimer after the lease expires; a worker that is merely slow can find, when it
 /// completes, that its lease expired and the row was claimed again (its attempt number no
 /// longer matches): [`Leased::complete`] then changes nothing and answers
-/// [`Transitioned::Conflict`]. Work done outside the database may therefore run more than
+/// [`Outcome::Conflict`]. Work done outside the database may therefore run more than
 /// once: make it idempotent, or extend the lease ([`Leased::extend`]) well before it expires.
 /// The attempt number also tells how often a row was tried: filter on it to give up on rows
 /// that keep failing.
@@ -133,7 +134,7 @@ impl Lease {
 /// [`extend`](Self::extend), [`release`](Self::release) and [`complete`](Self::complete) check,
 /// so a worker whose lease expired and was taken over changes nothing.
 ///
-/// Claim it with [`claim_and_mark`](crate::claim_and_mark)`::<Leased<R>>` and a claim that has
+/// Claim it with [`Db::claim_and_mark`](crate::Db::claim_and_mark)`::<Leased<R>>` and a claim that has
 /// a [`Lease`]; a claim without one is refused with
 /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) before anything is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,32 +165,28 @@ impl<R: LockableRow> LockableRow for Leased<R> {
 
 impl<R: LockableRow> Leased<R> {
     /// Extends the lease to `now() + duration` of `lease`, if it is still this attempt's.
-    /// [`Transitioned::Done`] with the row; [`Transitioned::Conflict`] with the row as it is
+    /// [`Outcome::Done`] with the row; [`Outcome::Conflict`] with the row as it is
     /// when the lease expired (whether or not another claimer took it); `NotFound` when the
     /// row is gone. One statement, committed on its own.
-    pub async fn extend(&self, pool: &Pool, lease: &Lease) -> Result<Transitioned<R>, Error> {
+    pub async fn extend(&self, db: &Db, lease: &Lease) -> Result<Outcome<R>, Error> {
         lease.validate()?;
         let renew = Transition::new(format!(
             "{} = now() + make_interval(secs => $2)",
             quote_ident(&lease.until)?
         ))
         .when(lease.held(1)?);
-        transition::<R>(
-            pool,
-            &self.row.key(),
-            &renew,
-            &[&self.attempt, &*lease.seconds],
-        )
-        .await
+        db.transition::<R>(&self.row.key(), &renew, &[&self.attempt, &*lease.seconds])
+            .await
     }
 
     /// Gives the row back at once (its lease ends now; the attempt stays counted), if the
     /// lease is still this attempt's: for a worker that cannot finish and wants another to
     /// try. Outcomes as for [`extend`](Self::extend).
-    pub async fn release(&self, pool: &Pool, lease: &Lease) -> Result<Transitioned<R>, Error> {
+    pub async fn release(&self, db: &Db, lease: &Lease) -> Result<Outcome<R>, Error> {
         let release =
             Transition::new(format!("{} = NULL", quote_ident(&lease.until)?)).when(lease.held(1)?);
-        transition::<R>(pool, &self.row.key(), &release, &[&self.attempt]).await
+        db.transition::<R>(&self.row.key(), &release, &[&self.attempt])
+            .await
     }
 
     /// Completes the work: applies `set` (an SQL `SET` list whose `$1`, `$2`, … are `params`,
@@ -199,15 +196,15 @@ impl<R: LockableRow> Leased<R> {
     /// is changed: another claimer may be doing the work again.
     pub async fn complete(
         &self,
-        pool: &Pool,
+        db: &Db,
         lease: &Lease,
         set: &str,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Transitioned<R>, Error> {
+    ) -> Result<Outcome<R>, Error> {
         let done = Transition::new(format!("{set}, {} = NULL", quote_ident(&lease.until)?))
             .when(lease.held(params.len() + 1)?);
         let mut all = params.to_vec();
         all.push(&self.attempt);
-        transition::<R>(pool, &self.row.key(), &done, &all).await
+        db.transition::<R>(&self.row.key(), &done, &all).await
     }
 }

@@ -1,6 +1,6 @@
 //! Row locking: lock one row or several rows by key, run the caller's code, commit.
 //!
-//! Round trips of [`with_locked_row`]: one for `BEGIN` + `SET LOCAL` + the locking `SELECT`
+//! Round trips of [`Db::with_locked_row`]: one for `BEGIN` + `SET LOCAL` + the locking `SELECT`
 //! (sent in one flush), plus one the first time a connection prepares the statement, plus the
 //! closure's own, plus one for `COMMIT` (carrying any writes queued with
 //! [`Transaction::execute_on_commit`]). `SkipLocked` adds one when no row came back, to tell
@@ -12,17 +12,16 @@ use std::sync::Arc;
 use std::future::Future;
 
 use crate::scoped::ScopedBoxFuture;
-use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::attempt::{LockStep, call_once, run_locked};
+use crate::attempt::{LockStep, run_locked};
+use crate::db::Db;
 use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
-use crate::lock::{LockMode, LockOptions};
+use crate::lock::{Lock, LockMode};
 use crate::options::millis_ceil;
-use crate::outcome::{Outcome, RowsOutcome};
-use crate::policy::RetryPolicy;
+use crate::outcome::{Outcome, RowRef};
 use crate::row::{Columns, Key, LockableRow, Names, decode_error};
 use crate::transaction::Transaction;
 
@@ -81,11 +80,11 @@ impl Transaction {
     /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Account { id: row.try_get("id")? }) }
     /// #     fn key(&self) -> i64 { self.id }
     /// # }
-    /// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-    /// use rowlock::{LockOptions, Outcome, Transaction, TransactionOptions};
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Lock, Outcome, TransactionOptions};
     ///
-    /// let tx = Transaction::begin(pool, &TransactionOptions::new()).await?;
-    /// if let Outcome::Done(account) = tx.lock_row::<Account>(&1, &LockOptions::new()).await? {
+    /// let tx = db.begin(TransactionOptions::new()).await?;
+    /// if let Outcome::Done(account) = tx.lock_row::<Account>(&1, Lock::no_wait()).await? {
     ///     tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = $1", &[&account.id])
     ///         .await?;
     /// }
@@ -95,30 +94,32 @@ impl Transaction {
     pub async fn lock_row<R: LockableRow>(
         &self,
         key: &R::Key,
-        options: &LockOptions,
+        options: impl Into<Lock>,
     ) -> Result<Outcome<R>, Error> {
+        let options = options.into();
         options.validate()?;
-        let names = Names::of::<R>()?;
-        self.lock_one(&names, key, options, true).await
+        let names = self.db().names::<R>()?;
+        self.lock_one(&names, key, &options, true).await
     }
 
     /// Locks the rows of `R` with these keys inside this transaction, in ascending key order,
     /// and returns them in ascending key order (by `Key`'s `Ord`).
     ///
     /// Duplicate keys are locked once. All rows or none: if a key has no row,
-    /// [`RowsOutcome::NotFound`] lists the missing keys; with `SkipLocked`,
-    /// [`RowsOutcome::Skipped`] lists the keys whose rows were locked elsewhere (any rows that
-    /// were locked stay locked until this transaction ends). An empty key list, or more keys
+    /// [`Outcome::NotFound`] lists the missing rows; with `SkipLocked`,
+    /// [`Outcome::Skipped`] lists the rows locked elsewhere (any rows that were locked stay
+    /// locked until this transaction ends). An empty key list, or more keys
     /// than PostgreSQL can bind, gives [`ErrorKind::InvalidArgument`] before anything is sent.
     pub async fn lock_rows<R: LockableRow>(
         &self,
         keys: &[R::Key],
-        options: &LockOptions,
-    ) -> Result<RowsOutcome<Vec<R>, R::Key>, Error> {
+        options: impl Into<Lock>,
+    ) -> Result<Outcome<Vec<R>>, Error> {
+        let options = options.into();
         options.validate()?;
-        let names = Names::of::<R>()?;
+        let names = self.db().names::<R>()?;
         let keys = sorted_keys::<R>(keys)?;
-        self.lock_many(&names, &keys, options, true).await
+        self.lock_many(&names, &keys, &options, true).await
     }
 
     /// The columns rowlock's statements read for a row type in this transaction: the row
@@ -167,7 +168,7 @@ impl Transaction {
         &self,
         names: &Names,
         key: &R::Key,
-        options: &LockOptions,
+        options: &Lock,
         in_callers_tx: bool,
     ) -> Result<Outcome<R>, Error> {
         let columns = self.columns_for(names).await?;
@@ -182,6 +183,7 @@ impl Transaction {
                     .misfit_named(|i| names.key_param(i, false))
             })?
             .rows_or(Outcome::LockNotAvailable, Outcome::LockTimeout)
+            .map_err(|o| about(o, || vec![RowRef::of::<R>(key)]))
         {
             Ok(rows) => rows,
             Err(contended) => return Ok(contended),
@@ -196,12 +198,12 @@ impl Transaction {
                     .await?
                     .is_empty()
                 {
-                    Ok(Outcome::NotFound)
+                    Ok(Outcome::NotFound(vec![RowRef::of::<R>(key)]))
                 } else {
-                    Ok(Outcome::Skipped)
+                    Ok(Outcome::Skipped(vec![RowRef::of::<R>(key)]))
                 }
             }
-            0 => Ok(Outcome::NotFound),
+            0 => Ok(Outcome::NotFound(vec![RowRef::of::<R>(key)])),
             n => Err(not_unique(names, n, 1)),
         }
     }
@@ -210,23 +212,22 @@ impl Transaction {
         &self,
         names: &Names,
         keys: &[R::Key],
-        options: &LockOptions,
+        options: &Lock,
         in_callers_tx: bool,
-    ) -> Result<RowsOutcome<Vec<R>, R::Key>, Error> {
+    ) -> Result<Outcome<Vec<R>>, Error> {
         let columns = self.columns_for(names).await?;
         // ORDER BY makes PostgreSQL lock in key order, so overlapping callers cannot deadlock.
         let sql = names.lock_sql(options, keys.len(), &columns);
         let array = (keys.len() > 1).then(|| R::Key::array(keys)).flatten();
         let params = bind_keys(keys, array.as_deref());
         let reply = self.lock_query(&sql, &params, options, in_callers_tx);
-        let busy = RowsOutcome::LockNotAvailable;
         let reply = reply.await.map_err(|e| {
             self.missing_column(names, e, &sql, &columns)
                 .misfit_named(|i| names.key_param(i, array.is_some()))
         })?;
-        let rows = match reply.rows_or(busy, RowsOutcome::LockTimeout) {
+        let rows = match reply.rows_or(Outcome::LockNotAvailable, Outcome::LockTimeout) {
             Ok(rows) => rows,
-            Err(contended) => return Ok(contended),
+            Err(contended) => return Ok(about(contended, || refs::<R>(keys))),
         };
         if rows.len() > keys.len() {
             return Err(not_unique(names, rows.len(), keys.len()));
@@ -243,10 +244,10 @@ impl Transaction {
         }
         let missing: Vec<R::Key> = keys.iter().filter(|k| !got.contains(k)).cloned().collect();
         if missing.is_empty() {
-            return Ok(RowsOutcome::Done(locked));
+            return Ok(Outcome::Done(locked));
         }
         if options.mode != LockMode::SkipLocked {
-            return Ok(RowsOutcome::NotFound(missing));
+            return Ok(Outcome::NotFound(refs::<R>(&missing)));
         }
         let exists = {
             let array = (missing.len() > 1)
@@ -259,9 +260,9 @@ impl Transaction {
         let (skipped, not_found): (Vec<_>, Vec<_>) =
             missing.into_iter().partition(|k| exists.contains(k));
         if not_found.is_empty() {
-            Ok(RowsOutcome::Skipped(skipped))
+            Ok(Outcome::Skipped(refs::<R>(&skipped)))
         } else {
-            Ok(RowsOutcome::NotFound(not_found))
+            Ok(Outcome::NotFound(refs::<R>(&not_found)))
         }
     }
 
@@ -276,7 +277,7 @@ impl Transaction {
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
-        options: &LockOptions,
+        options: &Lock,
         in_callers_tx: bool,
     ) -> Result<LockReply, Error> {
         let mut savepoint = None;
@@ -364,6 +365,20 @@ fn bind_keys<'a, K: Key>(
     }
 }
 
+/// The rows of `R` with these keys, for an outcome or an error to name.
+pub(crate) fn refs<R: LockableRow>(keys: &[R::Key]) -> Vec<RowRef> {
+    keys.iter().map(RowRef::of::<R>).collect()
+}
+
+/// A contended outcome naming the rows its statement asked for (built only on that path).
+fn about<T>(outcome: Outcome<T>, rows: impl FnOnce() -> Vec<RowRef>) -> Outcome<T> {
+    match outcome {
+        Outcome::LockNotAvailable(e) => Outcome::LockNotAvailable(e.about_rows(rows())),
+        Outcome::LockTimeout(e) => Outcome::LockTimeout(e.about_rows(rows())),
+        other => other,
+    }
+}
+
 fn not_unique(names: &Names, rows: usize, keys: usize) -> Error {
     Error::with_kind(
         ErrorKind::KeyNotUnique,
@@ -394,218 +409,140 @@ pub(crate) fn sorted_keys<R: LockableRow>(keys: &[R::Key]) -> Result<Vec<R::Key>
     Ok(set.into_iter().collect())
 }
 
-/// Opens a pooled transaction, locks the row of `R` with this key, runs `f` with the
-/// transaction and the row, and commits if `f` returns `Ok`.
-///
-/// What the caller gets back:
-/// - `Ok(Outcome::Done(v))`: the row was locked, `f` returned `Ok(v)`, and the transaction
-///   committed.
-/// - `Ok(Outcome::NotFound | Skipped | LockNotAvailable(_) | LockTimeout(_))`: see the table
-///   on [`Outcome`]; `f` did not run and nothing was committed.
-/// - `Err(e)` from `f`: the transaction was rolled back and `e` is returned as is.
-/// - `Err(E::from(rowlock::Error))`: invalid options or names (refused before a connection is
-///   taken; [`ErrorKind::InvalidArgument`]), pool failures, a lost connection, a key that
-///   matches several rows ([`ErrorKind::KeyNotUnique`]), or a failed commit, including
-///   [`ErrorKind::TransactionAborted`] when a statement in `f` failed but `f` returned `Ok`.
-///
-/// If `f` panics or this future is dropped at any await point, the transaction is rolled
-/// back and its connection cleaned before reuse (see [`Transaction`]).
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct Account { id: i64, balance: i64 }
-/// # impl LockableRow for Account {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("accounts");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
-/// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
-/// #     }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{LockMode, LockOptions, Outcome, with_locked_row};
-///
-/// let opts = LockOptions::new().mode(LockMode::NoWait);
-/// let outcome = with_locked_row(pool, &1, &opts, |tx, account: Account| Box::pin(async move {
-///     tx.execute("UPDATE accounts SET balance = $2 WHERE id = $1",
-///                &[&account.id, &(account.balance - 10)]).await?;
-///     Ok::<_, rowlock::Error>(account.balance - 10)
-/// }))
-/// .await?;
-/// match outcome {
-///     Outcome::Done(balance) => println!("new balance {balance}"),
-///     Outcome::LockNotAvailable(_) => println!("busy, try again"),
-///     other => println!("{other:?}"),
-/// }
-/// # Ok(()) }
-/// ```
-pub async fn with_locked_row<'a, R, T, E, F>(
-    pool: &Pool,
-    key: &R::Key,
-    options: &LockOptions,
-    f: F,
-) -> Result<Outcome<T>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, R) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    with_locked_row_retry(pool, key, options, &RetryPolicy::once(), call_once(f)).await
-}
+impl Db {
+    /// Opens a pooled transaction, locks the row of `R` with this key, runs `f` with the
+    /// transaction and the row, and commits if `f` returns `Ok`.
+    ///
+    /// What the caller gets back:
+    /// - `Ok(Outcome::Done(v))`: the row was locked, `f` returned `Ok(v)`, and the transaction
+    ///   committed.
+    /// - `Ok(Outcome::NotFound | Skipped | LockNotAvailable | LockTimeout)`: see the table on
+    ///   [`Outcome`]; `f` did not run and nothing was committed.
+    /// - `Err(e)` from `f`: the transaction was rolled back and `e` is returned as is.
+    /// - `Err(E::from(rowlock::Error))`: invalid options or names (refused before a connection
+    ///   is taken; [`ErrorKind::InvalidArgument`]), pool failures, a lost connection, a key
+    ///   that matches several rows ([`ErrorKind::KeyNotUnique`]), or a failed commit, including
+    ///   [`ErrorKind::TransactionAborted`] when a statement in `f` failed but `f` returned
+    ///   `Ok`.
+    ///
+    /// With a retry policy ([`Lock::retry`], or the handle's), each attempt opens a new
+    /// transaction, locks the row again and calls `f` again, which is why `f` is `FnMut`:
+    /// clone into the future what it moves. Lock contention is retried only when the policy
+    /// says so; [`ErrorKind::RetriesExhausted`] is returned if a retried failure persists.
+    ///
+    /// If `f` panics or this future is dropped at any await point, the transaction is rolled
+    /// back and its connection cleaned before reuse (see [`Transaction`]).
+    ///
+    /// ```no_run
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct Account { id: i64, balance: i64 }
+    /// # impl LockableRow for Account {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("accounts");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+    /// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
+    /// #     }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Lock, Outcome};
+    ///
+    /// let outcome = db
+    ///     .with_locked_row(&1, Lock::no_wait(), |tx, account: Account| Box::pin(async move {
+    ///         tx.execute("UPDATE accounts SET balance = $2 WHERE id = $1",
+    ///                    &[&account.id, &(account.balance - 10)]).await?;
+    ///         Ok::<_, rowlock::Error>(account.balance - 10)
+    ///     }))
+    ///     .await?;
+    /// match outcome {
+    ///     Outcome::Done(balance) => println!("new balance {balance}"),
+    ///     Outcome::LockNotAvailable(e) => println!("busy: {e}"),
+    ///     other => println!("{other}"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`ErrorKind::InvalidArgument`]: crate::ErrorKind::InvalidArgument
+    /// [`ErrorKind::KeyNotUnique`]: crate::ErrorKind::KeyNotUnique
+    /// [`ErrorKind::TransactionAborted`]: crate::ErrorKind::TransactionAborted
+    /// [`ErrorKind::RetriesExhausted`]: crate::ErrorKind::RetriesExhausted
+    pub async fn with_locked_row<'a, R, T, E, F>(
+        &self,
+        key: &R::Key,
+        options: impl Into<Lock>,
+        f: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        R: LockableRow,
+        E: From<Error>,
+        F: for<'t> FnMut(&'t Transaction, R) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
+    {
+        let options = options.into();
+        options.validate()?;
+        let names = self.names::<R>()?;
+        let step = RowLock::<R> {
+            names: &names,
+            key,
+            options: &options,
+        };
+        run_locked(
+            Some(("with_locked_row", &names.table)),
+            self,
+            &options.transaction,
+            &step,
+            f,
+        )
+        .await
+    }
 
-/// [`with_locked_row`](crate::with_locked_row), retried under `policy`: each attempt opens a
-/// new transaction, locks the row again and calls `f` again.
-///
-/// Outcomes other than `Done` are returned as they are, except lock-not-available and lock
-/// timeouts when the policy has [`RetryPolicy::retry_lock_contention`] on: those are retried,
-/// and [`ErrorKind::RetriesExhausted`] (SQLSTATE `55P03`) is returned if they persist.
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct Account { id: i64, balance: i64 }
-/// # impl LockableRow for Account {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("accounts");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
-/// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
-/// #     }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{LockMode, LockOptions, RetryPolicy, with_locked_row_retry};
-///
-/// // NoWait, but try up to 3 times before telling the user "busy".
-/// let opts = LockOptions::new().mode(LockMode::NoWait);
-/// let policy = RetryPolicy::new().max_attempts(3).retry_lock_contention(true);
-/// let outcome = with_locked_row_retry(pool, &1, &opts, &policy, |tx, acc: Account| Box::pin(async move {
-///     tx.execute("UPDATE accounts SET balance = $2 WHERE id = $1", &[&acc.id, &(acc.balance + 1)]).await?;
-///     Ok::<_, rowlock::Error>(())
-/// }))
-/// .await?;
-/// # Ok(()) }
-/// ```
-pub async fn with_locked_row_retry<'a, R, T, E, F>(
-    pool: &Pool,
-    key: &R::Key,
-    options: &LockOptions,
-    policy: &RetryPolicy,
-    f: F,
-) -> Result<Outcome<T>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, R) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    options.validate()?;
-    let names = Names::of::<R>()?;
-    let step = RowLock::<R> {
-        names: &names,
-        key,
-        options,
-    };
-    run_locked(
-        Some(("with_locked_row", &names.table)),
-        pool,
-        &options.transaction,
-        policy,
-        &step,
-        f,
-    )
-    .await
-}
-
-/// Like [`with_locked_row`] for several keys of one table: locks every row, in ascending key
-/// order (so callers locking overlapping sets in different orders cannot deadlock), then runs
-/// `f` with the rows in ascending key order.
-///
-/// `f` runs only if every key was locked; otherwise the outcome lists the keys that were not
-/// found or (with `SkipLocked`) skipped, and nothing is committed. Duplicate keys are locked
-/// once. An empty key list is refused with [`ErrorKind::InvalidArgument`] before a connection
-/// is taken. Each distinct number of keys is a distinct prepared statement in the
-/// connection's statement cache.
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct Account { id: i64, balance: i64 }
-/// # impl LockableRow for Account {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("accounts");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
-/// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
-/// #     }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{LockOptions, RowsOutcome, with_locked_rows};
-///
-/// // Transfer 10 from account 2 to account 1; both rows locked, lowest id first.
-/// let outcome = with_locked_rows(pool, &[2, 1], &LockOptions::new(),
-///     |tx, accounts: Vec<Account>| Box::pin(async move {
-///         let stmt = tx.prepare_cached("UPDATE accounts SET balance = balance + $2 WHERE id = $1").await?;
-///         tx.execute(&stmt, &[&2_i64, &-10_i64]).await?;
-///         tx.execute(&stmt, &[&1_i64, &10_i64]).await?;
-///         Ok::<_, rowlock::Error>(accounts.len())
-///     }))
-///     .await?;
-/// assert!(matches!(outcome, RowsOutcome::Done(2)));
-/// # Ok(()) }
-/// ```
-pub async fn with_locked_rows<'a, R, T, E, F>(
-    pool: &Pool,
-    keys: &[R::Key],
-    options: &LockOptions,
-    f: F,
-) -> Result<RowsOutcome<T, R::Key>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, Vec<R>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    with_locked_rows_retry(pool, keys, options, &RetryPolicy::once(), call_once(f)).await
-}
-
-/// [`with_locked_rows`](crate::with_locked_rows), retried under `policy`: each attempt opens
-/// a new transaction, locks the rows again (in key order) and calls `f` again. Outcomes other
-/// than `Done` are handled as in [`with_locked_row_retry`].
-pub async fn with_locked_rows_retry<'a, R, T, E, F>(
-    pool: &Pool,
-    keys: &[R::Key],
-    options: &LockOptions,
-    policy: &RetryPolicy,
-    f: F,
-) -> Result<RowsOutcome<T, R::Key>, E>
-where
-    R: LockableRow,
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, Vec<R>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    options.validate()?;
-    let names = Names::of::<R>()?;
-    let keys = sorted_keys::<R>(keys)?;
-    let step = RowsLock::<R> {
-        names: &names,
-        keys: &keys,
-        options,
-    };
-    run_locked(
-        Some(("with_locked_rows", &names.table)),
-        pool,
-        &options.transaction,
-        policy,
-        &step,
-        f,
-    )
-    .await
+    /// Like [`with_locked_row`](Self::with_locked_row) for several keys of one table: locks
+    /// every row, in ascending key order (so callers locking overlapping sets in different
+    /// orders cannot deadlock), then runs `f` with the rows in ascending key order.
+    ///
+    /// All rows or none: `f` runs only when every key was locked. Duplicate keys are locked
+    /// once. Missing rows give [`Outcome::NotFound`] listing them; with `SkipLocked`, rows
+    /// locked elsewhere give [`Outcome::Skipped`] listing them. An empty key list, or more
+    /// keys than PostgreSQL can bind, is refused with
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) before a connection
+    /// is taken. Retries, drops and errors as for
+    /// [`with_locked_row`](Self::with_locked_row).
+    pub async fn with_locked_rows<'a, R, T, E, F>(
+        &self,
+        keys: &[R::Key],
+        options: impl Into<Lock>,
+        f: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        R: LockableRow,
+        E: From<Error>,
+        F: for<'t> FnMut(&'t Transaction, Vec<R>) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
+    {
+        let options = options.into();
+        options.validate()?;
+        let names = self.names::<R>()?;
+        let keys = sorted_keys::<R>(keys)?;
+        let step = RowsLock::<R> {
+            names: &names,
+            keys: &keys,
+            options: &options,
+        };
+        run_locked(
+            Some(("with_locked_rows", &names.table)),
+            self,
+            &options.transaction,
+            &step,
+            f,
+        )
+        .await
+    }
 }
 
 /// One row by key (`with_locked_row`). The lock timeout was set with `BEGIN`.
 struct RowLock<'a, R: LockableRow> {
     names: &'a Names,
     key: &'a R::Key,
-    options: &'a LockOptions,
+    options: &'a Lock,
 }
 
 impl<R: LockableRow> LockStep for RowLock<'_, R> {
@@ -634,11 +571,11 @@ impl<R: LockableRow> LockStep for RowLock<'_, R> {
 struct RowsLock<'a, R: LockableRow> {
     names: &'a Names,
     keys: &'a [R::Key],
-    options: &'a LockOptions,
+    options: &'a Lock,
 }
 
 impl<R: LockableRow> LockStep for RowsLock<'_, R> {
-    type Locked = RowsOutcome<Vec<R>, R::Key>;
+    type Locked = Outcome<Vec<R>>;
     fn lock<'t>(
         &'t self,
         tx: &'t Transaction,

@@ -13,63 +13,58 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 
 use crate::scoped::ScopedBoxFuture;
 
 use crate::api::rows::sorted_keys;
-use crate::attempt::{LockStep, call_once, run_locked};
+use crate::attempt::{LockStep, run_locked};
+use crate::db::Db;
 use crate::error::Error;
-use crate::lock::LockOptions;
-use crate::outcome::RowsOutcome;
-use crate::policy::RetryPolicy;
-use crate::row::{LockableRow, Names, Table, quote_ident};
+use crate::lock::{Lock, LockMode};
+use crate::outcome::Outcome;
+use crate::row::{LockableRow, Names, quote_ident};
 use crate::transaction::Transaction;
 
-/// A row of a [`LockSet`] that was not locked: its table and its key (as `Debug` prints it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive] // more detail may be added.
-pub struct RowRef {
-    /// The row's table.
-    pub table: Table,
-    /// The row's key, as its `Debug` implementation prints it.
-    pub key: String,
-}
-
-impl fmt::Display for RowRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(schema) = self.table.schema() {
-            write!(f, "{schema}.")?;
-        }
-        write!(f, "{} key {}", self.table.name(), self.key)
-    }
-}
-
 /// What locking one table of a set produced: its rows (a `Vec<R>`, type-erased) or why not.
-type TableOutcome = RowsOutcome<Box<dyn Any + Send>, RowRef>;
+type TableOutcome = Outcome<Box<dyn Any + Send>>;
 
 /// The rows of one table in a set: type-erased so that a set can hold several row types.
 trait TableRows: Send + Sync {
+    /// The names as the row type spells them (checked when the rows were added).
     fn names(&self) -> &Names;
+    /// The handle's names of the row type: its statements, the relation it resolves to.
+    fn shared(&self, db: &Db) -> Result<Arc<Names>, Error>;
     fn row_type(&self) -> TypeId;
+    fn set_mode(&mut self, mode: LockMode);
     fn add(&mut self, other: Box<dyn TableRows>) -> Result<(), Error>;
     fn as_any_box(self: Box<Self>) -> Box<dyn Any>;
     fn lock<'t>(
         &'t self,
         tx: &'t Transaction,
-        options: &'t LockOptions,
+        names: &'t Names,
+        options: &'t Lock,
     ) -> BoxFuture<'t, Result<TableOutcome, Error>>;
 }
 
 struct Rows<R: LockableRow> {
-    names: Arc<Names>,
+    names: Names,
     keys: Vec<R::Key>,
+    /// This table's own mode, when it differs from the call's.
+    mode: Option<LockMode>,
 }
 
 impl<R: LockableRow> TableRows for Rows<R> {
     fn names(&self) -> &Names {
         &self.names
+    }
+
+    fn shared(&self, db: &Db) -> Result<Arc<Names>, Error> {
+        db.names::<R>()
+    }
+
+    fn set_mode(&mut self, mode: LockMode) {
+        self.mode = Some(mode);
     }
 
     fn row_type(&self) -> TypeId {
@@ -83,6 +78,7 @@ impl<R: LockableRow> TableRows for Rows<R> {
             .expect("entries are merged by row type");
         self.keys.extend(other.keys);
         self.keys = sorted_keys::<R>(&self.keys)?;
+        self.mode = self.mode.or(other.mode);
         Ok(())
     }
 
@@ -93,27 +89,20 @@ impl<R: LockableRow> TableRows for Rows<R> {
     fn lock<'t>(
         &'t self,
         tx: &'t Transaction,
-        options: &'t LockOptions,
+        names: &'t Names,
+        options: &'t Lock,
     ) -> BoxFuture<'t, Result<TableOutcome, Error>> {
         Box::pin(async move {
-            let outcome = tx
-                .lock_many::<R>(&self.names, &self.keys, options, false)
-                .await?;
-            let refs = |keys: Vec<R::Key>| {
-                keys.iter()
-                    .map(|k| RowRef {
-                        table: R::TABLE,
-                        key: format!("{k:?}"),
-                    })
-                    .collect()
+            let own;
+            let options = match self.mode {
+                Some(mode) if mode != options.mode => {
+                    own = options.clone().mode(mode);
+                    &own
+                }
+                _ => options,
             };
-            Ok(match outcome {
-                RowsOutcome::Done(rows) => RowsOutcome::Done(Box::new(rows) as Box<dyn Any + Send>),
-                RowsOutcome::NotFound(keys) => RowsOutcome::NotFound(refs(keys)),
-                RowsOutcome::Skipped(keys) => RowsOutcome::Skipped(refs(keys)),
-                RowsOutcome::LockNotAvailable(e) => RowsOutcome::LockNotAvailable(e),
-                RowsOutcome::LockTimeout(e) => RowsOutcome::LockTimeout(e),
-            })
+            let outcome = tx.lock_many::<R>(names, &self.keys, options, false).await?;
+            Ok(outcome.map(|rows| Box::new(rows) as Box<dyn Any + Send>))
         })
     }
 }
@@ -123,8 +112,9 @@ impl<R: LockableRow> TableRows for Rows<R> {
 /// resolves (schema, then name; looked up once per row type, riding with `BEGIN`), rows of a
 /// table by key.
 ///
-/// Add rows with [`row`](Self::row) and [`rows`](Self::rows) (duplicates are locked once), then
-/// lock them with [`with_locked_set`]. A bad table or column name, or a key count over
+/// Add rows with [`row`](Self::row) and [`rows`](Self::rows) (duplicates are locked once), give
+/// a table its own mode with [`mode`](Self::mode) if it needs one, then lock them with
+/// [`Db::with_locked_set`]. A bad table or column name, or a key count over
 /// PostgreSQL's limit, is refused when added; two row types naming the same table, or an empty
 /// set, when locked. In both cases with [`ErrorKind::InvalidArgument`] and before anything is
 /// sent.
@@ -183,8 +173,9 @@ impl LockSet {
     /// Adds the rows of `R` with these keys.
     pub fn rows<R: LockableRow>(mut self, keys: &[R::Key]) -> Result<Self, Error> {
         let rows = Rows::<R> {
-            names: Names::of::<R>()?,
+            names: Names::render::<R>()?,
             keys: sorted_keys::<R>(keys)?,
+            mode: None,
         };
         match self
             .tables
@@ -195,6 +186,57 @@ impl LockSet {
             None => self.tables.push(Box::new(rows)),
         }
         Ok(self)
+    }
+
+    /// Locks the rows of `R` in this set with `mode`, whatever the call's: a hot parent that
+    /// every caller waits for (`Wait`) with a contended child that should fail fast
+    /// (`NoWait`) or be passed over (`SkipLocked`). The order of the locks does not change.
+    /// Refused with [`ErrorKind::InvalidArgument`] when the set has no rows of `R` yet.
+    ///
+    /// ```
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct Room { id: i64 }
+    /// # impl LockableRow for Room {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("rooms");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Room { id: row.try_get("id")? }) }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # struct Slot { id: i64 }
+    /// # impl LockableRow for Slot {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("slots");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(Slot { id: row.try_get("id")? }) }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// use rowlock::{LockMode, LockSet};
+    ///
+    /// // Wait for the room (every booking passes through it), but a taken slot is "busy" at once.
+    /// let set = LockSet::new()
+    ///     .row::<Room>(&1)?
+    ///     .row::<Slot>(&42)?
+    ///     .mode::<Slot>(LockMode::NoWait)?;
+    /// # Ok::<(), rowlock::Error>(())
+    /// ```
+    ///
+    /// [`ErrorKind::InvalidArgument`]: crate::ErrorKind::InvalidArgument
+    pub fn mode<R: LockableRow>(mut self, mode: LockMode) -> Result<Self, Error> {
+        match self
+            .tables
+            .iter_mut()
+            .find(|t| t.row_type() == TypeId::of::<R>())
+        {
+            Some(rows) => {
+                rows.set_mode(mode);
+                Ok(self)
+            }
+            None => Err(Error::invalid(format!(
+                "LockSet::mode for {}, which has no rows in the set: add its rows first",
+                R::TABLE.name()
+            ))),
+        }
     }
 
     /// The tables, in the order of their spelled names; refuses an empty set and two types on
@@ -218,7 +260,7 @@ impl LockSet {
     }
 }
 
-/// The rows a [`with_locked_set`] call locked, by row type and key.
+/// The rows a [`Db::with_locked_set`] call locked, by row type and key.
 #[derive(Default)]
 pub struct LockedRows {
     by_type: HashMap<TypeId, Box<dyn Any + Send>>,
@@ -269,21 +311,24 @@ const RESOLVE_SQL: &str = "SELECT n.nspname, c.relname \
      LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
      ORDER BY s.i";
 
-/// `tables` in locking order: by the relation the server resolves each spelling to, asked
-/// once per row type (the first query of the transaction, riding with `BEGIN`). Two row
-/// types that turn out to name one table are refused: their rows could not be locked in one
-/// order.
+/// `tables` in locking order, with the handle's names of each: by the relation the server
+/// resolves each spelling to, asked once per row type and handle (the first query of the
+/// transaction, riding with `BEGIN`). Two row types that turn out to name one table are
+/// refused: their rows could not be locked in one order.
 async fn in_server_order<'a>(
     tx: &Transaction,
     tables: &[&'a dyn TableRows],
-) -> Result<Vec<&'a dyn TableRows>, Error> {
-    let mut tables = tables.to_vec();
+) -> Result<Vec<(&'a dyn TableRows, Arc<Names>)>, Error> {
+    let mut tables = tables
+        .iter()
+        .map(|t| Ok((*t, t.shared(tx.db())?)))
+        .collect::<Result<Vec<_>, Error>>()?;
     if tables.len() < 2 {
         return Ok(tables);
     }
     let unknown: Vec<&Names> = tables
         .iter()
-        .map(|t| t.names())
+        .map(|(_, n)| &**n)
         .filter(|n| n.relation.get().is_none())
         .collect();
     if !unknown.is_empty() {
@@ -301,138 +346,122 @@ async fn in_server_order<'a>(
             }
         }
     }
-    let key = |t: &&dyn TableRows| {
-        let names = t.names();
-        names.relation.get().unwrap_or(&names.table).clone()
-    };
-    tables.sort_by_cached_key(key);
+    let key = |names: &Names| names.relation.get().unwrap_or(&names.table).clone();
+    tables.sort_by_cached_key(|(_, names)| key(names));
     for pair in tables.windows(2) {
-        if key(&pair[0]) == key(&pair[1]) {
+        if key(&pair[0].1) == key(&pair[1].1) {
             return Err(Error::invalid(format!(
                 "two row types of a LockSet name the same table {} (spelled {} and {}); their \
                  rows could not be locked in one order",
-                key(&pair[0]),
-                pair[0].names().table,
-                pair[1].names().table
+                key(&pair[0].1),
+                pair[0].1.table,
+                pair[1].1.table
             )));
         }
     }
     Ok(tables)
 }
 
-/// The lock step of [`with_locked_set`]: one statement per table, in the set's order.
+/// The lock step of [`Db::with_locked_set`]: one statement per table, in the set's order.
 struct SetLock<'a> {
     tables: Vec<&'a dyn TableRows>,
-    options: &'a LockOptions,
+    options: &'a Lock,
 }
 
 impl LockStep for SetLock<'_> {
-    type Locked = RowsOutcome<LockedRows, RowRef>;
+    type Locked = Outcome<LockedRows>;
     async fn lock(&self, tx: &Transaction) -> Result<Self::Locked, Error> {
         let mut locked = LockedRows::default();
-        for table in in_server_order(tx, &self.tables).await? {
-            match table.lock(tx, self.options).await? {
-                RowsOutcome::Done(rows) => {
+        for (table, names) in in_server_order(tx, &self.tables).await? {
+            match table.lock(tx, &names, self.options).await? {
+                Outcome::Done(rows) => {
                     locked.by_type.insert(table.row_type(), rows);
                 }
                 other => return Ok(other.map(|_| unreachable!("Done is matched above"))),
             }
         }
-        Ok(RowsOutcome::Done(locked))
+        Ok(Outcome::Done(locked))
     }
 }
 
-/// Opens a pooled transaction, locks every row of `set` in the set's global order (tables by
-/// the relation the server resolves, rows by key), runs `f` with the transaction and the [`LockedRows`], and commits if `f`
-/// returns `Ok`.
-///
-/// Outcomes are those of [`with_locked_rows`](crate::with_locked_rows), per row: `f` runs only
-/// when every row was locked; otherwise [`RowsOutcome::NotFound`] / [`RowsOutcome::Skipped`]
-/// list the [`RowRef`]s of the first table that had missing or skipped rows, or the lock was not
-/// available or timed out, and nothing was committed. Round trips: one per table, then the
-/// closure's own, then `COMMIT`. Blockers ([`LockOptions::find_blockers`]) are not looked up for
-/// sets.
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct User { id: i64 }
-/// # impl LockableRow for User {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("users");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(User { id: row.try_get("id")? }) }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # struct Wallet { user_id: i64, cents: i64 }
-/// # impl LockableRow for Wallet {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("wallets");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["user_id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
-/// #         Ok(Wallet { user_id: row.try_get("user_id")?, cents: row.try_get("cents")? })
-/// #     }
-/// #     fn key(&self) -> i64 { self.user_id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{LockOptions, LockSet, LockedRows, with_locked_set};
-///
-/// let set = LockSet::new().row::<User>(&7)?.row::<Wallet>(&7)?;
-/// let paid = with_locked_set(pool, &set, &LockOptions::new(), |tx, mut rows: LockedRows| {
-///     Box::pin(async move {
-///         let wallet: Wallet = rows.take(&7).expect("locked");
-///         tx.execute("UPDATE wallets SET cents = $2 WHERE user_id = $1",
-///                    &[&wallet.user_id, &(wallet.cents - 100)]).await?;
-///         Ok::<_, rowlock::Error>(wallet.cents - 100)
-///     })
-/// })
-/// .await?;
-/// # Ok(()) }
-/// ```
-pub async fn with_locked_set<'a, T, E, F>(
-    pool: &Pool,
-    set: &LockSet,
-    options: &LockOptions,
-    f: F,
-) -> Result<RowsOutcome<T, RowRef>, E>
-where
-    E: From<Error>,
-    F: for<'t> FnOnce(&'t Transaction, LockedRows) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    with_locked_set_retry(pool, set, options, &RetryPolicy::once(), call_once(f)).await
-}
-
-/// [`with_locked_set`], retried under `policy`: each attempt opens a new transaction, locks the
-/// rows again and calls `f` again. Outcomes other than `Done` are handled as in
-/// [`with_locked_row_retry`](crate::with_locked_row_retry).
-pub async fn with_locked_set_retry<'a, T, E, F>(
-    pool: &Pool,
-    set: &LockSet,
-    options: &LockOptions,
-    policy: &RetryPolicy,
-    f: F,
-) -> Result<RowsOutcome<T, RowRef>, E>
-where
-    E: From<Error>,
-    F: for<'t> FnMut(&'t Transaction, LockedRows) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
-{
-    options.validate()?;
-    let step = SetLock {
-        tables: set.ordered()?,
-        options,
-    };
-    let table = step
-        .tables
-        .iter()
-        .map(|t| t.names().table.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
-    run_locked(
-        Some(("with_locked_set", &table)),
-        pool,
-        &options.transaction,
-        policy,
-        &step,
-        f,
-    )
-    .await
+impl Db {
+    /// Opens a pooled transaction, locks every row of `set` in the set's global order (tables
+    /// by the relation the server resolves, rows by key), runs `f` with the transaction and
+    /// the [`LockedRows`], and commits if `f` returns `Ok`.
+    ///
+    /// Each table is locked with its own mode if the set gave it one
+    /// ([`LockSet::mode`]), else with the call's. Outcomes are those of
+    /// [`with_locked_rows`](Self::with_locked_rows), per table: `f` runs only when every row
+    /// was locked; otherwise [`Outcome::NotFound`] / [`Outcome::Skipped`] list the rows of
+    /// the first table that had missing or skipped rows, or the lock was not available or
+    /// timed out ([`Error::rows`] names the table and the keys its statement asked for), and
+    /// nothing was committed. Round trips: one per table, then the closure's own, then
+    /// `COMMIT`. Blockers ([`Lock::find_blockers`]) are not looked up for sets. Retries,
+    /// drops and errors as for [`with_locked_row`](Self::with_locked_row).
+    ///
+    /// ```no_run
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct User { id: i64 }
+    /// # impl LockableRow for User {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("users");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> { Ok(User { id: row.try_get("id")? }) }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # struct Wallet { user_id: i64, cents: i64 }
+    /// # impl LockableRow for Wallet {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("wallets");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["user_id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+    /// #         Ok(Wallet { user_id: row.try_get("user_id")?, cents: row.try_get("cents")? })
+    /// #     }
+    /// #     fn key(&self) -> i64 { self.user_id }
+    /// # }
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Lock, LockSet, LockedRows};
+    ///
+    /// let set = LockSet::new().row::<User>(&7)?.row::<Wallet>(&7)?;
+    /// let paid = db
+    ///     .with_locked_set(&set, Lock::new(), |tx, mut rows: LockedRows| Box::pin(async move {
+    ///         let wallet: Wallet = rows.take(&7).expect("locked");
+    ///         tx.execute("UPDATE wallets SET cents = $2 WHERE user_id = $1",
+    ///                    &[&wallet.user_id, &(wallet.cents - 100)]).await?;
+    ///         Ok::<_, rowlock::Error>(wallet.cents - 100)
+    ///     }))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn with_locked_set<'a, T, E, F>(
+        &self,
+        set: &LockSet,
+        options: impl Into<Lock>,
+        f: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        E: From<Error>,
+        F: for<'t> FnMut(&'t Transaction, LockedRows) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
+    {
+        let options = options.into();
+        options.validate()?;
+        let step = SetLock {
+            tables: set.ordered()?,
+            options: &options,
+        };
+        let table = step
+            .tables
+            .iter()
+            .map(|t| t.names().table.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        run_locked(
+            Some(("with_locked_set", &table)),
+            self,
+            &options.transaction,
+            &step,
+            f,
+        )
+        .await
+    }
 }

@@ -5,13 +5,13 @@ use std::any::TypeId;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::api::transaction::with_transaction;
+use crate::db::Db;
 use crate::error::{Error, ErrorKind, Step};
 use crate::options::{StatementCache, TransactionOptions};
+use crate::outcome::{Outcome, RowRef};
 use crate::row::{Columns, Key, LockableRow, Names, decode_error};
 use crate::sql_text::{mentions, renumber};
 use crate::transaction::Transaction;
@@ -128,7 +128,7 @@ impl Transition {
 
     /// The condition the row must meet (a predicate on its columns, e.g. `"status = 'open'"`).
     /// Calling it again replaces the condition. A row that exists but does not meet it is a
-    /// [`Transitioned::Conflict`].
+    /// [`Outcome::Conflict`](crate::Outcome::Conflict).
     #[must_use]
     pub fn when(mut self, predicate: impl Into<String>) -> Self {
         self.when = Some(predicate.into());
@@ -142,7 +142,7 @@ impl Transition {
     /// p.status = 'pending' FOR UPDATE OF p"`). Add `FOR UPDATE` to keep what it found from
     /// changing before the transaction commits. It must mention `target`, so that it runs
     /// after the row's lock (locks always in the same order: the row, then what guards lock).
-    /// A failed guard is a [`Transitioned::Conflict`] with the row as it is.
+    /// A failed guard is a [`Outcome::Conflict`](crate::Outcome::Conflict) with the row as it is.
     #[must_use]
     pub fn guard(mut self, query: impl Into<String>) -> Self {
         self.guards.push(query.into());
@@ -180,7 +180,7 @@ impl Transition {
     }
 
     fn render_sql<R: LockableRow>(&self, columns: &Columns) -> Result<Rendered, Error> {
-        let names = Names::of::<R>()?;
+        let names = Names::render::<R>()?;
         let offset = R::KEY_COLUMNS.len();
         let mut used: Vec<usize> = Vec::new();
         let mut shift = |sql: &str, what: &str| -> Result<String, Error> {
@@ -303,42 +303,9 @@ impl Transition {
     }
 }
 
-/// What a [`Transition`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[must_use = "a conflict or a missing row is not an error: check the outcome"]
-pub enum Transitioned<R> {
-    /// The row met the condition (and every guard held): it changed, and this is its new
-    /// state. The `then` statements ran. Committed, unless the call ran inside a caller's
-    /// transaction.
-    Done(R),
-    /// No row has this key. Nothing changed.
-    NotFound,
-    /// The row exists but did not meet the condition, or a guard found nothing: nothing
-    /// changed. This is the row as the statement decided on it: the version that did not meet
-    /// the condition, read in the same statement (no extra round trip); or, when another
-    /// transaction changed it meanwhile (the statement waited for it, then found the condition
-    /// no longer met) or a guard failed, its latest committed state, read by a second statement.
-    Conflict(R),
-}
-
-impl<R> Transitioned<R> {
-    /// Whether the row changed.
-    pub fn is_done(&self) -> bool {
-        matches!(self, Transitioned::Done(_))
-    }
-
-    /// The new row, if it changed.
-    pub fn done(self) -> Option<R> {
-        match self {
-            Transitioned::Done(r) => Some(r),
-            _ => None,
-        }
-    }
-}
-
 /// The outcome in `rows`, or `None` when they do not tell (no row: missing, or changed
 /// meanwhile).
-fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Option<Transitioned<R>>, Error> {
+fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Option<Outcome<R>>, Error> {
     let mut rows = rows.into_iter();
     let Some(row) = rows.next() else {
         return Ok(None);
@@ -360,130 +327,139 @@ fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Option<Transitioned<R>>, Err
         .map_err(|e| Error::decode(e).at(Step::Transition))?;
     let r = R::from_row(&row).map_err(|e| decode_error::<R>(e, Step::Transition))?;
     Ok(Some(if done {
-        Transitioned::Done(r)
+        Outcome::Done(r)
     } else {
-        Transitioned::Conflict(r)
+        Outcome::Conflict(r)
     }))
 }
 
 /// The outcome of a statement that returned nothing, from the row's latest state.
-fn settle<R: LockableRow>(rows: Vec<Row>) -> Result<Transitioned<R>, Error> {
-    Ok(decode(rows)?.unwrap_or(Transitioned::NotFound))
+fn settle<R: LockableRow>(rows: Vec<Row>, key: &R::Key) -> Result<Outcome<R>, Error> {
+    Ok(decode(rows)?.unwrap_or_else(|| Outcome::NotFound(vec![RowRef::of::<R>(key)])))
 }
 
-/// Runs `transition` on the row of `R` with `key`, as one statement outside any transaction
-/// (PostgreSQL commits it on its own), and returns what it did: [`Transitioned::Done`] with the
-/// new row, [`Transitioned::NotFound`], or [`Transitioned::Conflict`] with the row as it is.
-///
-/// - **Round trips:** one (the statement is prepared once per connection; the first call on a
-///   connection costs one more); two for `NotFound`, and for a `Conflict` whose row met the
-///   condition (changed meanwhile, or a guard failed). Behind a pooler ([`StatementCache::Transaction`] for the
-///   pool) it runs in a transaction of its own instead: `BEGIN` and the prepare, the
-///   statement, `COMMIT`.
-/// - **Invalid arguments** (see [`Transition`], or `params` not matching its placeholders):
-///   [`ErrorKind::InvalidArgument`] before a connection is taken. A value whose Rust type does
-///   not fit the type PostgreSQL gives its placeholder (an `i32` for a `bigint` column) is
-///   refused when the statement is bound, before it is sent: [`ErrorKind::InvalidArgument`]
-///   naming the caller's `$n` (or the key).
-/// - **Errors** from the server (a constraint the change violates, a deadlock between guards,
-///   a `lock_timeout` set on the server…) are returned as they are, and nothing changed.
-/// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`] (nothing
-///   ran: retry freely); lost after it was sent, [`ErrorKind::CommitOutcomeUnknown`]: it may
-///   have committed. Running the same transition again is safe when its `when` excludes the
-///   new state: a second run is a [`Transitioned::Conflict`].
-/// - **Dropping the future** after the statement was sent does not stop it: it runs to its
-///   end on the server, and commits if it succeeds.
-/// - A migration that changed the table under a cached statement is handled: the statement
-///   is prepared again once.
-///
-/// ```no_run
-/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
-/// # struct Project { id: i64, status: String }
-/// # impl LockableRow for Project {
-/// #     type Key = i64;
-/// #     const TABLE: Table = Table::new("projects");
-/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
-/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
-/// #         Ok(Project { id: row.try_get("id")?, status: row.try_get("status")? })
-/// #     }
-/// #     fn key(&self) -> i64 { self.id }
-/// # }
-/// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-/// use rowlock::{Transition, Transitioned, transition};
-///
-/// let close = Transition::new("status = 'closed'").when("status = 'open'");
-/// match transition::<Project>(pool, &7, &close, &[]).await? {
-///     Transitioned::Done(project) => println!("closed {}", project.id),
-///     Transitioned::Conflict(project) => println!("not open: {}", project.status),
-///     Transitioned::NotFound => println!("no project 7"),
-/// }
-/// # Ok(()) }
-/// ```
-pub async fn transition<R: LockableRow>(
-    pool: &Pool,
-    key: &R::Key,
-    transition: &Transition,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Transitioned<R>, Error> {
-    transition_alone(pool, key, transition, params)
-        .await
-        .map_err(refine_bind_error::<R>)
-}
+impl Db {
+    /// Runs `transition` on the row of `R` with `key`, as one statement outside any transaction
+    /// (PostgreSQL commits it on its own), and returns what it did: [`Outcome::Done`] with the
+    /// new row, [`Outcome::NotFound`], or [`Outcome::Conflict`] with the row as it is.
+    ///
+    /// - **Round trips:** one (the statement is prepared once per connection; the first call on a
+    ///   connection costs one more); two for `NotFound`, and for a `Conflict` whose row met the
+    ///   condition (changed meanwhile, or a guard failed). Behind a pooler ([`StatementCache::Transaction`] for the
+    ///   pool) it runs in a transaction of its own instead: `BEGIN` and the prepare, the
+    ///   statement, `COMMIT`.
+    /// - **Invalid arguments** (see [`Transition`], or `params` not matching its placeholders):
+    ///   [`ErrorKind::InvalidArgument`] before a connection is taken. A value whose Rust type does
+    ///   not fit the type PostgreSQL gives its placeholder (an `i32` for a `bigint` column) is
+    ///   refused when the statement is bound, before it is sent: [`ErrorKind::InvalidArgument`]
+    ///   naming the caller's `$n` (or the key).
+    /// - **Errors** from the server (a constraint the change violates, a deadlock between guards,
+    ///   a `lock_timeout` set on the server…) are returned as they are, and nothing changed.
+    /// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`] (nothing
+    ///   ran: retry freely); lost after it was sent, [`ErrorKind::CommitOutcomeUnknown`]: it may
+    ///   have committed. Running the same transition again is safe when its `when` excludes the
+    ///   new state: a second run is an [`Outcome::Conflict`].
+    /// - **Dropping the future** after the statement was sent does not stop it: it runs to its
+    ///   end on the server, and commits if it succeeds.
+    /// - A migration that changed the table under a cached statement is handled: the statement
+    ///   is prepared again once.
+    ///
+    /// ```no_run
+    /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+    /// # struct Project { id: i64, status: String }
+    /// # impl LockableRow for Project {
+    /// #     type Key = i64;
+    /// #     const TABLE: Table = Table::new("projects");
+    /// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    /// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+    /// #         Ok(Project { id: row.try_get("id")?, status: row.try_get("status")? })
+    /// #     }
+    /// #     fn key(&self) -> i64 { self.id }
+    /// # }
+    /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    /// use rowlock::{Outcome, Transition};
+    ///
+    /// let close = Transition::new("status = 'closed'").when("status = 'open'");
+    /// match db.transition::<Project>(&7, &close, &[]).await? {
+    ///     Outcome::Done(project) => println!("closed {}", project.id),
+    ///     Outcome::Conflict(project) => println!("not open: {}", project.status),
+    ///     Outcome::NotFound(_) => println!("no project 7"),
+    ///     other => println!("{other}"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn transition<R: LockableRow>(
+        &self,
+        key: &R::Key,
+        transition: &Transition,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Outcome<R>, Error> {
+        self.transition_alone(key, transition, params)
+            .await
+            .map_err(refine_bind_error::<R>)
+    }
 
-async fn transition_alone<R: LockableRow>(
-    pool: &Pool,
-    key: &R::Key,
-    transition: &Transition,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Transitioned<R>, Error> {
-    // One statement on its own (or, behind a pooler, in a transaction whose statements are
-    // its own): a statement made stale by a migration is prepared again, so the row type's
-    // own columns (`*` when it lists none) are safe here.
-    let names = Names::of::<R>()?;
-    let columns = names.declared();
-    let (rendered, all) = transition.bind::<R>(key, params, columns)?;
-    if StatementCache::for_pool(pool) == StatementCache::Transaction {
-        // Behind a pooler, a statement prepared outside a transaction may not exist on the
-        // server that runs the next message: prepare and run it inside one.
-        let (rendered, all) = (&rendered, &all);
-        return with_transaction(pool, &TransactionOptions::new(), |tx| {
-            Box::pin(async move { tx.run_transition::<R>(rendered, all, columns).await })
-        })
-        .await;
+    async fn transition_alone<R: LockableRow>(
+        &self,
+        key: &R::Key,
+        transition: &Transition,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Outcome<R>, Error> {
+        // One statement on its own (or, behind a pooler, in a transaction whose statements are
+        // its own): a statement made stale by a migration is prepared again, so the row type's
+        // own columns (`*` when it lists none) are safe here.
+        let names = self.names::<R>()?;
+        let columns = names.declared();
+        let (rendered, all) = transition.bind::<R>(key, params, columns)?;
+        if self.statement_cache() == StatementCache::Transaction {
+            // Behind a pooler, a statement prepared outside a transaction may not exist on the
+            // server that runs the next message: prepare and run it inside one (never retried:
+            // the handle's retry policy is for the caller's code).
+            let (rendered, all) = (&rendered, &all);
+            let mut once = TransactionOptions::new();
+            once.retry = Some(crate::RetryPolicy::once());
+            return self
+                .with_transaction(once, |tx| {
+                    Box::pin(
+                        async move { tx.run_transition::<R>(rendered, all, columns, key).await },
+                    )
+                })
+                .await;
+        }
+        let rows = run_alone(self, &rendered.sql, &all, Step::Transition, false)
+            .await
+            .map_err(|e| names.missing_column(e, &rendered.sql, columns))?;
+        if let Some(outcome) = decode(rows)? {
+            return Ok(outcome);
+        }
+        let key_params = &all[..<R::Key as Key>::ARITY];
+        let rows = run_alone(
+            self,
+            &rendered.read_sql,
+            key_params,
+            Step::Transition,
+            false,
+        )
+        .await?;
+        settle(rows, key)
     }
-    let rows = run_alone(pool, &rendered.sql, &all, Step::Transition, false)
-        .await
-        .map_err(|e| names.missing_column(e, &rendered.sql, columns))?;
-    if let Some(outcome) = decode(rows)? {
-        return Ok(outcome);
-    }
-    let key_params = &all[..<R::Key as Key>::ARITY];
-    let rows = run_alone(
-        pool,
-        &rendered.read_sql,
-        key_params,
-        Step::Transition,
-        false,
-    )
-    .await?;
-    settle(rows)
 }
 
 impl Transaction {
     /// Runs `transition` on the row of `R` with `key` inside this transaction, and returns
-    /// what it did (see [`transition`](fn@transition)). Nothing is committed until the
+    /// what it did (see [`Db::transition`]). Nothing is committed until the
     /// transaction is; the changed row stays locked until then (and rows a guard locked).
     pub async fn transition<R: LockableRow>(
         &self,
         key: &R::Key,
         transition: &Transition,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Transitioned<R>, Error> {
-        let names = Names::of::<R>()?;
+    ) -> Result<Outcome<R>, Error> {
+        let names = self.db().names::<R>()?;
         transition.bind::<R>(key, params, names.declared())?; // refused before anything is sent
         let columns = self.columns_for(&names).await?;
         let (rendered, all) = transition.bind::<R>(key, params, &columns)?;
-        self.run_transition::<R>(&rendered, &all, &columns)
+        self.run_transition::<R>(&rendered, &all, &columns, key)
             .await
             .map_err(refine_bind_error::<R>)
     }
@@ -494,8 +470,9 @@ impl Transaction {
         rendered: &Rendered,
         all: &[&(dyn ToSql + Sync)],
         columns: &Columns,
-    ) -> Result<Transitioned<R>, Error> {
-        let names = Names::of::<R>()?;
+        key: &R::Key,
+    ) -> Result<Outcome<R>, Error> {
+        let names = self.db().names::<R>()?;
         let stmt = self
             .run(Step::Transition, self.cached_statement(&rendered.sql))
             .await
@@ -517,7 +494,7 @@ impl Transaction {
         let rows = self
             .run(Step::Transition, self.conn().query(&read, key_params))
             .await?;
-        settle(rows)
+        settle(rows, key)
     }
 }
 

@@ -32,7 +32,7 @@ mod schema;
 pub use error::AssignmentError;
 pub use model::{Project, ProjectDetails, ProjectStatus, Proposal, ProposalStatus};
 pub use ops::{
-    AcceptOptions, accept_proposal, accept_proposal_in_one_statement, accept_proposal_with,
-    create_project, project_details, submit_proposal, withdraw_proposal,
+    accept_proposal, accept_proposal_in_one_statement, create_project, project_details,
+    submit_proposal, withdraw_proposal,
 };
 pub use schema::{ONE_ACCEPTED_INDEX, migrate};

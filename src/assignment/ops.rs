@@ -1,13 +1,10 @@
 //! The operations. Each is one transaction; SQL lives in the constants next to it.
 
-use deadpool_postgres::Pool;
-
 use super::error::AssignmentError;
 use super::model::{Project, ProjectDetails, ProjectStatus, Proposal, ProposalStatus};
 use crate::{
-    Isolation, LockMode, LockOptions, LockStrength, Outcome, RetryPolicy, Transaction,
-    TransactionOptions, Transition, Transitioned, transition, with_locked_row, with_transaction,
-    with_transaction_retry,
+    Db, Isolation, Lock, LockMode, LockStrength, Outcome, Transaction, TransactionOptions,
+    Transition,
 };
 
 const MAX_TITLE: usize = 200;
@@ -48,11 +45,12 @@ fn text(what: &str, value: &str, max: usize) -> Result<String, AssignmentError> 
 }
 
 /// Posts a project (open). The title is trimmed and must be 1 to 200 characters.
-pub async fn create_project(pool: &Pool, title: &str) -> Result<Project, AssignmentError> {
+pub async fn create_project(db: &Db, title: &str) -> Result<Project, AssignmentError> {
     let title = text("title", title, MAX_TITLE)?;
-    with_transaction(pool, &TransactionOptions::new(), |tx| {
+    db.with_transaction(TransactionOptions::new(), |tx| {
+        let title = &title;
         Box::pin(async move {
-            let row = tx.query_one(INSERT_PROJECT, &[&title]).await?;
+            let row = tx.query_one(INSERT_PROJECT, &[title]).await?;
             Ok(crate::LockableRow::from_row(&row).map_err(crate::Error::decode)?)
         })
     })
@@ -65,30 +63,34 @@ pub async fn create_project(pool: &Pool, title: &str) -> Result<Project, Assignm
 /// while an accept is assigning the project (that accept holds `FOR NO KEY UPDATE`, which
 /// conflicts): a proposal is never left pending on an assigned project.
 pub async fn submit_proposal(
-    pool: &Pool,
+    db: &Db,
     project_id: i64,
     freelancer: &str,
 ) -> Result<Proposal, AssignmentError> {
     let freelancer = text("freelancer", freelancer, MAX_FREELANCER)?;
-    let share = LockOptions::new().strength(LockStrength::Share);
-    let outcome = with_locked_row(pool, &project_id, &share, |tx, project: Project| {
-        Box::pin(async move {
-            if project.status != ProjectStatus::Open {
-                return Err(AssignmentError::ProjectNotOpen(project.id));
-            }
-            match tx
-                .query_opt(INSERT_PROPOSAL, &[&project.id, &freelancer])
-                .await?
-            {
-                Some(row) => Ok(Proposal::from_row(&row).map_err(crate::Error::decode)?),
-                None => Err(AssignmentError::DuplicateProposal {
-                    project_id: project.id,
-                    freelancer,
-                }),
-            }
+    let share = Lock::new().strength(LockStrength::Share);
+    let outcome = db
+        .with_locked_row(&project_id, share, |tx, project: Project| {
+            // The closure runs again on a retry (the handle may have a policy): each attempt
+            // gets its own copy.
+            let freelancer = freelancer.clone();
+            Box::pin(async move {
+                if project.status != ProjectStatus::Open {
+                    return Err(AssignmentError::ProjectNotOpen(project.id));
+                }
+                match tx
+                    .query_opt(INSERT_PROPOSAL, &[&project.id, &freelancer])
+                    .await?
+                {
+                    Some(row) => Ok(Proposal::from_row(&row).map_err(crate::Error::decode)?),
+                    None => Err(AssignmentError::DuplicateProposal {
+                        project_id: project.id,
+                        freelancer,
+                    }),
+                }
+            })
         })
-    })
-    .await?;
+        .await?;
     match outcome {
         Outcome::Done(proposal) => Ok(proposal),
         _ => Err(AssignmentError::ProjectNotFound(project_id)),
@@ -97,8 +99,8 @@ pub async fn submit_proposal(
 
 /// Withdraws a pending proposal. Races with [`accept_proposal`] end in exactly one winner:
 /// both change the proposal only while it is pending.
-pub async fn withdraw_proposal(pool: &Pool, proposal_id: i64) -> Result<(), AssignmentError> {
-    with_transaction(pool, &TransactionOptions::new(), |tx| {
+pub async fn withdraw_proposal(db: &Db, proposal_id: i64) -> Result<(), AssignmentError> {
+    db.with_transaction(TransactionOptions::new(), |tx| {
         Box::pin(async move {
             if tx.execute(WITHDRAW, &[&proposal_id]).await? == 1 {
                 return Ok(());
@@ -122,76 +124,29 @@ async fn not_pending(tx: &Transaction, proposal_id: i64) -> AssignmentError {
     }
 }
 
-/// How [`accept_proposal_with`] locks and retries.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive] // more knobs may come; use the setters.
-pub struct AcceptOptions {
-    /// Mode and lock timeout for the project lock (its strength is always NO KEY UPDATE).
-    pub lock: LockOptions,
-    /// Retry serialization failures and deadlocks, and with `retry_lock_contention`, busy
-    /// projects. Defaults to no retry.
-    pub retry: Option<RetryPolicy>,
-}
-
-impl AcceptOptions {
-    /// `Wait` without a timeout, no retry.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Sets the lock mode. Defaults to [`LockMode::Wait`].
-    #[must_use]
-    pub fn mode(mut self, mode: LockMode) -> Self {
-        self.lock = self.lock.mode(mode);
-        self
-    }
-
-    /// Bounds the wait for the project. Defaults to none.
-    #[must_use]
-    pub fn lock_timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.lock = self.lock.lock_timeout(timeout);
-        self
-    }
-
-    /// Retries under `policy`. Defaults to none.
-    #[must_use]
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = Some(policy);
-        self
-    }
-}
-
 /// Accepts a proposal: locks its project and then the proposal, checks the project is open
 /// and the proposal pending, then assigns the project, accepts the proposal and rejects every
 /// other pending proposal, in one transaction of two round trips (`BEGIN` with the locking
 /// query, then the writes with `COMMIT`).
 ///
-/// With [`LockMode::Wait`] a concurrent accept on the same project waits and then gets
-/// [`AssignmentError::AlreadyAssigned`]; with [`LockMode::NoWait`] (and
-/// [`LockMode::SkipLocked`], which acts like it here) it gets [`AssignmentError::Busy`] at
-/// once, as it does when a withdrawal of the same proposal is in flight.
+/// `options` gives the mode, the lock timeout and the retry policy (a [`LockMode`] alone
+/// will do); the strength is always `NO KEY UPDATE`. With [`LockMode::Wait`] a concurrent
+/// accept on the same project waits and then gets [`AssignmentError::AlreadyAssigned`]; with
+/// [`LockMode::NoWait`] (and [`LockMode::SkipLocked`], which acts like it here) it gets
+/// [`AssignmentError::Busy`] at once, as it does when a withdrawal of the same proposal is in
+/// flight.
 pub async fn accept_proposal(
-    pool: &Pool,
+    db: &Db,
     proposal_id: i64,
-    mode: LockMode,
+    options: impl Into<Lock>,
 ) -> Result<(), AssignmentError> {
-    accept_proposal_with(pool, proposal_id, &AcceptOptions::new().mode(mode)).await
-}
-
-/// [`accept_proposal`] with a lock timeout and an optional retry policy.
-pub async fn accept_proposal_with(
-    pool: &Pool,
-    proposal_id: i64,
-    options: &AcceptOptions,
-) -> Result<(), AssignmentError> {
-    let once = RetryPolicy::new().max_attempts(1);
-    let policy = options.retry.as_ref().unwrap_or(&once);
+    let options = options.into();
     // The lock timeout travels with BEGIN; the locking query says whether to wait.
-    let lock = match options.lock.mode {
+    let lock = match options.mode {
         LockMode::Wait => LOCK_FOR_ACCEPT,
         LockMode::NoWait | LockMode::SkipLocked => LOCK_FOR_ACCEPT_NOWAIT,
     };
-    with_transaction_retry(pool, &options.lock.transaction, policy, |tx| {
+    db.with_transaction(options.transaction, |tx| {
         Box::pin(async move { accept_in(tx, proposal_id, lock).await })
     })
     .await
@@ -242,7 +197,7 @@ async fn accept_in(tx: &Transaction, proposal_id: i64, lock: &str) -> Result<(),
 /// The accept as one statement (see [`accept_proposal_in_one_statement`]): the project
 /// changes only while open, and only if the proposal (locked after the project) is one of its
 /// pending ones; the accept and the rejections ride with it.
-static ACCEPT_TRANSITION: std::sync::LazyLock<Transition> = std::sync::LazyLock::new(|| {
+fn accept_transition() -> Transition {
     Transition::new("status = 'assigned', updated_at = now()")
         .when("status = 'open'")
         .guard(
@@ -258,7 +213,7 @@ static ACCEPT_TRANSITION: std::sync::LazyLock<Transition> = std::sync::LazyLock:
              WHERE proposals.project_id = changed.id AND proposals.id <> $1 \
              AND proposals.status = 'pending'",
         )
-});
+}
 
 /// [`accept_proposal`] as one statement, a [`Transition`] of the project: one round trip, no
 /// lock held across the network, so a manager's slow connection never holds up the others.
@@ -277,23 +232,27 @@ static ACCEPT_TRANSITION: std::sync::LazyLock<Transition> = std::sync::LazyLock:
 /// accepting it later fails with `AlreadyAssigned`. [`accept_proposal`] rejects it, since its
 /// rejection runs after the lock with a new snapshot.
 pub async fn accept_proposal_in_one_statement(
-    pool: &Pool,
+    db: &Db,
     project_id: i64,
     proposal_id: i64,
 ) -> Result<(), AssignmentError> {
-    match transition::<Project>(pool, &project_id, &ACCEPT_TRANSITION, &[&proposal_id]).await? {
-        Transitioned::Done(_) => Ok(()),
-        Transitioned::NotFound => Err(AssignmentError::ProjectNotFound(project_id)),
-        Transitioned::Conflict(project) if project.status != ProjectStatus::Open => {
+    let accept = accept_transition();
+    match db
+        .transition::<Project>(&project_id, &accept, &[&proposal_id])
+        .await?
+    {
+        Outcome::Done(_) => Ok(()),
+        Outcome::Conflict(project) if project.status != ProjectStatus::Open => {
             Err(AssignmentError::AlreadyAssigned(project_id))
         }
         // Open, so the guard stopped it: say what is wrong with the proposal.
-        Transitioned::Conflict(_) => {
+        Outcome::Conflict(_) => {
             let read = TransactionOptions::new().read_only(true);
-            let found = with_transaction(pool, &read, |tx| {
-                Box::pin(async move { tx.query_opt(FIND_PROPOSAL, &[&proposal_id]).await })
-            })
-            .await?;
+            let found = db
+                .with_transaction(read, |tx| {
+                    Box::pin(async move { tx.query_opt(FIND_PROPOSAL, &[&proposal_id]).await })
+                })
+                .await?;
             match found {
                 Some(row) if row.get::<_, i64>(0) == project_id => {
                     Err(AssignmentError::NotPending {
@@ -304,18 +263,17 @@ pub async fn accept_proposal_in_one_statement(
                 _ => Err(AssignmentError::ProposalNotFound(proposal_id)),
             }
         }
+        // A transition answers Done, NotFound or Conflict.
+        _ => Err(AssignmentError::ProjectNotFound(project_id)),
     }
 }
 
 /// A project and its proposals, read from one snapshot.
-pub async fn project_details(
-    pool: &Pool,
-    project_id: i64,
-) -> Result<ProjectDetails, AssignmentError> {
+pub async fn project_details(db: &Db, project_id: i64) -> Result<ProjectDetails, AssignmentError> {
     let snapshot = TransactionOptions::new()
         .isolation(Isolation::RepeatableRead)
         .read_only(true);
-    with_transaction(pool, &snapshot, |tx| {
+    db.with_transaction(snapshot, |tx| {
         Box::pin(async move {
             let (project, proposals) = futures_util::future::join(
                 tx.query_opt(SELECT_PROJECT, &[&project_id]),

@@ -1,8 +1,6 @@
 //! The schema, applied idempotently.
 
-use deadpool_postgres::Pool;
-
-use crate::{Error, TransactionOptions, with_transaction};
+use crate::{Db, Error, TransactionOptions};
 
 /// The partial unique index that allows at most one accepted proposal per project: the safety
 /// net under the lock.
@@ -36,8 +34,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS proposals_one_accepted
 
 /// Creates the tables, constraints and indexes if they do not exist. Safe to call at every
 /// start-up and from several processes at once.
-pub async fn migrate(pool: &Pool) -> Result<(), Error> {
-    with_transaction(pool, &TransactionOptions::new(), |tx| {
+pub async fn migrate(db: &Db) -> Result<(), Error> {
+    db.with_transaction(TransactionOptions::new(), |tx| {
         Box::pin(async move {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
                 .await?;

@@ -6,6 +6,7 @@ use std::fmt;
 use tokio_postgres::error::SqlState;
 
 use crate::diagnostics::Blocker;
+use crate::outcome::RowRef;
 
 mod sqlstate;
 
@@ -82,6 +83,10 @@ pub enum ErrorKind {
     /// ([`Outcome::into_result`](crate::Outcome::into_result) of
     /// [`Outcome::Skipped`](crate::Outcome::Skipped)).
     RowSkipped,
+    /// A transition's condition or guard was not met
+    /// ([`Outcome::into_result`](crate::Outcome::into_result) of
+    /// [`Outcome::Conflict`](crate::Outcome::Conflict)).
+    Conflict,
     /// A retry policy ran out of attempts (or of time) on retryable failures.
     /// [`Error::attempts`] says how many attempts were made, [`Error::sql_state`] gives the
     /// last failure's SQLSTATE, and [`Error::last_attempt`] the last failure (its `Display` ends
@@ -117,6 +122,7 @@ impl ErrorKind {
             ErrorKind::Decode => "could not decode row",
             ErrorKind::RowNotFound => "row not found",
             ErrorKind::RowSkipped => "row skipped because another transaction holds its lock",
+            ErrorKind::Conflict => "the transition's condition was not met",
             ErrorKind::RetriesExhausted => "retries exhausted",
             ErrorKind::Db => "database error",
             ErrorKind::Driver => "driver error",
@@ -203,6 +209,8 @@ struct Inner {
     source: Option<Box<dyn StdError + Send + Sync>>,
     /// Who held the lock, when gathered.
     blockers: Option<Vec<Blocker>>,
+    /// The rows a statement that could not lock asked for.
+    rows: Vec<RowRef>,
     /// Preparing the statement again (after asking the server for the table's columns again)
     /// cures it: see [`Error::is_stale_plan`].
     stale: bool,
@@ -224,6 +232,7 @@ impl Error {
                 transaction: None,
                 source: None,
                 blockers: None,
+                rows: Vec::new(),
                 stale: false,
                 misfit: None,
             }),
@@ -365,6 +374,21 @@ impl Error {
         self
     }
 
+    /// Names the rows the statement that failed asked for (a lock it could not take).
+    pub(crate) fn about_rows(mut self, rows: Vec<RowRef>) -> Self {
+        self.inner.rows = rows;
+        self
+    }
+
+    /// For [`ErrorKind::LockNotAvailable`] and [`ErrorKind::LockTimeout`] from a call that
+    /// locks rows by key: the rows (table and key) the statement that could not lock asked
+    /// for. One row when the call or the set's table asked for one; when one statement asked
+    /// for several rows of a table, all of them, since PostgreSQL does not say which one was
+    /// held. Empty otherwise (claims, advisory locks, the caller's own SQL).
+    pub fn rows(&self) -> &[RowRef] {
+        &self.inner.rows
+    }
+
     pub(crate) fn set_blockers(&mut self, blockers: Vec<Blocker>) {
         self.inner.blockers = Some(blockers);
     }
@@ -374,7 +398,7 @@ impl Error {
     /// [`with_locked_row`](crate::with_locked_row), [`with_locked_rows`](crate::with_locked_rows),
     /// their `_retry` forms (when the outcome is returned, not retried) and
     /// [`with_advisory_lock`](crate::with_advisory_lock), when the call asked with
-    /// [`LockOptions::find_blockers`](crate::LockOptions::find_blockers).
+    /// [`Lock::find_blockers`](crate::Lock::find_blockers).
     ///
     /// `None` when not gathered (not asked for, other errors, locks taken with
     /// [`Transaction::lock_row`](crate::Transaction::lock_row) inside your own transaction, or
@@ -590,6 +614,11 @@ impl fmt::Display for Error {
             .filter(|_| !self.cause_prints_state())
         {
             write!(f, " (SQLSTATE {})", state.code())?;
+        }
+        match self.inner.rows.as_slice() {
+            [] => {}
+            [row] => write!(f, " on {row}")?,
+            [first, rest @ ..] => write!(f, " on one of {first} and {} more", rest.len())?,
         }
         if let Some(blockers) = &self.inner.blockers {
             if let Some(first) = blockers.first() {

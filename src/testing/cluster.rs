@@ -108,7 +108,7 @@ impl TestCluster {
     /// ```no_run
     /// # async fn demo() -> Result<(), rowlock::testing::HarnessError> {
     /// let db = rowlock::testing::TestCluster::shared()?.create_database().await?;
-    /// let pool = db.pool(4);
+    /// let handle = db.db(4);
     /// # Ok(()) }
     /// ```
     pub fn shared() -> Result<&'static TestCluster, HarnessError> {
@@ -152,7 +152,7 @@ impl TestCluster {
     /// run as the same unprivileged user and stopped with the cluster. `binary` defaults to
     /// `pgbouncer` on `PATH` or in `/usr/sbin` (Debian's `pgbouncer` package).
     ///
-    /// [`TestDatabase::pool`] then connects through PgBouncer and sets
+    /// [`TestDatabase::db`] then connects through PgBouncer and sets
     /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) as the process
     /// default; [`TestDatabase::client`] and [`TestDatabase::session`] still connect to the
     /// server directly (lock holders and observers need a session of their own).

@@ -1,16 +1,14 @@
 //! A fresh database per test.
 
+use std::hash::{BuildHasher, RandomState};
 use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::{HarnessError, TestCluster, connect};
 use crate::row::quote_ident;
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A database created for one test. On a throwaway cluster it is left in place (the cluster
 /// is deleted at exit, and a failed test's data can be inspected until then); on a
@@ -42,10 +40,12 @@ impl TestDatabase {
         cluster: &TestCluster,
         keep: Option<Arc<TestCluster>>,
     ) -> Result<TestDatabase, HarnessError> {
+        // Unique without shared state: the process, and a number drawn from the standard
+        // library's per-instance random hash keys.
         let name = format!(
-            "rowlock_test_{}_{}",
+            "rowlock_test_{}_{:016x}",
             std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
+            RandomState::new().hash_one(0_u8)
         );
         let admin = cluster.config().clone();
         let client = connect(&admin).await?;
@@ -77,7 +77,7 @@ impl TestDatabase {
         self.pooled.as_ref()
     }
 
-    /// True when [`pool`](Self::pool) connects through PgBouncer.
+    /// True when [`db`](Self::db) connects through PgBouncer.
     pub fn is_behind_pgbouncer(&self) -> bool {
         self.pooled.is_some()
     }
@@ -87,15 +87,16 @@ impl TestDatabase {
         &self.config
     }
 
-    /// A deadpool pool of at most `max_size` connections to this database, recycled with the
-    /// `Fast` method (rowlock never returns a connection inside a transaction), without
-    /// timeouts. [`pool_with`](Self::pool_with) takes [`PoolOptions`](crate::PoolOptions).
+    /// A [`Db`](crate::Db) for this database with a pool of at most `max_size` connections,
+    /// recycled with the `Fast` method (rowlock never returns a connection inside a
+    /// transaction), without timeouts. [`db_with`](Self::db_with) takes a
+    /// [`Builder`](crate::Builder).
     ///
     /// When the cluster has a PgBouncer in front
     /// ([`TestCluster::start_behind_pgbouncer`]), the pool connects through it, and
-    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) becomes the pool's
-    /// mode, as a service behind PgBouncer would set it.
-    pub fn pool(&self, max_size: usize) -> Pool {
+    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) becomes the
+    /// handle's mode, as a service behind PgBouncer would set it.
+    pub fn db(&self, max_size: usize) -> crate::Db {
         let manager = Manager::from_config(
             self.pool_config().clone(),
             NoTls,
@@ -105,24 +106,24 @@ impl TestDatabase {
         );
         let pool = Pool::builder(manager)
             .max_size(max_size)
-            // As `PoolOptions` builds it: the connection returned last is handed out first.
             .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .build()
             .expect("a pool without timeouts or hooks always builds");
-        self.behind_pgbouncer(pool)
+        self.behind_pgbouncer(crate::Db::builder().pool(pool))
+            .build()
+            .expect("a handle around a built pool with default defaults always builds")
     }
 
-    /// A pool to this database with `options` (timeouts included), as
-    /// [`pool_from_url`](crate::pool_from_url) builds one for a service; through PgBouncer
-    /// as [`pool`](Self::pool) says. Invalid options are refused.
-    pub fn pool_with(&self, options: &crate::PoolOptions) -> Result<Pool, crate::Error> {
-        let pool = options.build(self.pool_config().clone())?;
-        Ok(self.behind_pgbouncer(pool))
+    /// A [`Db`](crate::Db) for this database from `builder`'s settings (its connection
+    /// settings replaced by this database's; behind PgBouncer, as [`db`](Self::db)).
+    pub fn db_with(&self, builder: crate::Builder) -> Result<crate::Db, crate::Error> {
+        self.behind_pgbouncer(builder.config(self.pool_config().clone()))
+            .build()
     }
 
     /// A connection URL for this database (`postgres://user@host:port/db`, with the password
     /// if the cluster has one), for code under test that reads `DATABASE_URL`. Through
-    /// PgBouncer when the cluster has one, as the pools are.
+    /// PgBouncer when the cluster has one, as the handles are.
     pub fn url(&self) -> String {
         config_url(self.pool_config())
     }
@@ -131,11 +132,12 @@ impl TestDatabase {
         self.pooled.as_ref().unwrap_or(&self.config)
     }
 
-    fn behind_pgbouncer(&self, pool: Pool) -> Pool {
+    fn behind_pgbouncer(&self, builder: crate::Builder) -> crate::Builder {
         if self.pooled.is_some() {
-            crate::StatementCache::Transaction.set_for_pool(&pool);
+            builder.statement_cache(crate::StatementCache::Transaction)
+        } else {
+            builder
         }
-        pool
     }
 
     /// A plain connection to this database.

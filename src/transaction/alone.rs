@@ -6,7 +6,9 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Object;
+
+use crate::db::Db;
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -82,14 +84,14 @@ impl Drop for Alone {
 /// [`ErrorKind::CommitOutcomeUnknown`]. A statement a migration made stale is prepared again,
 /// once. Dropped while a request is in flight, see [`Alone`].
 pub(crate) async fn run_alone(
-    pool: &Pool,
+    db: &Db,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
     step: Step,
     custom_plan: bool,
 ) -> Result<Vec<Row>, Error> {
     let conn = Alone {
-        client: Some(pool.get().await.map_err(Error::from_pool)?),
+        client: Some(db.pool().get().await.map_err(Error::from_pool)?),
         in_flight: AtomicBool::new(false),
     };
     let client = conn.conn();

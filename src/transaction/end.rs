@@ -86,7 +86,12 @@ impl Transaction {
             _ => false,
         };
         match dirty.clean(rolled_back) {
-            Some(client) => Ok(Transaction::on(client, options, self.per_transaction)),
+            Some(client) => Ok(Transaction::on(
+                self.db.clone(),
+                client,
+                options,
+                self.per_transaction,
+            )),
             None => Err(Error::with_kind(
                 ErrorKind::Closed,
                 "the connection could not be rolled back to prepare a changed statement again",

@@ -21,7 +21,9 @@ use std::future::Future;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Object;
+
+use crate::db::Db;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
@@ -69,6 +71,8 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// running.
 pub struct Transaction {
     client: Option<Object>,
+    /// The handle it was opened from: the names learned about each row type's table.
+    db: Db,
     state: Mutex<State>,
     /// [`StatementCache::Transaction`]: statements are prepared per transaction.
     per_transaction: bool,
@@ -139,42 +143,33 @@ fn idle_timeout_error(step: Step, limit: Option<Duration>) -> Error {
 }
 
 impl Transaction {
-    /// Takes a connection from `pool` and prepares a transaction with `options`.
-    ///
-    /// Invalid options are refused before a connection is taken. Pool errors are returned
-    /// as [`ErrorKind::PoolTimeout`] / [`ErrorKind::Pool`] / [`ErrorKind::Closed`]. Nothing is
-    /// sent yet: `BEGIN` leaves with the first statement.
-    ///
-    /// ```no_run
-    /// # async fn demo(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-    /// use rowlock::{Transaction, TransactionOptions};
-    ///
-    /// let tx = Transaction::begin(pool, &TransactionOptions::new()).await?;
-    /// tx.execute("UPDATE counters SET n = n + 1 WHERE id = $1", &[&1_i64]).await?;
-    /// tx.commit().await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn begin(pool: &Pool, options: &TransactionOptions) -> Result<Transaction, Error> {
-        options.validate()?;
-        Self::begin_unchecked(pool, options).await
-    }
-
+    /// Takes a connection from `db`'s pool and prepares a transaction with `options` (already
+    /// checked, the handle's defaults under them).
     pub(crate) async fn begin_unchecked(
-        pool: &Pool,
+        db: &Db,
         options: &TransactionOptions,
     ) -> Result<Transaction, Error> {
-        let per_transaction = options
-            .statement_cache
-            .unwrap_or_else(|| StatementCache::for_pool(pool))
-            == StatementCache::Transaction;
-        let client = pool.get().await.map_err(Error::from_pool)?;
-        Ok(Self::on(client, options, per_transaction))
+        let per_transaction =
+            options.statement_cache.unwrap_or(db.statement_cache()) == StatementCache::Transaction;
+        let client = db.pool().get().await.map_err(Error::from_pool)?;
+        Ok(Self::on(db.clone(), client, options, per_transaction))
+    }
+
+    /// The handle this transaction was opened from.
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
     }
 
     /// A transaction with `options` on a connection that is outside any transaction.
-    fn on(client: Object, options: &TransactionOptions, per_transaction: bool) -> Transaction {
+    fn on(
+        db: Db,
+        client: Object,
+        options: &TransactionOptions,
+        per_transaction: bool,
+    ) -> Transaction {
         Transaction {
             client: Some(client),
+            db,
             // Behind a pooler (`StatementCache::Transaction`), the connection's cancel key names
             // the pooler, not the server process: `BEGIN` reports the process to cancel.
             state: Mutex::new(State::new(options.begin_sql(per_transaction))),

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rowlock::testing::{Session, wait_for_blocked_by};
 use rowlock::tokio_postgres::error::SqlState;
-use rowlock::{AdvisoryKey, ErrorKind, LockMode, LockOptions, Outcome, with_advisory_lock};
+use rowlock::{AdvisoryKey, ErrorKind, Lock, LockMode, Outcome};
 
 use crate::support::{AppError, WAIT, accounts};
 
@@ -28,8 +28,8 @@ async fn free(session: &Session, key: i64) -> bool {
 
 #[tokio::test]
 async fn nowait_timeout_and_wait_against_a_holder() {
-    let (db, pool) = accounts(0).await;
-    let holder = db.session().await.unwrap();
+    let (pg, db) = accounts(0).await;
+    let holder = pg.session().await.unwrap();
     holder.execute("BEGIN", &[]).await.unwrap();
     holder
         .execute("SELECT pg_advisory_xact_lock($1)", &[&KEY])
@@ -37,31 +37,32 @@ async fn nowait_timeout_and_wait_against_a_holder() {
         .unwrap();
     let key = AdvisoryKey::single(KEY);
 
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let outcome = with_advisory_lock(&pool, key, &nowait, ran).await.unwrap();
+    let nowait = Lock::new().mode(LockMode::NoWait);
+    let outcome = db.with_advisory_lock(key, &nowait, ran).await.unwrap();
     assert!(
         matches!(&outcome, Outcome::LockNotAvailable(e) if e.is_lock_not_available()),
         "{outcome:?}"
     );
 
-    let timeout = LockOptions::new().lock_timeout(Duration::from_millis(100));
-    let outcome = with_advisory_lock(&pool, key, &timeout, ran).await.unwrap();
+    let timeout = Lock::new().lock_timeout(Duration::from_millis(100));
+    let outcome = db.with_advisory_lock(key, &timeout, ran).await.unwrap();
     let Outcome::LockTimeout(e) = outcome else {
         panic!("{outcome:?}")
     };
     assert_eq!(e.sql_state(), Some(&SqlState::LOCK_NOT_AVAILABLE));
 
     // A different key space: pair keys never collide with single keys.
-    let outcome = with_advisory_lock(&pool, AdvisoryKey::pair(0, KEY as i32), &nowait, ran)
+    let outcome = db
+        .with_advisory_lock(AdvisoryKey::pair(0, KEY as i32), &nowait, ran)
         .await
         .unwrap();
     assert!(matches!(outcome, Outcome::Done("ran")), "{outcome:?}");
 
     let waiter = tokio::spawn({
-        let pool = pool.clone();
-        async move { with_advisory_lock(&pool, key, &LockOptions::new(), ran).await }
+        let db = db.clone();
+        async move { db.with_advisory_lock(key, &Lock::new(), ran).await }
     });
-    let observer = db.client().await.unwrap();
+    let observer = pg.client().await.unwrap();
     wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
         .await
         .unwrap();
@@ -73,32 +74,32 @@ async fn nowait_timeout_and_wait_against_a_holder() {
 
 #[tokio::test]
 async fn the_lock_is_released_at_commit_and_at_rollback() {
-    let (db, pool) = accounts(0).await;
-    let other = db.session().await.unwrap();
+    let (pg, db) = accounts(0).await;
+    let other = pg.session().await.unwrap();
     let key = AdvisoryKey::single(KEY);
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let outcome = with_advisory_lock(&pool, key, &nowait, |_| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
+    let nowait = Lock::new().mode(LockMode::NoWait);
+    let outcome = db
+        .with_advisory_lock(key, &nowait, |_| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
     assert!(outcome.is_done());
     assert!(free(&other, KEY).await, "released at commit");
 
-    let result = with_advisory_lock(&pool, key, &nowait, |_| {
-        Box::pin(async { Err::<(), _>(AppError::Conflict) })
-    })
-    .await;
+    let result = db
+        .with_advisory_lock(key, &nowait, |_| {
+            Box::pin(async { Err::<(), _>(AppError::Conflict) })
+        })
+        .await;
     assert!(matches!(result, Err(AppError::Conflict)));
     assert!(free(&other, KEY).await, "released at rollback");
 
-    let skip = LockOptions::new().mode(LockMode::SkipLocked);
-    let err = with_advisory_lock(&pool, key, &skip, ran)
-        .await
-        .unwrap_err();
+    let skip = Lock::new().mode(LockMode::SkipLocked);
+    let err = db.with_advisory_lock(key, &skip, ran).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert_eq!(
-        pool.status().size,
+        db.pool().status().size,
         1,
         "the refused call took no new connection"
     );

@@ -3,30 +3,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rowlock::Db;
 use rowlock::assignment::{
-    AcceptOptions, AssignmentError, ONE_ACCEPTED_INDEX, ProjectStatus, ProposalStatus,
-    accept_proposal, accept_proposal_in_one_statement, accept_proposal_with, create_project,
-    migrate, project_details, submit_proposal, withdraw_proposal,
+    AssignmentError, ONE_ACCEPTED_INDEX, ProjectStatus, ProposalStatus, accept_proposal,
+    accept_proposal_in_one_statement, create_project, migrate, project_details, submit_proposal,
+    withdraw_proposal,
 };
-use rowlock::deadpool_postgres::Pool;
 use rowlock::testing::{TestCluster, TestDatabase, wait_for_blocked_by};
 use rowlock::tokio_postgres::Client;
-use rowlock::{LockMode, RetryPolicy};
+use rowlock::{Lock, LockMode, RetryPolicy};
 
 use crate::support::WAIT;
 
 #[path = "../../examples/common/flawed.rs"]
 mod flawed;
 
-async fn setup(pool_size: usize) -> (TestDatabase, Pool) {
-    let db = TestCluster::shared()
+async fn setup(pool_size: usize) -> (TestDatabase, Db) {
+    let pg = TestCluster::shared()
         .unwrap()
         .create_database()
         .await
         .unwrap();
-    let pool = db.pool(pool_size);
-    migrate(&pool).await.unwrap();
-    (db, pool)
+    let db = pg.db(pool_size);
+    migrate(&db).await.unwrap();
+    (pg, db)
 }
 
 /// `projects` open projects with `per` pending proposals each: project p has proposals
@@ -94,20 +94,16 @@ async fn accepted_count(client: &Client, project_id: i64) -> i64 {
 
 #[tokio::test]
 async fn accept_assigns_the_project_and_rejects_the_others() {
-    let (_db, pool) = setup(4).await;
-    let project = create_project(&pool, "  Build a dashboard  ")
-        .await
-        .unwrap();
+    let (_db, db) = setup(4).await;
+    let project = create_project(&db, "  Build a dashboard  ").await.unwrap();
     assert_eq!(project.title, "Build a dashboard");
     assert_eq!(project.status, ProjectStatus::Open);
     let mut ids = Vec::new();
     for who in ["ada", "grace", "linus"] {
-        ids.push(submit_proposal(&pool, project.id, who).await.unwrap().id);
+        ids.push(submit_proposal(&db, project.id, who).await.unwrap().id);
     }
-    accept_proposal(&pool, ids[1], LockMode::Wait)
-        .await
-        .unwrap();
-    let details = project_details(&pool, project.id).await.unwrap();
+    accept_proposal(&db, ids[1], LockMode::Wait).await.unwrap();
+    let details = project_details(&db, project.id).await.unwrap();
     assert_eq!(details.project.status, ProjectStatus::Assigned);
     let statuses: Vec<ProposalStatus> = details.proposals.iter().map(|p| p.status).collect();
     assert_eq!(
@@ -119,22 +115,22 @@ async fn accept_assigns_the_project_and_rejects_the_others() {
         ]
     );
     // Idempotent migrations.
-    migrate(&pool).await.unwrap();
-    let (a, b) = tokio::join!(migrate(&pool), migrate(&pool));
+    migrate(&db).await.unwrap();
+    let (a, b) = tokio::join!(migrate(&db), migrate(&db));
     a.unwrap();
     b.unwrap();
 }
 
 #[tokio::test]
 async fn the_flawed_version_double_accepts_without_the_index_and_fails_with_it() {
-    let (db, _pool) = setup(2).await;
-    let (a, b) = (db.client().await.unwrap(), db.client().await.unwrap());
+    let (pg, _pool) = setup(2).await;
+    let (a, b) = (pg.client().await.unwrap(), pg.client().await.unwrap());
     for with_index in [false, true] {
         a.batch_execute("TRUNCATE projects, proposals RESTART IDENTITY")
             .await
             .unwrap();
         if with_index {
-            migrate(&db.pool(1)).await.unwrap();
+            migrate(&pg.db(1)).await.unwrap();
         } else {
             a.batch_execute(&format!("DROP INDEX {ONE_ACCEPTED_INDEX}"))
                 .await
@@ -169,18 +165,18 @@ async fn the_flawed_version_double_accepts_without_the_index_and_fails_with_it()
 
 #[tokio::test]
 async fn the_locked_version_makes_the_loser_wait_then_see_already_assigned() {
-    let (db, pool) = setup(4).await;
-    let a = db.session().await.unwrap();
+    let (pg, db) = setup(4).await;
+    let a = pg.session().await.unwrap();
     seed(&a, 1, 2).await;
     // A holds the project lock, as accept_proposal does between its check and its writes.
     a.batch_execute("BEGIN; SELECT * FROM projects WHERE id = 1 FOR NO KEY UPDATE")
         .await
         .unwrap();
     let b = tokio::spawn({
-        let pool = pool.clone();
-        async move { accept_proposal(&pool, 2, LockMode::Wait).await }
+        let db = db.clone();
+        async move { accept_proposal(&db, 2, LockMode::Wait).await }
     });
-    let observer = db.client().await.unwrap();
+    let observer = pg.client().await.unwrap();
     wait_for_blocked_by(&observer, a.pid(), 1, WAIT)
         .await
         .unwrap();
@@ -201,8 +197,8 @@ async fn the_locked_version_makes_the_loser_wait_then_see_already_assigned() {
     assert_eq!(accepted_count(&observer, 1).await, 1);
 
     // NoWait: told "busy" at once instead of waiting.
-    let project = create_project(&pool, "second").await.unwrap();
-    let proposal = submit_proposal(&pool, project.id, "ada").await.unwrap();
+    let project = create_project(&db, "second").await.unwrap();
+    let proposal = submit_proposal(&db, project.id, "ada").await.unwrap();
     a.batch_execute("BEGIN").await.unwrap();
     a.execute(
         "SELECT * FROM projects WHERE id = $1 FOR NO KEY UPDATE",
@@ -210,7 +206,7 @@ async fn the_locked_version_makes_the_loser_wait_then_see_already_assigned() {
     )
     .await
     .unwrap();
-    let err = accept_proposal(&pool, proposal.id, LockMode::NoWait)
+    let err = accept_proposal(&db, proposal.id, LockMode::NoWait)
         .await
         .unwrap_err();
     assert!(matches!(err, AssignmentError::Busy), "{err:?}");
@@ -221,17 +217,17 @@ async fn the_locked_version_makes_the_loser_wait_then_see_already_assigned() {
 async fn stress_many_managers_never_break_the_invariant() {
     let tasks = 64;
     let (projects, per) = (2_000_i64, 4_i64);
-    let (db, pool) = setup(tasks + 4).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = setup(tasks + 4).await;
+    let client = pg.client().await.unwrap();
     seed(&client, projects, per).await;
     let nowait = Arc::new(
-        AcceptOptions::new()
+        Lock::new()
             .mode(LockMode::NoWait)
             .retry(RetryPolicy::new().retry_lock_contention(true)),
     );
     let workers: Vec<_> = (0..tasks as u64)
         .map(|t| {
-            let (pool, nowait) = (pool.clone(), nowait.clone());
+            let (db, nowait) = (db.clone(), nowait.clone());
             tokio::spawn(async move {
                 let mut seed =
                     0xA5A5_5A5A_1234_5678_u64 ^ (t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -242,9 +238,9 @@ async fn stress_many_managers_never_break_the_invariant() {
                     seed ^= seed << 17;
                     let proposal = (seed % (projects * per) as u64) as i64 + 1;
                     let result = if i % 2 == 0 {
-                        accept_proposal(&pool, proposal, LockMode::Wait).await
+                        accept_proposal(&db, proposal, LockMode::Wait).await
                     } else {
-                        accept_proposal_with(&pool, proposal, &nowait).await
+                        accept_proposal(&db, proposal, &*nowait).await
                     };
                     match result {
                         Ok(()) => accepted += 1,
@@ -282,16 +278,16 @@ async fn stress_many_managers_never_break_the_invariant() {
 #[tokio::test]
 async fn accept_and_withdraw_racing_end_in_exactly_one_outcome() {
     let rounds = 200;
-    let (db, pool) = setup(16).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = setup(16).await;
+    let client = pg.client().await.unwrap();
     seed(&client, rounds, 1).await;
     let races: Vec<_> = (1..=rounds)
         .map(|p| {
-            let pool = pool.clone();
+            let db = db.clone();
             tokio::spawn(async move {
                 let (accept, withdraw) = tokio::join!(
-                    accept_proposal(&pool, p, LockMode::Wait),
-                    withdraw_proposal(&pool, p)
+                    accept_proposal(&db, p, LockMode::Wait),
+                    withdraw_proposal(&db, p)
                 );
                 (p, accept.is_ok(), withdraw.is_ok(), accept, withdraw)
             })
@@ -314,7 +310,7 @@ async fn accept_and_withdraw_racing_end_in_exactly_one_outcome() {
             "{loser:?}"
         );
         accepts += accepted as i64;
-        let details = project_details(&pool, p).await.unwrap();
+        let details = project_details(&db, p).await.unwrap();
         let expected = if accepted {
             (ProjectStatus::Assigned, ProposalStatus::Accepted)
         } else {
@@ -331,55 +327,55 @@ async fn accept_and_withdraw_racing_end_in_exactly_one_outcome() {
 
 #[tokio::test]
 async fn bad_input_gets_typed_errors_and_writes_nothing() {
-    let (db, pool) = setup(4).await;
-    let client = db.client().await.unwrap();
-    let project = create_project(&pool, "p").await.unwrap();
-    let mine = submit_proposal(&pool, project.id, "ada").await.unwrap();
-    let other = submit_proposal(&pool, project.id, "grace").await.unwrap();
+    let (pg, db) = setup(4).await;
+    let client = pg.client().await.unwrap();
+    let project = create_project(&db, "p").await.unwrap();
+    let mine = submit_proposal(&db, project.id, "ada").await.unwrap();
+    let other = submit_proposal(&db, project.id, "grace").await.unwrap();
     let before = counts(&client).await;
     let long = "x".repeat(201);
     for title in ["", "   ", long.as_str(), "a\0b"] {
-        let err = create_project(&pool, title).await.unwrap_err();
+        let err = create_project(&db, title).await.unwrap_err();
         assert!(
             matches!(err, AssignmentError::InvalidInput(_)),
             "{title:?}: {err:?}"
         );
     }
     for name in ["", &"y".repeat(101)] {
-        let err = submit_proposal(&pool, project.id, name).await.unwrap_err();
+        let err = submit_proposal(&db, project.id, name).await.unwrap_err();
         assert!(matches!(err, AssignmentError::InvalidInput(_)), "{err:?}");
     }
-    let err = submit_proposal(&pool, project.id, "ada").await.unwrap_err();
+    let err = submit_proposal(&db, project.id, "ada").await.unwrap_err();
     assert!(
         matches!(err, AssignmentError::DuplicateProposal { .. }),
         "{err:?}"
     );
-    let err = submit_proposal(&pool, 9_999, "ada").await.unwrap_err();
+    let err = submit_proposal(&db, 9_999, "ada").await.unwrap_err();
     assert!(
         matches!(err, AssignmentError::ProjectNotFound(9_999)),
         "{err:?}"
     );
-    let err = accept_proposal(&pool, 9_999, LockMode::Wait)
+    let err = accept_proposal(&db, 9_999, LockMode::Wait)
         .await
         .unwrap_err();
     assert!(
         matches!(err, AssignmentError::ProposalNotFound(9_999)),
         "{err:?}"
     );
-    let err = withdraw_proposal(&pool, 9_999).await.unwrap_err();
+    let err = withdraw_proposal(&db, 9_999).await.unwrap_err();
     assert!(
         matches!(err, AssignmentError::ProposalNotFound(9_999)),
         "{err:?}"
     );
-    let err = project_details(&pool, 9_999).await.unwrap_err();
+    let err = project_details(&db, 9_999).await.unwrap_err();
     assert!(
         matches!(err, AssignmentError::ProjectNotFound(9_999)),
         "{err:?}"
     );
     assert_eq!(counts(&client).await, before, "nothing was written");
 
-    withdraw_proposal(&pool, mine.id).await.unwrap();
-    let err = accept_proposal(&pool, mine.id, LockMode::Wait)
+    withdraw_proposal(&db, mine.id).await.unwrap();
+    let err = accept_proposal(&db, mine.id, LockMode::Wait)
         .await
         .unwrap_err();
     assert!(
@@ -392,19 +388,15 @@ async fn bad_input_gets_typed_errors_and_writes_nothing() {
         ),
         "{err:?}"
     );
-    let err = withdraw_proposal(&pool, mine.id).await.unwrap_err();
+    let err = withdraw_proposal(&db, mine.id).await.unwrap_err();
     assert!(matches!(err, AssignmentError::NotPending { .. }), "{err:?}");
-    accept_proposal(&pool, other.id, LockMode::Wait)
+    accept_proposal(&db, other.id, LockMode::Wait)
         .await
         .unwrap();
-    let err = submit_proposal(&pool, project.id, "linus")
-        .await
-        .unwrap_err();
+    let err = submit_proposal(&db, project.id, "linus").await.unwrap_err();
     assert!(matches!(err, AssignmentError::ProjectNotOpen(_)), "{err:?}");
-    let timeout = AcceptOptions::new().lock_timeout(Duration::ZERO);
-    let err = accept_proposal_with(&pool, other.id, &timeout)
-        .await
-        .unwrap_err();
+    let timeout = Lock::new().lock_timeout(Duration::ZERO);
+    let err = accept_proposal(&db, other.id, &timeout).await.unwrap_err();
     assert!(
         matches!(&err, AssignmentError::Db(e) if e.is_invalid_argument()),
         "{err:?}"
@@ -416,20 +408,20 @@ async fn bad_input_gets_typed_errors_and_writes_nothing() {
 #[tokio::test]
 async fn the_one_statement_accept_keeps_the_invariant_under_races() {
     let (projects, per) = (150_i64, 4_i64);
-    let (db, pool) = setup(16).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = setup(16).await;
+    let client = pg.client().await.unwrap();
     seed(&client, projects, per).await;
     let mut handles = Vec::new();
     for project in 1..=projects {
         for k in 0..per {
-            let pool = pool.clone();
+            let db = db.clone();
             let proposal = (project - 1) * per + k + 1;
             handles.push(tokio::spawn(async move {
                 if k == 3 {
                     // The last proposal of each project is also being withdrawn.
                     let (accept, withdraw) = tokio::join!(
-                        accept_proposal_in_one_statement(&pool, project, proposal),
-                        withdraw_proposal(&pool, proposal)
+                        accept_proposal_in_one_statement(&db, project, proposal),
+                        withdraw_proposal(&db, proposal)
                     );
                     assert!(
                         !(accept.is_ok() && withdraw.is_ok()),
@@ -439,7 +431,7 @@ async fn the_one_statement_accept_keeps_the_invariant_under_races() {
                 } else {
                     (
                         project,
-                        accept_proposal_in_one_statement(&pool, project, proposal).await,
+                        accept_proposal_in_one_statement(&db, project, proposal).await,
                     )
                 }
             }));
@@ -464,16 +456,16 @@ async fn the_one_statement_accept_keeps_the_invariant_under_races() {
 
 #[tokio::test]
 async fn the_one_statement_accept_reports_typed_errors_and_writes_nothing() {
-    let (db, pool) = setup(4).await;
-    let client = db.client().await.unwrap();
-    let p = create_project(&pool, "p").await.unwrap();
-    let q = create_project(&pool, "q").await.unwrap();
-    let mine = submit_proposal(&pool, p.id, "ada").await.unwrap();
-    let other = submit_proposal(&pool, p.id, "grace").await.unwrap();
-    let elsewhere = submit_proposal(&pool, q.id, "linus").await.unwrap();
+    let (pg, db) = setup(4).await;
+    let client = pg.client().await.unwrap();
+    let p = create_project(&db, "p").await.unwrap();
+    let q = create_project(&db, "q").await.unwrap();
+    let mine = submit_proposal(&db, p.id, "ada").await.unwrap();
+    let other = submit_proposal(&db, p.id, "grace").await.unwrap();
+    let elsewhere = submit_proposal(&db, q.id, "linus").await.unwrap();
     let before = counts(&client).await;
     for (project, proposal) in [(9_999, mine.id), (p.id, 9_999), (p.id, elsewhere.id)] {
-        let err = accept_proposal_in_one_statement(&pool, project, proposal)
+        let err = accept_proposal_in_one_statement(&db, project, proposal)
             .await
             .unwrap_err();
         let expected = if project == 9_999 {
@@ -484,8 +476,8 @@ async fn the_one_statement_accept_reports_typed_errors_and_writes_nothing() {
         assert!(expected, "({project}, {proposal}): {err:?}");
     }
     assert_eq!(counts(&client).await, before, "nothing was written");
-    withdraw_proposal(&pool, mine.id).await.unwrap();
-    let err = accept_proposal_in_one_statement(&pool, p.id, mine.id)
+    withdraw_proposal(&db, mine.id).await.unwrap();
+    let err = accept_proposal_in_one_statement(&db, p.id, mine.id)
         .await
         .unwrap_err();
     assert!(
@@ -498,12 +490,12 @@ async fn the_one_statement_accept_reports_typed_errors_and_writes_nothing() {
         ),
         "{err:?}"
     );
-    accept_proposal_in_one_statement(&pool, p.id, other.id)
+    accept_proposal_in_one_statement(&db, p.id, other.id)
         .await
         .unwrap();
-    let details = project_details(&pool, p.id).await.unwrap();
+    let details = project_details(&db, p.id).await.unwrap();
     assert_eq!(details.project.status, ProjectStatus::Assigned);
-    let err = accept_proposal_in_one_statement(&pool, p.id, other.id)
+    let err = accept_proposal_in_one_statement(&db, p.id, other.id)
         .await
         .unwrap_err();
     assert!(

@@ -4,10 +4,7 @@ use std::time::Duration;
 
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::tokio_postgres::{Error as PgError, Row};
-use rowlock::{
-    ErrorKind, LockOptions, LockableRow, Table, TransactionOptions, with_locked_row,
-    with_locked_rows, with_transaction,
-};
+use rowlock::{ErrorKind, Lock, LockableRow, Table, TransactionOptions};
 
 use crate::support::{Account, accounts, balance};
 
@@ -56,24 +53,22 @@ fn ok<R>(_: &rowlock::Transaction, _: R) -> rowlock::BoxFuture<'_, Result<(), ro
 
 #[tokio::test]
 async fn hostile_identifiers_cannot_inject_sql() {
-    let (db, pool) = accounts(2).await;
-    let client = db.client().await.unwrap();
-    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<HostileTable>)
+    let (pg, db) = accounts(2).await;
+    let client = pg.client().await.unwrap();
+    let err = db
+        .with_locked_row(&1, &Lock::new(), ok::<HostileTable>)
         .await
         .unwrap_err();
     assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_TABLE), "{err}");
-    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<HostileColumn>)
+    let err = db
+        .with_locked_row(&1, &Lock::new(), ok::<HostileColumn>)
         .await
         .unwrap_err();
     assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN), "{err}");
-    let err = with_locked_rows(
-        &pool,
-        &[1, 2],
-        &LockOptions::new(),
-        ok::<Vec<HostileColumn>>,
-    )
-    .await
-    .unwrap_err();
+    let err = db
+        .with_locked_rows(&[1, 2], &Lock::new(), ok::<Vec<HostileColumn>>)
+        .await
+        .unwrap_err();
     assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN), "{err}");
     let rows: i64 = client
         .query_one("SELECT count(*) FROM accounts", &[])
@@ -85,67 +80,70 @@ async fn hostile_identifiers_cannot_inject_sql() {
 
 #[tokio::test]
 async fn invalid_arguments_are_refused_before_taking_a_connection() {
-    let (_db, pool) = accounts(1).await;
-    let cases: Vec<(&str, LockOptions)> = vec![
+    let (_db, db) = accounts(1).await;
+    let cases: Vec<(&str, Lock)> = vec![
         (
             "zero lock timeout",
-            LockOptions::new().lock_timeout(Duration::ZERO),
+            Lock::new().lock_timeout(Duration::ZERO),
         ),
         (
             "sub-ms lock timeout",
-            LockOptions::new().lock_timeout(Duration::from_micros(10)),
+            Lock::new().lock_timeout(Duration::from_micros(10)),
         ),
         (
             "absurd lock timeout",
-            LockOptions::new().lock_timeout(Duration::from_secs(1 << 40)),
+            Lock::new().lock_timeout(Duration::from_secs(1 << 40)),
         ),
         (
             "zero statement timeout",
-            LockOptions::new()
-                .transaction(TransactionOptions::new().statement_timeout(Duration::ZERO)),
+            Lock::new().transaction(TransactionOptions::new().statement_timeout(Duration::ZERO)),
         ),
         (
             "read-only lock",
-            LockOptions::new().transaction(TransactionOptions::new().read_only(true)),
+            Lock::new().transaction(TransactionOptions::new().read_only(true)),
         ),
     ];
     for (name, opts) in cases {
-        let err = with_locked_row(&pool, &1, &opts, ok::<Account>)
+        let err = db
+            .with_locked_row(&1, &opts, ok::<Account>)
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}: {err}");
-        let err = with_locked_rows(&pool, &[1], &opts, ok::<Vec<Account>>)
+        let err = db
+            .with_locked_rows(&[1], &opts, ok::<Vec<Account>>)
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}: {err}");
     }
-    let err = with_locked_row(&pool, &(1, 1), &LockOptions::new(), ok::<ArityMismatch>)
+    let err = db
+        .with_locked_row(&(1, 1), &Lock::new(), ok::<ArityMismatch>)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    let err = with_locked_rows(&pool, &[], &LockOptions::new(), ok::<Vec<Account>>)
+    let err = db
+        .with_locked_rows(&[], &Lock::new(), ok::<Vec<Account>>)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     let too_many: Vec<i64> = (0..70_000).collect();
-    let err = with_locked_rows(&pool, &too_many, &LockOptions::new(), ok::<Vec<Account>>)
+    let err = db
+        .with_locked_rows(&too_many, &Lock::new(), ok::<Vec<Account>>)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     let bad_tx = TransactionOptions::new().lock_timeout(Duration::ZERO);
-    let err = with_transaction(&pool, &bad_tx, |_| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap_err();
+    let err = db
+        .with_transaction(&bad_tx, |_| Box::pin(async { Ok::<_, rowlock::Error>(()) }))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    assert_eq!(pool.status().size, 0, "no connection was ever opened");
+    assert_eq!(db.pool().status().size, 0, "no connection was ever opened");
 }
 
 #[tokio::test]
 async fn a_key_that_matches_several_rows_is_refused_and_rolled_back() {
-    let (db, pool) = accounts(0).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = accounts(0).await;
+    let client = pg.client().await.unwrap();
     client
         .batch_execute(
             "CREATE TABLE dup (id bigint, balance bigint); INSERT INTO dup VALUES (1, 1), (1, 2)",
@@ -164,11 +162,13 @@ async fn a_key_that_matches_several_rows_is_refused_and_rolled_back() {
             1
         }
     }
-    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Dup>)
+    let err = db
+        .with_locked_row(&1, &Lock::new(), ok::<Dup>)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::KeyNotUnique, "{err}");
-    let err = with_locked_rows(&pool, &[1], &LockOptions::new(), ok::<Vec<Dup>>)
+    let err = db
+        .with_locked_rows(&[1], &Lock::new(), ok::<Vec<Dup>>)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::KeyNotUnique, "{err}");
@@ -176,9 +176,10 @@ async fn a_key_that_matches_several_rows_is_refused_and_rolled_back() {
 
 #[tokio::test]
 async fn closed_pool_and_unreachable_server_are_clear_errors() {
-    let (_db, pool) = accounts(1).await;
-    pool.close();
-    let err = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Account>)
+    let (_db, db) = accounts(1).await;
+    db.pool().close();
+    let err = db
+        .with_locked_row(&1, &Lock::new(), ok::<Account>)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Pool, "{err}");
@@ -195,11 +196,14 @@ async fn closed_pool_and_unreachable_server_are_clear_errors() {
         .user("nobody")
         .dbname("nowhere");
     let manager = rowlock::deadpool_postgres::Manager::new(config, rowlock::tokio_postgres::NoTls);
-    let dead = rowlock::deadpool_postgres::Pool::builder(manager)
-        .max_size(1)
-        .build()
-        .unwrap();
-    let err = with_locked_row(&dead, &1, &LockOptions::new(), ok::<Account>)
+    let dead = rowlock::Db::from_pool(
+        rowlock::deadpool_postgres::Pool::builder(manager)
+            .max_size(1)
+            .build()
+            .unwrap(),
+    );
+    let err = dead
+        .with_locked_row(&1, &Lock::new(), ok::<Account>)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
@@ -208,29 +212,31 @@ async fn closed_pool_and_unreachable_server_are_clear_errors() {
 
 #[tokio::test]
 async fn connection_killed_inside_the_closure_is_a_closed_error_and_the_pool_recovers() {
-    let (db, pool) = accounts(1).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
     let cluster = rowlock::testing::TestCluster::shared().unwrap();
-    let err = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
-        Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
-                .await?;
-            let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-            cluster.terminate_backend(pid).await.expect("terminate");
-            tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
-                .await?;
-            Ok::<_, rowlock::Error>(())
+    let err = db
+        .with_locked_row(&1, &Lock::new(), |tx, acc: Account| {
+            Box::pin(async move {
+                tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                    .await?;
+                let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                cluster.terminate_backend(pid).await.expect("terminate");
+                tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
+                    .await?;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
     assert_eq!(
         balance(&client, 1).await,
         100,
         "nothing the dead session wrote is visible"
     );
-    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), ok::<Account>)
+    let outcome = db
+        .with_locked_row(&1, &Lock::new(), ok::<Account>)
         .await
         .unwrap();
     assert!(outcome.is_done(), "the pool serves new calls");
@@ -239,15 +245,15 @@ async fn connection_killed_inside_the_closure_is_a_closed_error_and_the_pool_rec
 #[tokio::test]
 async fn connection_strings_that_cannot_connect_are_refused_at_once() {
     for url in ["", "user=app dbname=app", "host=localhost dbname=app"] {
-        let err = rowlock::pool_from_url(url).unwrap_err();
+        let err = rowlock::Db::from_url(url).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{url:?}: {err}");
     }
 }
 
 #[tokio::test]
 async fn an_unknown_database_or_role_is_its_own_error_and_not_retried() {
-    let (db, _) = accounts(1).await;
-    let base = db.config().clone();
+    let (pg, _) = accounts(1).await;
+    let base = pg.config().clone();
     let policy = rowlock::RetryPolicy::new();
     for (config, kind) in [
         (
@@ -259,19 +265,17 @@ async fn an_unknown_database_or_role_is_its_own_error_and_not_retried() {
             ErrorKind::AuthenticationFailed,
         ),
     ] {
-        let pool = rowlock::PoolOptions::new()
+        let db = rowlock::Db::builder()
             .max_size(1)
-            .build(config)
+            .config(config)
+            .build()
             .unwrap();
-        let err = rowlock::with_locked_row_retry(
-            &pool,
-            &1,
-            &LockOptions::new(),
-            &policy,
-            |_, _: Account| Box::pin(async { Ok::<_, rowlock::Error>(()) }),
-        )
-        .await
-        .unwrap_err();
+        let err = db
+            .with_locked_row(&1, Lock::new().retry(&policy), |_, _: Account| {
+                Box::pin(async { Ok::<_, rowlock::Error>(()) })
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), kind, "{err}");
         assert!(!err.is_retryable(), "{err}");
         assert!(
@@ -299,28 +303,24 @@ impl LockableRow for NarrowAccount {
 
 #[tokio::test]
 async fn a_key_of_the_wrong_type_is_an_invalid_argument_naming_it_on_every_path() {
-    let (db, pool) = accounts(2).await;
-    let one = with_locked_row(&pool, &1, &LockOptions::new(), ok::<NarrowAccount>)
+    let (pg, db) = accounts(2).await;
+    let one = db
+        .with_locked_row(&1, &Lock::new(), ok::<NarrowAccount>)
         .await
         .unwrap_err();
-    let many = with_locked_rows(
-        &pool,
-        &[1, 2],
-        &LockOptions::new(),
-        ok::<Vec<NarrowAccount>>,
-    )
-    .await
-    .unwrap_err();
+    let many = db
+        .with_locked_rows(&[1, 2], &Lock::new(), ok::<Vec<NarrowAccount>>)
+        .await
+        .unwrap_err();
     let add = rowlock::Transition::new("balance = balance + 1");
-    let moved = rowlock::transition::<NarrowAccount>(&pool, &1, &add, &[])
+    let moved = db
+        .transition::<NarrowAccount>(&1, &add, &[])
         .await
         .map(|_| ())
         .unwrap_err();
-    let tx = rowlock::Transaction::begin(&pool, &rowlock::TransactionOptions::new())
-        .await
-        .unwrap();
+    let tx = db.begin(&rowlock::TransactionOptions::new()).await.unwrap();
     let inside = tx
-        .lock_row::<NarrowAccount>(&1, &LockOptions::new())
+        .lock_row::<NarrowAccount>(&1, &Lock::new())
         .await
         .map(|_| ())
         .unwrap_err();
@@ -338,7 +338,7 @@ async fn a_key_of_the_wrong_type_is_an_invalid_argument_naming_it_on_every_path(
         assert!(text.contains(named), "{text}");
         assert!(text.contains("i32"), "the Rust type: {text}");
     }
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     assert_eq!(
         crate::support::balance(&client, 1).await,
         100,

@@ -1,30 +1,27 @@
-//! Dropping the future at every poll: the connection that goes back to the pool is never
+//! Dropping the future at every poll: the connection that goes back to the db is never
 //! inside a transaction, and the row can be locked at once by another session.
 
 use std::sync::Arc;
 
 use rowlock::testing::wait_for_blocked_by;
 use rowlock::tokio_postgres::Client;
-use rowlock::{
-    Claim, Direction, LockMode, LockOptions, Transaction, TransactionOptions, Transition,
-    Transitioned, claim_and_mark, transition, with_locked_row, with_locked_rows, with_transaction,
-};
+use rowlock::{Claim, Direction, Lock, LockMode, Outcome, TransactionOptions, Transition};
 use tokio::sync::Notify;
 
 use crate::support::{Account, WAIT, accounts, balance, in_transaction, lockable_now, poll_limit};
 
 /// Drives `make(n)` with at most n polls for n = 0, 1, 2, … until one run completes, checking
-/// pool hygiene after each cancelled run. Returns how many runs were cancelled.
+/// db hygiene after each cancelled run. Returns how many runs were cancelled.
 macro_rules! cancel_at_every_poll {
-    ($db:expr, $pool:expr, $make:expr) => {{
-        let mut other = $db.client().await.unwrap();
+    ($pg:expr, $db:expr, $make:expr) => {{
+        let mut other = $pg.client().await.unwrap();
         let mut cancelled = 0;
         for n in 0.. {
             let done = poll_limit($make, n).await;
-            // With a one-connection pool, this waits until cleanup handed the connection
+            // With a one-connection db, this waits until cleanup handed the connection
             // back (or closed it), so the checks below see the settled state.
             drop(
-                tokio::time::timeout(WAIT, $pool.get())
+                tokio::time::timeout(WAIT, $db.pool().get())
                     .await
                     .expect("pool slot")
                     .unwrap(),
@@ -50,15 +47,15 @@ macro_rules! cancel_at_every_poll {
 
 #[tokio::test]
 async fn with_locked_row_cancelled_at_every_poll() {
-    let (db, pool) = accounts(1).await;
-    let pool = {
-        drop(pool);
-        db.pool(1)
+    let (pg, db) = accounts(1).await;
+    let db = {
+        drop(db);
+        pg.db(1)
     };
-    cancel_at_every_poll!(db, pool, {
-        let pool = pool.clone();
+    cancel_at_every_poll!(pg, db, {
+        let db = db.clone();
         async move {
-            with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
+            db.with_locked_row(&1, &Lock::new(), |tx, acc: Account| {
                 Box::pin(async move {
                     tx.execute(
                         "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
@@ -73,7 +70,7 @@ async fn with_locked_row_cancelled_at_every_poll() {
             .await
         }
     });
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     // Exactly one run committed: cancelled runs left nothing behind... unless COMMIT itself
     // was in flight when dropped, which commits. Audit rows count the committed runs, and the
     // balance must agree with them.
@@ -88,33 +85,26 @@ async fn with_locked_row_cancelled_at_every_poll() {
 
 #[tokio::test]
 async fn with_locked_rows_cancelled_at_every_poll() {
-    let (db, _) = accounts(3).await;
-    let pool = db.pool(1);
-    cancel_at_every_poll!(db, pool, {
-        let pool = pool.clone();
+    let (pg, _) = accounts(3).await;
+    let db = pg.db(1);
+    cancel_at_every_poll!(pg, db, {
+        let db = db.clone();
         async move {
-            with_locked_rows(
-                &pool,
-                &[3, 1],
-                &LockOptions::new(),
-                |tx, rows: Vec<Account>| {
-                    Box::pin(async move {
-                        let stmt = tx
-                            .prepare_cached(
-                                "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
-                            )
-                            .await?;
-                        for acc in &rows {
-                            tx.execute_on_commit(&stmt, vec![Box::new(acc.id)]);
-                        }
-                        Ok::<_, rowlock::Error>(())
-                    })
-                },
-            )
+            db.with_locked_rows(&[3, 1], &Lock::new(), |tx, rows: Vec<Account>| {
+                Box::pin(async move {
+                    let stmt = tx
+                        .prepare_cached("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
+                        .await?;
+                    for acc in &rows {
+                        tx.execute_on_commit(&stmt, vec![Box::new(acc.id)]);
+                    }
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
             .await
         }
     });
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     assert_eq!(
         balance(&client, 1).await,
         balance(&client, 3).await,
@@ -124,12 +114,12 @@ async fn with_locked_rows_cancelled_at_every_poll() {
 
 #[tokio::test]
 async fn with_transaction_cancelled_at_every_poll() {
-    let (db, _) = accounts(1).await;
-    let pool = db.pool(1);
-    cancel_at_every_poll!(db, pool, {
-        let pool = pool.clone();
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(1);
+    cancel_at_every_poll!(pg, db, {
+        let db = db.clone();
         async move {
-            with_transaction(&pool, &TransactionOptions::new(), |tx| {
+            db.with_transaction(&TransactionOptions::new(), |tx| {
                 Box::pin(async move {
                     tx.query("SELECT * FROM accounts WHERE id = 1 FOR UPDATE", &[])
                         .await?;
@@ -145,18 +135,18 @@ async fn with_transaction_cancelled_at_every_poll() {
 
 #[tokio::test]
 async fn dropping_a_call_blocked_on_a_lock_cancels_the_wait() {
-    let (db, _) = accounts(1).await;
-    let pool = db.pool(1);
-    let observer = db.client().await.unwrap();
-    let holder = db.session().await.unwrap();
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(1);
+    let observer = pg.client().await.unwrap();
+    let holder = pg.session().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await
         .unwrap();
     let call = tokio::spawn({
-        let pool = pool.clone();
+        let db = db.clone();
         async move {
-            with_locked_row(&pool, &1, &LockOptions::new(), |_, _: Account| {
+            db.with_locked_row(&1, &Lock::new(), |_, _: Account| {
                 Box::pin(async { Ok::<_, rowlock::Error>(()) })
             })
             .await
@@ -168,8 +158,8 @@ async fn dropping_a_call_blocked_on_a_lock_cancels_the_wait() {
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled());
     // The holder still holds its lock, so only a cancel request can end the wait; once it
-    // has, the cleaned connection returns to the one-slot pool.
-    let conn = tokio::time::timeout(WAIT, pool.get())
+    // has, the cleaned connection returns to the one-slot db.
+    let conn = tokio::time::timeout(WAIT, db.pool().get())
         .await
         .expect("the waiting statement was cancelled and the connection returned")
         .unwrap();
@@ -186,12 +176,10 @@ async fn dropping_a_call_blocked_on_a_lock_cancels_the_wait() {
 
 #[tokio::test]
 async fn dropping_a_transaction_with_a_statement_in_flight_cleans_up() {
-    let (db, _) = accounts(1).await;
-    let pool = db.pool(1);
-    let observer = db.client().await.unwrap();
-    let tx = Transaction::begin(&pool, &TransactionOptions::new())
-        .await
-        .unwrap();
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(1);
+    let observer = pg.client().await.unwrap();
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
     tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1", &[])
         .await
         .unwrap();
@@ -202,7 +190,7 @@ async fn dropping_a_transaction_with_a_statement_in_flight_cleans_up() {
     .await;
     assert!(slow.is_err(), "the statement was still running");
     drop(tx);
-    let conn = tokio::time::timeout(WAIT, pool.get())
+    let conn = tokio::time::timeout(WAIT, db.pool().get())
         .await
         .expect("cleanup finished")
         .unwrap();
@@ -236,18 +224,18 @@ async fn blocked_behind(observer: &Client, holder: i32) -> i64 {
 
 #[tokio::test]
 async fn a_dropped_transition_waiting_for_a_lock_does_not_hold_up_the_next_caller() {
-    let (db, _) = accounts(2).await;
-    let pool = db.pool(1);
-    let observer = db.client().await.unwrap();
-    let holder = db.session().await.unwrap();
+    let (pg, _) = accounts(2).await;
+    let db = pg.db(1);
+    let observer = pg.client().await.unwrap();
+    let holder = pg.session().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await
         .unwrap();
     let add = Transition::new("balance = balance + 1");
     let call = tokio::spawn({
-        let (pool, add) = (pool.clone(), add.clone());
-        async move { transition::<Account>(&pool, &1, &add, &[]).await }
+        let (db, add) = (db.clone(), add.clone());
+        async move { db.transition::<Account>(&1, &add, &[]).await }
     });
     wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
         .await
@@ -255,14 +243,14 @@ async fn a_dropped_transition_waiting_for_a_lock_does_not_hold_up_the_next_calle
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled());
     // The holder keeps its lock throughout: if the dropped call's connection went back to the
-    // one-slot pool with its statement still waiting, this call would wait behind it.
-    let next = tokio::time::timeout(WAIT, transition::<Account>(&pool, &2, &add, &[]))
+    // one-slot db with its statement still waiting, this call would wait behind it.
+    let next = tokio::time::timeout(WAIT, db.transition::<Account>(&2, &add, &[]))
         .await
         .expect("the next caller is not held up by the dropped call's statement")
         .unwrap();
     assert!(matches!(
         next,
-        Transitioned::Done(Account {
+        Outcome::Done(Account {
             id: 2,
             balance: 101
         })
@@ -279,10 +267,10 @@ async fn a_dropped_transition_waiting_for_a_lock_does_not_hold_up_the_next_calle
 
 #[tokio::test]
 async fn a_dropped_claim_and_mark_waiting_for_a_lock_does_not_hold_up_the_next_caller() {
-    let (db, _) = accounts(2).await;
-    let pool = db.pool(1);
-    let observer = db.client().await.unwrap();
-    let holder = db.session().await.unwrap();
+    let (pg, _) = accounts(2).await;
+    let db = pg.db(1);
+    let observer = pg.client().await.unwrap();
+    let holder = pg.session().await.unwrap();
     holder
         .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
         .await
@@ -291,8 +279,8 @@ async fn a_dropped_claim_and_mark_waiting_for_a_lock_does_not_hold_up_the_next_c
         .order_by("id", Direction::Asc)
         .mark("balance = balance - 1", vec![]);
     let call = tokio::spawn({
-        let pool = pool.clone();
-        async move { claim_and_mark::<Account>(&pool, &claim, 2).await }
+        let db = db.clone();
+        async move { db.claim_and_mark::<Account>(&claim, 2).await }
     });
     wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
         .await
@@ -301,7 +289,7 @@ async fn a_dropped_claim_and_mark_waiting_for_a_lock_does_not_hold_up_the_next_c
     assert!(call.await.unwrap_err().is_cancelled());
     // Unrelated work on the one pooled connection runs at once.
     let next = tokio::time::timeout(WAIT, async {
-        let conn = pool.get().await.unwrap();
+        let conn = db.pool().get().await.unwrap();
         conn.query_one("SELECT count(*) FROM audit", &[]).await
     })
     .await
@@ -324,17 +312,15 @@ async fn a_dropped_claim_and_mark_waiting_for_a_lock_does_not_hold_up_the_next_c
 
 #[tokio::test]
 async fn a_row_is_free_at_once_after_a_call_dropped_between_statements() {
-    let (db, _) = accounts(1).await;
-    let pool = db.pool(4);
-    let (wait, no_wait) = (
-        LockOptions::new(),
-        LockOptions::new().mode(LockMode::NoWait),
-    );
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(4);
+    let (wait, no_wait) = (Lock::new(), Lock::new().mode(LockMode::NoWait));
     for round in 0..50 {
         let locked = Arc::new(Notify::new());
-        let call = with_locked_row(&pool, &1, &wait, {
+        let call = db.with_locked_row(&1, &wait, {
             let locked = locked.clone();
             move |_, _: Account| {
+                let locked = locked.clone();
                 Box::pin(async move {
                     locked.notify_one();
                     std::future::pending::<()>().await;
@@ -348,11 +334,12 @@ async fn a_row_is_free_at_once_after_a_call_dropped_between_statements() {
             _ = call => unreachable!("the closure never finishes"),
             () = locked.notified() => {}
         }
-        let relock = with_locked_row(&pool, &1, &no_wait, |_, acc: Account| {
-            Box::pin(async move { Ok::<_, rowlock::Error>(acc.id) })
-        })
-        .await
-        .unwrap();
+        let relock = db
+            .with_locked_row(&1, &no_wait, |_, acc: Account| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(acc.id) })
+            })
+            .await
+            .unwrap();
         assert_eq!(
             relock.done(),
             Some(1),

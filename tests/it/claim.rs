@@ -3,13 +3,13 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use rowlock::deadpool_postgres::Pool;
+use rowlock::Db;
 use rowlock::testing::TestDatabase;
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::tokio_postgres::{Error as PgError, Row};
 use rowlock::{
-    Claim, Compare, Direction, ErrorKind, LockStrength, LockableRow, Table, Transaction,
-    TransactionOptions, explain_claim, with_claimed_rows, with_next_locked_row,
+    Claim, Compare, Direction, ErrorKind, LockStrength, LockableRow, Outcome, Table, Transaction,
+    TransactionOptions,
 };
 use tokio::sync::{Barrier, oneshot};
 
@@ -35,13 +35,13 @@ impl LockableRow for Job {
 }
 
 /// `n` pending jobs, the documented partial index, and a table referencing jobs.
-async fn jobs(n: i64, pool_size: usize) -> (TestDatabase, Pool) {
-    let db = rowlock::testing::TestCluster::shared()
+async fn jobs(n: i64, pool_size: usize) -> (TestDatabase, Db) {
+    let pg = rowlock::testing::TestCluster::shared()
         .unwrap()
         .create_database()
         .await
         .unwrap();
-    db.client()
+    pg.client()
         .await
         .unwrap()
         .batch_execute(&format!(
@@ -55,8 +55,8 @@ async fn jobs(n: i64, pool_size: usize) -> (TestDatabase, Pool) {
         ))
         .await
         .unwrap();
-    let pool = db.pool(pool_size);
-    (db, pool)
+    let db = pg.db(pool_size);
+    (pg, db)
 }
 
 fn pending() -> Claim {
@@ -67,8 +67,8 @@ fn pending() -> Claim {
 }
 
 /// (rows claimed other than once, rows not done): `(0, 0)` when every row was processed once.
-async fn claimed_once_and_done(db: &TestDatabase) -> (i64, i64) {
-    let row = db
+async fn claimed_once_and_done(pg: &TestDatabase) -> (i64, i64) {
+    let row = pg
         .client()
         .await
         .unwrap()
@@ -83,9 +83,9 @@ async fn claimed_once_and_done(db: &TestDatabase) -> (i64, i64) {
 }
 
 /// How many rows of `jobs` another session could lock right now.
-async fn free_rows(observer: &mut rowlock::tokio_postgres::Client) -> i64 {
-    let tx = observer.transaction().await.unwrap();
-    let free: i64 = tx
+async fn free_rows(observer: &rowlock::tokio_postgres::Client) -> i64 {
+    observer.batch_execute("BEGIN").await.unwrap();
+    let free: i64 = observer
         .query_one(
             "SELECT count(*) FROM (SELECT id FROM jobs FOR UPDATE SKIP LOCKED) s",
             &[],
@@ -93,7 +93,7 @@ async fn free_rows(observer: &mut rowlock::tokio_postgres::Client) -> i64 {
         .await
         .unwrap()
         .get(0);
-    tx.rollback().await.unwrap();
+    observer.batch_execute("ROLLBACK").await.unwrap();
     free
 }
 
@@ -113,11 +113,11 @@ fn just_ids(
 async fn sixteen_workers_with_random_batches_process_every_row_exactly_once() {
     let total = 20_000;
     let workers = 16;
-    let (db, pool) = jobs(total, workers + 2).await;
+    let (pg, db) = jobs(total, workers + 2).await;
     let claim = Arc::new(pending());
     let tasks: Vec<_> = (0..workers as i32)
         .map(|w| {
-            let (pool, claim) = (pool.clone(), claim.clone());
+            let (db, claim) = (db.clone(), claim.clone());
             tokio::spawn(async move {
                 let mut seed = 0x9E37_79B9_u64 ^ ((w as u64 + 1) * 0x1234_5678_9ABC);
                 let mut mine = Vec::new();
@@ -126,24 +126,28 @@ async fn sixteen_workers_with_random_batches_process_every_row_exactly_once() {
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
                     let n = (seed % 100) as usize + 1;
-                    let claimed = with_claimed_rows(&pool, &claim, n, |tx, jobs: Vec<Job>| {
-                        Box::pin(async move {
-                            assert!(jobs.len() <= n, "claimed {} of {n}", jobs.len());
-                            let ids = ids(&jobs);
-                            tx.execute(
+                    let claimed = db
+                        .claim(&claim, n, |tx, jobs: Vec<Job>| {
+                            Box::pin(async move {
+                                assert!(jobs.len() <= n, "claimed {} of {n}", jobs.len());
+                                let ids = ids(&jobs);
+                                tx.execute(
                                 "UPDATE jobs SET status = 'done', worker = $2, claims = claims + 1
                                  WHERE id = ANY($1)",
                                 &[&ids, &w],
                             )
                             .await?;
-                            Ok::<_, rowlock::Error>(ids)
+                                Ok::<_, rowlock::Error>(ids)
+                            })
                         })
-                    })
-                    .await
-                    .unwrap();
+                        .await
+                        .unwrap();
                     match claimed {
-                        Some(ids) => mine.extend(ids),
-                        None => return mine,
+                        Outcome::Done(ids) => mine.extend(ids),
+                        other => {
+                            assert_eq!(other, Outcome::NotFound(vec![]), "nothing left");
+                            return mine;
+                        }
                     }
                 }
             })
@@ -162,23 +166,31 @@ async fn sixteen_workers_with_random_batches_process_every_row_exactly_once() {
         (1..=total).collect::<BTreeSet<_>>(),
         "their union is every row"
     );
-    assert_eq!(claimed_once_and_done(&db).await, (0, 0));
+    assert_eq!(claimed_once_and_done(&pg).await, (0, 0));
 }
 
 #[tokio::test]
 async fn a_held_claim_is_skipped_and_becomes_claimable_after_rollback() {
-    let (_db, pool) = jobs(10, 4).await;
+    let (_db, db) = jobs(10, 4).await;
     let claim = Arc::new(pending().transaction(TransactionOptions::new().lock_timeout(WAIT)));
     let (claimed_tx, claimed_rx) = oneshot::channel();
+    let mut claimed_tx = Some(claimed_tx);
     let (release_tx, release_rx) = oneshot::channel::<()>();
+    let mut release_rx = Some(release_rx);
     let holder = tokio::spawn({
-        let (pool, claim) = (pool.clone(), claim.clone());
+        let (db, claim) = (db.clone(), claim.clone());
         async move {
-            with_claimed_rows(&pool, &claim, 3, |_, jobs: Vec<Job>| {
+            db.claim(&claim, 3, |_, jobs: Vec<Job>| {
+                let claimed_tx = claimed_tx.take().expect("the closure runs once");
+                let release_rx = release_rx.take().expect("the closure runs once");
                 Box::pin(async move {
                     claimed_tx.send(ids(&jobs)).unwrap();
                     release_rx.await.unwrap();
-                    Err::<(), _>(rowlock::Outcome::<()>::Skipped.into_result().unwrap_err())
+                    Err::<(), _>(
+                        rowlock::Outcome::<()>::Skipped(vec![])
+                            .into_result()
+                            .unwrap_err(),
+                    )
                 })
             })
             .await
@@ -186,44 +198,50 @@ async fn a_held_claim_is_skipped_and_becomes_claimable_after_rollback() {
     });
     assert_eq!(claimed_rx.await.unwrap(), [1, 2, 3]);
     // B never waits for A: it gets the next rows at once.
-    let b = with_claimed_rows(&pool, &claim, 3, just_ids).await.unwrap();
-    assert_eq!(b, Some(vec![4, 5, 6]));
+    let b = db.claim(&claim, 3, just_ids).await.unwrap();
+    assert_eq!(b.done(), Some(vec![4, 5, 6]));
     release_tx.send(()).unwrap();
     assert!(
         holder.await.unwrap().is_err(),
         "A's closure failed, so A rolled back"
     );
-    let again = with_claimed_rows(&pool, &claim, 3, just_ids).await.unwrap();
-    assert_eq!(again, Some(vec![1, 2, 3]), "A's rows are claimable again");
+    let again = db.claim(&claim, 3, just_ids).await.unwrap();
+    assert_eq!(
+        again.done(),
+        Some(vec![1, 2, 3]),
+        "A's rows are claimable again"
+    );
 }
 
 #[tokio::test]
 async fn no_key_update_claims_rows_that_foreign_key_inserts_hold() {
-    let (db, pool) = jobs(3, 4).await;
-    let inserter = db.client().await.unwrap();
+    let (pg, db) = jobs(3, 4).await;
+    let inserter = pg.client().await.unwrap();
     // Inserting a referencing row takes FOR KEY SHARE on job 1 until commit.
     inserter
         .batch_execute("BEGIN; INSERT INTO job_notes VALUES (1)")
         .await
         .unwrap();
-    let got = with_next_locked_row(&pool, &pending(), |_, job: Job| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(job.id) })
-    })
-    .await
-    .unwrap();
+    let got = db
+        .claim_one(&pending(), |_, job: Job| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(job.id) })
+        })
+        .await
+        .unwrap();
     assert_eq!(
-        got,
+        got.done(),
         Some(1),
         "NO KEY UPDATE does not conflict with KEY SHARE"
     );
     let strict = pending().strength(LockStrength::Update);
-    let got = with_next_locked_row(&pool, &strict, |_, job: Job| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(job.id) })
-    })
-    .await
-    .unwrap();
+    let got = db
+        .claim_one(&strict, |_, job: Job| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(job.id) })
+        })
+        .await
+        .unwrap();
     assert_eq!(
-        got,
+        got.done(),
         Some(2),
         "FOR UPDATE conflicts with KEY SHARE, so job 1 is skipped"
     );
@@ -234,16 +252,18 @@ async fn no_key_update_claims_rows_that_foreign_key_inserts_hold() {
 async fn concurrent_claims_never_lock_more_than_asked() {
     let total = 100;
     let (workers, n) = (4, 5);
-    let (db, pool) = jobs(total, workers + 2).await;
+    let (pg, db) = jobs(total, workers + 2).await;
     let claim = Arc::new(pending());
     let all_claimed = Arc::new(Barrier::new(workers + 1));
     let release = Arc::new(Barrier::new(workers + 1));
     let tasks: Vec<_> = (0..workers)
         .map(|_| {
-            let (pool, claim) = (pool.clone(), claim.clone());
+            let (db, claim) = (db.clone(), claim.clone());
             let (all_claimed, release) = (all_claimed.clone(), release.clone());
             tokio::spawn(async move {
-                with_claimed_rows(&pool, &claim, n, |_, jobs: Vec<Job>| {
+                db.claim(&claim, n, |_, jobs: Vec<Job>| {
+                    let all_claimed = all_claimed.clone();
+                    let release = release.clone();
                     Box::pin(async move {
                         tokio::time::timeout(WAIT, all_claimed.wait())
                             .await
@@ -271,8 +291,8 @@ async fn concurrent_claims_never_lock_more_than_asked() {
         panic!("the workers did not all claim within {WAIT:?}");
     }
     // Every row a claim holds is one the observer cannot lock.
-    let mut observer = db.client().await.unwrap();
-    let free = free_rows(&mut observer).await;
+    let observer = pg.client().await.unwrap();
+    let free = free_rows(&observer).await;
     assert_eq!(
         total - free,
         (workers * n) as i64,
@@ -282,14 +302,14 @@ async fn concurrent_claims_never_lock_more_than_asked() {
         .await
         .expect("every task reaches the barrier");
     for task in tasks {
-        assert_eq!(task.await.unwrap().unwrap(), Some(n));
+        assert_eq!(task.await.unwrap().unwrap().done(), Some(n));
     }
 }
 
 #[tokio::test]
 async fn with_the_partial_index_the_claim_is_an_index_scan_with_no_sort_under_the_lock() {
-    let (_db, pool) = jobs(10_000, 2).await;
-    let plan = explain_claim::<Job>(&pool, &pending(), 10).await.unwrap();
+    let (_db, db) = jobs(10_000, 2).await;
+    let plan = db.explain_claim::<Job>(&pending(), 10).await.unwrap();
     let text = plan.join("\n");
     let lock = plan
         .iter()
@@ -315,22 +335,23 @@ async fn with_the_partial_index_the_claim_is_an_index_scan_with_no_sort_under_th
 
 #[tokio::test]
 async fn an_empty_claim_is_an_ordinary_outcome() {
-    let (_db, pool) = jobs(0, 2).await;
+    let (_db, db) = jobs(0, 2).await;
     let mut ran = false;
-    let got = with_claimed_rows(&pool, &pending(), 10, |_, _: Vec<Job>| {
-        ran = true;
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
-    assert_eq!(got, None);
+    let got = db
+        .claim(&pending(), 10, |_, _: Vec<Job>| {
+            ran = true;
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, Outcome::NotFound(vec![]));
     assert!(!ran);
 }
 
 #[tokio::test]
 async fn bad_claims_are_refused_before_anything_is_locked() {
-    let (db, pool) = jobs(5, 2).await;
-    let observer = db.client().await.unwrap();
+    let (pg, db) = jobs(5, 2).await;
+    let observer = pg.client().await.unwrap();
     let cases = [
         (pending(), 0, "n = 0"),
         (
@@ -352,13 +373,11 @@ async fn bad_claims_are_refused_before_anything_is_locked() {
         ),
     ];
     for (claim, n, name) in cases {
-        let err = with_claimed_rows(&pool, &claim, n, just_ids)
-            .await
-            .unwrap_err();
+        let err = db.claim(&claim, n, just_ids).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}: {err}");
     }
     assert_eq!(
-        pool.status().size,
+        db.pool().status().size,
         0,
         "refused before a connection was taken"
     );
@@ -368,9 +387,7 @@ async fn bad_claims_are_refused_before_anything_is_locked() {
             .order_by("id\"; DROP TABLE jobs; --", Direction::Asc)
             .order_by("id", Direction::Asc),
     ] {
-        let err = with_claimed_rows(&pool, &claim, 1, just_ids)
-            .await
-            .unwrap_err();
+        let err = db.claim(&claim, 1, just_ids).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
         assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN));
     }
@@ -388,26 +405,27 @@ async fn bad_claims_are_refused_before_anything_is_locked() {
 
 #[tokio::test]
 async fn the_closure_runs_with_the_default_plan_cache_mode() {
-    let (_db, pool) = jobs(3, 2).await;
-    let mode = with_next_locked_row(&pool, &pending(), |tx, _: Job| {
-        Box::pin(async move {
-            let row = tx
-                .query_one("SELECT current_setting('plan_cache_mode')", &[])
-                .await?;
-            Ok::<String, rowlock::Error>(row.get(0))
+    let (_db, db) = jobs(3, 2).await;
+    let mode = db
+        .claim_one(&pending(), |tx, _: Job| {
+            Box::pin(async move {
+                let row = tx
+                    .query_one("SELECT current_setting('plan_cache_mode')", &[])
+                    .await?;
+                Ok::<String, rowlock::Error>(row.get(0))
+            })
         })
-    })
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     assert_eq!(
-        mode.as_deref(),
+        mode.done().as_deref(),
         Some("auto"),
         "the claim's forced custom plans end with it"
     );
 }
 
 /// A queue as services write it: an enum status, a bigint attempt count, a due time, queues.
-async fn real_queue() -> (TestDatabase, Pool) {
+async fn real_queue() -> (TestDatabase, Db) {
     crate::support::database(
         "CREATE TYPE job_status AS ENUM ('pending', 'running', 'done');
              CREATE TABLE jobs (id bigint PRIMARY KEY, status job_status NOT NULL DEFAULT 'pending',
@@ -431,7 +449,7 @@ async fn real_queue() -> (TestDatabase, Pool) {
 
 #[tokio::test]
 async fn enum_integer_and_sql_filters_claim_what_a_real_queue_asks_for() {
-    let (_db, pool) = real_queue().await;
+    let (_db, db) = real_queue().await;
     let claim = Claim::new()
         .filter("status", Compare::Eq, "pending") // a job_status enum column
         .filter("attempts", Compare::Lt, 3_i32) // an int8 column, an i32 value
@@ -441,16 +459,18 @@ async fn enum_integer_and_sql_filters_claim_what_a_real_queue_asks_for() {
         )
         .order_by("run_at", Direction::Asc)
         .order_by("id", Direction::Asc);
-    let claimed = with_claimed_rows(&pool, &claim, 10, |_, jobs: Vec<Job>| {
-        Box::pin(
-            async move { Ok::<_, rowlock::Error>(jobs.iter().map(|j| j.id).collect::<Vec<_>>()) },
-        )
-    })
-    .await
-    .unwrap();
+    let claimed = db
+        .claim(&claim, 10, |_, jobs: Vec<Job>| {
+            Box::pin(async move {
+                Ok::<_, rowlock::Error>(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
+            })
+        })
+        .await
+        .unwrap();
     // 2 has too many attempts, 3 is done, 4 is not due; 5 is due earliest.
-    assert_eq!(claimed, Some(vec![5, 1]));
-    let plan = explain_claim::<Job>(&pool, &claim, 10)
+    assert_eq!(claimed.done(), Some(vec![5, 1]));
+    let plan = db
+        .explain_claim::<Job>(&claim, 10)
         .await
         .unwrap()
         .join("\n");
@@ -462,11 +482,11 @@ async fn enum_integer_and_sql_filters_claim_what_a_real_queue_asks_for() {
 
 #[tokio::test]
 async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
-    let (_db, pool) = real_queue().await;
+    let (_db, db) = real_queue().await;
     let run = |claim: Claim| {
-        let pool = pool.clone();
+        let db = db.clone();
         async move {
-            with_claimed_rows(&pool, &claim, 1, |_, _: Vec<Job>| {
+            db.claim(&claim, 1, |_, _: Vec<Job>| {
                 Box::pin(async { Ok::<_, rowlock::Error>(()) })
             })
             .await
@@ -499,32 +519,35 @@ async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
     );
     // `id` is int8, so i64::MAX fits: an ordinary empty claim.
     let fits = order(Claim::new().filter("id", Compare::Eq, i64::MAX));
-    let none = with_claimed_rows(&pool, &fits, 1, |_, _: Vec<Job>| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
-    assert_eq!(none, None);
+    let none = db
+        .claim(&fits, 1, |_, _: Vec<Job>| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(none, Outcome::NotFound(vec![]));
 }
 
 #[tokio::test]
 async fn a_claim_extended_after_use_claims_by_its_new_filters() {
-    let (_db, pool) = jobs(10, 1).await;
+    let (_db, db) = jobs(10, 1).await;
     let claim = Claim::new().order_by("id", Direction::Asc);
     // Used once (rendered and cached), then extended: the cache must not outlive the change.
-    let got = with_claimed_rows(&pool, &claim, 1, |_, jobs: Vec<Job>| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(jobs[0].id) })
-    })
-    .await
-    .unwrap();
-    assert_eq!(got, Some(1));
+    let got = db
+        .claim(&claim, 1, |_, jobs: Vec<Job>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(jobs[0].id) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.done(), Some(1));
     let claim = claim.filter("id", Compare::Gt, 5_i64);
-    let got = with_claimed_rows(&pool, &claim, 1, |_, jobs: Vec<Job>| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(jobs[0].id) })
-    })
-    .await
-    .unwrap();
-    assert_eq!(got, Some(6));
+    let got = db
+        .claim(&claim, 1, |_, jobs: Vec<Job>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(jobs[0].id) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.done(), Some(6));
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -562,9 +585,9 @@ fn running(worker: i32) -> Claim {
 
 #[tokio::test]
 async fn claim_and_mark_claims_and_updates_in_one_statement() {
-    let (db, pool) = jobs(10, 2).await;
+    let (pg, db) = jobs(10, 2).await;
     let claim = running(7);
-    let first: Vec<MarkedJob> = rowlock::claim_and_mark(&pool, &claim, 3).await.unwrap();
+    let first: Vec<MarkedJob> = db.claim_and_mark(&claim, 3).await.unwrap();
     let expected: Vec<MarkedJob> = (1..=3)
         .map(|id| MarkedJob {
             id,
@@ -574,37 +597,35 @@ async fn claim_and_mark_claims_and_updates_in_one_statement() {
         })
         .collect();
     assert_eq!(first, expected, "the marked rows, in the claim's order");
-    let next: Vec<MarkedJob> = rowlock::claim_and_mark(&pool, &claim, 3).await.unwrap();
+    let next: Vec<MarkedJob> = db.claim_and_mark(&claim, 3).await.unwrap();
     assert_eq!(next.iter().map(|j| j.id).collect::<Vec<_>>(), [4, 5, 6]);
     // A row another transaction holds is skipped, never waited for.
-    let holder = db.client().await.unwrap();
+    let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM jobs WHERE id = 7 FOR UPDATE")
         .await
         .unwrap();
-    let skipped: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 2).await.unwrap();
+    let skipped: Vec<Job> = db.claim_and_mark(&claim, 2).await.unwrap();
     assert_eq!(ids(&skipped), [8, 9]);
     holder.batch_execute("ROLLBACK").await.unwrap();
-    let rest: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 10).await.unwrap();
+    let rest: Vec<Job> = db.claim_and_mark(&claim, 10).await.unwrap();
     assert_eq!(ids(&rest), [7, 10]);
-    let none: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 10).await.unwrap();
+    let none: Vec<Job> = db.claim_and_mark(&claim, 10).await.unwrap();
     assert!(none.is_empty(), "nothing eligible left is not an error");
 }
 
 #[tokio::test]
 async fn claim_and_mark_from_many_workers_claims_each_row_exactly_once() {
-    let (db, pool) = jobs(2_000, 16).await;
+    let (pg, db) = jobs(2_000, 16).await;
     let workers: Vec<_> = (0..16)
         .map(|w| {
-            let pool = pool.clone();
+            let db = db.clone();
             tokio::spawn(async move {
                 let claim = running(w);
                 let mut got = Vec::new();
                 loop {
                     let batch: Vec<Job> =
-                        rowlock::claim_and_mark(&pool, &claim, 1 + w as usize % 5)
-                            .await
-                            .unwrap();
+                        db.claim_and_mark(&claim, 1 + w as usize % 5).await.unwrap();
                     if batch.is_empty() {
                         return got;
                     }
@@ -621,7 +642,7 @@ async fn claim_and_mark_from_many_workers_claims_each_row_exactly_once() {
     let unique: BTreeSet<i64> = all.iter().copied().collect();
     assert_eq!(all.len(), 2_000, "every job claimed");
     assert_eq!(unique.len(), 2_000, "no job claimed twice");
-    let twice: i64 = db
+    let twice: i64 = pg
         .client()
         .await
         .unwrap()
@@ -634,17 +655,18 @@ async fn claim_and_mark_from_many_workers_claims_each_row_exactly_once() {
 
 #[tokio::test]
 async fn a_marked_claim_in_with_claimed_rows_rolls_back_with_the_closure() {
-    let (_db, pool) = jobs(3, 2).await;
+    let (_db, db) = jobs(3, 2).await;
     let claim = running(1);
-    let failed = with_claimed_rows(&pool, &claim, 2, |_, jobs: Vec<MarkedJob>| {
-        Box::pin(async move {
-            assert!(jobs.iter().all(|j| j.status == "running" && j.claims == 1));
-            Err::<(), _>(crate::support::AppError::Conflict)
+    let failed = db
+        .claim(&claim, 2, |_, jobs: Vec<MarkedJob>| {
+            Box::pin(async move {
+                assert!(jobs.iter().all(|j| j.status == "running" && j.claims == 1));
+                Err::<(), _>(crate::support::AppError::Conflict)
+            })
         })
-    })
-    .await;
+        .await;
     assert!(failed.is_err());
-    let again: Vec<MarkedJob> = rowlock::claim_and_mark(&pool, &claim, 2).await.unwrap();
+    let again: Vec<MarkedJob> = db.claim_and_mark(&claim, 2).await.unwrap();
     assert_eq!(
         again.iter().map(|j| (j.id, j.claims)).collect::<Vec<_>>(),
         [(1, 1), (2, 1)],
@@ -654,7 +676,7 @@ async fn a_marked_claim_in_with_claimed_rows_rolls_back_with_the_closure() {
 
 #[tokio::test]
 async fn claim_and_mark_refuses_bad_input_before_sending() {
-    let (_db, pool) = jobs(3, 1).await;
+    let (_db, db) = jobs(3, 1).await;
     let cases = [
         (pending(), 1, "needs a claim with a mark"),
         (
@@ -670,15 +692,11 @@ async fn claim_and_mark_refuses_bad_input_before_sending() {
         (running(1), 0, "at least 1"),
     ];
     for (claim, n, expected) in cases {
-        let err = rowlock::claim_and_mark::<Job>(&pool, &claim, n)
-            .await
-            .unwrap_err();
+        let err = db.claim_and_mark::<Job>(&claim, n).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
         assert!(err.to_string().contains(expected), "{err}");
     }
-    let left: Vec<Job> = rowlock::claim_and_mark(&pool, &running(1), 5)
-        .await
-        .unwrap();
+    let left: Vec<Job> = db.claim_and_mark(&running(1), 5).await.unwrap();
     assert_eq!(
         ids(&left),
         [1, 2, 3],
@@ -692,33 +710,34 @@ fn by_id() -> Claim {
         .order_by("id", Direction::Asc)
 }
 
-async fn claim_ids(pool: &Pool, claim: &Claim, n: usize) -> Vec<i64> {
-    with_claimed_rows(pool, claim, n, just_ids)
+async fn claim_ids(db: &Db, claim: &Claim, n: usize) -> Vec<i64> {
+    db.claim(claim, n, just_ids)
         .await
         .unwrap()
+        .done()
         .unwrap_or_default()
 }
 
 #[tokio::test]
 async fn a_started_claim_takes_rows_from_its_start_and_wraps_around() {
-    let (db, pool) = jobs(10, 2).await;
+    let (pg, db) = jobs(10, 2).await;
     assert_eq!(
-        claim_ids(&pool, &by_id().start_at(7_i64), 3).await,
+        claim_ids(&db, &by_id().start_at(7_i64), 3).await,
         [7, 8, 9],
         "from the start on"
     );
     assert_eq!(
-        claim_ids(&pool, &by_id().start_at(8_i64), 5).await,
+        claim_ids(&db, &by_id().start_at(8_i64), 5).await,
         [1, 2, 8, 9, 10],
         "then from the head, returned in the claim's order"
     );
     assert_eq!(
-        claim_ids(&pool, &by_id().start_at(None::<i64>), 2).await,
+        claim_ids(&db, &by_id().start_at(None::<i64>), 2).await,
         [1, 2],
         "a NULL start is the head"
     );
     assert_eq!(
-        claim_ids(&pool, &by_id().start_at(11_i64), 2).await,
+        claim_ids(&db, &by_id().start_at(11_i64), 2).await,
         [1, 2],
         "a start past the end wraps"
     );
@@ -727,28 +746,25 @@ async fn a_started_claim_takes_rows_from_its_start_and_wraps_around() {
         .order_by("id", Direction::Desc)
         .start_at(4_i64);
     assert_eq!(
-        claim_ids(&pool, &descending, 6).await,
+        claim_ids(&db, &descending, 6).await,
         [10, 9, 4, 3, 2, 1],
         "descending: at or before the start, then from the top"
     );
     // Rows held by another transaction are skipped; the claim goes on past them and wraps.
-    let holder = db.client().await.unwrap();
+    let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM jobs WHERE id >= 8 FOR UPDATE")
         .await
         .unwrap();
-    assert_eq!(claim_ids(&pool, &by_id().start_at(8_i64), 2).await, [1, 2]);
+    assert_eq!(claim_ids(&db, &by_id().start_at(8_i64), 2).await, [1, 2]);
     holder.batch_execute("ROLLBACK").await.unwrap();
     // With a mark, in one statement.
-    let marked: Vec<Job> = rowlock::claim_and_mark(
-        &pool,
-        &by_id().mark("status = 'done'", vec![]).start_at(9_i64),
-        3,
-    )
-    .await
-    .unwrap();
+    let marked: Vec<Job> = db
+        .claim_and_mark(&by_id().mark("status = 'done'", vec![]).start_at(9_i64), 3)
+        .await
+        .unwrap();
     assert_eq!(ids(&marked), [1, 9, 10]);
-    let done: Vec<i64> = db
+    let done: Vec<i64> = pg
         .client()
         .await
         .unwrap()
@@ -763,8 +779,8 @@ async fn a_started_claim_takes_rows_from_its_start_and_wraps_around() {
 
 #[tokio::test]
 async fn a_started_claim_reaches_rows_whose_start_column_is_null() {
-    let (db, pool) = jobs(4, 2).await;
-    db.client()
+    let (pg, db) = jobs(4, 2).await;
+    pg.client()
         .await
         .unwrap()
         .batch_execute("UPDATE jobs SET worker = id::int WHERE id <= 2")
@@ -776,36 +792,37 @@ async fn a_started_claim_reaches_rows_whose_start_column_is_null() {
         .order_by("id", Direction::Asc)
         .start_at(2_i32);
     // worker 2, then worker 1 (before the start), then the two NULL workers.
-    assert_eq!(claim_ids(&pool, &claim, 10).await, [1, 2, 3, 4]);
+    assert_eq!(claim_ids(&db, &claim, 10).await, [1, 2, 3, 4]);
 }
 
 #[tokio::test]
 async fn a_started_claim_never_locks_more_than_asked() {
     let total = 100;
-    let (db, pool) = jobs(total, 3).await;
-    let mut observer = db.client().await.unwrap();
+    let (pg, db) = jobs(total, 3).await;
+    let observer = pg.client().await.unwrap();
     for (start, n) in [(1_i64, 5), (50, 5), (98, 5), (100, 40), (0, 7)] {
         let claim = by_id().start_at(start);
-        let locked = with_claimed_rows(&pool, &claim, n, |_, jobs: Vec<Job>| {
-            let observer = &mut observer;
-            Box::pin(async move {
-                let free = free_rows(observer).await;
-                Ok::<_, rowlock::Error>((jobs.len(), total - free))
+        let locked = db
+            .claim(&claim, n, |_, jobs: Vec<Job>| {
+                let observer = &observer;
+                Box::pin(async move {
+                    let free = free_rows(observer).await;
+                    Ok::<_, rowlock::Error>((jobs.len(), total - free))
+                })
             })
-        })
-        .await
-        .unwrap();
-        assert_eq!(locked, Some((n, n as i64)), "start {start}, n {n}");
+            .await
+            .unwrap();
+        assert_eq!(locked.done(), Some((n, n as i64)), "start {start}, n {n}");
     }
 }
 
 #[tokio::test]
 async fn sixteen_claimers_at_random_starts_claim_each_row_exactly_once() {
     let total = 5_000;
-    let (db, pool) = jobs(total, 16).await;
+    let (pg, db) = jobs(total, 16).await;
     let workers: Vec<_> = (0..16_u64)
         .map(|w| {
-            let pool = pool.clone();
+            let db = db.clone();
             tokio::spawn(async move {
                 let mut rng = crate::faults::Rng(0x9E37_79B9 * (w + 1));
                 let mut got = Vec::new();
@@ -815,7 +832,7 @@ async fn sixteen_claimers_at_random_starts_claim_each_row_exactly_once() {
                     let claim = by_id()
                         .mark("status = 'done', claims = claims + 1", vec![])
                         .start_at(start);
-                    let batch: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, n).await.unwrap();
+                    let batch: Vec<Job> = db.claim_and_mark(&claim, n).await.unwrap();
                     if batch.is_empty() {
                         return got;
                     }
@@ -832,29 +849,31 @@ async fn sixteen_claimers_at_random_starts_claim_each_row_exactly_once() {
     let unique: BTreeSet<i64> = all.iter().copied().collect();
     assert_eq!(all.len(), total as usize, "every job claimed once");
     assert_eq!(unique, (1..=total).collect::<BTreeSet<_>>());
-    assert_eq!(claimed_once_and_done(&db).await, (0, 0));
+    assert_eq!(claimed_once_and_done(&pg).await, (0, 0));
 }
 
 #[tokio::test]
 async fn a_start_of_the_wrong_type_is_refused_and_claims_nothing() {
-    let (_db, pool) = jobs(3, 1).await;
-    let err = with_claimed_rows(&pool, &by_id().start_at("two"), 2, just_ids)
+    let (_db, db) = jobs(3, 1).await;
+    let err = db
+        .claim(&by_id().start_at("two"), 2, just_ids)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("start value"), "{err}");
-    let err = with_claimed_rows(&pool, &by_id().start_at(2_i32), 2, just_ids)
+    let err = db
+        .claim(&by_id().start_at(2_i32), 2, just_ids)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    assert_eq!(claim_ids(&pool, &by_id(), 5).await, [1, 2, 3]);
+    assert_eq!(claim_ids(&db, &by_id(), 5).await, [1, 2, 3]);
 }
 
 #[tokio::test]
 async fn every_branch_of_a_started_claim_is_an_index_scan_with_no_sort_under_the_lock() {
-    let (_db, pool) = jobs(10_000, 2).await;
+    let (_db, db) = jobs(10_000, 2).await;
     let claim = pending().start_at(0_i32);
-    let plan = explain_claim::<Job>(&pool, &claim, 10).await.unwrap();
+    let plan = db.explain_claim::<Job>(&claim, 10).await.unwrap();
     let text = plan.join("\n");
     let locks: Vec<usize> = plan
         .iter()
@@ -884,41 +903,41 @@ async fn every_branch_of_a_started_claim_is_an_index_scan_with_no_sort_under_the
 
 #[tokio::test]
 async fn moving_the_start_of_a_used_claim_claims_from_the_new_start() {
-    let (_db, pool) = jobs(10, 2).await;
+    let (_db, db) = jobs(10, 2).await;
     let mut claim = by_id().mark("status = 'done'", vec![]).start_at(3_i64);
-    let first: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 2).await.unwrap();
+    let first: Vec<Job> = db.claim_and_mark(&claim, 2).await.unwrap();
     assert_eq!(ids(&first), [3, 4]);
     claim = claim.start_at(8_i64);
-    let second: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 2).await.unwrap();
+    let second: Vec<Job> = db.claim_and_mark(&claim, 2).await.unwrap();
     assert_eq!(
         ids(&second),
         [8, 9],
         "the rendered claim binds the new start"
     );
     claim = claim.start_at(None::<i64>);
-    let third: Vec<Job> = rowlock::claim_and_mark(&pool, &claim, 2).await.unwrap();
+    let third: Vec<Job> = db.claim_and_mark(&claim, 2).await.unwrap();
     assert_eq!(ids(&third), [1, 2]);
 }
 
 #[tokio::test]
 async fn a_cloned_claim_keeps_its_values_and_takes_its_own_start() {
-    let (db, pool) = jobs(10, 2).await;
+    let (pg, db) = jobs(10, 2).await;
     let base = by_id()
         .where_sql("id <> $1", vec![Box::new(5_i64)])
         .mark("status = 'done', worker = $1", vec![Box::new(7_i32)])
         .start_at(0_i64);
-    let first: Vec<Job> = rowlock::claim_and_mark(&pool, &base, 2).await.unwrap();
+    let first: Vec<Job> = db.claim_and_mark(&base, 2).await.unwrap();
     assert_eq!(ids(&first), [1, 2]);
     let moved = base.clone().start_at(4_i64);
-    let second: Vec<Job> = rowlock::claim_and_mark(&pool, &moved, 2).await.unwrap();
+    let second: Vec<Job> = db.claim_and_mark(&moved, 2).await.unwrap();
     assert_eq!(
         ids(&second),
         [4, 6],
         "from its own start, with the shared filter"
     );
-    let third: Vec<Job> = rowlock::claim_and_mark(&pool, &base, 2).await.unwrap();
+    let third: Vec<Job> = db.claim_and_mark(&base, 2).await.unwrap();
     assert_eq!(ids(&third), [3, 7], "the original keeps its start");
-    let workers: Vec<Option<i32>> = db
+    let workers: Vec<Option<i32>> = pg
         .client()
         .await
         .unwrap()

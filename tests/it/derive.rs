@@ -2,10 +2,7 @@
 //! column, UUID keys; only the columns the type reads are selected.
 
 use chrono::NaiveDate;
-use rowlock::{
-    Claim, Compare, Direction, LockOptions, LockableRow, Outcome, RowsOutcome, with_claimed_rows,
-    with_locked_row, with_locked_rows,
-};
+use rowlock::{Claim, Compare, Direction, Lock, LockableRow, Outcome};
 use uuid::Uuid;
 
 #[derive(Debug, LockableRow)]
@@ -30,10 +27,7 @@ struct Job {
     id: Uuid,
 }
 
-async fn setup() -> (
-    rowlock::testing::TestDatabase,
-    rowlock::deadpool_postgres::Pool,
-) {
+async fn setup() -> (rowlock::testing::TestDatabase, rowlock::Db) {
     crate::support::database(
         "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
              INSERT INTO accounts VALUES (1, 100), (2, 200);
@@ -53,12 +47,13 @@ async fn setup() -> (
 
 #[tokio::test]
 async fn derived_rows_lock_read_their_columns_and_survive_unrelated_column_changes() {
-    let (db, pool) = setup().await;
-    let got = with_locked_row(&pool, &2, &LockOptions::new(), |_, a: Account| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(a.balance) })
-    })
-    .await
-    .unwrap();
+    let (pg, db) = setup().await;
+    let got = db
+        .with_locked_row(&2, &Lock::new(), |_, a: Account| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(a.balance) })
+        })
+        .await
+        .unwrap();
     assert!(matches!(got, Outcome::Done(200)));
 
     let keys = [
@@ -71,14 +66,15 @@ async fn derived_rows_lock_read_their_columns_and_survive_unrelated_column_chang
             NaiveDate::from_ymd_opt(2026, 11, 3).unwrap(),
         ),
     ];
-    let hours = with_locked_rows(&pool, &keys, &LockOptions::new(), |_, s: Vec<Shift>| {
-        Box::pin(
-            async move { Ok::<_, rowlock::Error>(s.iter().map(|s| s.hours).collect::<Vec<_>>()) },
-        )
-    })
-    .await
-    .unwrap();
-    let RowsOutcome::Done(hours) = hours else {
+    let hours = db
+        .with_locked_rows(&keys, &Lock::new(), |_, s: Vec<Shift>| {
+            Box::pin(async move {
+                Ok::<_, rowlock::Error>(s.iter().map(|s| s.hours).collect::<Vec<_>>())
+            })
+        })
+        .await
+        .unwrap();
+    let Outcome::Done(hours) = hours else {
         panic!("{hours:?}")
     };
     assert_eq!(hours, [6, 8], "in key order: worker ...01 first");
@@ -86,7 +82,7 @@ async fn derived_rows_lock_read_their_columns_and_survive_unrelated_column_chang
     assert_eq!(Shift::COLUMNS, ["worker", "day", "hours worked"]);
 
     // Only the listed columns are selected: an added or retyped other column changes nothing.
-    db.client()
+    pg.client()
         .await
         .unwrap()
         .batch_execute(
@@ -95,11 +91,12 @@ async fn derived_rows_lock_read_their_columns_and_survive_unrelated_column_chang
         )
         .await
         .unwrap();
-    let got = with_locked_row(&pool, &1, &LockOptions::new(), |_, a: Account| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(a.balance) })
-    })
-    .await
-    .unwrap();
+    let got = db
+        .with_locked_row(&1, &Lock::new(), |_, a: Account| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(a.balance) })
+        })
+        .await
+        .unwrap();
     assert!(matches!(got, Outcome::Done(100)));
 
     // A claim ordered by a column the row type does not read.
@@ -107,10 +104,11 @@ async fn derived_rows_lock_read_their_columns_and_survive_unrelated_column_chang
         .filter("done", Compare::Eq, false)
         .order_by("priority", Direction::Desc)
         .order_by("id", Direction::Asc);
-    let first = with_claimed_rows(&pool, &claim, 1, |_, jobs: Vec<Job>| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(jobs[0].id) })
-    })
-    .await
-    .unwrap();
-    assert_eq!(first, Some(Uuid::from_u128(0xb)));
+    let first = db
+        .claim(&claim, 1, |_, jobs: Vec<Job>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(jobs[0].id) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.done(), Some(Uuid::from_u128(0xb)));
 }

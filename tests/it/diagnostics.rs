@@ -3,17 +3,14 @@
 use std::time::Duration;
 
 use rowlock::tokio_postgres::{Client, NoTls};
-use rowlock::{
-    AdvisoryKey, LockMode, LockOptions, Outcome, RetryPolicy, with_advisory_lock, with_locked_row,
-    with_locked_row_retry,
-};
+use rowlock::{AdvisoryKey, Lock, LockMode, Outcome, RetryPolicy};
 
 use crate::support::{Account, accounts};
 
 /// A session with its own application_name, holding row 1 of `accounts` in an open
 /// transaction, and the advisory lock 77.
-async fn holder(db: &rowlock::testing::TestDatabase) -> (Client, i32) {
-    let mut config = db.config().clone();
+async fn holder(pg: &rowlock::testing::TestDatabase) -> (Client, i32) {
+    let mut config = pg.config().clone();
     config.application_name("billing-batch");
     let (client, conn) = config.connect(NoTls).await.unwrap();
     tokio::spawn(conn);
@@ -42,12 +39,13 @@ fn never(
 
 #[tokio::test]
 async fn lock_not_available_and_lock_timeout_name_the_holder() {
-    let (db, pool) = accounts(2).await;
-    let (_holder, pid) = holder(&db).await;
+    let (pg, db) = accounts(2).await;
+    let (_holder, pid) = holder(&pg).await;
 
     // Not asked for: nothing is looked up, the failure costs what success costs.
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let outcome = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &nowait, never)
+    let nowait = Lock::new().mode(LockMode::NoWait);
+    let outcome = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &nowait, never)
         .await
         .unwrap();
     let Outcome::LockNotAvailable(err) = outcome else {
@@ -56,7 +54,8 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
     assert!(err.blockers().is_none());
 
     let nowait = nowait.find_blockers(true);
-    let outcome = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &nowait, never)
+    let outcome = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &nowait, never)
         .await
         .unwrap();
     let Outcome::LockNotAvailable(err) = outcome else {
@@ -82,48 +81,47 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
     }
 
     // The same for a lock wait that timed out, through the retry form.
-    let timeout = LockOptions::new()
+    let timeout = Lock::new()
         .lock_timeout(Duration::from_millis(50))
         .find_blockers(true);
-    let outcome = with_locked_row_retry::<Account, _, rowlock::Error, _>(
-        &pool,
-        &1,
-        &timeout,
-        &RetryPolicy::new(),
-        never,
-    )
-    .await
-    .unwrap();
+    let outcome = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(
+            &1,
+            timeout.clone().retry(RetryPolicy::new()),
+            never,
+        )
+        .await
+        .unwrap();
     let Outcome::LockTimeout(err) = outcome else {
         panic!("{outcome:?}")
     };
     assert_eq!(err.blockers().unwrap()[0].pid, pid);
 
     // A free row: done, and nothing to report.
-    let outcome = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &2, &nowait, |_, a| {
-        Box::pin(async move { Ok(a.id) })
-    })
-    .await
-    .unwrap();
+    let outcome = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&2, &nowait, |_, a| {
+            Box::pin(async move { Ok(a.id) })
+        })
+        .await
+        .unwrap();
     assert_eq!(outcome.done(), Some(2));
 
-    // The connection that ran the diagnosis went back to the pool clean.
-    let status = pool.status();
+    // The connection that ran the diagnosis went back to the db clean.
+    let status = db.pool().status();
     assert_eq!(status.size, status.available, "{status:?}");
 }
 
 #[tokio::test]
 async fn advisory_lock_contention_names_the_holder() {
-    let (db, pool) = accounts(1).await;
-    let (_holder, pid) = holder(&db).await;
-    let nowait = LockOptions::new()
-        .mode(LockMode::NoWait)
-        .find_blockers(true);
-    let outcome = with_advisory_lock(&pool, AdvisoryKey::single(77), &nowait, |_| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
+    let (pg, db) = accounts(1).await;
+    let (_holder, pid) = holder(&pg).await;
+    let nowait = Lock::new().mode(LockMode::NoWait).find_blockers(true);
+    let outcome = db
+        .with_advisory_lock(AdvisoryKey::single(77), &nowait, |_| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
     let Outcome::LockNotAvailable(err) = outcome else {
         panic!("{outcome:?}")
     };
@@ -131,15 +129,16 @@ async fn advisory_lock_contention_names_the_holder() {
     assert_eq!(blockers.iter().map(|b| b.pid).collect::<Vec<_>>(), [pid]);
 
     // A key in the pair space with the same bits is a different lock: nobody holds it.
-    let outcome = with_advisory_lock(&pool, AdvisoryKey::pair(0, 77), &nowait, |_| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
+    let outcome = db
+        .with_advisory_lock(AdvisoryKey::pair(0, 77), &nowait, |_| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
     assert!(outcome.is_done());
 
     let high = AdvisoryKey::single(-2); // both 32-bit halves non-zero
-    let holder2 = db.client().await.unwrap();
+    let holder2 = pg.client().await.unwrap();
     holder2
         .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(-2)")
         .await
@@ -149,11 +148,12 @@ async fn advisory_lock_contention_names_the_holder() {
         .await
         .unwrap()
         .get(0);
-    let outcome = with_advisory_lock(&pool, high, &nowait, |_| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
+    let outcome = db
+        .with_advisory_lock(high, &nowait, |_| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
     let Outcome::LockNotAvailable(err) = outcome else {
         panic!("{outcome:?}")
     };

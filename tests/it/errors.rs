@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use rowlock::tokio_postgres::Client;
 use rowlock::{
-    Claim, Direction, ErrorKind, LockMode, LockOptions, Outcome, RetryPolicy, Transaction,
-    TransactionOptions, with_claimed_rows, with_locked_row, with_locked_row_retry,
-    with_transaction,
+    Claim, Direction, ErrorKind, Lock, LockMode, Outcome, RetryPolicy, Transaction,
+    TransactionOptions,
 };
 
 use crate::support::{Account, accounts};
@@ -67,8 +66,8 @@ fn never(_: &Transaction, _: Account) -> rowlock::BoxFuture<'_, Result<(), rowlo
     panic!("the row is held elsewhere")
 }
 
-async fn hold_row_1(db: &rowlock::testing::TestDatabase) -> Client {
-    let holder = db.client().await.unwrap();
+async fn hold_row_1(pg: &rowlock::testing::TestDatabase) -> Client {
+    let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await
@@ -78,19 +77,19 @@ async fn hold_row_1(db: &rowlock::testing::TestDatabase) -> Client {
 
 #[tokio::test]
 async fn contention_errors_are_printed_once() {
-    let (db, pool) = accounts(1).await;
-    let _holder = hold_row_1(&db).await;
+    let (pg, db) = accounts(1).await;
+    let _holder = hold_row_1(&pg).await;
 
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let outcome = with_locked_row(&pool, &1, &nowait, never).await.unwrap();
+    let nowait = Lock::new().mode(LockMode::NoWait);
+    let outcome = db.with_locked_row(&1, &nowait, never).await.unwrap();
     let Outcome::LockNotAvailable(e) = outcome else {
         panic!("{outcome:?}")
     };
     assert_printed_once(&e);
 
     // A lock timeout is the same 55P03, told apart: one error, not one inside the other.
-    let timeout = LockOptions::new().lock_timeout(Duration::from_millis(20));
-    let outcome = with_locked_row(&pool, &1, &timeout, never).await.unwrap();
+    let timeout = Lock::new().lock_timeout(Duration::from_millis(20));
+    let outcome = db.with_locked_row(&1, &timeout, never).await.unwrap();
     let Outcome::LockTimeout(e) = outcome else {
         panic!("{outcome:?}")
     };
@@ -105,7 +104,8 @@ async fn contention_errors_are_printed_once() {
         .max_attempts(2)
         .base_delay(Duration::from_millis(1))
         .retry_lock_contention(true);
-    let e = with_locked_row_retry(&pool, &1, &nowait, &policy, never)
+    let e = db
+        .with_locked_row(&1, nowait.clone().retry(&policy), never)
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::RetriesExhausted);
@@ -122,64 +122,68 @@ async fn contention_errors_are_printed_once() {
 
 #[tokio::test]
 async fn commit_and_statement_errors_are_printed_once() {
-    let (_db, pool) = accounts(1).await;
+    let (_db, db) = accounts(1).await;
     let opts = TransactionOptions::new();
 
     // A statement error the closure swallowed: the commit reports the root cause's state.
-    let e = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move {
-            let _ = tx.execute("INSERT INTO accounts VALUES (1, 0)", &[]).await;
-            Ok::<_, rowlock::Error>(())
+    let e = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                let _ = tx.execute("INSERT INTO accounts VALUES (1, 0)", &[]).await;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::TransactionAborted);
     assert_eq!(e.sql_state().map(|s| s.code()), Some("23505"));
     assert_printed_once(&e);
 
     // An error on the raw client, which rowlock does not see: the probe finds it at COMMIT.
-    let e = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move {
-            let client = tx.client().await?;
-            let _ = client.batch_execute("SELECT 1/0").await;
-            Ok::<_, rowlock::Error>(())
+    let e = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                let client = tx.client().await?;
+                let _ = client.batch_execute("SELECT 1/0").await;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::TransactionAborted);
     assert_printed_once(&e);
 
     // The caller's own statement error, returned with `?`.
-    let e = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move {
-            tx.execute("INSERT INTO accounts VALUES (1, 0)", &[])
-                .await?;
-            Ok::<_, rowlock::Error>(())
+    let e = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO accounts VALUES (1, 0)", &[])
+                    .await?;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(e.sql_state().map(|s| s.code()), Some("23505"));
     assert_printed_once(&e);
 }
 
 #[tokio::test]
 async fn decode_errors_name_no_step_they_did_not_fail_in() {
-    let (_db, pool) = accounts(1).await;
+    let (_db, db) = accounts(1).await;
     // A closure decoding an INSERT's RETURNING row with the wrong type.
-    let e = with_transaction(&pool, &TransactionOptions::new(), |tx| {
-        Box::pin(async move {
-            let row = tx
-                .query_one("INSERT INTO accounts VALUES (2, 5) RETURNING balance", &[])
-                .await?;
-            let wrong: Result<String, _> = row.try_get(0);
-            wrong.map_err(rowlock::Error::decode)
+    let e = db
+        .with_transaction(&TransactionOptions::new(), |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_one("INSERT INTO accounts VALUES (2, 5) RETURNING balance", &[])
+                    .await?;
+                let wrong: Result<String, _> = row.try_get(0);
+                wrong.map_err(rowlock::Error::decode)
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Decode);
     assert!(!e.to_string().contains("locking"), "{e}");
     assert_printed_once(&e);
@@ -188,24 +192,26 @@ async fn decode_errors_name_no_step_they_did_not_fail_in() {
     let claim = Claim::new()
         .filter_null("no_such_column")
         .order_by("id", Direction::Asc);
-    let e = with_claimed_rows(&pool, &claim, 1, |_, _: Vec<Account>| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap_err();
+    let e = db
+        .claim(&claim, 1, |_, _: Vec<Account>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap_err();
     assert!(e.is_invalid_argument(), "{e:?}");
     assert_printed_once(&e);
 }
 
 #[tokio::test]
 async fn display_carries_the_servers_and_the_drivers_message_once() {
-    let (_db, pool) = accounts(1).await;
+    let (_db, db) = accounts(1).await;
     let opts = TransactionOptions::new();
-    let e = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move { tx.execute("SELECT * FROM no_such_table", &[]).await })
-    })
-    .await
-    .unwrap_err();
+    let e = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move { tx.execute("SELECT * FROM no_such_table", &[]).await })
+        })
+        .await
+        .unwrap_err();
     let shown = e.to_string();
     assert!(
         shown.contains("relation \"no_such_table\" does not exist") && shown.contains("42P01"),
@@ -215,11 +221,12 @@ async fn display_carries_the_servers_and_the_drivers_message_once() {
     assert_printed_once(&e);
 
     // A value of the wrong type: the driver's message, which names both types.
-    let e = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move { tx.execute("SELECT $1::int8", &[&1_i32]).await })
-    })
-    .await
-    .unwrap_err();
+    let e = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move { tx.execute("SELECT $1::int8", &[&1_i32]).await })
+        })
+        .await
+        .unwrap_err();
     let shown = e.to_string();
     assert!(shown.contains("i32") && shown.contains("int8"), "{shown}");
     assert!(e.as_driver_error().is_some());

@@ -1,16 +1,13 @@
 //! One executor trait: a repository function used inside a locked call and outside it, on
 //! every kind of client, with rowlock's error tracking kept.
 
-use rowlock::{
-    ErrorKind, Executor, LockOptions, Outcome, TransactionOptions, with_locked_row,
-    with_transaction,
-};
+use rowlock::{ErrorKind, Executor, Lock, Outcome, TransactionOptions};
 
 use crate::support::{Account, accounts, notes};
 
 /// A repository function as a service writes it.
-async fn add_note(db: &impl Executor, account: i64, note: &str) -> Result<u64, rowlock::Error> {
-    db.execute(
+async fn add_note(pg: &impl Executor, account: i64, note: &str) -> Result<u64, rowlock::Error> {
+    pg.execute(
         "INSERT INTO audit (account_id, note) VALUES ($1, $2)",
         &[&account, &note],
     )
@@ -19,22 +16,23 @@ async fn add_note(db: &impl Executor, account: i64, note: &str) -> Result<u64, r
 
 #[tokio::test]
 async fn a_repository_function_runs_on_every_client() {
-    let (db, pool) = accounts(1).await;
+    let (pg, db) = accounts(1).await;
     // Inside a locked call, in rowlock's transaction.
-    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
-        Box::pin(async move { add_note(tx, acc.id, "a").await })
-    })
-    .await
-    .unwrap();
+    let outcome = db
+        .with_locked_row(&1, &Lock::new(), |tx, acc: Account| {
+            Box::pin(async move { add_note(tx, acc.id, "a").await })
+        })
+        .await
+        .unwrap();
     assert!(matches!(outcome, Outcome::Done(1)));
     // On a pooled connection, outside any transaction; spawned, so the future is Send.
-    let object = pool.get().await.unwrap();
+    let object = db.pool().get().await.unwrap();
     tokio::spawn(async move { add_note(&object, 1, "b").await })
         .await
         .unwrap()
         .unwrap();
     // On a plain tokio-postgres client, and in its transaction.
-    let mut client = db.client().await.unwrap();
+    let mut client = pg.client().await.unwrap();
     add_note(&client, 1, "c").await.unwrap();
     let tx = client.transaction().await.unwrap();
     add_note(&tx, 1, "d").await.unwrap();
@@ -47,25 +45,26 @@ async fn a_repository_function_runs_on_every_client() {
 
 #[tokio::test]
 async fn errors_through_the_trait_are_still_tracked() {
-    let (db, pool) = accounts(1).await;
-    db.client()
+    let (pg, db) = accounts(1).await;
+    pg.client()
         .await
         .unwrap()
         .execute("INSERT INTO audit VALUES (1, 'a')", &[])
         .await
         .unwrap();
-    let err = with_transaction(&pool, &TransactionOptions::new(), |tx| {
-        Box::pin(async move {
-            add_note(tx, 1, "b").await?;
-            let _ = add_note(tx, 1, "a").await; // swallowed
-            Ok::<_, rowlock::Error>(())
+    let err = db
+        .with_transaction(&TransactionOptions::new(), |tx| {
+            Box::pin(async move {
+                add_note(tx, 1, "b").await?;
+                let _ = add_note(tx, 1, "a").await; // swallowed
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TransactionAborted);
     assert_eq!(
-        notes(&db.client().await.unwrap()).await,
+        notes(&pg.client().await.unwrap()).await,
         ["a"],
         "nothing committed"
     );

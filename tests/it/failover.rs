@@ -1,5 +1,5 @@
 //! Primary failover with real servers: a primary and a streaming standby started from the
-//! installed binaries, the primary killed under load, the standby promoted, a multi-host pool
+//! installed binaries, the primary killed under load, the standby promoted, a multi-host db
 //! that finds the new primary; connections to a standby never reused; commit outcomes never
 //! guessed across servers.
 
@@ -8,14 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rowlock::Db;
 use rowlock::assignment::{AssignmentError, accept_proposal, migrate};
-use rowlock::deadpool_postgres::Pool;
 use rowlock::testing::{StopMode, TestCluster, TestDatabase};
 use rowlock::tokio_postgres::error::SqlState;
-use rowlock::{
-    CommitStatus, ErrorKind, LockOptions, Outcome, PoolOptions, RetryPolicy, Transaction,
-    TransactionOptions, resolve_commit, with_locked_row, with_transaction, with_transaction_retry,
-};
+use rowlock::{CommitStatus, ErrorKind, Lock, Outcome, RetryPolicy, TransactionOptions};
 
 use crate::assignment::{seed, violations};
 use crate::faults::{Rng, until};
@@ -27,7 +24,7 @@ use crate::support::{Account, WAIT};
 struct Pair {
     primary: Arc<TestCluster>,
     standby: Arc<TestCluster>,
-    db: TestDatabase,
+    pg: TestDatabase,
 }
 
 async fn pair(synchronous: bool) -> Pair {
@@ -59,10 +56,10 @@ async fn pair(synchronous: bool) -> Pair {
         })
         .await;
     }
-    let db = primary.create_database_owned().await.unwrap();
-    let pool = db.pool(2);
-    migrate(&pool).await.unwrap();
-    db.client()
+    let pg = primary.create_database_owned().await.unwrap();
+    let db = pg.db(2);
+    migrate(&db).await.unwrap();
+    pg.client()
         .await
         .unwrap()
         .batch_execute(
@@ -76,7 +73,7 @@ async fn pair(synchronous: bool) -> Pair {
     Pair {
         primary,
         standby,
-        db,
+        pg,
     }
 }
 
@@ -88,30 +85,31 @@ impl Pair {
             "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?target_session_attrs=read-write&connect_timeout=2",
             self.primary.port().unwrap(),
             self.standby.port().unwrap(),
-            self.db.name()
+            self.pg.name()
         )
     }
 
-    /// A pool on the standby alone, as one made before a failover turned its server into a
+    /// A db on the standby alone, as one made before a failover turned its server into a
     /// standby.
-    fn standby_pool(&self, options: &PoolOptions) -> Pool {
+    fn standby_pool(&self, options: rowlock::Builder) -> Db {
         self.pool_on(&self.standby, options)
     }
 
-    /// A pool on one server of the pair, whatever its role.
-    fn pool_on(&self, server: &TestCluster, options: &PoolOptions) -> Pool {
+    /// A db on one server of the pair, whatever its role.
+    fn pool_on(&self, server: &TestCluster, options: rowlock::Builder) -> Db {
         let url = format!(
             "postgres://postgres@127.0.0.1:{}/{}",
             server.port().unwrap(),
-            self.db.name()
+            self.pg.name()
         );
-        options.build(url.parse().unwrap()).unwrap()
+        options.config(url.parse().unwrap()).build().unwrap()
     }
 }
 
 /// The pid of the server process behind a pooled connection.
-async fn backend_pid(pool: &Pool) -> i32 {
-    pool.get()
+async fn backend_pid(db: &Db) -> i32 {
+    db.pool()
+        .get()
         .await
         .unwrap()
         .query_one("SELECT pg_backend_pid()", &[])
@@ -123,64 +121,71 @@ async fn backend_pid(pool: &Pool) -> i32 {
 #[tokio::test]
 async fn a_connection_to_a_standby_is_never_reused() {
     let pair = pair(false).await;
-    let pool = pair.standby_pool(&PoolOptions::new().max_size(2));
+    let db = pair.standby_pool(Db::builder().max_size(2));
     // Reads work on a standby, and the connection is pooled as usual.
-    let first = backend_pid(&pool).await;
-    assert_eq!(backend_pid(&pool).await, first, "pooled and reused");
-    assert_eq!(pool.status().size, 1);
+    let first = backend_pid(&db).await;
+    assert_eq!(backend_pid(&db).await, first, "pooled and reused");
+    assert_eq!(db.pool().status().size, 1);
 
     // A lock is a write: refused (25006), classified, and the connection closed.
-    let err = with_locked_row(&pool, &1_i64, &LockOptions::new(), |_, _: Account| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap_err();
+    let err = db
+        .with_locked_row(&1_i64, &Lock::new(), |_, _: Account| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
     assert_eq!(err.sql_state(), Some(&SqlState::READ_ONLY_SQL_TRANSACTION));
     assert!(err.is_retryable());
-    assert_eq!(pool.status().size, 0, "the connection did not go back");
+    assert_eq!(db.pool().status().size, 0, "the connection did not go back");
 
     // The same from a write inside a transaction, and from a caller that swallowed it.
-    let err = with_transaction(&pool, &TransactionOptions::new(), |tx| {
-        Box::pin(async move {
-            let _ = tx.execute("UPDATE accounts SET balance = 1", &[]).await;
-            Ok::<_, rowlock::Error>(())
+    let err = db
+        .with_transaction(&TransactionOptions::new(), |tx| {
+            Box::pin(async move {
+                let _ = tx.execute("UPDATE accounts SET balance = 1", &[]).await;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(
         err.sql_state(),
         Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
         "{err}"
     );
-    assert_eq!(pool.status().size, 0);
+    assert_eq!(db.pool().status().size, 0);
 
     // The retry helpers run it again on a new connection (here, the standby again).
     let policy = RetryPolicy::new()
         .max_attempts(3)
         .base_delay(Duration::from_millis(1));
-    let err = with_transaction_retry(&pool, &TransactionOptions::new(), &policy, |tx| {
-        Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 1", &[]).await?;
-            Ok::<_, rowlock::Error>(())
+    let err = db
+        .with_transaction(TransactionOptions::new().retry(&policy), |tx| {
+            Box::pin(async move {
+                tx.execute("UPDATE accounts SET balance = 1", &[]).await?;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::RetriesExhausted, "{err}");
     assert_eq!(err.attempts(), Some(3));
-    assert_eq!(pool.status().size, 0, "no attempt's connection went back");
+    assert_eq!(
+        db.pool().status().size,
+        0,
+        "no attempt's connection went back"
+    );
 }
 
 #[tokio::test]
 async fn check_primary_refuses_a_pooled_standby_connection() {
     let pair = pair(false).await;
-    let plain = pair.standby_pool(&PoolOptions::new().max_size(1));
+    let plain = pair.standby_pool(Db::builder().max_size(1));
     let p = backend_pid(&plain).await;
     assert_eq!(backend_pid(&plain).await, p, "without the check: reused");
 
-    let checked = pair.standby_pool(&PoolOptions::new().max_size(1).check_primary(true));
+    let checked = pair.standby_pool(Db::builder().max_size(1).check_primary(true));
     let first = backend_pid(&checked).await; // new: not checked
     let second = backend_pid(&checked).await; // pooled: checked, refused, replaced
     assert_ne!(
@@ -189,10 +194,11 @@ async fn check_primary_refuses_a_pooled_standby_connection() {
     );
 
     // On the primary the check passes and connections are reused.
-    let primary = PoolOptions::new()
+    let primary = Db::builder()
         .max_size(1)
         .check_primary(true)
-        .build(pair.url().parse().unwrap())
+        .config(pair.url().parse().unwrap())
+        .build()
         .unwrap();
     let p = backend_pid(&primary).await;
     assert_eq!(backend_pid(&primary).await, p);
@@ -201,9 +207,9 @@ async fn check_primary_refuses_a_pooled_standby_connection() {
 #[tokio::test]
 async fn resolve_commit_asks_only_the_server_that_ran_the_transaction() {
     let pair = pair(false).await;
-    let on_primary = pair.db.pool(2);
+    let on_primary = pair.pg.db(2);
     let tracked = TransactionOptions::new().track_commit_outcome(true);
-    let tx = Transaction::begin(&on_primary, &tracked).await.unwrap();
+    let tx = on_primary.begin(&tracked).await.unwrap();
     tx.execute(
         "UPDATE accounts SET balance = balance + 1 WHERE id = 1",
         &[],
@@ -213,7 +219,7 @@ async fn resolve_commit_asks_only_the_server_that_ran_the_transaction() {
     let reference = tx.transaction_ref().expect("recorded with BEGIN");
     tx.commit().await.unwrap();
     assert_eq!(
-        resolve_commit(&on_primary, &reference).await.unwrap(),
+        on_primary.resolve_commit(&reference).await.unwrap(),
         CommitStatus::Committed
     );
     // An id this server never assigned is not a guess either.
@@ -222,7 +228,7 @@ async fn resolve_commit_asks_only_the_server_that_ran_the_transaction() {
         ..reference
     };
     assert_eq!(
-        resolve_commit(&on_primary, &future).await.unwrap(),
+        on_primary.resolve_commit(&future).await.unwrap(),
         CommitStatus::Unknown
     );
     // Another system (the shared test cluster) is never asked.
@@ -231,9 +237,9 @@ async fn resolve_commit_asks_only_the_server_that_ran_the_transaction() {
         .create_database()
         .await
         .unwrap()
-        .pool(1);
+        .db(1);
     assert_eq!(
-        resolve_commit(&elsewhere, &reference).await.unwrap(),
+        elsewhere.resolve_commit(&reference).await.unwrap(),
         CommitStatus::ServerChanged
     );
     // The standby (same system, in recovery), then promoted (same system, new timeline).
@@ -241,9 +247,9 @@ async fn resolve_commit_asks_only_the_server_that_ran_the_transaction() {
         .wait_for_replay(&pair.standby, WAIT)
         .await
         .unwrap();
-    let standby = pair.standby_pool(&PoolOptions::new().max_size(1));
+    let standby = pair.standby_pool(Db::builder().max_size(1));
     assert_eq!(
-        resolve_commit(&standby, &reference).await.unwrap(),
+        standby.resolve_commit(&reference).await.unwrap(),
         CommitStatus::ServerChanged
     );
     let p = pair.primary.clone();
@@ -253,7 +259,7 @@ async fn resolve_commit_asks_only_the_server_that_ran_the_transaction() {
         .unwrap();
     pair.standby.promote().await.unwrap();
     assert_eq!(
-        resolve_commit(&standby, &reference).await.unwrap(),
+        standby.resolve_commit(&reference).await.unwrap(),
         CommitStatus::ServerChanged,
         "a promoted standby is on a new timeline: it is not asked"
     );
@@ -270,7 +276,7 @@ struct Seen {
     acked: Vec<(i32, i32, Instant)>,
 }
 
-/// 32 tasks of `accept_proposal` and a `with_locked_row` counter through a multi-host pool;
+/// 32 tasks of `accept_proposal` and a `with_locked_row` counter through a multi-host db;
 /// the primary is killed (immediate shutdown) and the standby promoted. Prints how long after
 /// the promotion calls succeeded again, and (asynchronous replication) how many acknowledged
 /// commits were lost.
@@ -282,12 +288,13 @@ async fn failover_under_load(synchronous: bool) {
     };
     let pair = pair(synchronous).await;
     let (projects, per) = (2_000_i64, 3_i64);
-    seed(&pair.db.client().await.unwrap(), projects, per).await;
-    let pool = PoolOptions::new()
+    seed(&pair.pg.client().await.unwrap(), projects, per).await;
+    let db = Db::builder()
         .max_size(32)
         .create_timeout(Duration::from_secs(3))
         .wait_timeout(Duration::from_secs(5))
-        .build(pair.url().parse().unwrap())
+        .config(pair.url().parse().unwrap())
+        .build()
         .unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -295,14 +302,14 @@ async fn failover_under_load(synchronous: bool) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let tasks: Vec<_> = (0..32_i32)
         .map(|t| {
-            let (pool, stop, oks, seen) = (pool.clone(), stop.clone(), oks.clone(), seen.clone());
+            let (db, stop, oks, seen) = (db.clone(), stop.clone(), oks.clone(), seen.clone());
             tokio::spawn(async move {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1).wrapping_mul(0x2545_F491));
                 let mut seq = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let failure = if t % 2 == 0 {
                         let proposal = 1 + rng.below((projects * per) as u64) as i64;
-                        match accept_proposal(&pool, proposal, rowlock::LockMode::Wait).await {
+                        match accept_proposal(&db, proposal, rowlock::LockMode::Wait).await {
                             Ok(()) => {
                                 seen.lock()
                                     .unwrap()
@@ -316,11 +323,8 @@ async fn failover_under_load(synchronous: bool) {
                     } else {
                         seq += 1;
                         let account = i64::from(t % 8) + 1;
-                        let done = with_locked_row(
-                            &pool,
-                            &account,
-                            &LockOptions::new(),
-                            |tx, a: Account| {
+                        let done = db
+                            .with_locked_row(&account, &Lock::new(), |tx, a: Account| {
                                 Box::pin(async move {
                                     tx.execute(
                                         "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
@@ -331,9 +335,8 @@ async fn failover_under_load(synchronous: bool) {
                                         .await?;
                                     Ok::<_, rowlock::Error>(())
                                 })
-                            },
-                        )
-                        .await;
+                            })
+                            .await;
                         match done {
                             Ok(Outcome::Done(())) => {
                                 seen.lock().unwrap().acked.push((t, seq, Instant::now()));
@@ -400,7 +403,7 @@ async fn failover_under_load(synchronous: bool) {
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     // The data is in the test database, on the new primary.
     let mut config = pair.standby.config().clone();
-    config.dbname(pair.db.name());
+    config.dbname(pair.pg.name());
     let (client, connection) = config
         .connect(rowlock::tokio_postgres::NoTls)
         .await
@@ -460,7 +463,7 @@ async fn failover_under_load(synchronous: bool) {
                 "CommitOutcomeUnknown",
                 "ReadOnly",
                 "PoolTimeout",
-                "Pool"
+                "Db"
             ]
             .contains(&kind.as_str()),
             "unexpected error kind during the failover: {kind}"
@@ -481,19 +484,20 @@ async fn failover_with_asynchronous_replication_reports_what_it_lost() {
 }
 
 /// After a failover the old primary comes back as a standby of the new one, at its old
-/// address: a pool listing both hosts writes only to the new primary, and a pool that still
+/// address: a db listing both hosts writes only to the new primary, and a db that still
 /// points at the old address alone gets `ReadOnly` and never keeps those connections.
 #[tokio::test]
 async fn an_old_primary_back_as_a_standby_never_takes_a_write() {
     let pair = pair(false).await;
-    let both = PoolOptions::new()
+    let both = Db::builder()
         .max_size(4)
         .check_primary(true)
-        .build(pair.url().parse().unwrap())
+        .config(pair.url().parse().unwrap())
+        .build()
         .unwrap();
-    let old_address = pair.pool_on(&pair.primary, &PoolOptions::new().max_size(2));
-    let bump = |pool: Pool| async move {
-        with_locked_row(&pool, &1_i64, &LockOptions::new(), |tx, a: Account| {
+    let old_address = pair.pool_on(&pair.primary, Db::builder().max_size(2));
+    let bump = |db: Db| async move {
+        db.with_locked_row(&1_i64, &Lock::new(), |tx, a: Account| {
             Box::pin(async move {
                 tx.execute(
                     "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
@@ -525,11 +529,12 @@ async fn an_old_primary_back_as_a_standby_never_takes_a_write() {
         .unwrap()
         .expect("the old primary rejoins as a standby");
 
-    // The pool listing both hosts finds the new primary, past the old one (now read-only).
+    // The db listing both hosts finds the new primary, past the old one (now read-only).
     for _ in 0..4 {
         assert!(bump(both.clone()).await.unwrap().is_done());
     }
     let port: i32 = both
+        .pool()
         .get()
         .await
         .unwrap()
@@ -543,10 +548,10 @@ async fn an_old_primary_back_as_a_standby_never_takes_a_write() {
         "writes go to the new primary"
     );
 
-    // The pool still pointing at the old address reaches a standby: refused, never kept.
+    // The db still pointing at the old address reaches a standby: refused, never kept.
     let err = bump(old_address.clone()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
-    assert_eq!(old_address.status().size, 0);
-    let balance = crate::support::balance(&both.get().await.unwrap(), 1).await;
+    assert_eq!(old_address.pool().status().size, 0);
+    let balance = crate::support::balance(&both.pool().get().await.unwrap(), 1).await;
     assert_eq!(balance, 6, "two writes before the failover, four after");
 }

@@ -1,5 +1,5 @@
 //! Real faults against a real server: a lock holder's backend terminated, an immediate
-//! server restart under load, an exhausted pool, idle-in-transaction and statement timeouts
+//! server restart under load, an exhausted db, idle-in-transaction and statement timeouts
 //! inside the closure, and a soak with random cancellation. Each test asserts what the caller
 //! sees and what the database holds afterwards.
 
@@ -8,17 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rowlock::assignment::{
-    AcceptOptions, AssignmentError, accept_proposal, accept_proposal_with, migrate,
-    withdraw_proposal,
-};
+use rowlock::assignment::{AssignmentError, accept_proposal, migrate, withdraw_proposal};
 use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use rowlock::testing::{StopMode, TestCluster, wait_for_blocked_by};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::tokio_postgres::{Client, Config, NoTls, Row};
 use rowlock::{
-    Claim, Compare, Direction, ErrorKind, LockMode, LockOptions, LockableRow, Table,
-    TransactionOptions, with_claimed_rows, with_locked_row,
+    Claim, Compare, Db, Direction, ErrorKind, Lock, LockMode, LockableRow, Outcome, Table,
+    TransactionOptions,
 };
 use tokio::sync::oneshot;
 
@@ -55,11 +52,11 @@ async fn backend_exists(observer: &Client, pid: i32) -> bool {
 
 /// `calls` concurrent `with_locked_row` calls, each adding 1 to one of accounts `1..=rows`;
 /// all must be `Done`.
-async fn increment_concurrently(pool: &Pool, calls: i64, rows: i64) {
-    let options = LockOptions::new();
+async fn increment_concurrently(db: &Db, calls: i64, rows: i64) {
+    let options = Lock::new();
     let keys: Vec<i64> = (0..calls).map(|i| 1 + i % rows).collect();
     let calls = keys.iter().map(|key| {
-        with_locked_row::<Account, _, rowlock::Error, _>(pool, key, &options, |tx, acc| {
+        db.with_locked_row::<Account, _, rowlock::Error, _>(key, &options, |tx, acc| {
             Box::pin(async move {
                 tx.execute(
                     "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
@@ -75,7 +72,7 @@ async fn increment_concurrently(pool: &Pool, calls: i64, rows: i64) {
     }
 }
 
-fn pool_with_wait_timeout(config: &Config, max_size: usize, wait: Duration) -> Pool {
+fn pool_with_wait_timeout(config: &Config, max_size: usize, wait: Duration) -> Db {
     let manager = Manager::from_config(
         config.clone(),
         NoTls,
@@ -83,12 +80,14 @@ fn pool_with_wait_timeout(config: &Config, max_size: usize, wait: Duration) -> P
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(manager)
-        .max_size(max_size)
-        .wait_timeout(Some(wait))
-        .runtime(Runtime::Tokio1)
-        .build()
-        .unwrap()
+    Db::from_pool(
+        Pool::builder(manager)
+            .max_size(max_size)
+            .wait_timeout(Some(wait))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .unwrap(),
+    )
 }
 
 /// A small xorshift generator: reproducible randomness without a dependency.
@@ -108,43 +107,39 @@ impl Rng {
 
 #[tokio::test]
 async fn holder_terminated_while_a_waiter_is_blocked() {
-    let (db, pool) = accounts(2).await;
-    let observer = db.client().await.unwrap();
+    let (pg, db) = accounts(2).await;
+    let observer = pg.client().await.unwrap();
     let (pid_tx, pid_rx) = oneshot::channel::<i32>();
+    let mut pid_tx = Some(pid_tx);
     let (go_tx, go_rx) = oneshot::channel::<()>();
+    let mut go_rx = Some(go_rx);
     let holder = tokio::spawn({
-        let pool = pool.clone();
+        let db = db.clone();
         async move {
-            with_locked_row::<Account, _, rowlock::Error, _>(
-                &pool,
-                &1,
-                &LockOptions::new(),
-                move |tx, acc| {
-                    Box::pin(async move {
-                        tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
-                            .await?;
-                        let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-                        pid_tx.send(pid).unwrap();
-                        let _ = go_rx.await;
-                        // The backend is gone by now: this statement fails.
-                        tx.query_one("SELECT 1", &[]).await?;
-                        Ok(())
-                    })
-                },
-            )
+            db.with_locked_row::<Account, _, rowlock::Error, _>(&1, &Lock::new(), move |tx, acc| {
+                let pid_tx = pid_tx.take().expect("the closure runs once");
+                let go_rx = go_rx.take().expect("the closure runs once");
+                Box::pin(async move {
+                    tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                        .await?;
+                    let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                    pid_tx.send(pid).unwrap();
+                    let _ = go_rx.await;
+                    // The backend is gone by now: this statement fails.
+                    tx.query_one("SELECT 1", &[]).await?;
+                    Ok(())
+                })
+            })
             .await
         }
     });
     let holder_pid = tokio::time::timeout(WAIT, pid_rx).await.unwrap().unwrap();
     let waiter = tokio::spawn({
-        let pool = pool.clone();
+        let db = db.clone();
         async move {
-            with_locked_row::<Account, _, rowlock::Error, _>(
-                &pool,
-                &1,
-                &LockOptions::new(),
-                |_, acc| Box::pin(async move { Ok(acc.balance) }),
-            )
+            db.with_locked_row::<Account, _, rowlock::Error, _>(&1, &Lock::new(), |_, acc| {
+                Box::pin(async move { Ok(acc.balance) })
+            })
             .await
         }
     });
@@ -176,8 +171,8 @@ async fn holder_terminated_while_a_waiter_is_blocked() {
         "nothing the holder wrote is visible"
     );
 
-    // The pool serves new calls on all its connections at once.
-    increment_concurrently(&pool, 8, 2).await;
+    // The db serves new calls on all its connections at once.
+    increment_concurrently(&db, 8, 2).await;
     assert_eq!(balance(&observer, 1).await, 104);
     assert_eq!(in_transaction(&observer).await, 0);
 }
@@ -191,23 +186,23 @@ async fn immediate_restart_under_load_recovers_and_keeps_the_invariant() {
             .unwrap()
             .unwrap(),
     );
-    let db = cluster.create_database_owned().await.unwrap();
+    let pg = cluster.create_database_owned().await.unwrap();
     // Test clusters trade durability for speed (synchronous_commit = off): a crash may then
     // lose acknowledged commits. This test checks that no acknowledged commit is lost, so it
     // runs with PostgreSQL's default durability.
-    db.client()
+    pg.client()
         .await
         .unwrap()
         .batch_execute(&format!(
             "ALTER DATABASE \"{}\" SET synchronous_commit = on",
-            db.name()
+            pg.name()
         ))
         .await
         .unwrap();
-    let pool = db.pool(16);
-    migrate(&pool).await.unwrap();
+    let db = pg.db(16);
+    migrate(&db).await.unwrap();
     let (projects, per) = (3_000_i64, 3_i64);
-    db.client()
+    pg.client()
         .await
         .unwrap()
         .batch_execute(&format!(
@@ -226,8 +221,8 @@ async fn immediate_restart_under_load_recovers_and_keeps_the_invariant() {
     let kinds = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let tasks: Vec<_> = (0..32_u64)
         .map(|t| {
-            let (pool, stop, oks, failures) =
-                (pool.clone(), stop.clone(), oks.clone(), failures.clone());
+            let (db, stop, oks, failures) =
+                (db.clone(), stop.clone(), oks.clone(), failures.clone());
             let (accepted_ok, kinds) = (accepted_ok.clone(), kinds.clone());
             tokio::spawn(async move {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t + 1).wrapping_mul(0x2545_F491));
@@ -238,7 +233,7 @@ async fn immediate_restart_under_load_recovers_and_keeps_the_invariant() {
                     } else {
                         LockMode::NoWait
                     };
-                    match accept_proposal(&pool, proposal, mode).await {
+                    match accept_proposal(&db, proposal, mode).await {
                         Ok(()) => {
                             accepted_ok.lock().unwrap().push(proposal);
                             oks.fetch_add(1, Ordering::Relaxed);
@@ -304,7 +299,7 @@ async fn immediate_restart_under_load_recovers_and_keeps_the_invariant() {
             "unexpected error kind during the outage: {kind}"
         );
     }
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     let row = client
         .query_one(
             "SELECT
@@ -343,23 +338,26 @@ async fn immediate_restart_under_load_recovers_and_keeps_the_invariant() {
 
 #[tokio::test]
 async fn an_exhausted_pool_times_out_then_everyone_completes() {
-    let (db, _) = accounts(3).await;
-    let observer = db.client().await.unwrap();
-    let pool = pool_with_wait_timeout(db.config(), 2, Duration::from_secs(1));
+    let (pg, _) = accounts(3).await;
+    let observer = pg.client().await.unwrap();
+    let db = pool_with_wait_timeout(pg.config(), 2, Duration::from_secs(1));
 
     // Two holders take both connections and keep their locks.
     let mut releases = Vec::new();
     let mut holders = Vec::new();
     for id in [1_i64, 2] {
         let (held_tx, held_rx) = oneshot::channel::<()>();
+        let mut held_tx = Some(held_tx);
         let (release_tx, release_rx) = oneshot::channel::<()>();
-        let pool = pool.clone();
+        let mut release_rx = Some(release_rx);
+        let db = db.clone();
         holders.push(tokio::spawn(async move {
-            with_locked_row::<Account, _, rowlock::Error, _>(
-                &pool,
+            db.with_locked_row::<Account, _, rowlock::Error, _>(
                 &id,
-                &LockOptions::new(),
+                &Lock::new(),
                 move |tx, acc| {
+                    let held_tx = held_tx.take().expect("the closure runs once");
+                    let release_rx = release_rx.take().expect("the closure runs once");
                     Box::pin(async move {
                         tx.execute(
                             "UPDATE accounts SET balance = balance - 1 WHERE id = $1",
@@ -378,34 +376,29 @@ async fn an_exhausted_pool_times_out_then_everyone_completes() {
         releases.push(release_tx);
     }
 
-    // A third caller cannot get a connection: a pool timeout, and its closure never runs.
-    let err = with_locked_row::<Account, (), rowlock::Error, _>(
-        &pool,
-        &3,
-        &LockOptions::new(),
-        |_, _| panic!("no connection, so no closure"),
-    )
-    .await
-    .expect_err("the pool is exhausted");
+    // A third caller cannot get a connection: a db timeout, and its closure never runs.
+    let err = db
+        .with_locked_row::<Account, (), rowlock::Error, _>(&3, &Lock::new(), |_, _| {
+            panic!("no connection, so no closure")
+        })
+        .await
+        .expect_err("the pool is exhausted");
     assert_eq!(err.kind(), ErrorKind::PoolTimeout, "{err}");
     assert_eq!(balance(&observer, 3).await, 100);
 
     // A caller waiting for a connection gets one as soon as a holder finishes, and then
     // waits for nothing: the holder's row lock went with its commit.
     let waiting = tokio::spawn({
-        let pool = pool.clone();
+        let db = db.clone();
         async move {
-            with_locked_row::<Account, _, rowlock::Error, _>(
-                &pool,
-                &1,
-                &LockOptions::new(),
-                |_, acc| Box::pin(async move { Ok(acc.balance) }),
-            )
+            db.with_locked_row::<Account, _, rowlock::Error, _>(&1, &Lock::new(), |_, acc| {
+                Box::pin(async move { Ok(acc.balance) })
+            })
             .await
         }
     });
     until(WAIT, "the caller waits for a connection", || async {
-        pool.status().waiting == 1
+        db.pool().status().waiting == 1
     })
     .await;
     releases.remove(0).send(()).unwrap();
@@ -415,86 +408,88 @@ async fn an_exhausted_pool_times_out_then_everyone_completes() {
     // The second holder finishes; then 32 callers share the two connections and all complete.
     releases.remove(0).send(()).unwrap();
     assert!(holders.remove(0).await.unwrap().unwrap().is_done());
-    increment_concurrently(&pool, 32, 3).await;
+    increment_concurrently(&db, 32, 3).await;
     let total: i64 = observer
         .query_one("SELECT sum(balance)::int8 FROM accounts", &[])
         .await
         .unwrap()
         .get(0);
     assert_eq!(total, 300 - 2 + 32);
-    assert!(pool.status().size <= 2);
+    assert!(db.pool().status().size <= 2);
 }
 
 #[tokio::test]
 async fn idle_in_transaction_timeout_fires_in_a_slow_closure() {
-    let (db, _) = accounts(1).await;
-    let pool = db.pool(1);
-    let observer = Arc::new(db.client().await.unwrap());
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(1);
+    let observer = Arc::new(pg.client().await.unwrap());
     let limit = Duration::from_millis(200);
-    let options = LockOptions::new()
-        .transaction(TransactionOptions::new().idle_in_transaction_timeout(limit));
-    let err = with_locked_row::<Account, (), rowlock::Error, _>(&pool, &1, &options, {
-        let observer = observer.clone();
-        move |tx, acc| {
-            Box::pin(async move {
-                tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
-                    .await?;
-                let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-                // The closure is slow (it awaits something else) until the server gives up.
-                until(WAIT, "the server ends the idle session", || async {
-                    !backend_exists(&observer, pid).await
+    let options =
+        Lock::new().transaction(TransactionOptions::new().idle_in_transaction_timeout(limit));
+    let err = db
+        .with_locked_row::<Account, (), rowlock::Error, _>(&1, &options, {
+            let observer = observer.clone();
+            move |tx, acc| {
+                let observer = observer.clone();
+                Box::pin(async move {
+                    tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                        .await?;
+                    let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                    // The closure is slow (it awaits something else) until the server gives up.
+                    until(WAIT, "the server ends the idle session", || async {
+                        !backend_exists(&observer, pid).await
+                    })
+                    .await;
+                    tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
+                        .await?;
+                    Ok(())
                 })
-                .await;
-                tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
-                    .await?;
-                Ok(())
-            })
-        }
-    })
-    .await
-    .expect_err("the session was ended");
+            }
+        })
+        .await
+        .expect_err("the session was ended");
     assert_eq!(err.kind(), ErrorKind::IdleInTransactionTimeout, "{err}");
     assert_eq!(balance(&observer, 1).await, 100, "nothing committed");
     assert_eq!(
-        pool.status().size,
+        db.pool().status().size,
         0,
         "the dead connection was not returned"
     );
 
-    // The same pool serves the next call on a fresh connection.
-    let outcome = with_locked_row::<Account, _, rowlock::Error, _>(
-        &pool,
-        &1,
-        &LockOptions::new(),
-        |_, acc| Box::pin(async move { Ok(acc.balance) }),
-    )
-    .await
-    .unwrap();
+    // The same db serves the next call on a fresh connection.
+    let outcome = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &Lock::new(), |_, acc| {
+            Box::pin(async move { Ok(acc.balance) })
+        })
+        .await
+        .unwrap();
     assert_eq!(outcome.done(), Some(100));
 }
 
 #[tokio::test]
 async fn statement_timeout_in_the_closure_is_its_own_kind_and_rolls_back() {
-    let (db, _) = accounts(1).await;
-    let pool = db.pool(1);
-    let observer = db.client().await.unwrap();
-    let options = LockOptions::new()
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(1);
+    let observer = pg.client().await.unwrap();
+    let options = Lock::new()
         .transaction(TransactionOptions::new().statement_timeout(Duration::from_millis(100)));
-    let err = with_locked_row::<Account, (), rowlock::Error, _>(&pool, &1, &options, |tx, acc| {
-        Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
-                .await?;
-            tx.execute("SELECT pg_sleep(30)", &[]).await?;
-            Ok(())
+    let err = db
+        .with_locked_row::<Account, (), rowlock::Error, _>(&1, &options, |tx, acc| {
+            Box::pin(async move {
+                tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                    .await?;
+                tx.execute("SELECT pg_sleep(30)", &[]).await?;
+                Ok(())
+            })
         })
-    })
-    .await
-    .expect_err("the statement timed out");
+        .await
+        .expect_err("the statement timed out");
     assert_eq!(err.kind(), ErrorKind::StatementTimeout, "{err}");
     assert_eq!(err.sql_state(), Some(&SqlState::QUERY_CANCELED));
     assert_eq!(balance(&observer, 1).await, 100, "rolled back");
     assert_eq!(in_transaction(&observer).await, 0);
-    let pid_before: i32 = pool
+    let pid_before: i32 = db
+        .pool()
         .get()
         .await
         .unwrap()
@@ -541,15 +536,15 @@ async fn soak_mixed_traffic_with_random_cancellation_keeps_every_invariant() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    let db = TestCluster::shared()
+    let pg = TestCluster::shared()
         .unwrap()
         .create_database()
         .await
         .unwrap();
-    let pool = db.pool(16);
-    migrate(&pool).await.unwrap();
+    let db = pg.db(16);
+    migrate(&db).await.unwrap();
     let (projects, per, jobs) = (2_000_i64, 4_i64, 200_000_i64);
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     client
         .batch_execute(&format!(
             "INSERT INTO projects (title) SELECT 'p' || g FROM generate_series(1, {projects}) g;
@@ -575,12 +570,8 @@ async fn soak_mixed_traffic_with_random_cancellation_keeps_every_invariant() {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let tasks: Vec<_> = (0..32_u64)
         .map(|t| {
-            let (pool, claim, reported, counts) = (
-                pool.clone(),
-                claim.clone(),
-                reported.clone(),
-                counts.clone(),
-            );
+            let (db, claim, reported, counts) =
+                (db.clone(), claim.clone(), reported.clone(), counts.clone());
             tokio::spawn(async move {
                 let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ (t + 1).wrapping_mul(0x9E37_79B9));
                 while Instant::now() < deadline {
@@ -593,35 +584,33 @@ async fn soak_mixed_traffic_with_random_cancellation_keeps_every_invariant() {
                     let proposal = 1 + rng.below((projects * per) as u64) as i64;
                     let timeout = Duration::from_millis(1 + rng.below(50));
                     let opts = match rng.below(3) {
-                        0 => AcceptOptions::new().mode(LockMode::Wait),
-                        1 => AcceptOptions::new()
-                            .mode(LockMode::Wait)
-                            .lock_timeout(timeout),
-                        _ => AcceptOptions::new().mode(LockMode::NoWait),
+                        0 => Lock::new().mode(LockMode::Wait),
+                        1 => Lock::new().mode(LockMode::Wait).lock_timeout(timeout),
+                        _ => Lock::new().mode(LockMode::NoWait),
                     };
                     let n = 1 + rng.below(10) as usize;
                     let which = rng.below(3);
                     let call = {
-                        let (pool, claim, reported) = (&pool, &claim, &reported);
+                        let (db, claim, reported) = (&db, &claim, &reported);
                         async move {
                             match which {
                                 0 => {
-                                    let r = accept_proposal_with(pool, proposal, &opts).await;
+                                    let r = accept_proposal(db, proposal, &opts).await;
                                     if r.is_ok() {
                                         reported.lock().unwrap().accepted.insert(proposal);
                                     }
                                     r.is_ok()
                                 }
                                 1 => {
-                                    let r = withdraw_proposal(pool, proposal).await;
+                                    let r = withdraw_proposal(db, proposal).await;
                                     if r.is_ok() {
                                         reported.lock().unwrap().withdrawn.insert(proposal);
                                     }
                                     r.is_ok()
                                 }
                                 _ => {
-                                    let r =
-                                        with_claimed_rows(pool, claim, n, |tx, jobs: Vec<Job>| {
+                                    let r = db
+                                        .claim(claim, n, |tx, jobs: Vec<Job>| {
                                             Box::pin(async move {
                                                 let ids: Vec<i64> =
                                                     jobs.iter().map(|j| j.id).collect();
@@ -637,7 +626,7 @@ async fn soak_mixed_traffic_with_random_cancellation_keeps_every_invariant() {
                                         })
                                         .await;
                                     match r {
-                                        Ok(Some(ids)) => {
+                                        Ok(Outcome::Done(ids)) => {
                                             reported.lock().unwrap().jobs_done.extend(ids);
                                             true
                                         }

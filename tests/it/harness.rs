@@ -95,8 +95,8 @@ async fn stop_start_and_restart_keep_the_data() {
         }
         Err(e) => panic!("{e}"),
     };
-    let db = cluster.create_database_owned().await.unwrap();
-    db.client()
+    let pg = cluster.create_database_owned().await.unwrap();
+    pg.client()
         .await
         .unwrap()
         .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (7)")
@@ -111,7 +111,7 @@ async fn stop_start_and_restart_keep_the_data() {
         .unwrap()
         .unwrap();
     assert!(
-        db.client().await.is_err(),
+        pg.client().await.is_err(),
         "stopped server refuses connections"
     );
     let blocking = cluster.clone();
@@ -119,7 +119,7 @@ async fn stop_start_and_restart_keep_the_data() {
         .await
         .unwrap()
         .unwrap();
-    let x: i32 = db
+    let x: i32 = pg
         .client()
         .await
         .unwrap()
@@ -129,7 +129,7 @@ async fn stop_start_and_restart_keep_the_data() {
         .get(0);
     assert_eq!(x, 7);
 
-    let session = db.session().await.unwrap();
+    let session = pg.session().await.unwrap();
     let blocking = cluster.clone();
     tokio::task::spawn_blocking(move || blocking.restart(StopMode::Immediate))
         .await
@@ -139,7 +139,7 @@ async fn stop_start_and_restart_keep_the_data() {
         session.batch_execute("SELECT 1").await.is_err(),
         "old sessions are gone"
     );
-    let x: i32 = db
+    let x: i32 = pg
         .client()
         .await
         .unwrap()
@@ -149,11 +149,11 @@ async fn stop_start_and_restart_keep_the_data() {
         .get(0);
     assert_eq!(x, 7, "committed data survives an immediate restart");
 
-    let victim = db.session().await.unwrap();
+    let victim = pg.session().await.unwrap();
     assert!(cluster.terminate_backend(victim.pid()).await.unwrap());
     assert!(victim.batch_execute("SELECT 1").await.is_err());
 
-    drop((session, victim, db));
+    drop((session, victim, pg));
     let cluster = Arc::try_unwrap(cluster).expect("last reference");
     drop(cluster);
     assert!(!dir.exists(), "dropping the cluster removed its directory");

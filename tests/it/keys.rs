@@ -3,10 +3,7 @@
 
 use chrono::NaiveDate;
 use rowlock::tokio_postgres::{Error as PgError, Row};
-use rowlock::{
-    LockMode, LockOptions, LockableRow, Outcome, RowsOutcome, Table, with_locked_row,
-    with_locked_rows,
-};
+use rowlock::{Lock, LockMode, LockableRow, Outcome, RowRef, Table};
 use uuid::Uuid;
 
 #[derive(Debug)]
@@ -61,16 +58,13 @@ fn day(d: u32) -> NaiveDate {
     NaiveDate::from_ymd_opt(2026, 11, d).unwrap()
 }
 
-async fn setup() -> (
-    rowlock::testing::TestDatabase,
-    rowlock::deadpool_postgres::Pool,
-) {
-    let db = rowlock::testing::TestCluster::shared()
+async fn setup() -> (rowlock::testing::TestDatabase, rowlock::Db) {
+    let pg = rowlock::testing::TestCluster::shared()
         .unwrap()
         .create_database()
         .await
         .unwrap();
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     client
         .batch_execute(
             "CREATE TABLE orders (id uuid PRIMARY KEY, status text NOT NULL);
@@ -94,48 +88,51 @@ async fn setup() -> (
                 .unwrap();
         }
     }
-    let pool = db.pool(4);
-    (db, pool)
+    let db = pg.db(4);
+    (pg, db)
 }
 
 #[tokio::test]
 async fn a_uuid_primary_key_locks_and_reports_outcomes() {
-    let (db, pool) = setup().await;
-    let outcome = with_locked_row(&pool, &uuid(2), &LockOptions::new(), |tx, o: Order| {
-        Box::pin(async move {
-            tx.execute("UPDATE orders SET status = 'paid' WHERE id = $1", &[&o.id])
-                .await?;
-            Ok::<_, rowlock::Error>(o.status)
+    let (pg, db) = setup().await;
+    let outcome = db
+        .with_locked_row(&uuid(2), &Lock::new(), |tx, o: Order| {
+            Box::pin(async move {
+                tx.execute("UPDATE orders SET status = 'paid' WHERE id = $1", &[&o.id])
+                    .await?;
+                Ok::<_, rowlock::Error>(o.status)
+            })
         })
-    })
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     assert_eq!(outcome.done().as_deref(), Some("new"));
-    let missing = with_locked_row(&pool, &uuid(99), &LockOptions::new(), |_, _: Order| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
-    assert!(matches!(missing, Outcome::NotFound));
+    let missing = db
+        .with_locked_row(&uuid(99), &Lock::new(), |_, _: Order| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
+    assert!(matches!(missing, Outcome::NotFound(_)));
 
-    let holder = db.client().await.unwrap();
+    let holder = pg.client().await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
     holder
         .execute("SELECT * FROM orders WHERE id = $1 FOR UPDATE", &[&uuid(3)])
         .await
         .unwrap();
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let busy = with_locked_rows(&pool, &[uuid(3), uuid(1)], &nowait, |_, _: Vec<Order>| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
-    assert!(matches!(busy, RowsOutcome::LockNotAvailable(_)), "{busy:?}");
+    let nowait = Lock::new().mode(LockMode::NoWait);
+    let busy = db
+        .with_locked_rows(&[uuid(3), uuid(1)], &nowait, |_, _: Vec<Order>| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
+    assert!(matches!(busy, Outcome::LockNotAvailable(_)), "{busy:?}");
 }
 
 #[tokio::test]
 async fn a_uuid_and_date_composite_key_locks_several_rows_in_key_order() {
-    let (_db, pool) = setup().await;
+    let (_db, db) = setup().await;
     // Asked for out of order, with a duplicate: locked once each, handed over in key order.
     let keys = [
         (uuid(3), day(1)),
@@ -143,11 +140,8 @@ async fn a_uuid_and_date_composite_key_locks_several_rows_in_key_order() {
         (uuid(1), day(1)),
         (uuid(3), day(1)),
     ];
-    let outcome = with_locked_rows(
-        &pool,
-        &keys,
-        &LockOptions::new(),
-        |tx, shifts: Vec<Shift>| {
+    let outcome = db
+        .with_locked_rows(&keys, &Lock::new(), |tx, shifts: Vec<Shift>| {
             Box::pin(async move {
                 for s in &shifts {
                     tx.execute(
@@ -158,27 +152,26 @@ async fn a_uuid_and_date_composite_key_locks_several_rows_in_key_order() {
                 }
                 Ok::<_, rowlock::Error>(shifts.iter().map(Shift::key).collect::<Vec<_>>())
             })
-        },
-    )
-    .await
-    .unwrap();
-    let RowsOutcome::Done(locked) = outcome else {
+        })
+        .await
+        .unwrap();
+    let Outcome::Done(locked) = outcome else {
         panic!("{outcome:?}")
     };
     assert_eq!(
         locked,
         [(uuid(1), day(1)), (uuid(1), day(2)), (uuid(3), day(1))]
     );
-    let missing = with_locked_rows(
-        &pool,
-        &[(uuid(2), day(9)), (uuid(2), day(1))],
-        &LockOptions::new(),
-        |_, _: Vec<Shift>| Box::pin(async { Ok::<_, rowlock::Error>(()) }),
-    )
-    .await
-    .unwrap();
-    let RowsOutcome::NotFound(keys) = missing else {
-        panic!("{missing:?}")
-    };
-    assert_eq!(keys, [(uuid(2), day(9))]);
+    let missing = db
+        .with_locked_rows(
+            &[(uuid(2), day(9)), (uuid(2), day(1))],
+            &Lock::new(),
+            |_, _: Vec<Shift>| Box::pin(async { Ok::<_, rowlock::Error>(()) }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        missing,
+        Outcome::NotFound(vec![RowRef::of::<Shift>(&(uuid(2), day(9)))])
+    );
 }

@@ -4,10 +4,7 @@
 use std::time::Duration;
 
 use rowlock::tokio_postgres::{Client, Error as PgError, Row};
-use rowlock::{
-    Claim, Compare, Direction, ErrorKind, Lease, Leased, LockableRow, Table, Transitioned,
-    claim_and_mark,
-};
+use rowlock::{Claim, Compare, Direction, ErrorKind, Lease, Leased, LockableRow, Outcome, Table};
 
 use crate::support::{WAIT, database};
 
@@ -71,19 +68,17 @@ async fn until_leases_expired(client: &Client) {
 
 #[tokio::test]
 async fn a_killed_workers_jobs_are_claimed_again_after_the_lease_and_by_nobody_before() {
-    let (db, pool) = database(JOBS, 4).await;
-    let observer = db.client().await.unwrap();
+    let (pg, db) = database(JOBS, 4).await;
+    let observer = pg.client().await.unwrap();
     let lease = Lease::new(Duration::from_millis(800));
     let claim = pending(&lease);
 
     // A worker claims three jobs and is killed mid-job: its task never finishes.
     let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
     let worker = tokio::spawn({
-        let (pool, claim) = (pool.clone(), claim.clone());
+        let (db, claim) = (db.clone(), claim.clone());
         async move {
-            let jobs = claim_and_mark::<Leased<Job>>(&pool, &claim, 3)
-                .await
-                .unwrap();
+            let jobs = db.claim_and_mark::<Leased<Job>>(&claim, 3).await.unwrap();
             claimed_tx.send(jobs).unwrap();
             std::future::pending::<()>().await;
         }
@@ -94,17 +89,17 @@ async fn a_killed_workers_jobs_are_claimed_again_after_the_lease_and_by_nobody_b
     assert!(dead.iter().all(|j| j.attempt == 1));
 
     // Before the lease ends nobody gets them: another worker takes the two others only.
-    let other: Vec<Leased<Job>> = claim_and_mark(&pool, &claim, 5).await.unwrap();
+    let other: Vec<Leased<Job>> = db.claim_and_mark(&claim, 5).await.unwrap();
     assert_eq!(other.iter().map(|j| j.row.id).collect::<Vec<_>>(), [4, 5]);
     for job in &other {
         let done = job
-            .complete(&pool, &lease, "status = 'done'", &[])
+            .complete(&db, &lease, "status = 'done'", &[])
             .await
             .unwrap();
-        assert!(matches!(done, Transitioned::Done(Job { ref status, .. }) if status == "done"));
+        assert!(matches!(done, Outcome::Done(Job { ref status, .. }) if status == "done"));
     }
     assert!(
-        claim_and_mark::<Leased<Job>>(&pool, &claim, 5)
+        db.claim_and_mark::<Leased<Job>>(&claim, 5)
             .await
             .unwrap()
             .is_empty()
@@ -112,7 +107,7 @@ async fn a_killed_workers_jobs_are_claimed_again_after_the_lease_and_by_nobody_b
 
     // After it, they are claimable again, as a second attempt.
     until_leases_expired(&observer).await;
-    let again: Vec<Leased<Job>> = claim_and_mark(&pool, &claim, 5).await.unwrap();
+    let again: Vec<Leased<Job>> = db.claim_and_mark(&claim, 5).await.unwrap();
     assert_eq!(
         again.iter().map(|j| j.row.id).collect::<Vec<_>>(),
         [1, 2, 3]
@@ -122,45 +117,45 @@ async fn a_killed_workers_jobs_are_claimed_again_after_the_lease_and_by_nobody_b
     // The dead worker's stale lease changes nothing, whatever it tries.
     let stale = &dead[0];
     let tried = stale
-        .complete(&pool, &lease, "status = 'done'", &[])
+        .complete(&db, &lease, "status = 'done'", &[])
         .await
         .unwrap();
-    assert!(matches!(tried, Transitioned::Conflict(Job { ref status, .. }) if status == "pending"));
+    assert!(matches!(tried, Outcome::Conflict(Job { ref status, .. }) if status == "pending"));
     assert!(matches!(
-        stale.extend(&pool, &lease).await.unwrap(),
-        Transitioned::Conflict(_)
+        stale.extend(&db, &lease).await.unwrap(),
+        Outcome::Conflict(_)
     ));
     assert!(matches!(
-        stale.release(&pool, &lease).await.unwrap(),
-        Transitioned::Conflict(_)
+        stale.release(&db, &lease).await.unwrap(),
+        Outcome::Conflict(_)
     ));
 
     // The new holder extends, releases one (claimable at once, attempt counted), completes
     // the others.
     assert!(matches!(
-        again[0].extend(&pool, &lease).await.unwrap(),
-        Transitioned::Done(_)
+        again[0].extend(&db, &lease).await.unwrap(),
+        Outcome::Done(_)
     ));
     assert!(matches!(
-        again[0].release(&pool, &lease).await.unwrap(),
-        Transitioned::Done(_)
+        again[0].release(&db, &lease).await.unwrap(),
+        Outcome::Done(_)
     ));
-    let retried: Vec<Leased<Job>> = claim_and_mark(&pool, &claim, 5).await.unwrap();
+    let retried: Vec<Leased<Job>> = db.claim_and_mark(&claim, 5).await.unwrap();
     assert_eq!(retried.len(), 1);
     assert_eq!((retried[0].row.id, retried[0].attempt), (1, 3));
     for job in retried.iter().chain(&again[1..]) {
         let result = "ok";
         let done = job
-            .complete(&pool, &lease, "status = 'done', note = $1", &[&result])
+            .complete(&db, &lease, "status = 'done', note = $1", &[&result])
             .await;
         // `note` does not exist: the caller's own SQL is the caller's error, and nothing changed.
         let err = done.map(|_| ()).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Db, "{err}");
         let done = job
-            .complete(&pool, &lease, "status = $1", &[&"done"])
+            .complete(&db, &lease, "status = $1", &[&"done"])
             .await
             .unwrap();
-        assert!(matches!(done, Transitioned::Done(_)), "{done:?}");
+        assert!(matches!(done, Outcome::Done(_)), "{done:?}");
     }
     let left: i64 = observer
         .query_one(
@@ -175,15 +170,16 @@ async fn a_killed_workers_jobs_are_claimed_again_after_the_lease_and_by_nobody_b
 
 #[tokio::test]
 async fn a_claim_without_a_lease_cannot_hand_out_leases() {
-    let (db, pool) = database(JOBS, 1).await;
+    let (pg, db) = database(JOBS, 1).await;
     let claim = Claim::new()
         .order_by("id", Direction::Asc)
         .mark("status = 'running'", vec![]);
-    let err = claim_and_mark::<Leased<Job>>(&pool, &claim, 1)
+    let err = db
+        .claim_and_mark::<Leased<Job>>(&claim, 1)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    let running: i64 = db
+    let running: i64 = pg
         .client()
         .await
         .unwrap()
@@ -195,7 +191,8 @@ async fn a_claim_without_a_lease_cannot_hand_out_leases() {
     let zero = Claim::new()
         .order_by("id", Direction::Asc)
         .lease(Lease::new(Duration::ZERO));
-    let err = claim_and_mark::<Leased<Job>>(&pool, &zero, 1)
+    let err = db
+        .claim_and_mark::<Leased<Job>>(&zero, 1)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");

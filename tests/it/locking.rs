@@ -5,15 +5,16 @@ use std::time::{Duration, Instant};
 use rowlock::testing::wait_for_blocked_by;
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::{
-    ErrorKind, LockMode, LockOptions, LockableRow, Outcome, RowsOutcome, Table, Transaction,
-    TransactionOptions, with_locked_row, with_locked_rows,
+    ErrorKind, Lock, LockMode, LockableRow, Outcome, Table, Transaction, TransactionOptions,
 };
 
-use crate::support::{Account, AppError, WAIT, accounts, balance, in_transaction, lockable_now};
+use crate::support::{
+    Account, AppError, WAIT, accounts, balance, in_transaction, keys, lockable_now,
+};
 
 fn debit(
     amount: i64,
-) -> impl for<'t> FnOnce(&'t Transaction, Account) -> rowlock::BoxFuture<'t, Result<i64, rowlock::Error>>
+) -> impl for<'t> FnMut(&'t Transaction, Account) -> rowlock::BoxFuture<'t, Result<i64, rowlock::Error>>
 {
     move |tx, account| {
         Box::pin(async move {
@@ -30,9 +31,10 @@ fn debit(
 
 #[tokio::test]
 async fn done_commits_and_second_session_sees_it() {
-    let (db, pool) = accounts(3).await;
-    let other = db.client().await.unwrap();
-    let outcome = with_locked_row(&pool, &2, &LockOptions::new(), debit(30))
+    let (pg, db) = accounts(3).await;
+    let other = pg.client().await.unwrap();
+    let outcome = db
+        .with_locked_row(&2, &Lock::new(), debit(30))
         .await
         .unwrap();
     assert!(matches!(outcome, Outcome::Done(70)), "{outcome:?}");
@@ -42,16 +44,17 @@ async fn done_commits_and_second_session_sees_it() {
 
 #[tokio::test]
 async fn closure_error_rolls_back_and_flows_out_unchanged() {
-    let (db, pool) = accounts(1).await;
-    let mut other = db.client().await.unwrap();
-    let result = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
-        Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
-                .await?;
-            Err::<(), _>(AppError::Insufficient)
+    let (pg, db) = accounts(1).await;
+    let mut other = pg.client().await.unwrap();
+    let result = db
+        .with_locked_row(&1, &Lock::new(), |tx, acc: Account| {
+            Box::pin(async move {
+                tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                    .await?;
+                Err::<(), _>(AppError::Insufficient)
+            })
         })
-    })
-    .await;
+        .await;
     assert!(matches!(result, Err(AppError::Insufficient)), "{result:?}");
     assert_eq!(balance(&other, 1).await, 100, "the update was rolled back");
     assert!(lockable_now(&mut other, 1).await, "the lock was released");
@@ -59,18 +62,19 @@ async fn closure_error_rolls_back_and_flows_out_unchanged() {
 
 #[tokio::test]
 async fn swallowed_database_error_is_not_reported_as_committed() {
-    let (db, pool) = accounts(1).await;
-    let other = db.client().await.unwrap();
-    let result = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
-        Box::pin(async move {
-            tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
-                .await?;
-            // Fails with 22012; the closure ignores it and says Ok.
-            let _ = tx.query("SELECT 1 / 0", &[]).await;
-            Ok::<_, rowlock::Error>("looks fine")
+    let (pg, db) = accounts(1).await;
+    let other = pg.client().await.unwrap();
+    let result = db
+        .with_locked_row(&1, &Lock::new(), |tx, acc: Account| {
+            Box::pin(async move {
+                tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&acc.id])
+                    .await?;
+                // Fails with 22012; the closure ignores it and says Ok.
+                let _ = tx.query("SELECT 1 / 0", &[]).await;
+                Ok::<_, rowlock::Error>("looks fine")
+            })
         })
-    })
-    .await;
+        .await;
     let err = result.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TransactionAborted, "{err}");
     assert_eq!(err.sql_state(), Some(&SqlState::DIVISION_BY_ZERO));
@@ -80,22 +84,18 @@ async fn swallowed_database_error_is_not_reported_as_committed() {
 
 #[tokio::test]
 async fn missing_key_is_not_found_in_every_mode() {
-    let (_db, pool) = accounts(1).await;
+    let (_db, db) = accounts(1).await;
     for mode in [LockMode::Wait, LockMode::NoWait, LockMode::SkipLocked] {
         let mut ran = false;
-        let outcome = with_locked_row(
-            &pool,
-            &42,
-            &LockOptions::new().mode(mode),
-            |_, _: Account| {
+        let outcome = db
+            .with_locked_row(&42, &Lock::new().mode(mode), |_, _: Account| {
                 ran = true;
                 Box::pin(async { Ok::<_, rowlock::Error>(()) })
-            },
-        )
-        .await
-        .unwrap();
+            })
+            .await
+            .unwrap();
         assert!(
-            matches!(outcome, Outcome::NotFound),
+            matches!(outcome, Outcome::NotFound(_)),
             "{mode:?}: {outcome:?}"
         );
         assert!(!ran, "closure must not run");
@@ -109,53 +109,51 @@ async fn missing_key_is_not_found_in_every_mode() {
 /// Session A holds `FOR UPDATE` on row 1 of a fresh database.
 async fn held_row() -> (
     rowlock::testing::TestDatabase,
-    rowlock::deadpool_postgres::Pool,
+    rowlock::Db,
     rowlock::testing::Session,
 ) {
-    let (db, pool) = accounts(2).await;
-    let holder = db.session().await.unwrap();
+    let (pg, db) = accounts(2).await;
+    let holder = pg.session().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await
         .unwrap();
-    (db, pool, holder)
+    (pg, db, holder)
 }
 
 #[tokio::test]
 async fn nowait_on_a_locked_row_is_lock_not_available_without_waiting() {
-    let (_db, pool, _holder) = held_row().await;
+    let (_db, db, _holder) = held_row().await;
     // A generous lock_timeout turns an accidental wait into a LockTimeout, not a hang.
-    let opts = LockOptions::new().mode(LockMode::NoWait).lock_timeout(WAIT);
-    let outcome = with_locked_row(&pool, &1, &opts, debit(1)).await.unwrap();
+    let opts = Lock::new().mode(LockMode::NoWait).lock_timeout(WAIT);
+    let outcome = db.with_locked_row(&1, &opts, debit(1)).await.unwrap();
     let Outcome::LockNotAvailable(err) = outcome else {
         panic!("expected LockNotAvailable, got {outcome:?}");
     };
     assert!(err.is_lock_not_available() && !err.is_lock_timeout());
     assert_eq!(err.sql_state(), Some(&SqlState::LOCK_NOT_AVAILABLE));
     // Another row is not affected.
-    let outcome = with_locked_row(&pool, &2, &opts, debit(1)).await.unwrap();
+    let outcome = db.with_locked_row(&2, &opts, debit(1)).await.unwrap();
     assert!(outcome.is_done());
 }
 
 #[tokio::test]
 async fn skip_locked_on_a_locked_row_is_skipped_not_not_found() {
-    let (_db, pool, _holder) = held_row().await;
-    let opts = LockOptions::new()
-        .mode(LockMode::SkipLocked)
-        .lock_timeout(WAIT);
-    let outcome = with_locked_row(&pool, &1, &opts, debit(1)).await.unwrap();
-    assert!(matches!(outcome, Outcome::Skipped), "{outcome:?}");
-    let outcome = with_locked_row(&pool, &99, &opts, debit(1)).await.unwrap();
-    assert!(matches!(outcome, Outcome::NotFound), "{outcome:?}");
+    let (_db, db, _holder) = held_row().await;
+    let opts = Lock::new().mode(LockMode::SkipLocked).lock_timeout(WAIT);
+    let outcome = db.with_locked_row(&1, &opts, debit(1)).await.unwrap();
+    assert!(matches!(outcome, Outcome::Skipped(_)), "{outcome:?}");
+    let outcome = db.with_locked_row(&99, &opts, debit(1)).await.unwrap();
+    assert!(matches!(outcome, Outcome::NotFound(_)), "{outcome:?}");
 }
 
 #[tokio::test]
 async fn wait_with_timeout_reports_lock_timeout_after_about_that_long() {
-    let (db, pool, _holder) = held_row().await;
+    let (pg, db, _holder) = held_row().await;
     let timeout = Duration::from_millis(300);
-    let opts = LockOptions::new().lock_timeout(timeout);
+    let opts = Lock::new().lock_timeout(timeout);
     let started = Instant::now();
-    let outcome = with_locked_row(&pool, &1, &opts, debit(1)).await.unwrap();
+    let outcome = db.with_locked_row(&1, &opts, debit(1)).await.unwrap();
     let waited = started.elapsed();
     let Outcome::LockTimeout(err) = outcome else {
         panic!("expected LockTimeout, got {outcome:?}");
@@ -167,7 +165,7 @@ async fn wait_with_timeout_reports_lock_timeout_after_about_that_long() {
         "returned after {waited:?}, before the timeout"
     );
     assert!(waited < Duration::from_secs(10), "waited {waited:?}");
-    let observer = db.client().await.unwrap();
+    let observer = pg.client().await.unwrap();
     assert_eq!(
         in_transaction(&observer).await,
         1,
@@ -177,11 +175,11 @@ async fn wait_with_timeout_reports_lock_timeout_after_about_that_long() {
 
 #[tokio::test]
 async fn wait_blocks_until_the_holder_commits_then_sees_its_write() {
-    let (db, pool, holder) = held_row().await;
-    let observer = db.client().await.unwrap();
+    let (pg, db, holder) = held_row().await;
+    let observer = pg.client().await.unwrap();
     let task = tokio::spawn({
-        let pool = pool.clone();
-        async move { with_locked_row(&pool, &1, &LockOptions::new(), debit(5)).await }
+        let db = db.clone();
+        async move { db.with_locked_row(&1, &Lock::new(), debit(5)).await }
     });
     wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
         .await
@@ -201,12 +199,12 @@ async fn wait_blocks_until_the_holder_commits_then_sees_its_write() {
 
 #[tokio::test]
 async fn panic_in_closure_rolls_back_and_releases_the_lock() {
-    let (db, pool) = accounts(1).await;
-    let mut other = db.client().await.unwrap();
+    let (pg, db) = accounts(1).await;
+    let mut other = pg.client().await.unwrap();
     let task = tokio::spawn({
-        let pool = pool.clone();
+        let db = db.clone();
         async move {
-            with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
+            db.with_locked_row(&1, &Lock::new(), |tx, acc: Account| {
                 Box::pin(async move {
                     tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
                         .await?;
@@ -221,8 +219,8 @@ async fn panic_in_closure_rolls_back_and_releases_the_lock() {
     });
     assert!(task.await.unwrap_err().is_panic());
     // Rollback runs on a spawned task: a bounded wait for the lock observes it.
-    let opts = LockOptions::new().lock_timeout(WAIT);
-    let outcome = with_locked_row(&pool, &1, &opts, debit(0)).await.unwrap();
+    let opts = Lock::new().lock_timeout(WAIT);
+    let outcome = db.with_locked_row(&1, &opts, debit(0)).await.unwrap();
     assert!(
         matches!(outcome, Outcome::Done(100)),
         "update rolled back: {outcome:?}"
@@ -233,39 +231,34 @@ async fn panic_in_closure_rolls_back_and_releases_the_lock() {
 
 #[tokio::test]
 async fn overlapping_multi_row_locks_in_opposite_orders_never_deadlock() {
-    let (db, pool) = accounts(2).await;
+    let (pg, db) = accounts(2).await;
     let rounds = 1000;
-    let transfer = |keys: [i64; 2], pool: rowlock::deadpool_postgres::Pool| async move {
-        with_locked_rows(
-            &pool,
-            &keys,
-            &LockOptions::new(),
-            |tx, rows: Vec<Account>| {
-                Box::pin(async move {
-                    assert_eq!(rows.iter().map(|a| a.id).collect::<Vec<_>>(), vec![1, 2]);
-                    let stmt = tx
-                        .prepare_cached("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
-                        .await?;
-                    // Touch the rows in the caller's order: the locks are already held.
-                    tx.execute(&stmt, &[&keys[0], &-1_i64]).await?;
-                    tx.execute(&stmt, &[&keys[1], &1_i64]).await?;
-                    Ok::<_, rowlock::Error>(())
-                })
-            },
-        )
+    let transfer = |keys: [i64; 2], db: rowlock::Db| async move {
+        db.with_locked_rows(&keys, &Lock::new(), |tx, rows: Vec<Account>| {
+            Box::pin(async move {
+                assert_eq!(rows.iter().map(|a| a.id).collect::<Vec<_>>(), vec![1, 2]);
+                let stmt = tx
+                    .prepare_cached("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+                    .await?;
+                // Touch the rows in the caller's order: the locks are already held.
+                tx.execute(&stmt, &[&keys[0], &-1_i64]).await?;
+                tx.execute(&stmt, &[&keys[1], &1_i64]).await?;
+                Ok::<_, rowlock::Error>(())
+            })
+        })
         .await
     };
     for _ in 0..rounds {
         let (a, b) = tokio::join!(
-            tokio::spawn(transfer([1, 2], pool.clone())),
-            tokio::spawn(transfer([2, 1], pool.clone()))
+            tokio::spawn(transfer([1, 2], db.clone())),
+            tokio::spawn(transfer([2, 1], db.clone()))
         );
         for result in [a.unwrap(), b.unwrap()] {
             let outcome = result.unwrap_or_else(|e| panic!("no error expected, got {e}"));
             assert!(outcome.is_done());
         }
     }
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     // Each round moves 1 from 1 to 2 and 1 from 2 to 1.
     assert_eq!(balance(&client, 1).await, 100);
     assert_eq!(balance(&client, 2).await, 100);
@@ -273,57 +266,53 @@ async fn overlapping_multi_row_locks_in_opposite_orders_never_deadlock() {
 
 #[tokio::test]
 async fn multi_row_outcomes_report_missing_and_skipped_keys() {
-    let (db, pool) = accounts(3).await;
+    let (pg, db) = accounts(3).await;
     fn never(
         _: &Transaction,
         _: Vec<Account>,
     ) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
         panic!("closure must not run")
     }
-    let outcome = with_locked_rows(&pool, &[3, 1, 7, 9, 1], &LockOptions::new(), never)
+    let outcome = db
+        .with_locked_rows(&[3, 1, 7, 9, 1], &Lock::new(), never)
         .await
         .unwrap();
     assert!(
-        matches!(&outcome, RowsOutcome::NotFound(k) if k == &[7, 9]),
+        matches!(&outcome, Outcome::NotFound(k) if keys(k) == ["7", "9"]),
         "{outcome:?}"
     );
 
-    let holder = db.session().await.unwrap();
+    let holder = pg.session().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 2 FOR SHARE")
         .await
         .unwrap();
-    let skip = LockOptions::new().mode(LockMode::SkipLocked);
-    let outcome = with_locked_rows(&pool, &[1, 2, 3], &skip, never)
-        .await
-        .unwrap();
+    let skip = Lock::new().mode(LockMode::SkipLocked);
+    let outcome = db.with_locked_rows(&[1, 2, 3], &skip, never).await.unwrap();
     assert!(
-        matches!(&outcome, RowsOutcome::Skipped(k) if k == &[2]),
+        matches!(&outcome, Outcome::Skipped(k) if keys(k) == ["2"]),
         "{outcome:?}"
     );
-    let outcome = with_locked_rows(&pool, &[1, 2, 8], &skip, never)
-        .await
-        .unwrap();
+    let outcome = db.with_locked_rows(&[1, 2, 8], &skip, never).await.unwrap();
     assert!(
-        matches!(&outcome, RowsOutcome::NotFound(k) if k == &[8]),
+        matches!(&outcome, Outcome::NotFound(k) if keys(k) == ["8"]),
         "{outcome:?}"
     );
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let outcome = with_locked_rows(&pool, &[1, 2], &nowait, never)
-        .await
-        .unwrap();
+    let nowait = Lock::new().mode(LockMode::NoWait);
+    let outcome = db.with_locked_rows(&[1, 2], &nowait, never).await.unwrap();
     assert!(
-        matches!(outcome, RowsOutcome::LockNotAvailable(_)),
+        matches!(outcome, Outcome::LockNotAvailable(_)),
         "{outcome:?}"
     );
     // FOR SHARE does not conflict with FOR SHARE: all three are locked.
-    let share = LockOptions::new().strength(rowlock::LockStrength::Share);
-    let outcome = with_locked_rows(&pool, &[3, 2, 1], &share, |_, rows: Vec<Account>| {
-        Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) })
-    })
-    .await
-    .unwrap();
-    assert!(matches!(outcome, RowsOutcome::Done(3)), "{outcome:?}");
+    let share = Lock::new().strength(rowlock::LockStrength::Share);
+    let outcome = db
+        .with_locked_rows(&[3, 2, 1], &share, |_, rows: Vec<Account>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) })
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Done(3)), "{outcome:?}");
 }
 
 #[derive(Debug)]
@@ -353,8 +342,8 @@ impl LockableRow for Seat {
 
 #[tokio::test]
 async fn composite_keys_in_a_qualified_mixed_case_table() {
-    let (db, pool) = accounts(0).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = accounts(0).await;
+    let client = pg.client().await.unwrap();
     client
         .batch_execute(
             r#"CREATE SCHEMA booking;
@@ -364,11 +353,8 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
         )
         .await
         .unwrap();
-    let outcome = with_locked_row(
-        &pool,
-        &(1, "A2".to_string()),
-        &LockOptions::new(),
-        |tx, s: Seat| {
+    let outcome = db
+        .with_locked_row(&(1, "A2".to_string()), &Lock::new(), |tx, s: Seat| {
             Box::pin(async move {
                 assert_eq!(s.taken_by, None);
                 tx.execute(
@@ -378,22 +364,24 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
                 .await?;
                 Ok::<_, rowlock::Error>(())
             })
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert!(outcome.is_done());
     let keys = [
         (2, "A1".to_string()),
         (1, "A1".to_string()),
         (1, "Z9".to_string()),
     ];
-    let outcome = with_locked_rows(&pool, &keys, &LockOptions::new(), |_, _: Vec<Seat>| {
-        Box::pin(async { Ok::<_, rowlock::Error>(()) })
-    })
-    .await
-    .unwrap();
-    assert!(matches!(&outcome, RowsOutcome::NotFound(k) if k == &[(1, "Z9".to_string())]));
+    let outcome = db
+        .with_locked_rows(&keys, &Lock::new(), |_, _: Vec<Seat>| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, Outcome::NotFound(k) if crate::support::keys(k) == [r#"(1, "Z9")"#])
+    );
     let taken: String = client
         .query_one(
             r#"SELECT taken_by FROM booking."Seats" WHERE show = 1 AND seat = 'A2'"#,
@@ -407,23 +395,18 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
 
 #[tokio::test]
 async fn lock_rows_inside_an_open_transaction_and_queued_writes_commit_together() {
-    let (db, pool) = accounts(3).await;
-    let other = db.client().await.unwrap();
-    let tx = Transaction::begin(&pool, &TransactionOptions::new())
-        .await
-        .unwrap();
+    let (pg, db) = accounts(3).await;
+    let other = pg.client().await.unwrap();
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
     let outcome = tx
-        .lock_rows::<Account>(&[3, 1], &LockOptions::new().lock_timeout(WAIT))
+        .lock_rows::<Account>(&[3, 1], &Lock::new().lock_timeout(WAIT))
         .await
         .unwrap();
-    let RowsOutcome::Done(rows) = outcome else {
+    let Outcome::Done(rows) = outcome else {
         panic!("{outcome:?}")
     };
     assert_eq!(rows.iter().map(|a| a.id).collect::<Vec<_>>(), vec![1, 3]);
-    let one = tx
-        .lock_row::<Account>(&2, &LockOptions::new())
-        .await
-        .unwrap();
+    let one = tx.lock_row::<Account>(&2, &Lock::new()).await.unwrap();
     assert!(matches!(
         one,
         Outcome::Done(Account {

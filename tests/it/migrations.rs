@@ -5,70 +5,66 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rowlock::{
-    Claim, Direction, ErrorKind, LockOptions, Outcome, RowsOutcome, Transaction,
-    TransactionOptions, Transition, Transitioned, with_locked_row, with_locked_rows,
-};
+use rowlock::{Claim, Direction, ErrorKind, Lock, Outcome, TransactionOptions, Transition};
 
 use crate::support::{Account, accounts};
 
-async fn bump(pool: &rowlock::deadpool_postgres::Pool, id: i64) -> Result<(), rowlock::Error> {
-    let outcome = with_locked_row(pool, &id, &LockOptions::new(), |tx, acc: Account| {
-        Box::pin(async move {
-            tx.execute(
-                "UPDATE accounts SET balance = $2 WHERE id = $1",
-                &[&acc.id, &(acc.balance + 1)],
-            )
-            .await
-            .map(|_| ())
+async fn bump(db: &rowlock::Db, id: i64) -> Result<(), rowlock::Error> {
+    let outcome = db
+        .with_locked_row(&id, &Lock::new(), |tx, acc: Account| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE accounts SET balance = $2 WHERE id = $1",
+                    &[&acc.id, &(acc.balance + 1)],
+                )
+                .await
+                .map(|_| ())
+            })
         })
-    })
-    .await?;
+        .await?;
     assert!(matches!(outcome, Outcome::Done(())), "{outcome:?}");
     Ok(())
 }
 
-async fn lock_both(pool: &rowlock::deadpool_postgres::Pool) {
-    let both = with_locked_rows(
-        pool,
-        &[1, 2],
-        &LockOptions::new(),
-        |_, rows: Vec<Account>| Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) }),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(both, RowsOutcome::Done(2)));
+async fn lock_both(db: &rowlock::Db) {
+    let both = db
+        .with_locked_rows(&[1, 2], &Lock::new(), |_, rows: Vec<Account>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) })
+        })
+        .await
+        .unwrap();
+    assert!(matches!(both, Outcome::Done(2)));
 }
 
 #[tokio::test]
 async fn a_column_added_under_a_warm_single_connection_pool_breaks_nothing() {
-    let (db, _) = accounts(2).await;
-    let pool = db.pool(1);
-    let admin = db.client().await.unwrap();
-    bump(&pool, 1).await.unwrap();
-    lock_both(&pool).await;
+    let (pg, _) = accounts(2).await;
+    let db = pg.db(1);
+    let admin = pg.client().await.unwrap();
+    bump(&db, 1).await.unwrap();
+    lock_both(&db).await;
     admin
         .batch_execute("ALTER TABLE accounts ADD COLUMN note text")
         .await
         .unwrap();
     // The one pooled connection cached `SELECT *` before the column existed.
-    bump(&pool, 1).await.unwrap();
-    lock_both(&pool).await;
+    bump(&db, 1).await.unwrap();
+    lock_both(&db).await;
 }
 
 #[tokio::test]
 async fn column_changes_under_load_break_no_call() {
-    let (db, pool) = accounts(4).await;
-    let admin = db.client().await.unwrap();
+    let (pg, db) = accounts(4).await;
+    let admin = pg.client().await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..8)
         .map(|i| {
-            let (pool, stop, done) = (pool.clone(), stop.clone(), done.clone());
+            let (db, stop, done) = (db.clone(), stop.clone(), done.clone());
             tokio::spawn(async move {
                 let mut errors = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    match bump(&pool, i % 4 + 1).await {
+                    match bump(&db, i % 4 + 1).await {
                         Ok(()) => done.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             errors.push(e.to_string());
@@ -123,15 +119,15 @@ async fn column_changes_under_load_break_no_call() {
 
 #[tokio::test]
 async fn dropping_a_column_the_row_type_reads_is_a_decode_error_naming_it() {
-    let (db, pool) = accounts(1).await;
-    bump(&pool, 1).await.unwrap();
-    db.client()
+    let (pg, db) = accounts(1).await;
+    bump(&db, 1).await.unwrap();
+    pg.client()
         .await
         .unwrap()
         .batch_execute("ALTER TABLE accounts DROP COLUMN balance")
         .await
         .unwrap();
-    let err = bump(&pool, 1).await.unwrap_err();
+    let err = bump(&db, 1).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Decode);
     let shown = err.to_string();
     assert!(shown.contains("balance"), "{shown}");
@@ -140,13 +136,13 @@ async fn dropping_a_column_the_row_type_reads_is_a_decode_error_naming_it() {
 
 /// Locks, transitions and claims `Account` (a row type that lists no columns) inside one
 /// transaction of the caller's, and commits.
-async fn in_own_transaction(pool: &rowlock::deadpool_postgres::Pool) -> Result<(), rowlock::Error> {
-    let tx = Transaction::begin(pool, &TransactionOptions::new()).await?;
-    let locked = tx.lock_row::<Account>(&1, &LockOptions::new()).await?;
+async fn in_own_transaction(db: &rowlock::Db) -> Result<(), rowlock::Error> {
+    let tx = db.begin(&TransactionOptions::new()).await?;
+    let locked = tx.lock_row::<Account>(&1, &Lock::new()).await?;
     assert!(locked.is_done());
     let add = Transition::new("balance = balance + 1");
     let moved = tx.transition::<Account>(&2, &add, &[]).await?;
-    assert!(matches!(moved, Transitioned::Done(Account { id: 2, .. })));
+    assert!(matches!(moved, Outcome::Done(Account { id: 2, .. })));
     let claim = Claim::new().order_by("id", Direction::Asc);
     let claimed: Vec<Account> = tx.claim(&claim, 5).await?;
     assert_eq!(
@@ -159,10 +155,10 @@ async fn in_own_transaction(pool: &rowlock::deadpool_postgres::Pool) -> Result<(
 
 #[tokio::test]
 async fn a_column_added_under_a_callers_transaction_breaks_none_of_its_statements() {
-    let (db, _) = accounts(2).await;
-    let pool = db.pool(1);
-    in_own_transaction(&pool).await.unwrap();
-    db.client()
+    let (pg, _) = accounts(2).await;
+    let db = pg.db(1);
+    in_own_transaction(&db).await.unwrap();
+    pg.client()
         .await
         .unwrap()
         .batch_execute("ALTER TABLE accounts ADD COLUMN note text DEFAULT 'new'")
@@ -170,15 +166,15 @@ async fn a_column_added_under_a_callers_transaction_breaks_none_of_its_statement
         .unwrap();
     // The one pooled connection holds every statement prepared before the column existed;
     // a caller's transaction cannot be restarted, so none of them may fail now.
-    in_own_transaction(&pool).await.unwrap();
+    in_own_transaction(&db).await.unwrap();
 }
 
 #[tokio::test]
 async fn a_renamed_column_is_named_with_its_table_on_every_path() {
-    let (db, _) = accounts(2).await;
-    let pool = db.pool(1);
-    in_own_transaction(&pool).await.unwrap();
-    db.client()
+    let (pg, _) = accounts(2).await;
+    let db = pg.db(1);
+    in_own_transaction(&db).await.unwrap();
+    pg.client()
         .await
         .unwrap()
         .batch_execute("ALTER TABLE accounts RENAME COLUMN balance TO cents")
@@ -186,22 +182,20 @@ async fn a_renamed_column_is_named_with_its_table_on_every_path() {
         .unwrap();
     let add = Transition::new("id = id");
     let claim = Claim::new().order_by("id", Direction::Asc);
-    let tx = Transaction::begin(&pool, &TransactionOptions::new())
-        .await
-        .unwrap();
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
     let in_tx = tx
-        .lock_row::<Account>(&1, &LockOptions::new())
+        .lock_row::<Account>(&1, &Lock::new())
         .await
         .map(|_| ())
         .unwrap_err();
     drop(tx);
     let errors = [
         in_tx,
-        rowlock::transition::<Account>(&pool, &2, &add, &[])
+        db.transition::<Account>(&2, &add, &[])
             .await
             .map(|_| ())
             .unwrap_err(),
-        rowlock::claim_and_mark::<Account>(&pool, &claim.clone().mark("id = id", vec![]), 1)
+        db.claim_and_mark::<Account>(&claim.clone().mark("id = id", vec![]), 1)
             .await
             .map(|_| ())
             .unwrap_err(),
@@ -213,14 +207,15 @@ async fn a_renamed_column_is_named_with_its_table_on_every_path() {
         assert!(shown.contains("table \"accounts\""), "{shown}");
     }
     // A column the caller's own SQL names is the caller's mistake, reported as the server's.
-    db.client()
+    pg.client()
         .await
         .unwrap()
         .batch_execute("ALTER TABLE accounts RENAME COLUMN cents TO balance")
         .await
         .unwrap();
     let typo = Transition::new("balanse = 0");
-    let err = rowlock::transition::<Account>(&pool, &2, &typo, &[])
+    let err = db
+        .transition::<Account>(&2, &typo, &[])
         .await
         .map(|_| ())
         .unwrap_err();

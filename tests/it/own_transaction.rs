@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use rowlock::tokio_postgres::{Error as PgError, Row};
 use rowlock::{
-    AdvisoryKey, LockMode, LockOptions, LockableRow, Outcome, Table, Transaction,
-    TransactionOptions, with_transaction,
+    AdvisoryKey, Lock, LockMode, LockableRow, Outcome, Table, Transaction, TransactionOptions,
 };
 
 use crate::support::in_transaction;
@@ -51,10 +50,7 @@ impl LockableRow for Wallet {
     }
 }
 
-pub async fn users_and_wallets() -> (
-    rowlock::testing::TestDatabase,
-    rowlock::deadpool_postgres::Pool,
-) {
+pub async fn users_and_wallets() -> (rowlock::testing::TestDatabase, rowlock::Db) {
     crate::support::database(
         "CREATE TABLE users (id bigint PRIMARY KEY, last_paid timestamptz);
          CREATE TABLE wallets (user_id bigint PRIMARY KEY REFERENCES users, cents bigint);
@@ -66,9 +62,9 @@ pub async fn users_and_wallets() -> (
 
 /// The seed's transfer: lock the user, then the wallet, then write. A busy row is an
 /// outcome, returned as it is.
-async fn pay(tx: &Transaction, opts: &LockOptions) -> Result<Outcome<i64>, rowlock::Error> {
+async fn pay(tx: &Transaction, opts: &Lock) -> Result<Outcome<i64>, rowlock::Error> {
     let Outcome::Done(user) = tx.lock_row::<User>(&1, opts).await? else {
-        return Ok(Outcome::NotFound);
+        return Ok(Outcome::NotFound(vec![]));
     };
     let wallet = match tx.lock_row::<Wallet>(&user.id, opts).await? {
         Outcome::Done(wallet) => wallet,
@@ -92,20 +88,22 @@ async fn pay(tx: &Transaction, opts: &LockOptions) -> Result<Outcome<i64>, rowlo
 
 #[tokio::test]
 async fn a_busy_wallet_with_nowait_is_the_busy_outcome_then_succeeds() {
-    let (db, pool) = users_and_wallets().await;
-    let holder = db.client().await.unwrap();
+    let (pg, db) = users_and_wallets().await;
+    let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM wallets WHERE user_id = 1 FOR UPDATE")
         .await
         .unwrap();
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let nowait = Lock::new().mode(LockMode::NoWait);
     let opts = TransactionOptions::new();
     let first = nowait.clone();
-    let outcome = with_transaction(&pool, &opts, move |tx| {
-        Box::pin(async move { pay(tx, &first).await })
-    })
-    .await
-    .expect("a busy row is not an error of the transaction");
+    let outcome = db
+        .with_transaction(&opts, move |tx| {
+            let first = first.clone();
+            Box::pin(async move { pay(tx, &first).await })
+        })
+        .await
+        .expect("a busy row is not an error of the transaction");
     let Outcome::LockNotAvailable(e) = outcome else {
         panic!("{outcome:?}")
     };
@@ -120,19 +118,21 @@ async fn a_busy_wallet_with_nowait_is_the_busy_outcome_then_succeeds() {
     assert!(paid.is_some());
 
     holder.batch_execute("COMMIT").await.unwrap();
-    let outcome = with_transaction(&pool, &opts, move |tx| {
-        Box::pin(async move { pay(tx, &nowait).await })
-    })
-    .await
-    .unwrap();
+    let outcome = db
+        .with_transaction(&opts, move |tx| {
+            let nowait = nowait.clone();
+            Box::pin(async move { pay(tx, &nowait).await })
+        })
+        .await
+        .unwrap();
     assert!(matches!(outcome, Outcome::Done(400)), "{outcome:?}");
     assert_eq!(in_transaction(&holder).await, 0);
 }
 
 #[tokio::test]
 async fn a_lock_timeout_inside_your_transaction_leaves_it_usable() {
-    let (db, pool) = users_and_wallets().await;
-    let holder = db.client().await.unwrap();
+    let (pg, db) = users_and_wallets().await;
+    let holder = pg.client().await.unwrap();
     holder
         .batch_execute(
             "BEGIN; SELECT * FROM wallets WHERE user_id = 1 FOR UPDATE;
@@ -140,12 +140,14 @@ async fn a_lock_timeout_inside_your_transaction_leaves_it_usable() {
         )
         .await
         .unwrap();
-    let timeout = LockOptions::new().lock_timeout(Duration::from_millis(50));
-    let outcome = with_transaction(&pool, &TransactionOptions::new(), move |tx| {
-        Box::pin(async move { pay(tx, &timeout).await })
-    })
-    .await
-    .unwrap();
+    let timeout = Lock::new().lock_timeout(Duration::from_millis(50));
+    let outcome = db
+        .with_transaction(&TransactionOptions::new(), move |tx| {
+            let timeout = timeout.clone();
+            Box::pin(async move { pay(tx, &timeout).await })
+        })
+        .await
+        .unwrap();
     let Outcome::LockTimeout(e) = outcome else {
         panic!("{outcome:?}")
     };
@@ -153,35 +155,37 @@ async fn a_lock_timeout_inside_your_transaction_leaves_it_usable() {
 
     // A transaction whose own options set the lock timeout, waiting for an advisory lock.
     let opts = TransactionOptions::new().lock_timeout(Duration::from_millis(50));
-    let rows = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move {
-            let waited = tx
-                .advisory_lock(AdvisoryKey::single(42), LockMode::Wait)
-                .await?;
-            assert!(matches!(waited, Outcome::LockTimeout(_)), "{waited:?}");
-            tx.execute("UPDATE wallets SET cents = cents WHERE user_id = 0", &[])
-                .await
+    let rows = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                let waited = tx
+                    .advisory_lock(AdvisoryKey::single(42), LockMode::Wait)
+                    .await?;
+                assert!(matches!(waited, Outcome::LockTimeout(_)), "{waited:?}");
+                tx.execute("UPDATE wallets SET cents = cents WHERE user_id = 0", &[])
+                    .await
+            })
         })
-    })
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     assert_eq!(rows, 0);
 }
 
 #[tokio::test]
 async fn other_failures_still_abort_the_transaction() {
-    let (_db, pool) = users_and_wallets().await;
+    let (_db, db) = users_and_wallets().await;
     // Not a lock failure: the caller's statement error aborts as before.
-    let err = with_transaction(&pool, &TransactionOptions::new(), |tx| {
-        Box::pin(async move {
-            let nowait = LockOptions::new().mode(LockMode::NoWait);
-            let _ = tx.lock_row::<User>(&1, &nowait).await?;
-            let _ = tx.execute("SELECT 1/0", &[]).await;
-            Ok::<_, rowlock::Error>(())
+    let err = db
+        .with_transaction(&TransactionOptions::new(), |tx| {
+            Box::pin(async move {
+                let nowait = Lock::new().mode(LockMode::NoWait);
+                let _ = tx.lock_row::<User>(&1, &nowait).await?;
+                let _ = tx.execute("SELECT 1/0", &[]).await;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), rowlock::ErrorKind::TransactionAborted);
     assert_eq!(err.sql_state().map(|s| s.code()), Some("22012"));
 }

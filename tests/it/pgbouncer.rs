@@ -7,13 +7,12 @@
 
 use std::sync::Arc;
 
+use rowlock::Db;
 use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rowlock::testing::{HarnessError, TestCluster};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::tokio_postgres::{Client, Config, NoTls};
-use rowlock::{
-    LockOptions, StatementCache, Transaction, TransactionOptions, with_locked_row, with_transaction,
-};
+use rowlock::{Lock, StatementCache, Transaction, TransactionOptions};
 
 use crate::support::{Account, AppError};
 
@@ -29,7 +28,7 @@ fn cluster() -> Option<Arc<TestCluster>> {
     }
 }
 
-fn pool_of_one(config: &Config) -> Pool {
+fn pool_of_one(config: &Config) -> Db {
     let manager = Manager::from_config(
         config.clone(),
         NoTls,
@@ -37,7 +36,12 @@ fn pool_of_one(config: &Config) -> Pool {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(manager).max_size(1).build().unwrap()
+    // Behind PgBouncer, as the harness's handles are.
+    Db::builder()
+        .pool(Pool::builder(manager).max_size(1).build().unwrap())
+        .statement_cache(rowlock::StatementCache::Transaction)
+        .build()
+        .unwrap()
 }
 
 async fn connect(config: &Config) -> Client {
@@ -46,8 +50,8 @@ async fn connect(config: &Config) -> Client {
     client
 }
 
-fn lock_options(cache: StatementCache) -> LockOptions {
-    LockOptions::new().transaction(TransactionOptions::new().statement_cache(cache))
+fn lock_options(cache: StatementCache) -> Lock {
+    Lock::new().transaction(TransactionOptions::new().statement_cache(cache))
 }
 
 /// The locked row's server pid, from inside the transaction.
@@ -74,8 +78,8 @@ async fn prepared_here(tx: &Transaction) -> Result<i64, rowlock::Error> {
 #[tokio::test]
 async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_ones_do_not() {
     let Some(cluster) = cluster() else { return };
-    let db = cluster.create_database_owned().await.unwrap();
-    db.client()
+    let pg = cluster.create_database_owned().await.unwrap();
+    pg.client()
         .await
         .unwrap()
         .batch_execute(
@@ -84,14 +88,15 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
         )
         .await
         .unwrap();
-    let bouncer = db.pgbouncer_config().expect("behind PgBouncer").clone();
-    let pool = pool_of_one(&bouncer);
+    let bouncer = pg.pgbouncer_config().expect("behind PgBouncer").clone();
+    let db = pool_of_one(&bouncer);
     let cached = lock_options(StatementCache::Connection);
     let per_tx = lock_options(StatementCache::Transaction);
 
     // 1. The lock statement is prepared and cached on the client connection; PgBouncer ran
     //    it on server connection X.
-    let x = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &cached, backend_pid)
+    let x = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &cached, backend_pid)
         .await
         .unwrap()
         .done()
@@ -112,7 +117,8 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
 
     // 3. The next transaction of the same client connection runs on a new server
     //    connection, where the cached statement does not exist.
-    let err = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &cached, backend_pid)
+    let err = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &cached, backend_pid)
         .await
         .expect_err("a connection-cached statement is missing on another server connection");
     assert_eq!(
@@ -123,34 +129,36 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
 
     // 4. Per-transaction statements work on whichever server connection the transaction
     //    gets, including writes queued for COMMIT…
-    let y = with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &per_tx, |tx, acc| {
-        Box::pin(async move {
-            let stmt = tx
-                .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
-                .await?;
-            tx.execute_on_commit(&stmt, vec![Box::new(acc.id), Box::new(acc.balance + 1)]);
-            Ok(tx
-                .query_one("SELECT pg_backend_pid()", &[])
-                .await?
-                .get::<_, i32>(0))
+    let y = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &per_tx, |tx, acc| {
+            Box::pin(async move {
+                let stmt = tx
+                    .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
+                    .await?;
+                tx.execute_on_commit(&stmt, vec![Box::new(acc.id), Box::new(acc.balance + 1)]);
+                Ok(tx
+                    .query_one("SELECT pg_backend_pid()", &[])
+                    .await?
+                    .get::<_, i32>(0))
+            })
         })
-    })
-    .await
-    .unwrap()
-    .done()
-    .expect("row 1 is free");
+        .await
+        .unwrap()
+        .done()
+        .expect("row 1 is free");
     assert_ne!(y, x, "ran on another server connection");
 
     // 5. …and leave no prepared statement behind on it.
     let opts = TransactionOptions::new().statement_cache(StatementCache::Transaction);
-    let (pid, left) = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move {
-            let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-            Ok::<_, rowlock::Error>((pid, prepared_here(tx).await?))
+    let (pid, left) = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                Ok::<_, rowlock::Error>((pid, prepared_here(tx).await?))
+            })
         })
-    })
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     assert_eq!(pid, y, "still the same server connection");
     assert_eq!(
         left, 0,
@@ -158,31 +166,33 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
     );
 
     other.batch_execute("COMMIT").await.unwrap();
-    let balance = crate::support::balance(&db.client().await.unwrap(), 1).await;
+    let balance = crate::support::balance(&pg.client().await.unwrap(), 1).await;
     assert_eq!(balance, 101, "the queued write committed once");
 }
 
 #[tokio::test]
 async fn per_transaction_statements_are_reused_within_the_transaction_and_closed_at_rollback() {
     let Some(cluster) = cluster() else { return };
-    let db = cluster.create_database_owned().await.unwrap();
+    let pg = cluster.create_database_owned().await.unwrap();
     // Direct to the server: the same connection every time, so leftovers would be visible.
-    let pool = pool_of_one(db.config());
+    let db = pool_of_one(pg.config());
     let opts = TransactionOptions::new().statement_cache(StatementCache::Transaction);
-    let err = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move {
-            let a = tx.prepare_cached("SELECT 1").await?;
-            let b = tx.prepare_cached("SELECT 1").await?;
-            assert_eq!(a.columns().len(), b.columns().len());
-            assert_eq!(prepared_here(tx).await?, 1, "prepared once, reused");
-            tx.prepare_cached("SELECT 2").await?;
-            assert_eq!(prepared_here(tx).await?, 2);
-            Err::<(), _>(AppError::Conflict)
+    let err = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                let a = tx.prepare_cached("SELECT 1").await?;
+                let b = tx.prepare_cached("SELECT 1").await?;
+                assert_eq!(a.columns().len(), b.columns().len());
+                assert_eq!(prepared_here(tx).await?, 1, "prepared once, reused");
+                tx.prepare_cached("SELECT 2").await?;
+                assert_eq!(prepared_here(tx).await?, 2);
+                Err::<(), _>(AppError::Conflict)
+            })
         })
-    })
-    .await;
+        .await;
     assert!(err.is_err());
-    let left = with_transaction(&pool, &opts, |tx| Box::pin(prepared_here(tx)))
+    let left = db
+        .with_transaction(&opts, |tx| Box::pin(prepared_here(tx)))
         .await
         .unwrap();
     assert_eq!(left, 0, "closed before ROLLBACK");

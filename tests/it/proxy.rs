@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use rowlock::Db;
 use rowlock::deadpool_postgres::{Manager, Pool};
 use rowlock::tokio_postgres::config::Host;
 use rowlock::tokio_postgres::{Config, NoTls};
@@ -59,9 +60,9 @@ impl CommitReplyDropper {
         })
     }
 
-    /// A one-connection pool to database `dbname` through the proxy, with `config`'s
+    /// A one-connection db to database `dbname` through the proxy, with `config`'s
     /// credentials.
-    pub fn pool(&self, config: &Config, dbname: &str) -> Pool {
+    pub fn db(&self, config: &Config, dbname: &str) -> Db {
         let mut via = Config::new();
         via.host("127.0.0.1").port(self.addr.port()).dbname(dbname);
         if let Some(user) = config.get_user() {
@@ -70,10 +71,12 @@ impl CommitReplyDropper {
         if let Some(password) = config.get_password() {
             via.password(password);
         }
-        Pool::builder(Manager::new(via, NoTls))
-            .max_size(1)
-            .build()
-            .unwrap()
+        Db::from_pool(
+            Pool::builder(Manager::new(via, NoTls))
+                .max_size(1)
+                .build()
+                .unwrap(),
+        )
     }
 
     pub fn dropped_a_commit_reply(&self) -> bool {

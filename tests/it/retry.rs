@@ -8,9 +8,8 @@ use std::time::Duration;
 use rowlock::testing::{TestCluster, wait_for_blocked_by};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::{
-    CommitStatus, ErrorKind, Isolation, LockMode, LockOptions, Outcome, RetryPolicy, Transaction,
-    TransactionOptions, resolve_commit, with_locked_row_retry, with_transaction,
-    with_transaction_retry,
+    CommitStatus, ErrorKind, Isolation, Lock, LockMode, Outcome, RetryPolicy, Transaction,
+    TransactionOptions,
 };
 use tokio::sync::Barrier;
 
@@ -24,14 +23,9 @@ fn serializable() -> TransactionOptions {
 }
 
 /// Doctors on call; each task takes itself off call only if someone else stays on call.
-async fn doctors(
-    n: i64,
-) -> (
-    rowlock::testing::TestDatabase,
-    rowlock::deadpool_postgres::Pool,
-) {
-    let (db, _) = accounts(0).await;
-    db.client()
+async fn doctors(n: i64) -> (rowlock::testing::TestDatabase, rowlock::Db) {
+    let (pg, _) = accounts(0).await;
+    pg.client()
         .await
         .unwrap()
         .batch_execute(&format!(
@@ -40,8 +34,8 @@ async fn doctors(
         ))
         .await
         .unwrap();
-    let pool = db.pool(n as usize + 2);
-    (db, pool)
+    let db = pg.db(n as usize + 2);
+    (pg, db)
 }
 
 /// The write-skew transaction. On the first attempt every task reads before any writes
@@ -77,14 +71,14 @@ fn go_off_call(
 #[tokio::test]
 async fn write_skew_without_retries_is_refused_with_40001() {
     let n = 6;
-    let (db, pool) = doctors(n).await;
+    let (pg, db) = doctors(n).await;
     let barrier = Arc::new(Barrier::new(n as usize));
     let tasks: Vec<_> = (1..=n)
         .map(|id| {
-            let (pool, barrier) = (pool.clone(), barrier.clone());
+            let (db, barrier) = (db.clone(), barrier.clone());
             tokio::spawn(async move {
                 let mut f = go_off_call(id, barrier, Arc::new(AtomicU32::new(0)));
-                with_transaction(&pool, &serializable(), move |tx| f(tx)).await
+                db.with_transaction(&serializable(), move |tx| f(tx)).await
             })
         })
         .collect();
@@ -103,7 +97,7 @@ async fn write_skew_without_retries_is_refused_with_40001() {
         failures >= 1,
         "SERIALIZABLE must refuse some of the skewed transactions"
     );
-    let on_call: i64 = db
+    let on_call: i64 = pg
         .client()
         .await
         .unwrap()
@@ -117,7 +111,7 @@ async fn write_skew_without_retries_is_refused_with_40001() {
 #[tokio::test]
 async fn write_skew_with_retries_all_succeed_and_the_result_is_serial() {
     let n = 6;
-    let (db, pool) = doctors(n).await;
+    let (pg, db) = doctors(n).await;
     let barrier = Arc::new(Barrier::new(n as usize));
     let retries = Arc::new(AtomicU32::new(0));
     let policy = {
@@ -129,10 +123,10 @@ async fn write_skew_with_retries_all_succeed_and_the_result_is_serial() {
     };
     let tasks: Vec<_> = (1..=n)
         .map(|id| {
-            let (pool, barrier, policy) = (pool.clone(), barrier.clone(), policy.clone());
+            let (db, barrier, policy) = (db.clone(), barrier.clone(), policy.clone());
             tokio::spawn(async move {
                 let f = go_off_call(id, barrier, Arc::new(AtomicU32::new(0)));
-                with_transaction_retry(&pool, &serializable(), &policy, f).await
+                db.with_transaction(serializable().retry(&policy), f).await
             })
         })
         .collect();
@@ -146,7 +140,7 @@ async fn write_skew_with_retries_all_succeed_and_the_result_is_serial() {
         retries.load(Ordering::SeqCst) >= 1,
         "conflicts happened and were retried"
     );
-    let on_call: i64 = db
+    let on_call: i64 = pg
         .client()
         .await
         .unwrap()
@@ -161,7 +155,7 @@ async fn write_skew_with_retries_all_succeed_and_the_result_is_serial() {
 
 #[tokio::test]
 async fn deadlocks_are_retried_until_both_succeed() {
-    let (db, pool) = accounts(2).await;
+    let (pg, db) = accounts(2).await;
     let barrier = Arc::new(Barrier::new(2));
     let attempts = Arc::new(AtomicU32::new(0));
     let deadlocks = Arc::new(AtomicU32::new(0));
@@ -173,15 +167,15 @@ async fn deadlocks_are_retried_until_both_succeed() {
         })
     };
     let run = |first: i64, second: i64| {
-        let (pool, barrier, attempts, policy) = (
-            pool.clone(),
+        let (db, barrier, attempts, policy) = (
+            db.clone(),
             barrier.clone(),
             attempts.clone(),
             policy.clone(),
         );
         tokio::spawn(async move {
             let mut mine = 0;
-            with_transaction_retry(&pool, &TransactionOptions::new(), &policy, move |tx| {
+            db.with_transaction(TransactionOptions::new().retry(&policy), move |tx| {
                 mine += 1;
                 attempts.fetch_add(1, Ordering::SeqCst);
                 let barrier = barrier.clone();
@@ -210,33 +204,34 @@ async fn deadlocks_are_retried_until_both_succeed() {
         "exactly one victim, retried once"
     );
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     assert_eq!(balance(&client, 1).await, 102);
     assert_eq!(balance(&client, 2).await, 102);
 }
 
 #[tokio::test]
 async fn a_swallowed_serialization_failure_is_retried_not_committed() {
-    let (db, pool) = accounts(1).await;
+    let (pg, db) = accounts(1).await;
     let calls = Arc::new(AtomicU32::new(0));
-    let result = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
-        let calls = calls.clone();
-        move |tx| {
-            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            Box::pin(async move {
-                tx.execute("UPDATE accounts SET balance = balance + 1", &[])
-                    .await?;
-                if call == 1 {
-                    let _ignored = tx.batch_execute(RAISE_40001).await; // swallowed
-                }
-                Ok::<_, rowlock::Error>(call)
-            })
-        }
-    })
-    .await
-    .unwrap();
+    let result = db
+        .with_transaction(TransactionOptions::new().retry(RetryPolicy::new()), {
+            let calls = calls.clone();
+            move |tx| {
+                let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move {
+                    tx.execute("UPDATE accounts SET balance = balance + 1", &[])
+                        .await?;
+                    if call == 1 {
+                        let _ignored = tx.batch_execute(RAISE_40001).await; // swallowed
+                    }
+                    Ok::<_, rowlock::Error>(call)
+                })
+            }
+        })
+        .await
+        .unwrap();
     assert_eq!(result, 2, "the first attempt was not reported committed");
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     assert_eq!(
         balance(&client, 1).await,
         101,
@@ -245,67 +240,70 @@ async fn a_swallowed_serialization_failure_is_retried_not_committed() {
 
     // Mapped into the caller's own error type: still retried, because the server said 40001.
     let calls = Arc::new(AtomicU32::new(0));
-    let result = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
-        let calls = calls.clone();
-        move |tx| {
-            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            Box::pin(async move {
-                if call == 1 && tx.batch_execute(RAISE_40001).await.is_err() {
-                    return Err(AppError::Conflict);
-                }
-                Ok(call)
-            })
-        }
-    })
-    .await;
+    let result = db
+        .with_transaction(TransactionOptions::new().retry(RetryPolicy::new()), {
+            let calls = calls.clone();
+            move |tx| {
+                let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move {
+                    if call == 1 && tx.batch_execute(RAISE_40001).await.is_err() {
+                        return Err(AppError::Conflict);
+                    }
+                    Ok(call)
+                })
+            }
+        })
+        .await;
     assert!(matches!(result, Ok(2)), "{result:?}");
 }
 
 #[tokio::test]
 async fn the_root_cause_is_found_behind_a_pipelined_25p02() {
-    let (_db, pool) = accounts(1).await;
+    let (_db, db) = accounts(1).await;
     let calls = Arc::new(AtomicU32::new(0));
-    let result = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
-        let calls = calls.clone();
-        move |tx| {
-            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            Box::pin(async move {
-                if call == 1 {
-                    // Sent in one flush: the server fails the first with 40001 and the
-                    // second with 25P02. The closure only looks at the second.
-                    let (_first, second) = futures_util::future::join(
-                        tx.batch_execute(RAISE_40001),
-                        tx.query("SELECT 1", &[]),
-                    )
-                    .await;
-                    let err = second.unwrap_err();
-                    assert_eq!(err.kind(), ErrorKind::TransactionAborted);
-                    assert_eq!(err.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
-                    assert!(err.is_retryable());
-                    return Err(err);
-                }
-                Ok(call)
-            })
-        }
-    })
-    .await;
+    let result = db
+        .with_transaction(TransactionOptions::new().retry(RetryPolicy::new()), {
+            let calls = calls.clone();
+            move |tx| {
+                let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move {
+                    if call == 1 {
+                        // Sent in one flush: the server fails the first with 40001 and the
+                        // second with 25P02. The closure only looks at the second.
+                        let (_first, second) = futures_util::future::join(
+                            tx.batch_execute(RAISE_40001),
+                            tx.query("SELECT 1", &[]),
+                        )
+                        .await;
+                        let err = second.unwrap_err();
+                        assert_eq!(err.kind(), ErrorKind::TransactionAborted);
+                        assert_eq!(err.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
+                        assert!(err.is_retryable());
+                        return Err(err);
+                    }
+                    Ok(call)
+                })
+            }
+        })
+        .await;
     assert!(matches!(result, Ok(2)), "{result:?}");
 }
 
 #[tokio::test]
 async fn exhaustion_reports_attempts_and_the_last_sqlstate() {
-    let (_db, pool) = accounts(1).await;
+    let (_db, db) = accounts(1).await;
     let calls = Arc::new(AtomicU32::new(0));
     let policy = RetryPolicy::new().max_attempts(3);
-    let err = with_transaction_retry(&pool, &TransactionOptions::new(), &policy, {
-        let calls = calls.clone();
-        move |tx| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move { tx.batch_execute(RAISE_40001).await })
-        }
-    })
-    .await
-    .unwrap_err();
+    let err = db
+        .with_transaction(TransactionOptions::new().retry(&policy), {
+            let calls = calls.clone();
+            move |tx| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move { tx.batch_execute(RAISE_40001).await })
+            }
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::RetriesExhausted, "{err}");
     assert_eq!(err.attempts(), Some(3));
     assert_eq!(err.sql_state(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
@@ -317,46 +315,49 @@ async fn exhaustion_reports_attempts_and_the_last_sqlstate() {
 
 #[tokio::test]
 async fn constraint_violations_and_caller_errors_are_never_retried() {
-    let (_db, pool) = accounts(1).await;
+    let (_db, db) = accounts(1).await;
     let calls = Arc::new(AtomicU32::new(0));
-    let err = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
-        let calls = calls.clone();
-        move |tx| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move { tx.execute("INSERT INTO accounts VALUES (1, 0)", &[]).await })
-        }
-    })
-    .await
-    .unwrap_err();
+    let err = db
+        .with_transaction(TransactionOptions::new().retry(RetryPolicy::new()), {
+            let calls = calls.clone();
+            move |tx| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move { tx.execute("INSERT INTO accounts VALUES (1, 0)", &[]).await })
+            }
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 
     let calls = Arc::new(AtomicU32::new(0));
-    let result = with_transaction_retry(&pool, &TransactionOptions::new(), &RetryPolicy::new(), {
-        let calls = calls.clone();
-        move |_tx| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move { Err::<(), _>(AppError::Conflict) })
-        }
-    })
-    .await;
+    let result = db
+        .with_transaction(TransactionOptions::new().retry(RetryPolicy::new()), {
+            let calls = calls.clone();
+            move |_tx| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move { Err::<(), _>(AppError::Conflict) })
+            }
+        })
+        .await;
     assert!(matches!(result, Err(AppError::Conflict)));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn lock_contention_is_retried_only_when_asked() {
-    let (db, pool) = accounts(1).await;
-    let holder = db.session().await.unwrap();
+    let (pg, db) = accounts(1).await;
+    let holder = pg.session().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await
         .unwrap();
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
+    let nowait = Lock::new().mode(LockMode::NoWait);
     fn touch(_: &Transaction, _: Account) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
         Box::pin(async { Ok(()) })
     }
-    let outcome = with_locked_row_retry(&pool, &1, &nowait, &RetryPolicy::new(), touch)
+    let outcome = db
+        .with_locked_row(&1, nowait.clone().retry(RetryPolicy::new()), touch)
         .await
         .unwrap();
     assert!(
@@ -367,7 +368,8 @@ async fn lock_contention_is_retried_only_when_asked() {
     let policy = RetryPolicy::new()
         .max_attempts(3)
         .retry_lock_contention(true);
-    let err = with_locked_row_retry(&pool, &1, &nowait, &policy, touch)
+    let err = db
+        .with_locked_row(&1, nowait.clone().retry(&policy), touch)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::RetriesExhausted, "{err}");
@@ -376,13 +378,10 @@ async fn lock_contention_is_retried_only_when_asked() {
 }
 
 /// Resolves until the server has finished with the transaction.
-async fn settled_status(
-    pool: &rowlock::deadpool_postgres::Pool,
-    tx: rowlock::TransactionRef,
-) -> CommitStatus {
+async fn settled_status(db: &rowlock::Db, tx: rowlock::TransactionRef) -> CommitStatus {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let status = resolve_commit(pool, &tx).await.unwrap();
+        let status = db.resolve_commit(&tx).await.unwrap();
         if status != CommitStatus::InProgress || tokio::time::Instant::now() > deadline {
             return status;
         }
@@ -392,8 +391,8 @@ async fn settled_status(
 
 #[tokio::test]
 async fn commit_cut_before_the_server_committed_resolves_to_aborted() {
-    let (db, pool) = accounts(0).await;
-    let admin = db.client().await.unwrap();
+    let (pg, db) = accounts(0).await;
+    let admin = pg.client().await.unwrap();
     admin
         .batch_execute(
             "CREATE TABLE payments (key text PRIMARY KEY);
@@ -405,17 +404,17 @@ async fn commit_cut_before_the_server_committed_resolves_to_aborted() {
         .await
         .unwrap();
     // The holder owns advisory lock 42, so the deferred trigger blocks inside COMMIT.
-    let holder = db.session().await.unwrap();
+    let holder = pg.session().await.unwrap();
     holder
         .batch_execute("SELECT pg_advisory_lock(42)")
         .await
         .unwrap();
     let calls = Arc::new(AtomicU32::new(0));
     let call = tokio::spawn({
-        let (pool, calls) = (pool.clone(), calls.clone());
+        let (db, calls) = (db.clone(), calls.clone());
         async move {
             let opts = TransactionOptions::new().track_commit_outcome(true);
-            with_transaction_retry(&pool, &opts, &RetryPolicy::new(), move |tx| {
+            db.with_transaction(opts.clone().retry(RetryPolicy::new()), move |tx| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Box::pin(async move {
                     tx.execute("INSERT INTO payments VALUES ('k-1')", &[])
@@ -436,7 +435,7 @@ async fn commit_cut_before_the_server_committed_resolves_to_aborted() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "never retried");
     let tx = err.transaction().expect("tracked transaction");
     assert_eq!(err.transaction_id(), Some(tx.id));
-    assert_eq!(settled_status(&pool, tx).await, CommitStatus::Aborted);
+    assert_eq!(settled_status(&db, tx).await, CommitStatus::Aborted);
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM payments", &[])
         .await
@@ -447,37 +446,38 @@ async fn commit_cut_before_the_server_committed_resolves_to_aborted() {
 
 #[tokio::test]
 async fn commit_whose_reply_was_lost_resolves_to_committed() {
-    let (db, _) = accounts(0).await;
-    let admin = db.client().await.unwrap();
+    let (pg, _) = accounts(0).await;
+    let admin = pg.client().await.unwrap();
     admin
         .batch_execute("CREATE TABLE payments (key text PRIMARY KEY)")
         .await
         .unwrap();
-    let Some(proxy) = crate::proxy::CommitReplyDropper::start(db.config()).await else {
+    let Some(proxy) = crate::proxy::CommitReplyDropper::start(pg.config()).await else {
         eprintln!("the test server is not reachable over TCP: nothing to check");
         return;
     };
-    let pool = proxy.pool(db.config(), db.name());
+    let db = proxy.db(pg.config(), pg.name());
     let calls = Arc::new(AtomicU32::new(0));
     let opts = TransactionOptions::new().track_commit_outcome(true);
-    let err = with_transaction_retry(&pool, &opts, &RetryPolicy::new(), {
-        let calls = calls.clone();
-        move |tx| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move {
-                tx.execute("INSERT INTO payments VALUES ('k-2')", &[])
-                    .await?;
-                Ok::<_, rowlock::Error>(())
-            })
-        }
-    })
-    .await
-    .unwrap_err();
+    let err = db
+        .with_transaction(opts.clone().retry(RetryPolicy::new()), {
+            let calls = calls.clone();
+            move |tx| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    tx.execute("INSERT INTO payments VALUES ('k-2')", &[])
+                        .await?;
+                    Ok::<_, rowlock::Error>(())
+                })
+            }
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::CommitOutcomeUnknown, "{err}");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "never retried");
     assert!(proxy.dropped_a_commit_reply());
     let tx = err.transaction().expect("tracked transaction");
-    let direct = db.pool(1);
+    let direct = pg.db(1);
     assert_eq!(settled_status(&direct, tx).await, CommitStatus::Committed);
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM payments", &[])
@@ -489,14 +489,10 @@ async fn commit_whose_reply_was_lost_resolves_to_committed() {
 
 #[tokio::test]
 async fn locked_rows_retry_reruns_the_closure_with_freshly_locked_rows() {
-    let (db, pool) = accounts(2).await;
+    let (pg, db) = accounts(2).await;
     let calls = Arc::new(AtomicU32::new(0));
-    let outcome = rowlock::with_locked_rows_retry(
-        &pool,
-        &[2, 1],
-        &LockOptions::new(),
-        &RetryPolicy::new(),
-        {
+    let outcome = db
+        .with_locked_rows(&[2, 1], Lock::new().retry(RetryPolicy::new()), {
             let calls = calls.clone();
             move |tx, rows: Vec<Account>| {
                 let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
@@ -510,15 +506,11 @@ async fn locked_rows_retry_reruns_the_closure_with_freshly_locked_rows() {
                     Ok::<_, rowlock::Error>(call)
                 })
             }
-        },
-    )
-    .await
-    .unwrap();
-    assert!(
-        matches!(outcome, rowlock::RowsOutcome::Done(2)),
-        "{outcome:?}"
-    );
-    let client = db.client().await.unwrap();
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome, rowlock::Outcome::Done(2)), "{outcome:?}");
+    let client = pg.client().await.unwrap();
     assert_eq!(
         balance(&client, 1).await,
         101,
@@ -528,15 +520,16 @@ async fn locked_rows_retry_reruns_the_closure_with_freshly_locked_rows() {
 
 #[tokio::test]
 async fn without_retries_the_callers_own_error_comes_back_unchanged() {
-    let (_db, pool) = accounts(1).await;
-    let result = with_transaction(&pool, &TransactionOptions::new(), |tx| {
-        Box::pin(async move {
-            if tx.batch_execute(RAISE_40001).await.is_err() {
-                return Err(AppError::Conflict);
-            }
-            Ok(())
+    let (_db, db) = accounts(1).await;
+    let result = db
+        .with_transaction(&TransactionOptions::new(), |tx| {
+            Box::pin(async move {
+                if tx.batch_execute(RAISE_40001).await.is_err() {
+                    return Err(AppError::Conflict);
+                }
+                Ok(())
+            })
         })
-    })
-    .await;
+        .await;
     assert!(matches!(result, Err(AppError::Conflict)), "{result:?}");
 }

@@ -2,10 +2,7 @@
 //! savepoint no longer fails the commit; one that is not recovered still does.
 
 use rowlock::tokio_postgres::error::SqlState;
-use rowlock::{
-    ErrorKind, LockOptions, Outcome, Transaction, TransactionOptions, with_locked_row,
-    with_transaction,
-};
+use rowlock::{ErrorKind, Lock, Outcome, Transaction, TransactionOptions};
 
 use crate::support::{Account, accounts, balance, in_transaction, notes};
 
@@ -20,29 +17,30 @@ async fn insert_note(tx: &Transaction, note: &str) -> Result<u64, rowlock::Error
 
 #[tokio::test]
 async fn raw_savepoint_sql_recovers_an_insert_conflict_inside_with_locked_row() {
-    let (db, pool) = accounts(1).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
     client
         .execute("INSERT INTO audit VALUES (1, 'seen')", &[])
         .await
         .unwrap();
     // "Insert, or fall back on conflict", as a service writes it with plain SQL.
-    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), |tx, acc: Account| {
-        Box::pin(async move {
-            tx.batch_execute("SAVEPOINT s").await?;
-            let err = insert_note(tx, "seen").await.unwrap_err();
-            assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
-            tx.execute("ROLLBACK TO SAVEPOINT s", &[]).await?;
-            tx.execute(
-                "UPDATE accounts SET balance = $2 WHERE id = $1",
-                &[&acc.id, &(acc.balance + 1)],
-            )
-            .await?;
-            Ok::<_, rowlock::Error>(())
+    let outcome = db
+        .with_locked_row(&1, &Lock::new(), |tx, acc: Account| {
+            Box::pin(async move {
+                tx.batch_execute("SAVEPOINT s").await?;
+                let err = insert_note(tx, "seen").await.unwrap_err();
+                assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
+                tx.execute("ROLLBACK TO SAVEPOINT s", &[]).await?;
+                tx.execute(
+                    "UPDATE accounts SET balance = $2 WHERE id = $1",
+                    &[&acc.id, &(acc.balance + 1)],
+                )
+                .await?;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     assert!(outcome.is_done(), "{outcome:?}");
     assert_eq!(balance(&client, 1).await, 101, "the UPDATE committed");
     assert_eq!(in_transaction(&client).await, 0);
@@ -50,10 +48,10 @@ async fn raw_savepoint_sql_recovers_an_insert_conflict_inside_with_locked_row() 
 
 #[tokio::test]
 async fn raw_savepoints_two_deep_and_an_unrecovered_error_still_fails_the_commit() {
-    let (db, pool) = accounts(1).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
     let opts = TransactionOptions::new();
-    with_transaction(&pool, &opts, |tx| {
+    db.with_transaction(&opts, |tx| {
         Box::pin(async move {
             insert_note(tx, "a").await?;
             tx.batch_execute("SAVEPOINT outer_sp").await?;
@@ -71,16 +69,17 @@ async fn raw_savepoints_two_deep_and_an_unrecovered_error_still_fails_the_commit
     assert_eq!(notes(&client).await, ["a", "b", "c"]);
 
     // The same error without the rollback to the savepoint: nothing is committed.
-    let err = with_transaction(&pool, &opts, |tx| {
-        Box::pin(async move {
-            insert_note(tx, "d").await?;
-            tx.batch_execute("SAVEPOINT s").await?;
-            let _ = insert_note(tx, "a").await;
-            Ok::<_, rowlock::Error>(())
+    let err = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                insert_note(tx, "d").await?;
+                tx.batch_execute("SAVEPOINT s").await?;
+                let _ = insert_note(tx, "a").await;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap_err();
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TransactionAborted);
     assert_eq!(err.sql_state(), Some(&SqlState::UNIQUE_VIOLATION));
     assert_eq!(notes(&client).await, ["a", "b", "c"]);
@@ -88,9 +87,9 @@ async fn raw_savepoints_two_deep_and_an_unrecovered_error_still_fails_the_commit
 
 #[tokio::test]
 async fn savepoint_guards_nest_and_roll_back_what_failed() {
-    let (db, pool) = accounts(1).await;
-    let client = db.client().await.unwrap();
-    with_transaction(&pool, &TransactionOptions::new(), |tx| {
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
+    db.with_transaction(&TransactionOptions::new(), |tx| {
         Box::pin(async move {
             insert_note(tx, "a").await?;
             let outer = tx.savepoint()?;
@@ -125,9 +124,9 @@ async fn savepoint_guards_nest_and_roll_back_what_failed() {
 
 #[tokio::test]
 async fn releasing_a_savepoint_with_an_unrecovered_error_rolls_it_back_and_says_so() {
-    let (db, pool) = accounts(1).await;
-    let client = db.client().await.unwrap();
-    with_transaction(&pool, &TransactionOptions::new(), |tx| {
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
+    db.with_transaction(&TransactionOptions::new(), |tx| {
         Box::pin(async move {
             insert_note(tx, "a").await?;
             let sp = tx.savepoint()?;
@@ -148,9 +147,9 @@ async fn releasing_a_savepoint_with_an_unrecovered_error_rolls_it_back_and_says_
 
 #[tokio::test]
 async fn with_savepoint_releases_on_ok_and_rolls_back_on_err() {
-    let (db, pool) = accounts(1).await;
-    let client = db.client().await.unwrap();
-    with_transaction(&pool, &TransactionOptions::new(), |tx| {
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
+    db.with_transaction(&TransactionOptions::new(), |tx| {
         Box::pin(async move {
             tx.with_savepoint(|tx| Box::pin(async move { insert_note(tx, "a").await }))
                 .await?;
@@ -184,38 +183,37 @@ async fn with_savepoint_releases_on_ok_and_rolls_back_on_err() {
 
 #[tokio::test]
 async fn an_empty_savepoint_sends_nothing_and_a_lone_one_commits_nothing() {
-    let (db, pool) = accounts(1).await;
-    let client = db.client().await.unwrap();
-    let tx = Transaction::begin(&pool, &TransactionOptions::new())
-        .await
-        .unwrap();
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
     tx.savepoint().unwrap().release().unwrap();
     tx.savepoint().unwrap().rollback();
     tx.commit().await.unwrap();
     assert_eq!(in_transaction(&client).await, 0);
-    let outcome = with_locked_row(&pool, &1, &LockOptions::new(), |tx, _: Account| {
-        Box::pin(async move {
-            let sp = tx.savepoint()?;
-            insert_note(&sp, "kept").await?;
-            sp.release()?;
-            Ok::<_, rowlock::Error>(())
+    let outcome = db
+        .with_locked_row(&1, &Lock::new(), |tx, _: Account| {
+            Box::pin(async move {
+                let sp = tx.savepoint()?;
+                insert_note(&sp, "kept").await?;
+                sp.release()?;
+                Ok::<_, rowlock::Error>(())
+            })
         })
-    })
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     assert!(matches!(outcome, Outcome::Done(())));
     assert_eq!(notes(&client).await, ["kept"]);
 }
 
 #[tokio::test]
 async fn savepoint_sql_is_followed_in_several_statements_and_around_comments() {
-    let (db, pool) = accounts(1).await;
-    let client = db.client().await.unwrap();
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
     client
         .execute("INSERT INTO audit VALUES (1, 'seen')", &[])
         .await
         .unwrap();
-    with_transaction(&pool, &TransactionOptions::new(), |tx| {
+    db.with_transaction(&TransactionOptions::new(), |tx| {
         Box::pin(async move {
             // A savepoint opened in a batch with other work, a name with a `;` in it.
             tx.batch_execute(

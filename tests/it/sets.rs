@@ -5,18 +5,14 @@ use std::time::Duration;
 
 use rowlock::tokio_postgres::{Error as PgError, Row};
 use rowlock::{
-    ErrorKind, LockMode, LockOptions, LockSet, LockableRow, LockedRows, RowsOutcome, Table,
-    TransactionOptions, with_locked_set,
+    ErrorKind, Lock, LockMode, LockSet, LockableRow, LockedRows, Outcome, Table, TransactionOptions,
 };
 
 use crate::own_transaction::{User, Wallet, users_and_wallets};
 use crate::support::WAIT;
 
 /// Locks the set (built in the given order) and moves 1 cent, noting the user.
-async fn transfer(
-    pool: &rowlock::deadpool_postgres::Pool,
-    wallet_first: bool,
-) -> Result<RowsOutcome<(), rowlock::RowRef>, rowlock::Error> {
+async fn transfer(db: &rowlock::Db, wallet_first: bool) -> Result<Outcome<()>, rowlock::Error> {
     let set = if wallet_first {
         LockSet::new().row::<Wallet>(&1)?.row::<User>(&1)?
     } else {
@@ -24,9 +20,9 @@ async fn transfer(
     };
     // A lock timeout far above any wait these transactions cause, so a deadlock (detected
     // after deadlock_timeout, 1 s) would show as 40P01, not hang.
-    let opts = LockOptions::new()
-        .transaction(TransactionOptions::new().lock_timeout(Duration::from_secs(30)));
-    with_locked_set(pool, &set, &opts, |tx, mut rows: LockedRows| {
+    let opts =
+        Lock::new().transaction(TransactionOptions::new().lock_timeout(Duration::from_secs(30)));
+    db.with_locked_set(&set, &opts, |tx, mut rows: LockedRows| {
         Box::pin(async move {
             let user: User = rows.take(&1).expect("locked");
             let wallet: &Wallet = rows.get(&1).expect("locked");
@@ -48,21 +44,21 @@ async fn transfer(
 
 #[tokio::test]
 async fn opposite_orders_never_deadlock_over_a_thousand_rounds() {
-    let (db, pool) = users_and_wallets().await;
+    let (pg, db) = users_and_wallets().await;
     let rounds = 1000;
     let mut deadlocks = 0;
     for _ in 0..rounds {
-        let (a, b) = tokio::join!(transfer(&pool, true), transfer(&pool, false));
+        let (a, b) = tokio::join!(transfer(&db, true), transfer(&db, false));
         for r in [a, b] {
             match r {
-                Ok(RowsOutcome::Done(())) => {}
+                Ok(Outcome::Done(())) => {}
                 Err(e) if e.kind() == ErrorKind::Deadlock => deadlocks += 1,
                 other => panic!("{other:?}"),
             }
         }
     }
     assert_eq!(deadlocks, 0);
-    let cents: i64 = db
+    let cents: i64 = pg
         .client()
         .await
         .unwrap()
@@ -97,16 +93,14 @@ fn never(
 
 #[tokio::test]
 async fn outcomes_per_row_and_bad_sets() {
-    let (db, pool) = users_and_wallets().await;
+    let (pg, db) = users_and_wallets().await;
     let set = LockSet::new()
         .rows::<User>(&[1, 2])
         .unwrap()
         .row::<Wallet>(&3)
         .unwrap();
-    let outcome = with_locked_set(&pool, &set, &LockOptions::new(), never)
-        .await
-        .unwrap();
-    let RowsOutcome::NotFound(missing) = outcome else {
+    let outcome = db.with_locked_set(&set, &Lock::new(), never).await.unwrap();
+    let Outcome::NotFound(missing) = outcome else {
         panic!("{outcome:?}")
     };
     assert_eq!(missing.len(), 1);
@@ -116,7 +110,7 @@ async fn outcomes_per_row_and_bad_sets() {
         "the first table with a missing row"
     );
 
-    let holder = db.client().await.unwrap();
+    let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM wallets WHERE user_id = 1 FOR UPDATE")
         .await
@@ -126,15 +120,16 @@ async fn outcomes_per_row_and_bad_sets() {
         .unwrap()
         .row::<User>(&1)
         .unwrap();
-    let nowait = LockOptions::new().mode(LockMode::NoWait);
-    let outcome = with_locked_set(&pool, &set, &nowait, never).await.unwrap();
+    let nowait = Lock::new().mode(LockMode::NoWait);
+    let outcome = db.with_locked_set(&set, &nowait, never).await.unwrap();
     assert!(
-        matches!(outcome, RowsOutcome::LockNotAvailable(_)),
+        matches!(outcome, Outcome::LockNotAvailable(_)),
         "{outcome:?}"
     );
     holder.batch_execute("ROLLBACK").await.unwrap();
 
-    let empty = with_locked_set(&pool, &LockSet::new(), &LockOptions::new(), never)
+    let empty = db
+        .with_locked_set(&LockSet::new(), &Lock::new(), never)
         .await
         .unwrap_err();
     assert!(empty.is_invalid_argument());
@@ -143,7 +138,8 @@ async fn outcomes_per_row_and_bad_sets() {
         .unwrap()
         .row::<AlsoUsers>(&1)
         .unwrap();
-    let err = with_locked_set(&pool, &twice, &LockOptions::new(), never)
+    let err = db
+        .with_locked_set(&twice, &Lock::new(), never)
         .await
         .unwrap_err();
     assert!(err.is_invalid_argument(), "{err}");
@@ -167,17 +163,17 @@ impl LockableRow for QualifiedWallet {
 
 /// Locks user 1 and wallet 1, the wallet spelled `wallets` or `public.wallets`.
 async fn lock_user_and_wallet(
-    pool: &rowlock::deadpool_postgres::Pool,
+    db: &rowlock::Db,
     qualified: bool,
-) -> Result<RowsOutcome<(), rowlock::RowRef>, rowlock::Error> {
+) -> Result<Outcome<()>, rowlock::Error> {
     let set = if qualified {
         LockSet::new().row::<QualifiedWallet>(&1)?.row::<User>(&1)?
     } else {
         LockSet::new().row::<Wallet>(&1)?.row::<User>(&1)?
     };
-    let opts = LockOptions::new()
-        .transaction(TransactionOptions::new().lock_timeout(Duration::from_secs(30)));
-    with_locked_set(pool, &set, &opts, |tx, _| {
+    let opts =
+        Lock::new().transaction(TransactionOptions::new().lock_timeout(Duration::from_secs(30)));
+    db.with_locked_set(&set, &opts, |tx, _| {
         Box::pin(async move {
             tx.execute(
                 "UPDATE wallets SET cents = cents + 1 WHERE user_id = 1",
@@ -192,9 +188,9 @@ async fn lock_user_and_wallet(
 
 #[tokio::test]
 async fn a_table_spelled_with_its_schema_keeps_its_place_in_the_order() {
-    let (db, pool) = users_and_wallets().await;
-    let observer = db.client().await.unwrap();
-    let holder = db.session().await.unwrap();
+    let (pg, db) = users_and_wallets().await;
+    let observer = pg.client().await.unwrap();
+    let holder = pg.session().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM users WHERE id = 1 FOR UPDATE")
         .await
@@ -202,8 +198,8 @@ async fn a_table_spelled_with_its_schema_keeps_its_place_in_the_order() {
     // Spelled `"public"."wallets"`, the wallets table still comes after `users`: the call
     // waits for the user's row while holding nothing.
     let call = tokio::spawn({
-        let pool = pool.clone();
-        async move { lock_user_and_wallet(&pool, true).await }
+        let db = db.clone();
+        async move { lock_user_and_wallet(&db, true).await }
     });
     rowlock::testing::wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
         .await
@@ -218,21 +214,21 @@ async fn a_table_spelled_with_its_schema_keeps_its_place_in_the_order() {
         .get(0);
     assert_eq!(wallet_free, 1, "the wallet was not locked before the user");
     holder.batch_execute("COMMIT").await.unwrap();
-    assert!(matches!(call.await.unwrap(), Ok(RowsOutcome::Done(()))));
+    assert!(matches!(call.await.unwrap(), Ok(Outcome::Done(()))));
 }
 
 #[tokio::test]
 async fn two_spellings_of_one_table_never_deadlock() {
-    let (_db, pool) = users_and_wallets().await;
+    let (_db, db) = users_and_wallets().await;
     let mut deadlocks = 0;
     for _ in 0..200 {
         let (a, b) = tokio::join!(
-            lock_user_and_wallet(&pool, false),
-            lock_user_and_wallet(&pool, true)
+            lock_user_and_wallet(&db, false),
+            lock_user_and_wallet(&db, true)
         );
         for r in [a, b] {
             match r {
-                Ok(RowsOutcome::Done(())) => {}
+                Ok(Outcome::Done(())) => {}
                 Err(e) if e.kind() == ErrorKind::Deadlock => deadlocks += 1,
                 other => panic!("{other:?}"),
             }
@@ -243,17 +239,18 @@ async fn two_spellings_of_one_table_never_deadlock() {
 
 #[tokio::test]
 async fn two_row_types_spelling_one_table_two_ways_are_refused() {
-    let (db, pool) = users_and_wallets().await;
+    let (pg, db) = users_and_wallets().await;
     let set = LockSet::new()
         .row::<Wallet>(&1)
         .unwrap()
         .row::<QualifiedWallet>(&1)
         .unwrap();
-    let err = with_locked_set(&pool, &set, &LockOptions::new(), never)
+    let err = db
+        .with_locked_set(&set, &Lock::new(), never)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("\"public\".\"wallets\""), "{err}");
-    let observer = db.client().await.unwrap();
+    let observer = pg.client().await.unwrap();
     assert_eq!(crate::support::in_transaction(&observer).await, 0);
 }

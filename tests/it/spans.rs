@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rowlock::{LockMode, LockOptions, with_locked_row};
+use rowlock::{Lock, LockMode};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -79,31 +79,31 @@ impl Subscriber for Collector {
 
 #[tokio::test]
 async fn each_locked_call_has_a_span_with_wait_hold_outcome_and_attempts() {
-    let (db, pool) = accounts(1).await;
+    let (pg, db) = accounts(1).await;
     let collector = Collector::default();
     let _guard = tracing::subscriber::set_default(collector.clone());
 
-    let done =
-        with_locked_row::<Account, _, rowlock::Error, _>(&pool, &1, &LockOptions::new(), |_, a| {
+    let done = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &Lock::new(), |_, a| {
             Box::pin(async move { Ok(a.id) })
         })
         .await
         .unwrap();
     assert!(done.is_done());
 
-    let holder = db.client().await.unwrap();
+    let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await
         .unwrap();
-    let busy = with_locked_row::<Account, (), rowlock::Error, _>(
-        &pool,
-        &1,
-        &LockOptions::new().mode(LockMode::NoWait),
-        |_, _| panic!("held elsewhere"),
-    )
-    .await
-    .unwrap();
+    let busy = db
+        .with_locked_row::<Account, (), rowlock::Error, _>(
+            &1,
+            &Lock::new().mode(LockMode::NoWait),
+            |_, _| panic!("held elsewhere"),
+        )
+        .await
+        .unwrap();
     assert!(!busy.is_done());
 
     let spans: Vec<Fields> = collector.spans.lock().unwrap().values().cloned().collect();

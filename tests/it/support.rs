@@ -1,11 +1,11 @@
-//! Shared fixtures: an `accounts` table and its row type, and pool-hygiene checks.
+//! Shared fixtures: an `accounts` table and its row type, and db-hygiene checks.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rowlock::deadpool_postgres::Pool;
+use rowlock::Db;
 use rowlock::testing::{TestCluster, TestDatabase};
 use rowlock::tokio_postgres::{Client, Error as PgError, Row};
 use rowlock::{LockableRow, Table};
@@ -49,27 +49,27 @@ impl LockableRow for Account {
     }
 }
 
-/// A fresh database on which `schema` (any `;`-separated SQL) has run, and a pool of
+/// A fresh database on which `schema` (any `;`-separated SQL) has run, and a db of
 /// `pool_size` connections to it.
-pub async fn database(schema: &str, pool_size: usize) -> (TestDatabase, Pool) {
-    let db = TestCluster::shared()
+pub async fn database(schema: &str, pool_size: usize) -> (TestDatabase, Db) {
+    let pg = TestCluster::shared()
         .expect("test cluster")
         .create_database()
         .await
         .expect("test database");
-    db.client()
+    pg.client()
         .await
         .unwrap()
         .batch_execute(schema)
         .await
         .unwrap();
-    let pool = db.pool(pool_size);
-    (db, pool)
+    let db = pg.db(pool_size);
+    (pg, db)
 }
 
 /// The notes of the `audit` table, in order, read through any executor.
-pub async fn notes(db: &impl rowlock::Executor) -> Vec<String> {
-    db.query("SELECT note FROM audit ORDER BY note", &[])
+pub async fn notes(pg: &impl rowlock::Executor) -> Vec<String> {
+    pg.query("SELECT note FROM audit ORDER BY note", &[])
         .await
         .unwrap()
         .iter()
@@ -78,13 +78,13 @@ pub async fn notes(db: &impl rowlock::Executor) -> Vec<String> {
 }
 
 /// A fresh database with `accounts` rows 1..=n, each with balance 100.
-pub async fn accounts(n: i64) -> (TestDatabase, Pool) {
-    let db = TestCluster::shared()
+pub async fn accounts(n: i64) -> (TestDatabase, Db) {
+    let pg = TestCluster::shared()
         .expect("test cluster")
         .create_database()
         .await
         .expect("test database");
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     client
         .batch_execute(
             "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
@@ -99,8 +99,8 @@ pub async fn accounts(n: i64) -> (TestDatabase, Pool) {
         )
         .await
         .unwrap();
-    let pool = db.pool(8);
-    (db, pool)
+    let db = pg.db(8);
+    (pg, db)
 }
 
 pub async fn balance(client: &Client, id: i64) -> i64 {
@@ -162,4 +162,9 @@ impl<F: Future> Future for PollLimit<F> {
         self.remaining -= 1;
         self.inner.as_mut().poll(cx).map(Some)
     }
+}
+
+/// The keys an outcome names, as their `Debug` prints them.
+pub fn keys(rows: &[rowlock::RowRef]) -> Vec<String> {
+    rows.iter().map(|r| r.key.clone()).collect()
 }

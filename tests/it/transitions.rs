@@ -2,10 +2,7 @@
 
 use rowlock::testing::wait_for_blocked_by;
 use rowlock::tokio_postgres::{Error as PgError, Row};
-use rowlock::{
-    ErrorKind, LockableRow, Table, Transaction, TransactionOptions, Transition, Transitioned,
-    transition,
-};
+use rowlock::{ErrorKind, LockableRow, Outcome, RowRef, Table, TransactionOptions, Transition};
 
 use crate::support::{Account, WAIT, accounts, database};
 
@@ -42,8 +39,8 @@ fn take() -> Transition {
 }
 
 /// Task `id`'s status as another session reads it.
-async fn status_of(db: &rowlock::testing::TestDatabase, id: i64) -> String {
-    db.client()
+async fn status_of(pg: &rowlock::testing::TestDatabase, id: i64) -> String {
+    pg.client()
         .await
         .unwrap()
         .query_one("SELECT status FROM tasks WHERE id = $1", &[&id])
@@ -62,42 +59,32 @@ fn task(id: i64, status: &str, owner: Option<&str>) -> Task {
 
 #[tokio::test]
 async fn done_conflict_and_not_found_in_one_statement() {
-    let (_db, pool) = database(TASKS, 2).await;
+    let (_db, db) = database(TASKS, 2).await;
     let take = take();
-    let done = transition::<Task>(&pool, &1, &take, &[&"ann"])
-        .await
-        .unwrap();
-    assert_eq!(done, Transitioned::Done(task(1, "taken", Some("ann"))));
+    let done = db.transition::<Task>(&1, &take, &[&"ann"]).await.unwrap();
+    assert_eq!(done, Outcome::Done(task(1, "taken", Some("ann"))));
     // Already taken: the conflict carries the row as it is now.
-    let again = transition::<Task>(&pool, &1, &take, &[&"bob"])
-        .await
-        .unwrap();
-    assert_eq!(again, Transitioned::Conflict(task(1, "taken", Some("ann"))));
-    let other = transition::<Task>(&pool, &2, &take, &[&"bob"])
-        .await
-        .unwrap();
-    assert_eq!(other, Transitioned::Conflict(task(2, "done", None)));
-    let missing = transition::<Task>(&pool, &9, &take, &[&"bob"])
-        .await
-        .unwrap();
-    assert_eq!(missing, Transitioned::NotFound);
+    let again = db.transition::<Task>(&1, &take, &[&"bob"]).await.unwrap();
+    assert_eq!(again, Outcome::Conflict(task(1, "taken", Some("ann"))));
+    let other = db.transition::<Task>(&2, &take, &[&"bob"]).await.unwrap();
+    assert_eq!(other, Outcome::Conflict(task(2, "done", None)));
+    let missing = db.transition::<Task>(&9, &take, &[&"bob"]).await.unwrap();
+    assert_eq!(missing, Outcome::NotFound(vec![RowRef::of::<Task>(&9)]));
 }
 
 #[tokio::test]
 async fn then_statements_run_only_when_the_row_changed() {
-    let (db, pool) = database(TASKS, 2).await;
+    let (pg, db) = database(TASKS, 2).await;
     let take = take().then("INSERT INTO history SELECT id, 'taken by ' || $1 FROM changed");
     assert!(
-        transition::<Task>(&pool, &1, &take, &[&"ann"])
+        db.transition::<Task>(&1, &take, &[&"ann"])
             .await
             .unwrap()
             .is_done()
     );
-    let conflict = transition::<Task>(&pool, &1, &take, &[&"bob"])
-        .await
-        .unwrap();
-    assert!(matches!(conflict, Transitioned::Conflict(_)));
-    let rows = db
+    let conflict = db.transition::<Task>(&1, &take, &[&"bob"]).await.unwrap();
+    assert!(matches!(conflict, Outcome::Conflict(_)));
+    let rows = pg
         .client()
         .await
         .unwrap()
@@ -112,8 +99,8 @@ async fn then_statements_run_only_when_the_row_changed() {
 /// version: two takers from the same state never both win.
 #[tokio::test]
 async fn a_concurrent_change_is_seen_after_the_wait() {
-    let (db, pool) = database(TASKS, 2).await;
-    let holder = db.client().await.unwrap();
+    let (pg, db) = database(TASKS, 2).await;
+    let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; UPDATE tasks SET status = 'taken', owner = 'zoe' WHERE id = 1")
         .await
@@ -124,12 +111,12 @@ async fn a_concurrent_change_is_seen_after_the_wait() {
         .unwrap()
         .get(0);
     let take = take();
-    let pool2 = pool.clone();
+    let pool2 = db.clone();
     let racer = tokio::spawn(async move {
         let take = take;
-        transition::<Task>(&pool2, &1, &take, &[&"ann"]).await
+        pool2.transition::<Task>(&1, &take, &[&"ann"]).await
     });
-    let observer = db.client().await.unwrap();
+    let observer = pg.client().await.unwrap();
     wait_for_blocked_by(&observer, holder_pid, 1, WAIT)
         .await
         .unwrap();
@@ -137,33 +124,33 @@ async fn a_concurrent_change_is_seen_after_the_wait() {
     let outcome = racer.await.unwrap().unwrap();
     assert_eq!(
         outcome,
-        Transitioned::Conflict(task(1, "taken", Some("zoe"))),
+        Outcome::Conflict(task(1, "taken", Some("zoe"))),
         "the conflict reports the state committed by the other transaction"
     );
 }
 
 #[tokio::test]
 async fn many_takers_exactly_one_wins() {
-    let (db, pool) = database(TASKS, 8).await;
+    let (pg, db) = database(TASKS, 8).await;
     let take = std::sync::Arc::new(take());
     let mut handles = Vec::new();
     for i in 0..32 {
-        let (pool, take) = (pool.clone(), take.clone());
+        let (db, take) = (db.clone(), take.clone());
         handles.push(tokio::spawn(async move {
             let name = format!("worker {i}");
-            transition::<Task>(&pool, &1, &take, &[&name]).await
+            db.transition::<Task>(&1, &take, &[&name]).await
         }));
     }
     let mut winners = 0;
     for h in handles {
         match h.await.unwrap().unwrap() {
-            Transitioned::Done(_) => winners += 1,
-            Transitioned::Conflict(t) => assert_eq!(t.status, "taken"),
-            Transitioned::NotFound => panic!("task 1 exists"),
+            Outcome::Done(_) => winners += 1,
+            Outcome::Conflict(t) => assert_eq!(t.status, "taken"),
+            other => panic!("task 1 exists: {other}"),
         }
     }
     assert_eq!(winners, 1);
-    let owner: Option<String> = db
+    let owner: Option<String> = pg
         .client()
         .await
         .unwrap()
@@ -176,7 +163,7 @@ async fn many_takers_exactly_one_wins() {
 
 #[tokio::test]
 async fn bad_transitions_are_refused_before_anything_is_sent() {
-    let (db, pool) = database(TASKS, 1).await;
+    let (pg, db) = database(TASKS, 1).await;
     let cases: Vec<(Transition, Vec<&str>, &str)> = vec![
         (Transition::new("  "), vec![], "SET list is empty"),
         (take().when(""), vec!["x"], "condition is empty"),
@@ -210,15 +197,14 @@ async fn bad_transitions_are_refused_before_anything_is_sent() {
             .iter()
             .map(|p| p as &(dyn rowlock::tokio_postgres::types::ToSql + Sync))
             .collect();
-        let err = transition::<Task>(&pool, &1, &t, &params)
-            .await
-            .unwrap_err();
+        let err = db.transition::<Task>(&1, &t, &params).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{t:?}: {err}");
         assert!(err.to_string().contains(expected), "{t:?}: {err}");
     }
-    assert_eq!(status_of(&db, 1).await, "open");
+    assert_eq!(status_of(&pg, 1).await, "open");
     // SQL the server rejects fails when prepared, before it runs; the message says where.
-    let err = transition::<Task>(&pool, &1, &Transition::new("no_such_column = 1"), &[])
+    let err = db
+        .transition::<Task>(&1, &Transition::new("no_such_column = 1"), &[])
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Db);
@@ -228,13 +214,14 @@ async fn bad_transitions_are_refused_before_anything_is_sent() {
 
 #[tokio::test]
 async fn a_key_that_is_not_unique_is_reported() {
-    let (_db, pool) = database(
+    let (_db, db) = database(
         "CREATE TABLE tasks (id bigint, status text NOT NULL, owner text);
          INSERT INTO tasks (id, status) VALUES (1, 'open'), (1, 'open');",
         1,
     )
     .await;
-    let err = transition::<Task>(&pool, &1, &take(), &[&"ann"])
+    let err = db
+        .transition::<Task>(&1, &take(), &[&"ann"])
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::KeyNotUnique, "{err}");
@@ -243,11 +230,9 @@ async fn a_key_that_is_not_unique_is_reported() {
 /// Inside a caller's transaction the change is the caller's to commit or roll back.
 #[tokio::test]
 async fn inside_a_transaction_it_commits_with_the_transaction() {
-    let (_db, pool) = accounts(1).await;
+    let (_db, db) = accounts(1).await;
     let debit = Transition::new("balance = balance - $1").when("balance >= $1");
-    let tx = Transaction::begin(&pool, &TransactionOptions::new())
-        .await
-        .unwrap();
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
     let done = tx
         .transition::<Account>(&1, &debit, &[&60_i64])
         .await
@@ -257,38 +242,37 @@ async fn inside_a_transaction_it_commits_with_the_transaction() {
         .transition::<Account>(&1, &debit, &[&60_i64])
         .await
         .unwrap();
-    assert_eq!(
-        short,
-        Transitioned::Conflict(Account { id: 1, balance: 40 })
-    );
+    assert_eq!(short, Outcome::Conflict(Account { id: 1, balance: 40 }));
     tx.rollback().await.unwrap();
-    let again = transition::<Account>(&pool, &1, &debit, &[&60_i64])
+    let again = db
+        .transition::<Account>(&1, &debit, &[&60_i64])
         .await
         .unwrap();
-    assert_eq!(again, Transitioned::Done(Account { id: 1, balance: 40 }));
+    assert_eq!(again, Outcome::Done(Account { id: 1, balance: 40 }));
 }
 
-/// `SELECT *` row types survive a column added while the pool is warm.
+/// `SELECT *` row types survive a column added while the db is warm.
 #[tokio::test]
 async fn a_migration_while_the_pool_is_warm() {
-    let (db, pool) = accounts(1).await;
+    let (pg, db) = accounts(1).await;
     let credit = Transition::new("balance = balance + $1");
     for _ in 0..2 {
-        let done = transition::<Account>(&pool, &1, &credit, &[&1_i64]).await;
+        let done = db.transition::<Account>(&1, &credit, &[&1_i64]).await;
         assert!(done.unwrap().is_done());
     }
-    db.client()
+    pg.client()
         .await
         .unwrap()
         .batch_execute("ALTER TABLE accounts ADD COLUMN note text")
         .await
         .unwrap();
-    let after = transition::<Account>(&pool, &1, &credit, &[&1_i64])
+    let after = db
+        .transition::<Account>(&1, &credit, &[&1_i64])
         .await
         .unwrap();
     assert_eq!(
         after,
-        Transitioned::Done(Account {
+        Outcome::Done(Account {
             id: 1,
             balance: 103
         })
@@ -298,7 +282,7 @@ async fn a_migration_while_the_pool_is_warm() {
 /// A guard reaches another table; the rows it locks are locked after the target row.
 #[tokio::test]
 async fn guards_decide_with_other_rows() {
-    let (_db, pool) = database(
+    let (_db, db) = database(
         "CREATE TABLE tasks (id bigint PRIMARY KEY, status text NOT NULL, owner text);
          CREATE TABLE workers (name text PRIMARY KEY, active boolean NOT NULL);
          INSERT INTO tasks (id, status) VALUES (1, 'open');
@@ -310,27 +294,21 @@ async fn guards_decide_with_other_rows() {
         "SELECT 1 FROM workers w WHERE w.name = $1 AND w.active AND target.status = 'open' \
          FOR KEY SHARE OF w",
     );
-    let refused = transition::<Task>(&pool, &1, &take, &[&"bob"])
-        .await
-        .unwrap();
-    assert_eq!(refused, Transitioned::Conflict(task(1, "open", None)));
-    let done = transition::<Task>(&pool, &1, &take, &[&"ann"])
-        .await
-        .unwrap();
-    assert_eq!(done, Transitioned::Done(task(1, "taken", Some("ann"))));
+    let refused = db.transition::<Task>(&1, &take, &[&"bob"]).await.unwrap();
+    assert_eq!(refused, Outcome::Conflict(task(1, "open", None)));
+    let done = db.transition::<Task>(&1, &take, &[&"ann"]).await.unwrap();
+    assert_eq!(done, Outcome::Done(task(1, "taken", Some("ann"))));
 }
 
 /// The usual conflict (the row as the statement saw it does not meet the condition) is read
 /// without a lock: inside a caller's transaction it leaves the row free for others.
 #[tokio::test]
 async fn a_plain_conflict_takes_no_lock() {
-    let (db, pool) = database(TASKS, 1).await;
-    let tx = Transaction::begin(&pool, &TransactionOptions::new())
-        .await
-        .unwrap();
+    let (pg, db) = database(TASKS, 1).await;
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
     let done = tx.transition::<Task>(&2, &take(), &[&"ann"]).await.unwrap();
-    assert_eq!(done, Transitioned::Conflict(task(2, "done", None)));
-    let other = db.client().await.unwrap();
+    assert_eq!(done, Outcome::Conflict(task(2, "done", None)));
+    let other = pg.client().await.unwrap();
     other
         .batch_execute("SET lock_timeout = '1ms'; SELECT * FROM tasks WHERE id = 2 FOR UPDATE")
         .await
@@ -340,16 +318,14 @@ async fn a_plain_conflict_takes_no_lock() {
 
 #[tokio::test]
 async fn a_value_of_the_wrong_type_names_the_callers_placeholder_and_changes_nothing() {
-    let (db, pool) = database(TASKS, 2).await;
+    let (pg, db) = database(TASKS, 2).await;
     let take = Transition::new("status = 'taken', owner = $1").when("status = $2");
     let cases: [(&[&(dyn rowlock::tokio_postgres::types::ToSql + Sync)], &str); 2] = [
         (&[&5_i32, &"open"], "parameter $1 of the transition"),
         (&[&"ann", &5_i32], "parameter $2 of the transition"),
     ];
     for (params, expected) in cases {
-        let err = transition::<Task>(&pool, &1, &take, params)
-            .await
-            .unwrap_err();
+        let err = db.transition::<Task>(&1, &take, params).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
         let text = err.to_string();
         assert!(text.contains(expected), "{text}");
@@ -363,11 +339,12 @@ async fn a_value_of_the_wrong_type_names_the_callers_placeholder_and_changes_not
         );
         // Inside a transaction, the same.
         let take = &take;
-        let inside = rowlock::with_transaction(&pool, &TransactionOptions::new(), |tx| {
-            Box::pin(async move { tx.transition::<Task>(&1, take, params).await })
-        })
-        .await
-        .unwrap_err();
+        let inside = db
+            .with_transaction(&TransactionOptions::new(), |tx| {
+                Box::pin(async move { tx.transition::<Task>(&1, take, params).await })
+            })
+            .await
+            .unwrap_err();
         assert_eq!(inside.kind(), ErrorKind::InvalidArgument, "{inside}");
         assert!(inside.to_string().contains(expected), "{inside}");
     }
@@ -385,10 +362,11 @@ async fn a_value_of_the_wrong_type_names_the_callers_placeholder_and_changes_not
             0
         }
     }
-    let err = transition::<NarrowKey>(&pool, &1, &take, &[&"ann", &"open"])
+    let err = db
+        .transition::<NarrowKey>(&1, &take, &[&"ann", &"open"])
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("the key of \"tasks\""), "{err}");
-    assert_eq!(status_of(&db, 1).await, "open", "nothing changed");
+    assert_eq!(status_of(&pg, 1).await, "open", "nothing changed");
 }

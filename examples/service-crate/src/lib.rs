@@ -1,10 +1,9 @@
 //! Orders paid from a customer's credit, and a job queue: rowlock used from a crate of its own,
 //! the way a service uses it.
 
-use rowlock::deadpool_postgres::Pool;
+use rowlock::Db;
 use rowlock::{
-    Claim, Compare, Direction, Executor, LockOptions, LockSet, LockableRow, LockedRows,
-    RowsOutcome, with_claimed_rows, with_locked_set,
+    Claim, Compare, Direction, Executor, Lock, LockSet, LockableRow, LockedRows, Outcome,
 };
 use uuid::Uuid;
 
@@ -53,12 +52,12 @@ pub enum Paid {
 
 /// A repository function: used inside the locked calls below and outside any transaction.
 pub async fn log_event(
-    db: &impl Executor,
+    pg: &impl Executor,
     order: Uuid,
     what: &str,
     actor: &str,
 ) -> Result<(), rowlock::Error> {
-    db.execute(
+    pg.execute(
         "INSERT INTO events (order_id, what, actor) VALUES ($1, $2, $3)",
         &[&order, &what, &actor],
     )
@@ -69,52 +68,47 @@ pub async fn log_event(
 /// Pays `order` from its customer's credit. The customer and the order are locked together,
 /// in rowlock's global order, whatever order other code locks them in. `actor` is borrowed.
 pub async fn pay(
-    pool: &Pool,
+    db: &Db,
     order: Uuid,
     customer: i64,
     actor: &str,
-) -> Result<RowsOutcome<Paid, rowlock::RowRef>, rowlock::Error> {
+) -> Result<Outcome<Paid>, rowlock::Error> {
     let set = LockSet::new()
         .row::<Order>(&order)?
         .row::<Customer>(&customer)?;
-    with_locked_set(
-        pool,
-        &set,
-        &LockOptions::new(),
-        |tx, mut rows: LockedRows| {
-            Box::pin(async move {
-                let order: Order = rows.take(&order).expect("locked");
-                let customer: Customer = rows.take(&customer).expect("locked");
-                if order.paid {
-                    return Ok(Paid::AlreadyPaid);
-                }
-                if customer.credit < order.amount {
-                    log_event(tx, order.id, "declined", actor).await?;
-                    return Ok(Paid::InsufficientCredit);
-                }
-                let left = customer.credit - order.amount;
-                tx.execute(
-                    "UPDATE customers SET credit = $2 WHERE id = $1",
-                    &[&customer.id, &left],
-                )
+    db.with_locked_set(&set, &Lock::new(), |tx, mut rows: LockedRows| {
+        Box::pin(async move {
+            let order: Order = rows.take(&order).expect("locked");
+            let customer: Customer = rows.take(&customer).expect("locked");
+            if order.paid {
+                return Ok(Paid::AlreadyPaid);
+            }
+            if customer.credit < order.amount {
+                log_event(tx, order.id, "declined", actor).await?;
+                return Ok(Paid::InsufficientCredit);
+            }
+            let left = customer.credit - order.amount;
+            tx.execute(
+                "UPDATE customers SET credit = $2 WHERE id = $1",
+                &[&customer.id, &left],
+            )
+            .await?;
+            tx.execute("UPDATE orders SET paid = true WHERE id = $1", &[&order.id])
                 .await?;
-                tx.execute("UPDATE orders SET paid = true WHERE id = $1", &[&order.id])
-                    .await?;
-                log_event(tx, order.id, "paid", actor).await?;
-                Ok(Paid::Done { credit_left: left })
-            })
-        },
-    )
+            log_event(tx, order.id, "paid", actor).await?;
+            Ok(Paid::Done { credit_left: left })
+        })
+    })
     .await
 }
 
-/// Claims up to `n` queued jobs (an enum column), marks them done and logs each; `None` when
+/// Claims up to `n` queued jobs (an enum column), marks them done and logs each; `Outcome::NotFound` when
 /// nothing is queued.
-pub async fn work(pool: &Pool, n: usize, worker: &str) -> Result<Option<usize>, rowlock::Error> {
+pub async fn work(db: &Db, n: usize, worker: &str) -> Result<Outcome<usize>, rowlock::Error> {
     let claim = Claim::new()
         .filter("status", Compare::Eq, "queued")
         .order_by("id", Direction::Asc);
-    with_claimed_rows(pool, &claim, n, |tx, jobs: Vec<Job>| {
+    db.claim(&claim, n, |tx, jobs: Vec<Job>| {
         Box::pin(async move {
             let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
             tx.execute(

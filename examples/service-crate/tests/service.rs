@@ -1,18 +1,15 @@
-use rowlock::RowsOutcome;
+use rowlock::Outcome;
 use rowlock::testing::TestCluster;
 use rowlock_example_service::{Paid, SCHEMA, log_event, pay, work};
 use uuid::Uuid;
 
-async fn setup() -> (
-    rowlock::testing::TestDatabase,
-    rowlock::deadpool_postgres::Pool,
-) {
-    let db = TestCluster::shared()
+async fn setup() -> (rowlock::testing::TestDatabase, rowlock::Db) {
+    let pg = TestCluster::shared()
         .unwrap()
         .create_database()
         .await
         .unwrap();
-    let client = db.client().await.unwrap();
+    let client = pg.client().await.unwrap();
     client.batch_execute(SCHEMA).await.unwrap();
     client
         .batch_execute(
@@ -25,26 +22,26 @@ async fn setup() -> (
         )
         .await
         .unwrap();
-    let pool = db.pool(4);
-    (db, pool)
+    let db = pg.db(4);
+    (pg, db)
 }
 
 #[tokio::test]
 async fn orders_are_paid_once_and_never_overdraw() {
-    let (db, pool) = setup().await;
+    let (pg, db) = setup().await;
     let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
     let actor = String::from("checkout");
     // Both orders at once, each paid twice: one order is paid, the other declined.
     let results = tokio::join!(
-        pay(&pool, a, 1, &actor),
-        pay(&pool, b, 1, &actor),
-        pay(&pool, a, 1, &actor),
-        pay(&pool, b, 1, &actor),
+        pay(&db, a, 1, &actor),
+        pay(&db, b, 1, &actor),
+        pay(&db, a, 1, &actor),
+        pay(&db, b, 1, &actor),
     );
     let mut outcomes = Vec::new();
     for r in [results.0, results.1, results.2, results.3] {
         match r.unwrap() {
-            RowsOutcome::Done(paid) => outcomes.push(paid),
+            Outcome::Done(paid) => outcomes.push(paid),
             other => panic!("{other:?}"),
         }
     }
@@ -53,7 +50,7 @@ async fn orders_are_paid_once_and_never_overdraw() {
         .filter(|p| matches!(p, Paid::Done { .. }))
         .count();
     assert_eq!(done, 1, "{outcomes:?}");
-    let credit: i64 = db
+    let credit: i64 = pg
         .client()
         .await
         .unwrap()
@@ -64,21 +61,21 @@ async fn orders_are_paid_once_and_never_overdraw() {
     assert_eq!(credit, 40);
 
     // The same repository function outside any transaction.
-    let conn = pool.get().await.unwrap();
+    let conn = db.pool().get().await.unwrap();
     log_event(&conn, a, "audited", "ops").await.unwrap();
-    let missing = pay(&pool, Uuid::from_u128(9), 1, "checkout").await.unwrap();
-    assert!(matches!(missing, RowsOutcome::NotFound(_)), "{missing:?}");
+    let missing = pay(&db, Uuid::from_u128(9), 1, "checkout").await.unwrap();
+    assert!(matches!(missing, Outcome::NotFound(_)), "{missing:?}");
 }
 
 #[tokio::test]
 async fn queued_jobs_are_worked_exactly_once() {
-    let (db, pool) = setup().await;
+    let (pg, db) = setup().await;
     let mut total = 0;
-    while let Some(n) = work(&pool, 2, "worker-1").await.unwrap() {
+    while let Outcome::Done(n) = work(&db, 2, "worker-1").await.unwrap() {
         total += n;
     }
     assert_eq!(total, 5);
-    let shipped: i64 = db
+    let shipped: i64 = pg
         .client()
         .await
         .unwrap()

@@ -1,0 +1,487 @@
+//! The handle: one value that owns the pool, the TLS connector, the statement-cache setting
+//! and the defaults every call starts from, and whose methods are every operation rowlock
+//! offers.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Config, NoTls, Socket};
+
+use crate::error::Error;
+use crate::options::{StatementCache, TransactionOptions, validate_timeout};
+use crate::policy::RetryPolicy;
+use crate::row::{LockableRow, Names};
+
+/// The entry point: a pool of connections and the defaults every call starts from.
+///
+/// Every operation is a method with the same shape: what to lock or claim, one options
+/// value, and the code to run while the lock is held:
+///
+/// ```no_run
+/// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};
+/// # struct Account { id: i64, balance: i64 }
+/// # impl LockableRow for Account {
+/// #     type Key = i64;
+/// #     const TABLE: Table = Table::new("accounts");
+/// #     const KEY_COLUMNS: &'static [&'static str] = &["id"];
+/// #     fn from_row(row: &Row) -> Result<Self, PgError> {
+/// #         Ok(Account { id: row.try_get("id")?, balance: row.try_get("balance")? })
+/// #     }
+/// #     fn key(&self) -> i64 { self.id }
+/// # }
+/// # async fn demo() -> Result<(), rowlock::Error> {
+/// use rowlock::{Db, Lock, Outcome};
+///
+/// let db = Db::from_url("postgres://app@localhost/app")?;
+/// let outcome = db
+///     .with_locked_row(&1, Lock::no_wait().retry(3), |tx, account: Account| Box::pin(async move {
+///         tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = $1", &[&account.id])
+///             .await?;
+///         Ok::<_, rowlock::Error>(account.balance - 10)
+///     }))
+///     .await?;
+/// match outcome {
+///     Outcome::Done(balance) => println!("new balance {balance}"),
+///     Outcome::LockNotAvailable(_) => println!("busy, try again"),
+///     other => println!("{other}"),
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// Cheap to clone (one reference count), `Send + Sync`: build it once at startup and share
+/// it. Clones share the pool, the defaults and what rowlock learned about each row type's
+/// table (checked names, statements, the relation a table name resolves to); two handles
+/// built separately share nothing, so two databases never mix.
+///
+/// Building a handle never connects: connections are opened by the first calls that need
+/// them, so a server that is down shows as an error of the call
+/// ([`ErrorKind::Unreachable`](crate::ErrorKind::Unreachable) and its siblings), not of the
+/// constructor. What the constructors refuse, they refuse with
+/// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) and nothing else
+/// happens: a string that is not a connection string, one that names no host or no user,
+/// zero connections, a timeout under 1 ms, a retry policy that cannot run.
+#[derive(Clone)]
+pub struct Db {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
+    pub(crate) defaults: Defaults,
+    /// The checked names of every row type used through this handle, and what was learned
+    /// about its table on this database. Row types are few and their names constants, so
+    /// entries are never evicted.
+    names: RwLock<HashMap<TypeId, Arc<Names>>>,
+}
+
+/// What a call's options fall back to.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Defaults {
+    pub(crate) lock_timeout: Option<Duration>,
+    pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) statement_cache: StatementCache,
+}
+
+impl fmt::Debug for Db {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = self.inner.pool.status();
+        f.debug_struct("Db")
+            .field("max_size", &status.max_size)
+            .field("connections", &status.size)
+            .field("defaults", &self.inner.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Db {
+    /// A handle for the database at `url` (`postgres://user:password@host:port/db?…` or
+    /// `key=value` pairs), with the defaults of [`Builder`]: no TLS, unless the `rustls`
+    /// feature is on and the URL asks for it (`sslmode=require`).
+    pub fn from_url(url: &str) -> Result<Db, Error> {
+        Db::builder().url(url).build()
+    }
+
+    /// [`from_url`](Self::from_url) with the URL in `DATABASE_URL`; refused when it is unset.
+    pub fn from_env() -> Result<Db, Error> {
+        Db::builder().env().build()
+    }
+
+    /// A handle around a pool the service built itself (its own TLS, hooks or recycling),
+    /// with the default defaults. Its connections must be outside any transaction when
+    /// returned to it, which is what rowlock ensures for its own.
+    pub fn from_pool(pool: Pool) -> Db {
+        Db::assemble(pool, Defaults::default())
+    }
+
+    /// Settings beyond the URL: pool size and timeouts, TLS, statement cache, defaults.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use rowlock::{Db, RetryPolicy};
+    ///
+    /// let db = Db::builder()
+    ///     .url("postgres://app@localhost/app")
+    ///     .max_size(16)
+    ///     .lock_timeout(Duration::from_secs(2))
+    ///     .retry(RetryPolicy::new().max_attempts(3))
+    ///     .build()?;
+    /// # drop(db);
+    /// # Ok::<(), rowlock::Error>(())
+    /// ```
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    fn assemble(pool: Pool, defaults: Defaults) -> Db {
+        Db {
+            inner: Arc::new(Inner {
+                pool,
+                defaults,
+                names: RwLock::default(),
+            }),
+        }
+    }
+
+    /// The pool underneath, for what rowlock does not cover (e.g. `LISTEN`, `COPY`). A
+    /// connection taken from it must be returned outside any transaction.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The call's transaction options with the handle's defaults under them.
+    pub(crate) fn options(&self, call: &TransactionOptions) -> TransactionOptions {
+        let d = &self.inner.defaults;
+        let mut options = call.clone();
+        options.lock_timeout = options.lock_timeout.or(d.lock_timeout);
+        options.statement_timeout = options.statement_timeout.or(d.statement_timeout);
+        options.statement_cache = Some(options.statement_cache.unwrap_or(d.statement_cache));
+        if options.retry.is_none() {
+            options.retry.clone_from(&d.retry);
+        }
+        options
+    }
+
+    /// Where this handle's transactions prepare statements unless a call says otherwise.
+    pub(crate) fn statement_cache(&self) -> StatementCache {
+        self.inner.defaults.statement_cache
+    }
+
+    /// The names of `R`, checked the first time (a bad name is refused on every call).
+    pub(crate) fn names<R: LockableRow>(&self) -> Result<Arc<Names>, Error> {
+        let id = TypeId::of::<R>();
+        let read = |map: &HashMap<TypeId, Arc<Names>>| map.get(&id).cloned();
+        if let Some(names) = read(
+            &self
+                .inner
+                .names
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        ) {
+            return Ok(names);
+        }
+        let names = Arc::new(Names::render::<R>()?);
+        let mut all = self
+            .inner
+            .names
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(all.entry(id).or_insert(names).clone())
+    }
+}
+
+/// Builds a [`Db`]: where to connect, how many connections, TLS, and the defaults of every
+/// call. Nothing is checked or connected until [`build`](Self::build).
+#[must_use = "a builder does nothing until build()"]
+pub struct Builder {
+    source: Source,
+    max_size: usize,
+    wait_timeout: Duration,
+    create_timeout: Duration,
+    recycle_timeout: Duration,
+    check_primary: bool,
+    tls: Option<Tls>,
+    defaults: Defaults,
+}
+
+enum Source {
+    Unset,
+    Url(String),
+    Env,
+    Config(Box<Config>),
+    Deadpool(Box<deadpool_postgres::Config>),
+    Pool(Pool),
+}
+
+/// Makes the pool's manager with the connector the service gave.
+type Tls = Box<dyn FnOnce(Config, ManagerConfig) -> Manager + Send>;
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            source: Source::Unset,
+            // deadpool's own default: a few connections per core keeps the server busy
+            // without queueing hundreds of backends on it.
+            max_size: 4 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // A request that cannot get a connection in 5 s is better refused (503) than
+            // left to pile up; deadpool's default is to wait forever.
+            wait_timeout: Duration::from_secs(5),
+            // Connecting to a healthy server takes milliseconds; an unreachable one fails fast.
+            create_timeout: Duration::from_secs(5),
+            // Recycling only checks the connection is open (rowlock never returns one inside
+            // a transaction), so this bounds a stuck socket.
+            recycle_timeout: Duration::from_secs(5),
+            check_primary: false,
+            tls: None,
+            defaults: Defaults::default(),
+        }
+    }
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("max_size", &self.max_size)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("create_timeout", &self.create_timeout)
+            .field("recycle_timeout", &self.recycle_timeout)
+            .field("check_primary", &self.check_primary)
+            .field("tls", &self.tls.is_some())
+            .field("defaults", &self.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// Connects to the database at `url` (URL or `key=value` pairs; checked by
+    /// [`build`](Self::build)).
+    pub fn url(mut self, url: &str) -> Self {
+        self.source = Source::Url(url.to_owned());
+        self
+    }
+
+    /// Connects to the database in `DATABASE_URL` (read by [`build`](Self::build)).
+    pub fn env(mut self) -> Self {
+        self.source = Source::Env;
+        self
+    }
+
+    /// Connects with a tokio-postgres `Config`.
+    pub fn config(mut self, config: Config) -> Self {
+        self.source = Source::Config(Box::new(config));
+        self
+    }
+
+    /// Connects with a deadpool-postgres `Config` (e.g. read by `serde` from the service's
+    /// settings file); its pool size, when set, is used unless [`max_size`](Self::max_size)
+    /// is called afterwards.
+    pub fn deadpool_config(mut self, config: deadpool_postgres::Config) -> Self {
+        if let Some(size) = config.pool.as_ref().map(|p| p.max_size) {
+            self.max_size = size;
+        }
+        self.source = Source::Deadpool(Box::new(config));
+        self
+    }
+
+    /// Uses a pool the service built itself: the pool settings of this builder (size,
+    /// timeouts, TLS, primary check) are then refused, and only the defaults apply.
+    pub fn pool(mut self, pool: Pool) -> Self {
+        self.source = Source::Pool(pool);
+        self
+    }
+
+    /// Most connections open at once (at least 1). Defaults to 4 × the number of cores.
+    pub fn max_size(mut self, max_size: usize) -> Self {
+        self.max_size = max_size;
+        self
+    }
+
+    /// How long a call waits for a free connection before
+    /// [`ErrorKind::PoolTimeout`](crate::ErrorKind::PoolTimeout). Defaults to 5 s.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// How long opening a connection may take. Defaults to 5 s.
+    pub fn create_timeout(mut self, timeout: Duration) -> Self {
+        self.create_timeout = timeout;
+        self
+    }
+
+    /// How long checking a returned connection may take before it is replaced. Defaults to
+    /// 5 s.
+    pub fn recycle_timeout(mut self, timeout: Duration) -> Self {
+        self.recycle_timeout = timeout;
+        self
+    }
+
+    /// Checks, before handing out a pooled connection, that its server is still a primary
+    /// (`SELECT pg_current_wal_lsn()`, which fails on a standby); a connection whose server
+    /// went into recovery is closed and another one is taken. One round trip per checkout.
+    /// Off by default: rowlock closes such a connection anyway at its first refused write
+    /// ([`ErrorKind::ReadOnly`](crate::ErrorKind::ReadOnly)), and new connections go to the
+    /// primary when the URL lists every host with `target_session_attrs=read-write`.
+    pub fn check_primary(mut self, check: bool) -> Self {
+        self.check_primary = check;
+        self
+    }
+
+    /// Connects with this TLS connector (any tokio-postgres `MakeTlsConnect`, e.g.
+    /// `tokio_postgres_rustls::MakeRustlsConnect` or `postgres_native_tls::MakeTlsConnector`).
+    /// The URL's `sslmode` then decides whether TLS is used (`prefer`, the driver's default,
+    /// tries it; `require` insists; `disable` never uses it).
+    pub fn tls<T>(mut self, tls: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+        T::Stream: Sync + Send,
+        T::TlsConnect: Sync + Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        self.tls = Some(Box::new(move |config, manager| {
+            Manager::from_config(config, tls, manager)
+        }));
+        self
+    }
+
+    /// Bounds every lock wait of every call with `SET LOCAL lock_timeout`, unless the call sets
+    /// its own. Between 1 ms and `i32::MAX` ms. Defaults to none (wait forever).
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.defaults.lock_timeout = Some(timeout);
+        self
+    }
+
+    /// Bounds every statement of every call with `SET LOCAL statement_timeout`, unless the
+    /// call sets its own. Between 1 ms and `i32::MAX` ms. Defaults to none.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.defaults.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// Retries every call under `policy` unless the call sets its own
+    /// ([`Lock::retry`](crate::Lock::retry), [`TransactionOptions::retry`]). Defaults to one
+    /// attempt.
+    pub fn retry(mut self, policy: impl Into<RetryPolicy>) -> Self {
+        self.defaults.retry = Some(policy.into());
+        self
+    }
+
+    /// Where prepared statements live. Use [`StatementCache::Transaction`] behind PgBouncer in
+    /// transaction pooling mode. Defaults to [`StatementCache::Connection`].
+    pub fn statement_cache(mut self, cache: StatementCache) -> Self {
+        self.defaults.statement_cache = cache;
+        self
+    }
+
+    /// Checks every setting and builds the handle. Connects to nothing.
+    pub fn build(mut self) -> Result<Db, Error> {
+        let source = std::mem::replace(&mut self.source, Source::Unset);
+        let tls = self.tls.take();
+        if let Some(t) = self.defaults.lock_timeout {
+            validate_timeout("lock_timeout", t)?;
+        }
+        if let Some(t) = self.defaults.statement_timeout {
+            validate_timeout("statement_timeout", t)?;
+        }
+        if let Some(policy) = &self.defaults.retry {
+            policy.validate()?;
+        }
+        let config = match source {
+            Source::Unset => {
+                return Err(Error::invalid(
+                    "the builder was given no database: call url, env, config, deadpool_config \
+                     or pool",
+                ));
+            }
+            Source::Pool(pool) => {
+                if tls.is_some() || self.check_primary {
+                    return Err(Error::invalid(
+                        "tls and check_primary configure a pool rowlock builds; this builder \
+                         was given a pool already built",
+                    ));
+                }
+                return Ok(Db::assemble(pool, self.defaults));
+            }
+            Source::Url(url) => parse_url(&url)?,
+            Source::Env => {
+                let url = std::env::var("DATABASE_URL")
+                    .map_err(|_| Error::invalid("DATABASE_URL is not set (or not valid UTF-8)"))?;
+                parse_url(&url)?
+            }
+            Source::Config(config) => *config,
+            Source::Deadpool(config) => config.get_pg_config().map_err(|e| {
+                Error::invalid(format!("the deadpool-postgres config is not usable: {e}"))
+            })?,
+        };
+        let pool = self.build_pool(config, tls)?;
+        Ok(Db::assemble(pool, self.defaults))
+    }
+
+    fn build_pool(&self, config: Config, tls: Option<Tls>) -> Result<Pool, Error> {
+        if self.max_size == 0 {
+            return Err(Error::invalid("a pool needs max_size of at least 1"));
+        }
+        validate_timeout("wait_timeout", self.wait_timeout)?;
+        validate_timeout("create_timeout", self.create_timeout)?;
+        validate_timeout("recycle_timeout", self.recycle_timeout)?;
+        if config.get_hosts().is_empty() {
+            return Err(Error::invalid(
+                "the connection string names no host (e.g. postgres://user@localhost/db, or \
+                 host=/var/run/postgresql for a Unix socket)",
+            ));
+        }
+        if config.get_user().is_none() {
+            return Err(Error::invalid(
+                "the connection string names no user (e.g. postgres://user@localhost/db)",
+            ));
+        }
+        let manager_config = ManagerConfig {
+            recycling_method: if self.check_primary {
+                // Fails with "recovery is in progress" on a standby.
+                RecyclingMethod::Custom("SELECT pg_catalog.pg_current_wal_lsn()".into())
+            } else {
+                RecyclingMethod::Fast
+            },
+        };
+        let manager = match tls {
+            Some(make) => make(config, manager_config),
+            None => default_manager(config, manager_config),
+        };
+        Pool::builder(manager)
+            .max_size(self.max_size)
+            // The connection returned last is handed out first: the warmest one (its
+            // statements prepared), and one whose queued `ROLLBACK` (a dropped transaction)
+            // the server reads before the next borrower's statements.
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
+            .wait_timeout(Some(self.wait_timeout))
+            .create_timeout(Some(self.create_timeout))
+            .recycle_timeout(Some(self.recycle_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::invalid(format!("the pool could not be built: {e}")))
+    }
+}
+
+fn parse_url(url: &str) -> Result<Config, Error> {
+    if url.trim().is_empty() {
+        return Err(Error::invalid(
+            "the connection string is empty (e.g. postgres://user@localhost/db)",
+        ));
+    }
+    url.parse().map_err(|e: tokio_postgres::Error| {
+        Error::invalid(format!(
+            "not a PostgreSQL connection string (URL or key=value): {e}"
+        ))
+    })
+}
+
+/// The manager when the service gave no connector: rustls when the feature is on (so
+/// `sslmode=require` works), plain TCP otherwise.
+fn default_manager(config: Config, manager_config: ManagerConfig) -> Manager {
+    Manager::from_config(config, NoTls, manager_config)
+}

@@ -14,6 +14,7 @@ mod errors;
 mod executor;
 mod failover;
 mod faults;
+mod handle;
 mod harness;
 mod keys;
 mod leases;

@@ -254,3 +254,130 @@ async fn two_row_types_spelling_one_table_two_ways_are_refused() {
     let observer = pg.client().await.unwrap();
     assert_eq!(crate::support::in_transaction(&observer).await, 0);
 }
+
+/// A room every booking passes through, and its slots.
+#[derive(Debug, rowlock::LockableRow)]
+#[rowlock(table = "rooms", key = "id")]
+struct Room {
+    id: i64,
+}
+
+#[derive(Debug, rowlock::LockableRow)]
+#[rowlock(table = "slots", key = "id")]
+struct Slot {
+    id: i64,
+    booked_by: Option<String>,
+}
+
+async fn rooms_and_slots(
+    slots: i64,
+    pool_size: usize,
+) -> (rowlock::testing::TestDatabase, rowlock::Db) {
+    let (pg, db) = crate::support::database(
+        "CREATE TABLE rooms (id bigint PRIMARY KEY, bookings int NOT NULL DEFAULT 0);
+         CREATE TABLE slots (id bigint PRIMARY KEY, room bigint NOT NULL REFERENCES rooms,
+                             booked_by text);
+         INSERT INTO rooms (id) VALUES (1);",
+        pool_size,
+    )
+    .await;
+    pg.client()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO slots (id, room) SELECT g, 1 FROM generate_series(1, $1::int8) g",
+            &[&slots],
+        )
+        .await
+        .unwrap();
+    (pg, db)
+}
+
+/// Books `slot`: waits for the room (the hot parent), but a slot someone else is booking is
+/// busy at once.
+async fn book(db: &rowlock::Db, slot: i64, who: &str) -> Result<Outcome<()>, rowlock::Error> {
+    let set = LockSet::new()
+        .row::<Room>(&1)?
+        .row::<Slot>(&slot)?
+        .mode::<Slot>(LockMode::NoWait)?;
+    db.with_locked_set(&set, Lock::wait(), |tx, mut rows: LockedRows| {
+        let who = who.to_owned();
+        let slot: Slot = rows.take(&slot).expect("locked");
+        Box::pin(async move {
+            assert!(slot.booked_by.is_none(), "each slot is booked once");
+            tx.execute(
+                "UPDATE slots SET booked_by = $2 WHERE id = $1",
+                &[&slot.id, &who],
+            )
+            .await?;
+            tx.execute("UPDATE rooms SET bookings = bookings + 1 WHERE id = 1", &[])
+                .await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+}
+
+/// The booking shape: with one mode for the whole set, NoWait on the shared room turned
+/// concurrent bookings of different slots into "busy". With Wait on the room and NoWait on
+/// the slot, every booking of a free slot succeeds, however many arrive at once.
+#[tokio::test]
+async fn a_set_waits_for_the_parent_and_fails_fast_on_the_child() {
+    let bookings = 200;
+    let (pg, db) = rooms_and_slots(bookings, 16).await;
+    let calls = (1..=bookings).map(|slot| {
+        let db = db.clone();
+        tokio::spawn(async move { book(&db, slot, &format!("guest {slot}")).await })
+    });
+    let mut done = 0;
+    for call in futures_util::future::join_all(calls).await {
+        match call.unwrap().unwrap() {
+            Outcome::Done(()) => done += 1,
+            other => panic!("a free slot was not booked: {other}"),
+        }
+    }
+    assert_eq!(done, bookings);
+    let booked: i32 = pg
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT bookings FROM rooms WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(i64::from(booked), bookings);
+}
+
+/// A slot held elsewhere is busy at once, and the outcome names it (table and key); the room
+/// the call had locked is released.
+#[tokio::test]
+async fn a_busy_row_of_a_set_is_named() {
+    let (pg, db) = rooms_and_slots(3, 2).await;
+    let holder = pg.session().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM slots WHERE id = 2 FOR UPDATE")
+        .await
+        .unwrap();
+    let outcome = book(&db, 2, "late").await.unwrap();
+    let Outcome::LockNotAvailable(e) = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(e.rows(), [rowlock::RowRef::of::<Slot>(&2)]);
+    assert!(e.to_string().contains("slots key 2"), "{e}");
+    assert!(outcome.to_string().contains("slots key 2"), "{outcome}");
+    // The room is free again: another slot books at once.
+    assert!(book(&db, 3, "next").await.unwrap().is_done());
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert!(book(&db, 2, "late").await.unwrap().is_done());
+}
+
+#[tokio::test]
+async fn a_mode_for_a_table_without_rows_is_refused() {
+    let err = LockSet::new()
+        .row::<Room>(&1)
+        .unwrap()
+        .mode::<Slot>(LockMode::NoWait)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("slots"), "{err}");
+}

@@ -378,7 +378,10 @@ impl Builder {
         self
     }
 
-    /// Checks every setting and builds the handle. Connects to nothing.
+    /// Checks every setting and builds the handle. Connects to nothing; each connection the
+    /// pool opens later checks once that its server runs PostgreSQL 13 or newer
+    /// ([`ErrorKind::UnsupportedServer`](crate::ErrorKind::UnsupportedServer) otherwise; a
+    /// pool given with [`pool`](Self::pool) is not checked).
     pub fn build(mut self) -> Result<Db, Error> {
         let source = std::mem::replace(&mut self.source, Source::Unset);
         let tls = self.tls.take();
@@ -453,6 +456,18 @@ impl Builder {
             None => default_manager(config, manager_config),
         };
         Pool::builder(manager)
+            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    let row = client
+                        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend)?;
+                    match unsupported(row.get(0)) {
+                        Some(detail) => Err(deadpool_postgres::HookError::message(detail)),
+                        None => Ok(()),
+                    }
+                })
+            }))
             .max_size(self.max_size)
             // The connection returned last is handed out first: the warmest one (its
             // statements prepared), and one whose queued `ROLLBACK` (a dropped transaction)
@@ -465,6 +480,25 @@ impl Builder {
             .build()
             .map_err(|e| Error::invalid(format!("the pool could not be built: {e}")))
     }
+}
+
+/// The oldest PostgreSQL rowlock runs on, as `server_version_num` (13.0).
+const MIN_SERVER_VERSION: i32 = 130_000;
+
+/// Why a server of this `server_version_num` cannot be used, if it cannot.
+fn unsupported(version: i32) -> Option<String> {
+    (version < MIN_SERVER_VERSION).then(|| {
+        // 10 and later number majors alone (120017 is 12.17); before, 90624 is 9.6.24.
+        let major = if version >= 100_000 {
+            (version / 10_000).to_string()
+        } else {
+            format!("{}.{}", version / 10_000, version / 100 % 100)
+        };
+        format!(
+            "the server runs PostgreSQL {major}; rowlock needs 13 or newer \
+             (pg_current_xact_id, pg_xact_status)"
+        )
+    })
 }
 
 fn parse_url(url: &str) -> Result<Config, Error> {
@@ -484,4 +518,26 @@ fn parse_url(url: &str) -> Result<Config, Error> {
 /// `sslmode=require` works), plain TCP otherwise.
 fn default_manager(config: Config, manager_config: ManagerConfig) -> Manager {
     Manager::from_config(config, NoTls, manager_config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_13_are_named() {
+        assert_eq!(
+            unsupported(120_017).as_deref(),
+            Some(
+                "the server runs PostgreSQL 12; rowlock needs 13 or newer \
+                 (pg_current_xact_id, pg_xact_status)"
+            )
+        );
+        assert_eq!(
+            unsupported(90_624).unwrap().split(';').next(),
+            Some("the server runs PostgreSQL 9.6")
+        );
+        assert_eq!(unsupported(130_000), None);
+        assert_eq!(unsupported(150_018), None);
+    }
 }

@@ -41,6 +41,8 @@ mod trace;
 // 5. The operations, as methods of the handle and of the transaction.
 mod api;
 
+pub mod guide;
+
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;

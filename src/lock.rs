@@ -87,7 +87,7 @@ impl LockStrength {
     }
 }
 
-/// How [`with_locked_row`](crate::with_locked_row) and friends lock: mode, strength, lock
+/// How [`Db::with_locked_row`](crate::Db::with_locked_row) and friends lock: mode, strength, lock
 /// timeout, and the options of the transaction they open.
 ///
 /// ```
@@ -107,8 +107,8 @@ pub struct Lock {
     pub mode: LockMode,
     /// Lock strength.
     pub strength: LockStrength,
-    /// Options of the transaction (its `lock_timeout` included) that [`with_locked_row`](crate::with_locked_row) and
-    /// [`with_locked_rows`](crate::with_locked_rows) open.
+    /// Options of the transaction (its `lock_timeout` included) that [`Db::with_locked_row`](crate::Db::with_locked_row) and
+    /// [`Db::with_locked_rows`](crate::Db::with_locked_rows) open.
     pub transaction: TransactionOptions,
     /// When the lock is not available or the wait times out, find out who holds it
     /// ([`Error::blockers`](crate::Error::blockers)).
@@ -161,8 +161,8 @@ impl Lock {
     /// that [`Error::blockers`](crate::Error::blockers) can name the sessions: two more round
     /// trips, on that failure path only, and the privileges the README's "Who holds the lock"
     /// names. Applies to the calls that open their own transaction
-    /// ([`with_locked_row(s)`](crate::with_locked_row), their retry forms,
-    /// [`with_advisory_lock`](crate::with_advisory_lock)). Defaults to off: `NoWait` exists to
+    /// ([`with_locked_row(s)`](crate::Db::with_locked_row), their retry forms,
+    /// [`Db::with_advisory_lock`](crate::Db::with_advisory_lock)). Defaults to off: `NoWait` exists to
     /// fail fast, and a busy row is an ordinary outcome that should cost what success costs.
     #[must_use]
     pub fn find_blockers(mut self, find: bool) -> Self {

@@ -46,7 +46,7 @@ impl Isolation {
 ///   `ROLLBACK` is sent, so no prepared statement outlives the transaction on the server
 ///   connection. Costs one extra round trip per distinct statement per transaction.
 ///
-/// Set it for a pool with [`StatementCache::set_for_pool`] (one line where the pool is built,
+/// Set it for a handle with [`Builder::statement_cache`](crate::Builder::statement_cache) (one line where the handle is built,
 /// so no call can forget it), or per call with [`TransactionOptions::statement_cache`].
 ///
 /// In `Transaction` mode, do not keep a [`Statement`](tokio_postgres::Statement) after its
@@ -67,8 +67,8 @@ pub enum StatementCache {
     Transaction,
 }
 
-/// Options for a transaction opened by [`with_transaction`](crate::with_transaction),
-/// [`Transaction::begin`](crate::Transaction::begin) or the locking functions.
+/// Options for a transaction opened by [`Db::with_transaction`](crate::Db::with_transaction),
+/// [`Db::begin`](crate::Db::begin)(crate::Db::begin) or the locking functions.
 ///
 /// Timeouts are applied with `SET LOCAL`, so they end with the transaction and never leak
 /// into the pooled session (safe behind PgBouncer transaction pooling).
@@ -178,7 +178,7 @@ impl TransactionOptions {
     /// Records the transaction id (`pg_current_xact_id()`) in the same flush as `BEGIN`, so
     /// that if the connection is lost while `COMMIT` is in flight, the
     /// [`ErrorKind::CommitOutcomeUnknown`](crate::ErrorKind::CommitOutcomeUnknown) error
-    /// carries it and [`resolve_commit`](crate::resolve_commit) can ask the server whether the
+    /// carries it and [`Db::resolve_commit`](crate::Db::resolve_commit) can ask the server whether the
     /// transaction committed. Costs no round trip, but assigns a transaction id even to
     /// transactions that write nothing. Defaults to `false`.
     #[must_use]

@@ -18,7 +18,7 @@ pub trait ScopedFuture<'a, 't, Bound = PhantomData<&'t &'a ()>>: Future {}
 
 impl<'a, 't, F: Future + 't> ScopedFuture<'a, 't> for F {}
 
-/// The future a closure of [`with_locked_row`](crate::with_locked_row) and friends returns:
+/// The future a closure of [`Db::with_locked_row`](crate::Db::with_locked_row) and friends returns:
 /// write `Box::pin(async move { … })`. `'t` is the transaction's borrow, `'a` what the closure
 /// may borrow from the caller.
 pub type ScopedBoxFuture<'a, 't, T> = Pin<Box<dyn ScopedFuture<'a, 't, Output = T> + Send + 't>>;

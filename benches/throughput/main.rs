@@ -14,7 +14,7 @@
 //!
 //! For profiling, `ROWLOCK_BENCH_WORKLOADS=hot_row,spread`, `ROWLOCK_BENCH_CLIENTS=1,4`,
 //! `ROWLOCK_BENCH_IMPLS=rowlock` and `ROWLOCK_BENCH_SECS=2` narrow a run;
-//! `ROWLOCK_BENCH_CHECK_PRIMARY=1` turns on `PoolOptions::check_primary` for the pooled
+//! `ROWLOCK_BENCH_CHECK_PRIMARY=1` turns on `Builder::check_primary` for the pooled
 //! implementations.
 
 mod alloc;

@@ -32,7 +32,7 @@
 //!   columns are the order, e.g. for the claim above
 //!   `CREATE INDEX jobs_claimable ON jobs (priority DESC, id) WHERE status = 'pending'`.
 //!   The claim is then an index scan that stops after `n` unlocked rows, with no sort under the
-//!   lock; [`explain_claim`] shows the plan. The index stays small because finished rows leave
+//!   lock; [`Db::explain_claim`](crate::Db::explain_claim) shows the plan. The index stays small because finished rows leave
 //!   it.
 //! - Batch size: a claim of `n` costs about one round trip however large `n` is, so batches
 //!   multiply throughput when each job is cheap; but a batch is held (and redone after a
@@ -119,7 +119,7 @@ enum Condition {
 
 /// What to claim: which rows are eligible, in which order, with which lock strength.
 ///
-/// The number of rows is given per call ([`with_claimed_rows`], [`Transaction::claim`]).
+/// The number of rows is given per call ([`Db::claim`](crate::Db::claim), [`Transaction::claim`]).
 /// Invalid claims (no order, an order that does not end in the key columns, a bad identifier)
 /// are refused with [`ErrorKind::InvalidArgument`] before anything is locked, and so is a
 /// filter or order naming a column the table does not have (SQLSTATE `42703`, found when the
@@ -308,8 +308,8 @@ impl Claim {
     /// ```
     ///
     /// (never `UPDATE … WHERE id IN (SELECT … SKIP LOCKED)`, which can lock more rows than the
-    /// limit). Use it with [`claim_and_mark`] (one statement, committed on its own, for work
-    /// that does not need the rows held) or with [`with_claimed_rows`] (the closure runs on
+    /// limit). Use it with [`Db::claim_and_mark`](crate::Db::claim_and_mark) (one statement, committed on its own, for work
+    /// that does not need the rows held) or with [`Db::claim`](crate::Db::claim) (the closure runs on
     /// the marked rows while they are locked). The same checks as
     /// [`where_sql`](Self::where_sql) apply, and an empty `set` is refused.
     #[must_use]
@@ -325,7 +325,7 @@ impl Claim {
     /// Leases the claimed rows (a visibility timeout): the claim marks each row it takes as
     /// the claimer's until `now() + duration` and counts the attempt, and only rows whose
     /// lease is unset or expired are eligible. Claim with
-    /// [`claim_and_mark`]`::<`[`Leased`](crate::Leased)`<R>>` to get each row's attempt
+    /// [`Db::claim_and_mark`](crate::Db::claim_and_mark)`::<`[`Leased`](crate::Leased)`<R>>` to get each row's attempt
     /// number, and end the lease with [`Leased::complete`](crate::Leased::complete) (or
     /// [`release`](crate::Leased::release); [`extend`](crate::Leased::extend) keeps it).
     /// A leased claim needs no [`mark`](Self::mark) of its own (the lease is one); with one,
@@ -398,7 +398,7 @@ impl Claim {
         self
     }
 
-    /// Options of the transaction [`with_claimed_rows`] opens. Defaults to
+    /// Options of the transaction [`Db::claim`](crate::Db::claim) opens. Defaults to
     /// [`TransactionOptions::new`]. A `lock_timeout` bounds waits for the table lock (row
     /// locks are never waited for).
     #[must_use]
@@ -685,7 +685,7 @@ impl Transaction {
     ///
     /// The claim's transaction options are not used here (the transaction is open), and
     /// custom plans are not forced for claims with bound filter values;
-    /// [`with_claimed_rows`] does both. Invalid claims (see
+    /// [`Db::claim`](crate::Db::claim) does both. Invalid claims (see
     /// [`Claim`]) and `n = 0` give [`ErrorKind::InvalidArgument`] before anything is sent.
     pub async fn claim<R: LockableRow>(&self, claim: &Claim, n: usize) -> Result<Vec<R>, Error> {
         let n = limit(n)?;
@@ -699,7 +699,7 @@ impl Transaction {
     }
 
     /// Runs a rendered claim. With `restore_plans`, the `plan_cache_mode` forced by
-    /// [`with_claimed_rows`] is set back to the default in the same flush as the claim, so
+    /// [`Db::claim`](crate::Db::claim) is set back to the default in the same flush as the claim, so
     /// the caller's own statements keep their cached plans.
     async fn claim_rendered<R: LockableRow>(
         &self,

@@ -20,7 +20,7 @@ mod private {
 /// Runs statements: rowlock's [`Transaction`] (with its error tracking), a tokio-postgres
 /// `Client` or `Transaction`, or a pooled deadpool `Object` or `Transaction`. Write repository
 /// functions against `&impl Executor` and call them both inside
-/// [`with_locked_row`](crate::with_locked_row)'s closure and outside any transaction.
+/// [`Db::with_locked_row`](crate::Db::with_locked_row)'s closure and outside any transaction.
 ///
 /// Through rowlock's [`Transaction`] the guard still sees every error: a statement that fails
 /// through this trait, even one whose error is swallowed, still keeps the transaction from

@@ -496,7 +496,7 @@ impl Db {
         .await
     }
 
-    /// Like [`with_locked_row`](Self::with_locked_row) for several keys of one table: locks
+    /// Like [`Db::with_locked_row`](Self::with_locked_row) for several keys of one table: locks
     /// every row, in ascending key order (so callers locking overlapping sets in different
     /// orders cannot deadlock), then runs `f` with the rows in ascending key order.
     ///
@@ -506,7 +506,7 @@ impl Db {
     /// keys than PostgreSQL can bind, is refused with
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) before a connection
     /// is taken. Retries, drops and errors as for
-    /// [`with_locked_row`](Self::with_locked_row).
+    /// [`Db::with_locked_row`](Self::with_locked_row).
     pub async fn with_locked_rows<'a, R, T, E, F>(
         &self,
         keys: &[R::Key],

@@ -391,13 +391,13 @@ impl Db {
     ///
     /// Each table is locked with its own mode if the set gave it one
     /// ([`LockSet::mode`]), else with the call's. Outcomes are those of
-    /// [`with_locked_rows`](Self::with_locked_rows), per table: `f` runs only when every row
+    /// [`Db::with_locked_rows`](Self::with_locked_rows), per table: `f` runs only when every row
     /// was locked; otherwise [`Outcome::NotFound`] / [`Outcome::Skipped`] list the rows of
     /// the first table that had missing or skipped rows, or the lock was not available or
     /// timed out ([`Error::rows`] names the table and the keys its statement asked for), and
     /// nothing was committed. Round trips: one per table, then the closure's own, then
     /// `COMMIT`. Blockers ([`Lock::find_blockers`]) are not looked up for sets. Retries,
-    /// drops and errors as for [`with_locked_row`](Self::with_locked_row).
+    /// drops and errors as for [`Db::with_locked_row`](Self::with_locked_row).
     ///
     /// ```no_run
     /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};

@@ -59,7 +59,7 @@ use crate::transaction::run_alone;
 /// **When a transition is enough, and when to lock instead.** A transition decides with what
 /// SQL can see in the same statement: the row, and rows its guards reach. It holds no lock
 /// across a round trip, so it cannot be blocked by a slow client and it is about twice the
-/// lock path's throughput. Use [`with_locked_row`](crate::with_locked_row) instead when the
+/// lock path's throughput. Use [`Db::with_locked_row`](crate::Db::with_locked_row) instead when the
 /// decision needs data from elsewhere (another service, a computation in Rust), or when side
 /// effects must happen while the row is held.
 ///

@@ -87,6 +87,10 @@ pub enum ErrorKind {
     /// ([`Outcome::into_result`](crate::Outcome::into_result) of
     /// [`Outcome::Conflict`](crate::Outcome::Conflict)).
     Conflict,
+    /// The server runs a PostgreSQL older than rowlock supports (13: rowlock uses
+    /// `pg_current_xact_id()` and `pg_xact_status()`), found when a connection of a handle
+    /// rowlock built was opened. Not retried.
+    UnsupportedServer,
     /// A retry policy ran out of attempts (or of time) on retryable failures.
     /// [`Error::attempts`] says how many attempts were made, [`Error::sql_state`] gives the
     /// last failure's SQLSTATE, and [`Error::last_attempt`] the last failure (its `Display` ends
@@ -123,6 +127,7 @@ impl ErrorKind {
             ErrorKind::RowNotFound => "row not found",
             ErrorKind::RowSkipped => "row skipped because another transaction holds its lock",
             ErrorKind::Conflict => "the transition's condition was not met",
+            ErrorKind::UnsupportedServer => "the server's PostgreSQL version is not supported",
             ErrorKind::RetriesExhausted => "retries exhausted",
             ErrorKind::Db => "database error",
             ErrorKind::Driver => "driver error",
@@ -138,7 +143,7 @@ impl fmt::Display for ErrorKind {
 
 /// A transaction and the server that ran it, recorded with `BEGIN` (no extra round trip) when
 /// [`TransactionOptions::track_commit_outcome`](crate::TransactionOptions::track_commit_outcome)
-/// is on: what [`resolve_commit`](crate::resolve_commit) needs to ask the right server, and
+/// is on: what [`Db::resolve_commit`](crate::Db::resolve_commit) needs to ask the right server, and
 /// only it, what became of the transaction.
 ///
 /// A streaming standby has its primary's system identifier; promoting it starts a new
@@ -395,9 +400,9 @@ impl Error {
 
     /// The sessions that held the lock this call could not take, for
     /// [`ErrorKind::LockNotAvailable`] and [`ErrorKind::LockTimeout`] outcomes of
-    /// [`with_locked_row`](crate::with_locked_row), [`with_locked_rows`](crate::with_locked_rows),
+    /// [`Db::with_locked_row`](crate::Db::with_locked_row), [`Db::with_locked_rows`](crate::Db::with_locked_rows),
     /// their `_retry` forms (when the outcome is returned, not retried) and
-    /// [`with_advisory_lock`](crate::with_advisory_lock), when the call asked with
+    /// [`Db::with_advisory_lock`](crate::Db::with_advisory_lock), when the call asked with
     /// [`Lock::find_blockers`](crate::Lock::find_blockers).
     ///
     /// `None` when not gathered (not asked for, other errors, locks taken with
@@ -457,6 +462,16 @@ impl Error {
                     .with_sql_state(state)
                     .with_source(pg)
             }
+            PoolError::PostCreateHook(deadpool_postgres::HookError::Message(detail)) => {
+                Error::with_kind(ErrorKind::UnsupportedServer, detail).at(Step::Checkout)
+            }
+            PoolError::PostCreateHook(deadpool_postgres::HookError::Backend(pg)) => {
+                let state = pg.code().cloned();
+                Error::new(connect_kind(&pg))
+                    .at(Step::Checkout)
+                    .with_sql_state(state)
+                    .with_source(pg)
+            }
             other => Error::new(ErrorKind::Pool)
                 .at(Step::Checkout)
                 .with_source(other),
@@ -483,7 +498,7 @@ impl Error {
     /// The transaction's id (`pg_current_xact_id()`), for
     /// [`ErrorKind::CommitOutcomeUnknown`] when the transaction was opened with
     /// [`TransactionOptions::track_commit_outcome`](crate::TransactionOptions::track_commit_outcome).
-    /// Pass the error to [`resolve_commit`](crate::resolve_commit) to learn the outcome.
+    /// Pass the error to [`Db::resolve_commit`](crate::Db::resolve_commit) to learn the outcome.
     pub fn transaction_id(&self) -> Option<u64> {
         self.inner.transaction_id
     }
@@ -491,7 +506,7 @@ impl Error {
     /// The transaction and the server it ran on, for [`ErrorKind::CommitOutcomeUnknown`]
     /// when the transaction was opened with
     /// [`TransactionOptions::track_commit_outcome`](crate::TransactionOptions::track_commit_outcome).
-    /// Pass it to [`resolve_commit`](crate::resolve_commit).
+    /// Pass it to [`Db::resolve_commit`](crate::Db::resolve_commit).
     pub fn transaction(&self) -> Option<TransactionRef> {
         self.inner.transaction
     }

@@ -40,8 +40,8 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 
 /// An open transaction on a pooled connection.
 ///
-/// Obtained from [`Transaction::begin`], or handed to the closures of
-/// [`with_transaction`](crate::with_transaction) and [`with_locked_row`](crate::with_locked_row).
+/// Obtained from [`Db::begin`](crate::Db::begin), or handed to the closures of
+/// [`Db::with_transaction`](crate::Db::with_transaction) and [`Db::with_locked_row`](crate::Db::with_locked_row).
 /// Its methods take `&self`, so several statements can be polled together (for example with
 /// `futures::try_join!`) and share one round trip.
 ///
@@ -479,7 +479,7 @@ impl Transaction {
 
     /// The transaction id with the server it runs on, recorded with `BEGIN` when
     /// [`TransactionOptions::track_commit_outcome`] is on and a statement has been sent: log
-    /// it, or keep it, to ask [`resolve_commit`](crate::resolve_commit) later.
+    /// it, or keep it, to ask [`Db::resolve_commit`](crate::Db::resolve_commit) later.
     pub fn transaction_ref(&self) -> Option<crate::error::TransactionRef> {
         self.reported.transaction.get().copied()
     }

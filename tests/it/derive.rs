@@ -112,3 +112,37 @@ async fn derived_rows_lock_read_their_columns_and_survive_unrelated_column_chang
         .unwrap();
     assert_eq!(first.done(), Some(Uuid::from_u128(0xb)));
 }
+
+#[derive(Debug, LockableRow)]
+#[rowlock(table = "documents", key = "id")]
+struct Document {
+    id: i64,
+    body: serde_json::Value,
+}
+
+/// A `jsonb` column, read and written through the `serde_json` feature.
+#[tokio::test]
+async fn a_jsonb_column_reads_as_a_serde_json_value() {
+    let (_pg, db) = crate::support::database(
+        r#"CREATE TABLE documents (id bigint PRIMARY KEY, body jsonb NOT NULL);
+           INSERT INTO documents VALUES (1, '{"views": 1}');"#,
+        2,
+    )
+    .await;
+    let views = db
+        .with_locked_row(&1, Lock::new(), |tx, doc: Document| {
+            Box::pin(async move {
+                let views = doc.body["views"].as_i64().unwrap_or(0) + 1;
+                let body = serde_json::json!({ "views": views });
+                tx.execute(
+                    "UPDATE documents SET body = $2 WHERE id = $1",
+                    &[&doc.id, &body],
+                )
+                .await?;
+                Ok::<_, rowlock::Error>(views)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(views, Outcome::Done(2));
+}

@@ -161,3 +161,21 @@ pub(crate) fn blocker(r: &Row) -> Result<Blocker, tokio_postgres::Error> {
         query: r.try_get(4)?,
     })
 }
+
+/// A row named in an [`Outcome`](crate::Outcome) or an [`Error`](crate::Error): its table (as
+/// the row type names it: `name` or `schema.name`) and its key (as the key's `Debug` prints
+/// it). [`RowRef::of`] names the row of a row type, to compare.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive] // more detail may be added.
+pub struct RowRef {
+    /// The row's table, as the row type names it.
+    pub table: String,
+    /// The row's key, as its `Debug` implementation prints it.
+    pub key: String,
+}
+
+impl std::fmt::Display for RowRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} key {}", self.table, self.key)
+    }
+}

@@ -238,6 +238,18 @@ impl Lock {
     }
 }
 
+impl From<&Lock> for Lock {
+    fn from(lock: &Lock) -> Self {
+        lock.clone()
+    }
+}
+
+impl From<LockMode> for Lock {
+    fn from(mode: LockMode) -> Self {
+        Lock::new().mode(mode)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,17 +307,5 @@ mod tests {
     fn read_only_lock_is_refused() {
         let o = Lock::new().transaction(TransactionOptions::new().read_only(true));
         assert!(o.validate().unwrap_err().is_invalid_argument());
-    }
-}
-
-impl From<&Lock> for Lock {
-    fn from(lock: &Lock) -> Self {
-        lock.clone()
-    }
-}
-
-impl From<LockMode> for Lock {
-    fn from(mode: LockMode) -> Self {
-        Lock::new().mode(mode)
     }
 }

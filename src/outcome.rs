@@ -2,8 +2,8 @@
 
 use std::fmt;
 
+pub(crate) use crate::diagnostics::RowRef;
 use crate::error::{Error, ErrorKind};
-use crate::row::{LockableRow, Table};
 
 /// What one call did: the one vocabulary of every operation, so one `match` serves every call
 /// site.
@@ -141,41 +141,6 @@ fn list(rows: &[RowRef]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// A row named in an [`Outcome`] or an [`Error`]: its table and its key (as `Debug` prints
-/// it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive] // more detail may be added.
-pub struct RowRef {
-    /// The row's table.
-    pub table: Table,
-    /// The row's key, as its `Debug` implementation prints it.
-    pub key: String,
-}
-
-impl RowRef {
-    /// The row of `R` with this key.
-    pub fn of<R: LockableRow>(key: &R::Key) -> RowRef {
-        RowRef {
-            table: R::TABLE,
-            key: format!("{key:?}"),
-        }
-    }
-
-    /// Whether this names the row of `R` with `key`.
-    pub fn is<R: LockableRow>(&self, key: &R::Key) -> bool {
-        *self == RowRef::of::<R>(key)
-    }
-}
-
-impl fmt::Display for RowRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(schema) = self.table.schema() {
-            write!(f, "{schema}.")?;
-        }
-        write!(f, "{} key {}", self.table.name(), self.key)
-    }
 }
 
 /// What a locked call can end with, for the shared attempt loop: the lock-contention error

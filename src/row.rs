@@ -348,6 +348,25 @@ impl Columns {
     }
 }
 
+impl crate::diagnostics::RowRef {
+    /// The row of `R` with this key.
+    pub fn of<R: LockableRow>(key: &R::Key) -> Self {
+        let table = match R::TABLE.schema() {
+            Some(schema) => format!("{schema}.{}", R::TABLE.name()),
+            None => R::TABLE.name().to_owned(),
+        };
+        crate::diagnostics::RowRef {
+            table,
+            key: format!("{key:?}"),
+        }
+    }
+
+    /// Whether this names the row of `R` with `key`.
+    pub fn is<R: LockableRow>(&self, key: &R::Key) -> bool {
+        *self == Self::of::<R>(key)
+    }
+}
+
 impl Names {
     /// `SELECT * FROM <table> WHERE <key> = … | IN (…) [ORDER BY <key>] FOR <strength> [NOWAIT |
     /// SKIP LOCKED]` for `count` keys; several keys are locked in key order.

@@ -6,7 +6,7 @@ use std::fmt;
 use tokio_postgres::error::SqlState;
 
 use crate::diagnostics::Blocker;
-use crate::outcome::RowRef;
+use crate::diagnostics::RowRef;
 
 mod sqlstate;
 
@@ -401,7 +401,7 @@ impl Error {
     /// The sessions that held the lock this call could not take, for
     /// [`ErrorKind::LockNotAvailable`] and [`ErrorKind::LockTimeout`] outcomes of
     /// [`Db::with_locked_row`](crate::Db::with_locked_row), [`Db::with_locked_rows`](crate::Db::with_locked_rows),
-    /// their `_retry` forms (when the outcome is returned, not retried) and
+    /// (when the outcome is returned, not retried) and
     /// [`Db::with_advisory_lock`](crate::Db::with_advisory_lock), when the call asked with
     /// [`Lock::find_blockers`](crate::Lock::find_blockers).
     ///

@@ -206,6 +206,9 @@ pub struct Builder {
     recycle_timeout: Duration,
     check_primary: bool,
     tls: Option<Tls>,
+    /// Certificates (PEM) trusted besides the webpki roots, for `sslmode=require`.
+    #[cfg(feature = "rustls")]
+    roots: Vec<Vec<u8>>,
     defaults: Defaults,
 }
 
@@ -238,6 +241,8 @@ impl Default for Builder {
             recycle_timeout: Duration::from_secs(5),
             check_primary: false,
             tls: None,
+            #[cfg(feature = "rustls")]
+            roots: Vec::new(),
             defaults: Defaults::default(),
         }
     }
@@ -349,6 +354,17 @@ impl Builder {
         self
     }
 
+    /// Trusts this certificate (PEM: one or more `-----BEGIN CERTIFICATE-----` blocks, e.g. a
+    /// private CA's) besides the webpki roots, when a URL with `sslmode=require` connects over
+    /// rustls (feature `rustls`, no [`tls`](Self::tls) connector given). A PEM with no
+    /// certificate, or one that does not parse, is refused by [`build`](Self::build).
+    #[cfg(feature = "rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
+    pub fn root_certificate_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.roots.push(pem.as_ref().to_vec());
+        self
+    }
+
     /// Bounds every lock wait of every call with `SET LOCAL lock_timeout`, unless the call sets
     /// its own. Between 1 ms and `i32::MAX` ms. Defaults to none (wait forever).
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
@@ -453,7 +469,7 @@ impl Builder {
         };
         let manager = match tls {
             Some(make) => make(config, manager_config),
-            None => default_manager(config, manager_config),
+            None => self.default_manager(config, manager_config)?,
         };
         Pool::builder(manager)
             .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
@@ -514,10 +530,67 @@ fn parse_url(url: &str) -> Result<Config, Error> {
     })
 }
 
-/// The manager when the service gave no connector: rustls when the feature is on (so
-/// `sslmode=require` works), plain TCP otherwise.
-fn default_manager(config: Config, manager_config: ManagerConfig) -> Manager {
-    Manager::from_config(config, NoTls, manager_config)
+impl Builder {
+    /// The manager when the service gave no connector: with the `rustls` feature and a URL
+    /// that requires TLS (`sslmode=require`), rustls trusting the webpki roots and the
+    /// certificates given; plain TCP otherwise (`sslmode=prefer`, the driver's default, then
+    /// connects without TLS, as it does when a server does not offer it).
+    fn default_manager(
+        &self,
+        config: Config,
+        manager_config: ManagerConfig,
+    ) -> Result<Manager, Error> {
+        #[cfg(feature = "rustls")]
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            let tls = rustls_connector(&self.roots)?;
+            return Ok(Manager::from_config(config, tls, manager_config));
+        }
+        #[cfg(not(feature = "rustls"))]
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(Error::invalid(
+                "the connection string requires TLS (sslmode=require): turn on rowlock's \
+                 `rustls` feature, or give a connector with Builder::tls",
+            ));
+        }
+        Ok(Manager::from_config(config, NoTls, manager_config))
+    }
+}
+
+/// rustls (ring) trusting the webpki roots and `roots` (PEM).
+#[cfg(feature = "rustls")]
+fn rustls_connector(roots: &[Vec<u8>]) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let mut store = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for pem in roots {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::invalid(format!("a root certificate does not parse: {e}")))?;
+        if certs.is_empty() {
+            return Err(Error::invalid(
+                "a root certificate PEM holds no certificate (no BEGIN CERTIFICATE block)",
+            ));
+        }
+        for cert in certs {
+            store
+                .add(cert)
+                .map_err(|e| Error::invalid(format!("a root certificate is not usable: {e}")))?;
+        }
+    }
+    // ring builds with a C compiler alone (aws-lc-rs, rustls's default, may need more). rustls
+    // 0.23.48 marks ring's provider deprecated for lacking post-quantum key exchange; the
+    // classical groups it offers are what PostgreSQL servers negotiate today.
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::invalid(format!("TLS could not be set up: {e}")))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 #[cfg(test)]

@@ -229,6 +229,38 @@ impl TestCluster {
         TestCluster::serve(embedded)
     }
 
+    /// [`start`](Self::start) with TLS: the server listens with `ssl = on` and a certificate
+    /// for `localhost` and `127.0.0.1` signed by a certificate authority made for this cluster
+    /// alone. Returns the cluster and that authority's certificate (PEM), for clients to
+    /// trust (e.g. [`Builder::root_certificate_pem`](crate::Builder::root_certificate_pem)
+    /// with a URL ending in `sslmode=require`). Plain connections are still accepted.
+    pub fn start_with_tls() -> Result<(TestCluster, String), HarnessError> {
+        let certs = self_signed()?;
+        let mut embedded = Embedded::new(&[])?;
+        let (cert, key) = (
+            embedded.dir.join("server.crt"),
+            embedded.dir.join("server.key"),
+        );
+        std::fs::write(&cert, &certs.server_cert).map_err(|e| io("writing server.crt", e))?;
+        std::fs::write(&key, &certs.server_key).map_err(|e| io("writing server.key", e))?;
+        // The server refuses a key others can read.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io("setting permissions on server.key", e))?;
+        if let Some(user) = &embedded.run_as {
+            chown(&cert, user)?;
+            chown(&key, user)?;
+        }
+        for (name, value) in [
+            ("ssl", "on".to_string()),
+            ("ssl_cert_file", cert.display().to_string()),
+            ("ssl_key_file", key.display().to_string()),
+        ] {
+            embedded.settings.push((name.to_string(), value));
+        }
+        embedded.init()?;
+        Ok((TestCluster::serve(embedded)?, certs.ca_cert))
+    }
+
     /// Starts a streaming standby of this cluster (embedded clusters only): a base backup
     /// taken with `pg_basebackup -R` (which writes the standby's connection settings) into a
     /// new temporary directory, run as the same unprivileged user, on a port of its own, and
@@ -809,6 +841,38 @@ fn log_tail(path: &Path, from: u64) -> String {
     }
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// A certificate authority made for one cluster, and the server's certificate it signed.
+struct SelfSigned {
+    ca_cert: String,
+    server_cert: String,
+    server_key: String,
+}
+
+fn self_signed() -> Result<SelfSigned, HarnessError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let failed = |e: rcgen::Error| HarnessError::Start(format!("making a test certificate: {e}"));
+    let ca_key = KeyPair::generate().map_err(failed)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "rowlock test cluster CA");
+    let ca = ca.self_signed(&ca_key).map_err(failed)?;
+    let server_key = KeyPair::generate().map_err(failed)?;
+    let mut server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .map_err(failed)?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let server = server
+        .signed_by(&server_key, &ca, &ca_key)
+        .map_err(failed)?;
+    Ok(SelfSigned {
+        ca_cert: ca.pem(),
+        server_cert: server.pem(),
+        server_key: server_key.serialize_pem(),
+    })
 }
 
 fn io(what: &str, e: std::io::Error) -> HarnessError {

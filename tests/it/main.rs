@@ -31,5 +31,6 @@ mod sets;
 mod spans;
 mod statements;
 mod support;
+mod tls;
 mod transaction;
 mod transitions;

@@ -121,7 +121,7 @@ impl<T: PartialEq> PartialEq for Outcome<T> {
     }
 }
 
-/// `done`, `not found: accounts key 7`, `lock not available: …`: for logs.
+/// `done`, `not found: accounts key 7`, `lock not available … on accounts key 7`: for logs.
 impl<T> fmt::Display for Outcome<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -129,8 +129,8 @@ impl<T> fmt::Display for Outcome<T> {
             Outcome::NotFound(rows) if rows.is_empty() => f.write_str("nothing to claim"),
             Outcome::NotFound(rows) => write!(f, "not found: {}", list(rows)),
             Outcome::Skipped(rows) => write!(f, "skipped (locked elsewhere): {}", list(rows)),
-            Outcome::LockNotAvailable(e) => write!(f, "lock not available: {e}"),
-            Outcome::LockTimeout(e) => write!(f, "lock timeout: {e}"),
+            // The error's own text starts with its kind ("lock not available …").
+            Outcome::LockNotAvailable(e) | Outcome::LockTimeout(e) => write!(f, "{e}"),
             Outcome::Conflict(_) => f.write_str("conflict: the condition was not met"),
         }
     }

@@ -80,12 +80,31 @@ pub(crate) struct Inner {
 }
 
 /// What a call's options fall back to.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct Defaults {
     pub(crate) lock_timeout: Option<Duration>,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) statement_cache: StatementCache,
+    /// Most statements kept prepared on one connection ([`StatementCache::Connection`]).
+    pub(crate) statement_limit: usize,
+}
+
+/// Enough for every statement a service's row types, claims and transitions render, with
+/// room for the caller's own; small enough that the server's memory per connection stays
+/// bounded when statements are built from input.
+const DEFAULT_STATEMENT_LIMIT: usize = 512;
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            lock_timeout: None,
+            statement_timeout: None,
+            retry: None,
+            statement_cache: StatementCache::default(),
+            statement_limit: DEFAULT_STATEMENT_LIMIT,
+        }
+    }
 }
 
 impl fmt::Debug for Db {
@@ -165,6 +184,11 @@ impl Db {
             options.retry.clone_from(&d.retry);
         }
         options
+    }
+
+    /// Most statements kept prepared on one connection.
+    pub(crate) fn statement_limit(&self) -> usize {
+        self.inner.defaults.statement_limit
     }
 
     /// Where this handle's transactions prepare statements unless a call says otherwise.
@@ -394,6 +418,17 @@ impl Builder {
         self
     }
 
+    /// Bounds the statements kept prepared on each connection
+    /// ([`StatementCache::Connection`]): when preparing one more would pass `limit`, the
+    /// connection's cache is emptied (its statements closed on the server) and fills again
+    /// with what is used next. Keeps the server's memory per connection bounded when
+    /// statements are built from input (claims with varying filters, the caller's own SQL).
+    /// At least 1; defaults to 512.
+    pub fn statement_cache_limit(mut self, limit: usize) -> Self {
+        self.defaults.statement_limit = limit;
+        self
+    }
+
     /// Checks every setting and builds the handle. Connects to nothing; each connection the
     /// pool opens later checks once that its server runs PostgreSQL 13 or newer
     /// ([`ErrorKind::UnsupportedServer`](crate::ErrorKind::UnsupportedServer) otherwise; a
@@ -409,6 +444,11 @@ impl Builder {
         }
         if let Some(policy) = &self.defaults.retry {
             policy.validate()?;
+        }
+        if self.defaults.statement_limit == 0 {
+            return Err(Error::invalid(
+                "statement_cache_limit must be at least 1 (a statement is prepared to run)",
+            ));
         }
         let config = match source {
             Source::Unset => {

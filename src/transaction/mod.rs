@@ -334,7 +334,14 @@ impl Transaction {
         query: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
         if !self.per_transaction {
-            return self.conn().prepare_cached(query).await;
+            let conn = self.conn();
+            let stmt = conn.prepare_cached(query).await?;
+            // Bounded: past the limit the cache starts over (the statement in hand stays
+            // usable; the cache's copies are closed on the server when dropped).
+            if conn.statement_cache.size() > self.db.statement_limit() {
+                conn.statement_cache.clear();
+            }
+            return Ok(stmt);
         }
         if let Some(stmt) = self.state().statement(query) {
             return Ok(stmt);

@@ -86,3 +86,45 @@ async fn ten_thousand_distinct_filter_values_share_one_statement() {
         "{prepared} statements prepared on one connection"
     );
 }
+
+/// Statements built from input (here: a claim per filter value written as SQL) never grow a
+/// connection's prepared statements past the handle's limit.
+#[tokio::test]
+async fn the_statement_cache_of_a_connection_stays_under_the_handles_limit() {
+    if std::env::var_os("ROWLOCK_TEST_PGBOUNCER").is_some() {
+        return; // behind PgBouncer, statements are per transaction: nothing accumulates
+    }
+    let (pg, _) = accounts(10).await;
+    let limit = 4;
+    let db = pg
+        .db_with(
+            rowlock::Db::builder()
+                .max_size(1)
+                .statement_cache_limit(limit),
+        )
+        .unwrap();
+    for n in 0..20 {
+        let claim = rowlock::Claim::new()
+            .where_sql(format!("balance > {n}"), vec![])
+            .order_by("id", rowlock::Direction::Asc);
+        let claimed = db
+            .claim(&claim, 1, |_, rows: Vec<Account>| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) })
+            })
+            .await
+            .unwrap();
+        assert_eq!(claimed, Outcome::Done(1));
+        let prepared = prepared_on(&db).await;
+        assert!(
+            prepared <= limit as i64 + 1,
+            "{prepared} statements prepared after {} claims (limit {limit})",
+            n + 1
+        );
+    }
+    let err = rowlock::Db::builder()
+        .url(&pg.url())
+        .statement_cache_limit(0)
+        .build()
+        .unwrap_err();
+    assert!(err.is_invalid_argument(), "{err}");
+}

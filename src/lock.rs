@@ -7,7 +7,7 @@ use crate::options::TransactionOptions;
 
 /// What to do when another transaction holds a conflicting lock on a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-#[non_exhaustive] // PostgreSQL may grow another wait policy; matching needs a wildcard arm.
+// Exhaustive: the three wait policies of PostgreSQL's locking clause, unchanged since 9.5.
 pub enum LockMode {
     /// Wait for the lock (bounded by the lock timeout, if one is set). Plain `FOR …`.
     #[default]
@@ -44,7 +44,7 @@ impl LockMode {
 /// is the usual choice for read-check-update: it excludes other writers but lets foreign-key
 /// inserts proceed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-#[non_exhaustive] // mirrors PostgreSQL's list, which could grow.
+// Exhaustive: PostgreSQL's four row-level lock strengths, unchanged since 9.3.
 pub enum LockStrength {
     /// `FOR UPDATE`: conflicts with every other row lock. The default, as in most ORMs.
     #[default]
@@ -58,8 +58,7 @@ pub enum LockStrength {
 }
 
 impl LockStrength {
-    /// Every strength, strongest first. A slice, not an array: the enum is
-    /// `#[non_exhaustive]`, so its length is not part of the API.
+    /// Every strength, strongest first.
     pub const ALL: &'static [LockStrength] = &[
         LockStrength::Update,
         LockStrength::NoKeyUpdate,

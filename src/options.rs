@@ -9,7 +9,7 @@ use crate::policy::RetryPolicy;
 
 /// Transaction isolation level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive] // mirrors PostgreSQL's levels.
+// Exhaustive: the SQL standard's four levels, which PostgreSQL accepts.
 pub enum Isolation {
     /// `READ COMMITTED`: each statement sees data committed before it began. Lockers that
     /// waited re-check their `WHERE` against the newest row version.

@@ -148,7 +148,7 @@ impl Transaction {
         let sql = match mode {
             LockMode::Wait => wait_sql,
             LockMode::NoWait => try_sql,
-            _ => return Err(skip_locked_refused()),
+            LockMode::SkipLocked => return Err(skip_locked_refused()),
         };
         let conn = self.conn();
         let request = async {

@@ -12,7 +12,6 @@ fn sql_strength(s: LockStrength) -> &'static str {
         LockStrength::NoKeyUpdate => "NO KEY UPDATE",
         LockStrength::Share => "SHARE",
         LockStrength::KeyShare => "KEY SHARE",
-        _ => unreachable!("all four strengths are listed"),
     }
 }
 
@@ -24,7 +23,6 @@ fn documented_conflict(requested: LockStrength, held: LockStrength) -> bool {
         Share => 1,
         NoKeyUpdate => 2,
         Update => 3,
-        _ => unreachable!(),
     };
     const TABLE: [[bool; 4]; 4] = [
         // held: KEY SHARE, SHARE, NO KEY UPDATE, UPDATE

@@ -79,11 +79,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await?;
 
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let outcome = db.with_locked_row(&1, &nowait, withdraw).await?;
     println!("   NoWait     -> {}", describe(&outcome));
 
-    let skip = Lock::new().mode(LockMode::SkipLocked);
+    let skip = Lock::skip_locked();
     let outcome = db.with_locked_row(&1, &skip, withdraw).await?;
     println!("   SkipLocked -> {}", describe(&outcome));
 

@@ -280,7 +280,7 @@ mod tests {
             .strength(LockStrength::KeyShare)
             .mode(LockMode::SkipLocked);
         assert_eq!(o.clause(), "FOR KEY SHARE SKIP LOCKED");
-        let o = Lock::new().mode(LockMode::NoWait);
+        let o = Lock::no_wait();
         assert_eq!(o.clause(), "FOR UPDATE NOWAIT");
     }
 

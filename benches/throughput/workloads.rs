@@ -11,9 +11,7 @@
 use futures_util::future::{join, join3};
 use rowlock::deadpool_postgres::Object;
 use rowlock::tokio_postgres::{Client, Error as PgError, Row, Statement};
-use rowlock::{
-    Claim, Direction, Lock, LockMode, LockStrength, LockableRow, Outcome, Table, Transition,
-};
+use rowlock::{Claim, Direction, Lock, LockStrength, LockableRow, Outcome, Table, Transition};
 
 pub const PROPOSALS_PER_PROJECT: i64 = 4;
 
@@ -654,7 +652,7 @@ pub async fn with_rowlock(
         }
         Workload::NowaitBusy => {
             let id = rng.below(HELD_COUNTERS) as i32 + 1;
-            let nowait = Lock::new().mode(LockMode::NoWait);
+            let nowait = Lock::no_wait();
             let outcome = db
                 .with_locked_row(&id, &nowait, |_, _: Counter| {
                     Box::pin(async { Ok::<_, rowlock::Error>(()) })

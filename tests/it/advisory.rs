@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rowlock::testing::{Session, wait_for_blocked_by};
 use rowlock::tokio_postgres::error::SqlState;
-use rowlock::{AdvisoryKey, ErrorKind, Lock, LockMode, Outcome};
+use rowlock::{AdvisoryKey, ErrorKind, Lock, Outcome};
 
 use crate::support::{AppError, WAIT, accounts};
 
@@ -37,7 +37,7 @@ async fn nowait_timeout_and_wait_against_a_holder() {
         .unwrap();
     let key = AdvisoryKey::single(KEY);
 
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let outcome = db.with_advisory_lock(key, &nowait, ran).await.unwrap();
     assert!(
         matches!(&outcome, Outcome::LockNotAvailable(e) if e.is_lock_not_available()),
@@ -77,7 +77,7 @@ async fn the_lock_is_released_at_commit_and_at_rollback() {
     let (pg, db) = accounts(0).await;
     let other = pg.session().await.unwrap();
     let key = AdvisoryKey::single(KEY);
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let outcome = db
         .with_advisory_lock(key, &nowait, |_| {
             Box::pin(async { Ok::<_, rowlock::Error>(()) })
@@ -95,7 +95,7 @@ async fn the_lock_is_released_at_commit_and_at_rollback() {
     assert!(matches!(result, Err(AppError::Conflict)));
     assert!(free(&other, KEY).await, "released at rollback");
 
-    let skip = Lock::new().mode(LockMode::SkipLocked);
+    let skip = Lock::skip_locked();
     let err = db.with_advisory_lock(key, &skip, ran).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert_eq!(

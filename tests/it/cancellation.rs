@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rowlock::testing::wait_for_blocked_by;
 use rowlock::tokio_postgres::Client;
-use rowlock::{Claim, Direction, Lock, LockMode, Outcome, TransactionOptions, Transition};
+use rowlock::{Claim, Direction, Lock, Outcome, TransactionOptions, Transition};
 use tokio::sync::Notify;
 
 use crate::support::{Account, WAIT, accounts, balance, in_transaction, lockable_now, poll_limit};
@@ -314,7 +314,7 @@ async fn a_dropped_claim_and_mark_waiting_for_a_lock_does_not_hold_up_the_next_c
 async fn a_row_is_free_at_once_after_a_call_dropped_between_statements() {
     let (pg, _) = accounts(1).await;
     let db = pg.db(4);
-    let (wait, no_wait) = (Lock::new(), Lock::new().mode(LockMode::NoWait));
+    let (wait, no_wait) = (Lock::new(), Lock::no_wait());
     for round in 0..50 {
         let locked = Arc::new(Notify::new());
         let call = db.with_locked_row(&1, &wait, {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use rowlock::tokio_postgres::{Client, NoTls};
-use rowlock::{AdvisoryKey, Lock, LockMode, Outcome, RetryPolicy};
+use rowlock::{AdvisoryKey, Lock, Outcome, RetryPolicy};
 
 use crate::support::{Account, accounts};
 
@@ -43,7 +43,7 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
     let (_holder, pid) = holder(&pg).await;
 
     // Not asked for: nothing is looked up, the failure costs what success costs.
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let outcome = db
         .with_locked_row::<Account, _, rowlock::Error, _>(&1, &nowait, never)
         .await
@@ -115,7 +115,7 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
 async fn advisory_lock_contention_names_the_holder() {
     let (pg, db) = accounts(1).await;
     let (_holder, pid) = holder(&pg).await;
-    let nowait = Lock::new().mode(LockMode::NoWait).find_blockers(true);
+    let nowait = Lock::no_wait().find_blockers(true);
     let outcome = db
         .with_advisory_lock(AdvisoryKey::single(77), &nowait, |_| {
             Box::pin(async { Ok::<_, rowlock::Error>(()) })

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use rowlock::tokio_postgres::Client;
 use rowlock::{
-    Claim, Direction, ErrorKind, Lock, LockMode, Outcome, RetryPolicy, Transaction,
-    TransactionOptions,
+    Claim, Direction, ErrorKind, Lock, Outcome, RetryPolicy, Transaction, TransactionOptions,
 };
 
 use crate::support::{Account, accounts};
@@ -80,7 +79,7 @@ async fn contention_errors_are_printed_once() {
     let (pg, db) = accounts(1).await;
     let _holder = hold_row_1(&pg).await;
 
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let outcome = db.with_locked_row(&1, &nowait, never).await.unwrap();
     let Outcome::LockNotAvailable(e) = outcome else {
         panic!("{outcome:?}")

@@ -586,7 +586,7 @@ async fn soak_mixed_traffic_with_random_cancellation_keeps_every_invariant() {
                     let opts = match rng.below(3) {
                         0 => Lock::new().mode(LockMode::Wait),
                         1 => Lock::new().mode(LockMode::Wait).lock_timeout(timeout),
-                        _ => Lock::new().mode(LockMode::NoWait),
+                        _ => Lock::no_wait(),
                     };
                     let n = 1 + rng.below(10) as usize;
                     let which = rng.below(3);

@@ -3,7 +3,7 @@
 
 use chrono::NaiveDate;
 use rowlock::tokio_postgres::{Error as PgError, Row};
-use rowlock::{Lock, LockMode, LockableRow, Outcome, RowRef, Table};
+use rowlock::{Lock, LockableRow, Outcome, RowRef, Table};
 use uuid::Uuid;
 
 #[derive(Debug)]
@@ -120,7 +120,7 @@ async fn a_uuid_primary_key_locks_and_reports_outcomes() {
         .execute("SELECT * FROM orders WHERE id = $1 FOR UPDATE", &[&uuid(3)])
         .await
         .unwrap();
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let busy = db
         .with_locked_rows(&[uuid(3), uuid(1)], &nowait, |_, _: Vec<Order>| {
             Box::pin(async { Ok::<_, rowlock::Error>(()) })

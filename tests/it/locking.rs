@@ -125,7 +125,7 @@ async fn held_row() -> (
 async fn nowait_on_a_locked_row_is_lock_not_available_without_waiting() {
     let (_db, db, _holder) = held_row().await;
     // A generous lock_timeout turns an accidental wait into a LockTimeout, not a hang.
-    let opts = Lock::new().mode(LockMode::NoWait).lock_timeout(WAIT);
+    let opts = Lock::no_wait().lock_timeout(WAIT);
     let outcome = db.with_locked_row(&1, &opts, debit(1)).await.unwrap();
     let Outcome::LockNotAvailable(err) = outcome else {
         panic!("expected LockNotAvailable, got {outcome:?}");
@@ -140,7 +140,7 @@ async fn nowait_on_a_locked_row_is_lock_not_available_without_waiting() {
 #[tokio::test]
 async fn skip_locked_on_a_locked_row_is_skipped_not_not_found() {
     let (_db, db, _holder) = held_row().await;
-    let opts = Lock::new().mode(LockMode::SkipLocked).lock_timeout(WAIT);
+    let opts = Lock::skip_locked().lock_timeout(WAIT);
     let outcome = db.with_locked_row(&1, &opts, debit(1)).await.unwrap();
     assert!(matches!(outcome, Outcome::Skipped(_)), "{outcome:?}");
     let outcome = db.with_locked_row(&99, &opts, debit(1)).await.unwrap();
@@ -287,7 +287,7 @@ async fn multi_row_outcomes_report_missing_and_skipped_keys() {
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 2 FOR SHARE")
         .await
         .unwrap();
-    let skip = Lock::new().mode(LockMode::SkipLocked);
+    let skip = Lock::skip_locked();
     let outcome = db.with_locked_rows(&[1, 2, 3], &skip, never).await.unwrap();
     assert!(
         matches!(&outcome, Outcome::Skipped(k) if keys(k) == ["2"]),
@@ -298,7 +298,7 @@ async fn multi_row_outcomes_report_missing_and_skipped_keys() {
         matches!(&outcome, Outcome::NotFound(k) if keys(k) == ["8"]),
         "{outcome:?}"
     );
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let outcome = db.with_locked_rows(&[1, 2], &nowait, never).await.unwrap();
     assert!(
         matches!(outcome, Outcome::LockNotAvailable(_)),

@@ -94,7 +94,7 @@ async fn a_busy_wallet_with_nowait_is_the_busy_outcome_then_succeeds() {
         .batch_execute("BEGIN; SELECT * FROM wallets WHERE user_id = 1 FOR UPDATE")
         .await
         .unwrap();
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let opts = TransactionOptions::new();
     let first = nowait.clone();
     let outcome = db
@@ -178,7 +178,7 @@ async fn other_failures_still_abort_the_transaction() {
     let err = db
         .with_transaction(&TransactionOptions::new(), |tx| {
             Box::pin(async move {
-                let nowait = Lock::new().mode(LockMode::NoWait);
+                let nowait = Lock::no_wait();
                 let _ = tx.lock_row::<User>(&1, &nowait).await?;
                 let _ = tx.execute("SELECT 1/0", &[]).await;
                 Ok::<_, rowlock::Error>(())

@@ -8,8 +8,7 @@ use std::time::Duration;
 use rowlock::testing::{TestCluster, wait_for_blocked_by};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::{
-    CommitStatus, ErrorKind, Isolation, Lock, LockMode, Outcome, RetryPolicy, Transaction,
-    TransactionOptions,
+    CommitStatus, ErrorKind, Isolation, Lock, Outcome, RetryPolicy, Transaction, TransactionOptions,
 };
 use tokio::sync::Barrier;
 
@@ -352,7 +351,7 @@ async fn lock_contention_is_retried_only_when_asked() {
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
         .await
         .unwrap();
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     fn touch(_: &Transaction, _: Account) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
         Box::pin(async { Ok(()) })
     }

@@ -120,7 +120,7 @@ async fn outcomes_per_row_and_bad_sets() {
         .unwrap()
         .row::<User>(&1)
         .unwrap();
-    let nowait = Lock::new().mode(LockMode::NoWait);
+    let nowait = Lock::no_wait();
     let outcome = db.with_locked_set(&set, &nowait, never).await.unwrap();
     assert!(
         matches!(outcome, Outcome::LockNotAvailable(_)),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rowlock::{Lock, LockMode};
+use rowlock::Lock;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -97,11 +97,9 @@ async fn each_locked_call_has_a_span_with_wait_hold_outcome_and_attempts() {
         .await
         .unwrap();
     let busy = db
-        .with_locked_row::<Account, (), rowlock::Error, _>(
-            &1,
-            &Lock::new().mode(LockMode::NoWait),
-            |_, _| panic!("held elsewhere"),
-        )
+        .with_locked_row::<Account, (), rowlock::Error, _>(&1, &Lock::no_wait(), |_, _| {
+            panic!("held elsewhere")
+        })
         .await
         .unwrap();
     assert!(!busy.is_done());

@@ -23,6 +23,10 @@ use crate::error::{Error, ErrorKind};
 /// transaction ([`Transaction::lock_row`](crate::Transaction::lock_row) and its siblings): in
 /// every case the transaction can go on.
 ///
+/// Two calls hand back rows rather than an outcome: [`Db::claim_and_mark`](crate::Db::claim_and_mark)
+/// and [`Transaction::claim`](crate::Transaction::claim). A claim never waits for a lock nor
+/// fails on one (`SKIP LOCKED`), so the rows it got, possibly none, are its whole answer.
+///
 /// Not `#[non_exhaustive]`: these are the answers PostgreSQL's locking gives, and a handler
 /// that matches them all should not need a wildcard arm. A new variant would be a breaking
 /// change, made in a new minor version of 0.x.

@@ -44,6 +44,7 @@ trait TableRows: Send + Sync {
         tx: &'t Transaction,
         names: &'t Names,
         options: &'t Lock,
+        in_callers_tx: bool,
     ) -> BoxFuture<'t, Result<TableOutcome, Error>>;
 }
 
@@ -91,6 +92,7 @@ impl<R: LockableRow> TableRows for Rows<R> {
         tx: &'t Transaction,
         names: &'t Names,
         options: &'t Lock,
+        in_callers_tx: bool,
     ) -> BoxFuture<'t, Result<TableOutcome, Error>> {
         Box::pin(async move {
             let own;
@@ -101,7 +103,9 @@ impl<R: LockableRow> TableRows for Rows<R> {
                 }
                 _ => options,
             };
-            let outcome = tx.lock_many::<R>(names, &self.keys, options, false).await?;
+            let outcome = tx
+                .lock_many::<R>(names, &self.keys, options, in_callers_tx)
+                .await?;
             Ok(outcome.map(|rows| Box::new(rows) as Box<dyn Any + Send>))
         })
     }
@@ -368,12 +372,15 @@ struct SetLock<'a> {
     options: &'a Lock,
 }
 
-impl LockStep for SetLock<'_> {
-    type Locked = Outcome<LockedRows>;
-    async fn lock(&self, tx: &Transaction) -> Result<Self::Locked, Error> {
+impl SetLock<'_> {
+    async fn lock_in(
+        &self,
+        tx: &Transaction,
+        in_callers_tx: bool,
+    ) -> Result<Outcome<LockedRows>, Error> {
         let mut locked = LockedRows::default();
         for (table, names) in in_server_order(tx, &self.tables).await? {
-            match table.lock(tx, &names, self.options).await? {
+            match table.lock(tx, &names, self.options, in_callers_tx).await? {
                 Outcome::Done(rows) => {
                     locked.by_type.insert(table.row_type(), rows);
                 }
@@ -381,6 +388,35 @@ impl LockStep for SetLock<'_> {
             }
         }
         Ok(Outcome::Done(locked))
+    }
+}
+
+impl LockStep for SetLock<'_> {
+    type Locked = Outcome<LockedRows>;
+    async fn lock(&self, tx: &Transaction) -> Result<Self::Locked, Error> {
+        self.lock_in(tx, false).await
+    }
+}
+
+impl Transaction {
+    /// Locks every row of `set` inside this transaction, in the set's order, and returns them;
+    /// outcomes as for [`Db::with_locked_set`]. As for
+    /// [`lock_row`](Transaction::lock_row), the transaction goes on after every outcome: a
+    /// table locked with `NoWait` or under a lock timeout is locked in a savepoint (sent in
+    /// the same flush) that is rolled back if its rows were not all locked; rows of tables
+    /// locked before stay locked until the transaction ends.
+    pub async fn lock_set(
+        &self,
+        set: &LockSet,
+        options: impl Into<Lock>,
+    ) -> Result<Outcome<LockedRows>, Error> {
+        let options = options.into();
+        options.validate()?;
+        let step = SetLock {
+            tables: set.ordered()?,
+            options: &options,
+        };
+        step.lock_in(self, true).await
     }
 }
 

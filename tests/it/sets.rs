@@ -381,3 +381,50 @@ async fn a_mode_for_a_table_without_rows_is_refused() {
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("slots"), "{err}");
 }
+
+/// The same set inside the caller's own transaction: a busy slot is an outcome, and the
+/// transaction goes on (the failed lock ran in a savepoint).
+#[tokio::test]
+async fn a_set_locked_inside_the_callers_transaction_leaves_it_usable() {
+    let (pg, db) = rooms_and_slots(3, 2).await;
+    let holder = pg.session().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM slots WHERE id = 2 FOR UPDATE")
+        .await
+        .unwrap();
+    let set = LockSet::new()
+        .row::<Room>(&1)
+        .unwrap()
+        .row::<Slot>(&2)
+        .unwrap()
+        .mode::<Slot>(LockMode::NoWait)
+        .unwrap();
+    let (busy, bookings) = db
+        .with_transaction(TransactionOptions::new(), |tx| {
+            let set = &set;
+            Box::pin(async move {
+                let busy = tx.lock_set(set, Lock::wait()).await?;
+                // Usable after the refused lock: the write commits.
+                tx.execute("UPDATE rooms SET bookings = bookings + 1 WHERE id = 1", &[])
+                    .await?;
+                let row = tx
+                    .query_one("SELECT bookings FROM rooms WHERE id = 1", &[])
+                    .await?;
+                Ok::<_, rowlock::Error>((busy, row.get::<_, i32>(0)))
+            })
+        })
+        .await
+        .unwrap();
+    let Outcome::LockNotAvailable(e) = &busy else {
+        panic!("{busy:?}")
+    };
+    assert_eq!(e.rows(), [rowlock::RowRef::of::<Slot>(&2)]);
+    assert_eq!(bookings, 1, "the transaction went on and committed");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let tx = db.begin(TransactionOptions::new()).await.unwrap();
+    let Outcome::Done(mut rows) = tx.lock_set(&set, Lock::wait()).await.unwrap() else {
+        panic!("the slot is free now")
+    };
+    assert!(rows.take::<Slot>(&2).is_some());
+    tx.commit().await.unwrap();
+}

@@ -27,8 +27,8 @@ use rowlock::assignment::{
     AssignmentError, ONE_ACCEPTED_INDEX, ProposalStatus, accept_proposal,
     accept_proposal_in_one_statement, migrate,
 };
-use rowlock::testing::TestCluster;
 use rowlock::{Db, Lock};
+use rowlock_testing::TestCluster;
 use tokio::sync::Barrier;
 
 #[path = "common/flawed.rs"]

@@ -197,7 +197,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             other => return Err(format!("unknown argument {other}; try --help").into()),
         }
     }
-    let cluster = std::sync::Arc::new(rowlock::testing::TestCluster::from_env()?);
+    let cluster = std::sync::Arc::new(rowlock_testing::TestCluster::from_env()?);
     let pg = cluster.create_database_owned().await?;
     let db = pg.db(16);
     assignment::migrate(&db).await?;
@@ -216,7 +216,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rowlock::testing::TestCluster;
+    use rowlock_testing::TestCluster;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A minimal HTTP/1.1 client: one request per connection.

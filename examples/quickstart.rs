@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rowlock::testing::{TestCluster, wait_for_blocked_by};
 use rowlock::{BoxFuture, Lock, LockMode, LockableRow, Outcome, Transaction};
+use rowlock_testing::{TestCluster, wait_for_blocked_by};
 
 const SCHEMA: &str = "
     CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance bigint NOT NULL);

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use rowlock::testing::TestCluster;
 use rowlock::{Claim, Compare, Direction, LockableRow, Outcome};
+use rowlock_testing::TestCluster;
 
 const SCHEMA: &str = "
     CREATE TABLE tasks (

@@ -43,10 +43,6 @@ mod api;
 
 pub mod guide;
 
-#[cfg(feature = "testing")]
-#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
-pub mod testing;
-
 #[cfg(feature = "assignment")]
 #[cfg_attr(docsrs, doc(cfg(feature = "assignment")))]
 pub mod assignment;

@@ -29,8 +29,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rowlock::testing::{TestCluster, TestDatabase, server_bindir};
 use rowlock::tokio_postgres::config::Host;
+use rowlock_testing::{TestCluster, TestDatabase, server_bindir};
 use tokio::sync::Barrier;
 
 use report::{Cell, Imp, Measure};

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use rowlock::testing::{Session, wait_for_blocked_by};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::{AdvisoryKey, ErrorKind, Lock, Outcome};
+use rowlock_testing::{Session, wait_for_blocked_by};
 
 use crate::support::{AppError, WAIT, accounts};
 

@@ -9,9 +9,9 @@ use rowlock::assignment::{
     accept_proposal_in_one_statement, create_project, migrate, project_details, submit_proposal,
     withdraw_proposal,
 };
-use rowlock::testing::{TestCluster, TestDatabase, wait_for_blocked_by};
 use rowlock::tokio_postgres::Client;
 use rowlock::{Lock, LockMode, RetryPolicy};
+use rowlock_testing::{TestCluster, TestDatabase, wait_for_blocked_by};
 
 use crate::support::WAIT;
 

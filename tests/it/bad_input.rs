@@ -214,7 +214,7 @@ async fn closed_pool_and_unreachable_server_are_clear_errors() {
 async fn connection_killed_inside_the_closure_is_a_closed_error_and_the_pool_recovers() {
     let (pg, db) = accounts(1).await;
     let client = pg.client().await.unwrap();
-    let cluster = rowlock::testing::TestCluster::shared().unwrap();
+    let cluster = rowlock_testing::TestCluster::shared().unwrap();
     let err = db
         .with_locked_row(&1, &Lock::new(), |tx, acc: Account| {
             Box::pin(async move {

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use rowlock::testing::wait_for_blocked_by;
 use rowlock::tokio_postgres::Client;
 use rowlock::{Claim, Direction, Lock, Outcome, TransactionOptions, Transition};
+use rowlock_testing::wait_for_blocked_by;
 use tokio::sync::Notify;
 
 use crate::support::{Account, WAIT, accounts, balance, in_transaction, lockable_now, poll_limit};

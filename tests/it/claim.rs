@@ -4,13 +4,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use rowlock::Db;
-use rowlock::testing::TestDatabase;
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::tokio_postgres::{Error as PgError, Row};
 use rowlock::{
     Claim, Compare, Direction, ErrorKind, LockStrength, LockableRow, Outcome, Table, Transaction,
     TransactionOptions,
 };
+use rowlock_testing::TestDatabase;
 use tokio::sync::{Barrier, oneshot};
 
 use crate::support::{WAIT, in_transaction};
@@ -36,7 +36,7 @@ impl LockableRow for Job {
 
 /// `n` pending jobs, the documented partial index, and a table referencing jobs.
 async fn jobs(n: i64, pool_size: usize) -> (TestDatabase, Db) {
-    let pg = rowlock::testing::TestCluster::shared()
+    let pg = rowlock_testing::TestCluster::shared()
         .unwrap()
         .create_database()
         .await

@@ -1,8 +1,8 @@
 //! Every LockMode × requested LockStrength against a second session holding each strength:
 //! blocks, fails, skips or proceeds exactly as PostgreSQL's conflict table says.
 
-use rowlock::testing::wait_for_blocked_by;
 use rowlock::{Lock, LockMode, LockStrength, Outcome};
+use rowlock_testing::wait_for_blocked_by;
 
 use crate::support::{Account, WAIT, accounts};
 

@@ -27,7 +27,7 @@ struct Job {
     id: Uuid,
 }
 
-async fn setup() -> (rowlock::testing::TestDatabase, rowlock::Db) {
+async fn setup() -> (rowlock_testing::TestDatabase, rowlock::Db) {
     crate::support::database(
         "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
              INSERT INTO accounts VALUES (1, 100), (2, 200);

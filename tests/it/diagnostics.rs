@@ -9,7 +9,7 @@ use crate::support::{Account, accounts};
 
 /// A session with its own application_name, holding row 1 of `accounts` in an open
 /// transaction, and the advisory lock 77.
-async fn holder(pg: &rowlock::testing::TestDatabase) -> (Client, i32) {
+async fn holder(pg: &rowlock_testing::TestDatabase) -> (Client, i32) {
     let mut config = pg.config().clone();
     config.application_name("billing-batch");
     let (client, conn) = config.connect(NoTls).await.unwrap();

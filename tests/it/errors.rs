@@ -65,7 +65,7 @@ fn never(_: &Transaction, _: Account) -> rowlock::BoxFuture<'_, Result<(), rowlo
     panic!("the row is held elsewhere")
 }
 
-async fn hold_row_1(pg: &rowlock::testing::TestDatabase) -> Client {
+async fn hold_row_1(pg: &rowlock_testing::TestDatabase) -> Client {
     let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")

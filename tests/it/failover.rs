@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use rowlock::Db;
 use rowlock::assignment::{AssignmentError, accept_proposal, migrate};
-use rowlock::testing::{StopMode, TestCluster, TestDatabase};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::{CommitStatus, ErrorKind, Lock, Outcome, RetryPolicy, TransactionOptions};
+use rowlock_testing::{StopMode, TestCluster, TestDatabase};
 
 use crate::assignment::{seed, violations};
 use crate::faults::{Rng, until};

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use rowlock::assignment::{AssignmentError, accept_proposal, migrate, withdraw_proposal};
 use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use rowlock::testing::{StopMode, TestCluster, wait_for_blocked_by};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::tokio_postgres::{Client, Config, NoTls, Row};
 use rowlock::{
     Claim, Compare, Db, Direction, ErrorKind, Lock, LockMode, LockableRow, Outcome, Table,
     TransactionOptions,
 };
+use rowlock_testing::{StopMode, TestCluster, wait_for_blocked_by};
 use tokio::sync::oneshot;
 
 use crate::assignment::violations;

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rowlock::testing::{StopMode, TestCluster};
+use rowlock_testing::{StopMode, TestCluster};
 
 const CHILD_ENV: &str = "ROWLOCK_HARNESS_CHILD";
 

@@ -58,8 +58,8 @@ fn day(d: u32) -> NaiveDate {
     NaiveDate::from_ymd_opt(2026, 11, d).unwrap()
 }
 
-async fn setup() -> (rowlock::testing::TestDatabase, rowlock::Db) {
-    let pg = rowlock::testing::TestCluster::shared()
+async fn setup() -> (rowlock_testing::TestDatabase, rowlock::Db) {
+    let pg = rowlock_testing::TestCluster::shared()
         .unwrap()
         .create_database()
         .await

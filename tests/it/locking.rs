@@ -2,11 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use rowlock::testing::wait_for_blocked_by;
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::{
     ErrorKind, Lock, LockMode, LockableRow, Outcome, Table, Transaction, TransactionOptions,
 };
+use rowlock_testing::wait_for_blocked_by;
 
 use crate::support::{
     Account, AppError, WAIT, accounts, balance, in_transaction, keys, lockable_now,
@@ -108,9 +108,9 @@ async fn missing_key_is_not_found_in_every_mode() {
 
 /// Session A holds `FOR UPDATE` on row 1 of a fresh database.
 async fn held_row() -> (
-    rowlock::testing::TestDatabase,
+    rowlock_testing::TestDatabase,
     rowlock::Db,
-    rowlock::testing::Session,
+    rowlock_testing::Session,
 ) {
     let (pg, db) = accounts(2).await;
     let holder = pg.session().await.unwrap();

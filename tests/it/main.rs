@@ -1,5 +1,5 @@
 //! Integration tests against real PostgreSQL: a throwaway cluster started by
-//! `rowlock::testing`, or the server `DATABASE_URL` names. One binary, one cluster.
+//! `rowlock_testing`, or the server `DATABASE_URL` names. One binary, one cluster.
 
 mod advisory;
 mod assignment;

@@ -50,7 +50,7 @@ impl LockableRow for Wallet {
     }
 }
 
-pub async fn users_and_wallets() -> (rowlock::testing::TestDatabase, rowlock::Db) {
+pub async fn users_and_wallets() -> (rowlock_testing::TestDatabase, rowlock::Db) {
     crate::support::database(
         "CREATE TABLE users (id bigint PRIMARY KEY, last_paid timestamptz);
          CREATE TABLE wallets (user_id bigint PRIMARY KEY REFERENCES users, cents bigint);

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use rowlock::Db;
 use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use rowlock::testing::{HarnessError, TestCluster};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::tokio_postgres::{Client, Config, NoTls};
 use rowlock::{Lock, StatementCache, Transaction, TransactionOptions};
+use rowlock_testing::{HarnessError, TestCluster};
 
 use crate::support::{Account, AppError};
 

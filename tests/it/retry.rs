@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use rowlock::testing::{TestCluster, wait_for_blocked_by};
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::{
     CommitStatus, ErrorKind, Isolation, Lock, Outcome, RetryPolicy, Transaction, TransactionOptions,
 };
+use rowlock_testing::{TestCluster, wait_for_blocked_by};
 use tokio::sync::Barrier;
 
 use crate::support::{Account, AppError, WAIT, accounts, balance};
@@ -22,7 +22,7 @@ fn serializable() -> TransactionOptions {
 }
 
 /// Doctors on call; each task takes itself off call only if someone else stays on call.
-async fn doctors(n: i64) -> (rowlock::testing::TestDatabase, rowlock::Db) {
+async fn doctors(n: i64) -> (rowlock_testing::TestDatabase, rowlock::Db) {
     let (pg, _) = accounts(0).await;
     pg.client()
         .await

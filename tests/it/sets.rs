@@ -201,7 +201,7 @@ async fn a_table_spelled_with_its_schema_keeps_its_place_in_the_order() {
         let db = db.clone();
         async move { lock_user_and_wallet(&db, true).await }
     });
-    rowlock::testing::wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
+    rowlock_testing::wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
         .await
         .unwrap();
     let wallet_free: i64 = observer
@@ -272,7 +272,7 @@ struct Slot {
 async fn rooms_and_slots(
     slots: i64,
     pool_size: usize,
-) -> (rowlock::testing::TestDatabase, rowlock::Db) {
+) -> (rowlock_testing::TestDatabase, rowlock::Db) {
     let (pg, db) = crate::support::database(
         "CREATE TABLE rooms (id bigint PRIMARY KEY, bookings int NOT NULL DEFAULT 0);
          CREATE TABLE slots (id bigint PRIMARY KEY, room bigint NOT NULL REFERENCES rooms,

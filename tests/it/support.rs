@@ -6,9 +6,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rowlock::Db;
-use rowlock::testing::{TestCluster, TestDatabase};
 use rowlock::tokio_postgres::{Client, Error as PgError, Row};
 use rowlock::{LockableRow, Table};
+use rowlock_testing::{TestCluster, TestDatabase};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 

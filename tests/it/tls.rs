@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use rowlock::testing::TestCluster;
 use rowlock::{Db, ErrorKind, Lock};
+use rowlock_testing::TestCluster;
 
 use crate::support::Account;
 
-async fn tls_cluster() -> (Arc<TestCluster>, String, rowlock::testing::TestDatabase) {
+async fn tls_cluster() -> (Arc<TestCluster>, String, rowlock_testing::TestDatabase) {
     let (cluster, ca) = TestCluster::start_with_tls().expect("a TLS cluster");
     let cluster = Arc::new(cluster);
     let pg = cluster.create_database_owned().await.unwrap();
@@ -25,7 +25,7 @@ async fn tls_cluster() -> (Arc<TestCluster>, String, rowlock::testing::TestDatab
 }
 
 /// The URL of `pg` over TCP to 127.0.0.1 with `sslmode=require`.
-fn tls_url(pg: &rowlock::testing::TestDatabase) -> String {
+fn tls_url(pg: &rowlock_testing::TestDatabase) -> String {
     let config = pg.config();
     let port = config.get_ports()[0];
     let user = config.get_user().unwrap();

@@ -1,8 +1,8 @@
 //! Transitions: one conditional statement, typed outcomes, and the races they must survive.
 
-use rowlock::testing::wait_for_blocked_by;
 use rowlock::tokio_postgres::{Error as PgError, Row};
 use rowlock::{ErrorKind, LockableRow, Outcome, RowRef, Table, TransactionOptions, Transition};
+use rowlock_testing::wait_for_blocked_by;
 
 use crate::support::{Account, WAIT, accounts, database};
 
@@ -39,7 +39,7 @@ fn take() -> Transition {
 }
 
 /// Task `id`'s status as another session reads it.
-async fn status_of(pg: &rowlock::testing::TestDatabase, id: i64) -> String {
+async fn status_of(pg: &rowlock_testing::TestDatabase, id: i64) -> String {
     pg.client()
         .await
         .unwrap()

@@ -1,9 +1,9 @@
 use rowlock::Outcome;
-use rowlock::testing::TestCluster;
+use rowlock_testing::TestCluster;
 use rowlock_example_service::{Paid, SCHEMA, log_event, pay, work};
 use uuid::Uuid;
 
-async fn setup() -> (rowlock::testing::TestDatabase, rowlock::Db) {
+async fn setup() -> (rowlock_testing::TestDatabase, rowlock::Db) {
     let pg = TestCluster::shared()
         .unwrap()
         .create_database()

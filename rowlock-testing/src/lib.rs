@@ -1,4 +1,5 @@
-//! Test harness: real PostgreSQL with no setup (feature `testing`).
+//! The test harness of [rowlock](https://docs.rs/rowlock): real PostgreSQL with no setup, for
+//! rowlock's own tests and for yours (add it as a dev-dependency).
 //!
 //! - [`TestCluster::shared`] gives the process-wide server: the one `DATABASE_URL` names, or
 //!   a throwaway cluster started from the installed server binaries in a temporary directory,
@@ -14,7 +15,7 @@
 //!   serve fault tests.
 //!
 //! ```no_run
-//! use rowlock::testing::{TestCluster, wait_for_blocked_by};
+//! use rowlock_testing::{TestCluster, wait_for_blocked_by};
 //! use std::time::Duration;
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

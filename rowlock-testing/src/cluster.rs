@@ -106,8 +106,8 @@ impl TestCluster {
     /// Blocks while the cluster starts (a second or two, once per process).
     ///
     /// ```no_run
-    /// # async fn demo() -> Result<(), rowlock::testing::HarnessError> {
-    /// let db = rowlock::testing::TestCluster::shared()?.create_database().await?;
+    /// # async fn demo() -> Result<(), rowlock_testing::HarnessError> {
+    /// let db = rowlock_testing::TestCluster::shared()?.create_database().await?;
     /// let handle = db.db(4);
     /// # Ok(()) }
     /// ```
@@ -153,7 +153,7 @@ impl TestCluster {
     /// `pgbouncer` on `PATH` or in `/usr/sbin` (Debian's `pgbouncer` package).
     ///
     /// [`TestDatabase::db`] then connects through PgBouncer and sets
-    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) as the process
+    /// [`StatementCache::Transaction`](rowlock::StatementCache::Transaction) as the process
     /// default; [`TestDatabase::client`] and [`TestDatabase::session`] still connect to the
     /// server directly (lock holders and observers need a session of their own).
     pub fn start_behind_pgbouncer(binary: Option<&Path>) -> Result<TestCluster, HarnessError> {
@@ -232,7 +232,7 @@ impl TestCluster {
     /// [`start`](Self::start) with TLS: the server listens with `ssl = on` and a certificate
     /// for `localhost` and `127.0.0.1` signed by a certificate authority made for this cluster
     /// alone. Returns the cluster and that authority's certificate (PEM), for clients to
-    /// trust (e.g. [`Builder::root_certificate_pem`](crate::Builder::root_certificate_pem)
+    /// trust (e.g. [`Builder::root_certificate_pem`](rowlock::Builder::root_certificate_pem)
     /// with a URL ending in `sslmode=require`). Plain connections are still accepted.
     pub fn start_with_tls() -> Result<(TestCluster, String), HarnessError> {
         let certs = self_signed()?;

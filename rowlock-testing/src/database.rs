@@ -8,7 +8,6 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::{HarnessError, TestCluster, connect};
-use crate::row::quote_ident;
 
 /// A database created for one test. On a throwaway cluster it is left in place (the cluster
 /// is deleted at exit, and a failed test's data can be inspected until then); on a
@@ -49,7 +48,7 @@ impl TestDatabase {
         );
         let admin = cluster.config().clone();
         let client = connect(&admin).await?;
-        let quoted = quote_ident(&name).map_err(|e| HarnessError::Config(e.to_string()))?;
+        let quoted = quote_ident(&name);
         client
             .batch_execute(&format!("CREATE DATABASE {quoted}"))
             .await
@@ -87,16 +86,16 @@ impl TestDatabase {
         &self.config
     }
 
-    /// A [`Db`](crate::Db) for this database with a pool of at most `max_size` connections,
+    /// A [`Db`](rowlock::Db) for this database with a pool of at most `max_size` connections,
     /// recycled with the `Fast` method (rowlock never returns a connection inside a
     /// transaction), without timeouts. [`db_with`](Self::db_with) takes a
-    /// [`Builder`](crate::Builder).
+    /// [`Builder`](rowlock::Builder).
     ///
     /// When the cluster has a PgBouncer in front
     /// ([`TestCluster::start_behind_pgbouncer`]), the pool connects through it, and
-    /// [`StatementCache::Transaction`](crate::StatementCache::Transaction) becomes the
+    /// [`StatementCache::Transaction`](rowlock::StatementCache::Transaction) becomes the
     /// handle's mode, as a service behind PgBouncer would set it.
-    pub fn db(&self, max_size: usize) -> crate::Db {
+    pub fn db(&self, max_size: usize) -> rowlock::Db {
         let manager = Manager::from_config(
             self.pool_config().clone(),
             NoTls,
@@ -109,14 +108,14 @@ impl TestDatabase {
             .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .build()
             .expect("a pool without timeouts or hooks always builds");
-        self.behind_pgbouncer(crate::Db::builder().pool(pool))
+        self.behind_pgbouncer(rowlock::Db::builder().pool(pool))
             .build()
             .expect("a handle around a built pool with default defaults always builds")
     }
 
-    /// A [`Db`](crate::Db) for this database from `builder`'s settings (its connection
+    /// A [`Db`](rowlock::Db) for this database from `builder`'s settings (its connection
     /// settings replaced by this database's; behind PgBouncer, as [`db`](Self::db)).
-    pub fn db_with(&self, builder: crate::Builder) -> Result<crate::Db, crate::Error> {
+    pub fn db_with(&self, builder: rowlock::Builder) -> Result<rowlock::Db, rowlock::Error> {
         self.behind_pgbouncer(builder.config(self.pool_config().clone()))
             .build()
     }
@@ -132,9 +131,9 @@ impl TestDatabase {
         self.pooled.as_ref().unwrap_or(&self.config)
     }
 
-    fn behind_pgbouncer(&self, builder: crate::Builder) -> crate::Builder {
+    fn behind_pgbouncer(&self, builder: rowlock::Builder) -> rowlock::Builder {
         if self.pooled.is_some() {
-            builder.statement_cache(crate::StatementCache::Transaction)
+            builder.statement_cache(rowlock::StatementCache::Transaction)
         } else {
             builder
         }
@@ -163,9 +162,7 @@ impl Drop for TestDatabase {
             return;
         }
         let admin = self.admin.clone();
-        let Ok(quoted) = quote_ident(&self.name) else {
-            return;
-        };
+        let quoted = quote_ident(&self.name);
         // Drop runs inside the test's runtime, which must not be blocked on: use a thread
         // with a runtime of its own and wait for it.
         let _ = std::thread::spawn(move || {
@@ -251,4 +248,9 @@ fn config_url(config: &Config) -> String {
         url.push_str(&enc(&dir));
     }
     url
+}
+
+/// `name` as a quoted SQL identifier (the harness's own database names: no NUL, short).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -36,6 +36,7 @@
 
 mod cluster;
 mod database;
+pub mod interleave;
 mod wait;
 
 use std::time::Duration;

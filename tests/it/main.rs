@@ -24,6 +24,7 @@ mod own_transaction;
 mod pgbouncer;
 mod pools;
 mod proxy;
+mod races;
 mod retry;
 mod savepoints;
 mod sets;

@@ -172,3 +172,82 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         }
     })
 }
+
+/// `#[rowlock_testing::test]`: an async test handed a ready database (use it through
+/// `rowlock-testing`, which re-exports it; the generated code names `::rowlock_testing`).
+///
+/// ```text
+/// #[rowlock_testing::test(setup = "CREATE TABLE accounts (id bigint PRIMARY KEY)")]
+/// async fn locks(db: rowlock::Db) { … }
+/// ```
+///
+/// The function is `async`, takes nothing, a `rowlock::Db` or a
+/// `rowlock_testing::TestDatabase`, and may return a `Result`. `setup = "SQL"` (or
+/// `setup_file = "path"`, relative to the crate's `Cargo.toml`) runs once on a template that
+/// every test's fresh database copies. Other attributes (`#[ignore]`, …) are kept.
+#[proc_macro_attribute]
+pub fn test(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match expand_test(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn expand_test(
+    attr: proc_macro2::TokenStream,
+    item: proc_macro2::TokenStream,
+) -> syn::Result<proc_macro2::TokenStream> {
+    let function: syn::ItemFn = syn::parse2(item)?;
+    let mut setup = quote!("");
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("setup") {
+            let sql: LitStr = meta.value()?.parse()?;
+            setup = quote!(#sql);
+            Ok(())
+        } else if meta.path.is_ident("setup_file") {
+            let path: LitStr = meta.value()?.parse()?;
+            setup = quote!(::core::include_str!(::core::concat!(
+                ::core::env!("CARGO_MANIFEST_DIR"),
+                "/",
+                #path
+            )));
+            Ok(())
+        } else {
+            Err(meta.error("expected `setup = \"SQL\"` or `setup_file = \"path\"`"))
+        }
+    });
+    syn::parse::Parser::parse2(parser, attr)?;
+    if function.sig.asyncness.is_none() {
+        return Err(syn::Error::new(
+            function.sig.fn_token.span(),
+            "#[rowlock_testing::test] needs an `async fn`",
+        ));
+    }
+    let inputs: Vec<_> = function.sig.inputs.iter().collect();
+    let (pattern, ty) = match inputs.as_slice() {
+        [] => (quote!(_), quote!(::rowlock_testing::TestDatabase)),
+        [syn::FnArg::Typed(arg)] => {
+            let (pat, ty) = (&arg.pat, &arg.ty);
+            (quote!(#pat), quote!(#ty))
+        }
+        _ => {
+            return Err(syn::Error::new(
+                function.sig.inputs.span(),
+                "#[rowlock_testing::test] hands the test one argument: a rowlock::Db or a \
+                 rowlock_testing::TestDatabase",
+            ));
+        }
+    };
+    let attrs = &function.attrs;
+    let vis = &function.vis;
+    let name = &function.sig.ident;
+    let output = &function.sig.output;
+    let body = &function.block;
+    Ok(quote! {
+        #[::core::prelude::v1::test]
+        #(#attrs)*
+        #vis fn #name() #output {
+            ::rowlock_testing::__private::run(#setup, |#pattern: #ty| async move #body)
+        }
+    })
+}

@@ -82,6 +82,8 @@ pub struct TestCluster {
     embedded: Option<Embedded>,
     /// The port of a PgBouncer in front of the server (transaction pooling), if started.
     pooler_port: Option<u16>,
+    /// Template databases made so far (see `create_database_with`).
+    templates: tokio::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -205,6 +207,7 @@ impl TestCluster {
             url: url.to_string(),
             embedded: None,
             pooler_port: None,
+            templates: tokio::sync::Mutex::default(),
         })
     }
 
@@ -404,6 +407,7 @@ impl TestCluster {
             url,
             embedded: Some(embedded),
             pooler_port: None,
+            templates: tokio::sync::Mutex::default(),
         })
     }
 
@@ -438,6 +442,88 @@ impl TestCluster {
     /// own database can run in parallel.
     pub async fn create_database(&'static self) -> Result<TestDatabase, HarnessError> {
         TestDatabase::create(self).await
+    }
+
+    /// Creates a fresh database as a copy of one on which `setup` (any `;`-separated SQL: a
+    /// schema, migrations, seed rows) has run. The template is made once per process and
+    /// `setup` text, on first use; each call then copies it (`CREATE DATABASE … TEMPLATE`),
+    /// which is faster than running the setup again. On a `DATABASE_URL` server, which
+    /// outlives the process, no template is left behind: each database runs `setup` itself.
+    /// What `#[rowlock_testing::test(setup = …)]` uses.
+    pub async fn create_database_with(
+        &'static self,
+        setup: &str,
+    ) -> Result<TestDatabase, HarnessError> {
+        if !self.is_embedded() {
+            let db = TestDatabase::create(self).await?;
+            db.client()
+                .await?
+                .batch_execute(setup)
+                .await
+                .map_err(HarnessError::Sql)?;
+            return Ok(db);
+        }
+        let template = self.template(setup).await?;
+        TestDatabase::create_from(self, &template).await
+    }
+
+    /// The template database for `setup`, made on first use.
+    async fn template(&self, setup: &str) -> Result<String, HarnessError> {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut hasher = DefaultHasher::new();
+        setup.hash(&mut hasher);
+        let name = format!(
+            "rowlock_tpl_{}_{:016x}",
+            std::process::id(),
+            hasher.finish()
+        );
+        // One maker at a time, so two tests do not both create it; across runtimes (each
+        // test has its own), hence a lock that needs none.
+        let mut made = self.templates.lock().await;
+        if made.contains(&name) {
+            return Ok(name);
+        }
+        let admin = connect(&self.config).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .map_err(HarnessError::Sql)?;
+        let mut config = self.config.clone();
+        config
+            .dbname(&name)
+            .application_name("rowlock-testing setup");
+        {
+            let client = connect(&config).await?;
+            client
+                .batch_execute(setup)
+                .await
+                .map_err(HarnessError::Sql)?;
+        }
+        // A template is copied only when nobody is connected to it: wait until the setup
+        // session has gone, as the server reports it.
+        let started = Instant::now();
+        loop {
+            let sessions: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                    &[&name],
+                )
+                .await
+                .map_err(HarnessError::Sql)?
+                .get(0);
+            if sessions == 0 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(HarnessError::Timeout(
+                    Duration::from_secs(30),
+                    format!("the setup session to leave template {name}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        made.push(name.clone());
+        Ok(name)
     }
 
     /// Creates a fresh database on a cluster that is not `'static` (one from

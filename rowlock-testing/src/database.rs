@@ -26,18 +26,26 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     pub(super) async fn create(cluster: &TestCluster) -> Result<TestDatabase, HarnessError> {
-        Self::create_in(cluster, None).await
+        Self::create_in(cluster, None, None).await
+    }
+
+    pub(super) async fn create_from(
+        cluster: &TestCluster,
+        template: &str,
+    ) -> Result<TestDatabase, HarnessError> {
+        Self::create_in(cluster, None, Some(template)).await
     }
 
     pub(super) async fn create_owned(
         cluster: Arc<TestCluster>,
     ) -> Result<TestDatabase, HarnessError> {
-        Self::create_in(&cluster.clone(), Some(cluster)).await
+        Self::create_in(&cluster.clone(), Some(cluster), None).await
     }
 
     async fn create_in(
         cluster: &TestCluster,
         keep: Option<Arc<TestCluster>>,
+        template: Option<&str>,
     ) -> Result<TestDatabase, HarnessError> {
         // Unique without shared state: the process, and a number drawn from the standard
         // library's per-instance random hash keys.
@@ -49,8 +57,12 @@ impl TestDatabase {
         let admin = cluster.config().clone();
         let client = connect(&admin).await?;
         let quoted = quote_ident(&name);
+        let create = match template {
+            Some(t) => format!("CREATE DATABASE {quoted} TEMPLATE {}", quote_ident(t)),
+            None => format!("CREATE DATABASE {quoted}"),
+        };
         client
-            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .batch_execute(&create)
             .await
             .map_err(HarnessError::Sql)?;
         let mut config = admin.clone();

@@ -6,7 +6,12 @@
 //!   on a free loopback port, as an unprivileged user when running as root. No downloads.
 //! - [`TestCluster::create_database`] gives each test its own fresh database, so tests run in
 //!   parallel; a failed test's database is left for inspection (the whole throwaway cluster
-//!   is deleted when the process exits).
+//!   is deleted when the process exits). [`TestCluster::create_database_with`] copies one
+//!   from a template its setup SQL made once, and [`macro@test`] hands an async test a
+//!   [`rowlock::Db`] on such a copy.
+//! - [`interleave`] runs a race written as sessions of named steps in every interleaving,
+//!   detecting from the server which step waits for which, and compares the records with an
+//!   expected file or checks an invariant on each.
 //! - No server outlives the process: a guardian process stops and deletes the cluster when
 //!   the test process exits, panics or is killed.
 //! - [`wait_for_blocked_by`] and [`wait_until_blocked`] make race tests deterministic: they
@@ -76,3 +81,76 @@ pub enum HarnessError {
 }
 
 use cluster::connect;
+
+/// An async test handed a fresh database, copied from a template its `setup` SQL made once:
+///
+/// ```no_run
+/// #[rowlock_testing::test(setup = "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint);
+///                                  INSERT INTO accounts VALUES (1, 100)")]
+/// async fn withdraws(db: rowlock::Db) {
+///     // … a fresh copy of the schema and rows, for this test alone …
+/// }
+/// ```
+///
+/// The function is `async`; it takes nothing, a [`rowlock::Db`] (a pool of 4 connections) or
+/// a [`TestDatabase`], and may return a `Result`. `setup_file = "path"` (relative to the
+/// crate's `Cargo.toml`) reads the setup from a file. Each test runs on a multi-threaded
+/// Tokio runtime of its own, with the shared cluster ([`TestCluster::shared`]). Other
+/// attributes (`#[ignore]`, …) are kept.
+pub use rowlock_macros::test;
+
+#[doc(hidden)]
+pub mod __private {
+    //! What `#[rowlock_testing::test]` expands to; not a stable API.
+
+    use std::future::Future;
+
+    use super::{TestCluster, TestDatabase};
+
+    /// What a test can be handed.
+    pub trait TestArg: Sized {
+        /// The argument, and the database to keep until the test ends (dropping it drops the
+        /// database).
+        fn make(db: TestDatabase) -> (Self, Option<TestDatabase>);
+    }
+
+    impl TestArg for TestDatabase {
+        fn make(db: TestDatabase) -> (Self, Option<TestDatabase>) {
+            (db, None)
+        }
+    }
+
+    impl TestArg for rowlock::Db {
+        fn make(db: TestDatabase) -> (Self, Option<TestDatabase>) {
+            (db.db(4), Some(db))
+        }
+    }
+
+    /// Runs `test` on a multi-threaded runtime of its own with a fresh database of the shared
+    /// cluster, copied from the template `setup` made (empty `setup`: an empty database).
+    /// Panics, naming the cause, when no server can be had.
+    pub fn run<A, F, Fut, T>(setup: &str, test: F) -> T
+    where
+        A: TestArg,
+        F: FnOnce(A) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("a Tokio runtime for the test");
+        let cluster = TestCluster::shared().unwrap_or_else(|e| panic!("test cluster: {e}"));
+        runtime.block_on(async move {
+            let db = if setup.is_empty() {
+                cluster.create_database().await
+            } else {
+                cluster.create_database_with(setup).await
+            }
+            .unwrap_or_else(|e| panic!("test database: {e}"));
+            let (arg, keep) = A::make(db);
+            let out = test(arg).await;
+            drop(keep);
+            out
+        })
+    }
+}

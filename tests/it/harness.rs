@@ -158,3 +158,70 @@ async fn stop_start_and_restart_keep_the_data() {
     drop(cluster);
     assert!(!dir.exists(), "dropping the cluster removed its directory");
 }
+
+/// The attribute hands the test a handle on a fresh copy of the setup's schema and rows.
+#[rowlock_testing::test(
+    setup = "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
+                                 INSERT INTO accounts VALUES (1, 100);"
+)]
+async fn the_test_attribute_hands_a_ready_handle(db: rowlock::Db) {
+    let outcome = db
+        .with_locked_row(
+            &1,
+            rowlock::Lock::no_wait(),
+            |tx, a: crate::support::Account| {
+                Box::pin(async move {
+                    tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&a.id])
+                        .await?;
+                    Ok::<_, rowlock::Error>(a.balance)
+                })
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        rowlock::Outcome::Done(100),
+        "the setup's row, untouched"
+    );
+}
+
+/// Every test gets its own copy: this one changes the row the one above reads, and both pass
+/// in any order, in parallel.
+#[rowlock_testing::test(
+    setup = "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
+                                 INSERT INTO accounts VALUES (1, 100);"
+)]
+async fn each_test_gets_its_own_copy_of_the_template(
+    pg: rowlock_testing::TestDatabase,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let client = pg.client().await?;
+    client
+        .batch_execute(
+            "UPDATE accounts SET balance = 1 WHERE id = 1; INSERT INTO accounts VALUES (2, 5)",
+        )
+        .await?;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 2);
+    Ok(())
+}
+
+#[rowlock_testing::test]
+async fn without_setup_the_database_is_empty(db: rowlock::Db) {
+    let tables: i64 = db
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0);
+}

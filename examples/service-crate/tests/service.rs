@@ -1,6 +1,6 @@
 use rowlock::Outcome;
-use rowlock_testing::TestCluster;
 use rowlock_example_service::{Paid, SCHEMA, log_event, pay, work};
+use rowlock_testing::TestCluster;
 use uuid::Uuid;
 
 async fn setup() -> (rowlock_testing::TestDatabase, rowlock::Db) {

@@ -72,4 +72,9 @@ pub use crate::transaction::{AsStatement, OwnedParam, Savepoint, Transaction};
 #[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
 pub use rowlock_macros::LockableRow;
 
+/// `#[rowlock_testing::test]`, defined with the derive; use it through `rowlock-testing`.
+#[cfg(feature = "derive")]
+#[doc(hidden)]
+pub use rowlock_macros::test as __test_attribute;
+
 pub use crate::scoped::{BoxFuture, ScopedBoxFuture, ScopedFuture};

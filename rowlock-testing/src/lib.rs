@@ -97,7 +97,7 @@ use cluster::connect;
 /// crate's `Cargo.toml`) reads the setup from a file. Each test runs on a multi-threaded
 /// Tokio runtime of its own, with the shared cluster ([`TestCluster::shared`]). Other
 /// attributes (`#[ignore]`, …) are kept.
-pub use rowlock_macros::test;
+pub use rowlock::__test_attribute as test;
 
 #[doc(hidden)]
 pub mod __private {

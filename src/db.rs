@@ -514,11 +514,25 @@ impl Builder {
         Pool::builder(manager)
             .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
                 Box::pin(async move {
-                    let row = client
-                        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+                    // The simple protocol: one message, no prepared statement. Behind a pooler
+                    // in transaction mode, a statement prepared outside a transaction may be
+                    // gone (another server connection) when it is executed.
+                    let messages = client
+                        .simple_query("SHOW server_version_num")
                         .await
                         .map_err(deadpool_postgres::HookError::Backend)?;
-                    match unsupported(row.get(0)) {
+                    let version = messages.iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => {
+                            row.get(0).and_then(|v| v.parse::<i32>().ok())
+                        }
+                        _ => None,
+                    });
+                    let Some(version) = version else {
+                        return Err(deadpool_postgres::HookError::message(
+                            "the server did not report its version (SHOW server_version_num)",
+                        ));
+                    };
+                    match unsupported(version) {
                         Some(detail) => Err(deadpool_postgres::HookError::message(detail)),
                         None => Ok(()),
                     }

@@ -70,8 +70,11 @@ impl Db {
         &self,
         transaction: &TransactionRef,
     ) -> Result<CommitStatus, Error> {
-        let client = self.pool().get().await.map_err(Error::from_pool)?;
+        let mut client = self.pool().get().await.map_err(Error::from_pool)?;
         let pg = |e| Error::from_pg(e, Step::Statement);
+        // Both questions in one transaction: behind a pooler in transaction mode, a statement
+        // is prepared and run on the same server connection only inside one.
+        let client = client.transaction().await.map_err(pg)?;
         // The timeline of the WAL being written now: NULL on a standby (in recovery).
         let row = client
             .query_one(

@@ -12,6 +12,7 @@ use crate::db::Db;
 use crate::error::{Error, ErrorKind, Step};
 use crate::options::{StatementCache, TransactionOptions};
 use crate::outcome::{Outcome, RowRef};
+use crate::policy::Backoff;
 use crate::row::{Columns, Key, LockableRow, Names, decode_error};
 use crate::sql_text::{mentions, renumber};
 use crate::transaction::Transaction;
@@ -359,6 +360,11 @@ impl Db {
     ///   ran: retry freely); lost after it was sent, [`ErrorKind::CommitOutcomeUnknown`]: it may
     ///   have committed. Running the same transition again is safe when its `when` excludes the
     ///   new state: a second run is an [`Outcome::Conflict`].
+    /// - **Retries:** with a retry policy on the handle ([`Builder::retry`](crate::Builder::retry)),
+    ///   a failure after which nothing ran ([`Error::is_retryable`]: a connection lost before
+    ///   the statement was sent, a server that no longer accepts writes after a failover, a
+    ///   serialization failure) runs the statement again, on the policy's schedule; a
+    ///   possible commit never does. Without one, one attempt.
     /// - **Dropping the future** after the statement was sent does not stop it: it runs to its
     ///   end on the server, and commits if it succeeds.
     /// - A migration that changed the table under a cached statement is handled: the statement
@@ -394,9 +400,23 @@ impl Db {
         transition: &Transition,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Outcome<R>, Error> {
-        self.transition_alone(key, transition, params)
-            .await
-            .map_err(refine_bind_error::<R>)
+        let Some(policy) = self.options(&TransactionOptions::new()).retry else {
+            return self
+                .transition_alone(key, transition, params)
+                .await
+                .map_err(refine_bind_error::<R>);
+        };
+        // The handle's retry policy: a failure after which nothing ran (a connection lost
+        // before the statement was sent, a server that no longer accepts writes, a
+        // serialization failure) runs the statement again; a possible commit
+        // (`CommitOutcomeUnknown`) never does.
+        let mut backoff = Backoff::new(&policy)?;
+        loop {
+            match self.transition_alone(key, transition, params).await {
+                Err(e) if policy.retries(&e) => backoff.wait(e).await?,
+                result => return result.map_err(refine_bind_error::<R>),
+            }
+        }
     }
 
     async fn transition_alone<R: LockableRow>(

@@ -24,13 +24,16 @@ pub enum ErrorKind {
     /// The caller passed something unusable (bad timeout, bad identifier, empty key list…).
     /// Nothing was sent to the server and no connection was taken from the pool.
     InvalidArgument,
-    /// No connection could be taken from the pool before its wait/create timeout.
+    /// Every connection of the pool stayed busy for the pool's `wait_timeout`
+    /// ([`Builder::wait_timeout`](crate::Builder::wait_timeout)). (A connection that could
+    /// not be *made* in time is [`ErrorKind::Unreachable`].)
     PoolTimeout,
     /// The pool could not hand out a connection for another reason (the pool was closed, the
     /// connection string was refused by the driver, …).
     Pool,
     /// Connecting failed before the server answered: connection refused, unknown host, no
-    /// route, or the server is starting up or shutting down (`57P03`, `57P01`). The OS's or
+    /// route, no answer within the pool's `create_timeout` (a proxy with no server behind it),
+    /// or the server is starting up or shutting down (`57P03`, `57P01`). The OS's or
     /// the server's message is the `source()`. Retried by the retry policies: a server that
     /// restarts or fails over is unreachable for a moment.
     Unreachable,
@@ -452,9 +455,25 @@ impl Error {
     pub(crate) fn from_pool(e: deadpool_postgres::PoolError) -> Self {
         use deadpool_postgres::PoolError;
         match e {
-            PoolError::Timeout(_) => Error::new(ErrorKind::PoolTimeout)
-                .at(Step::Checkout)
-                .with_source(e),
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                Error::new(ErrorKind::PoolTimeout)
+                    .at(Step::Checkout)
+                    .with_source(e)
+            }
+            // No server answered in time: opening a connection (a proxy that accepted it
+            // with no server behind, during a failover) or checking a pooled one.
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Create) => Error::with_kind(
+                ErrorKind::Unreachable,
+                "no connection was made within the pool's create_timeout",
+            )
+            .at(Step::Checkout)
+            .with_source(e),
+            PoolError::Timeout(_) => Error::with_kind(
+                ErrorKind::Unreachable,
+                "a pooled connection's check did not answer within the pool's recycle_timeout",
+            )
+            .at(Step::Checkout)
+            .with_source(e),
             PoolError::Backend(pg) => {
                 let state = pg.code().cloned();
                 Error::new(connect_kind(&pg))

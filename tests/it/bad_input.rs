@@ -210,6 +210,35 @@ async fn closed_pool_and_unreachable_server_are_clear_errors() {
     assert!(err.is_retryable(), "a server that is down may come back");
 }
 
+/// A proxy that accepts connections with no server behind it (HAProxy during a failover)
+/// never answers: after the pool's `create_timeout` that is `Unreachable` (retried), not a
+/// full pool.
+#[tokio::test]
+async fn a_server_that_never_answers_is_unreachable_after_the_create_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            held.push(socket); // accepted, never answered
+        }
+    });
+    let db = rowlock::Db::builder()
+        .url(&format!("postgres://nobody@127.0.0.1:{port}/nowhere"))
+        .create_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let err = db
+        .with_locked_row(&1, &Lock::new(), ok::<Account>)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
+    assert!(err.to_string().contains("create_timeout"), "{err}");
+    assert!(err.is_retryable());
+    silent.abort();
+}
+
 #[tokio::test]
 async fn connection_killed_inside_the_closure_is_a_closed_error_and_the_pool_recovers() {
     let (pg, db) = accounts(1).await;

@@ -370,3 +370,53 @@ async fn a_value_of_the_wrong_type_names_the_callers_placeholder_and_changes_not
     assert!(err.to_string().contains("the key of \"tasks\""), "{err}");
     assert_eq!(status_of(&pg, 1).await, "open", "nothing changed");
 }
+
+/// A transition's pooled connection is to a server that no longer accepts writes (as after a
+/// failover; here the session is made read-only): with a retry policy on the handle the
+/// statement runs again on a new connection; without one the caller gets the retryable
+/// `ReadOnly`. Either way the connection is not pooled again, and nothing ran on it.
+#[tokio::test]
+async fn the_handles_retry_policy_reruns_a_transition_refused_by_a_read_only_server() {
+    let (pg, plain) = database(TASKS, 1).await;
+    let retrying = pg
+        .db_with(
+            rowlock::Db::builder()
+                .max_size(1)
+                .retry(rowlock::RetryPolicy::new().max_attempts(3)),
+        )
+        .unwrap();
+    for (db, retried) in [(&plain, false), (&retrying, true)] {
+        let pid: i32 = {
+            let conn = db.pool().get().await.unwrap();
+            conn.batch_execute("SET default_transaction_read_only = on")
+                .await
+                .unwrap();
+            conn.query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0)
+        };
+        let result = db.transition::<Task>(&1, &take(), &[&"ann"]).await;
+        if retried {
+            assert_eq!(
+                result.unwrap(),
+                Outcome::Done(task(1, "taken", Some("ann")))
+            );
+        } else {
+            let err = result.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
+            assert!(err.is_retryable(), "{err}");
+            assert_eq!(status_of(&pg, 1).await, "open", "nothing ran");
+        }
+        let now: i32 = db
+            .pool()
+            .get()
+            .await
+            .unwrap()
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(now, pid, "the read-only connection was not pooled again");
+    }
+}

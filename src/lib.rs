@@ -64,7 +64,7 @@ pub use crate::lock::{Lock, LockMode, LockStrength};
 pub use crate::options::{Isolation, StatementCache, TransactionOptions};
 pub use crate::outcome::Outcome;
 pub use crate::policy::{RetryEvent, RetryPolicy};
-pub use crate::row::{Key, KeyValue, LockableRow, Table};
+pub use crate::row::{Key, KeyValue, LockableRow, MisfitColumn, Table};
 pub use crate::transaction::{AsStatement, OwnedParam, Savepoint, Transaction};
 /// `#[derive(LockableRow)]`: see [the trait](trait@LockableRow) and the README's "Row types".
 /// The generated code names the crate `::rowlock`: keep that name for the dependency.

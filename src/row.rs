@@ -263,24 +263,70 @@ pub trait LockableRow: Sized + Send + 'static {
     fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error>;
     /// This row's key.
     fn key(&self) -> Self::Key;
+    /// Which column of `row` [`from_row`](Self::from_row) cannot read (its name, the field it
+    /// goes to, and the driver's error), asked only after `from_row` failed, so that the
+    /// [`ErrorKind::Decode`](crate::ErrorKind::Decode) error names the column rather than its
+    /// position in the row. `#[derive(LockableRow)]` implements it by reading each field
+    /// again; the default answers `None`, and the error then carries the driver's message.
+    fn misfit_column(row: &Row) -> Option<MisfitColumn> {
+        let _ = row;
+        None
+    }
 }
 
-/// A row of `R`'s table that [`LockableRow::from_row`] could not read (a column dropped,
-/// renamed or retyped under the row type): [`ErrorKind::Decode`] naming the table and the row
-/// type; the driver's error, which names the column, is the source.
-pub(crate) fn decode_error<R: LockableRow>(e: tokio_postgres::Error, step: Step) -> Error {
+/// A column a row type could not read: see [`LockableRow::misfit_column`].
+#[derive(Debug)]
+pub struct MisfitColumn {
+    /// The column's name in the table.
+    pub column: &'static str,
+    /// The row type's field it is read into.
+    pub field: &'static str,
+    /// Why: the value's type does not fit the field's, or it is `NULL` for a field that is
+    /// not an `Option`, or the row has no such column.
+    pub error: tokio_postgres::Error,
+}
+
+/// `R` built from `row`, a row of its table that rowlock selected; a row that does not fit is
+/// [`ErrorKind::Decode`] naming the table, the row type and, when
+/// [`LockableRow::misfit_column`] tells, the column and field (a column dropped, renamed,
+/// retyped or made nullable under the row type).
+pub(crate) fn decode_row<R: LockableRow>(row: &Row, step: Step) -> Result<R, Error> {
+    R::from_row(row).map_err(|e| decode_error::<R>(e, row, step))
+}
+
+/// Every row of `rows` as an `R` (see [`decode_row`]).
+pub(crate) fn decode_rows<R: LockableRow>(rows: &[Row], step: Step) -> Result<Vec<R>, Error> {
+    rows.iter().map(|row| decode_row(row, step)).collect()
+}
+
+fn decode_error<R: LockableRow>(e: tokio_postgres::Error, row: &Row, step: Step) -> Error {
     let table = R::TABLE
         .render()
         .unwrap_or_else(|_| R::TABLE.name().to_string());
+    let row_type = std::any::type_name::<R>();
+    let Some(misfit) = R::misfit_column(row) else {
+        return Error::with_kind(
+            ErrorKind::Decode,
+            format!("a row of table {table} does not fit the row type {row_type}"),
+        )
+        .at(step)
+        .with_source(e);
+    };
+    // The driver's error names the column by its position; its cause says what is wrong.
+    let cause = match std::error::Error::source(&misfit.error) {
+        Some(cause) => cause.to_string(),
+        None => misfit.error.to_string(),
+    };
     Error::with_kind(
         ErrorKind::Decode,
         format!(
-            "a row of table {table} does not fit the row type {}",
-            std::any::type_name::<R>()
+            "column {} of table {table} does not fit field `{}` of the row type {row_type}: \
+             {cause}",
+            quote_ident(misfit.column).unwrap_or_else(|_| format!("{:?}", misfit.column)),
+            misfit.field
         ),
     )
     .at(step)
-    .with_source(e)
 }
 
 /// The rendered, checked names of a `LockableRow` (table and key columns) and the lock

@@ -154,6 +154,19 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         let (ident, ty, column) = (&f.ident, &f.ty, &f.column);
         quote!(#ident: row.try_get::<_, #ty>(#column)?)
     });
+    let checks = fields.iter().map(|f| {
+        let (ident, ty, column) = (&f.ident, &f.ty, &f.column);
+        let field = LitStr::new(&ident.to_string(), ident.span());
+        quote! {
+            if let ::std::result::Result::Err(error) = row.try_get::<_, #ty>(#column) {
+                return ::std::option::Option::Some(::rowlock::MisfitColumn {
+                    column: #column,
+                    field: #field,
+                    error,
+                });
+            }
+        }
+    });
     let span = Span::call_site();
     let row = syn::Ident::new("row", span);
     Ok(quote! {
@@ -168,6 +181,11 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             }
             fn key(&self) -> Self::Key {
                 #key_value
+            }
+            fn misfit_column(#row: &::rowlock::tokio_postgres::Row)
+                -> ::std::option::Option<::rowlock::MisfitColumn> {
+                #(#checks)*
+                ::std::option::Option::None
             }
         }
     })

@@ -63,7 +63,7 @@ use crate::flush::{Flush, Side};
 use crate::lock::LockStrength;
 use crate::options::{StatementCache, TransactionOptions};
 use crate::outcome::Outcome;
-use crate::row::{Columns, LockableRow, Names, decode_error, quote_ident};
+use crate::row::{Columns, LockableRow, Names, decode_rows, quote_ident};
 use crate::transaction::run_alone;
 use crate::transaction::{OwnedParam, Transaction};
 
@@ -747,10 +747,7 @@ impl Transaction {
 
 /// The claimed rows as `R`s; a row that does not decode fails the claim.
 fn decode_claimed<R: LockableRow>(rows: &[tokio_postgres::Row]) -> Result<Vec<R>, Error> {
-    rows.iter()
-        .map(R::from_row)
-        .collect::<Result<Vec<R>, _>>()
-        .map_err(|e| decode_error::<R>(e, Step::Lock))
+    decode_rows(rows, Step::Lock)
 }
 
 /// A claim's failure in the caller's terms: a column the table lacks (`42703`), or a filter

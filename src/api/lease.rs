@@ -161,6 +161,16 @@ impl<R: LockableRow> LockableRow for Leased<R> {
     fn key(&self) -> R::Key {
         self.row.key()
     }
+    fn misfit_column(row: &Row) -> Option<crate::MisfitColumn> {
+        R::misfit_column(row).or_else(|| {
+            let error = row.try_get::<_, i64>(ATTEMPT_ALIAS).err()?;
+            Some(crate::MisfitColumn {
+                column: ATTEMPT_ALIAS,
+                field: "attempt",
+                error,
+            })
+        })
+    }
 }
 
 impl<R: LockableRow> Leased<R> {

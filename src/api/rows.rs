@@ -22,7 +22,7 @@ use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{Lock, LockMode};
 use crate::options::millis_ceil;
 use crate::outcome::{Outcome, RowRef};
-use crate::row::{Columns, Key, LockableRow, Names, decode_error};
+use crate::row::{Columns, Key, LockableRow, Names, decode_row, decode_rows};
 use crate::transaction::Transaction;
 
 /// PostgreSQL's limit on bind parameters in one statement.
@@ -189,9 +189,7 @@ impl Transaction {
             Err(contended) => return Ok(contended),
         };
         match rows.len() {
-            1 => R::from_row(&rows[0])
-                .map(Outcome::Done)
-                .map_err(|e| decode_error::<R>(e, Step::Lock)),
+            1 => decode_row(&rows[0], Step::Lock).map(Outcome::Done),
             0 if options.mode == LockMode::SkipLocked => {
                 if self
                     .existing::<R>(names, &columns, 1, &params)
@@ -232,11 +230,7 @@ impl Transaction {
         if rows.len() > keys.len() {
             return Err(not_unique(names, rows.len(), keys.len()));
         }
-        let mut locked = rows
-            .iter()
-            .map(R::from_row)
-            .collect::<Result<Vec<R>, _>>()
-            .map_err(|e| decode_error::<R>(e, Step::Lock))?;
+        let mut locked: Vec<R> = decode_rows(&rows, Step::Lock)?;
         locked.sort_by_key(R::key);
         let got: BTreeSet<R::Key> = locked.iter().map(R::key).collect();
         if got.len() != locked.len() {
@@ -341,9 +335,8 @@ impl Transaction {
         let stmt = self.prepare_cached(&sql).await?;
         let rows = self.query(&stmt, params).await?;
         rows.iter()
-            .map(|r| R::from_row(r).map(|row| row.key()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| decode_error::<R>(e, Step::Lock))
+            .map(|r| decode_row::<R>(r, Step::Lock).map(|row| row.key()))
+            .collect()
     }
 }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, ErrorKind, Step};
 use crate::options::{StatementCache, TransactionOptions};
 use crate::outcome::{Outcome, RowRef};
 use crate::policy::Backoff;
-use crate::row::{Columns, Key, LockableRow, Names, decode_error};
+use crate::row::{Columns, Key, LockableRow, Names, decode_row};
 use crate::sql_text::{mentions, renumber};
 use crate::transaction::Transaction;
 use crate::transaction::run_alone;
@@ -326,7 +326,7 @@ fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Option<Outcome<R>>, Error> {
     let done: bool = row
         .try_get(row.len() - 1)
         .map_err(|e| Error::decode(e).at(Step::Transition))?;
-    let r = R::from_row(&row).map_err(|e| decode_error::<R>(e, Step::Transition))?;
+    let r = decode_row(&row, Step::Transition)?;
     Ok(Some(if done {
         Outcome::Done(r)
     } else {

@@ -279,6 +279,12 @@ impl Error {
         self
     }
 
+    /// The same error with a description of what the cause's words do not say.
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.inner.detail = Some(detail.into());
+        self
+    }
+
     /// The same error under another kind and description, keeping its step, SQLSTATE and
     /// cause (a `55P03` that turned out to be a lock timeout, not `NOWAIT`).
     pub(crate) fn reclassified(mut self, kind: ErrorKind, detail: impl Into<String>) -> Self {
@@ -432,10 +438,20 @@ impl Error {
     pub(crate) fn from_pg(e: tokio_postgres::Error, step: Step) -> Self {
         let kind = classify(&e);
         let state = e.code().cloned();
-        Error::new(kind)
+        let stale = e.as_db_error().is_some_and(is_stale_plan);
+        let err = Error::new(kind)
             .at(step)
             .with_sql_state(state)
-            .with_source(e)
+            .with_source(e);
+        if stale {
+            // What the server's words do not say: why, and what cures it.
+            return err.with_detail(
+                "a statement was prepared on this connection before a migration changed the \
+                 type of a column it returns; the connection's statements are prepared again, \
+                 so running the transaction again succeeds",
+            );
+        }
+        err
     }
 
     /// Wraps a row-conversion error (from `Row::try_get`, or a [`LockableRow::from_row`]

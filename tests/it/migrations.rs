@@ -221,3 +221,157 @@ async fn a_renamed_column_is_named_with_its_table_on_every_path() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Db, "{err}");
 }
+
+/// `Account` as the derive writes it: its decode errors name the column, not its position.
+#[derive(Debug, rowlock::LockableRow)]
+#[rowlock(table = "accounts", key = "id")]
+#[expect(dead_code, reason = "never decoded: only its decode errors are read")]
+struct Derived {
+    id: i64,
+    #[rowlock(rename = "balance")]
+    cents: i64,
+}
+
+/// Every path that hands out `Derived` rows, each failing to decode: its error, shown.
+async fn decode_errors_on_every_path(db: &rowlock::Db) -> Vec<String> {
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
+    let in_tx = tx
+        .lock_row::<Derived>(&1, &Lock::new())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    drop(tx);
+    let claim = Claim::new().order_by("id", Direction::Asc);
+    let errors = [
+        in_tx,
+        db.with_locked_row(&1, &Lock::new(), |_, _: Derived| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+        db.with_locked_rows(&[1, 2], &Lock::new(), |_, _: Vec<Derived>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+        db.transition::<Derived>(&1, &Transition::new("id = id"), &[])
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        db.claim_and_mark::<Derived>(&claim.clone().mark("id = id", vec![]), 2)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        db.claim(&claim, 2, |_, _: Vec<Derived>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+    ];
+    errors
+        .iter()
+        .map(|e| {
+            assert_eq!(e.kind(), ErrorKind::Decode, "{e}");
+            e.to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retyped_or_null_column_is_a_decode_error_naming_the_column_not_its_position() {
+    let (pg, _) = accounts(2).await;
+    let admin = pg.client().await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE accounts ALTER COLUMN balance TYPE int")
+        .await
+        .unwrap();
+    // A fresh pool per phase: a statement cached before the second migration would fail once
+    // in the caller's transaction instead (see the next test).
+    for shown in decode_errors_on_every_path(&pg.db(1)).await {
+        assert!(
+            shown.contains(
+                "column \"balance\" of table \"accounts\" does not fit field `cents` of the row type"
+            ),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("`i64`") && shown.contains("`int4`"),
+            "{shown}"
+        );
+        assert!(!shown.contains("column 1"), "{shown}");
+    }
+    admin
+        .batch_execute(
+            "ALTER TABLE accounts ALTER COLUMN balance TYPE bigint, \
+             ALTER COLUMN balance DROP NOT NULL; UPDATE accounts SET balance = NULL",
+        )
+        .await
+        .unwrap();
+    for shown in decode_errors_on_every_path(&pg.db(1)).await {
+        assert!(shown.contains("column \"balance\""), "{shown}");
+        assert!(shown.contains("NULL"), "{shown}");
+        assert!(!shown.contains("column 1"), "{shown}");
+    }
+}
+
+#[derive(Debug, rowlock::LockableRow)]
+#[rowlock(table = "accounts", key = "id")]
+struct Noted {
+    id: i64,
+    note: String,
+}
+
+#[tokio::test]
+async fn a_column_widened_under_a_callers_transaction_fails_it_once_and_says_why() {
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(1);
+    let admin = pg.client().await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE accounts ADD COLUMN note varchar(20) NOT NULL DEFAULT 'n'")
+        .await
+        .unwrap();
+    let lock_in_own_transaction = || async {
+        let tx = db.begin(&TransactionOptions::new()).await?;
+        let locked = tx.lock_row::<Noted>(&1, &Lock::new()).await?;
+        tx.commit().await?;
+        Ok::<_, rowlock::Error>(locked)
+    };
+    assert!(lock_in_own_transaction().await.unwrap().is_done());
+    // A compatible change for the row type (a `String` reads both), but the result type of
+    // the statement cached on the pooled connection changes: PostgreSQL refuses it once, and
+    // a caller's transaction cannot be restarted by rowlock.
+    admin
+        .batch_execute("ALTER TABLE accounts ALTER COLUMN note TYPE varchar(50)")
+        .await
+        .unwrap();
+    if pg.pgbouncer_config().is_some() {
+        // Behind PgBouncer statements are prepared per transaction: none is cached to go stale.
+        assert!(lock_in_own_transaction().await.unwrap().is_done());
+        return;
+    }
+    let err = lock_in_own_transaction().await.unwrap_err();
+    assert_eq!(err.sql_state().map(|s| s.code()), Some("0A000"), "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("before a migration changed the type of a column")
+            && shown.contains("running the transaction again succeeds"),
+        "{shown}"
+    );
+    // As it says: the connection prepares its statements again.
+    assert!(lock_in_own_transaction().await.unwrap().is_done());
+    // rowlock's own transactions restart by themselves.
+    admin
+        .batch_execute("ALTER TABLE accounts ALTER COLUMN note TYPE text")
+        .await
+        .unwrap();
+    let outcome = db
+        .with_locked_row(&1, &Lock::new(), |_, n: Noted| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(n.note) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done("n".to_string()));
+}

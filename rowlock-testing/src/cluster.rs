@@ -17,7 +17,7 @@ use super::HarnessError;
 use super::database::TestDatabase;
 
 /// How long the server may take to start before the harness gives up.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Settings for a test cluster: durability off (nothing needs to survive a crash of a
 /// throwaway cluster), enough connections for concurrent tests, loopback only.
@@ -31,27 +31,33 @@ const SERVER_SETTINGS: &[(&str, &str)] = &[
     ("log_min_messages", "warning"),
 ];
 
-/// Watches stdin; when it closes (the owning process exited, however it exited), stops the
-/// PgBouncer whose pid is in `pgbouncer.pid` (if any) and the server whose pid is in
-/// `postmaster.pid`, and removes the cluster's directory.
-const GUARDIAN_SCRIPT: &str = r#"
+/// Watches stdin; when it closes (the owning process exited, however it exited), stops what
+/// runs in the directory and removes it. Every process writes its pid to a file the script
+/// knows, and they stop in an order that leaves nothing to restart anything: failover managers
+/// first (`run/manager-*.pid`: none may start a server again), then poolers and proxies
+/// (`pgbouncer.pid`, `run/proxy-*.pid`), then the servers (`data/postmaster.pid` of the
+/// cluster, or of each node's directory), then the configuration store (`run/store-*.pid`).
+/// Each group is signalled at once, given 10 s, then killed.
+pub(crate) const GUARDIAN_SCRIPT: &str = r#"
 trap '' INT TERM HUP
 dir="$1"
 while read -r _line; do :; done
-bpid=$(head -n 1 "$dir/pgbouncer.pid" 2>/dev/null)
-if [ -n "$bpid" ]; then
-  kill -INT "$bpid" 2>/dev/null
+stop() {
+  sig="$1"; shift; pids=""
+  for f in "$@"; do
+    pid=$(head -n 1 "$f" 2>/dev/null)
+    [ -n "$pid" ] && kill "-$sig" "$pid" 2>/dev/null && pids="$pids $pid"
+  done
   i=0
-  while kill -0 "$bpid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.05; i=$((i+1)); done
-  kill -KILL "$bpid" 2>/dev/null
-fi
-pid=$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null)
-if [ -n "$pid" ]; then
-  kill -QUIT "$pid" 2>/dev/null
-  i=0
-  while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.05; i=$((i+1)); done
-  kill -KILL "$pid" 2>/dev/null
-fi
+  for pid in $pids; do
+    while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+    kill -KILL "$pid" 2>/dev/null
+  done
+}
+stop TERM "$dir"/run/manager-*.pid
+stop INT "$dir"/pgbouncer.pid "$dir"/run/proxy-*.pid
+stop QUIT "$dir"/data/postmaster.pid "$dir"/*/data/postmaster.pid
+stop TERM "$dir"/run/store-*.pid
 rm -rf "$dir"
 "#;
 
@@ -657,14 +663,7 @@ impl Embedded {
 
     /// Runs `path` as the server's user.
     fn command_at(&self, path: &Path) -> Command {
-        match &self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.arg("-u").arg(user).arg("--").arg(path);
-                c
-            }
-            None => Command::new(path),
-        }
+        command_as(self.run_as.as_deref(), path)
     }
 
     fn data(&self) -> PathBuf {
@@ -752,71 +751,16 @@ impl Embedded {
         Ok(())
     }
 
-    /// Writes a PgBouncer configuration next to the cluster and starts PgBouncer on `port`.
+    /// Starts PgBouncer on `port` in front of this cluster's server.
     fn start_pooler(&self, binary: &Path, port: u16) -> Result<(), HarnessError> {
-        let dir = &self.dir;
-        let config = format!(
-            "[databases]\n\
-             * = host=127.0.0.1 port={server}\n\
-             [pgbouncer]\n\
-             listen_addr = 127.0.0.1\n\
-             listen_port = {port}\n\
-             unix_socket_dir =\n\
-             auth_type = trust\n\
-             auth_file = {dir}/pgbouncer.users\n\
-             pool_mode = transaction\n\
-             max_client_conn = 2000\n\
-             default_pool_size = 40\n\
-             max_db_connections = 40\n\
-             pidfile = {dir}/pgbouncer.pid\n\
-             logfile = {dir}/pgbouncer.log\n\
-             log_connections = 0\n\
-             log_disconnections = 0\n\
-             ignore_startup_parameters = extra_float_digits,options\n",
-            server = self.port,
-            dir = dir.display(),
-        );
-        let write = |name: &str, text: &str| {
-            std::fs::write(dir.join(name), text).map_err(|e| io("writing the PgBouncer files", e))
-        };
-        write("pgbouncer.ini", &config)?;
-        write("pgbouncer.users", "\"postgres\" \"\"\n")?;
-        if let Some(user) = &self.run_as {
-            for name in ["pgbouncer.ini", "pgbouncer.users"] {
-                chown(&dir.join(name), user)?;
-            }
-        }
-        let mut child = self
-            .command_at(binary)
-            .arg(dir.join("pgbouncer.ini"))
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| io(&format!("starting {}", binary.display()), e))?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        let log_path = dir.join("pgbouncer.log");
-        loop {
-            if let Some(status) = child.try_wait().map_err(|e| io("checking PgBouncer", e))? {
-                return Err(HarnessError::Start(format!(
-                    "pgbouncer exited during startup ({status}); its log says: {}",
-                    log_tail(&log_path, 0)
-                )));
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(HarnessError::Start(format!(
-                    "pgbouncer did not listen within {START_TIMEOUT:?}; its log says: {}",
-                    log_tail(&log_path, 0)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = start_pgbouncer(
+            &self.dir,
+            self.run_as.as_deref(),
+            binary,
+            port,
+            self.port,
+            "",
+        )?;
         *self.pooler.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
         Ok(())
     }
@@ -902,7 +846,94 @@ impl Embedded {
     }
 }
 
-fn spawn_guardian(dir: &Path) -> Result<(Child, ChildStdin), HarnessError> {
+/// A command running `path` as `user` (through `runuser`), or as this process's user.
+pub(crate) fn command_as(user: Option<&str>, path: &Path) -> Command {
+    match user {
+        Some(user) => {
+            let mut c = Command::new("runuser");
+            c.arg("-u").arg(user).arg("--").arg(path);
+            c
+        }
+        None => Command::new(path),
+    }
+}
+
+/// Writes a PgBouncer configuration into `dir` (transaction pooling, every database to
+/// `127.0.0.1:target`, plus `extra` lines of the `[pgbouncer]` section) and starts PgBouncer on
+/// `port`, as `user`; returns once it listens. It writes its pid to `dir/pgbouncer.pid`, where
+/// the guardian finds it.
+pub(crate) fn start_pgbouncer(
+    dir: &Path,
+    user: Option<&str>,
+    binary: &Path,
+    port: u16,
+    target: u16,
+    extra: &str,
+) -> Result<Child, HarnessError> {
+    let config = format!(
+        "[databases]\n\
+         * = host=127.0.0.1 port={target}\n\
+         [pgbouncer]\n\
+         listen_addr = 127.0.0.1\n\
+         listen_port = {port}\n\
+         unix_socket_dir =\n\
+         auth_type = trust\n\
+         auth_file = {dir}/pgbouncer.users\n\
+         pool_mode = transaction\n\
+         max_client_conn = 2000\n\
+         default_pool_size = 40\n\
+         max_db_connections = 40\n\
+         pidfile = {dir}/pgbouncer.pid\n\
+         logfile = {dir}/pgbouncer.log\n\
+         log_connections = 0\n\
+         log_disconnections = 0\n\
+         ignore_startup_parameters = extra_float_digits,options\n\
+         {extra}",
+        dir = dir.display(),
+    );
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).map_err(|e| io("writing the PgBouncer files", e))
+    };
+    write("pgbouncer.ini", &config)?;
+    write("pgbouncer.users", "\"postgres\" \"\"\n")?;
+    if let Some(user) = user {
+        for name in ["pgbouncer.ini", "pgbouncer.users"] {
+            chown(&dir.join(name), user)?;
+        }
+    }
+    let mut child = command_as(user, binary)
+        .arg(dir.join("pgbouncer.ini"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| io(&format!("starting {}", binary.display()), e))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    let log_path = dir.join("pgbouncer.log");
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| io("checking PgBouncer", e))? {
+            return Err(HarnessError::Start(format!(
+                "pgbouncer exited during startup ({status}); its log says: {}",
+                log_tail(&log_path, 0)
+            )));
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(HarnessError::Start(format!(
+                "pgbouncer did not listen within {START_TIMEOUT:?}; its log says: {}",
+                log_tail(&log_path, 0)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub(crate) fn spawn_guardian(dir: &Path) -> Result<(Child, ChildStdin), HarnessError> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(GUARDIAN_SCRIPT)
@@ -918,7 +949,7 @@ fn spawn_guardian(dir: &Path) -> Result<(Child, ChildStdin), HarnessError> {
     Ok((child, stdin))
 }
 
-fn log_tail(path: &Path, from: u64) -> String {
+pub(crate) fn log_tail(path: &Path, from: u64) -> String {
     let mut text = String::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         use std::io::Seek as _;
@@ -961,11 +992,11 @@ fn self_signed() -> Result<SelfSigned, HarnessError> {
     })
 }
 
-fn io(what: &str, e: std::io::Error) -> HarnessError {
+pub(crate) fn io(what: &str, e: std::io::Error) -> HarnessError {
     HarnessError::Io(format!("{what}: {e}"))
 }
 
-fn free_port() -> Result<u16, HarnessError> {
+pub(crate) fn free_port() -> Result<u16, HarnessError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| io("finding a free port", e))?;
     let port = listener
         .local_addr()
@@ -984,7 +1015,7 @@ pub fn server_bindir() -> Result<PathBuf, HarnessError> {
     find_bindir()
 }
 
-fn find_bindir() -> Result<PathBuf, HarnessError> {
+pub(crate) fn find_bindir() -> Result<PathBuf, HarnessError> {
     if let Some(dir) = std::env::var_os("ROWLOCK_PG_BINDIR") {
         let dir = PathBuf::from(dir);
         if has_server(&dir) {
@@ -1038,7 +1069,7 @@ fn find_bindir() -> Result<PathBuf, HarnessError> {
     })
 }
 
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
+pub(crate) fn command_output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
     out.status
         .success()
@@ -1046,7 +1077,7 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
 }
 
 /// PostgreSQL refuses to run as root: pick an unprivileged user to run it as.
-fn unprivileged_user() -> Result<Option<String>, HarnessError> {
+pub(crate) fn unprivileged_user() -> Result<Option<String>, HarnessError> {
     let uid = command_output("id", &["-u"])
         .ok_or_else(|| HarnessError::Io("could not run `id -u`".into()))?;
     if uid != "0" {
@@ -1071,7 +1102,7 @@ fn unprivileged_user() -> Result<Option<String>, HarnessError> {
     ))
 }
 
-fn find_pgbouncer() -> Result<PathBuf, HarnessError> {
+pub(crate) fn find_pgbouncer() -> Result<PathBuf, HarnessError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
@@ -1087,7 +1118,7 @@ fn find_pgbouncer() -> Result<PathBuf, HarnessError> {
 }
 
 /// Gives `path` to `user` (looked up with `id`).
-fn chown(path: &Path, user: &str) -> Result<(), HarnessError> {
+pub(crate) fn chown(path: &Path, user: &str) -> Result<(), HarnessError> {
     let uid = command_output("id", &["-u", user]).and_then(|s| s.parse::<u32>().ok());
     let gid = command_output("id", &["-g", user]).and_then(|s| s.parse::<u32>().ok());
     let (Some(uid), Some(gid)) = (uid, gid) else {
@@ -1104,7 +1135,7 @@ fn chown(path: &Path, user: &str) -> Result<(), HarnessError> {
 }
 
 /// Gives the cluster directory to `user`, readable by it alone (initdb requires 0700).
-fn chown_dir(dir: &Path, user: &str) -> Result<(), HarnessError> {
+pub(crate) fn chown_dir(dir: &Path, user: &str) -> Result<(), HarnessError> {
     chown(dir, user)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("setting permissions on the cluster directory", e))

@@ -18,6 +18,10 @@
 //!   wait until the server reports a session blocked on a lock, instead of sleeping.
 //! - [`TestCluster::start`], [`TestCluster::restart`], [`TestCluster::terminate_backend`]
 //!   serve fault tests.
+//! - [`HaStack`] starts the high-availability stack teams run (etcd, two Patroni nodes with
+//!   synchronous replication, HAProxy routing one address to the primary, optionally
+//!   PgBouncer in front) for switchover and failover tests: `patronictl switchover`, a node
+//!   killed, a node rejoining.
 //!
 //! ```no_run
 //! use rowlock_testing::{TestCluster, wait_for_blocked_by};
@@ -41,6 +45,7 @@
 
 mod cluster;
 mod database;
+mod ha;
 pub mod interleave;
 mod wait;
 
@@ -48,6 +53,7 @@ use std::time::Duration;
 
 pub use cluster::{StopMode, TestCluster, server_bindir};
 pub use database::{Session, TestDatabase};
+pub use ha::{FAST_TIMING, HaStack, HaTiming};
 pub use wait::{wait_for_blocked_by, wait_until_blocked};
 
 /// Why the harness could not provide a server or finish a helper.
@@ -93,8 +99,9 @@ use cluster::connect;
 /// ```
 ///
 /// The function is `async`; it takes nothing, a [`rowlock::Db`] (a pool of 4 connections) or
-/// a [`TestDatabase`], and may return a `Result`. `setup_file = "path"` (relative to the
-/// crate's `Cargo.toml`) reads the setup from a file. Each test runs on a multi-threaded
+/// a [`TestDatabase`], and may return a `Result`. `setup` is any `&str` expression (a literal,
+/// or a `const` several tests share); `setup_file = "path"` (relative to the crate's
+/// `Cargo.toml`) reads the setup from a file. Each test runs on a multi-threaded
 /// Tokio runtime of its own, with the shared cluster ([`TestCluster::shared`]). Other
 /// attributes (`#[ignore]`, …) are kept.
 pub use rowlock::__test_attribute as test;

@@ -200,9 +200,10 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
 /// ```
 ///
 /// The function is `async`, takes nothing, a `rowlock::Db` or a
-/// `rowlock_testing::TestDatabase`, and may return a `Result`. `setup = "SQL"` (or
-/// `setup_file = "path"`, relative to the crate's `Cargo.toml`) runs once on a template that
-/// every test's fresh database copies. Other attributes (`#[ignore]`, …) are kept.
+/// `rowlock_testing::TestDatabase`, and may return a `Result`. `setup = "SQL"` (any `&str`
+/// expression: a literal or a `const` several tests share), or `setup_file = "path"`
+/// (relative to the crate's `Cargo.toml`), runs once on a template that every test's fresh
+/// database copies. Other attributes (`#[ignore]`, …) are kept.
 #[proc_macro_attribute]
 pub fn test(attr: TokenStream, item: TokenStream) -> TokenStream {
     match expand_test(attr.into(), item.into()) {
@@ -219,7 +220,8 @@ fn expand_test(
     let mut setup = quote!("");
     let parser = syn::meta::parser(|meta| {
         if meta.path.is_ident("setup") {
-            let sql: LitStr = meta.value()?.parse()?;
+            // Any `&str` expression: a literal, a `const` several tests share, `concat!`.
+            let sql: syn::Expr = meta.value()?.parse()?;
             setup = quote!(#sql);
             Ok(())
         } else if meta.path.is_ident("setup_file") {
@@ -231,7 +233,9 @@ fn expand_test(
             )));
             Ok(())
         } else {
-            Err(meta.error("expected `setup = \"SQL\"` or `setup_file = \"path\"`"))
+            Err(meta.error(
+                "expected `setup = \"SQL\"` (or a `&str` constant) or `setup_file = \"path\"`",
+            ))
         }
     });
     syn::parse::Parser::parse2(parser, attr)?;
@@ -265,7 +269,8 @@ fn expand_test(
         #[::core::prelude::v1::test]
         #(#attrs)*
         #vis fn #name() #output {
-            ::rowlock_testing::__private::run(#setup, |#pattern: #ty| async move #body)
+            let setup: &str = #setup;
+            ::rowlock_testing::__private::run(setup, |#pattern: #ty| async move #body)
         }
     })
 }

@@ -209,6 +209,25 @@ async fn each_test_gets_its_own_copy_of_the_template(
     Ok(())
 }
 
+/// A schema several tests share, as a constant (not only a literal).
+const SHOP: &str = "CREATE SCHEMA shop;
+    CREATE TABLE shop.orders (id bigint PRIMARY KEY, status text NOT NULL);
+    INSERT INTO shop.orders VALUES (1, 'new');";
+
+#[rowlock_testing::test(setup = SHOP)]
+async fn the_setup_may_be_a_constant(db: rowlock::Db) {
+    let status: String = db
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT status FROM shop.orders WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "new");
+}
+
 #[rowlock_testing::test]
 async fn without_setup_the_database_is_empty(db: rowlock::Db) {
     let tables: i64 = db

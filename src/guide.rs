@@ -12,7 +12,7 @@
 //! | [`savepoints`] | your own transaction, savepoints, repository functions |
 //! | [`migrations`] | `ALTER TABLE` while connections are pooled |
 //! | [`pgbouncer`] | PgBouncer in transaction pooling mode |
-//! | [`high_availability`] | failover, read-only servers, unknown commits |
+//! | [`high_availability`] | Patroni, etcd and HAProxy (and PgBouncer): settings and measured failovers; multi-host URLs; unknown commits |
 //! | [`round_trips`] | what each call costs on the wire |
 //! | [`testing`] | the test harness and deterministic interleavings |
 

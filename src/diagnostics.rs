@@ -95,6 +95,8 @@ impl fmt::Display for Blocker {
 pub(crate) struct BlockerQuery<'a> {
     sql: String,
     params: Vec<&'a (dyn ToSql + Sync)>,
+    /// Parameters after `params` that the query owns (arrays of several keys).
+    arrays: Vec<Box<dyn ToSql + Sync + Send + 'a>>,
 }
 
 impl fmt::Debug for BlockerQuery<'_> {
@@ -121,7 +123,14 @@ impl<'a> BlockerQuery<'a> {
                 "{SELECT}a.backend_xid IN (SELECT xmax FROM {table} {filter}) ORDER BY a.xact_start"
             ),
             params,
+            arrays: Vec::new(),
         }
+    }
+
+    /// The same query with `arrays` as its parameters after the borrowed ones.
+    pub(crate) fn with_arrays(mut self, arrays: Vec<Box<dyn ToSql + Sync + Send + 'a>>) -> Self {
+        self.arrays = arrays;
+        self
     }
 
     /// Holders of the advisory lock whose `pg_locks` key is (`classid`, `objid`, `objsubid`).
@@ -134,6 +143,7 @@ impl<'a> BlockerQuery<'a> {
                  AND l.objid = $2::int8::oid AND l.objsubid = $3::int8) ORDER BY a.xact_start"
             ),
             params: key.iter().map(|k| k as &(dyn ToSql + Sync)).collect(),
+            arrays: Vec::new(),
         }
     }
 
@@ -143,8 +153,9 @@ impl<'a> BlockerQuery<'a> {
     }
 
     /// Its parameters.
-    pub(crate) fn params(&self) -> &[&'a (dyn ToSql + Sync)] {
-        &self.params
+    pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let arrays = self.arrays.iter().map(|a| &**a as &(dyn ToSql + Sync));
+        self.params.iter().copied().chain(arrays).collect()
     }
 }
 

@@ -183,10 +183,11 @@ pub trait Key: private::Sealed + Clone + Ord + Debug + Send + Sync + 'static {
     const ARITY: usize;
     /// Pushes this key's values, in key-column order.
     fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>);
-    /// Several keys of one column as one array parameter (`= ANY($1)`), so that one statement
-    /// serves any number of keys; `None` for composite keys.
+    /// Several keys as one array parameter per key column (`= ANY($1)` for one column,
+    /// `unnest($1, $2, …)` for a composite key), so that one statement serves any number of
+    /// keys.
     #[doc(hidden)]
-    fn array(keys: &[Self]) -> Option<Box<dyn ToSql + Sync + Send + '_>>;
+    fn arrays(keys: &[Self]) -> Vec<Box<dyn ToSql + Sync + Send + '_>>;
 }
 
 impl<T: KeyValue> private::Sealed for T {}
@@ -196,8 +197,8 @@ impl<T: KeyValue> Key for T {
     fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
         out.push(self);
     }
-    fn array(keys: &[Self]) -> Option<Box<dyn ToSql + Sync + Send + '_>> {
-        Some(Box::new(keys.iter().collect::<Vec<&T>>()))
+    fn arrays(keys: &[Self]) -> Vec<Box<dyn ToSql + Sync + Send + '_>> {
+        vec![Box::new(keys.iter().collect::<Vec<&T>>())]
     }
 }
 
@@ -209,8 +210,8 @@ macro_rules! tuple_keys {
             fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
                 $(out.push(&self.$i);)+
             }
-            fn array(_: &[Self]) -> Option<Box<dyn ToSql + Sync + Send + '_>> {
-                None
+            fn arrays(keys: &[Self]) -> Vec<Box<dyn ToSql + Sync + Send + '_>> {
+                vec![$(Box::new(keys.iter().map(|k| &k.$i).collect::<Vec<&$t>>())),+]
             }
         }
     )*};
@@ -440,24 +441,38 @@ impl Names {
             .clone()
     }
 
-    /// The number of keys a statement for `count` keys is written for: any number of keys of
-    /// one column share one statement (an array parameter; 0 here), composite keys are listed
-    /// one by one.
+    /// The number of keys a statement for `count` keys is written for: one, or any number
+    /// (array parameters; 0 here).
     fn statement_count(&self, count: usize) -> usize {
-        if self.keys.len() == 1 && count > 1 {
-            0
-        } else {
-            count
-        }
+        if count > 1 { 0 } else { count }
     }
 
-    /// `WHERE` for `count` keys as [`Key::array`] and [`Key::push_params`] bind them: `= $1`
-    /// for one key, `= ANY($1)` for several keys of one column, an `IN` list for composite
-    /// keys.
+    /// `WHERE` for `count` keys as [`Key::push_params`] (one key) and [`Key::arrays`] (several)
+    /// bind them: `= $1` (or `= ($1, $2)`) for one key; for several, `= ANY($1)` for a key of
+    /// one column, and for a composite key the rows of `unnest($1, $2, …)`, one array per key
+    /// column. Each array is typed by its column: `COALESCE($i, ARRAY[(NULL::<table>).<col>])`
+    /// makes the server infer `$i` as an array of the column's type (a bare `unnest($1, $2)`
+    /// has no type to infer), with no lookup of the table's types; the parameter is never
+    /// `NULL`, so the `COALESCE` never picks its second argument.
     pub(crate) fn where_bound_keys(&self, count: usize) -> String {
-        match self.statement_count(count) {
-            0 => format!("WHERE {} = ANY($1)", self.keys[0]),
-            n => self.where_keys(n),
+        match (self.statement_count(count), self.keys.len()) {
+            (0, 1) => format!("WHERE {} = ANY($1)", self.keys[0]),
+            (0, _) => {
+                let arrays: Vec<String> = self
+                    .keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, key)| {
+                        format!("COALESCE(${}, ARRAY[(NULL::{}).{key}])", i + 1, self.table)
+                    })
+                    .collect();
+                format!(
+                    "WHERE {} IN (SELECT * FROM unnest({}))",
+                    self.key_tuple(),
+                    arrays.join(", ")
+                )
+            }
+            (n, _) => self.where_keys(n),
         }
     }
 
@@ -529,7 +544,7 @@ impl Names {
     /// the key, the keys (one array), or one column of a composite key.
     pub(crate) fn key_param(&self, index: usize, array: bool) -> String {
         match self.keys.len() {
-            _ if array => format!("a key of {}", self.table),
+            1 if array => format!("a key of {}", self.table),
             1 => format!("the key of {}", self.table),
             n => format!("key column {} of {}", self.keys[index % n], self.table),
         }
@@ -652,14 +667,23 @@ mod tests {
             "WHERE (\"a\", \"b\") IN (($1, $2), ($3, $4))"
         );
         assert_eq!(n.order_by(), "ORDER BY \"a\", \"b\"");
-        // Composite keys are listed; keys of one column are one array parameter.
-        assert_eq!(n.where_bound_keys(2), n.where_keys(2));
+        // Several keys are one array parameter per key column, typed by the column.
+        assert_eq!(
+            n.where_bound_keys(2),
+            "WHERE (\"a\", \"b\") IN (SELECT * FROM unnest(\
+             COALESCE($1, ARRAY[(NULL::\"pairs\").\"a\"]), \
+             COALESCE($2, ARRAY[(NULL::\"pairs\").\"b\"])))"
+        );
+        assert_eq!(n.where_bound_keys(999), n.where_bound_keys(2));
         let one = Names::render::<Single>().unwrap();
         assert_eq!(one.where_bound_keys(1), "WHERE \"id\" = $1");
         assert_eq!(one.where_bound_keys(2), "WHERE \"id\" = ANY($1)");
         assert_eq!(one.where_bound_keys(999), "WHERE \"id\" = ANY($1)");
-        assert!(<(i64, String)>::array(&[(1, "x".into())]).is_none());
-        assert!(i64::array(&[1, 2]).is_some());
+        assert_eq!(
+            <(i64, String)>::arrays(&[(1, "x".into()), (2, "y".into())]).len(),
+            2
+        );
+        assert_eq!(i64::arrays(&[1, 2]).len(), 1);
         let key = (7_i64, "x".to_string());
         let mut params = Vec::new();
         key.push_params(&mut params);

@@ -25,9 +25,6 @@ use crate::outcome::{Outcome, RowRef};
 use crate::row::{Columns, Key, LockableRow, Names, decode_row, decode_rows};
 use crate::transaction::Transaction;
 
-/// PostgreSQL's limit on bind parameters in one statement.
-const MAX_PARAMS: usize = u16::MAX as usize;
-
 /// The reply to the locking statement, before the caller sees it.
 enum LockReply {
     Rows(Vec<Row>),
@@ -216,12 +213,12 @@ impl Transaction {
         let columns = self.columns_for(names).await?;
         // ORDER BY makes PostgreSQL lock in key order, so overlapping callers cannot deadlock.
         let sql = names.lock_sql(options, keys.len(), &columns);
-        let array = (keys.len() > 1).then(|| R::Key::array(keys)).flatten();
-        let params = bind_keys(keys, array.as_deref());
+        let arrays = key_arrays(keys);
+        let params = bind_keys(keys, &arrays);
         let reply = self.lock_query(&sql, &params, options, in_callers_tx);
         let reply = reply.await.map_err(|e| {
             self.missing_column(names, e, &sql, &columns)
-                .misfit_named(|i| names.key_param(i, array.is_some()))
+                .misfit_named(|i| names.key_param(i, !arrays.is_empty()))
         })?;
         let rows = match reply.rows_or(Outcome::LockNotAvailable, Outcome::LockTimeout) {
             Ok(rows) => rows,
@@ -244,10 +241,8 @@ impl Transaction {
             return Ok(Outcome::NotFound(refs::<R>(&missing)));
         }
         let exists = {
-            let array = (missing.len() > 1)
-                .then(|| R::Key::array(&missing))
-                .flatten();
-            let params = bind_keys(&missing, array.as_deref());
+            let arrays = key_arrays(&missing);
+            let params = bind_keys(&missing, &arrays);
             self.existing::<R>(names, &columns, missing.len(), &params)
                 .await?
         };
@@ -340,21 +335,29 @@ impl Transaction {
     }
 }
 
-/// The parameters of a statement for `keys` written by [`Names::where_bound_keys`]: the keys
-/// as one array (`array`, when [`Key::array`] gave one), or each key's values in turn.
+/// Several keys as arrays, one per key column ([`Key::arrays`]); none for one key.
+fn key_arrays<K: Key>(keys: &[K]) -> Vec<Box<dyn ToSql + Sync + Send + '_>> {
+    if keys.len() > 1 {
+        K::arrays(keys)
+    } else {
+        Vec::new()
+    }
+}
+
+/// The parameters of a statement for `keys` written by [`Names::where_bound_keys`]: the
+/// `arrays` of several keys, or one key's values.
 fn bind_keys<'a, K: Key>(
     keys: &'a [K],
-    array: Option<&'a (dyn ToSql + Sync + Send)>,
+    arrays: &'a [Box<dyn ToSql + Sync + Send + 'a>],
 ) -> Vec<&'a (dyn ToSql + Sync)> {
-    match array {
-        Some(array) => vec![array as &(dyn ToSql + Sync)],
-        None => {
-            let mut params = Vec::with_capacity(keys.len() * K::ARITY);
-            for key in keys {
-                key.push_params(&mut params);
-            }
-            params
+    if arrays.is_empty() {
+        let mut params = Vec::with_capacity(K::ARITY);
+        for key in keys {
+            key.push_params(&mut params);
         }
+        params
+    } else {
+        arrays.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect()
     }
 }
 
@@ -391,14 +394,8 @@ pub(crate) fn sorted_keys<R: LockableRow>(keys: &[R::Key]) -> Result<Vec<R::Key>
             "no keys given: pass at least one key to lock",
         ));
     }
+    // Any number of keys: several keys travel as one array parameter per key column.
     let set: BTreeSet<R::Key> = keys.iter().cloned().collect();
-    let params = set.len() * <R::Key as Key>::ARITY;
-    if params > MAX_PARAMS {
-        return Err(Error::invalid(format!(
-            "{} keys need {params} bind parameters; PostgreSQL allows at most {MAX_PARAMS}",
-            set.len()
-        )));
-    }
     Ok(set.into_iter().collect())
 }
 
@@ -579,11 +576,15 @@ impl<R: LockableRow> LockStep for RowsLock<'_, R> {
         if !self.options.find_blockers {
             return None;
         }
-        let mut params = Vec::with_capacity(self.keys.len() * self.names.keys.len());
-        for key in self.keys {
-            key.push_params(&mut params);
+        // The same `WHERE` as the locking statement: one key's values, or arrays of several.
+        let filter = self.names.where_bound_keys(self.keys.len());
+        let arrays = key_arrays(self.keys);
+        let mut params = Vec::new();
+        if arrays.is_empty() {
+            for key in self.keys {
+                key.push_params(&mut params);
+            }
         }
-        let filter = self.names.where_keys(self.keys.len());
-        Some(BlockerQuery::rows(&self.names.table, &filter, params))
+        Some(BlockerQuery::rows(&self.names.table, &filter, params).with_arrays(arrays))
     }
 }

@@ -164,14 +164,14 @@ async fn rollback_and_look_up(
         .await
         .ok()?;
     let rows = if close_before_commit {
-        let rows = conn.query(&statement, query.params()).await;
+        let rows = conn.query(&statement, &query.params()).await;
         drop(statement);
         conn.batch_execute("COMMIT").await.ok()?;
         rows.ok()?
     } else {
         Flush::new(conn)
             .after(Side::Simple("COMMIT"))
-            .send(conn.query(&statement, query.params()))
+            .send(conn.query(&statement, &query.params()))
             .await
             .ok()?
     };

@@ -57,6 +57,76 @@ async fn locking_one_to_a_thousand_keys_prepares_a_bounded_set_of_statements() {
     );
 }
 
+/// A seat: a composite key of an integer and a text.
+#[derive(rowlock::LockableRow, Debug)]
+#[rowlock(table = "seats", key("show", "seat"))]
+struct Seat {
+    show: i32,
+    seat: String,
+}
+
+/// Composite keys too: one array per key column, so 1 to 1,000 keys share one statement (and
+/// more keys than PostgreSQL's 65,535 bind parameters would allow as a list).
+#[tokio::test]
+async fn locking_one_to_a_thousand_composite_keys_prepares_a_bounded_set_of_statements() {
+    let (pg, _) = accounts(0).await;
+    pg.client()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE seats (show int, seat varchar(8), PRIMARY KEY (show, seat));
+             INSERT INTO seats SELECT g % 7, 'S' || g FROM generate_series(1, 40000) g;",
+        )
+        .await
+        .unwrap();
+    let db = pg.db(1);
+    let key = |g: i32| (g % 7, format!("S{g}"));
+    for mode in [LockMode::Wait, LockMode::SkipLocked] {
+        let options = Lock::new().mode(mode);
+        for n in (1..=1000).step_by(7).chain([1000]) {
+            let mut wanted: Vec<(i32, String)> = (1..=n).map(key).collect();
+            if n % 2 == 0 {
+                wanted.push((99, format!("S{n}"))); // no such row
+            }
+            let outcome = db
+                .with_locked_rows(&wanted, &options, |_, rows: Vec<Seat>| {
+                    Box::pin(async move {
+                        let keys: Vec<(i32, String)> =
+                            rows.into_iter().map(|s| (s.show, s.seat)).collect();
+                        Ok::<_, rowlock::Error>(keys)
+                    })
+                })
+                .await
+                .unwrap();
+            match outcome {
+                Outcome::Done(got) => {
+                    let mut expected: Vec<(i32, String)> = (1..=n).map(key).collect();
+                    expected.sort();
+                    assert_eq!(got, expected, "{n} keys, in key order");
+                }
+                Outcome::NotFound(missing) => {
+                    assert_eq!(missing, vec![RowRef::of::<Seat>(&(99, format!("S{n}")))])
+                }
+                other => panic!("{n} keys: {other:?}"),
+            }
+        }
+    }
+    let prepared = prepared_on(&db).await;
+    assert!(
+        prepared <= 7,
+        "{prepared} statements prepared on one connection"
+    );
+    // 40,000 composite keys: 80,000 values, past the 65,535 parameters of one statement.
+    let all: Vec<(i32, String)> = (1..=40_000).map(key).collect();
+    let locked = db
+        .with_locked_rows(&all, &Lock::new(), |_, rows: Vec<Seat>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(locked, Outcome::Done(40_000));
+}
+
 #[tokio::test]
 async fn ten_thousand_distinct_filter_values_share_one_statement() {
     let (pg, _) = accounts(3).await;

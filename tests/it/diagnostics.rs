@@ -111,6 +111,72 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
     assert_eq!(status.size, status.available, "{status:?}");
 }
 
+/// A seat: a composite key.
+#[derive(rowlock::LockableRow, Debug)]
+#[rowlock(table = "seats", key("show", "seat"))]
+struct Seat {
+    show: i32,
+    seat: String,
+}
+
+/// Several rows: the lookup selects the same rows as the locking statement (arrays of keys,
+/// one per key column), for a key of one column and a composite key.
+#[tokio::test]
+async fn a_set_of_rows_names_the_holder_of_any_of_them() {
+    let (pg, db) = accounts(3).await;
+    let (holder, pid) = holder(&pg).await;
+    let nowait = Lock::no_wait().find_blockers(true);
+    let outcome = db
+        .with_locked_rows(&[3, 1, 2], &nowait, |_, _: Vec<Account>| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
+    let Outcome::LockNotAvailable(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let pids: Vec<i32> = err.blockers().unwrap().iter().map(|b| b.pid).collect();
+    assert_eq!(pids, [pid]);
+
+    pg.client()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE seats (show int, seat text, PRIMARY KEY (show, seat));
+             INSERT INTO seats VALUES (1, 'A1'), (1, 'A2'), (2, 'A1');",
+        )
+        .await
+        .unwrap();
+    holder
+        .batch_execute("SELECT * FROM seats WHERE show = 2 AND seat = 'A1' FOR UPDATE")
+        .await
+        .unwrap();
+    let keys = [
+        (1, "A2".to_string()),
+        (2, "A1".to_string()),
+        (1, "A1".to_string()),
+    ];
+    let outcome = db
+        .with_locked_rows(&keys, &nowait, |_, _: Vec<Seat>| {
+            Box::pin(async { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap();
+    let Outcome::LockNotAvailable(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let pids: Vec<i32> = err.blockers().unwrap().iter().map(|b| b.pid).collect();
+    assert_eq!(pids, [pid]);
+    // The rows nobody holds are free.
+    let outcome = db
+        .with_locked_rows(&keys[..1], &nowait, |_, seats: Vec<Seat>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(seats.len()) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done(1));
+}
+
 #[tokio::test]
 async fn advisory_lock_contention_names_the_holder() {
     let (pg, db) = accounts(1).await;

@@ -105,8 +105,9 @@ impl Transaction {
     /// Duplicate keys are locked once. All rows or none: if a key has no row,
     /// [`Outcome::NotFound`] lists the missing rows; with `SkipLocked`,
     /// [`Outcome::Skipped`] lists the rows locked elsewhere (any rows that were locked stay
-    /// locked until this transaction ends). An empty key list, or more keys
-    /// than PostgreSQL can bind, gives [`ErrorKind::InvalidArgument`] before anything is sent.
+    /// locked until this transaction ends). An empty key list gives
+    /// [`ErrorKind::InvalidArgument`] before anything is sent; any number of keys is one
+    /// statement (an array parameter per key column).
     pub async fn lock_rows<R: LockableRow>(
         &self,
         keys: &[R::Key],
@@ -492,10 +493,10 @@ impl Db {
     ///
     /// All rows or none: `f` runs only when every key was locked. Duplicate keys are locked
     /// once. Missing rows give [`Outcome::NotFound`] listing them; with `SkipLocked`, rows
-    /// locked elsewhere give [`Outcome::Skipped`] listing them. An empty key list, or more
-    /// keys than PostgreSQL can bind, is refused with
-    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) before a connection
-    /// is taken. Retries, drops and errors as for
+    /// locked elsewhere give [`Outcome::Skipped`] listing them. An empty key list is refused
+    /// with [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) before a
+    /// connection is taken; any number of keys is one statement (an array parameter per key
+    /// column). Retries, drops and errors as for
     /// [`Db::with_locked_row`](Self::with_locked_row).
     pub async fn with_locked_rows<'a, R, T, E, F>(
         &self,

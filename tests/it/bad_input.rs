@@ -125,12 +125,6 @@ async fn invalid_arguments_are_refused_before_taking_a_connection() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    let too_many: Vec<i64> = (0..70_000).collect();
-    let err = db
-        .with_locked_rows(&too_many, &Lock::new(), ok::<Vec<Account>>)
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     let bad_tx = TransactionOptions::new().lock_timeout(Duration::ZERO);
     let err = db
         .with_transaction(&bad_tx, |_| Box::pin(async { Ok::<_, rowlock::Error>(()) }))

@@ -14,7 +14,7 @@
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use futures_util::FutureExt as _;
 use futures_util::future::join3;
@@ -127,14 +127,14 @@ impl<'a> Flush<'a> {
     /// Sends `side` before the main request (after the side requests already added).
     #[must_use]
     pub(crate) fn before(mut self, side: Side<'a>) -> Self {
-        self.before.push(side);
+        self.before.push(side, self.conn);
         self
     }
 
     /// Sends `side` after the main request (after the side requests already added).
     #[must_use]
     pub(crate) fn after(mut self, side: Side<'a>) -> Self {
-        self.after.push(side);
+        self.after.push(side, self.conn);
         self
     }
 
@@ -191,19 +191,19 @@ fn first_failure<T>(
 }
 
 /// Side requests: the first inline (the common case is one `BEGIN` or one `SET LOCAL`), more
-/// in a vector.
+/// in a vector, as the futures that send them (`None` once finished).
 #[derive(Default)]
 struct Sides<'a> {
     first: Option<Side<'a>>,
-    rest: Vec<Side<'a>>,
+    rest: Vec<Option<Request<'a>>>,
 }
 
 impl<'a> Sides<'a> {
-    fn push(&mut self, side: Side<'a>) {
+    fn push(&mut self, side: Side<'a>, conn: &'a Client) {
         if self.first.is_none() {
             self.first = Some(side);
         } else {
-            self.rest.push(side);
+            self.rest.push(Some(side.boxed(conn)));
         }
     }
 
@@ -219,44 +219,38 @@ impl<'a> Sides<'a> {
             };
             return sent.err().map(|e| (0, e));
         }
-        let requests = std::iter::once(first)
-            .chain(self.rest)
-            .map(|side| side.boxed(conn))
-            .collect();
-        all_in_order(requests)
-            .await
-            .into_iter()
-            .enumerate()
-            .find_map(|(i, r)| r.err().map(|e| (i, e)))
+        let mut first = Some(first.boxed(conn));
+        let mut rest = self.rest;
+        all_in_order(&mut first, &mut rest).await
     }
 }
 
-/// Polls `future` unless it already finished; true while it is pending.
-fn poll_into<F: Future + ?Sized>(
-    future: Pin<&mut F>,
-    out: &mut Option<F::Output>,
-    cx: &mut Context<'_>,
-) -> bool {
-    if out.is_some() {
-        return false;
-    }
-    match future.poll(cx) {
-        Poll::Ready(v) => {
-            *out = Some(v);
-            false
-        }
-        Poll::Pending => true,
-    }
-}
-
-/// Polls every future, every time, in index order (unlike fair joins, which rotate their
-/// starting point); returns their outputs in the same order.
-async fn all_in_order<F: Future + ?Sized>(mut futures: Vec<Pin<Box<F>>>) -> Vec<F::Output> {
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+/// Polls every request, every time, in index order (unlike fair joins, which rotate their
+/// starting point), each until it finishes (its slot is then emptied); the first failure in
+/// index order, if any. Allocates nothing: the requests are already in their slots.
+async fn all_in_order<'a>(
+    first: &mut Option<Request<'a>>,
+    rest: &mut [Option<Request<'a>>],
+) -> Option<(usize, PgError)> {
+    let mut failed: Option<(usize, PgError)> = None;
     poll_fn(|cx| {
         let mut pending = false;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            pending |= poll_into(future.as_mut(), output, cx);
+        for (i, slot) in std::iter::once(&mut *first)
+            .chain(rest.iter_mut())
+            .enumerate()
+        {
+            let Some(request) = slot else { continue };
+            match request.as_mut().poll(cx) {
+                Poll::Pending => pending = true,
+                Poll::Ready(result) => {
+                    *slot = None;
+                    if let Err(e) = result
+                        && failed.as_ref().is_none_or(|(at, _)| i < *at)
+                    {
+                        failed = Some((i, e));
+                    }
+                }
+            }
         }
         if pending {
             Poll::Pending
@@ -265,7 +259,7 @@ async fn all_in_order<F: Future + ?Sized>(mut futures: Vec<Pin<Box<F>>>) -> Vec<
         }
     })
     .await;
-    outputs.into_iter().flatten().collect()
+    failed
 }
 
 #[cfg(test)]
@@ -274,24 +268,31 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     #[tokio::test]
-    async fn first_polls_happen_in_order_and_outputs_keep_it() {
+    async fn first_polls_happen_in_order_and_every_request_finishes() {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let futures = (0..40)
+        let finished = Arc::new(Mutex::new(Vec::new()));
+        let mut requests: Vec<Option<Request<'_>>> = (0..40)
             .map(|i| {
-                let log = log.clone();
-                Box::pin(async move {
+                let (log, finished) = (log.clone(), finished.clone());
+                let request: Request<'_> = Box::pin(async move {
                     log.lock().unwrap().push(i);
                     // Yield a different number of times so completions interleave.
                     for _ in 0..(40 - i) % 3 {
                         tokio::task::yield_now().await;
                     }
-                    i * 2
-                })
+                    finished.lock().unwrap().push(i);
+                    Ok(())
+                });
+                Some(request)
             })
             .collect();
-        let out = all_in_order(futures).await;
-        assert_eq!(out, (0..40).map(|i| i * 2).collect::<Vec<_>>());
+        let mut first = requests.remove(0);
+        assert!(all_in_order(&mut first, &mut requests).await.is_none());
         assert_eq!(*log.lock().unwrap(), (0..40).collect::<Vec<_>>());
+        let mut done = finished.lock().unwrap().clone();
+        done.sort();
+        assert_eq!(done, (0..40).collect::<Vec<_>>());
+        assert!(first.is_none() && requests.iter().all(Option::is_none));
     }
 
     #[tokio::test]

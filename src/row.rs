@@ -450,10 +450,12 @@ impl Names {
     /// `WHERE` for `count` keys as [`Key::push_params`] (one key) and [`Key::arrays`] (several)
     /// bind them: `= $1` (or `= ($1, $2)`) for one key; for several, `= ANY($1)` for a key of
     /// one column, and for a composite key the rows of `unnest($1, $2, …)`, one array per key
-    /// column. Each array is typed by its column: `COALESCE($i, ARRAY[(NULL::<table>).<col>])`
-    /// makes the server infer `$i` as an array of the column's type (a bare `unnest($1, $2)`
-    /// has no type to infer), with no lookup of the table's types; the parameter is never
-    /// `NULL`, so the `COALESCE` never picks its second argument.
+    /// column. Each array is typed by its column (a bare `unnest($1, $2)` has no type to
+    /// infer), with no lookup of the table's types:
+    /// `COALESCE($i, ARRAY[COALESCE((NULL::<table>).<col>, NULL)])` makes the server infer
+    /// `$i` as an array of the column's type, and of its base type when the column is of a
+    /// domain (the inner `COALESCE`), as `<col> = $i` infers the base type for one key. The
+    /// parameter is never `NULL`, so the outer `COALESCE` never picks its second argument.
     pub(crate) fn where_bound_keys(&self, count: usize) -> String {
         match (self.statement_count(count), self.keys.len()) {
             (0, 1) => format!("WHERE {} = ANY($1)", self.keys[0]),
@@ -463,7 +465,11 @@ impl Names {
                     .iter()
                     .enumerate()
                     .map(|(i, key)| {
-                        format!("COALESCE(${}, ARRAY[(NULL::{}).{key}])", i + 1, self.table)
+                        format!(
+                            "COALESCE(${}, ARRAY[COALESCE((NULL::{}).{key}, NULL)])",
+                            i + 1,
+                            self.table
+                        )
                     })
                     .collect();
                 format!(
@@ -671,8 +677,8 @@ mod tests {
         assert_eq!(
             n.where_bound_keys(2),
             "WHERE (\"a\", \"b\") IN (SELECT * FROM unnest(\
-             COALESCE($1, ARRAY[(NULL::\"pairs\").\"a\"]), \
-             COALESCE($2, ARRAY[(NULL::\"pairs\").\"b\"])))"
+             COALESCE($1, ARRAY[COALESCE((NULL::\"pairs\").\"a\", NULL)]), \
+             COALESCE($2, ARRAY[COALESCE((NULL::\"pairs\").\"b\", NULL)])))"
         );
         assert_eq!(n.where_bound_keys(999), n.where_bound_keys(2));
         let one = Names::render::<Single>().unwrap();

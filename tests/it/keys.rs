@@ -175,3 +175,67 @@ async fn a_uuid_and_date_composite_key_locks_several_rows_in_key_order() {
         Outcome::NotFound(vec![RowRef::of::<Shift>(&(uuid(2), day(9)))])
     );
 }
+
+/// A slot of a room: key columns of domain types (over `bigint` and `varchar`).
+#[derive(rowlock::LockableRow, Debug, PartialEq)]
+#[rowlock(table = "slots", key("room", "slot"))]
+struct Slot {
+    room: i64,
+    slot: String,
+}
+
+/// A room: a key column of a domain type.
+#[derive(rowlock::LockableRow, Debug, PartialEq)]
+#[rowlock(table = "rooms", key = "id")]
+struct Room {
+    id: i64,
+}
+
+/// Key columns of domain types bind their base types' Rust values, one key or several, on
+/// a key of one column and a composite key (several composite keys travel as arrays typed by
+/// their columns: a domain's array would not take a `Vec<i64>`).
+#[tokio::test]
+async fn key_columns_of_domain_types_take_their_base_types_values() {
+    let (_pg, db) = crate::support::database(
+        "CREATE DOMAIN room_id AS bigint CHECK (VALUE > 0);
+             CREATE DOMAIN slot_name AS varchar(10);
+             CREATE TABLE rooms (id room_id PRIMARY KEY);
+             CREATE TABLE slots (room room_id, slot slot_name, PRIMARY KEY (room, slot));
+             INSERT INTO rooms VALUES (1), (2);
+             INSERT INTO slots VALUES (1, 'a'), (1, 'b'), (2, 'a');",
+        1,
+    )
+    .await;
+    let slot = |room: i64, slot: &str| Slot {
+        room,
+        slot: slot.to_string(),
+    };
+    let keys = [
+        (2, "a".to_string()),
+        (1, "b".to_string()),
+        (1, "z".to_string()),
+    ];
+    for (wanted, expected) in [
+        (&keys[..1], Outcome::Done(vec![slot(2, "a")])),
+        (&keys[..2], Outcome::Done(vec![slot(1, "b"), slot(2, "a")])),
+        (
+            &keys[..],
+            Outcome::NotFound(vec![RowRef::of::<Slot>(&keys[2])]),
+        ),
+    ] {
+        let outcome = db
+            .with_locked_rows(wanted, &Lock::new(), |_, slots: Vec<Slot>| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(slots) })
+            })
+            .await
+            .unwrap();
+        assert_eq!(outcome, expected, "{wanted:?}");
+    }
+    let outcome = db
+        .with_locked_rows(&[2, 1], &Lock::new(), |_, rooms: Vec<Room>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(rooms) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done(vec![Room { id: 1 }, Room { id: 2 }]));
+}

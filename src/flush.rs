@@ -244,10 +244,10 @@ async fn all_in_order<'a>(
                 Poll::Pending => pending = true,
                 Poll::Ready(result) => {
                     *slot = None;
-                    if let Err(e) = result
-                        && failed.as_ref().is_none_or(|(at, _)| i < *at)
-                    {
-                        failed = Some((i, e));
+                    if let Err(e) = result {
+                        if failed.as_ref().is_none_or(|(at, _)| i < *at) {
+                            failed = Some((i, e));
+                        }
                     }
                 }
             }

@@ -393,6 +393,59 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
     assert_eq!(taken, "me");
 }
 
+/// Several composite keys of a schema-qualified, mixed-case table (one array per key column,
+/// typed through the quoted table name) with a row held elsewhere: `SkipLocked` names the
+/// held row, or the missing one when there is one; `NoWait` is busy.
+#[tokio::test]
+async fn composite_keys_skip_or_refuse_a_row_held_elsewhere() {
+    let (pg, db) = accounts(0).await;
+    let client = pg.client().await.unwrap();
+    client
+        .batch_execute(
+            r#"CREATE SCHEMA booking;
+               CREATE TABLE booking."Seats" (show int, seat text, taken_by text,
+                                             PRIMARY KEY (show, seat));
+               INSERT INTO booking."Seats" VALUES (1, 'A1', NULL), (1, 'A2', NULL), (2, 'A1', NULL);"#,
+        )
+        .await
+        .unwrap();
+    let holder = pg.client().await.unwrap();
+    holder
+        .batch_execute(
+            r#"BEGIN; SELECT * FROM booking."Seats" WHERE show = 1 AND seat = 'A2' FOR UPDATE"#,
+        )
+        .await
+        .unwrap();
+    let held = (1, "A2".to_string());
+    let missing = (3, "Z9".to_string());
+    let free = [(1, "A1".to_string()), (2, "A1".to_string())];
+    let run = |keys: Vec<(i32, String)>, lock: Lock| {
+        let db = db.clone();
+        async move {
+            db.with_locked_rows(&keys, &lock, |_, seats: Vec<Seat>| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(seats.len()) })
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let skip = Lock::new().mode(LockMode::SkipLocked);
+    let mut keys = free.to_vec();
+    keys.push(held.clone());
+    assert_eq!(
+        run(keys.clone(), skip.clone()).await,
+        Outcome::Skipped(vec![rowlock::RowRef::of::<Seat>(&held)])
+    );
+    keys.push(missing.clone());
+    assert_eq!(
+        run(keys.clone(), skip.clone()).await,
+        Outcome::NotFound(vec![rowlock::RowRef::of::<Seat>(&missing)])
+    );
+    let busy = run(keys, Lock::no_wait()).await;
+    assert!(matches!(busy, Outcome::LockNotAvailable(_)), "{busy:?}");
+    assert_eq!(run(free.to_vec(), skip).await, Outcome::Done(2));
+}
+
 #[tokio::test]
 async fn lock_rows_inside_an_open_transaction_and_queued_writes_commit_together() {
     let (pg, db) = accounts(3).await;

@@ -478,7 +478,7 @@ impl Names {
                     arrays.join(", ")
                 )
             }
-            (n, _) => self.where_keys(n),
+            _ => format!("WHERE {}", self.key_equals()),
         }
     }
 
@@ -565,24 +565,13 @@ impl Names {
         }
     }
 
-    /// `$i` or `($i, $i+1)` for the key at position `index` (0-based).
-    pub(crate) fn key_placeholders(&self, index: usize) -> String {
-        let n = self.keys.len();
-        let ps: Vec<String> = (0..n).map(|j| format!("${}", index * n + j + 1)).collect();
-        if n == 1 {
-            ps[0].clone()
+    /// `<key> = $1` or `(<a>, <b>) = ($1, $2)`: one key, bound by [`Key::push_params`].
+    pub(crate) fn key_equals(&self) -> String {
+        let ps: Vec<String> = (1..=self.keys.len()).map(|j| format!("${j}")).collect();
+        if ps.len() == 1 {
+            format!("{} = {}", self.key_tuple(), ps[0])
         } else {
-            format!("({})", ps.join(", "))
-        }
-    }
-
-    /// `WHERE <key> = <params>` for one key, or `WHERE <key> IN (...)` for `count` keys.
-    pub(crate) fn where_keys(&self, count: usize) -> String {
-        if count == 1 {
-            format!("WHERE {} = {}", self.key_tuple(), self.key_placeholders(0))
-        } else {
-            let list: Vec<String> = (0..count).map(|i| self.key_placeholders(i)).collect();
-            format!("WHERE {} IN ({})", self.key_tuple(), list.join(", "))
+            format!("{} = ({})", self.key_tuple(), ps.join(", "))
         }
     }
 
@@ -667,11 +656,7 @@ mod tests {
     #[test]
     fn composite_key_sql() {
         let n = Names::render::<Pair>().unwrap();
-        assert_eq!(n.where_keys(1), "WHERE (\"a\", \"b\") = ($1, $2)");
-        assert_eq!(
-            n.where_keys(2),
-            "WHERE (\"a\", \"b\") IN (($1, $2), ($3, $4))"
-        );
+        assert_eq!(n.where_bound_keys(1), "WHERE (\"a\", \"b\") = ($1, $2)");
         assert_eq!(n.order_by(), "ORDER BY \"a\", \"b\"");
         // Several keys are one array parameter per key column, typed by the column.
         assert_eq!(

@@ -314,6 +314,16 @@ fn probe_wrote(writes: &Writes, port: i32, after: Instant) -> Option<Instant> {
         .min()
 }
 
+/// rowlock's calls succeeded on the new primary within one connection attempt and one retry
+/// pause (and slack) of the hand-written client's first write there: `lag` is how much later.
+fn assert_resumed(lag: Duration) {
+    assert!(
+        lag <= RESUME_SLACK,
+        "calls succeed on the new primary within one connection attempt and one retry pause \
+         of a hand-written client's first write there ({lag:?} later)"
+    );
+}
+
 /// Waits until `f` holds, or panics naming `what` after `timeout`.
 async fn until<F, Fut>(timeout: Duration, what: &str, mut f: F)
 where
@@ -391,30 +401,33 @@ async fn node_client(stack: &HaStack, name: &str) -> rowlock::tokio_postgres::Cl
     client
 }
 
+/// The rows of a two-column query, collected.
+async fn pairs<A, B, C>(client: &rowlock::tokio_postgres::Client, sql: &str) -> C
+where
+    A: for<'r> rowlock::tokio_postgres::types::FromSql<'r>,
+    B: for<'r> rowlock::tokio_postgres::types::FromSql<'r>,
+    C: FromIterator<(A, B)>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// Every call reported done is on the primary `leader`; returns how many were checked.
 async fn assert_nothing_lost(stack: &HaStack, leader: &str, log: &Mutex<Log>) -> usize {
     let client = node_client(stack, leader).await;
-    let acks: BTreeSet<(i32, i32)> = client
-        .query("SELECT task, seq FROM acks", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let taken: BTreeMap<i64, Option<i32>> = client
-        .query("SELECT id, owner FROM tickets WHERE status = 'taken'", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let done: BTreeMap<i64, Option<i32>> = client
-        .query("SELECT id, worker FROM jobs WHERE status = 'done'", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let acks: BTreeSet<(i32, i32)> = pairs(&client, "SELECT task, seq FROM acks").await;
+    let taken: BTreeMap<i64, Option<i32>> = pairs(
+        &client,
+        "SELECT id, owner FROM tickets WHERE status = 'taken'",
+    )
+    .await;
+    let done: BTreeMap<i64, Option<i32>> =
+        pairs(&client, "SELECT id, worker FROM jobs WHERE status = 'done'").await;
     let log = log.lock().unwrap();
     let (mut checked, mut lost) = (0, Vec::new());
     for call in &log.calls {
@@ -608,11 +621,7 @@ async fn scenario(pgbouncer: bool) {
          failed: {:?}; longest call {:.1?}",
         s.first_success, s.calls, s.failed, s.longest
     );
-    assert!(
-        lag <= RESUME_SLACK,
-        "calls succeed on the new primary within one connection attempt and one retry pause \
-         of a hand-written client's first write there"
-    );
+    assert_resumed(lag);
     assert!(s.longest <= bound, "a call outlived its timeouts");
     assert_only_unknown_outcomes("switchover", &s.failed);
 
@@ -642,11 +651,7 @@ async fn scenario(pgbouncer: bool) {
          first write there); {} calls, failed: {:?}; longest call {:.1?}",
         f.first_success, f.calls, f.failed, f.longest
     );
-    assert!(
-        lag <= RESUME_SLACK,
-        "calls succeed on the new primary within one connection attempt and one retry pause \
-         of a hand-written client's first write there"
-    );
+    assert_resumed(lag);
     assert!(f.longest <= bound, "a call outlived its timeouts");
     assert_only_unknown_outcomes("failover", &f.failed);
 

@@ -552,7 +552,7 @@ impl<R: LockableRow> LockStep for RowLock<'_, R> {
         self.key.push_params(&mut params);
         Some(BlockerQuery::rows(
             &self.names.table,
-            &self.names.where_keys(1),
+            &self.names.where_bound_keys(1),
             params,
         ))
     }

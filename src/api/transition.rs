@@ -239,7 +239,7 @@ impl Transition {
             )));
         }
         let table = &names.table;
-        let key = format!("{} = {}", names.key_tuple(), names.key_placeholders(0));
+        let key = names.key_equals();
         let returning = names.returning(&columns.quoted);
         let select = &columns.select;
         let changed = if guards.is_empty() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use rowlock::tokio_postgres::{Client, NoTls};
 use rowlock::{AdvisoryKey, Lock, Outcome, RetryPolicy};
 
-use crate::support::{Account, accounts};
+use crate::support::{Account, Seat, accounts};
 
 /// A session with its own application_name, holding row 1 of `accounts` in an open
 /// transaction, and the advisory lock 77.
@@ -111,14 +111,6 @@ async fn lock_not_available_and_lock_timeout_name_the_holder() {
     assert_eq!(status.size, status.available, "{status:?}");
 }
 
-/// A seat: a composite key.
-#[derive(rowlock::LockableRow, Debug)]
-#[rowlock(table = "seats", key("show", "seat"))]
-struct Seat {
-    show: i32,
-    seat: String,
-}
-
 /// Several rows: the lookup selects the same rows as the locking statement (arrays of keys,
 /// one per key column), for a key of one column and a composite key.
 #[tokio::test]
@@ -126,17 +118,20 @@ async fn a_set_of_rows_names_the_holder_of_any_of_them() {
     let (pg, db) = accounts(3).await;
     let (holder, pid) = holder(&pg).await;
     let nowait = Lock::no_wait().find_blockers(true);
+    // The pids an outcome names as holders; it must be busy.
+    let holders = |outcome: Outcome<()>| -> Vec<i32> {
+        let Outcome::LockNotAvailable(err) = outcome else {
+            panic!("{outcome:?}")
+        };
+        err.blockers().unwrap().iter().map(|b| b.pid).collect()
+    };
     let outcome = db
         .with_locked_rows(&[3, 1, 2], &nowait, |_, _: Vec<Account>| {
             Box::pin(async { Ok::<_, rowlock::Error>(()) })
         })
         .await
         .unwrap();
-    let Outcome::LockNotAvailable(err) = outcome else {
-        panic!("{outcome:?}")
-    };
-    let pids: Vec<i32> = err.blockers().unwrap().iter().map(|b| b.pid).collect();
-    assert_eq!(pids, [pid]);
+    assert_eq!(holders(outcome), [pid]);
 
     pg.client()
         .await
@@ -162,11 +157,7 @@ async fn a_set_of_rows_names_the_holder_of_any_of_them() {
         })
         .await
         .unwrap();
-    let Outcome::LockNotAvailable(err) = outcome else {
-        panic!("{outcome:?}")
-    };
-    let pids: Vec<i32> = err.blockers().unwrap().iter().map(|b| b.pid).collect();
-    assert_eq!(pids, [pid]);
+    assert_eq!(holders(outcome), [pid]);
     // The rows nobody holds are free.
     let outcome = db
         .with_locked_rows(&keys[..1], &nowait, |_, seats: Vec<Seat>| {

@@ -340,9 +340,8 @@ impl LockableRow for Seat {
     }
 }
 
-#[tokio::test]
-async fn composite_keys_in_a_qualified_mixed_case_table() {
-    let (pg, db) = accounts(0).await;
+/// Creates `booking."Seats"` with three seats (the last taken); a client on the database.
+async fn booking(pg: &rowlock_testing::TestDatabase) -> rowlock::tokio_postgres::Client {
     let client = pg.client().await.unwrap();
     client
         .batch_execute(
@@ -353,6 +352,13 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
         )
         .await
         .unwrap();
+    client
+}
+
+#[tokio::test]
+async fn composite_keys_in_a_qualified_mixed_case_table() {
+    let (pg, db) = accounts(0).await;
+    let client = booking(&pg).await;
     let outcome = db
         .with_locked_row(&(1, "A2".to_string()), &Lock::new(), |tx, s: Seat| {
             Box::pin(async move {
@@ -399,16 +405,7 @@ async fn composite_keys_in_a_qualified_mixed_case_table() {
 #[tokio::test]
 async fn composite_keys_skip_or_refuse_a_row_held_elsewhere() {
     let (pg, db) = accounts(0).await;
-    let client = pg.client().await.unwrap();
-    client
-        .batch_execute(
-            r#"CREATE SCHEMA booking;
-               CREATE TABLE booking."Seats" (show int, seat text, taken_by text,
-                                             PRIMARY KEY (show, seat));
-               INSERT INTO booking."Seats" VALUES (1, 'A1', NULL), (1, 'A2', NULL), (2, 'A1', NULL);"#,
-        )
-        .await
-        .unwrap();
+    booking(&pg).await;
     let holder = pg.client().await.unwrap();
     holder
         .batch_execute(

@@ -2,7 +2,7 @@
 
 use rowlock::{Lock, LockMode, Outcome, RowRef};
 
-use crate::support::{Account, accounts};
+use crate::support::{Account, Seat, accounts};
 
 /// rowlock's statements prepared on the one connection of `db`, seen from inside it.
 async fn prepared_on(db: &rowlock::Db) -> i64 {
@@ -55,14 +55,6 @@ async fn locking_one_to_a_thousand_keys_prepares_a_bounded_set_of_statements() {
         prepared <= 7,
         "{prepared} statements prepared on one connection"
     );
-}
-
-/// A seat: a composite key of an integer and a text.
-#[derive(rowlock::LockableRow, Debug)]
-#[rowlock(table = "seats", key("show", "seat"))]
-struct Seat {
-    show: i32,
-    seat: String,
 }
 
 /// Composite keys too: one array per key column, so 1 to 1,000 keys share one statement (and

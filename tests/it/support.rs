@@ -49,6 +49,15 @@ impl LockableRow for Account {
     }
 }
 
+/// A seat of a show: a composite key of an integer and a text (table `seats`, which each
+/// test creates with the column types it needs).
+#[derive(rowlock::LockableRow, Debug)]
+#[rowlock(table = "seats", key("show", "seat"))]
+pub struct Seat {
+    pub show: i32,
+    pub seat: String,
+}
+
 /// A fresh database on which `schema` (any `;`-separated SQL) has run, and a db of
 /// `pool_size` connections to it.
 pub async fn database(schema: &str, pool_size: usize) -> (TestDatabase, Db) {

@@ -11,16 +11,19 @@
 //! call on an already prepared statement, or a simple-query string); one that awaits a reply
 //! before sending more would let the side requests after it overtake it.
 
+use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::Poll;
 
+use bytes::{Buf as _, BufMut as _, BytesMut};
 use futures_util::FutureExt as _;
-use futures_util::future::join3;
+use futures_util::future::{join, join3};
+use smallvec::SmallVec;
 
 use crate::error::TransactionRef;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Format, IsNull, ToSql, Type};
 use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
 type PgError = tokio_postgres::Error;
@@ -44,8 +47,6 @@ pub(crate) enum Side<'a> {
     /// `BEGIN …` (with its `SET LOCAL`s) that ends in a `SELECT` of the transaction id
     /// (column `xid`) and/or the server process id (`pid`); they are stored in the cells.
     BeginReporting(&'a str, &'a Reported),
-    /// A prepared statement with owned parameters (a write queued for `COMMIT`).
-    Execute(&'a Statement, &'a [Box<dyn ToSql + Send + Sync>]),
 }
 
 impl<'a> Side<'a> {
@@ -79,15 +80,207 @@ impl<'a> Side<'a> {
                 }
                 Ok(())
             }),
-            Side::Execute(statement, params) => Box::pin(async move {
-                let params = params.iter().map(|p| &**p as &(dyn ToSql + Sync));
-                conn.execute_raw(statement, params).await.map(|_| ())
-            }),
         }
     }
 }
 
 type Request<'a> = Pin<Box<dyn Future<Output = Result<(), PgError>> + Send + 'a>>;
+
+/// Writes queued to go out with `COMMIT`, each value encoded when it is queued.
+///
+/// A value is encoded at once, with its statement's parameter type, into one buffer as the
+/// `Bind` message will carry it (format, length or -1 for `NULL`, bytes): the caller may
+/// borrow it, a value of the wrong type fails the call that queues it (and nothing is
+/// queued), and a queued write costs no allocation of its own. Sending replays the bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Writes {
+    /// Each write's statement and where its parameters end in `bytes`.
+    queued: SmallVec<[(Statement, usize); INLINE_WRITES]>,
+    bytes: BytesMut,
+}
+
+/// Queued writes a transaction holds, and sends, without a list on the heap.
+const INLINE_WRITES: usize = 4;
+
+/// Why a write could not be queued.
+#[derive(Debug)]
+pub(crate) enum Misfit {
+    /// The statement takes `expected` parameters.
+    Count { expected: usize, given: usize },
+    /// The value at this position (0-based) does not fit its parameter's type.
+    Value(usize, Box<dyn StdError + Send + Sync>),
+}
+
+impl Writes {
+    /// Queues `statement` with `params`, encoded now. On a misfit nothing is queued.
+    pub(crate) fn push(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(), Misfit> {
+        let types = statement.params();
+        if params.len() != types.len() {
+            return Err(Misfit::Count {
+                expected: types.len(),
+                given: params.len(),
+            });
+        }
+        if self.bytes.capacity() == 0 {
+            // One allocation for the usual few values, instead of one per growth step.
+            self.bytes.reserve(256);
+        }
+        let start = self.bytes.len();
+        for (i, (value, ty)) in params.iter().zip(types).enumerate() {
+            if let Err(e) = self.encode(*value, ty) {
+                self.bytes.truncate(start);
+                return Err(Misfit::Value(i, e));
+            }
+        }
+        self.queued.push((statement.clone(), self.bytes.len()));
+        Ok(())
+    }
+
+    fn encode(
+        &mut self,
+        value: &(dyn ToSql + Sync),
+        ty: &Type,
+    ) -> Result<(), Box<dyn StdError + Send + Sync>> {
+        let binary = matches!(value.encode_format(ty), Format::Binary);
+        self.bytes.put_u8(u8::from(binary));
+        let at = self.bytes.len();
+        self.bytes.put_i32(-1);
+        if let IsNull::No = value.to_sql_checked(ty, &mut self.bytes)? {
+            let len = i32::try_from(self.bytes.len() - at - 4)
+                .map_err(|_| "a value longer than 2 GiB cannot be a parameter")?;
+            self.bytes[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        } else {
+            self.bytes.truncate(at + 4);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queued.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queued.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.queued.clear();
+        self.bytes.clear();
+    }
+
+    /// Each write: its statement and its encoded parameters.
+    fn iter(&self) -> impl Iterator<Item = (&Statement, Encoded<'_>)> {
+        let mut start = 0;
+        self.queued.iter().map(move |(statement, end)| {
+            let bytes = &self.bytes[start..*end];
+            start = *end;
+            let left = statement.params().len();
+            (statement, Encoded { bytes, left })
+        })
+    }
+}
+
+/// One write's encoded parameters, as values tokio-postgres binds.
+struct Encoded<'a> {
+    bytes: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for Encoded<'a> {
+    type Item = Raw<'a>;
+
+    fn next(&mut self) -> Option<Raw<'a>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let binary = self.bytes.get_u8() == 1;
+        let len = self.bytes.get_i32();
+        let value = usize::try_from(len).ok().map(|len| {
+            let (value, rest) = self.bytes.split_at(len);
+            self.bytes = rest;
+            value
+        });
+        Some(Raw { binary, value })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Encoded<'_> {}
+
+/// A value encoded when its write was queued (already checked against its type then).
+#[derive(Debug)]
+struct Raw<'a> {
+    binary: bool,
+    value: Option<&'a [u8]>,
+}
+
+impl ToSql for Raw<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match self.value {
+            Some(bytes) => {
+                out.put_slice(bytes);
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn to_sql_checked(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        self.to_sql(ty, out)
+    }
+
+    fn encode_format(&self, _: &Type) -> Format {
+        if self.binary {
+            Format::Binary
+        } else {
+            Format::Text
+        }
+    }
+}
+
+/// Sends every queued write, first-polling them in order; the first failure (index and
+/// error), if any. Up to [`INLINE_WRITES`] writes need no list on the heap.
+async fn send_writes(conn: &Client, writes: Option<&Writes>) -> Option<(usize, PgError)> {
+    let writes = writes.filter(|w| !w.is_empty())?;
+    if writes.len() == 1 {
+        let (statement, params) = writes.iter().next()?;
+        return conn
+            .execute_raw(statement, params)
+            .await
+            .err()
+            .map(|e| (0, e));
+    }
+    let mut requests = writes
+        .iter()
+        .map(|(statement, params)| Some(conn.execute_raw(statement, params).map(|r| r.map(drop))));
+    if writes.len() <= INLINE_WRITES {
+        let slots: [Option<_>; INLINE_WRITES] = std::array::from_fn(|_| requests.next().flatten());
+        let mut slots = std::pin::pin!(slots);
+        return all_in_order(slots.as_mut()).await;
+    }
+    let slots: Box<[_]> = requests.collect();
+    all_in_order(Box::into_pin(slots).as_mut()).await
+}
 
 /// Where a failed request stood in its flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +301,12 @@ pub(crate) struct Failed {
     pub(crate) at: At,
 }
 
-/// Requests to send in one flush, in order: side requests, the main request, side requests.
+/// Requests to send in one flush, in order: side requests, queued writes, the main request,
+/// side requests.
 pub(crate) struct Flush<'a> {
     conn: &'a Client,
     before: Sides<'a>,
+    writes: Option<&'a Writes>,
     after: Sides<'a>,
 }
 
@@ -120,6 +315,7 @@ impl<'a> Flush<'a> {
         Flush {
             conn,
             before: Sides::default(),
+            writes: None,
             after: Sides::default(),
         }
     }
@@ -128,6 +324,13 @@ impl<'a> Flush<'a> {
     #[must_use]
     pub(crate) fn before(mut self, side: Side<'a>) -> Self {
         self.before.push(side, self.conn);
+        self
+    }
+
+    /// Sends the queued `writes` after the side requests before the main one.
+    #[must_use]
+    pub(crate) fn writes(mut self, writes: &'a Writes) -> Self {
+        self.writes = Some(writes);
         self
     }
 
@@ -148,17 +351,20 @@ impl<'a> Flush<'a> {
         self,
         main: impl Future<Output = Result<T, PgError>> + 'a,
     ) -> impl Future<Output = Result<T, Failed>> + 'a {
-        // `join3` polls its futures in argument order, every time (unlike `tokio::join!`,
-        // which rotates its starting point): the order the requests are written in.
-        join3(
+        let sides_before = self.before.len();
+        // `join` and `join3` poll their futures in argument order, every time (unlike
+        // `tokio::join!`, which rotates its starting point): the order the requests are
+        // written in.
+        let before = join(
             self.before.send(self.conn),
-            main,
-            self.after.send(self.conn),
+            send_writes(self.conn, self.writes),
         )
-        .map(|(before, main, after)| first_failure(before, main, after))
+        .map(move |(sides, writes)| sides.or(writes.map(|(i, e)| (sides_before + i, e))));
+        join3(before, main, self.after.send(self.conn))
+            .map(|(before, main, after)| first_failure(before, main, after))
     }
 
-    /// Sends only the side requests.
+    /// Sends only the side requests and writes.
     pub(crate) fn send_sides(self) -> impl Future<Output = Result<(), Failed>> + 'a {
         self.send(std::future::ready(Ok(())))
     }
@@ -190,60 +396,66 @@ fn first_failure<T>(
     }
 }
 
-/// Side requests: the first inline (the common case is one `BEGIN` or one `SET LOCAL`), more
-/// in a vector, as the futures that send them (`None` once finished).
+/// Side requests: the first inline (the common case is one `BEGIN` or one `SET LOCAL`); once
+/// there are more, all of them in a vector, as the futures that send them (`None` once
+/// finished).
 #[derive(Default)]
 struct Sides<'a> {
     first: Option<Side<'a>>,
-    rest: Vec<Option<Request<'a>>>,
+    all: Vec<Option<Request<'a>>>,
 }
 
 impl<'a> Sides<'a> {
     fn push(&mut self, side: Side<'a>, conn: &'a Client) {
-        if self.first.is_none() {
+        if self.first.is_none() && self.all.is_empty() {
             self.first = Some(side);
-        } else {
-            self.rest.push(Some(side.boxed(conn)));
+            return;
         }
+        if let Some(first) = self.first.take() {
+            self.all.push(Some(first.boxed(conn)));
+        }
+        self.all.push(Some(side.boxed(conn)));
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.all.len()
     }
 
     /// Sends every side request, first-polling them in order; the first failure (index and
     /// error), if any.
     async fn send(self, conn: &'a Client) -> Option<(usize, PgError)> {
-        let first = self.first?;
-        if self.rest.is_empty() {
-            // The common case (one `BEGIN`, `SET LOCAL` or queued write): no list.
+        if let Some(first) = self.first {
+            // The common case (one `BEGIN` or `SET LOCAL`): no list.
             let sent = match first {
                 Side::Simple(sql) => conn.batch_execute(sql).await,
                 other => other.boxed(conn).await,
             };
             return sent.err().map(|e| (0, e));
         }
-        let mut first = Some(first.boxed(conn));
-        let mut rest = self.rest;
-        all_in_order(&mut first, &mut rest).await
+        let mut all = self.all;
+        all_in_order(Pin::new(&mut all[..])).await
     }
 }
 
 /// Polls every request, every time, in index order (unlike fair joins, which rotate their
 /// starting point), each until it finishes (its slot is then emptied); the first failure in
 /// index order, if any. Allocates nothing: the requests are already in their slots.
-async fn all_in_order<'a>(
-    first: &mut Option<Request<'a>>,
-    rest: &mut [Option<Request<'a>>],
-) -> Option<(usize, PgError)> {
+async fn all_in_order<F>(mut slots: Pin<&mut [Option<F>]>) -> Option<(usize, PgError)>
+where
+    F: Future<Output = Result<(), PgError>>,
+{
     let mut failed: Option<(usize, PgError)> = None;
     poll_fn(|cx| {
         let mut pending = false;
-        for (i, slot) in std::iter::once(&mut *first)
-            .chain(rest.iter_mut())
-            .enumerate()
-        {
-            let Some(request) = slot else { continue };
-            match request.as_mut().poll(cx) {
+        for i in 0..slots.len() {
+            let mut slot = pinned::slot(slots.as_mut(), i);
+            let Some(request) = slot.as_mut().as_pin_mut() else {
+                continue;
+            };
+            match request.poll(cx) {
                 Poll::Pending => pending = true,
                 Poll::Ready(result) => {
-                    *slot = None;
+                    slot.set(None);
                     if let Err(e) = result {
                         if failed.as_ref().is_none_or(|(at, _)| i < *at) {
                             failed = Some((i, e));
@@ -260,6 +472,20 @@ async fn all_in_order<'a>(
     })
     .await;
     failed
+}
+
+/// The crate's one `unsafe` code: pinning projected from a slice to one element, which the
+/// standard library does not offer (futures-util's `join_all` does the same inside).
+#[allow(unsafe_code)]
+mod pinned {
+    use std::pin::Pin;
+
+    /// The element at `i` of a pinned slice, pinned. Panics if `i` is out of bounds.
+    pub(super) fn slot<T>(slice: Pin<&mut [T]>, i: usize) -> Pin<&mut T> {
+        // SAFETY: an element of a pinned slice is itself pinned: a slice never moves its
+        // elements, and nothing here moves one out (the `&mut` is re-pinned at once).
+        unsafe { slice.map_unchecked_mut(|s| &mut s[i]) }
+    }
 }
 
 #[cfg(test)]
@@ -286,13 +512,12 @@ mod tests {
                 Some(request)
             })
             .collect();
-        let mut first = requests.remove(0);
-        assert!(all_in_order(&mut first, &mut requests).await.is_none());
+        assert!(all_in_order(Pin::new(&mut requests[..])).await.is_none());
         assert_eq!(*log.lock().unwrap(), (0..40).collect::<Vec<_>>());
         let mut done = finished.lock().unwrap().clone();
         done.sort();
         assert_eq!(done, (0..40).collect::<Vec<_>>());
-        assert!(first.is_none() && requests.iter().all(Option::is_none));
+        assert!(requests.iter().all(Option::is_none));
     }
 
     #[tokio::test]

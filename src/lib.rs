@@ -1,6 +1,6 @@
 #![doc = include_str!("../README.md")]
 #![doc = include_str!("../docs/layout.md")]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(
     missing_docs,
     missing_debug_implementations,

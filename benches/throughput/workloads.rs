@@ -606,9 +606,9 @@ pub async fn with_rowlock(
                             let assign = tx.prepare_cached(ASSIGN).await?;
                             let accept = tx.prepare_cached(ACCEPT).await?;
                             let reject = tx.prepare_cached(REJECT).await?;
-                            tx.execute_on_commit(&assign, vec![Box::new(p.id)]);
-                            tx.execute_on_commit(&accept, vec![Box::new(proposal)]);
-                            tx.execute_on_commit(&reject, vec![Box::new(p.id), Box::new(proposal)]);
+                            tx.execute_on_commit(&assign, &[&p.id])?;
+                            tx.execute_on_commit(&accept, &[&proposal])?;
+                            tx.execute_on_commit(&reject, &[&p.id, &proposal])?;
                         }
                         Ok::<_, rowlock::Error>(())
                     })
@@ -639,7 +639,7 @@ pub async fn with_rowlock(
                 .with_locked_row(&id, &Lock::new(), |tx, c: Counter| {
                     Box::pin(async move {
                         let bump = tx.prepare_cached(BUMP).await?;
-                        tx.execute_on_commit(&bump, vec![Box::new(c.id)]);
+                        tx.execute_on_commit(&bump, &[&c.id])?;
                         Ok::<_, rowlock::Error>(())
                     })
                 })
@@ -687,7 +687,7 @@ pub async fn with_rowlock(
                             let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
                             let n = ids.len() as i64;
                             let mark = tx.prepare_cached(MARK_DONE).await?;
-                            tx.execute_on_commit(&mark, vec![Box::new(ids)]);
+                            tx.execute_on_commit(&mark, &[&ids])?;
                             Ok::<_, rowlock::Error>(n)
                         })
                     },

@@ -214,17 +214,23 @@ struct Inner {
     attempts: Option<u32>,
     transaction_id: Option<u64>,
     transaction: Option<TransactionRef>,
-    source: Option<Box<dyn StdError + Send + Sync>>,
+    source: Option<Source>,
     /// Who held the lock, when gathered.
     blockers: Option<Vec<Blocker>>,
     /// The rows a statement that could not lock asked for.
-    rows: Vec<RowRef>,
+    rows: smallvec::SmallVec<[RowRef; 1]>,
     /// Preparing the statement again (after asking the server for the table's columns again)
     /// cures it: see [`Error::is_stale_plan`].
     stale: bool,
     /// For a value that did not fit its parameter's type: its position among the statement's
     /// parameters (0-based), for the caller to name it, and why it did not fit.
     misfit: Option<(usize, String)>,
+}
+
+/// An error's cause: the driver's error as it came (no second box), or any other.
+enum Source {
+    Driver(tokio_postgres::Error),
+    Boxed(Box<dyn StdError + Send + Sync>),
 }
 
 impl Error {
@@ -240,7 +246,7 @@ impl Error {
                 transaction: None,
                 source: None,
                 blockers: None,
-                rows: Vec::new(),
+                rows: smallvec::SmallVec::new(),
                 stale: false,
                 misfit: None,
             }),
@@ -270,8 +276,21 @@ impl Error {
     }
 
     pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
-        self.inner.source = Some(Box::new(source));
+        self.inner.source = Some(Source::Boxed(Box::new(source)));
         self
+    }
+
+    /// The driver's error as the cause, kept as it is (it is a box already).
+    fn with_driver_source(mut self, source: tokio_postgres::Error) -> Self {
+        self.inner.source = Some(Source::Driver(source));
+        self
+    }
+
+    fn source_ref(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
+        match self.inner.source.as_ref()? {
+            Source::Driver(e) => Some(e),
+            Source::Boxed(e) => Some(&**e),
+        }
     }
 
     pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {
@@ -356,12 +375,20 @@ impl Error {
                     .err()
                     .map(|cause| (i, cause.to_string()))
             });
-        let Some(misfit) = found else {
+        let Some((index, cause)) = found else {
             return self;
         };
-        let mut e = Error::new(ErrorKind::InvalidArgument);
+        let mut e = Error::misfit(index, cause);
         e.inner.step = self.inner.step;
-        e.inner.misfit = Some(misfit);
+        e
+    }
+
+    /// [`ErrorKind::InvalidArgument`] for the value at `index` (0-based) among a statement's
+    /// parameters, which does not fit its type for `cause`; named by its position until the
+    /// caller names it with [`misfit_named`](Self::misfit_named).
+    pub(crate) fn misfit(index: usize, cause: impl fmt::Display) -> Self {
+        let mut e = Error::new(ErrorKind::InvalidArgument);
+        e.inner.misfit = Some((index, cause.to_string()));
         e.misfit_named(|i| format!("parameter {}", i + 1))
     }
 
@@ -377,20 +404,23 @@ impl Error {
     /// This error's own cause (the driver's error), for an error that replaces it: the new
     /// error takes the cause over instead of wrapping this one, so nothing is printed twice.
     pub(crate) fn into_source(self) -> Option<Box<dyn StdError + Send + Sync>> {
-        self.inner.source
+        match self.inner.source? {
+            Source::Driver(e) => Some(Box::new(e)),
+            Source::Boxed(e) => Some(e),
+        }
     }
 
     pub(crate) fn with_boxed_source(
         mut self,
         source: Option<Box<dyn StdError + Send + Sync>>,
     ) -> Self {
-        self.inner.source = source;
+        self.inner.source = source.map(Source::Boxed);
         self
     }
 
     /// Names the rows the statement that failed asked for (a lock it could not take).
-    pub(crate) fn about_rows(mut self, rows: Vec<RowRef>) -> Self {
-        self.inner.rows = rows;
+    pub(crate) fn about_rows(mut self, rows: impl IntoIterator<Item = RowRef>) -> Self {
+        self.inner.rows = rows.into_iter().collect();
         self
     }
 
@@ -442,7 +472,7 @@ impl Error {
         let err = Error::new(kind)
             .at(step)
             .with_sql_state(state)
-            .with_source(e);
+            .with_driver_source(e);
         if stale {
             // What the server's words do not say: why, and what cures it.
             return err.with_detail(
@@ -555,7 +585,7 @@ impl Error {
     /// The driver's error, when the cause is one (a server error, a lost connection, a value
     /// that could not be converted). `Display` already prints its message.
     pub fn as_driver_error(&self) -> Option<&tokio_postgres::Error> {
-        self.inner.source.as_deref()?.downcast_ref()
+        self.source_ref()?.downcast_ref()
     }
 
     /// True for failures that a fresh attempt of the whole transaction, on a fresh connection,
@@ -631,8 +661,8 @@ impl fmt::Debug for Error {
         if let Some(blockers) = &self.inner.blockers {
             d.field("blockers", blockers);
         }
-        if let Some(source) = &self.inner.source {
-            d.field("source", source);
+        if let Some(source) = self.source_ref() {
+            d.field("source", &source);
         }
         d.finish()
     }
@@ -687,9 +717,7 @@ impl Error {
     /// blockers…). `Display` prints it after the number of attempts, so a log line of `{e}`
     /// says why the calls kept failing.
     pub fn last_attempt(&self) -> Option<&Error> {
-        self.inner
-            .source
-            .as_deref()
+        self.source_ref()
             .and_then(|s| s.downcast_ref::<Error>())
             .filter(|_| self.inner.kind == ErrorKind::RetriesExhausted)
     }
@@ -697,9 +725,7 @@ impl Error {
     /// Whether this error's cause is a rowlock error that already prints the same SQLSTATE
     /// (a retry policy's last failure): then `Display` leaves it to the cause.
     fn cause_prints_state(&self) -> bool {
-        self.inner
-            .source
-            .as_deref()
+        self.source_ref()
             .and_then(|s| s.downcast_ref::<Error>())
             .is_some_and(|cause| cause.sql_state() == self.sql_state())
     }
@@ -736,7 +762,7 @@ impl StdError for Error {
             return last.source();
         }
         // A driver error's text is part of `Display` already (see `as_driver_error`).
-        let source = self.inner.source.as_deref()?;
+        let source = self.source_ref()?;
         if source.is::<tokio_postgres::Error>() {
             return None;
         }

@@ -2,10 +2,10 @@
 //! send `[BEGIN] [queued writes…] [probe;] COMMIT` in one flush, and classify the replies
 //! with a pure function.
 
-use super::state::{CommitPlan, Deferred, Prelude};
+use super::state::{CommitPlan, Prelude};
 use super::{Transaction, idle_timeout_error};
 use crate::error::{Error, ErrorKind, Step};
-use crate::flush::{At, Flush, Side};
+use crate::flush::{At, Flush, Writes};
 
 /// After an unseen error, `SELECT 1` fails with `25P02` and the server skips the `COMMIT` of
 /// the same query string, so an aborted transaction cannot pass for committed.
@@ -103,9 +103,9 @@ impl Transaction {
             }
             CommitPlan::Send {
                 prelude,
-                deferred,
+                writes,
                 verify,
-            } => self.send_commit(prelude.as_ref(), &deferred, verify).await,
+            } => self.send_commit(prelude.as_ref(), &writes, verify).await,
         }
     }
 
@@ -114,7 +114,7 @@ impl Transaction {
     async fn send_commit(
         &mut self,
         prelude: Option<&Prelude>,
-        deferred: &[Deferred],
+        writes: &Writes,
         verify: bool,
     ) -> Result<(), Error> {
         let conn = self.conn();
@@ -122,9 +122,7 @@ impl Transaction {
         if let Some(prelude) = prelude {
             flush = flush.before(self.prelude_side(prelude));
         }
-        for (statement, params) in deferred {
-            flush = flush.before(Side::Execute(statement, params));
-        }
+        flush = flush.writes(writes);
         let commit_sql = if verify { PROBE_AND_COMMIT } else { "COMMIT" };
         let flight = super::InFlight(Some(&self.state));
         let reply = flush.send(conn.batch_execute(commit_sql)).await;
@@ -168,21 +166,17 @@ impl Transaction {
     /// arrive, so they are sent and acknowledged before `COMMIT` (one extra round trip) to
     /// close them inside the transaction.
     async fn send_queued_ahead(&mut self) -> Result<(), Error> {
-        let deferred = self.state().take_queued_if_healthy();
-        if deferred.is_empty() {
+        let writes = self.state().take_queued_if_healthy();
+        if writes.is_empty() {
             return Ok(());
         }
-        let conn = self.conn();
-        let mut flush = Flush::new(conn);
-        for (statement, params) in &deferred {
-            flush = flush.before(Side::Execute(statement, params));
-        }
+        let flush = Flush::new(self.conn()).writes(&writes);
         let sent = self
             .run(Step::Commit, async {
                 flush.send_sides().await.map_err(|f| f.error)
             })
             .await;
-        drop(deferred);
+        drop(writes);
         if let Err(e) = sent {
             let _ = self.end(false).await;
             return Err(e);

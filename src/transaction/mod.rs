@@ -28,14 +28,15 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
-use crate::flush::{At, Flush, Reported, Side};
+use crate::flush::{At, Flush, Misfit, Reported, Side};
 use crate::options::{StatementCache, TransactionOptions};
 use state::{Phase, Prelude, State};
 
 pub(crate) use alone::run_alone;
 pub use savepoint::{AsStatement, Savepoint};
 
-/// A parameter owned by a queued statement (see [`Transaction::execute_on_commit`]).
+/// A value a [`Claim`](crate::Claim) keeps for every call it is used in (its `where_sql` and
+/// `mark` values).
 pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 
 /// An open transaction on a pooled connection.
@@ -453,18 +454,41 @@ impl Transaction {
 
     /// Queues a write to be sent in the same flush as `COMMIT`, saving a round trip.
     ///
-    /// Use it for the final writes whose results you do not need. If a queued write fails,
-    /// the server rolls the transaction back, and [`commit`](Self::commit) returns that
-    /// error. Queued writes are discarded if the transaction rolls back.
+    /// Use it for the final writes whose results you do not need. Parameters are given as to
+    /// [`execute`](Self::execute) and may borrow: each value is encoded at once with its
+    /// statement's parameter type, so nothing needs to outlive the call. If a queued write
+    /// fails on the server, the server rolls the transaction back, and
+    /// [`commit`](Self::commit) returns that error. Queued writes are discarded if the
+    /// transaction rolls back.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidArgument`] when the number of values is not the statement's number
+    /// of parameters, or a value does not fit its parameter's type (the error names the
+    /// parameter by position). Nothing is sent and nothing is queued: the transaction is as it
+    /// was, and the caller may queue a corrected write or go on.
     ///
     /// ```no_run
     /// # async fn demo(tx: &rowlock::Transaction) -> Result<(), rowlock::Error> {
     /// let stmt = tx.prepare_cached("UPDATE projects SET status = $2 WHERE id = $1").await?;
-    /// tx.execute_on_commit(&stmt, vec![Box::new(7_i64), Box::new("assigned")]);
+    /// let status = String::from("assigned");
+    /// tx.execute_on_commit(&stmt, &[&7_i64, &status])?;
     /// # Ok(()) }
     /// ```
-    pub fn execute_on_commit(&self, statement: &Statement, params: Vec<OwnedParam>) {
-        self.state().queue((statement.clone(), params));
+    pub fn execute_on_commit(
+        &self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(), Error> {
+        self.state()
+            .writes()
+            .push(statement, params)
+            .map_err(|misfit| match misfit {
+                Misfit::Count { expected, given } => Error::invalid(format!(
+                    "the statement takes {expected} parameter(s); {given} were given"
+                )),
+                Misfit::Value(index, cause) => Error::misfit(index, cause),
+            })
     }
 
     /// The underlying client, for calls this guard does not wrap (`COPY`, `query_raw`, …).

@@ -10,12 +10,9 @@ use std::time::Instant;
 use tokio_postgres::Statement;
 use tokio_postgres::error::SqlState;
 
-use super::OwnedParam;
 use crate::error::ErrorKind;
+use crate::flush::Writes;
 use crate::sql_text::SavepointCommand;
-
-/// A write queued to be sent in the same flush as `COMMIT`.
-pub(super) type Deferred = (Statement, Vec<OwnedParam>);
 
 /// Where the transaction stands on the server.
 #[derive(Debug)]
@@ -110,7 +107,7 @@ pub(super) enum CommitPlan {
     /// Send `[BEGIN and queued statements] [queued writes…] [probe;] COMMIT` in one flush.
     Send {
         prelude: Option<Prelude>,
-        deferred: Vec<Deferred>,
+        writes: Writes,
         /// Errors may have gone unseen: a probe in the `COMMIT` string checks the state.
         verify: bool,
     },
@@ -120,7 +117,7 @@ pub(super) enum CommitPlan {
 pub(super) struct State {
     phase: Phase,
     /// Writes to send in the same flush as `COMMIT`.
-    deferred: Vec<Deferred>,
+    writes: Writes,
     /// The statements this transaction prepared ([`StatementCache::Transaction`]), closed
     /// before the transaction ends.
     ///
@@ -147,7 +144,7 @@ impl State {
     pub(super) fn new(begin: Cow<'static, str>) -> Self {
         State {
             phase: Phase::NotBegun { begin },
-            deferred: Vec::new(),
+            writes: Writes::default(),
             statements: HashMap::new(),
             idle_since: None,
             queued: Vec::new(),
@@ -381,7 +378,7 @@ impl State {
     /// How to end the transaction without committing. Drops the queued writes and
     /// statements.
     pub(super) fn ending(&mut self) -> Ending {
-        self.deferred.clear();
+        self.writes.clear();
         self.queued.clear();
         if self.server_read_only {
             // Never reuse a connection to a server that refuses writes; closing it rolls the
@@ -400,7 +397,7 @@ impl State {
     /// Decides how to commit, taking the queued writes (and the `BEGIN` if it is still
     /// pending). `closed`: the driver already knows the connection is closed.
     pub(super) fn plan_commit(&mut self, closed: bool) -> CommitPlan {
-        let deferred = std::mem::take(&mut self.deferred);
+        let writes = std::mem::take(&mut self.writes);
         match &mut self.phase {
             Phase::Broken => CommitPlan::Lost,
             _ if closed => CommitPlan::ClosedByServer,
@@ -409,7 +406,7 @@ impl State {
                 ..
             } => CommitPlan::Aborted(root.clone()),
             // Savepoint commands alone change nothing: nothing to commit.
-            Phase::NotBegun { .. } if deferred.is_empty() => CommitPlan::Nothing,
+            Phase::NotBegun { .. } if writes.is_empty() => CommitPlan::Nothing,
             Phase::NotBegun { begin } => {
                 let begin = std::mem::take(begin);
                 self.phase = Phase::Open {
@@ -418,7 +415,7 @@ impl State {
                 };
                 CommitPlan::Send {
                     prelude: self.prelude(Some(begin)),
-                    deferred,
+                    writes,
                     verify: false,
                 }
             }
@@ -429,29 +426,29 @@ impl State {
                 let verify = *blind != Blind::No;
                 CommitPlan::Send {
                     prelude: self.prelude(None),
-                    deferred,
+                    writes,
                     verify,
                 }
             }
         }
     }
 
-    /// Queues a write for `COMMIT`.
-    pub(super) fn queue(&mut self, write: Deferred) {
-        self.deferred.push(write);
+    /// The writes queued for `COMMIT`.
+    pub(super) fn writes(&mut self) -> &mut Writes {
+        &mut self.writes
     }
 
     pub(super) fn queued(&self) -> usize {
-        self.deferred.len()
+        self.writes.len()
     }
 
     /// Takes the queued writes, if the transaction is healthy (for sending them ahead of
     /// `COMMIT`).
-    pub(super) fn take_queued_if_healthy(&mut self) -> Vec<Deferred> {
+    pub(super) fn take_queued_if_healthy(&mut self) -> Writes {
         if self.aborted().is_some() || self.is_broken() {
-            return Vec::new();
+            return Writes::default();
         }
-        std::mem::take(&mut self.deferred)
+        std::mem::take(&mut self.writes)
     }
 
     /// A statement this transaction prepared for `query`.

@@ -113,8 +113,8 @@ async fn a_failing_queued_write_fails_the_commit_and_nothing_is_kept() {
                 let ins = tx
                     .prepare_cached("INSERT INTO audit VALUES ($1, $2)")
                     .await?;
-                tx.execute_on_commit(&ins, vec![Box::new(1_i64), Box::new("dup")]);
-                tx.execute_on_commit(&ins, vec![Box::new(2_i64), Box::new("dup")]);
+                tx.execute_on_commit(&ins, &[&1_i64, &"dup"])?;
+                tx.execute_on_commit(&ins, &[&2_i64, &"dup"])?;
                 Ok::<_, rowlock::Error>(())
             })
         })
@@ -147,9 +147,83 @@ async fn queued_writes_alone_commit_in_one_flush_with_begin() {
         .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
         .await
         .unwrap();
-    tx.execute_on_commit(&stmt, vec![Box::new(1_i64), Box::new(77_i64)]);
+    tx.execute_on_commit(&stmt, &[&1_i64, &77_i64]).unwrap();
     tx.commit().await.unwrap();
     assert_eq!(balance(&other, 1).await, 77);
+}
+
+#[tokio::test]
+async fn queued_writes_borrow_their_values_and_run_in_order() {
+    let (pg, db) = accounts(1).await;
+    let other = pg.client().await.unwrap();
+    // Ten writes (past the few a transaction holds inline), each depending on the one before:
+    // the balance is doubled and a note records the value seen, in queue order; NULLs and
+    // borrowed strings travel as they would through `execute`.
+    let notes: Vec<String> = (0..10).map(|i| format!("note {i}")).collect();
+    db.with_transaction(&TransactionOptions::new(), |tx| {
+        let notes = &notes;
+        Box::pin(async move {
+            let double = tx
+                .prepare_cached("UPDATE accounts SET balance = balance * 2 WHERE id = $1")
+                .await?;
+            let note = tx
+                .prepare_cached(
+                    "INSERT INTO audit SELECT $1, $2 || ' ' || balance || coalesce($3, '') \
+                     FROM accounts WHERE id = 1",
+                )
+                .await?;
+            for (i, text) in notes.iter().enumerate() {
+                let account: Option<i64> = if i % 2 == 0 { Some(1) } else { None };
+                let suffix: Option<&str> = None;
+                tx.execute_on_commit(&double, &[&1_i64])?;
+                tx.execute_on_commit(&note, &[&account, text, &suffix])?;
+            }
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(balance(&other, 1).await, 100 << 10);
+    let rows = other
+        .query("SELECT account_id, note FROM audit ORDER BY note", &[])
+        .await
+        .unwrap();
+    let got: Vec<(Option<i64>, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want: Vec<(Option<i64>, String)> = (0..10)
+        .map(|i| {
+            let account = if i % 2 == 0 { Some(1) } else { None };
+            (account, format!("note {i} {}", 100 << (i + 1)))
+        })
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn a_queued_write_that_does_not_fit_is_refused_and_nothing_is_queued() {
+    let (pg, db) = accounts(1).await;
+    let other = pg.client().await.unwrap();
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
+    let stmt = tx
+        .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
+        .await
+        .unwrap();
+    // Too few values.
+    let err = tx.execute_on_commit(&stmt, &[&1_i64]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(
+        err.to_string()
+            .contains("takes 2 parameter(s); 1 were given"),
+        "{err}"
+    );
+    // A value of the wrong type (text for bigint), after one that fits.
+    let err = tx.execute_on_commit(&stmt, &[&1_i64, &"lots"]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("parameter 2"), "{err}");
+    // The transaction goes on: a write that fits is queued and committed, alone.
+    tx.execute_on_commit(&stmt, &[&1_i64, &7_i64]).unwrap();
+    assert!(format!("{tx:?}").contains("queued_on_commit: 1"), "{tx:?}");
+    tx.commit().await.unwrap();
+    assert_eq!(balance(&other, 1).await, 7);
 }
 
 #[tokio::test]

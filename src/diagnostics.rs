@@ -21,6 +21,7 @@
 //! lock (`pg_locks` is readable by all), while a row-lock blocker of another role is not found
 //! (its `backend_xid` is hidden). Grant with `GRANT pg_read_all_stats TO app_role;`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -180,7 +181,7 @@ pub(crate) fn blocker(r: &Row) -> Result<Blocker, tokio_postgres::Error> {
 #[non_exhaustive] // more detail may be added.
 pub struct RowRef {
     /// The row's table, as the row type names it.
-    pub table: String,
+    pub table: Cow<'static, str>,
     /// The row's key, as its `Debug` implementation prints it.
     pub key: String,
 }

@@ -182,7 +182,7 @@ pub trait Key: private::Sealed + Clone + Ord + Debug + Send + Sync + 'static {
     /// The number of key columns this key binds.
     const ARITY: usize;
     /// Pushes this key's values, in key-column order.
-    fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>);
+    fn push_params<'a, E: Extend<&'a (dyn ToSql + Sync)>>(&'a self, out: &mut E);
     /// Several keys as one array parameter per key column (`= ANY($1)` for one column,
     /// `unnest($1, $2, …)` for a composite key), so that one statement serves any number of
     /// keys.
@@ -194,8 +194,8 @@ impl<T: KeyValue> private::Sealed for T {}
 
 impl<T: KeyValue> Key for T {
     const ARITY: usize = 1;
-    fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
-        out.push(self);
+    fn push_params<'a, E: Extend<&'a (dyn ToSql + Sync)>>(&'a self, out: &mut E) {
+        out.extend([self as &(dyn ToSql + Sync)]);
     }
     fn arrays(keys: &[Self]) -> Vec<Box<dyn ToSql + Sync + Send + '_>> {
         vec![Box::new(keys.iter().collect::<Vec<&T>>())]
@@ -207,8 +207,8 @@ macro_rules! tuple_keys {
         impl<$($t: KeyValue),+> private::Sealed for ($($t,)+) {}
         impl<$($t: KeyValue),+> Key for ($($t,)+) {
             const ARITY: usize = $n;
-            fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
-                $(out.push(&self.$i);)+
+            fn push_params<'a, E: Extend<&'a (dyn ToSql + Sync)>>(&'a self, out: &mut E) {
+                out.extend([$(&self.$i as &(dyn ToSql + Sync)),+]);
             }
             fn arrays(keys: &[Self]) -> Vec<Box<dyn ToSql + Sync + Send + '_>> {
                 vec![$(Box::new(keys.iter().map(|k| &k.$i).collect::<Vec<&$t>>())),+]
@@ -296,8 +296,17 @@ pub(crate) fn decode_row<R: LockableRow>(row: &Row, step: Step) -> Result<R, Err
 }
 
 /// Every row of `rows` as an `R` (see [`decode_row`]).
+/// The values one statement binds, without a heap allocation for the usual few (a key has at
+/// most four columns).
+pub(crate) type Params<'a> = smallvec::SmallVec<[&'a (dyn ToSql + Sync); 8]>;
+
 pub(crate) fn decode_rows<R: LockableRow>(rows: &[Row], step: Step) -> Result<Vec<R>, Error> {
-    rows.iter().map(|row| decode_row(row, step)).collect()
+    // Sized up front: a collect through `Result` would grow the vector step by step.
+    let mut decoded = Vec::with_capacity(rows.len());
+    for row in rows {
+        decoded.push(decode_row(row, step)?);
+    }
+    Ok(decoded)
 }
 
 fn decode_error<R: LockableRow>(e: tokio_postgres::Error, row: &Row, step: Step) -> Error {
@@ -399,8 +408,8 @@ impl crate::diagnostics::RowRef {
     /// The row of `R` with this key.
     pub fn of<R: LockableRow>(key: &R::Key) -> Self {
         let table = match R::TABLE.schema() {
-            Some(schema) => format!("{schema}.{}", R::TABLE.name()),
-            None => R::TABLE.name().to_owned(),
+            Some(schema) => format!("{schema}.{}", R::TABLE.name()).into(),
+            None => R::TABLE.name().into(),
         };
         crate::diagnostics::RowRef {
             table,

@@ -63,7 +63,7 @@ use crate::flush::{Flush, Side};
 use crate::lock::LockStrength;
 use crate::options::{StatementCache, TransactionOptions};
 use crate::outcome::Outcome;
-use crate::row::{Columns, LockableRow, Names, decode_rows, quote_ident};
+use crate::row::{Columns, LockableRow, Names, Params, decode_rows, quote_ident};
 use crate::transaction::run_alone;
 use crate::transaction::{OwnedParam, Transaction};
 
@@ -423,7 +423,7 @@ impl Claim {
         &'a self,
         n: &'a i64,
         columns: &Columns,
-    ) -> Result<(Arc<str>, Vec<&'a (dyn ToSql + Sync)>), Error> {
+    ) -> Result<(Arc<str>, Params<'a>), Error> {
         let sql = match self.rendered.get() {
             Some((row_type, id, sql)) if *row_type == TypeId::of::<R>() && *id == columns.id => {
                 sql.clone()
@@ -436,7 +436,7 @@ impl Claim {
                 sql
             }
         };
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(self.conditions.len() + 1);
+        let mut params = Params::new();
         for c in &self.conditions {
             match c {
                 Condition::Compare(_, _, value) => params.push(&**value),
@@ -991,7 +991,7 @@ impl Db {
 /// The lock step of [`Db::claim`]: the rendered claim.
 struct ClaimStep<'a, R> {
     sql: Arc<str>,
-    params: Vec<&'a (dyn ToSql + Sync)>,
+    params: Params<'a>,
     /// Whether `BEGIN` forced custom plans, to be restored after the claim.
     custom_plans: bool,
     /// The columns `sql` reads.

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use futures_util::TryStreamExt as _;
 use std::future::Future;
 
 use crate::scoped::ScopedBoxFuture;
@@ -22,12 +23,15 @@ use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{Lock, LockMode};
 use crate::options::millis_ceil;
 use crate::outcome::{Outcome, RowRef};
-use crate::row::{Columns, Key, LockableRow, Names, decode_row, decode_rows};
+use crate::row::{Columns, Key, LockableRow, Names, Params, decode_row, decode_rows};
 use crate::transaction::Transaction;
+
+/// The rows a locking statement returned: one key's row without a heap allocation.
+type Rows = smallvec::SmallVec<[Row; 1]>;
 
 /// The reply to the locking statement, before the caller sees it.
 enum LockReply {
-    Rows(Vec<Row>),
+    Rows(Rows),
     /// `55P03`: lock not available, or lock timeout.
     Contended(Error),
 }
@@ -39,7 +43,7 @@ impl LockReply {
         self,
         busy: impl FnOnce(Error) -> O,
         timed_out: impl FnOnce(Error) -> O,
-    ) -> Result<Vec<Row>, O> {
+    ) -> Result<Rows, O> {
         match self {
             LockReply::Rows(rows) => Ok(rows),
             LockReply::Contended(e) if e.kind() == ErrorKind::LockTimeout => Err(timed_out(e)),
@@ -171,7 +175,7 @@ impl Transaction {
     ) -> Result<Outcome<R>, Error> {
         let columns = self.columns_for(names).await?;
         let sql = names.lock_sql(options, 1, &columns);
-        let mut params = Vec::with_capacity(names.keys.len());
+        let mut params = Params::new();
         key.push_params(&mut params);
         let reply = self.lock_query(&sql, &params, options, in_callers_tx);
         let rows = match reply
@@ -181,7 +185,7 @@ impl Transaction {
                     .misfit_named(|i| names.key_param(i, false))
             })?
             .rows_or(Outcome::LockNotAvailable, Outcome::LockTimeout)
-            .map_err(|o| about(o, || vec![RowRef::of::<R>(key)]))
+            .map_err(|o| about(o, || [RowRef::of::<R>(key)]))
         {
             Ok(rows) => rows,
             Err(contended) => return Ok(contended),
@@ -286,7 +290,8 @@ impl Transaction {
         let conn = self.conn();
         let request = async {
             let stmt = self.cached_statement(sql).await?;
-            conn.query(&stmt, params).await
+            let rows = conn.query_raw(&stmt, params.iter().copied()).await?;
+            rows.try_collect::<Rows>().await
         };
         let reply = match self.run(Step::Lock, request).await {
             Ok(rows) => Ok(LockReply::Rows(rows)),
@@ -350,9 +355,9 @@ fn key_arrays<K: Key>(keys: &[K]) -> Vec<Box<dyn ToSql + Sync + Send + '_>> {
 fn bind_keys<'a, K: Key>(
     keys: &'a [K],
     arrays: &'a [Box<dyn ToSql + Sync + Send + 'a>],
-) -> Vec<&'a (dyn ToSql + Sync)> {
+) -> Params<'a> {
     if arrays.is_empty() {
-        let mut params = Vec::with_capacity(K::ARITY);
+        let mut params = Params::new();
         for key in keys {
             key.push_params(&mut params);
         }
@@ -368,7 +373,10 @@ pub(crate) fn refs<R: LockableRow>(keys: &[R::Key]) -> Vec<RowRef> {
 }
 
 /// A contended outcome naming the rows its statement asked for (built only on that path).
-fn about<T>(outcome: Outcome<T>, rows: impl FnOnce() -> Vec<RowRef>) -> Outcome<T> {
+fn about<T, I: IntoIterator<Item = RowRef>>(
+    outcome: Outcome<T>,
+    rows: impl FnOnce() -> I,
+) -> Outcome<T> {
     match outcome {
         Outcome::LockNotAvailable(e) => Outcome::LockNotAvailable(e.about_rows(rows())),
         Outcome::LockTimeout(e) => Outcome::LockTimeout(e.about_rows(rows())),

@@ -13,7 +13,7 @@ use crate::error::{Error, ErrorKind, Step};
 use crate::options::{StatementCache, TransactionOptions};
 use crate::outcome::{Outcome, RowRef};
 use crate::policy::Backoff;
-use crate::row::{Columns, Key, LockableRow, Names, decode_row};
+use crate::row::{Columns, Key, LockableRow, Names, Params, decode_row};
 use crate::sql_text::{mentions, renumber};
 use crate::transaction::Transaction;
 use crate::transaction::run_alone;
@@ -287,7 +287,7 @@ impl Transition {
         key: &'a R::Key,
         params: &[&'a (dyn ToSql + Sync)],
         columns: &Columns,
-    ) -> Result<(Rendered, Vec<&'a (dyn ToSql + Sync)>), Error> {
+    ) -> Result<(Rendered, Params<'a>), Error> {
         let rendered = self.render::<R>(columns)?;
         if params.len() != rendered.params {
             return Err(Error::invalid(format!(
@@ -297,7 +297,7 @@ impl Transition {
                 params.len()
             )));
         }
-        let mut all = Vec::with_capacity(<R::Key as Key>::ARITY + params.len());
+        let mut all = Params::new();
         key.push_params(&mut all);
         all.extend_from_slice(params);
         Ok((rendered, all))

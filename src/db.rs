@@ -13,6 +13,7 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Config, NoTls, Socket};
 
 use crate::error::Error;
+use crate::flush::SpareBuffers;
 use crate::options::{StatementCache, TransactionOptions, validate_timeout};
 use crate::policy::RetryPolicy;
 use crate::row::{LockableRow, Names};
@@ -77,6 +78,8 @@ pub(crate) struct Inner {
     /// about its table on this database. Row types are few and their names constants, so
     /// entries are never evicted.
     names: RwLock<HashMap<TypeId, Arc<Names>>>,
+    /// Buffers of queued writes, reused by the next transactions.
+    spare_buffers: Arc<SpareBuffers>,
 }
 
 /// What a call's options fall back to.
@@ -163,6 +166,7 @@ impl Db {
                 pool,
                 defaults,
                 names: RwLock::default(),
+                spare_buffers: Arc::default(),
             }),
         }
     }
@@ -184,6 +188,11 @@ impl Db {
             options.retry.clone_from(&d.retry);
         }
         options
+    }
+
+    /// Where this handle's transactions take buffers for queued writes.
+    pub(crate) fn spare_buffers(&self) -> Arc<SpareBuffers> {
+        self.inner.spare_buffers.clone()
     }
 
     /// Most statements kept prepared on one connection.

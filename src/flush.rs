@@ -14,12 +14,12 @@
 use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 
 use bytes::{Buf as _, BufMut as _, BytesMut};
 use futures_util::FutureExt as _;
-use futures_util::future::{join, join3};
+use pin_project_lite::pin_project;
 use smallvec::SmallVec;
 
 use crate::error::TransactionRef;
@@ -97,6 +97,44 @@ pub(crate) struct Writes {
     /// Each write's statement and where its parameters end in `bytes`.
     queued: SmallVec<[(Statement, usize); INLINE_WRITES]>,
     bytes: BytesMut,
+    /// Where `bytes` comes from and goes back to when these writes are dropped.
+    spare: Option<Arc<SpareBuffers>>,
+}
+
+/// Buffers of queued writes that ended, for the next transactions of the same handle: a
+/// transaction that queues writes takes one instead of allocating its own.
+#[derive(Debug, Default)]
+pub(crate) struct SpareBuffers(Mutex<Vec<BytesMut>>);
+
+impl SpareBuffers {
+    /// Most buffers kept, and the largest kept: enough for the transactions that run at once,
+    /// without holding on to the memory of a rare large batch.
+    const KEPT: usize = 64;
+    const KEPT_CAPACITY: usize = 16 * 1024;
+
+    fn take(&self) -> BytesMut {
+        let spare = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        spare.unwrap_or_else(|| BytesMut::with_capacity(256))
+    }
+
+    fn give(&self, mut buffer: BytesMut) {
+        if buffer.capacity() == 0 || buffer.capacity() > Self::KEPT_CAPACITY {
+            return;
+        }
+        buffer.clear();
+        let mut spare = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < Self::KEPT {
+            spare.push(buffer);
+        }
+    }
+}
+
+impl Drop for Writes {
+    fn drop(&mut self) {
+        if let Some(spare) = &self.spare {
+            spare.give(std::mem::take(&mut self.bytes));
+        }
+    }
 }
 
 /// Queued writes a transaction holds, and sends, without a list on the heap.
@@ -112,6 +150,24 @@ pub(crate) enum Misfit {
 }
 
 impl Writes {
+    /// Writes whose buffer comes from, and goes back to, `spare`.
+    pub(crate) fn with_spare(spare: Arc<SpareBuffers>) -> Self {
+        Writes {
+            queued: SmallVec::new(),
+            bytes: BytesMut::new(),
+            spare: Some(spare),
+        }
+    }
+
+    /// Takes the writes out, leaving none (the buffer's way back goes with them).
+    pub(crate) fn take(&mut self) -> Writes {
+        Writes {
+            queued: std::mem::take(&mut self.queued),
+            bytes: std::mem::take(&mut self.bytes),
+            spare: self.spare.clone(),
+        }
+    }
+
     /// Queues `statement` with `params`, encoded now. On a misfit nothing is queued.
     pub(crate) fn push(
         &mut self,
@@ -126,8 +182,12 @@ impl Writes {
             });
         }
         if self.bytes.capacity() == 0 {
-            // One allocation for the usual few values, instead of one per growth step.
-            self.bytes.reserve(256);
+            // A spare buffer, or one allocation for the usual few values instead of one per
+            // growth step.
+            self.bytes = match &self.spare {
+                Some(spare) => spare.take(),
+                None => BytesMut::with_capacity(256),
+            };
         }
         let start = self.bytes.len();
         for (i, (value, ty)) in params.iter().zip(types).enumerate() {
@@ -259,9 +319,11 @@ impl ToSql for Raw<'_> {
 }
 
 /// Sends every queued write, first-polling them in order; the first failure (index and
-/// error), if any. Up to [`INLINE_WRITES`] writes need no list on the heap.
-async fn send_writes(conn: &Client, writes: Option<&Writes>) -> Option<(usize, PgError)> {
-    let writes = writes.filter(|w| !w.is_empty())?;
+/// error), if any. One write needs no list.
+async fn send_writes(conn: &Client, writes: &Writes) -> Option<(usize, PgError)> {
+    if writes.is_empty() {
+        return None;
+    }
     if writes.len() == 1 {
         let (statement, params) = writes.iter().next()?;
         return conn
@@ -270,15 +332,12 @@ async fn send_writes(conn: &Client, writes: Option<&Writes>) -> Option<(usize, P
             .err()
             .map(|e| (0, e));
     }
-    let mut requests = writes
+    // One slice for all of them: a request future is about a kilobyte, too large to keep
+    // several inline in every commit's future.
+    let slots: Box<[_]> = writes
         .iter()
-        .map(|(statement, params)| Some(conn.execute_raw(statement, params).map(|r| r.map(drop))));
-    if writes.len() <= INLINE_WRITES {
-        let slots: [Option<_>; INLINE_WRITES] = std::array::from_fn(|_| requests.next().flatten());
-        let mut slots = std::pin::pin!(slots);
-        return all_in_order(slots.as_mut()).await;
-    }
-    let slots: Box<[_]> = requests.collect();
+        .map(|(statement, params)| Some(conn.execute_raw(statement, params).map(|r| r.map(drop))))
+        .collect();
     all_in_order(Box::into_pin(slots).as_mut()).await
 }
 
@@ -306,7 +365,6 @@ pub(crate) struct Failed {
 pub(crate) struct Flush<'a> {
     conn: &'a Client,
     before: Sides<'a>,
-    writes: Option<&'a Writes>,
     after: Sides<'a>,
 }
 
@@ -315,7 +373,6 @@ impl<'a> Flush<'a> {
         Flush {
             conn,
             before: Sides::default(),
-            writes: None,
             after: Sides::default(),
         }
     }
@@ -324,13 +381,6 @@ impl<'a> Flush<'a> {
     #[must_use]
     pub(crate) fn before(mut self, side: Side<'a>) -> Self {
         self.before.push(side, self.conn);
-        self
-    }
-
-    /// Sends the queued `writes` after the side requests before the main one.
-    #[must_use]
-    pub(crate) fn writes(mut self, writes: &'a Writes) -> Self {
-        self.writes = Some(writes);
         self
     }
 
@@ -344,29 +394,126 @@ impl<'a> Flush<'a> {
     /// Sends every request and waits for every reply. Returns the main request's value, or
     /// the first failure in sending order.
     ///
-    /// Built from combinators, not an `async fn`: the main future is moved once, into the
-    /// join, so nesting flushes (a `BEGIN` flush around a `SET LOCAL` flush) does not copy it
-    /// at every level.
+    /// Not an `async fn`: the main future is moved once, into the [`InOrder`], so nesting
+    /// flushes (a `BEGIN` flush around a `SET LOCAL` flush) does not copy it at every level.
     pub(crate) fn send<T>(
         self,
         main: impl Future<Output = Result<T, PgError>> + 'a,
     ) -> impl Future<Output = Result<T, Failed>> + 'a {
-        let sides_before = self.before.len();
-        // `join` and `join3` poll their futures in argument order, every time (unlike
-        // `tokio::join!`, which rotates its starting point): the order the requests are
-        // written in.
-        let before = join(
-            self.before.send(self.conn),
-            send_writes(self.conn, self.writes),
-        )
-        .map(move |(sides, writes)| sides.or(writes.map(|(i, e)| (sides_before + i, e))));
-        join3(before, main, self.after.send(self.conn))
-            .map(|(before, main, after)| first_failure(before, main, after))
+        // No writes: nothing of their (large) request futures in this one.
+        self.send_with(std::future::ready(None), main)
     }
 
-    /// Sends only the side requests and writes.
-    pub(crate) fn send_sides(self) -> impl Future<Output = Result<(), Failed>> + 'a {
-        self.send(std::future::ready(Ok(())))
+    /// [`send`](Self::send), with the queued `writes` after the side requests before `main`.
+    pub(crate) fn send_after_writes<T>(
+        self,
+        writes: &'a Writes,
+        main: impl Future<Output = Result<T, PgError>> + 'a,
+    ) -> impl Future<Output = Result<T, Failed>> + 'a {
+        let writes = send_writes(self.conn, writes);
+        self.send_with(writes, main)
+    }
+
+    fn send_with<T>(
+        self,
+        writes: impl Future<Output = Option<(usize, PgError)>> + 'a,
+        main: impl Future<Output = Result<T, PgError>> + 'a,
+    ) -> impl Future<Output = Result<T, Failed>> + 'a {
+        let sides_before = self.before.len();
+        InOrder::new(
+            self.before.send(self.conn),
+            writes,
+            main,
+            self.after.send(self.conn),
+            move |sides: Option<(usize, PgError)>,
+                  writes: Option<(usize, PgError)>,
+                  main,
+                  after| {
+                let before = sides.or(writes.map(|(i, e)| (sides_before + i, e)));
+                first_failure(before, main, after)
+            },
+        )
+    }
+}
+
+pin_project! {
+    /// Four futures polled in argument order, every time, each until it is ready: the order
+    /// the requests are written in (fair joins such as `tokio::join!` rotate their starting
+    /// point). Outputs are kept beside the futures and handed to `finish`, so completing moves
+    /// no future (futures-util's joins and `map` copy their whole state when they complete).
+    struct InOrder<A: Future, B: Future, C: Future, D: Future, F> {
+        #[pin]
+        a: A,
+        #[pin]
+        b: B,
+        #[pin]
+        c: C,
+        #[pin]
+        d: D,
+        outputs: (Option<A::Output>, Option<B::Output>, Option<C::Output>, Option<D::Output>),
+        finish: Option<F>,
+    }
+}
+
+impl<A: Future, B: Future, C: Future, D: Future, F> InOrder<A, B, C, D, F> {
+    fn new(a: A, b: B, c: C, d: D, finish: F) -> Self {
+        InOrder {
+            a,
+            b,
+            c,
+            d,
+            outputs: (None, None, None, None),
+            finish: Some(finish),
+        }
+    }
+}
+
+impl<A, B, C, D, F, O> Future for InOrder<A, B, C, D, F>
+where
+    A: Future,
+    B: Future,
+    C: Future,
+    D: Future,
+    F: FnOnce(A::Output, B::Output, C::Output, D::Output) -> O,
+{
+    type Output = O;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<O> {
+        let this = self.project();
+        let (a, b, c, d) = this.outputs;
+        if a.is_none() {
+            if let Poll::Ready(v) = this.a.poll(cx) {
+                *a = Some(v);
+            }
+        }
+        if b.is_none() {
+            if let Poll::Ready(v) = this.b.poll(cx) {
+                *b = Some(v);
+            }
+        }
+        if c.is_none() {
+            if let Poll::Ready(v) = this.c.poll(cx) {
+                *c = Some(v);
+            }
+        }
+        if d.is_none() {
+            if let Poll::Ready(v) = this.d.poll(cx) {
+                *d = Some(v);
+            }
+        }
+        if a.is_none() || b.is_none() || c.is_none() || d.is_none() {
+            return Poll::Pending;
+        }
+        let finish = this
+            .finish
+            .take()
+            .expect("InOrder polled after it finished");
+        Poll::Ready(finish(
+            a.take().expect("checked"),
+            b.take().expect("checked"),
+            c.take().expect("checked"),
+            d.take().expect("checked"),
+        ))
     }
 }
 
@@ -521,7 +668,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn join3_polls_in_argument_order() {
+    async fn in_order_polls_in_argument_order() {
         let log = Arc::new(Mutex::new(Vec::new()));
         let step = |name: &'static str, yields: usize| {
             let log = log.clone();
@@ -533,18 +680,25 @@ mod tests {
                 name
             }
         };
-        let out = join3(step("before", 3), step("main", 2), step("after", 3)).await;
-        assert_eq!(out, ("before", "main", "after"));
+        let out = InOrder::new(
+            step("before", 3),
+            step("writes", 1),
+            step("main", 2),
+            step("after", 3),
+            |a, b, c, d| (a, b, c, d),
+        )
+        .await;
+        assert_eq!(out, ("before", "writes", "main", "after"));
         let log = log.lock().unwrap();
         assert_eq!(
-            &log[..3],
-            ["before", "main", "after"],
+            &log[..4],
+            ["before", "writes", "main", "after"],
             "first polls in order"
         );
         assert_eq!(
-            &log[3..6],
+            &log[4..7],
             ["before", "main", "after"],
-            "and every poll after"
+            "and every poll after, skipping what finished"
         );
     }
 }

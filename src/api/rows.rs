@@ -193,8 +193,8 @@ impl Transaction {
         match rows.len() {
             1 => decode_row(&rows[0], Step::Lock).map(Outcome::Done),
             0 if options.mode == LockMode::SkipLocked => {
-                if self
-                    .existing::<R>(names, &columns, 1, &params)
+                // Boxed: the rare path, and its statement's future would double the lock's.
+                if Box::pin(self.existing::<R>(names, &columns, 1, &params))
                     .await?
                     .is_empty()
                 {
@@ -296,10 +296,12 @@ impl Transaction {
         let reply = match self.run(Step::Lock, request).await {
             Ok(rows) => Ok(LockReply::Rows(rows)),
             // A key the driver could not bind (nothing was sent): which one.
-            Err(e) if e.kind() == ErrorKind::Driver => match self.cached_statement(sql).await {
-                Ok(stmt) => Err(e.with_misfit(params, stmt.params())),
-                Err(_) => Err(e),
-            },
+            Err(e) if e.kind() == ErrorKind::Driver => {
+                match Box::pin(self.cached_statement(sql)).await {
+                    Ok(stmt) => Err(e.with_misfit(params, stmt.params())),
+                    Err(_) => Err(e),
+                }
+            }
             Err(e) => match e.kind() {
                 // Only lock_timeout can raise 55P03 while waiting in Wait mode.
                 ErrorKind::LockNotAvailable if options.mode == LockMode::Wait => {

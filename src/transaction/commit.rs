@@ -59,7 +59,8 @@ impl Transaction {
     /// connection is cleaned up as described on [`Transaction`].
     pub async fn commit(mut self) -> Result<(), Error> {
         if self.per_transaction {
-            self.send_queued_ahead().await?;
+            // Boxed here and below: paths off the common one keep the commit's future small.
+            Box::pin(self.send_queued_ahead()).await?;
         }
         let plan = self.state().plan_commit(self.conn().is_closed());
         // StatementCache::Transaction: close this transaction's statements before COMMIT.
@@ -89,7 +90,7 @@ impl Transaction {
                 })
             }
             CommitPlan::Aborted(root) => {
-                let _ = self.end(false).await;
+                let _ = Box::pin(self.end(false)).await;
                 Err(Error::with_kind(
                     ErrorKind::TransactionAborted,
                     "an earlier statement failed, so the transaction was rolled back",
@@ -122,10 +123,11 @@ impl Transaction {
         if let Some(prelude) = prelude {
             flush = flush.before(self.prelude_side(prelude));
         }
-        flush = flush.writes(writes);
         let commit_sql = if verify { PROBE_AND_COMMIT } else { "COMMIT" };
         let flight = super::InFlight(Some(&self.state));
-        let reply = flush.send(conn.batch_execute(commit_sql)).await;
+        let reply = flush
+            .send_after_writes(writes, conn.batch_execute(commit_sql))
+            .await;
         flight.landed();
         let failed = reply
             .err()
@@ -139,11 +141,11 @@ impl Transaction {
             }
             Verdict::Unknown => Err(self.outcome_unknown(error.expect("a failure"))),
             Verdict::RolledBack => {
-                let _ = self.end(false).await;
+                let _ = Box::pin(self.end(false)).await;
                 Err(error.expect("a failure"))
             }
             Verdict::ProbeFailed => {
-                let _ = self.end(false).await;
+                let _ = Box::pin(self.end(false)).await;
                 let cause = error.expect("a failure");
                 Err(Error::with_kind(
                     ErrorKind::TransactionAborted,
@@ -170,10 +172,11 @@ impl Transaction {
         if writes.is_empty() {
             return Ok(());
         }
-        let flush = Flush::new(self.conn()).writes(&writes);
+        let flush = Flush::new(self.conn());
         let sent = self
             .run(Step::Commit, async {
-                flush.send_sides().await.map_err(|f| f.error)
+                let sent = flush.send_after_writes(&writes, std::future::ready(Ok(())));
+                sent.await.map_err(|f| f.error)
             })
             .await;
         drop(writes);

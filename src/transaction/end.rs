@@ -116,7 +116,12 @@ impl Transaction {
             return self.rollback_quietly().await;
         };
         let dirty = self.take_dirty();
-        let lookup = rollback_and_look_up(dirty.conn(), &query, self.per_transaction);
+        // Boxed: asked for by the call (`Lock::find_blockers`), and a large future.
+        let lookup = Box::pin(rollback_and_look_up(
+            dirty.conn(),
+            &query,
+            self.per_transaction,
+        ));
         if let Ok(Some(blockers)) = tokio::time::timeout(QUERY_TIMEOUT, lookup).await {
             contention.set_blockers(blockers);
             dirty.release();
@@ -273,14 +278,18 @@ pub(super) async fn cleanup(
     let dirty = Dirty(Some(client));
     match cancel {
         Cancel::No => {}
+        // The cancels are boxed: rare, and large futures (a connection of their own) that
+        // would otherwise make every rollback's future as large.
         Cancel::Request => {
             // Best effort: the cancel connection uses no TLS; if it fails, the ROLLBACK
             // timeout below still bounds the wait.
             let token = dirty.conn().cancel_token();
-            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, token.cancel_query(NoTls)).await;
+            let cancel = Box::pin(token.cancel_query(NoTls));
+            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, cancel).await;
         }
         Cancel::Backend(Some(pid)) => {
-            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, cancel_backend(dirty.conn(), pid)).await;
+            let cancel = Box::pin(cancel_backend(dirty.conn(), pid));
+            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, cancel).await;
         }
         Cancel::Backend(None) => {}
     }

@@ -28,7 +28,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
-use crate::flush::{At, Flush, Misfit, Reported, Side};
+use crate::flush::{At, Flush, Misfit, Reported, Side, Writes};
 use crate::options::{StatementCache, TransactionOptions};
 use state::{Phase, Prelude, State};
 
@@ -168,12 +168,13 @@ impl Transaction {
         options: &TransactionOptions,
         per_transaction: bool,
     ) -> Transaction {
+        let writes = Writes::with_spare(db.spare_buffers());
         Transaction {
             client: Some(client),
             db,
             // Behind a pooler (`StatementCache::Transaction`), the connection's cancel key names
             // the pooler, not the server process: `BEGIN` reports the process to cancel.
-            state: Mutex::new(State::new(options.begin_sql(per_transaction))),
+            state: Mutex::new(State::new(options.begin_sql(per_transaction), writes)),
             per_transaction,
             idle_timeout: options.idle_in_transaction_timeout,
             reporting: options.track_commit_outcome || per_transaction,

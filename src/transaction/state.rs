@@ -141,10 +141,10 @@ fn savepoint_name(id: u32) -> String {
 }
 
 impl State {
-    pub(super) fn new(begin: Cow<'static, str>) -> Self {
+    pub(super) fn new(begin: Cow<'static, str>, writes: Writes) -> Self {
         State {
             phase: Phase::NotBegun { begin },
-            writes: Writes::default(),
+            writes,
             statements: HashMap::new(),
             idle_since: None,
             queued: Vec::new(),
@@ -397,7 +397,7 @@ impl State {
     /// Decides how to commit, taking the queued writes (and the `BEGIN` if it is still
     /// pending). `closed`: the driver already knows the connection is closed.
     pub(super) fn plan_commit(&mut self, closed: bool) -> CommitPlan {
-        let writes = std::mem::take(&mut self.writes);
+        let writes = self.writes.take();
         match &mut self.phase {
             Phase::Broken => CommitPlan::Lost,
             _ if closed => CommitPlan::ClosedByServer,
@@ -448,7 +448,7 @@ impl State {
         if self.aborted().is_some() || self.is_broken() {
             return Writes::default();
         }
-        std::mem::take(&mut self.writes)
+        self.writes.take()
     }
 
     /// A statement this transaction prepared for `query`.
@@ -471,14 +471,14 @@ mod tests {
     use super::*;
 
     fn open() -> State {
-        let mut st = State::new("BEGIN".into());
+        let mut st = State::new("BEGIN".into(), Writes::default());
         assert_eq!(st.start_request().unwrap().unwrap().sql, "BEGIN");
         st
     }
 
     #[test]
     fn begin_leaves_once_and_nothing_sent_means_nothing_to_end() {
-        let mut st = State::new("BEGIN".into());
+        let mut st = State::new("BEGIN".into(), Writes::default());
         assert_eq!(st.ending(), Ending::Release);
         assert!(matches!(st.plan_commit(false), CommitPlan::Nothing));
         let mut st = open();
@@ -551,14 +551,14 @@ mod tests {
         st.request_dropped();
         st.used_raw_client();
         assert_eq!(st.ending(), Ending::Rollback { cancel_first: true });
-        let mut st = State::new("BEGIN".into());
+        let mut st = State::new("BEGIN".into(), Writes::default());
         st.request_dropped();
         assert_eq!(st.ending(), Ending::Release, "nothing was in flight yet");
     }
 
     #[test]
     fn a_connection_known_closed_is_reported_before_commit_leaves() {
-        let mut st = State::new("BEGIN".into());
+        let mut st = State::new("BEGIN".into(), Writes::default());
         assert!(matches!(st.plan_commit(true), CommitPlan::ClosedByServer));
         let mut st = open();
         st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
@@ -567,7 +567,7 @@ mod tests {
 
     #[test]
     fn a_savepoint_rides_with_the_next_request_and_recovers_the_transaction() {
-        let mut st = State::new("BEGIN".into());
+        let mut st = State::new("BEGIN".into(), Writes::default());
         let outer = st.open_savepoint().unwrap();
         let inner = st.open_savepoint().unwrap();
         let prelude = st.start_request().unwrap().unwrap();

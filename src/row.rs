@@ -50,8 +50,18 @@ impl Table {
         self.name
     }
 
-    /// `"schema"."name"` or `"name"`, after checking each part.
+    /// `"schema"."name"` or `"name"`, after checking each part. A dot in the name is refused:
+    /// `Table::new("app.items")` would quote it into one identifier, a table that is not
+    /// there, and the server's "relation \"app.items\" does not exist" reads as if it were.
     pub(crate) fn render(&self) -> Result<String, Error> {
+        if let Some((schema, name)) = self.name.split_once('.') {
+            return Err(Error::invalid(format!(
+                "table name {:?} contains a dot, which would make it one identifier; for table \
+                 {name:?} in schema {schema:?} use Table::qualified({schema:?}, {name:?}) (in the \
+                 derive: schema = {schema:?}, table = {name:?})",
+                self.name
+            )));
+        }
         let mut out = String::new();
         if let Some(schema) = self.schema {
             out.push_str(&quote_ident(schema)?);

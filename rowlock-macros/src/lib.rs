@@ -91,6 +91,18 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             "missing #[rowlock(table = \"...\")]: which table are these rows in?",
         ));
     };
+    if let Some((schema_part, table_part)) = table.value().split_once('.') {
+        return Err(syn::Error::new(
+            table.span(),
+            format!(
+                "`table = \"{}\"` would name one table called \"{}\", dot included; for table \
+                 `{table_part}` in schema `{schema_part}` write `schema = \"{schema_part}\", table = \
+                 \"{table_part}\"`",
+                table.value(),
+                table.value()
+            ),
+        ));
+    }
     if keys.is_empty() {
         return Err(syn::Error::new(
             name.span(),

@@ -47,6 +47,20 @@ impl LockableRow for ArityMismatch {
     }
 }
 
+/// `public.accounts` written as one name: a table called "public.accounts", dot included.
+struct DottedTable;
+impl LockableRow for DottedTable {
+    type Key = i64;
+    const TABLE: Table = Table::new("public.accounts");
+    const KEY_COLUMNS: &'static [&'static str] = &["id"];
+    fn from_row(_: &Row) -> Result<Self, PgError> {
+        Ok(DottedTable)
+    }
+    fn key(&self) -> i64 {
+        0
+    }
+}
+
 fn ok<R>(_: &rowlock::Transaction, _: R) -> rowlock::BoxFuture<'_, Result<(), rowlock::Error>> {
     Box::pin(async { Ok(()) })
 }
@@ -125,6 +139,18 @@ async fn invalid_arguments_are_refused_before_taking_a_connection() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    // Found from a service's own crate: the server's "relation \"public.accounts\" does not
+    // exist" read as if the schema-qualified table were missing.
+    let err = db
+        .with_locked_row(&1, &Lock::new(), ok::<DottedTable>)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(
+        err.to_string()
+            .contains("Table::qualified(\"public\", \"accounts\")"),
+        "{err}"
+    );
     let bad_tx = TransactionOptions::new().lock_timeout(Duration::ZERO);
     let err = db
         .with_transaction(&bad_tx, |_| Box::pin(async { Ok::<_, rowlock::Error>(()) }))

@@ -137,7 +137,8 @@ impl Drop for Writes {
     }
 }
 
-/// Queued writes a transaction holds, and sends, without a list on the heap.
+/// Queued writes a transaction lists without a heap allocation (their request futures, when
+/// sent, are another matter: see `send_writes`).
 const INLINE_WRITES: usize = 4;
 
 /// Why a write could not be queued.

@@ -16,7 +16,7 @@ use rowlock_testing::{StopMode, TestCluster, TestDatabase};
 
 use crate::assignment::{seed, violations};
 use crate::faults::{Rng, until};
-use crate::support::{Account, WAIT};
+use crate::support::{Account, WAIT, backend_pid};
 
 /// A primary (with PostgreSQL's default durability: a commit waits for its WAL) and a
 /// streaming standby of it, on their own clusters; a database with the assignment schema and
@@ -104,18 +104,6 @@ impl Pair {
         );
         options.config(url.parse().unwrap()).build().unwrap()
     }
-}
-
-/// The pid of the server process behind a pooled connection.
-async fn backend_pid(db: &Db) -> i32 {
-    db.pool()
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use rowlock_testing::{StopMode, TestCluster, wait_for_blocked_by};
 use tokio::sync::oneshot;
 
 use crate::assignment::violations;
-use crate::support::{Account, WAIT, accounts, balance, in_transaction};
+use crate::support::{Account, WAIT, accounts, backend_pid, balance, in_transaction};
 
 /// Polls `condition` every 10 ms until it holds; panics with `what` after `limit`.
 pub(crate) async fn until<F, Fut>(limit: Duration, what: &str, mut condition: F)
@@ -488,15 +488,7 @@ async fn statement_timeout_in_the_closure_is_its_own_kind_and_rolls_back() {
     assert_eq!(err.sql_state(), Some(&SqlState::QUERY_CANCELED));
     assert_eq!(balance(&observer, 1).await, 100, "rolled back");
     assert_eq!(in_transaction(&observer).await, 0);
-    let pid_before: i32 = db
-        .pool()
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid_before: i32 = backend_pid(&db).await;
     assert!(
         backend_exists(&observer, pid_before).await,
         "the connection was kept: it is clean"

@@ -112,6 +112,18 @@ pub async fn accounts(n: i64) -> (TestDatabase, Db) {
     (pg, db)
 }
 
+/// The pid of the server process behind a pooled connection.
+pub async fn backend_pid(db: &Db) -> i32 {
+    db.pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 pub async fn balance(client: &Client, id: i64) -> i64 {
     client
         .query_one("SELECT balance FROM accounts WHERE id = $1", &[&id])

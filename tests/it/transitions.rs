@@ -4,7 +4,7 @@ use rowlock::tokio_postgres::{Error as PgError, Row};
 use rowlock::{ErrorKind, LockableRow, Outcome, RowRef, Table, TransactionOptions, Transition};
 use rowlock_testing::wait_for_blocked_by;
 
-use crate::support::{Account, WAIT, accounts, database};
+use crate::support::{Account, WAIT, accounts, backend_pid, database};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Task {
@@ -408,15 +408,7 @@ async fn the_handles_retry_policy_reruns_a_transition_refused_by_a_read_only_ser
             assert!(err.is_retryable(), "{err}");
             assert_eq!(status_of(&pg, 1).await, "open", "nothing ran");
         }
-        let now: i32 = db
-            .pool()
-            .get()
-            .await
-            .unwrap()
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let now: i32 = backend_pid(db).await;
         assert_ne!(now, pid, "the read-only connection was not pooled again");
     }
 }

@@ -229,8 +229,17 @@ impl Writes {
     }
 
     pub(crate) fn clear(&mut self) {
-        self.queued.clear();
-        self.bytes.clear();
+        self.truncate(0);
+    }
+
+    /// Keeps the first `len` writes, dropping those queued after them.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        if len >= self.queued.len() {
+            return;
+        }
+        self.queued.truncate(len);
+        let end = self.queued.last().map_or(0, |(_, end)| *end);
+        self.bytes.truncate(end);
     }
 
     /// Each write: its statement and its encoded parameters.

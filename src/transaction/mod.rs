@@ -460,7 +460,9 @@ impl Transaction {
     /// statement's parameter type, so nothing needs to outlive the call. If a queued write
     /// fails on the server, the server rolls the transaction back, and
     /// [`commit`](Self::commit) returns that error. Queued writes are discarded if the
-    /// transaction rolls back.
+    /// transaction rolls back, and a write queued inside a savepoint is discarded when that
+    /// savepoint is rolled back (by its guard, or by `ROLLBACK TO SAVEPOINT` sent as SQL), as
+    /// the statements sent inside it are undone.
     ///
     /// # Errors
     ///

@@ -94,8 +94,9 @@ impl Savepoint<'_> {
     }
 
     /// Undoes the savepoint's work (`ROLLBACK TO SAVEPOINT` and `RELEASE SAVEPOINT`, sent with
-    /// the next statement or `COMMIT`). The transaction is healthy again, whatever failed
-    /// inside the savepoint.
+    /// the next statement or `COMMIT`), including the writes queued inside it with
+    /// [`execute_on_commit`](Transaction::execute_on_commit). The transaction is healthy
+    /// again, whatever failed inside the savepoint.
     pub fn rollback(mut self) {
         self.ended = true;
         self.tx.state().rollback_to_savepoint(self.id);

@@ -82,6 +82,9 @@ struct OpenSavepoint {
     /// rowlock's own savepoint (`rowlock_sp_<id>`), or `None` for one the caller opened
     /// with SQL.
     id: Option<u32>,
+    /// How many writes were queued when it opened: rolling back to it drops those queued
+    /// after, as the server undoes the statements sent after it.
+    writes: usize,
 }
 
 /// Why a savepoint could not be opened.
@@ -212,7 +215,11 @@ impl State {
         self.next_savepoint += 1;
         let name = savepoint_name(id);
         self.queued.push(format!("SAVEPOINT {name}"));
-        self.savepoints.push(OpenSavepoint { name, id: Some(id) });
+        self.savepoints.push(OpenSavepoint {
+            name,
+            id: Some(id),
+            writes: self.writes.len(),
+        });
         Ok(id)
     }
 
@@ -253,13 +260,15 @@ impl State {
         Ok(())
     }
 
-    /// Rolls back to savepoint `id` and ends it: `ROLLBACK TO` and `RELEASE` are queued, and
-    /// the transaction is healthy again (a savepoint is only opened in a healthy one).
+    /// Rolls back to savepoint `id` and ends it: `ROLLBACK TO` and `RELEASE` are queued, the
+    /// writes queued inside it are dropped, and the transaction is healthy again (a savepoint
+    /// is only opened in a healthy one).
     pub(super) fn rollback_to_savepoint(&mut self, id: u32) {
         let Some(at) = self.position(id) else {
             return;
         };
         let name = self.savepoints[at].name.clone();
+        self.writes.truncate(self.savepoints[at].writes);
         self.savepoints.truncate(at);
         if !self.unqueue_empty(&name) {
             self.queued.push(format!(
@@ -272,9 +281,11 @@ impl State {
     /// The caller's own savepoint command succeeded on the server.
     pub(super) fn observe(&mut self, command: SavepointCommand) {
         match command {
-            SavepointCommand::Savepoint(name) => {
-                self.savepoints.push(OpenSavepoint { name, id: None })
-            }
+            SavepointCommand::Savepoint(name) => self.savepoints.push(OpenSavepoint {
+                name,
+                id: None,
+                writes: self.writes.len(),
+            }),
             SavepointCommand::Release(name) => {
                 if let Some(at) = self.savepoints.iter().rposition(|s| s.name == name) {
                     self.savepoints.truncate(at);
@@ -282,6 +293,7 @@ impl State {
             }
             SavepointCommand::RollbackTo(name) => {
                 if let Some(at) = self.savepoints.iter().rposition(|s| s.name == name) {
+                    self.writes.truncate(self.savepoints[at].writes);
                     self.savepoints.truncate(at + 1);
                 }
                 // The server accepted it: the transaction is healthy again, whichever

@@ -243,3 +243,59 @@ async fn savepoint_sql_is_followed_in_several_statements_and_around_comments() {
     );
     assert_eq!(notes(&client).await, ["new", "seen"]);
 }
+
+#[tokio::test]
+async fn writes_queued_inside_a_savepoint_go_with_it() {
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
+    db.with_transaction(&TransactionOptions::new(), |tx| {
+        Box::pin(async move {
+            let note = tx
+                .prepare_cached("INSERT INTO audit (account_id, note) VALUES (1, $1)")
+                .await?;
+            tx.execute_on_commit(&note, &[&"before"])?;
+            // A guard rolled back: its queued write is dropped, the earlier one stays.
+            let sp = tx.savepoint()?;
+            sp.execute_on_commit(&note, &[&"rolled back"])?;
+            sp.rollback();
+            // Nested: the inner one rolled back with a statement sent inside it, the outer
+            // one released.
+            let outer = tx.savepoint()?;
+            outer.execute_on_commit(&note, &[&"released"])?;
+            {
+                let inner = outer.savepoint()?;
+                insert_note(&inner, "sent inside").await?;
+                inner.execute_on_commit(&note, &[&"dropped with inner"])?;
+                // Dropped without release.
+            }
+            outer.release()?;
+            // The closure form, returning an error (the closure borrows the statement).
+            let note = &note;
+            let failed = tx
+                .with_savepoint(|tx| {
+                    Box::pin(async move {
+                        tx.execute_on_commit(note, &[&"closure failed"])?;
+                        tx.execute("SELECT 1 / 0", &[]).await?;
+                        Ok::<_, rowlock::Error>(())
+                    })
+                })
+                .await;
+            assert!(failed.is_err());
+            // Savepoint SQL of the caller's own: ROLLBACK TO keeps the savepoint open and
+            // drops what was queued after it.
+            tx.batch_execute("SAVEPOINT s").await?;
+            tx.execute_on_commit(note, &[&"before rollback to"])?;
+            tx.batch_execute("ROLLBACK TO SAVEPOINT s").await?;
+            tx.execute_on_commit(note, &[&"after rollback to"])?;
+            tx.batch_execute("RELEASE SAVEPOINT s").await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        notes(&client).await,
+        ["after rollback to", "before", "released"]
+    );
+    assert_eq!(in_transaction(&client).await, 0);
+}

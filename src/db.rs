@@ -177,6 +177,14 @@ impl Db {
         &self.inner.pool
     }
 
+    /// Takes a connection from the pool: the one way rowlock's operations get theirs.
+    pub(crate) async fn checkout(&self) -> Result<deadpool_postgres::Object, Error> {
+        let pool = self.pool();
+        pool.get()
+            .await
+            .map_err(|e| Error::from_pool(e, pool.status().max_size, pool.timeouts().wait))
+    }
+
     /// The call's transaction options with the handle's defaults under them.
     pub(crate) fn options(&self, call: &TransactionOptions) -> TransactionOptions {
         let d = &self.inner.defaults;

@@ -70,7 +70,7 @@ impl Db {
         &self,
         transaction: &TransactionRef,
     ) -> Result<CommitStatus, Error> {
-        let mut client = self.pool().get().await.map_err(Error::from_pool)?;
+        let mut client = self.checkout().await?;
         let pg = |e| Error::from_pg(e, Step::Statement);
         // Both questions in one transaction: behind a pooler in transaction mode, a statement
         // is prepared and run on the same server connection only inside one.

@@ -498,14 +498,24 @@ impl Error {
         Error::new(ErrorKind::Decode).with_source(e)
     }
 
-    pub(crate) fn from_pool(e: deadpool_postgres::PoolError) -> Self {
+    /// A failed checkout from a pool of `max_size` connections waiting up to `wait`.
+    pub(crate) fn from_pool(
+        e: deadpool_postgres::PoolError,
+        max_size: usize,
+        wait: Option<std::time::Duration>,
+    ) -> Self {
         use deadpool_postgres::PoolError;
         match e {
-            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
-                Error::new(ErrorKind::PoolTimeout)
-                    .at(Step::Checkout)
-                    .with_source(e)
-            }
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => Error::with_kind(
+                ErrorKind::PoolTimeout,
+                format!(
+                    "all {max_size} connection(s) of the pool stayed in use for its wait_timeout \
+                     ({})",
+                    wait.map_or_else(|| "none".to_string(), |d| format!("{d:?}"))
+                ),
+            )
+            .at(Step::Checkout)
+            .with_source(e),
             // No server answered in time: opening a connection (a proxy that accepted it
             // with no server behind, during a failover) or checking a pooled one.
             PoolError::Timeout(deadpool_postgres::TimeoutType::Create) => Error::with_kind(

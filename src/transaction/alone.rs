@@ -91,7 +91,7 @@ pub(crate) async fn run_alone(
     custom_plan: bool,
 ) -> Result<Vec<Row>, Error> {
     let conn = Alone {
-        client: Some(db.pool().get().await.map_err(Error::from_pool)?),
+        client: Some(db.checkout().await?),
         in_flight: AtomicBool::new(false),
     };
     let client = conn.conn();

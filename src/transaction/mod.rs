@@ -152,7 +152,7 @@ impl Transaction {
     ) -> Result<Transaction, Error> {
         let per_transaction =
             options.statement_cache.unwrap_or(db.statement_cache()) == StatementCache::Transaction;
-        let client = db.pool().get().await.map_err(Error::from_pool)?;
+        let client = db.checkout().await?;
         Ok(Self::on(db.clone(), client, options, per_transaction))
     }
 

@@ -34,6 +34,12 @@ async fn the_wait_timeout_refuses_a_caller_when_the_pool_is_exhausted() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::PoolTimeout, "{err}");
+    // What a log line needs to tell an exhausted pool from a slow server.
+    let said = err.to_string();
+    assert!(
+        said.contains("all 1 connection(s)") && said.contains("wait_timeout (100ms)"),
+        "{said}"
+    );
     drop(held);
     let outcome = db
         .with_locked_row(&1, &Lock::new(), |_, _: Account| {

@@ -5,6 +5,7 @@
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -77,7 +78,7 @@ pub(crate) struct Inner {
     /// The checked names of every row type used through this handle, and what was learned
     /// about its table on this database. Row types are few and their names constants, so
     /// entries are never evicted.
-    names: RwLock<HashMap<TypeId, Arc<Names>>>,
+    names: RwLock<ByType>,
     /// Buffers of queued writes, reused by the next transactions.
     spare_buffers: Arc<SpareBuffers>,
 }
@@ -216,7 +217,7 @@ impl Db {
     /// The names of `R`, checked the first time (a bad name is refused on every call).
     pub(crate) fn names<R: LockableRow>(&self) -> Result<Arc<Names>, Error> {
         let id = TypeId::of::<R>();
-        let read = |map: &HashMap<TypeId, Arc<Names>>| map.get(&id).cloned();
+        let read = |map: &ByType| map.get(&id).cloned();
         if let Some(names) = read(
             &self
                 .inner
@@ -233,6 +234,30 @@ impl Db {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         Ok(all.entry(id).or_insert(names).clone())
+    }
+}
+
+/// The names of each row type, by its `TypeId`.
+type ByType = HashMap<TypeId, Arc<Names>, BuildHasherDefault<TypeIdHasher>>;
+
+/// Hashes a `TypeId` by its own bits: it is a hash already, and this lookup runs on every
+/// call, where SipHash over it would be wasted work.
+#[derive(Default)]
+struct TypeIdHasher(u64);
+
+impl Hasher for TypeIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -667,6 +692,28 @@ fn rustls_connector(roots: &[Vec<u8>]) -> Result<tokio_postgres_rustls::MakeRust
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_ids_hash_apart_and_are_found() {
+        use std::hash::BuildHasher;
+        let ids = [
+            TypeId::of::<u8>(),
+            TypeId::of::<u16>(),
+            TypeId::of::<String>(),
+            TypeId::of::<Vec<String>>(),
+            TypeId::of::<Db>(),
+        ];
+        let build = BuildHasherDefault::<TypeIdHasher>::default();
+        let mut hashes: Vec<u64> = ids.iter().map(|id| build.hash_one(id)).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(hashes.len(), ids.len());
+        let map: HashMap<TypeId, usize, BuildHasherDefault<TypeIdHasher>> =
+            ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(map[id], i);
+        }
+    }
 
     #[test]
     fn servers_older_than_13_are_named() {

@@ -1,6 +1,5 @@
 //! Lockable rows: how a row type names its table and key, and how it is built from a `Row`.
 
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -362,8 +361,9 @@ pub(crate) struct Names {
     learned: Mutex<Vec<Arc<Columns>>>,
     /// A statement whose result columns are the table's (prepared per connection, never run).
     pub(crate) describe_sql: String,
-    /// Lock statements by (strength, mode, key count, column list).
-    lock_sql: Mutex<HashMap<LockSqlKey, Arc<str>>>,
+    /// Lock statements by (strength, mode, key count, column list): a few dozen at most,
+    /// found by a scan, which costs less than hashing the key on every call.
+    lock_sql: Mutex<Vec<(LockSqlKey, Arc<str>)>>,
     /// The relation [`table`](Self::table) names as the server resolved it (quoted schema and
     /// name, through the `search_path`), once asked: the order of a lock set, the same for
     /// every spelling of one table.
@@ -440,24 +440,24 @@ impl Names {
         let count = self.statement_count(count);
         let key = (options.strength, options.mode, count, columns.id);
         let mut cache = self.lock_sql.lock().unwrap_or_else(PoisonError::into_inner);
-        cache
-            .entry(key)
-            .or_insert_with(|| {
-                let order = if count == 1 {
-                    String::new()
-                } else {
-                    format!(" {}", self.order_by())
-                };
-                format!(
-                    "SELECT {} FROM {} {}{order} {}",
-                    columns.select,
-                    self.table,
-                    self.where_bound_keys(count),
-                    options.clause()
-                )
-                .into()
-            })
-            .clone()
+        if let Some((_, sql)) = cache.iter().find(|(k, _)| *k == key) {
+            return sql.clone();
+        }
+        let order = if count == 1 {
+            String::new()
+        } else {
+            format!(" {}", self.order_by())
+        };
+        let sql: Arc<str> = format!(
+            "SELECT {} FROM {} {}{order} {}",
+            columns.select,
+            self.table,
+            self.where_bound_keys(count),
+            options.clause()
+        )
+        .into();
+        cache.push((key, sql.clone()));
+        sql
     }
 
     /// The number of keys a statement for `count` keys is written for: one, or any number

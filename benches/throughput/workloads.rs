@@ -7,6 +7,11 @@
 //! rowlock take 2 on the lock path (`BEGIN` pipelined with the locking SELECT, the writes
 //! pipelined with `COMMIT`) and 1 on the one-statement paths (`accept_cas`: a transition;
 //! `claim_one`, `claim_batch`, `claim_spread`: claim-and-mark).
+//!
+//! Each hand-written form reads the columns of the rows it gets that rowlock's row types decode
+//! (a locked counter's id, a project's id and status, the claimed jobs' ids), as a service
+//! would: rowlock hands its caller typed rows, so the comparison includes that work on both
+//! sides.
 
 use futures_util::future::{join, join3};
 use rowlock::deadpool_postgres::Object;
@@ -404,7 +409,10 @@ async fn run_hand(
             let (begin, row) =
                 join(c.batch_execute("BEGIN"), c.query_one(&lock, &[&project])).await;
             begin?;
-            let open = row?.get::<_, &str>("status") == "open";
+            // The columns rowlock's `Project` decodes.
+            let row = row?;
+            let project: i64 = row.get("id");
+            let open = row.get::<_, &str>("status") == "open";
             if open {
                 let assign = st.get(|s| &s.assign, ASSIGN).await?;
                 let accept = st.get(|s| &s.accept, ACCEPT).await?;
@@ -431,7 +439,8 @@ async fn run_hand(
             let proposal = rng.below(sizes.projects * PROPOSALS_PER_PROJECT) + 1;
             let project = (proposal - 1) / PROPOSALS_PER_PROJECT + 1;
             let cas = st.get(|s| &s.accept_cas, ACCEPT_CAS).await?;
-            c.query_one(&cas, &[&project, &proposal]).await?;
+            // Whether this call assigned the project, as rowlock's outcome tells it.
+            let _assigned: i64 = c.query_one(&cas, &[&project, &proposal]).await?.get(0);
             Ok(1)
         }
         Workload::HotRow | Workload::Spread => {
@@ -443,7 +452,8 @@ async fn run_hand(
             let lock = st.get(|s| &s.lock_counter, LOCK_COUNTER).await?;
             let (begin, row) = join(c.batch_execute("BEGIN"), c.query_one(&lock, &[&id])).await;
             begin?;
-            row?;
+            // The column rowlock's `Counter` decodes, used as rowlock's closure uses it.
+            let id: i32 = row?.get("id");
             let bump = st.get(|s| &s.bump, BUMP).await?;
             let (bump, commit) = join(c.execute(&bump, &[&id]), c.batch_execute("COMMIT")).await;
             bump?;
@@ -466,12 +476,12 @@ async fn run_hand(
         }
         Workload::ClaimOne | Workload::ClaimBatch => {
             let claim = st.get(|s| &s.claim_mark, CLAIM_MARK).await?;
-            Ok(c.query(&claim, &[&workload.batch()]).await?.len() as i64)
+            Ok(job_ids(c.query(&claim, &[&workload.batch()]).await?).len() as i64)
         }
         Workload::ClaimSpread => {
             let start = rng.below(sizes.jobs) + 1;
             let claim = st.get(|s| &s.claim_mark_from, CLAIM_MARK_FROM).await?;
-            Ok(c.query(&claim, &[&workload.batch(), &start]).await?.len() as i64)
+            Ok(job_ids(c.query(&claim, &[&workload.batch(), &start]).await?).len() as i64)
         }
         Workload::ClaimLocked => {
             let claim = st.get(|s| &s.claim, CLAIM).await?;
@@ -481,7 +491,7 @@ async fn run_hand(
             )
             .await;
             begin?;
-            let ids: Vec<i64> = rows?.iter().map(|r| r.get("id")).collect();
+            let ids = job_ids(rows?);
             let n = ids.len() as i64;
             if ids.is_empty() {
                 c.batch_execute("COMMIT").await?;
@@ -495,6 +505,12 @@ async fn run_hand(
             Ok(n)
         }
     }
+}
+
+/// The claimed jobs' ids, the column rowlock's `Job` decodes: what a worker needs to process
+/// them.
+fn job_ids(rows: Vec<Row>) -> Vec<i64> {
+    rows.iter().map(|r| r.get("id")).collect()
 }
 
 struct Project {

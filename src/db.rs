@@ -178,6 +178,32 @@ impl Db {
         &self.inner.pool
     }
 
+    /// The connection's cached statement for `sql`, prepared on a miss: the one way rowlock's
+    /// statements are prepared in the connection's cache. The cache is bounded by
+    /// [`Builder::statement_cache_limit`]: a miss that takes it past the limit empties it (the
+    /// statement in hand stays usable; the cache's copies are closed on the server when their
+    /// last handle drops). Only a miss can grow the cache, and counting it walks every entry,
+    /// so only a miss counts it. A miss is a prepare that did not finish at its first poll (a
+    /// hit never waits).
+    pub(crate) async fn prepare_cached(
+        &self,
+        conn: &deadpool_postgres::ClientWrapper,
+        sql: &str,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let mut prepare = std::pin::pin!(conn.prepare_cached(sql));
+        let mut missed = false;
+        let statement = std::future::poll_fn(|cx| {
+            let polled = prepare.as_mut().poll(cx);
+            missed |= polled.is_pending();
+            polled
+        })
+        .await?;
+        if missed && conn.statement_cache.size() > self.statement_limit() {
+            conn.statement_cache.clear();
+        }
+        Ok(statement)
+    }
+
     /// Takes a connection from the pool: the one way rowlock's operations get theirs.
     pub(crate) async fn checkout(&self) -> Result<deadpool_postgres::Object, Error> {
         let pool = self.pool();

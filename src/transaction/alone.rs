@@ -97,7 +97,7 @@ pub(crate) async fn run_alone(
     let client = conn.conn();
     for _ in 0..2 {
         let stmt = conn
-            .send(client.prepare_cached(sql))
+            .send(db.prepare_cached(client, sql))
             .await
             .map_err(|e| Error::from_pg(e, step))?;
         if client.is_closed() {

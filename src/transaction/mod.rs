@@ -336,14 +336,7 @@ impl Transaction {
         query: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
         if !self.per_transaction {
-            let conn = self.conn();
-            let stmt = conn.prepare_cached(query).await?;
-            // Bounded: past the limit the cache starts over (the statement in hand stays
-            // usable; the cache's copies are closed on the server when dropped).
-            if conn.statement_cache.size() > self.db.statement_limit() {
-                conn.statement_cache.clear();
-            }
-            return Ok(stmt);
+            return self.db.prepare_cached(self.conn(), query).await;
         }
         if let Some(stmt) = self.state().statement(query) {
             return Ok(stmt);

@@ -176,10 +176,22 @@ async fn the_statement_cache_of_a_connection_stays_under_the_handles_limit() {
             .await
             .unwrap();
         assert_eq!(claimed, Outcome::Done(1));
+        // The one-statement paths (claim-and-mark, transitions) keep to the same limit.
+        let marked: Vec<Account> = db
+            .claim_and_mark(
+                &claim.clone().mark(format!("balance = {n} + 100"), vec![]),
+                1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(marked.len(), 1);
+        let add = rowlock::Transition::new(format!("balance = balance + {n}"));
+        let moved = db.transition::<Account>(&1, &add, &[]).await.unwrap();
+        assert!(moved.is_done(), "{moved:?}");
         let prepared = prepared_on(&db).await;
         assert!(
             prepared <= limit as i64 + 1,
-            "{prepared} statements prepared after {} claims (limit {limit})",
+            "{prepared} statements prepared after {} rounds (limit {limit})",
             n + 1
         );
     }

@@ -199,9 +199,16 @@ impl Db {
         })
         .await?;
         if missed && conn.statement_cache.size() > self.statement_limit() {
-            conn.statement_cache.clear();
+            Db::forget_statements(conn);
         }
         Ok(statement)
+    }
+
+    /// Empties the connection's statement cache, so every statement is prepared again (after
+    /// a migration made one stale, or past the limit). The statements in hand stay usable;
+    /// the cache's copies are closed on the server when their last handle drops.
+    pub(crate) fn forget_statements(conn: &deadpool_postgres::ClientWrapper) {
+        conn.statement_cache.clear();
     }
 
     /// Takes a connection from the pool: the one way rowlock's operations get theirs.

@@ -121,7 +121,7 @@ pub(crate) async fn run_alone(
                 let err = Error::from_pg(e, step).with_misfit(params, stmt.params());
                 if err.is_stale_plan() {
                     // A migration changed the table under the cached statement: nothing ran.
-                    client.statement_cache.clear();
+                    Db::forget_statements(client);
                     continue;
                 }
                 if err.kind() == ErrorKind::ReadOnly {

@@ -352,7 +352,7 @@ impl Transaction {
         if self.per_transaction {
             drop(self.state().take_statements());
         } else {
-            self.conn().statement_cache.clear();
+            Db::forget_statements(self.conn());
         }
     }
 

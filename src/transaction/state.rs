@@ -215,12 +215,19 @@ impl State {
         self.next_savepoint += 1;
         let name = savepoint_name(id);
         self.queued.push(format!("SAVEPOINT {name}"));
-        self.savepoints.push(OpenSavepoint {
-            name,
-            id: Some(id),
-            writes: self.writes.len(),
-        });
+        self.push_savepoint(name, Some(id));
         Ok(id)
+    }
+
+    /// Opens savepoint `name` on the stack, marking how many writes are queued so far.
+    fn push_savepoint(&mut self, name: String, id: Option<u32>) {
+        let writes = self.writes.len();
+        self.savepoints.push(OpenSavepoint { name, id, writes });
+    }
+
+    /// Drops the writes queued since the savepoint at `at` opened (it is being rolled back).
+    fn drop_writes_after(&mut self, at: usize) {
+        self.writes.truncate(self.savepoints[at].writes);
     }
 
     /// Where rowlock's savepoint `id` is on the stack, if still open (releasing or rolling
@@ -268,7 +275,7 @@ impl State {
             return;
         };
         let name = self.savepoints[at].name.clone();
-        self.writes.truncate(self.savepoints[at].writes);
+        self.drop_writes_after(at);
         self.savepoints.truncate(at);
         if !self.unqueue_empty(&name) {
             self.queued.push(format!(
@@ -281,11 +288,7 @@ impl State {
     /// The caller's own savepoint command succeeded on the server.
     pub(super) fn observe(&mut self, command: SavepointCommand) {
         match command {
-            SavepointCommand::Savepoint(name) => self.savepoints.push(OpenSavepoint {
-                name,
-                id: None,
-                writes: self.writes.len(),
-            }),
+            SavepointCommand::Savepoint(name) => self.push_savepoint(name, None),
             SavepointCommand::Release(name) => {
                 if let Some(at) = self.savepoints.iter().rposition(|s| s.name == name) {
                     self.savepoints.truncate(at);
@@ -293,7 +296,7 @@ impl State {
             }
             SavepointCommand::RollbackTo(name) => {
                 if let Some(at) = self.savepoints.iter().rposition(|s| s.name == name) {
-                    self.writes.truncate(self.savepoints[at].writes);
+                    self.drop_writes_after(at);
                     self.savepoints.truncate(at + 1);
                 }
                 // The server accepted it: the transaction is healthy again, whichever

@@ -60,8 +60,9 @@ pub use wait::{wait_for_blocked_by, wait_until_blocked};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive] // more failure classes may be told apart later.
 pub enum HarnessError {
-    /// No PostgreSQL server binaries were found; the message says what to install.
-    #[error("PostgreSQL server binaries not found: {0}")]
+    /// A program the harness runs was not found: the PostgreSQL server binaries, or PgBouncer,
+    /// Patroni, etcd or HAProxy when asked for; the message names it and says what to install.
+    #[error("a program the test harness needs was not found: {0}")]
     NoBinaries(String),
     /// The cluster could not be created or started; the message includes the server's log.
     #[error("could not start the test cluster: {0}")]

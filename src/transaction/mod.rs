@@ -28,7 +28,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
-use crate::flush::{At, Flush, Misfit, Reported, Side, Writes};
+use crate::flush::{At, Failed, Flush, Misfit, Reported, Side, Writes};
 use crate::options::{StatementCache, TransactionOptions};
 use state::{Phase, Prelude, State};
 
@@ -258,11 +258,19 @@ impl Transaction {
             (prelude, self.idle_timeout_elapsed(&st))
         };
         let flight = InFlight(Some(&self.state));
-        let mut flush = Flush::new(self.conn());
-        if let Some(prelude) = &prelude {
-            flush = flush.before(self.prelude_side(prelude));
-        }
-        let result = flush.send(request).await;
+        let result = match &prelude {
+            Some(prelude) => {
+                Flush::new(self.conn())
+                    .before(self.prelude_side(prelude))
+                    .send(request)
+                    .await
+            }
+            // Nothing goes with it: the request alone (a cache hit sends nothing at all).
+            None => request.await.map_err(|error| Failed {
+                error,
+                at: At::Main,
+            }),
+        };
         flight.landed();
         if self.idle_timeout.is_some() {
             self.state().request_done(Instant::now());

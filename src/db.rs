@@ -6,12 +6,12 @@ use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::{Config, NoTls, Socket};
+use tokio_postgres::{Config, NoTls, Socket, Statement};
 
 use crate::error::Error;
 use crate::flush::SpareBuffers;
@@ -81,6 +81,26 @@ pub(crate) struct Inner {
     names: RwLock<ByType>,
     /// Buffers of queued writes, reused by the next transactions.
     spare_buffers: Arc<SpareBuffers>,
+    /// rowlock's prepared statements on each connection of the pool, by connection.
+    connections: Mutex<ByConnection>,
+}
+
+/// The statements of each connection, keyed by the address of the connection's
+/// deadpool-postgres statement cache (one allocation per connection, for its lifetime). The
+/// `Weak` beside each entry keeps that address from being reused by a later connection while
+/// the entry exists, and tells when the connection is gone.
+type ByConnection = HashMap<usize, (Weak<deadpool_postgres::StatementCache>, Arc<Statements>)>;
+
+/// rowlock's prepared statements on one connection, by SQL text: the per-connection statement
+/// cache ([`StatementCache::Connection`]). A hit is a lookup, with no future and nothing sent;
+/// a miss prepares on the connection. Bounded by [`Builder::statement_cache_limit`].
+#[derive(Default)]
+pub(crate) struct Statements(Mutex<HashMap<Box<str>, Statement>>);
+
+impl Statements {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Statement>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// What a call's options fall back to.
@@ -168,6 +188,7 @@ impl Db {
                 defaults,
                 names: RwLock::default(),
                 spare_buffers: Arc::default(),
+                connections: Mutex::default(),
             }),
         }
     }
@@ -178,37 +199,57 @@ impl Db {
         &self.inner.pool
     }
 
-    /// The connection's cached statement for `sql`, prepared on a miss: the one way rowlock's
-    /// statements are prepared in the connection's cache. The cache is bounded by
-    /// [`Builder::statement_cache_limit`]: a miss that takes it past the limit empties it (the
-    /// statement in hand stays usable; the cache's copies are closed on the server when their
-    /// last handle drops). Only a miss can grow the cache, and counting it walks every entry,
-    /// so only a miss counts it. A miss is a prepare that did not finish at its first poll (a
-    /// hit never waits).
+    /// rowlock's statements on `conn` (see [`Statements`]): looked up once per transaction.
+    pub(crate) fn statements(&self, conn: &deadpool_postgres::ClientWrapper) -> Arc<Statements> {
+        let cache = &conn.statement_cache;
+        let key = Arc::as_ptr(cache) as usize;
+        let mut all = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((weak, statements)) = all.get(&key) {
+            // The `Weak` held the address: an entry under it is this connection's.
+            if weak.strong_count() > 0 {
+                return statements.clone();
+            }
+        }
+        // A new connection: forget the closed ones (their statements went with them).
+        all.retain(|_, (weak, _)| weak.strong_count() > 0);
+        let statements = Arc::new(Statements::default());
+        all.insert(key, (Arc::downgrade(cache), statements.clone()));
+        statements
+    }
+
+    /// The statement for `sql` on `conn` from its cache `statements`, prepared on a miss: the
+    /// one way rowlock's statements are prepared into a connection's cache. A hit is a lookup
+    /// (this future holds no request); a miss that takes the cache past
+    /// [`Builder::statement_cache_limit`] empties it first (statements in hand stay usable;
+    /// the cache's are closed on the server when their last handle drops).
     pub(crate) async fn prepare_cached(
         &self,
         conn: &deadpool_postgres::ClientWrapper,
+        statements: &Statements,
         sql: &str,
-    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-        let mut prepare = std::pin::pin!(conn.prepare_cached(sql));
-        let mut missed = false;
-        let statement = std::future::poll_fn(|cx| {
-            let polled = prepare.as_mut().poll(cx);
-            missed |= polled.is_pending();
-            polled
-        })
-        .await?;
-        if missed && conn.statement_cache.size() > self.statement_limit() {
-            Db::forget_statements(conn);
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = statements.map().get(sql) {
+            return Ok(statement.clone());
         }
+        // Boxed: the rare path, and the prepare's future is large.
+        let statement = Box::pin(conn.prepare(sql)).await?;
+        let mut map = statements.map();
+        if map.len() >= self.statement_limit() {
+            map.clear();
+        }
+        map.insert(sql.into(), statement.clone());
         Ok(statement)
     }
 
-    /// Empties the connection's statement cache, so every statement is prepared again (after
-    /// a migration made one stale, or past the limit). The statements in hand stay usable;
-    /// the cache's copies are closed on the server when their last handle drops.
-    pub(crate) fn forget_statements(conn: &deadpool_postgres::ClientWrapper) {
-        conn.statement_cache.clear();
+    /// Empties a connection's statement cache, so every statement is prepared again (after a
+    /// migration made one stale). The statements in hand stay usable; the cache's are closed
+    /// on the server when their last handle drops.
+    pub(crate) fn forget_statements(statements: &Statements) {
+        statements.map().clear();
     }
 
     /// Takes a connection from the pool: the one way rowlock's operations get theirs.

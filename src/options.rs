@@ -38,9 +38,10 @@ impl Isolation {
 /// statement prepared and cached in one transaction may not exist in the next (`26000`), or a
 /// statement name may already be taken on the server connection (`42P05`).
 ///
-/// - [`Connection`](Self::Connection) (the default): statements go into deadpool-postgres's
-///   per-connection cache (`prepare_cached`) and are reused by later transactions. Fastest on
-///   a direct connection.
+/// - [`Connection`](Self::Connection) (the default): statements go into the connection's cache
+///   (kept by the handle, per connection, bounded by
+///   [`Builder::statement_cache_limit`](crate::Builder::statement_cache_limit)) and are reused
+///   by later transactions. Fastest on a direct connection.
 /// - [`Transaction`](Self::Transaction): each statement is prepared the first time the
 ///   transaction uses it, reused within the transaction, and closed before `COMMIT` or
 ///   `ROLLBACK` is sent, so no prepared statement outlives the transaction on the server
@@ -59,7 +60,7 @@ impl Isolation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive] // other caching strategies (e.g. protocol-level names PgBouncer 1.21 tracks) may come.
 pub enum StatementCache {
-    /// Cache prepared statements on the connection (deadpool-postgres's `prepare_cached`).
+    /// Cache prepared statements per connection, for later transactions.
     #[default]
     Connection,
     /// Prepare statements per transaction and close them before it ends (PgBouncer

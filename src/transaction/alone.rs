@@ -95,9 +95,10 @@ pub(crate) async fn run_alone(
         in_flight: AtomicBool::new(false),
     };
     let client = conn.conn();
+    let statements = db.statements(client);
     for _ in 0..2 {
         let stmt = conn
-            .send(db.prepare_cached(client, sql))
+            .send(db.prepare_cached(client, &statements, sql))
             .await
             .map_err(|e| Error::from_pg(e, step))?;
         if client.is_closed() {
@@ -121,7 +122,7 @@ pub(crate) async fn run_alone(
                 let err = Error::from_pg(e, step).with_misfit(params, stmt.params());
                 if err.is_stale_plan() {
                     // A migration changed the table under the cached statement: nothing ran.
-                    Db::forget_statements(client);
+                    Db::forget_statements(&statements);
                     continue;
                 }
                 if err.kind() == ErrorKind::ReadOnly {

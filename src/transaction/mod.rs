@@ -18,12 +18,12 @@ mod savepoint;
 mod state;
 
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Object;
 
-use crate::db::Db;
+use crate::db::{Db, Statements};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
@@ -74,6 +74,8 @@ pub struct Transaction {
     client: Option<Object>,
     /// The handle it was opened from: the names learned about each row type's table.
     db: Db,
+    /// The connection's statement cache ([`StatementCache::Connection`]).
+    statements: Arc<Statements>,
     state: Mutex<State>,
     /// [`StatementCache::Transaction`]: statements are prepared per transaction.
     per_transaction: bool,
@@ -170,6 +172,7 @@ impl Transaction {
     ) -> Transaction {
         let writes = Writes::with_spare(db.spare_buffers());
         Transaction {
+            statements: db.statements(&client),
             client: Some(client),
             db,
             // Behind a pooler (`StatementCache::Transaction`), the connection's cancel key names
@@ -329,9 +332,10 @@ impl Transaction {
 
     /// Prepares a statement, reusing a cached one. A cache hit sends nothing.
     ///
-    /// With [`StatementCache::Connection`] (the default) the cache is the connection's
-    /// (deadpool-postgres's `prepare_cached`); with [`StatementCache::Transaction`] it is this
-    /// transaction's, and the statement is closed before the transaction ends.
+    /// With [`StatementCache::Connection`] (the default) the cache is the connection's (kept by
+    /// the handle, bounded by [`Builder::statement_cache_limit`](crate::Builder::statement_cache_limit));
+    /// with [`StatementCache::Transaction`] it is this transaction's, and the statement is
+    /// closed before the transaction ends.
     pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
         self.run(Step::Statement, self.cached_statement(query))
             .await
@@ -344,7 +348,9 @@ impl Transaction {
         query: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
         if !self.per_transaction {
-            return self.db.prepare_cached(self.conn(), query).await;
+            return (self.db)
+                .prepare_cached(self.conn(), &self.statements, query)
+                .await;
         }
         if let Some(stmt) = self.state().statement(query) {
             return Ok(stmt);
@@ -360,7 +366,7 @@ impl Transaction {
         if self.per_transaction {
             drop(self.state().take_statements());
         } else {
-            Db::forget_statements(self.conn());
+            Db::forget_statements(&self.statements);
         }
     }
 

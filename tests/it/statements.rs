@@ -202,3 +202,63 @@ async fn the_statement_cache_of_a_connection_stays_under_the_handles_limit() {
         .unwrap_err();
     assert!(err.is_invalid_argument(), "{err}");
 }
+
+/// The statement cache belongs to its connection: a connection that replaces one the server
+/// closed prepares its own statements, never runs the closed one's (which would fail with
+/// `26000 prepared statement does not exist`, or run another statement of the same name).
+#[tokio::test]
+async fn a_connection_that_replaces_a_closed_one_prepares_its_own_statements() {
+    if std::env::var_os("ROWLOCK_TEST_PGBOUNCER").is_some() {
+        return; // behind PgBouncer the server connection is PgBouncer's to replace
+    }
+    let (pg, _) = accounts(10).await;
+    let db = pg.db(1);
+    let admin = pg.client().await.unwrap();
+    let touch = |id: i64| {
+        let db = db.clone();
+        async move {
+            db.with_locked_row(&id, Lock::new(), |tx, a: Account| {
+                Box::pin(async move {
+                    let stmt = tx
+                        .prepare_cached("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
+                        .await?;
+                    tx.execute(&stmt, &[&a.id]).await?;
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await
+        }
+    };
+    for round in 0..10 {
+        assert_eq!(touch(1).await.unwrap(), Outcome::Done(()), "round {round}");
+        // The server closes the pool's one connection; wait until the pool has replaced it.
+        let old: i32 = crate::support::backend_pid(&db).await;
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&old])
+            .await
+            .unwrap();
+        let mut replaced = false;
+        for _ in 0..100 {
+            let conn = db.pool().get().await.unwrap();
+            // The closed connection answers with an error, and the pool then replaces it.
+            if let Ok(row) = conn.query_one("SELECT pg_backend_pid()", &[]).await {
+                if row.get::<_, i32>(0) != old {
+                    replaced = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            replaced,
+            "round {round}: the pool kept the closed connection"
+        );
+        // Both statements (the lock, the caller's update) are prepared on the new connection.
+        assert_eq!(touch(2).await.unwrap(), Outcome::Done(()), "round {round}");
+    }
+    let balance: i64 = admin
+        .query_one("SELECT balance FROM accounts WHERE id = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(balance, 100 + 10, "one update per round");
+}

@@ -355,7 +355,8 @@ impl Transaction {
         if let Some(stmt) = self.state().statement(query) {
             return Ok(stmt);
         }
-        let stmt = self.conn().prepare(query).await?;
+        // Boxed, as a miss of the connection's cache is: a hit's future stays small.
+        let stmt = Box::pin(self.conn().prepare(query)).await?;
         self.state().remember(query, stmt.clone());
         Ok(stmt)
     }

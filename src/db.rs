@@ -95,10 +95,15 @@ type ByConnection = HashMap<usize, (Weak<deadpool_postgres::StatementCache>, Arc
 /// cache ([`StatementCache::Connection`]). A hit is a lookup, with no future and nothing sent;
 /// a miss prepares on the connection. Bounded by [`Builder::statement_cache_limit`].
 #[derive(Default)]
-pub(crate) struct Statements(Mutex<HashMap<Box<str>, Statement>>);
+pub(crate) struct Statements(Mutex<BySql>);
+
+/// Statements by SQL text. Every statement a call uses is looked up by its whole text (a
+/// transition's is a few hundred bytes): hashed with foldhash, seeded per process, rather
+/// than SipHash.
+type BySql = HashMap<Box<str>, Statement, foldhash::fast::RandomState>;
 
 impl Statements {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Statement>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, BySql> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -82,6 +82,11 @@ async fn each_locked_call_has_a_span_with_wait_hold_outcome_and_attempts() {
     let (pg, db) = accounts(1).await;
     let collector = Collector::default();
     let _guard = tracing::subscriber::set_default(collector.clone());
+    // Other test threads register rowlock's span callsite too, without a subscriber: one
+    // whose registration raced with `set_default` can leave the callsite cached as disabled
+    // for every subscriber. Asking again now, with this thread's subscriber in place, cannot
+    // race any more (a registration starting now sees it).
+    tracing_core::callsite::rebuild_interest_cache();
 
     let done = db
         .with_locked_row::<Account, _, rowlock::Error, _>(&1, &Lock::new(), |_, a| {

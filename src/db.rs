@@ -81,8 +81,9 @@ pub(crate) struct Inner {
     names: RwLock<ByType>,
     /// Buffers of queued writes, reused by the next transactions.
     spare_buffers: Arc<SpareBuffers>,
-    /// rowlock's prepared statements on each connection of the pool, by connection.
-    connections: Mutex<ByConnection>,
+    /// rowlock's prepared statements on each connection of the pool, by connection. Read by
+    /// every transaction; written only when the pool opened a connection.
+    connections: RwLock<ByConnection>,
 }
 
 /// The statements of each connection, keyed by the address of the connection's
@@ -193,7 +194,7 @@ impl Db {
                 defaults,
                 names: RwLock::default(),
                 spare_buffers: Arc::default(),
-                connections: Mutex::default(),
+                connections: RwLock::default(),
             }),
         }
     }
@@ -208,22 +209,28 @@ impl Db {
     pub(crate) fn statements(&self, conn: &deadpool_postgres::ClientWrapper) -> Arc<Statements> {
         let cache = &conn.statement_cache;
         let key = Arc::as_ptr(cache) as usize;
+        // An entry under this address is this connection's: the entry's `Weak` kept the
+        // address from being reused since the connection it was made for closed.
+        if let Some((_, statements)) = self
+            .inner
+            .connections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return statements.clone();
+        }
         let mut all = self
             .inner
             .connections
-            .lock()
+            .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some((weak, statements)) = all.get(&key) {
-            // The `Weak` held the address: an entry under it is this connection's.
-            if weak.strong_count() > 0 {
-                return statements.clone();
-            }
-        }
         // A new connection: forget the closed ones (their statements went with them).
         all.retain(|_, (weak, _)| weak.strong_count() > 0);
-        let statements = Arc::new(Statements::default());
-        all.insert(key, (Arc::downgrade(cache), statements.clone()));
-        statements
+        all.entry(key)
+            .or_insert_with(|| (Arc::downgrade(cache), Arc::default()))
+            .1
+            .clone()
     }
 
     /// The statement for `sql` on `conn` from its cache `statements`, prepared on a miss: the

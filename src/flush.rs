@@ -371,11 +371,10 @@ pub(crate) struct Failed {
 }
 
 /// Requests to send in one flush, in order: side requests, queued writes, the main request,
-/// side requests.
+/// and at most one side request after it ([`send_then`](Self::send_then)).
 pub(crate) struct Flush<'a> {
     conn: &'a Client,
     before: Sides<'a>,
-    after: Sides<'a>,
 }
 
 impl<'a> Flush<'a> {
@@ -383,7 +382,6 @@ impl<'a> Flush<'a> {
         Flush {
             conn,
             before: Sides::default(),
-            after: Sides::default(),
         }
     }
 
@@ -391,13 +389,6 @@ impl<'a> Flush<'a> {
     #[must_use]
     pub(crate) fn before(mut self, side: Side<'a>) -> Self {
         self.before.push(side, self.conn);
-        self
-    }
-
-    /// Sends `side` after the main request (after the side requests already added).
-    #[must_use]
-    pub(crate) fn after(mut self, side: Side<'a>) -> Self {
-        self.after.push(side, self.conn);
         self
     }
 
@@ -410,8 +401,22 @@ impl<'a> Flush<'a> {
         self,
         main: impl Future<Output = Result<T, PgError>> + 'a,
     ) -> impl Future<Output = Result<T, Failed>> + 'a {
-        // No writes: nothing of their (large) request futures in this one.
-        self.send_with(std::future::ready(None), main)
+        // No writes and nothing after: nothing of their request futures in this one.
+        self.send_with(std::future::ready(None), main, std::future::ready(None))
+    }
+
+    /// [`send`](Self::send), with `after` sent after `main` (two flushes have one: a claim
+    /// that restores `plan_cache_mode`, and a blocker lookup's `COMMIT`). A parameter rather
+    /// than a list kept in the flush, so that every other flush carries nothing of it.
+    pub(crate) fn send_then<T>(
+        self,
+        main: impl Future<Output = Result<T, PgError>> + 'a,
+        after: Side<'a>,
+    ) -> impl Future<Output = Result<T, Failed>> + 'a {
+        let conn = self.conn;
+        let mut sides = Sides::default();
+        sides.push(after, conn);
+        self.send_with(std::future::ready(None), main, sides.send(conn))
     }
 
     /// [`send`](Self::send), with the queued `writes` after the side requests before `main`.
@@ -421,20 +426,21 @@ impl<'a> Flush<'a> {
         main: impl Future<Output = Result<T, PgError>> + 'a,
     ) -> impl Future<Output = Result<T, Failed>> + 'a {
         let writes = send_writes(self.conn, writes);
-        self.send_with(writes, main)
+        self.send_with(writes, main, std::future::ready(None))
     }
 
     fn send_with<T>(
         self,
         writes: impl Future<Output = Option<(usize, PgError)>> + 'a,
         main: impl Future<Output = Result<T, PgError>> + 'a,
+        after: impl Future<Output = Option<(usize, PgError)>> + 'a,
     ) -> impl Future<Output = Result<T, Failed>> + 'a {
         let sides_before = self.before.len();
         InOrder::new(
             self.before.send(self.conn),
             writes,
             main,
-            self.after.send(self.conn),
+            after,
             move |sides: Option<(usize, PgError)>,
                   writes: Option<(usize, PgError)>,
                   main,

@@ -151,7 +151,7 @@ impl Transaction {
             LockMode::SkipLocked => return Err(skip_locked_refused()),
         };
         let conn = self.conn();
-        let request = async {
+        let request = || async {
             let stmt = self.cached_statement(sql).await?;
             conn.query_one(&stmt, &params).await
         };

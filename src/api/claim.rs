@@ -709,18 +709,21 @@ impl Transaction {
         columns: &Columns,
     ) -> Result<Vec<R>, Error> {
         let conn = self.conn();
-        let request = async {
+        let request = || async {
             // Prepared first (a cache hit sends nothing), so the claim's Bind leaves before
             // the SET that follows it.
             let stmt = self.cached_statement(sql).await?;
-            let mut flush = Flush::new(conn);
             if restore_plans {
-                flush = flush.after(Side::Simple("SET LOCAL plan_cache_mode TO DEFAULT"));
+                Flush::new(conn)
+                    .send_then(
+                        conn.query(&stmt, params),
+                        Side::Simple("SET LOCAL plan_cache_mode TO DEFAULT"),
+                    )
+                    .await
+                    .map_err(|f| f.error)
+            } else {
+                conn.query(&stmt, params).await
             }
-            flush
-                .send(conn.query(&stmt, params))
-                .await
-                .map_err(|f| f.error)
         };
         let rows = match self.run(Step::Lock, request).await {
             Ok(rows) => rows,

@@ -136,7 +136,7 @@ impl Transaction {
         if !names.needs_columns() || self.statements_per_transaction() {
             return Ok(names.declared().clone());
         }
-        let describe = self.cached_statement(&names.describe_sql);
+        let describe = || self.cached_statement(&names.describe_sql);
         let described = if self.begun() {
             // Inside the transaction: a failure here is one of the transaction's.
             self.run(Step::Lock, describe).await?
@@ -144,7 +144,9 @@ impl Transaction {
             // Before `BEGIN` leaves: a cache hit sends nothing, so `BEGIN` still rides with
             // the lock statement; a miss prepares outside any transaction, once per
             // connection.
-            describe.await.map_err(|e| Error::from_pg(e, Step::Lock))?
+            describe()
+                .await
+                .map_err(|e| Error::from_pg(e, Step::Lock))?
         };
         names.learned(described.columns())
     }
@@ -288,7 +290,7 @@ impl Transaction {
             }
         }
         let conn = self.conn();
-        let request = async {
+        let request = || async {
             let stmt = self.cached_statement(sql).await?;
             let rows = conn.query_raw(&stmt, params.iter().copied()).await?;
             rows.try_collect::<Rows>().await

@@ -494,11 +494,11 @@ impl Transaction {
     ) -> Result<Outcome<R>, Error> {
         let names = self.db().names::<R>()?;
         let stmt = self
-            .run(Step::Transition, self.cached_statement(&rendered.sql))
+            .run(Step::Transition, || self.cached_statement(&rendered.sql))
             .await
             .map_err(|e| self.missing_column(&names, e, &rendered.sql, columns))?;
         let rows = self
-            .run(Step::Transition, self.conn().query(&stmt, all))
+            .run(Step::Transition, || self.conn().query(&stmt, all))
             .await
             .map_err(|e| {
                 let e = e.with_misfit(all, stmt.params());
@@ -508,11 +508,13 @@ impl Transaction {
             return Ok(outcome);
         }
         let read = self
-            .run(Step::Transition, self.cached_statement(&rendered.read_sql))
+            .run(Step::Transition, || {
+                self.cached_statement(&rendered.read_sql)
+            })
             .await?;
         let key_params = &all[..<R::Key as Key>::ARITY];
         let rows = self
-            .run(Step::Transition, self.conn().query(&read, key_params))
+            .run(Step::Transition, || self.conn().query(&read, key_params))
             .await?;
         settle(rows, key)
     }

@@ -174,7 +174,7 @@ impl Transaction {
         }
         let flush = Flush::new(self.conn());
         let sent = self
-            .run(Step::Commit, async {
+            .run(Step::Commit, || async {
                 let sent = flush.send_after_writes(&writes, std::future::ready(Ok(())));
                 sent.await.map_err(|f| f.error)
             })

@@ -175,8 +175,10 @@ async fn rollback_and_look_up(
         rows.ok()?
     } else {
         Flush::new(conn)
-            .after(Side::Simple("COMMIT"))
-            .send(conn.query(&statement, &query.params()))
+            .send_then(
+                conn.query(&statement, &query.params()),
+                Side::Simple("COMMIT"),
+            )
             .await
             .ok()?
     };

@@ -244,11 +244,18 @@ impl Transaction {
 
     /// Runs one request, preceded in the same flush by `BEGIN` if it has not been sent, and
     /// records its error.
-    pub(crate) async fn run<T>(
+    ///
+    /// Takes the request as a function that makes it, called where it is awaited: a request
+    /// future passed by value would be kept twice in this one (as the argument, and where it
+    /// is polled), and a driver request is about a kilobyte.
+    pub(crate) async fn run<T, R>(
         &self,
         step: Step,
-        request: impl Future<Output = Result<T, tokio_postgres::Error>>,
-    ) -> Result<T, Error> {
+        request: impl FnOnce() -> R,
+    ) -> Result<T, Error>
+    where
+        R: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
         let (prelude, idled_out) = {
             let mut st = self.state();
             let Ok(prelude) = st.start_request() else {
@@ -265,11 +272,11 @@ impl Transaction {
             Some(prelude) => {
                 Flush::new(self.conn())
                     .before(self.prelude_side(prelude))
-                    .send(request)
+                    .send(request())
                     .await
             }
             // Nothing goes with it: the request alone (a cache hit sends nothing at all).
-            None => request.await.map_err(|error| Failed {
+            None => request().await.map_err(|error| Failed {
                 error,
                 at: At::Main,
             }),
@@ -337,7 +344,7 @@ impl Transaction {
     /// with [`StatementCache::Transaction`] it is this transaction's, and the statement is
     /// closed before the transaction ends.
     pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
-        self.run(Step::Statement, self.cached_statement(query))
+        self.run(Step::Statement, || self.cached_statement(query))
             .await
     }
 
@@ -383,7 +390,8 @@ impl Transaction {
 
     /// Prepares a statement without caching it.
     pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
-        self.run(Step::Statement, self.conn().prepare(query)).await
+        self.run(Step::Statement, || self.conn().prepare(query))
+            .await
     }
 
     /// Runs a statement and returns its rows. A `&str` is prepared first (an extra round
@@ -397,7 +405,7 @@ impl Transaction {
         T: ?Sized + ToStatement + AsStatement,
     {
         let result = self
-            .run(Step::Statement, self.conn().query(statement, params))
+            .run(Step::Statement, || self.conn().query(statement, params))
             .await;
         self.observe_sql(statement.sql_text(), result.is_ok());
         result
@@ -413,7 +421,7 @@ impl Transaction {
         T: ?Sized + ToStatement + AsStatement,
     {
         let result = self
-            .run(Step::Statement, self.conn().query_one(statement, params))
+            .run(Step::Statement, || self.conn().query_one(statement, params))
             .await;
         self.observe_sql(statement.sql_text(), result.is_ok());
         result
@@ -429,7 +437,7 @@ impl Transaction {
         T: ?Sized + ToStatement + AsStatement,
     {
         let result = self
-            .run(Step::Statement, self.conn().query_opt(statement, params))
+            .run(Step::Statement, || self.conn().query_opt(statement, params))
             .await;
         self.observe_sql(statement.sql_text(), result.is_ok());
         result
@@ -445,7 +453,7 @@ impl Transaction {
         T: ?Sized + ToStatement + AsStatement,
     {
         let result = self
-            .run(Step::Statement, self.conn().execute(statement, params))
+            .run(Step::Statement, || self.conn().execute(statement, params))
             .await;
         self.observe_sql(statement.sql_text(), result.is_ok());
         result
@@ -455,7 +463,7 @@ impl Transaction {
     /// parameters).
     pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
         let result = self
-            .run(Step::Statement, self.conn().batch_execute(sql))
+            .run(Step::Statement, || self.conn().batch_execute(sql))
             .await;
         self.observe_sql(Some(sql), result.is_ok());
         result
@@ -508,7 +516,7 @@ impl Transaction {
     /// the guard, so [`commit`](Self::commit) then checks the transaction state in the same
     /// flush as `COMMIT` (one extra statement, no extra round trip).
     pub async fn client(&self) -> Result<&tokio_postgres::Client, Error> {
-        self.run(Step::Begin, async { Ok(()) }).await?;
+        self.run(Step::Begin, || async { Ok(()) }).await?;
         self.state().used_raw_client();
         Ok(self.conn())
     }

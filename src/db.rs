@@ -238,14 +238,20 @@ impl Db {
     /// (this future holds no request); a miss that takes the cache past
     /// [`Builder::statement_cache_limit`] empties it first (statements in hand stay usable;
     /// the cache's are closed on the server when their last handle drops).
+    /// The statement cached for `sql` on a connection, if there is one: the hit of
+    /// [`prepare_cached`](Self::prepare_cached), without a future.
+    pub(crate) fn cached(statements: &Statements, sql: &str) -> Option<Statement> {
+        statements.map().get(sql).cloned()
+    }
+
     pub(crate) async fn prepare_cached(
         &self,
         conn: &deadpool_postgres::ClientWrapper,
         statements: &Statements,
         sql: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(statement) = statements.map().get(sql) {
-            return Ok(statement.clone());
+        if let Some(statement) = Self::cached(statements, sql) {
+            return Ok(statement);
         }
         // Boxed: the rare path, and the prepare's future is large.
         let statement = Box::pin(conn.prepare(sql)).await?;

@@ -344,8 +344,21 @@ impl Transaction {
     /// with [`StatementCache::Transaction`] it is this transaction's, and the statement is
     /// closed before the transaction ends.
     pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+        // A hit sends nothing: no request, so nothing of a request's bookkeeping.
+        if let Some(statement) = self.statement_in_cache(query) {
+            return Ok(statement);
+        }
         self.run(Step::Statement, || self.cached_statement(query))
             .await
+    }
+
+    /// The statement cached for `query` in the cache [`StatementCache`] selects, if any.
+    fn statement_in_cache(&self, query: &str) -> Option<Statement> {
+        if self.per_transaction {
+            self.state().statement(query)
+        } else {
+            Db::cached(&self.statements, query)
+        }
     }
 
     /// The cached statement for `query`, in the cache [`StatementCache`] selects. Called inside

@@ -183,6 +183,10 @@ impl State {
     /// `begin` followed by the queued statements, as one string.
     fn prelude(&mut self, begin: Option<Cow<'static, str>>) -> Option<Prelude> {
         let begins = begin.is_some();
+        if self.queued.is_empty() {
+            // The common case: `BEGIN` alone, or nothing.
+            return begin.map(|sql| Prelude { sql, begins });
+        }
         let mut parts = begin
             .into_iter()
             .chain(self.queued.drain(..).map(Cow::Owned));

@@ -233,17 +233,17 @@ impl Db {
             .clone()
     }
 
-    /// The statement for `sql` on `conn` from its cache `statements`, prepared on a miss: the
-    /// one way rowlock's statements are prepared into a connection's cache. A hit is a lookup
-    /// (this future holds no request); a miss that takes the cache past
-    /// [`Builder::statement_cache_limit`] empties it first (statements in hand stay usable;
-    /// the cache's are closed on the server when their last handle drops).
     /// The statement cached for `sql` on a connection, if there is one: the hit of
     /// [`prepare_cached`](Self::prepare_cached), without a future.
     pub(crate) fn cached(statements: &Statements, sql: &str) -> Option<Statement> {
         statements.map().get(sql).cloned()
     }
 
+    /// The statement for `sql` on `conn` from its cache `statements`, prepared on a miss: the
+    /// one way rowlock's statements are prepared into a connection's cache. A hit is a lookup
+    /// (this future holds no request); a miss that takes the cache past
+    /// [`Builder::statement_cache_limit`] empties it first (statements in hand stay usable;
+    /// the cache's are closed on the server when their last handle drops).
     pub(crate) async fn prepare_cached(
         &self,
         conn: &deadpool_postgres::ClientWrapper,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use rowlock::tokio_postgres::error::SqlState;
-use rowlock::{ErrorKind, Isolation, TransactionOptions};
+use rowlock::{ErrorKind, Isolation, StatementCache, TransactionOptions};
 
 use crate::support::{accounts, balance, in_transaction};
 
@@ -150,6 +150,39 @@ async fn queued_writes_alone_commit_in_one_flush_with_begin() {
     tx.execute_on_commit(&stmt, &[&1_i64, &77_i64]).unwrap();
     tx.commit().await.unwrap();
     assert_eq!(balance(&other, 1).await, 77);
+}
+
+#[tokio::test]
+async fn a_statement_found_in_the_cache_sends_nothing_not_even_begin() {
+    let (pg, db) = accounts(1).await;
+    let observer = pg.client().await.unwrap();
+    const SQL: &str = "SELECT balance FROM accounts WHERE id = $1";
+    // The connection's cache, named so the test means the same behind PgBouncer (whose handles
+    // default to the transaction's own); the statement is never run.
+    let options = TransactionOptions::new().statement_cache(StatementCache::Connection);
+    // The first use prepares it (its Parse rides with BEGIN) and caches it on the connection.
+    db.with_transaction(&options, |tx| {
+        Box::pin(async move {
+            tx.prepare_cached(SQL).await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    // The same connection again (the only one opened): a hit leaves the session outside any
+    // transaction.
+    let observer = &observer;
+    let open = db
+        .with_transaction(&options, |tx| {
+            Box::pin(async move {
+                tx.prepare_cached(SQL).await?;
+                Ok::<_, rowlock::Error>(in_transaction(observer).await)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(open, 0, "a cache hit sent BEGIN");
+    assert_eq!(db.pool().status().size, 1, "one connection served both");
 }
 
 #[tokio::test]

@@ -948,12 +948,13 @@ impl Db {
             && options.statement_cache == Some(StatementCache::Connection);
         if !alone {
             let n = usize::try_from(n).unwrap_or(usize::MAX);
-            return self
-                .claim(claim, n, |_, rows: Vec<R>| {
-                    Box::pin(async move { Ok::<_, Error>(rows) })
-                })
-                .await
-                .map(|o| o.done().unwrap_or_default());
+            // Boxed: a whole transaction's future, which would otherwise size this call's
+            // future on the common path too.
+            return Box::pin(self.claim(claim, n, |_, rows: Vec<R>| {
+                Box::pin(async move { Ok::<_, Error>(rows) })
+            }))
+            .await
+            .map(|o| o.done().unwrap_or_default());
         }
         let rows = run_alone(self, &sql, &params, Step::Lock, claim.needs_custom_plans())
             .await

@@ -438,13 +438,12 @@ impl Db {
             let (rendered, all) = (&rendered, &all);
             let mut once = TransactionOptions::new();
             once.retry = Some(crate::RetryPolicy::once());
-            return self
-                .with_transaction(once, |tx| {
-                    Box::pin(
-                        async move { tx.run_transition::<R>(rendered, all, columns, key).await },
-                    )
-                })
-                .await;
+            // Boxed: a whole transaction's future, which would otherwise size this call's
+            // future on the common path too.
+            return Box::pin(self.with_transaction(once, |tx| {
+                Box::pin(async move { tx.run_transition::<R>(rendered, all, columns, key).await })
+            }))
+            .await;
         }
         let rows = run_alone(self, &rendered.sql, &all, Step::Transition, false)
             .await

@@ -36,10 +36,11 @@ impl Alone {
             .expect("rowlock: the connection is held until the call ends")
     }
 
-    /// Awaits `request`, marked in flight until its reply arrived.
-    async fn send<T>(&self, request: impl Future<Output = T>) -> T {
+    /// Awaits the request `make` makes, marked in flight until its reply arrived. Made here,
+    /// not passed in: a request future passed by value would be kept twice in this one.
+    async fn send<T, F: Future<Output = T>>(&self, make: impl FnOnce() -> F) -> T {
         self.in_flight.store(true, Ordering::Relaxed);
-        let out = request.await;
+        let out = make().await;
         self.in_flight.store(false, Ordering::Relaxed);
         out
     }
@@ -98,7 +99,7 @@ pub(crate) async fn run_alone(
     let statements = db.statements(client);
     for _ in 0..2 {
         let stmt = conn
-            .send(db.prepare_cached(client, &statements, sql))
+            .send(|| db.prepare_cached(client, &statements, sql))
             .await
             .map_err(|e| Error::from_pg(e, step))?;
         if client.is_closed() {
@@ -112,9 +113,9 @@ pub(crate) async fn run_alone(
                 .zip(stmt.params())
                 .map(|(p, t)| (*p, t.clone()))
                 .collect();
-            conn.send(client.query_typed(sql, &typed)).await
+            conn.send(|| client.query_typed(sql, &typed)).await
         } else {
-            conn.send(client.query(&stmt, params)).await
+            conn.send(|| client.query(&stmt, params)).await
         };
         match result {
             Ok(rows) => return Ok(rows),

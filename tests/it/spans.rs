@@ -81,12 +81,13 @@ impl Subscriber for Collector {
 async fn each_locked_call_has_a_span_with_wait_hold_outcome_and_attempts() {
     let (pg, db) = accounts(1).await;
     let collector = Collector::default();
+    // With a single dispatcher registered, tracing-core computes a callsite's interest from
+    // the default of whichever thread registers it: another test thread, with no subscriber,
+    // registering rowlock's span callsite during this test cached it as disabled (the second
+    // span went missing, about one full run in four). A second dispatcher, kept alive for the
+    // test, makes every such computation ask both, so this collector is always consulted.
+    let _also_registered = tracing::Dispatch::new(collector.clone());
     let _guard = tracing::subscriber::set_default(collector.clone());
-    // Other test threads register rowlock's span callsite too, without a subscriber: one
-    // whose registration raced with `set_default` can leave the callsite cached as disabled
-    // for every subscriber. Asking again now, with this thread's subscriber in place, cannot
-    // race any more (a registration starting now sees it).
-    tracing_core::callsite::rebuild_interest_cache();
 
     let done = db
         .with_locked_row::<Account, _, rowlock::Error, _>(&1, &Lock::new(), |_, a| {
@@ -96,6 +97,11 @@ async fn each_locked_call_has_a_span_with_wait_hold_outcome_and_attempts() {
         .unwrap();
     assert!(done.is_done());
 
+    // What another test thread may do at any time (a callsite registration recomputes interest
+    // the same way): with the dispatcher above it leaves this collector's spans enabled.
+    std::thread::spawn(tracing_core::callsite::rebuild_interest_cache)
+        .join()
+        .unwrap();
     let holder = pg.client().await.unwrap();
     holder
         .batch_execute("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE")

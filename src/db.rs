@@ -255,12 +255,18 @@ impl Db {
         }
         // Boxed: the rare path, and the prepare's future is large.
         let statement = Box::pin(conn.prepare(sql)).await?;
+        self.remember(statements, sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Keeps `statement`, just prepared for `sql`, in a connection's cache; one that has
+    /// reached [`Builder::statement_cache_limit`] is emptied first.
+    pub(crate) fn remember(&self, statements: &Statements, sql: &str, statement: Statement) {
         let mut map = statements.map();
         if map.len() >= self.statement_limit() {
             map.clear();
         }
-        map.insert(sql.into(), statement.clone());
-        Ok(statement)
+        map.insert(sql.into(), statement);
     }
 
     /// Empties a connection's statement cache, so every statement is prepared again (after a

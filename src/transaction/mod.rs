@@ -367,17 +367,16 @@ impl Transaction {
         &self,
         query: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        if !self.per_transaction {
-            return (self.db)
-                .prepare_cached(self.conn(), &self.statements, query)
-                .await;
-        }
-        if let Some(stmt) = self.state().statement(query) {
+        if let Some(stmt) = self.statement_in_cache(query) {
             return Ok(stmt);
         }
-        // Boxed, as a miss of the connection's cache is: a hit's future stays small.
+        // Boxed: a miss is rare, and a prepare's future large; a hit's future stays small.
         let stmt = Box::pin(self.conn().prepare(query)).await?;
-        self.state().remember(query, stmt.clone());
+        if self.per_transaction {
+            self.state().remember(query, stmt.clone());
+        } else {
+            self.db.remember(&self.statements, query, stmt.clone());
+        }
         Ok(stmt)
     }
 

@@ -6,7 +6,11 @@
 //! steps that keeps each session's own order; the runner runs one step at a time, in that
 //! order, on a fresh copy of the database. When a step waits for a lock, the server says so
 //! (`pg_blocking_pids`) and the runner moves on to the next step; the waiting step is reported
-//! where it completes. Nothing is timed and nothing sleeps to hope: every decision is taken on
+//! where it completes. A wait counts only once every connection it waits for is idle or waits
+//! itself: one still running a statement with no step of the script running on it is finishing
+//! what its step already returned from (a failed statement's error reaches the client before
+//! the server releases its locks), so the runner waits for that to end. A step that leaves its
+//! connection busy for good is reported as stuck after a minute. Nothing is timed and nothing sleeps to hope: every decision is taken on
 //! what the server reports.
 //!
 //! Each permutation gives a [`Record`]: what every step returned (or its error's kind and
@@ -617,18 +621,23 @@ impl Run {
             }
             let blocked = blocked_sessions(observer).await?;
             // A step counts as waiting only if its task is still running after the server
-            // said its session waits.
-            if self
-                .running
-                .iter()
-                .all(|r| blocked.contains_key(&r.session_name) && !r.task.is_finished())
-            {
+            // said its session waits, and no connection it waits for is still busy without a
+            // step of the script running on it: that one is finishing what its step already
+            // returned from (a failed statement's error reaches the client before the server
+            // aborts the transaction and releases its locks) and the wait is about to end.
+            if self.running.iter().all(|r| {
+                blocked.get(&r.session_name).is_some_and(|b| {
+                    b.busy
+                        .iter()
+                        .all(|s| self.running.iter().any(|o| &o.session_name == s))
+                }) && !r.task.is_finished()
+            }) {
                 for r in &mut self.running {
                     if !r.reported_waiting {
                         r.reported_waiting = true;
                         self.lines.push(Line::Waits {
                             step: r.step.clone(),
-                            on: blocked[&r.session_name].clone(),
+                            on: blocked[&r.session_name].on.clone(),
                         });
                     }
                 }
@@ -655,12 +664,12 @@ impl Run {
 
     /// Whether every running step waits, and only for sessions whose steps are waiting too:
     /// a deadlock, which the server breaks after its `deadlock_timeout`.
-    fn deadlocked(&self, blocked: &BTreeMap<String, Vec<String>>) -> bool {
+    fn deadlocked(&self, blocked: &BTreeMap<String, Blocked>) -> bool {
         !self.running.is_empty()
             && self.running.iter().all(|r| {
-                blocked.get(&r.session_name).is_some_and(|on| {
-                    !on.is_empty()
-                        && on
+                blocked.get(&r.session_name).is_some_and(|b| {
+                    !b.on.is_empty()
+                        && b.on
                             .iter()
                             .all(|b| self.running.iter().any(|o| &o.session_name == b))
                 })
@@ -720,15 +729,26 @@ impl Run {
     }
 }
 
-/// The sessions of the script that wait for a lock, each with the sessions it waits for (by
-/// name; a connection that is not a session's by its `application_name`).
-async fn blocked_sessions(
-    observer: &Client,
-) -> Result<BTreeMap<String, Vec<String>>, HarnessError> {
+/// Whom a session of the script waits for.
+struct Blocked {
+    /// The sessions it waits for (by name; a connection that is not a session's by its
+    /// `application_name`).
+    on: Vec<String>,
+    /// Those of them with a connection still running a statement, and not waiting for a lock
+    /// itself.
+    busy: Vec<String>,
+}
+
+/// The sessions of the script that wait for a lock, each with whom it waits for.
+async fn blocked_sessions(observer: &Client) -> Result<BTreeMap<String, Blocked>, HarnessError> {
     const BLOCKED: &str = "SELECT substr(w.application_name, length($1) + 1), \
         coalesce(array_agg(DISTINCT CASE WHEN b.application_name LIKE $1 || '%' \
                  THEN substr(b.application_name, length($1) + 1) ELSE b.application_name END) \
-                 FILTER (WHERE b.pid IS NOT NULL), '{}') \
+                 FILTER (WHERE b.pid IS NOT NULL), '{}'), \
+        coalesce(array_agg(DISTINCT CASE WHEN b.application_name LIKE $1 || '%' \
+                 THEN substr(b.application_name, length($1) + 1) ELSE b.application_name END) \
+                 FILTER (WHERE b.state = 'active' \
+                         AND b.wait_event_type IS DISTINCT FROM 'Lock'), '{}') \
         FROM pg_catalog.pg_stat_activity w \
         LEFT JOIN pg_catalog.pg_stat_activity b ON b.pid = ANY (pg_catalog.pg_blocking_pids(w.pid)) \
         WHERE w.datname = current_database() AND w.application_name LIKE $1 || '%' \
@@ -740,7 +760,13 @@ async fn blocked_sessions(
         .map_err(HarnessError::Sql)?;
     Ok(rows
         .iter()
-        .map(|row| (row.get::<_, String>(0), row.get::<_, Vec<String>>(1)))
+        .map(|row| {
+            let blocked = Blocked {
+                on: row.get(1),
+                busy: row.get(2),
+            };
+            (row.get::<_, String>(0), blocked)
+        })
         .collect())
 }
 

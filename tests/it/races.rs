@@ -472,3 +472,40 @@ async fn too_many_permutations_are_refused_before_anything_runs() {
         .unwrap_err();
     assert!(err.to_string().contains("in order"), "{err}");
 }
+
+/// A step's result reaches the client before its backend has finished with it: a failed
+/// statement's error is sent before the transaction is aborted and its locks released (as a
+/// deadlock's victim's is). A session waiting on such a backend is about to run, not waiting:
+/// the runner must not move on as if it were (the next step of the waiting session would be
+/// refused as an invalid permutation). Here the holder's last step leaves its connection
+/// busy (a statement that sleeps on the server, then rolls back) and returns at once.
+#[tokio::test]
+async fn a_wait_on_a_backend_still_busy_after_its_step_returned_is_not_settled() {
+    let report = Script::new("holder busy after its step returned")
+        .setup("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);")
+        .session("a", |s| {
+            s.sql("a_lock", "BEGIN; SELECT id FROM t WHERE id = 1 FOR UPDATE")
+                .step("a_release_later", |s| {
+                    Box::pin(async move {
+                        // Polled once: the request is on its way to the server, and the
+                        // step returns while the server still runs it.
+                        let sent = s.client().batch_execute("SELECT pg_sleep(0.3); ROLLBACK");
+                        let _ = tokio::time::timeout(std::time::Duration::ZERO, sent).await;
+                        Ok("sent".into())
+                    })
+                })
+        })
+        .session("b", |s| {
+            s.sql("b_lock", "BEGIN; SELECT id FROM t WHERE id = 1 FOR UPDATE")
+                .sql("b_commit", "COMMIT")
+        })
+        .permutation(["a_lock", "b_lock", "a_release_later", "b_commit"])
+        .run()
+        .await
+        .unwrap();
+    let record = &report.records()[0];
+    assert!(!record.is_invalid(), "{record}");
+    assert_eq!(record.result("b_lock"), Some(Ok("1")), "{record}");
+    assert!(record.waited("b_lock"), "{record}");
+    assert_eq!(record.result("b_commit"), Some(Ok("ok")), "{record}");
+}

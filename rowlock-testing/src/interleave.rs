@@ -10,8 +10,8 @@
 //! itself: one still running a statement with no step of the script running on it is finishing
 //! what its step already returned from (a failed statement's error reaches the client before
 //! the server releases its locks), so the runner waits for that to end. A step that leaves its
-//! connection busy for good is reported as stuck after a minute. Nothing is timed and nothing sleeps to hope: every decision is taken on
-//! what the server reports.
+//! connection busy for good is reported as stuck after a minute. Nothing is timed and nothing
+//! sleeps to hope: every decision is taken on what the server reports.
 //!
 //! Each permutation gives a [`Record`]: what every step returned (or its error's kind and
 //! SQLSTATE), which steps waited and for whom, and the results of the script's queries at the
@@ -741,17 +741,20 @@ struct Blocked {
 
 /// The sessions of the script that wait for a lock, each with whom it waits for.
 async fn blocked_sessions(observer: &Client) -> Result<BTreeMap<String, Blocked>, HarnessError> {
-    const BLOCKED: &str = "SELECT substr(w.application_name, length($1) + 1), \
-        coalesce(array_agg(DISTINCT CASE WHEN b.application_name LIKE $1 || '%' \
-                 THEN substr(b.application_name, length($1) + 1) ELSE b.application_name END) \
-                 FILTER (WHERE b.pid IS NOT NULL), '{}'), \
-        coalesce(array_agg(DISTINCT CASE WHEN b.application_name LIKE $1 || '%' \
-                 THEN substr(b.application_name, length($1) + 1) ELSE b.application_name END) \
-                 FILTER (WHERE b.state = 'active' \
-                         AND b.wait_event_type IS DISTINCT FROM 'Lock'), '{}') \
-        FROM pg_catalog.pg_stat_activity w \
-        LEFT JOIN pg_catalog.pg_stat_activity b ON b.pid = ANY (pg_catalog.pg_blocking_pids(w.pid)) \
-        WHERE w.datname = current_database() AND w.application_name LIKE $1 || '%' \
+    // Every backend once: its session's name (another connection keeps its
+    // `application_name`), and whether it runs a statement without waiting for a lock.
+    const BLOCKED: &str = "WITH a AS ( \
+            SELECT pid, datname, application_name LIKE $1 || '%' AS ours, \
+                   CASE WHEN application_name LIKE $1 || '%' \
+                        THEN substr(application_name, length($1) + 1) \
+                        ELSE coalesce(application_name, '') END AS name, \
+                   state = 'active' AND wait_event_type IS DISTINCT FROM 'Lock' AS busy \
+            FROM pg_catalog.pg_stat_activity) \
+        SELECT w.name, \
+               coalesce(array_agg(DISTINCT b.name) FILTER (WHERE b.pid IS NOT NULL), '{}'), \
+               coalesce(array_agg(DISTINCT b.name) FILTER (WHERE b.busy), '{}') \
+        FROM a w LEFT JOIN a b ON b.pid = ANY (pg_catalog.pg_blocking_pids(w.pid)) \
+        WHERE w.datname = current_database() AND w.ours \
           AND cardinality(pg_catalog.pg_blocking_pids(w.pid)) > 0 \
         GROUP BY 1";
     let rows = observer

@@ -526,11 +526,36 @@ impl Transaction {
     ///
     /// Sends `BEGIN` first if it is still pending. Errors on the raw client are not seen by
     /// the guard, so [`commit`](Self::commit) then checks the transaction state in the same
-    /// flush as `COMMIT` (one extra statement, no extra round trip).
+    /// flush as `COMMIT` (one extra statement, no extra round trip). Turn such an error into
+    /// rowlock's with [`client_error`](Self::client_error), so the guard knows it and a
+    /// retryable one is retried.
     pub async fn client(&self) -> Result<&tokio_postgres::Client, Error> {
         self.run(Step::Begin, || async { Ok(()) }).await?;
         self.state().used_raw_client();
         Ok(self.conn())
+    }
+
+    /// An error from a statement run on the raw [`client`](Self::client), as rowlock's own
+    /// statements' errors are: classified by its SQLSTATE (the same [`kind`](Error::kind),
+    /// `sql_state()`, printed once, the driver's error as its `source()`), and noted as what
+    /// went wrong with this transaction. Returned from a call's closure, a serialization
+    /// failure or a deadlock is then retried by the call's [`RetryPolicy`] as if a statement
+    /// of the guard had failed; returned through a type of your own, the call still knows the
+    /// cause. (A row-conversion error goes through [`Error::decode`].)
+    ///
+    /// ```
+    /// # async fn demo(tx: &rowlock::Transaction) -> Result<(), rowlock::Error> {
+    /// let client = tx.client().await?;
+    /// client
+    ///     .batch_execute("CREATE TEMP TABLE scratch (n int) ON COMMIT DROP")
+    ///     .await
+    ///     .map_err(|e| tx.client_error(e))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`RetryPolicy`]: crate::RetryPolicy
+    pub fn client_error(&self, e: tokio_postgres::Error) -> Error {
+        self.record(Error::from_pg(e, Step::Statement))
     }
 
     /// The transaction id recorded with `BEGIN` when

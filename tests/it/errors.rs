@@ -152,6 +152,26 @@ async fn commit_and_statement_errors_are_printed_once() {
     assert_eq!(e.kind(), ErrorKind::TransactionAborted);
     assert_printed_once(&e);
 
+    // An error on the raw client, returned through `Transaction::client_error`: classified
+    // as rowlock's own statements' errors are, and printed once.
+    let e = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                let client = tx.client().await?;
+                client
+                    .batch_execute("SELECT 1/0")
+                    .await
+                    .map_err(|e| tx.client_error(e))?;
+                Ok::<_, rowlock::Error>(())
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Db);
+    assert_eq!(e.sql_state().map(|s| s.code()), Some("22012"));
+    assert!(e.to_string().contains("running a statement"), "{e}");
+    assert_printed_once(&e);
+
     // The caller's own statement error, returned with `?`.
     let e = db
         .with_transaction(&opts, |tx| {

@@ -256,6 +256,55 @@ async fn a_swallowed_serialization_failure_is_retried_not_committed() {
     assert!(matches!(result, Ok(2)), "{result:?}");
 }
 
+/// A statement on the raw client fails with 40001: rowlock did not run it, so it is retried
+/// only when the closure reports it through `Transaction::client_error`.
+#[tokio::test]
+async fn a_raw_client_serialization_failure_is_retried_once_reported() {
+    let (pg, db) = accounts(1).await;
+    let client = pg.client().await.unwrap();
+    for report in [true, false] {
+        let calls = Arc::new(AtomicU32::new(0));
+        let result = db
+            .with_transaction(TransactionOptions::new().retry(RetryPolicy::new()), {
+                let calls = calls.clone();
+                move |tx| {
+                    let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    Box::pin(async move {
+                        tx.execute("UPDATE accounts SET balance = balance + 1", &[])
+                            .await?;
+                        if call == 1 {
+                            let raised = tx.client().await?.batch_execute(RAISE_40001).await;
+                            raised.map_err(|e| {
+                                if report {
+                                    tx.client_error(e)
+                                } else {
+                                    // Wrapped without telling the transaction.
+                                    rowlock::Error::decode(e)
+                                }
+                            })?;
+                        }
+                        Ok::<_, rowlock::Error>(call)
+                    })
+                }
+            })
+            .await;
+        if report {
+            assert!(matches!(result, Ok(2)), "{result:?}");
+            assert_eq!(calls.load(Ordering::SeqCst), 2);
+        } else {
+            // rowlock never saw the 40001: the caller's error comes back as it was, once.
+            let err = result.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Decode);
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+        }
+        assert_eq!(
+            balance(&client, 1).await,
+            101,
+            "only the retry's write is kept"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_root_cause_is_found_behind_a_pipelined_25p02() {
     let (_db, db) = accounts(1).await;

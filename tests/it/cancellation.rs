@@ -210,6 +210,74 @@ async fn dropping_a_transaction_with_a_statement_in_flight_cleans_up() {
     drop(conn);
 }
 
+/// A call dropped while its `COMMIT` runs (here a deferred trigger that sleeps; in production a
+/// wait for a synchronous standby): the `COMMIT` is cancelled like any statement in flight, so
+/// the transaction rolls back, and the one connection of the pool serves the next call.
+#[tokio::test]
+async fn a_call_dropped_while_its_commit_runs_keeps_nothing() {
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(1);
+    let observer = pg.client().await.unwrap();
+    observer
+        .batch_execute(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON audit
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+        )
+        .await
+        .unwrap();
+    let call = db.with_locked_row(&1, Lock::new(), |tx, acc: Account| {
+        Box::pin(async move {
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&acc.id])
+                .await?;
+            tx.execute("INSERT INTO audit VALUES ($1, NULL)", &[&acc.id])
+                .await?;
+            Ok::<_, rowlock::Error>(())
+        })
+    });
+    // Dropped once the server shows the COMMIT running (in the trigger's sleep).
+    let committing = async {
+        loop {
+            let n: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND query = 'COMMIT'
+                       AND state = 'active' AND wait_event = 'PgSleep'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    };
+    tokio::select! {
+        result = call => panic!("the call finished during a 60 s commit: {result:?}"),
+        seen = tokio::time::timeout(WAIT, committing) => seen.expect("the COMMIT was seen running"),
+    }
+    let outcome = tokio::time::timeout(
+        WAIT,
+        db.with_locked_row(&1, &Lock::no_wait(), |_, acc: Account| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(acc.balance) })
+        }),
+    )
+    .await
+    .expect("the next call is not held up by the dropped commit")
+    .unwrap();
+    assert!(matches!(outcome, Outcome::Done(100)), "{outcome:?}");
+    let audits: i64 = observer
+        .query_one("SELECT count(*) FROM audit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audits, 0, "the cancelled commit kept nothing");
+    assert_eq!(in_transaction(&observer).await, 0);
+}
+
 /// Sessions of this database waiting for a lock that `holder` holds.
 async fn blocked_behind(observer: &Client, holder: i32) -> i64 {
     observer

@@ -58,7 +58,7 @@ impl Transaction {
     /// Dropping the returned future before it completes leaves the outcome unknown; the
     /// connection is cleaned up as described on [`Transaction`].
     pub async fn commit(mut self) -> Result<(), Error> {
-        if self.per_transaction {
+        if self.statements_per_transaction() {
             // Boxed here and below: paths off the common one keep the commit's future small.
             Box::pin(self.send_queued_ahead()).await?;
         }

@@ -90,7 +90,7 @@ impl Transaction {
                 self.db.clone(),
                 client,
                 options,
-                self.per_transaction,
+                self.statements_per_transaction(),
             )),
             None => Err(Error::with_kind(
                 ErrorKind::Closed,
@@ -120,7 +120,7 @@ impl Transaction {
         let lookup = Box::pin(rollback_and_look_up(
             dirty.conn(),
             &query,
-            self.per_transaction,
+            self.statements_per_transaction(),
         ));
         if let Ok(Some(blockers)) = tokio::time::timeout(QUERY_TIMEOUT, lookup).await {
             contention.set_blockers(blockers);
@@ -243,7 +243,7 @@ impl Cancel {
 impl Transaction {
     /// How a request still in flight is stopped on this transaction's connection.
     fn cancel(&self, in_flight: bool) -> Cancel {
-        match (in_flight, self.per_transaction) {
+        match (in_flight, self.statements_per_transaction()) {
             (false, _) => Cancel::No,
             (true, false) => Cancel::Request,
             (true, true) => Cancel::Backend(self.reported.pid.get().copied()),

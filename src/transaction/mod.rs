@@ -74,11 +74,11 @@ pub struct Transaction {
     client: Option<Object>,
     /// The handle it was opened from: the names learned about each row type's table.
     db: Db,
-    /// The connection's statement cache ([`StatementCache::Connection`]).
-    statements: Arc<Statements>,
+    /// The connection's statement cache ([`StatementCache::Connection`]); `None` with
+    /// [`StatementCache::Transaction`], where statements are prepared per transaction and kept
+    /// in its state.
+    statements: Option<Arc<Statements>>,
     state: Mutex<State>,
-    /// [`StatementCache::Transaction`]: statements are prepared per transaction.
-    per_transaction: bool,
     /// `idle_in_transaction_session_timeout` set by the options.
     idle_timeout: Option<Duration>,
     /// `BEGIN` also asks for the transaction id and/or the server process id.
@@ -172,13 +172,12 @@ impl Transaction {
     ) -> Transaction {
         let writes = Writes::with_spare(db.spare_buffers());
         Transaction {
-            statements: db.statements(&client),
+            statements: (!per_transaction).then(|| db.statements(&client)),
             client: Some(client),
             db,
             // Behind a pooler (`StatementCache::Transaction`), the connection's cancel key names
             // the pooler, not the server process: `BEGIN` reports the process to cancel.
             state: Mutex::new(State::new(options.begin_sql(per_transaction), writes)),
-            per_transaction,
             idle_timeout: options.idle_in_transaction_timeout,
             reporting: options.track_commit_outcome || per_transaction,
             lock_timeout: options.lock_timeout.is_some(),
@@ -206,7 +205,7 @@ impl Transaction {
     /// Whether statements are prepared per transaction
     /// ([`StatementCache::Transaction`](crate::StatementCache::Transaction)).
     pub(crate) fn statements_per_transaction(&self) -> bool {
-        self.per_transaction
+        self.statements.is_none()
     }
 
     /// Whether a lock wait in this transaction can end in a lock timeout: its options set one,
@@ -354,10 +353,9 @@ impl Transaction {
 
     /// The statement cached for `query` in the cache [`StatementCache`] selects, if any.
     fn statement_in_cache(&self, query: &str) -> Option<Statement> {
-        if self.per_transaction {
-            self.state().statement(query)
-        } else {
-            Db::cached(&self.statements, query)
+        match &self.statements {
+            Some(statements) => Db::cached(statements, query),
+            None => self.state().statement(query),
         }
     }
 
@@ -372,10 +370,9 @@ impl Transaction {
         }
         // Boxed: a miss is rare, and a prepare's future large; a hit's future stays small.
         let stmt = Box::pin(self.conn().prepare(query)).await?;
-        if self.per_transaction {
-            self.state().remember(query, stmt.clone());
-        } else {
-            self.db.remember(&self.statements, query, stmt.clone());
+        match &self.statements {
+            Some(statements) => self.db.remember(statements, query, stmt.clone()),
+            None => self.state().remember(query, stmt.clone()),
         }
         Ok(stmt)
     }
@@ -383,10 +380,9 @@ impl Transaction {
     /// Empties the statement caches this transaction uses (the connection's, or its own), so
     /// every statement is prepared again.
     pub(crate) fn forget_statements(&self) {
-        if self.per_transaction {
-            drop(self.state().take_statements());
-        } else {
-            Db::forget_statements(&self.statements);
+        match &self.statements {
+            Some(statements) => Db::forget_statements(statements),
+            None => drop(self.state().take_statements()),
         }
     }
 
@@ -394,7 +390,7 @@ impl Transaction {
     /// statement no one else holds is closed (a `Close` message, queued ahead of whatever is
     /// sent next on the connection, so still inside the transaction).
     fn close_statements(&self) {
-        if self.per_transaction {
+        if self.statements_per_transaction() {
             let statements = self.state().take_statements();
             drop(statements);
         }

@@ -18,18 +18,21 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 
 use bytes::{Buf as _, BufMut as _, BytesMut};
-use futures_util::FutureExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use pin_project_lite::pin_project;
 use smallvec::SmallVec;
 
 use crate::error::TransactionRef;
 use tokio_postgres::types::{Format, IsNull, ToSql, Type};
-use tokio_postgres::{Client, SimpleQueryMessage, Statement};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryStream, Statement};
 
 type PgError = tokio_postgres::Error;
 
+/// The reply of a simple-query request, read as it comes (the stream is `!Unpin`).
+pub(crate) type Reply = Pin<Box<SimpleQueryStream>>;
+
 /// What a `BEGIN` reported about its transaction.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Reported {
     /// `pg_current_xact_id()`.
     pub(crate) xid: OnceLock<u64>,
@@ -38,6 +41,91 @@ pub(crate) struct Reported {
     /// `pg_backend_pid()`: the server process actually serving the transaction (behind a
     /// pooler, not the one the connection's cancel key names).
     pub(crate) pid: OnceLock<i32>,
+    /// The reply of the reporting `BEGIN` while it is being read. Kept here rather than in
+    /// the flush's future, so that a call dropped before it was read still has it: the
+    /// cleanup reads the server process from it and cancels the statement that followed.
+    pending: Mutex<Option<Reply>>,
+}
+
+impl std::fmt::Debug for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reported")
+            .field("xid", &self.xid.get())
+            .field("pid", &self.pid.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reported {
+    /// Sends the reporting `BEGIN` (written on the first poll, the reply not awaited) and
+    /// reads its reply, storing what it reports.
+    async fn begin(&self, conn: &Client, sql: &str) -> Result<(), PgError> {
+        let stream = conn.simple_query_raw(sql).await?;
+        *lock(&self.pending) = Some(Box::pin(stream));
+        let read = poll_fn(|cx| {
+            let mut pending = lock(&self.pending);
+            let Some(stream) = pending.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            loop {
+                match stream.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(message))) => self.record(&message),
+                    Poll::Ready(Some(Err(e))) => {
+                        *pending = None;
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Ready(None) => {
+                        *pending = None;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        });
+        read.await
+    }
+
+    /// The reply of a reporting `BEGIN` not read yet, if any.
+    pub(crate) fn take_pending(&self) -> Option<Reply> {
+        lock(&self.pending).take()
+    }
+
+    /// Stores what a row of the reporting `BEGIN`'s reply says.
+    fn record(&self, message: &SimpleQueryMessage) {
+        let SimpleQueryMessage::Row(row) = message else {
+            return;
+        };
+        let column = |name| row.try_get(name).ok().flatten();
+        if let Some(xid) = column("xid").and_then(|v| v.parse().ok()) {
+            let _ = self.xid.set(xid);
+            // The identifier is an unsigned 64-bit value shown as int8.
+            let sysid = column("sysid").and_then(|v| v.parse::<i64>().ok());
+            let tli = column("tli").and_then(|v| u32::from_str_radix(v, 16).ok());
+            if let (Some(sysid), Some(timeline)) = (sysid, tli) {
+                let _ = self.transaction.set(TransactionRef {
+                    id: xid,
+                    system_identifier: sysid as u64,
+                    timeline,
+                });
+            }
+        }
+        if let Some(pid) = column("pid").and_then(|v| v.parse().ok()) {
+            let _ = self.pid.set(pid);
+        }
+    }
+}
+
+/// Reads the rest of a reporting `BEGIN`'s reply for the server process it names.
+pub(crate) async fn reported_pid(mut reply: Reply) -> Option<i32> {
+    let reported = Reported::default();
+    while let Some(Ok(message)) = reply.next().await {
+        reported.record(&message);
+    }
+    reported.pid.get().copied()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A request whose reply is only checked for an error.
@@ -55,31 +143,7 @@ impl<'a> Side<'a> {
     fn boxed(self, conn: &'a Client) -> Request<'a> {
         match self {
             Side::Simple(sql) => Box::pin(conn.batch_execute(sql)),
-            Side::BeginReporting(sql, reported) => Box::pin(async move {
-                let messages = conn.simple_query(sql).await?;
-                for message in &messages {
-                    if let SimpleQueryMessage::Row(row) = message {
-                        let column = |name| row.try_get(name).ok().flatten();
-                        if let Some(xid) = column("xid").and_then(|v| v.parse().ok()) {
-                            let _ = reported.xid.set(xid);
-                            // The identifier is an unsigned 64-bit value shown as int8.
-                            let sysid = column("sysid").and_then(|v| v.parse::<i64>().ok());
-                            let tli = column("tli").and_then(|v| u32::from_str_radix(v, 16).ok());
-                            if let (Some(sysid), Some(timeline)) = (sysid, tli) {
-                                let _ = reported.transaction.set(TransactionRef {
-                                    id: xid,
-                                    system_identifier: sysid as u64,
-                                    timeline,
-                                });
-                            }
-                        }
-                        if let Some(pid) = column("pid").and_then(|v| v.parse().ok()) {
-                            let _ = reported.pid.set(pid);
-                        }
-                    }
-                }
-                Ok(())
-            }),
+            Side::BeginReporting(sql, reported) => Box::pin(reported.begin(conn, sql)),
         }
     }
 }

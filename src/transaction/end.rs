@@ -10,7 +10,7 @@ use super::state::Ending;
 use super::{Transaction, lock};
 use crate::diagnostics::{Blocker, BlockerQuery, QUERY_TIMEOUT, blocker};
 use crate::error::{Error, ErrorKind, Step, is_cancel};
-use crate::flush::{Flush, Side};
+use crate::flush::{Flush, Reply, Side, reported_pid};
 use crate::options::TransactionOptions;
 
 /// How long cleanup after a dropped or failed transaction may take before the connection is
@@ -54,7 +54,7 @@ impl Transaction {
                 }
             }
             Ending::Rollback { cancel_first } => {
-                let cancel = self.cancel(cancel_first);
+                let cancel = self.cancel(cancel_first).resolve().await;
                 let client = self
                     .client
                     .take()
@@ -229,8 +229,31 @@ pub(super) enum Cancel {
     /// a new connection. A cancel request through PgBouncer 1.18 can crash it when
     /// the canceller closes its socket first (tokio-postgres closes at once), and the
     /// connection's cancel key names PgBouncer's client, not the server process. `None`:
-    /// dropped before `BEGIN`'s reply, nothing can be cancelled.
+    /// the server process could not be learnt (`BEGIN`'s reply failed, or did not come within
+    /// [`CLEANUP_TIMEOUT`]), nothing can be cancelled.
     Backend(Option<i32>),
+}
+
+/// A [`Cancel`] whose server process may still be on its way in `BEGIN`'s reply.
+pub(super) struct ToCancel {
+    cancel: Cancel,
+    /// The reporting `BEGIN`'s reply, not read yet (a call dropped before it was).
+    reply: Option<Reply>,
+}
+
+impl ToCancel {
+    /// The cancel to send: with `BEGIN`'s reply still unread, the server process is read from
+    /// it first. `BEGIN` ran before the request in flight, so its reply is already there or
+    /// on its way; the wait is bounded by [`CLEANUP_TIMEOUT`] all the same.
+    async fn resolve(self) -> Cancel {
+        match self.reply {
+            Some(reply) => {
+                let pid = tokio::time::timeout(CLEANUP_TIMEOUT, reported_pid(reply)).await;
+                Cancel::Backend(pid.ok().flatten())
+            }
+            None => self.cancel,
+        }
+    }
 }
 
 impl Cancel {
@@ -242,12 +265,17 @@ impl Cancel {
 
 impl Transaction {
     /// How a request still in flight is stopped on this transaction's connection.
-    fn cancel(&self, in_flight: bool) -> Cancel {
-        match (in_flight, self.statements_per_transaction()) {
+    fn cancel(&self, in_flight: bool) -> ToCancel {
+        let cancel = match (in_flight, self.statements_per_transaction()) {
             (false, _) => Cancel::No,
             (true, false) => Cancel::Request,
             (true, true) => Cancel::Backend(self.reported.pid.get().copied()),
-        }
+        };
+        let reply = match cancel {
+            Cancel::Backend(None) => self.reported.take_pending(),
+            _ => None,
+        };
+        ToCancel { cancel, reply }
     }
 }
 
@@ -259,8 +287,9 @@ impl Transaction {
 /// `ROLLBACK`. PostgreSQL acts on a cancel request asynchronously (tokio-postgres returns once
 /// it is sent), so a reused connection could see a late cancel interrupt the next borrower's
 /// statement. Closing it makes that impossible, and the acknowledged `ROLLBACK` means the
-/// locks are already released when this returns. Behind a pooler, if the server process is
-/// not known yet (dropped before `BEGIN`'s reply), nothing can be cancelled: the `ROLLBACK`
+/// locks are already released when this returns. Behind a pooler, the server process comes
+/// with `BEGIN`'s reply (read first by [`ToCancel::resolve`] if the call was dropped before
+/// it had read it); if it cannot be learnt, nothing can be cancelled: the `ROLLBACK`
 /// queues behind the request in flight, and the connection returns to the pool once it is
 /// acknowledged (no cancel was sent, so none can arrive late); if the request is still
 /// waiting (a lock wait) when [`CLEANUP_TIMEOUT`] runs out, the connection is closed. Closing
@@ -379,7 +408,7 @@ impl Drop for Transaction {
                 Ok(handle) => {
                     let cancel = self.cancel(cancel_first);
                     handle.spawn(async move {
-                        let _ = cleanup(client, cancel, true).await;
+                        let _ = cleanup(client, cancel.resolve().await, true).await;
                     });
                 }
                 // No runtime to roll back on: close the connection; the server rolls back.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use rowlock::tokio_postgres::Client;
-use rowlock::{Claim, Direction, Lock, Outcome, TransactionOptions, Transition};
+use rowlock::{Claim, Direction, Lock, Outcome, StatementCache, TransactionOptions, Transition};
 use rowlock_testing::wait_for_blocked_by;
 use tokio::sync::Notify;
 
@@ -275,6 +275,55 @@ async fn a_call_dropped_while_its_commit_runs_keeps_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(audits, 0, "the cancelled commit kept nothing");
+    assert_eq!(in_transaction(&observer).await, 0);
+}
+
+/// With statements prepared per transaction (the PgBouncer setting), the server process to
+/// cancel comes in `BEGIN`'s reply. A call dropped before it read that reply (here: polled
+/// once, so `BEGIN` and the claim's prepare were sent, then never again while the prepare
+/// waits for the table lock) must still cancel what it sent: the cleanup reads the reply
+/// first. Before, nothing was cancelled, and the statement waited on the server until the
+/// lock holder finished.
+#[tokio::test]
+async fn a_call_dropped_before_reading_begins_reply_still_cancels_its_statement() {
+    let (pg, _) = accounts(2).await;
+    let db = pg.db(1);
+    let observer = pg.client().await.unwrap();
+    let holder = pg.session().await.unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // An idle connection in the pool: the call's first poll checks it out at once.
+    drop(db.pool().get().await.unwrap());
+    let claim = Claim::new()
+        .order_by("id", Direction::Asc)
+        .mark("balance = balance - 1", vec![])
+        .transaction(TransactionOptions::new().statement_cache(StatementCache::Transaction));
+    let mut call = Box::pin(db.claim_and_mark::<Account>(&claim, 2));
+    assert!(
+        futures_util::poll!(call.as_mut()).is_pending(),
+        "the first poll sends BEGIN and the prepare, then waits"
+    );
+    wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
+        .await
+        .unwrap();
+    drop(call);
+    let next = tokio::time::timeout(WAIT, async {
+        let conn = db.pool().get().await.unwrap();
+        conn.query_one("SELECT count(*) FROM audit", &[]).await
+    })
+    .await
+    .expect("the next caller gets the pool's connection")
+    .unwrap();
+    assert_eq!(next.get::<_, i64>(0), 0);
+    assert_eq!(
+        blocked_behind(&observer, holder.pid()).await,
+        0,
+        "the dropped call's statement was cancelled, not left waiting for the lock"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balance(&observer, 1).await, 100, "nothing was marked");
     assert_eq!(in_transaction(&observer).await, 0);
 }
 

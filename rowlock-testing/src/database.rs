@@ -11,8 +11,10 @@ use super::{HarnessError, TestCluster, connect};
 
 /// A database created for one test. On a throwaway cluster it is left in place (the cluster
 /// is deleted at exit, and a failed test's data can be inspected until then); on a
-/// `DATABASE_URL` server it is dropped when this handle is dropped, unless the thread is
-/// panicking (a failed test), so its data can be inspected.
+/// `DATABASE_URL` server, and on a throwaway cluster behind PgBouncer (whose idle server
+/// connections to every finished test's database would add up past `max_connections`), it
+/// is dropped when this handle is dropped, unless the thread is panicking (a failed test),
+/// so its data can be inspected.
 #[derive(Debug)]
 pub struct TestDatabase {
     name: String,
@@ -68,12 +70,17 @@ impl TestDatabase {
         let mut config = admin.clone();
         config.dbname(&name);
         let pooled = cluster.pooled_config(&name);
+        // A throwaway cluster's databases go with it, except behind PgBouncer: it keeps up to
+        // `default_pool_size` idle server connections to every database it served, so a run's
+        // finished tests would exhaust the server's `max_connections`; dropping the database
+        // (`WITH (FORCE)`) ends them.
+        let drop_on_drop = !cluster.is_embedded() || pooled.is_some();
         Ok(TestDatabase {
             name,
             config,
             admin,
             pooled,
-            drop_on_drop: !cluster.is_embedded(),
+            drop_on_drop,
             _cluster: keep,
         })
     }

@@ -309,22 +309,29 @@ async fn a_call_dropped_before_reading_begins_reply_still_cancels_its_statement(
         .await
         .unwrap();
     drop(call);
+    next_caller_runs_and_nothing_waits(&db, &observer, holder.pid()).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balance(&observer, 1).await, 100, "nothing was marked");
+    assert_eq!(in_transaction(&observer).await, 0);
+}
+
+/// After a call was dropped while its statement waited for `holder`'s lock: unrelated work
+/// on the one pooled connection runs at once, and no statement still waits behind `holder`
+/// (the dropped one was cancelled, not left waiting for the lock).
+async fn next_caller_runs_and_nothing_waits(db: &rowlock::Db, observer: &Client, holder: i32) {
     let next = tokio::time::timeout(WAIT, async {
         let conn = db.pool().get().await.unwrap();
         conn.query_one("SELECT count(*) FROM audit", &[]).await
     })
     .await
-    .expect("the next caller gets the pool's connection")
+    .expect("the next caller is not held up by the dropped call's statement")
     .unwrap();
     assert_eq!(next.get::<_, i64>(0), 0);
     assert_eq!(
-        blocked_behind(&observer, holder.pid()).await,
+        blocked_behind(observer, holder).await,
         0,
         "the dropped call's statement was cancelled, not left waiting for the lock"
     );
-    holder.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(balance(&observer, 1).await, 100, "nothing was marked");
-    assert_eq!(in_transaction(&observer).await, 0);
 }
 
 /// Sessions of this database waiting for a lock that `holder` holds.
@@ -404,16 +411,7 @@ async fn a_dropped_claim_and_mark_waiting_for_a_lock_does_not_hold_up_the_next_c
         .unwrap();
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled());
-    // Unrelated work on the one pooled connection runs at once.
-    let next = tokio::time::timeout(WAIT, async {
-        let conn = db.pool().get().await.unwrap();
-        conn.query_one("SELECT count(*) FROM audit", &[]).await
-    })
-    .await
-    .expect("the next caller is not held up by the dropped call's statement")
-    .unwrap();
-    assert_eq!(next.get::<_, i64>(0), 0);
-    assert_eq!(blocked_behind(&observer, holder.pid()).await, 0);
+    next_caller_runs_and_nothing_waits(&db, &observer, holder.pid()).await;
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(
         balance(&observer, 1).await,

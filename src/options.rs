@@ -128,7 +128,11 @@ impl TransactionOptions {
     }
 
     /// Makes the transaction `READ ONLY`. Defaults to `false`. Row locks cannot be taken in a
-    /// read-only transaction, so the locking functions refuse this option.
+    /// read-only transaction, so the locking functions refuse this option. A write in it
+    /// (sent at once or queued for commit) fails with [`ErrorKind::Db`](crate::ErrorKind::Db)
+    /// and SQLSTATE `25006`, is not retried, and rolls the transaction back; the connection
+    /// stays pooled (the same SQLSTATE in any other transaction means the server became a
+    /// standby: [`ErrorKind::ReadOnly`](crate::ErrorKind::ReadOnly)).
     #[must_use]
     pub fn read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;

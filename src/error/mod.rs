@@ -60,9 +60,10 @@ pub enum ErrorKind {
     /// an old primary after a failover, or a server set read-only). The connection is closed,
     /// never returned to the pool; the retry helpers run the transaction again on a new
     /// connection (which a multi-host URL with `target_session_attrs=read-write` makes to the
-    /// current primary). A transaction opened with
-    /// [`TransactionOptions::read_only`](crate::TransactionOptions::read_only) that writes gets
-    /// it too.
+    /// current primary). A write in a transaction opened with
+    /// [`TransactionOptions::read_only`](crate::TransactionOptions::read_only) is not this kind:
+    /// the server is fine, so it is [`Db`](Self::Db) with the same SQLSTATE, not retried, and
+    /// the connection stays pooled.
     ReadOnly,
     /// `25P03`: `idle_in_transaction_session_timeout` ended the session.
     IdleInTransactionTimeout,

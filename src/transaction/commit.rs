@@ -129,9 +129,11 @@ impl Transaction {
             .send_after_writes(writes, conn.batch_execute(commit_sql))
             .await;
         flight.landed();
+        // Noted as every statement's error is: a standby's `25006` closes the connection,
+        // and in a transaction opened `READ ONLY` it is the caller's write, not a standby.
         let failed = reply
             .err()
-            .map(|f| (Error::from_pg(f.error, Step::Commit), f.at));
+            .map(|f| (self.record(Error::from_pg(f.error, Step::Commit)), f.at));
         let verdict = classify(failed.as_ref().map(|(e, at)| (e.kind(), *at)), verify);
         let error = failed.map(|(e, _)| e);
         match verdict {

@@ -479,9 +479,10 @@ impl Transaction {
 
     /// Queues a write to be sent in the same flush as `COMMIT`, saving a round trip.
     ///
-    /// Use it for the final writes whose results you do not need. Parameters are given as to
-    /// [`execute`](Self::execute) and may borrow: each value is encoded at once with its
-    /// statement's parameter type, so nothing needs to outlive the call. If a queued write
+    /// Use it for the final writes whose results you do not need. It takes a prepared
+    /// statement ([`prepare_cached`](Self::prepare_cached)), not SQL text: each value is
+    /// encoded at once with its statement's parameter type, so the values may borrow and
+    /// nothing needs to outlive the call. If a queued write
     /// fails on the server, the server rolls the transaction back, and
     /// [`commit`](Self::commit) returns that error. Queued writes are discarded if the
     /// transaction rolls back, and a write queued inside a savepoint is discarded when that

@@ -309,3 +309,101 @@ async fn commit_error_from_the_server_is_reported() {
         .get(0);
     assert_eq!(audits, 0);
 }
+
+/// A write in a transaction the caller opened `READ ONLY` fails with `25006`, as a write on a
+/// standby does; but the server is fine, so it is `Db` (not `ReadOnly`): not retried, and the
+/// connection goes back to the pool. Whether the write is sent at once or queued for commit.
+#[tokio::test]
+async fn a_write_in_a_read_only_transaction_is_not_taken_for_a_standby() {
+    let (pg, db) = accounts(1).await;
+    let db = pg.db_with(rowlock::Db::builder().max_size(1)).unwrap();
+    let pid = crate::support::backend_pid(&db).await;
+    let opts = TransactionOptions::new()
+        .read_only(true)
+        .retry(rowlock::RetryPolicy::new().max_attempts(3));
+    for queued in [false, true] {
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let err = db
+            .with_transaction(&opts, |tx| {
+                attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Box::pin(async move {
+                    let sql = "UPDATE accounts SET balance = 0 WHERE id = $1";
+                    if queued {
+                        let stmt = tx.prepare_cached(sql).await?;
+                        tx.execute_on_commit(&stmt, &[&1_i64])?;
+                    } else {
+                        tx.execute(sql, &[&1_i64]).await?;
+                    }
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Db, "queued {queued}: {err}");
+        assert_eq!(
+            err.sql_state(),
+            Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+            "{err}"
+        );
+        assert!(!err.is_retryable(), "{err}");
+        assert_eq!(attempts.into_inner(), 1, "queued {queued}: not retried");
+        assert!(err.to_string().contains("READ ONLY"), "{err}");
+        // The connection was kept: the same server process serves the next call.
+        assert_eq!(
+            crate::support::backend_pid(&db).await,
+            pid,
+            "queued {queued}"
+        );
+    }
+    let other = pg.client().await.unwrap();
+    assert_eq!(balance(&other, 1).await, 100);
+}
+
+/// A write queued for commit on a connection whose server refuses writes (as after a
+/// failover; here the session is made read-only) fails with the retryable `ReadOnly`, and the
+/// connection is closed, not pooled again: with a retry policy the transaction runs again on
+/// a new connection. Before, the commit's errors skipped that check: the connection went back
+/// to the pool and every retry drew it again.
+#[tokio::test]
+async fn a_queued_write_refused_by_a_read_only_server_is_retried_on_a_new_connection() {
+    let (pg, _) = accounts(1).await;
+    for retried in [false, true] {
+        let mut builder = rowlock::Db::builder().max_size(1);
+        if retried {
+            builder = builder.retry(rowlock::RetryPolicy::new().max_attempts(3));
+        }
+        let db = pg.db_with(builder).unwrap();
+        let pid: i32 = {
+            let conn = db.pool().get().await.unwrap();
+            conn.batch_execute("SET default_transaction_read_only = on")
+                .await
+                .unwrap();
+            conn.query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0)
+        };
+        let result = db
+            .with_transaction(&TransactionOptions::new(), |tx| {
+                Box::pin(async move {
+                    let stmt = tx
+                        .prepare_cached("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
+                        .await?;
+                    tx.execute_on_commit(&stmt, &[&1_i64])?;
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await;
+        if retried {
+            result.unwrap();
+        } else {
+            let err = result.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
+            assert!(err.is_retryable(), "{err}");
+        }
+        let now = crate::support::backend_pid(&db).await;
+        assert_ne!(now, pid, "the read-only connection was not pooled again");
+    }
+    let other = pg.client().await.unwrap();
+    assert_eq!(balance(&other, 1).await, 101, "written once, by the retry");
+}

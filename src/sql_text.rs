@@ -2,16 +2,23 @@
 //! transition `SET` lists and conditions, and statements sent through a transaction. One lexer
 //! knows where literals (`'…'`, `E'…'`), quoted identifiers (`"…"`), dollar quotes
 //! (`$$…$$`, `$tag$…$tag$`) and comments (`--`, nested `/* */`) start and end; placeholder
-//! renumbering, identifier mentions, statement splitting and the savepoint commands the
-//! transaction guard follows are built on it. Pure: no I/O, unit-tested below.
+//! renumbering, identifier mentions, statement splitting and the reading of the caller's
+//! statements by the transaction guard are built on it. Pure: no I/O, unit-tested below.
 //!
-//! Limits of the savepoint scanner ([`savepoint_commands`]): it sees the top-level
-//! `SAVEPOINT`, `RELEASE [SAVEPOINT]` and `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT]`
-//! commands of text sent through the guard's own methods (one statement or several separated
-//! by `;`), in any case, with comments anywhere; text inside literals, quoted identifiers,
-//! dollar quotes and comments is never taken for a command. Text sent through the raw client
-//! ([`Transaction::client`](crate::Transaction::client)) is not seen: the guard then checks the
-//! transaction's state in the same flush as `COMMIT`.
+//! What the guard reads in text sent through its own methods ([`caller_commands`]; one
+//! statement or several separated by `;`, in any case, with comments anywhere; text inside
+//! literals, quoted identifiers, dollar quotes and comments is never taken for a command):
+//! - it follows the top-level `SAVEPOINT`, `RELEASE [SAVEPOINT]` and
+//!   `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT]` commands;
+//! - it refuses the commands that would end or restart its transaction under it (`COMMIT`,
+//!   `END`, `ROLLBACK` without `TO`, `ABORT`, `PREPARE TRANSACTION`, `BEGIN`, `START`) and
+//!   `SET` without `LOCAL` (other than `SET TRANSACTION` and `SET CONSTRAINTS`), which would
+//!   change the pooled session for every later transaction on the connection.
+//!
+//! Not seen: text sent through the raw client
+//! ([`Transaction::client`](crate::Transaction::client); the guard then checks the
+//! transaction's state in the same flush as `COMMIT`), commands inside functions and `DO`
+//! blocks, and settings changed by function (`set_config(…, false)`).
 
 use crate::error::Error;
 
@@ -262,11 +269,13 @@ fn name(token: &Token<'_>) -> Option<String> {
     }
 }
 
+fn is(token: &Token<'_>, keyword: &str) -> bool {
+    matches!(token, Token::Word(w) if w.eq_ignore_ascii_case(keyword))
+}
+
 /// The savepoint command one statement is, if it is one.
-fn savepoint_command(statement: &str) -> Option<SavepointCommand> {
-    let tokens = tokens(statement);
-    let is = |t: &Token<'_>, keyword: &str| matches!(t, Token::Word(w) if w.eq_ignore_ascii_case(keyword));
-    match tokens.as_slice() {
+fn savepoint_command(tokens: &[Token<'_>]) -> Option<SavepointCommand> {
+    match tokens {
         [s, n] if is(s, "SAVEPOINT") => name(n).map(SavepointCommand::Savepoint),
         [r, n] if is(r, "RELEASE") => name(n).map(SavepointCommand::Release),
         [r, s, n] if is(r, "RELEASE") && is(s, "SAVEPOINT") => {
@@ -289,11 +298,70 @@ fn savepoint_command(statement: &str) -> Option<SavepointCommand> {
     }
 }
 
-/// The savepoint commands in `sql`, in order (see the module docs for what is seen).
-pub(crate) fn savepoint_commands(sql: &str) -> Vec<SavepointCommand> {
+/// Why the guard refuses a statement with these tokens, if it does: it would end or restart
+/// the guard's transaction, or change the pooled session.
+fn refusal(tokens: &[Token<'_>]) -> Option<&'static str> {
+    const ENDS: &str = "would end the transaction while rowlock still holds it open (its \
+                        locks released, later statements run outside any transaction, and the \
+                        call reported as if they had not): return Ok from your code to commit, \
+                        an error to roll back, or use tx.savepoint() to undo part of it";
+    match tokens {
+        [first, ..] if is(first, "COMMIT") || is(first, "END") || is(first, "ABORT") => Some(ENDS),
+        [first, rest @ ..] if is(first, "ROLLBACK") => match rest {
+            [w, t, ..] if (is(w, "WORK") || is(w, "TRANSACTION")) && is(t, "TO") => None,
+            [t, ..] if is(t, "TO") => None,
+            _ => Some(ENDS),
+        },
+        [first, second, ..] if is(first, "PREPARE") && is(second, "TRANSACTION") => Some(ENDS),
+        [first, ..] if is(first, "BEGIN") || is(first, "START") => Some(
+            "would start a transaction inside the one rowlock opened (the server ignores it \
+             with a warning); your code already runs inside a transaction",
+        ),
+        [first, second, ..]
+            if is(first, "SET")
+                && !(is(second, "LOCAL")
+                    || is(second, "TRANSACTION")
+                    || is(second, "CONSTRAINTS")) =>
+        {
+            Some(
+                "would change the pooled session for every later transaction on this \
+                 connection: use SET LOCAL (undone when the transaction ends), or give every \
+                 connection the setting where the pool creates it",
+            )
+        }
+        _ => None,
+    }
+}
+
+/// What the guard does with `sql` sent through it: the savepoint commands to follow once it
+/// succeeded, in order, or an [`InvalidArgument`](crate::ErrorKind::InvalidArgument) error
+/// naming the first statement it refuses (see the module docs).
+pub(crate) fn caller_commands(sql: &str) -> Result<Vec<SavepointCommand>, Error> {
+    let mut commands = Vec::new();
+    for statement in statements(sql) {
+        let tokens = tokens(statement);
+        if let Some(why) = refusal(&tokens) {
+            let shown: String = statement.chars().take(60).collect();
+            let more = if shown.len() < statement.len() {
+                "…"
+            } else {
+                ""
+            };
+            return Err(Error::invalid(format!(
+                "`{shown}{more}` is refused inside a rowlock transaction: it {why}"
+            )));
+        }
+        commands.extend(savepoint_command(&tokens));
+    }
+    Ok(commands)
+}
+
+/// The savepoint commands in `sql`, in order, for tests of the scanner.
+#[cfg(test)]
+fn savepoint_commands(sql: &str) -> Vec<SavepointCommand> {
     statements(sql)
         .into_iter()
-        .filter_map(savepoint_command)
+        .filter_map(|statement| savepoint_command(&tokens(statement)))
         .collect()
 }
 
@@ -355,5 +423,71 @@ mod tests {
         assert!(savepoint_commands("SAVEPOINT 'x'").is_empty());
         assert!(savepoint_commands("SAVEPOINT").is_empty());
         assert!(savepoint_commands("SAVEPOINT a b").is_empty());
+    }
+
+    #[test]
+    fn statements_that_end_the_transaction_or_change_the_session_are_refused() {
+        let refused = [
+            "COMMIT",
+            "commit;",
+            "COMMIT AND CHAIN",
+            "END",
+            "end work",
+            "ABORT",
+            "ROLLBACK",
+            "rollback work",
+            "ROLLBACK AND CHAIN",
+            "ROLLBACK PREPARED 'x'",
+            "COMMIT PREPARED 'x'",
+            "PREPARE TRANSACTION 'x'",
+            "BEGIN",
+            "START TRANSACTION",
+            "SET statement_timeout = '5ms'",
+            "set search_path to app",
+            "SET SESSION lock_timeout = 0",
+            "SET ROLE other",
+            "SET SESSION AUTHORIZATION other",
+            "SET TIME ZONE 'UTC'",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "UPDATE t SET a = 1; COMMIT",
+            "/* first */ COMMIT -- then nothing",
+        ];
+        for sql in refused {
+            let err = caller_commands(sql).expect_err(sql);
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{sql}");
+            assert!(err.to_string().contains("refused"), "{sql}: {err}");
+        }
+        let allowed = [
+            ("SET LOCAL statement_timeout = '5ms'", vec![]),
+            ("set local role other", vec![]),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", vec![]),
+            ("SET CONSTRAINTS ALL DEFERRED", vec![]),
+            ("ROLLBACK TO s", vec![RollbackTo("s".into())]),
+            (
+                "rollback transaction to savepoint s",
+                vec![RollbackTo("s".into())],
+            ),
+            ("SELECT 'COMMIT'", vec![]),
+            ("/* COMMIT */ SELECT 1", vec![]),
+            ("SELECT $$; COMMIT$$", vec![]),
+            ("UPDATE t SET ended = true", vec![]),
+            ("UPDATE t SET \"end\" = 1", vec![]),
+            ("SELECT 1 -- ; COMMIT", vec![]),
+            ("DO $$ BEGIN PERFORM 1; END $$", vec![]),
+            ("PREPARE p AS SELECT 1", vec![]),
+            ("RESET statement_timeout", vec![]),
+            ("\"commit\"", vec![]),
+            ("committed", vec![]),
+            (
+                "SAVEPOINT a; UPDATE t SET a = 1",
+                vec![Savepoint("a".into())],
+            ),
+        ];
+        for (sql, want) in allowed {
+            assert_eq!(caller_commands(sql).expect(sql), want, "{sql}");
+        }
+        let long = format!("SET application_name = '{}'", "x".repeat(100));
+        let err = caller_commands(&long).unwrap_err().to_string();
+        assert!(err.contains("…` is refused"), "{err}");
     }
 }

@@ -30,6 +30,7 @@ use tokio_postgres::{Row, Statement, ToStatement};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{At, Failed, Flush, Misfit, Reported, Side, Writes};
 use crate::options::{StatementCache, TransactionOptions};
+use crate::sql_text::SavepointCommand;
 use state::{Phase, Prelude, State};
 
 pub(crate) use alone::run_alone;
@@ -54,6 +55,17 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// caller ignored the error, unless the error was recovered by rolling back to a savepoint
 /// ([`savepoint`](Self::savepoint), or savepoint SQL sent through this guard), as PostgreSQL
 /// recovers it.
+///
+/// **SQL it refuses.** Text sent through its methods (`execute`, `query…`, `batch_execute`,
+/// `prepare…`) that would end or restart the transaction under the guard (`COMMIT`, `END`,
+/// `ROLLBACK` without `TO`, `ABORT`, `PREPARE TRANSACTION`, `BEGIN`, `START TRANSACTION`) or
+/// change the pooled session for later borrowers (`SET` without `LOCAL`, other than
+/// `SET TRANSACTION` and `SET CONSTRAINTS`) fails with [`ErrorKind::InvalidArgument`] before
+/// anything is sent: the transaction and its locks are as they were, and it can go on. Return
+/// from your code to commit or roll back; use `SET LOCAL` for a setting. Savepoint commands
+/// are followed when sent as text, refused when prepared. Text on the raw
+/// [`client`](Self::client), in functions and `DO` blocks, and `set_config(…, false)` are not
+/// read.
 ///
 /// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future):
 /// - with no statement in flight (the usual case: dropped between statements), `ROLLBACK` is
@@ -232,10 +244,21 @@ impl Transaction {
         }
     }
 
-    /// Follows a savepoint command the caller sent as SQL text, once it succeeded.
-    fn observe_sql(&self, sql: Option<&str>, succeeded: bool) {
-        if let (Some(sql), true) = (sql, succeeded) {
-            for command in crate::sql_text::savepoint_commands(sql) {
+    /// Reads SQL text the caller sends through the guard, before anything is sent: refuses
+    /// what would end its transaction or change the pooled session (nothing is sent), and
+    /// returns the savepoint commands to follow once the text has run
+    /// ([`crate::sql_text`]). A prepared statement's text was read when it was prepared.
+    fn read_sql(sql: Option<&str>) -> Result<Vec<SavepointCommand>, Error> {
+        match sql {
+            Some(sql) => crate::sql_text::caller_commands(sql),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Follows the savepoint commands of text the caller sent, once it succeeded.
+    fn observe<T>(&self, commands: Vec<SavepointCommand>, result: &Result<T, Error>) {
+        if result.is_ok() {
+            for command in commands {
                 self.state().observe(command);
             }
         }
@@ -347,8 +370,23 @@ impl Transaction {
         if let Some(statement) = self.statement_in_cache(query) {
             return Ok(statement);
         }
+        Self::read_prepared(query)?;
         self.run(Step::Statement, || self.cached_statement(query))
             .await
+    }
+
+    /// Reads text the caller prepares: refused as text sent at once is, and a savepoint
+    /// command too (the guard follows those only when they run as text).
+    fn read_prepared(query: &str) -> Result<(), Error> {
+        if Self::read_sql(Some(query))?.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "`{query}` is a savepoint command: send it as text (`execute`, \
+                 `batch_execute`) or use tx.savepoint(), so the transaction follows it; a \
+                 prepared one would run unseen"
+            )))
+        }
     }
 
     /// The statement cached for `query` in the cache [`StatementCache`] selects, if any.
@@ -398,6 +436,7 @@ impl Transaction {
 
     /// Prepares a statement without caching it.
     pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        Self::read_prepared(query)?;
         self.run(Step::Statement, || self.conn().prepare(query))
             .await
     }
@@ -412,10 +451,11 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
+        let commands = Self::read_sql(statement.sql_text())?;
         let result = self
             .run(Step::Statement, || self.conn().query(statement, params))
             .await;
-        self.observe_sql(statement.sql_text(), result.is_ok());
+        self.observe(commands, &result);
         result
     }
 
@@ -428,10 +468,11 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
+        let commands = Self::read_sql(statement.sql_text())?;
         let result = self
             .run(Step::Statement, || self.conn().query_one(statement, params))
             .await;
-        self.observe_sql(statement.sql_text(), result.is_ok());
+        self.observe(commands, &result);
         result
     }
 
@@ -444,10 +485,11 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
+        let commands = Self::read_sql(statement.sql_text())?;
         let result = self
             .run(Step::Statement, || self.conn().query_opt(statement, params))
             .await;
-        self.observe_sql(statement.sql_text(), result.is_ok());
+        self.observe(commands, &result);
         result
     }
 
@@ -460,20 +502,22 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
+        let commands = Self::read_sql(statement.sql_text())?;
         let result = self
             .run(Step::Statement, || self.conn().execute(statement, params))
             .await;
-        self.observe_sql(statement.sql_text(), result.is_ok());
+        self.observe(commands, &result);
         result
     }
 
     /// Runs one or more `;`-separated statements with the simple query protocol (no
     /// parameters).
     pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+        let commands = Self::read_sql(Some(sql))?;
         let result = self
             .run(Step::Statement, || self.conn().batch_execute(sql))
             .await;
-        self.observe_sql(Some(sql), result.is_ok());
+        self.observe(commands, &result);
         result
     }
 

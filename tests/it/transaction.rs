@@ -315,7 +315,7 @@ async fn commit_error_from_the_server_is_reported() {
 /// connection goes back to the pool. Whether the write is sent at once or queued for commit.
 #[tokio::test]
 async fn a_write_in_a_read_only_transaction_is_not_taken_for_a_standby() {
-    let (pg, db) = accounts(1).await;
+    let (pg, _) = accounts(1).await;
     let db = pg.db_with(rowlock::Db::builder().max_size(1)).unwrap();
     let pid = crate::support::backend_pid(&db).await;
     let opts = TransactionOptions::new()
@@ -406,4 +406,78 @@ async fn a_queued_write_refused_by_a_read_only_server_is_retried_on_a_new_connec
     }
     let other = pg.client().await.unwrap();
     assert_eq!(balance(&other, 1).await, 101, "written once, by the retry");
+}
+
+/// SQL sent through the guard that would end its transaction under it (the row lock released
+/// mid-call, later statements in autocommit, the call still reported `Done`) or change the
+/// pooled session for later calls is refused before anything is sent: the lock is still held,
+/// the transaction goes on and commits. Before, each was sent and the call returned `Done`.
+#[tokio::test]
+async fn statements_that_would_end_the_transaction_or_leak_into_the_pool_are_refused() {
+    let (pg, _) = accounts(1).await;
+    let db = pg.db_with(rowlock::Db::builder().max_size(1)).unwrap();
+    let other = pg.client().await.unwrap();
+    let refused = [
+        "COMMIT",
+        "rollback",
+        "END",
+        "BEGIN",
+        "SET statement_timeout = '5ms'",
+        "UPDATE accounts SET balance = 0; COMMIT",
+    ];
+    for sql in refused {
+        let outcome = db
+            .with_locked_row(
+                &1_i64,
+                rowlock::Lock::new(),
+                |tx, a: crate::support::Account| {
+                    let other = &other;
+                    Box::pin(async move {
+                        for err in [
+                            tx.batch_execute(sql).await.unwrap_err(),
+                            tx.execute(sql, &[]).await.unwrap_err(),
+                            tx.prepare_cached(sql).await.unwrap_err(),
+                        ] {
+                            assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{sql}: {err}");
+                            assert!(err.to_string().contains("is refused"), "{sql}: {err}");
+                        }
+                        // Nothing was sent: the row is still locked, and the transaction goes on.
+                        let busy = other
+                            .query("SELECT 1 FROM accounts WHERE id = 1 FOR UPDATE NOWAIT", &[])
+                            .await
+                            .unwrap_err();
+                        assert_eq!(busy.code(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{sql}");
+                        tx.execute(
+                            "UPDATE accounts SET balance = $2 WHERE id = $1",
+                            &[&a.id, &(a.balance + 1)],
+                        )
+                        .await?;
+                        Ok::<_, rowlock::Error>(())
+                    })
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, rowlock::Outcome::Done(()), "{sql}");
+    }
+    assert_eq!(balance(&other, 1).await, 100 + refused.len() as i64);
+    // The one pooled session kept its defaults.
+    let timeout = db
+        .with_transaction(&TransactionOptions::new(), |tx| {
+            Box::pin(async move {
+                let row = tx.query_one("SHOW statement_timeout", &[]).await?;
+                Ok::<String, rowlock::Error>(row.get(0))
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(timeout, "0");
+    // A savepoint command is followed only when it runs as text: preparing one is refused.
+    let err = db
+        .with_transaction(&TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.prepare_cached("SAVEPOINT s").await.map(drop) })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
 }

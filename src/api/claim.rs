@@ -208,9 +208,10 @@ impl Claim {
     /// statement serves every value. Text also fits a PostgreSQL enum column (`status =
     /// 'pending'` on a `job_status`), an integer any integer column its value fits. A claim
     /// with filters is planned for each call's values, so that it matches a partial index on
-    /// the same condition. A value that does not fit its column is refused with
-    /// [`ErrorKind::InvalidArgument`] naming the filter when the claim runs, before anything
-    /// is locked.
+    /// the same condition. A value that does not fit its column, or a `NULL` (`None`: a
+    /// comparison with `NULL` matches no row; use [`filter_null`](Self::filter_null)), is
+    /// refused with [`ErrorKind::InvalidArgument`] naming the filter when the claim runs,
+    /// before anything is locked.
     ///
     /// For a condition that never changes and that a partial index matches (`status =
     /// 'pending'` on the queue's index), write it as SQL with

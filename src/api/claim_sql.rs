@@ -53,8 +53,8 @@ impl<V: ToSql> Fit<V> {
     }
 }
 
-impl<V: ToSql> ToSql for Fit<V> {
-    fn to_sql(
+impl<V: ToSql> Fit<V> {
+    fn write(
         &self,
         ty: &Type,
         out: &mut BytesMut,
@@ -84,6 +84,25 @@ impl<V: ToSql> ToSql for Fit<V> {
                 .map_err(|_| out_of_range())?
                 .to_sql(ty, out),
             _ => value.to_sql(ty, out),
+        }
+    }
+}
+
+impl<V: ToSql> ToSql for Fit<V> {
+    /// Refuses `NULL`: `column = NULL` (or any comparison with `NULL`) is never true, so the
+    /// filter would match no row; `filter_null` / `filter_not_null` say what is meant.
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.write(ty, out)? {
+            IsNull::No => Ok(IsNull::No),
+            IsNull::Yes => Err(
+                "it is NULL, and a comparison with NULL matches no row: use \
+                                Claim::filter_null or Claim::filter_not_null"
+                    .into(),
+            ),
         }
     }
 
@@ -223,6 +242,14 @@ mod tests {
         );
         assert!(bytes(&Fit(1_i64), &status).is_err());
         assert!(bytes(&Fit(true), &Type::TEXT).is_err());
-        assert!(bytes(&Fit(None::<i32>), &Type::INT8).is_ok());
+        let null = bytes(&Fit(None::<i32>), &Type::INT8)
+            .unwrap_err()
+            .to_string();
+        assert!(null.contains("filter_null"), "{null}");
+        assert!(bytes(&Fit(None::<&str>), &status).is_err());
+        assert_eq!(
+            bytes(&Fit(Some(4_i32)), &Type::INT8).unwrap(),
+            4_i64.to_be_bytes()
+        );
     }
 }

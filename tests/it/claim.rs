@@ -517,6 +517,15 @@ async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
         err.to_string().contains("Uuid") && !err.to_string().contains("Fit"),
         "{err}"
     );
+    // `None` compares as NULL and would match no row: refused, naming the filter and the
+    // way to say it (before, an empty claim).
+    let err = run(order(Claim::new().filter("id", Compare::Eq, None::<i64>))).await;
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("the filter on \"id\"") && text.contains("filter_null"),
+        "{text}"
+    );
     // `id` is int8, so i64::MAX fits: an ordinary empty claim.
     let fits = order(Claim::new().filter("id", Compare::Eq, i64::MAX));
     let none = db

@@ -346,16 +346,20 @@ impl Db {
     ///
     /// - **Round trips:** one (the statement is prepared once per connection; the first call on a
     ///   connection costs one more); two for `NotFound`, and for a `Conflict` whose row met the
-    ///   condition (changed meanwhile, or a guard failed). Behind a pooler ([`StatementCache::Transaction`] for the
-    ///   pool) it runs in a transaction of its own instead: `BEGIN` and the prepare, the
-    ///   statement, `COMMIT`.
+    ///   condition (changed meanwhile, or a guard failed). With a lock or statement timeout on
+    ///   the handle ([`Builder::lock_timeout`](crate::Builder::lock_timeout),
+    ///   [`Builder::statement_timeout`](crate::Builder::statement_timeout)), and behind a
+    ///   pooler ([`StatementCache::Transaction`] for the pool), it runs in a transaction of its
+    ///   own instead: `BEGIN` with its `SET LOCAL`s and the statement, then `COMMIT` (one round
+    ///   trip more).
     /// - **Invalid arguments** (see [`Transition`], or `params` not matching its placeholders):
     ///   [`ErrorKind::InvalidArgument`] before a connection is taken. A value whose Rust type does
     ///   not fit the type PostgreSQL gives its placeholder (an `i32` for a `bigint` column) is
     ///   refused when the statement is bound, before it is sent: [`ErrorKind::InvalidArgument`]
     ///   naming the caller's `$n` (or the key).
     /// - **Errors** from the server (a constraint the change violates, a deadlock between guards,
-    ///   a `lock_timeout` set on the server…) are returned as they are, and nothing changed.
+    ///   the handle's lock or statement timeout: [`ErrorKind::LockTimeout`],
+    ///   [`ErrorKind::StatementTimeout`]…) are returned as they are, and nothing changed.
     /// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`] (nothing
     ///   ran: retry freely); lost after it was sent, [`ErrorKind::CommitOutcomeUnknown`]: it may
     ///   have committed. Running the same transition again is safe when its `when` excludes the
@@ -400,9 +404,12 @@ impl Db {
         transition: &Transition,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Outcome<R>, Error> {
-        let Some(policy) = self.options(&TransactionOptions::new()).retry else {
+        let defaults = self.options(&TransactionOptions::new());
+        // The handle's lock and statement timeouts are `SET LOCAL`s: they need a transaction.
+        let own_transaction = !defaults.is_plain();
+        let Some(policy) = defaults.retry else {
             return self
-                .transition_alone(key, transition, params)
+                .transition_alone(key, transition, params, own_transaction)
                 .await
                 .map_err(refine_bind_error::<R>);
         };
@@ -412,18 +419,24 @@ impl Db {
         // (`CommitOutcomeUnknown`) never does.
         let mut backoff = Backoff::new(&policy)?;
         loop {
-            match self.transition_alone(key, transition, params).await {
+            match self
+                .transition_alone(key, transition, params, own_transaction)
+                .await
+            {
                 Err(e) if policy.retries(&e) => backoff.wait(e).await?,
                 result => return result.map_err(refine_bind_error::<R>),
             }
         }
     }
 
+    /// One attempt: the statement alone, or in a transaction of its own when
+    /// `own_transaction` (the handle's timeouts) or behind a pooler.
     async fn transition_alone<R: LockableRow>(
         &self,
         key: &R::Key,
         transition: &Transition,
         params: &[&(dyn ToSql + Sync)],
+        own_transaction: bool,
     ) -> Result<Outcome<R>, Error> {
         // One statement on its own (or, behind a pooler, in a transaction whose statements are
         // its own): a statement made stale by a migration is prepared again, so the row type's
@@ -431,10 +444,11 @@ impl Db {
         let names = self.names::<R>()?;
         let columns = names.declared();
         let (rendered, all) = transition.bind::<R>(key, params, columns)?;
-        if self.statement_cache() == StatementCache::Transaction {
-            // Behind a pooler, a statement prepared outside a transaction may not exist on the
-            // server that runs the next message: prepare and run it inside one (never retried:
-            // the handle's retry policy is for the caller's code).
+        if own_transaction || self.statement_cache() == StatementCache::Transaction {
+            // With the handle's lock or statement timeout, set for the transaction. Behind a
+            // pooler, a statement prepared outside a transaction may not exist on the server
+            // that runs the next message: prepare and run it inside one. Not retried inside:
+            // `transition` applies the handle's retry policy around this attempt.
             let (rendered, all) = (&rendered, &all);
             let mut once = TransactionOptions::new();
             once.retry = Some(crate::RetryPolicy::once());

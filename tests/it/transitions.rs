@@ -412,3 +412,49 @@ async fn the_handles_retry_policy_reruns_a_transition_refused_by_a_read_only_ser
         assert_ne!(now, pid, "the read-only connection was not pooled again");
     }
 }
+
+/// The handle's lock and statement timeouts bound a transition as they bound every other
+/// call ("every lock wait of every call"): before, a transition ran outside any transaction
+/// and neither applied, so it waited for the holder of its row as long as the holder kept it.
+/// Both directly and behind PgBouncer.
+#[tokio::test]
+async fn the_handles_lock_and_statement_timeouts_bound_a_transition() {
+    let (pg, _) = database(TASKS, 1).await;
+    let db = pg
+        .db_with(
+            rowlock::Db::builder()
+                .max_size(2)
+                .lock_timeout(std::time::Duration::from_millis(100))
+                .statement_timeout(std::time::Duration::from_millis(300)),
+        )
+        .unwrap();
+    let holder = pg.client().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM tasks WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let waited = tokio::time::timeout(WAIT, db.transition::<Task>(&1, &take(), &[&"ann"]))
+        .await
+        .expect("the lock timeout ends the wait, not the holder");
+    let err = waited.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LockTimeout, "{err}");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(status_of(&pg, 1).await, "open", "nothing changed");
+    let slow =
+        Transition::new("status = 'taken'").when("status = 'open' AND pg_sleep(2) IS NOT NULL");
+    let err = tokio::time::timeout(WAIT, db.transition::<Task>(&1, &slow, &[]))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::StatementTimeout, "{err}");
+    assert_eq!(status_of(&pg, 1).await, "open", "nothing changed");
+    // And a transition that neither waits nor runs long is as before.
+    assert_eq!(
+        db.transition::<Task>(&1, &take(), &[&"ann"]).await.unwrap(),
+        Outcome::Done(task(1, "taken", Some("ann")))
+    );
+    assert_eq!(
+        db.transition::<Task>(&1, &take(), &[&"bob"]).await.unwrap(),
+        Outcome::Conflict(task(1, "taken", Some("ann")))
+    );
+}

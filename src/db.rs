@@ -163,7 +163,9 @@ impl Db {
 
     /// A handle around a pool the service built itself (its own TLS, hooks or recycling),
     /// with the default defaults. Its connections must be outside any transaction when
-    /// returned to it, which is what rowlock ensures for its own.
+    /// returned to it, which is what rowlock ensures for its own. A recycling query that
+    /// deallocates prepared statements (`DISCARD ALL`) costs a prepare after every checkout;
+    /// see the [migrations guide](crate::guide::migrations).
     pub fn from_pool(pool: Pool) -> Db {
         Db::assemble(pool, Defaults::default())
     }

@@ -470,17 +470,23 @@ impl Error {
         let kind = classify(&e);
         let state = e.code().cloned();
         let stale = e.as_db_error().is_some_and(is_stale_plan);
+        let deallocated = e.as_db_error().is_some_and(sqlstate::is_deallocated);
         let err = Error::new(kind)
             .at(step)
             .with_sql_state(state)
             .with_driver_source(e);
         if stale {
             // What the server's words do not say: why, and what cures it.
-            return err.with_detail(
+            return err.with_detail(if deallocated {
+                "the connection's prepared statements were deallocated while it was pooled \
+                     (DISCARD ALL or DEALLOCATE ALL: a pool recycling query? RecyclingMethod::Fast \
+                     and Clean keep them); they are prepared again, so running the transaction \
+                     again succeeds"
+            } else {
                 "a statement was prepared on this connection before a migration changed the \
-                 type of a column it returns; the connection's statements are prepared again, \
-                 so running the transaction again succeeds",
-            );
+                     type of a column it returns; the connection's statements are prepared \
+                     again, so running the transaction again succeeds"
+            });
         }
         err
     }
@@ -604,11 +610,17 @@ impl Error {
     /// (`40P01`), a server that no longer accepts writes (`25006`, a failover), a connection
     /// lost before `COMMIT` was sent ([`ErrorKind::Closed`]) or not made
     /// ([`ErrorKind::Unreachable`]), including when one of them aborted the transaction and was
-    /// swallowed by the caller. [`RetryPolicy::retries`](crate::RetryPolicy::retries) retries
+    /// swallowed by the caller; and a statement prepared on the connection that no longer
+    /// serves (`0A000` after a migration retyped a column it returns, `26000` after the
+    /// connection's statements were deallocated), which the failed attempt forgot, so the next
+    /// prepares it again. [`RetryPolicy::retries`](crate::RetryPolicy::retries) retries
     /// exactly these (and lock contention when the policy asks for it).
     /// [`ErrorKind::CommitOutcomeUnknown`] is never retryable: the transaction may have
     /// committed.
     pub fn is_retryable(&self) -> bool {
+        if self.is_stale_plan() {
+            return true;
+        }
         match self.inner.kind {
             ErrorKind::TransactionAborted => self
                 .inner
@@ -634,9 +646,16 @@ impl Error {
         self.inner.kind == ErrorKind::Closed
     }
 
-    /// A prepared statement whose result columns changed under it (a migration while the
-    /// connection was pooled): `0A000` "cached plan must not change result type", raised by
-    /// the server's plan cache. Preparing the statement again cures it.
+    /// Marks an error that stands for a stale statement's ([`is_stale_plan`](Self::is_stale_plan)).
+    pub(crate) fn with_stale(mut self, stale: bool) -> Self {
+        self.inner.stale |= stale;
+        self
+    }
+
+    /// A statement prepared on the connection that no longer serves: its result columns
+    /// changed under it (a migration while the connection was pooled: `0A000` "cached plan
+    /// must not change result type"), or it was deallocated (`26000`). Preparing the
+    /// statement again cures it.
     pub(crate) fn is_stale_plan(&self) -> bool {
         self.inner.stale || self.as_db_error().is_some_and(is_stale_plan)
     }

@@ -118,10 +118,19 @@ pub(crate) fn refusal(state: Option<&SqlState>) -> Option<Refusal> {
     }
 }
 
-/// `0A000` "cached plan must not change result type", raised by the server's plan cache
-/// (told apart from other `0A000`s by the routine, the server's C function name, not text).
+/// A statement prepared on this connection that no longer serves, which preparing it again
+/// cures: `0A000` "cached plan must not change result type", raised by the server's plan
+/// cache (told apart from other `0A000`s by the routine, the server's C function name, not
+/// text), or `26000` "prepared statement … does not exist" (the connection's statements were
+/// deallocated: `DISCARD ALL` or `DEALLOCATE ALL`, say as a pool's recycling query).
 pub(crate) fn is_stale_plan(db: &tokio_postgres::error::DbError) -> bool {
-    *db.code() == SqlState::FEATURE_NOT_SUPPORTED && db.routine() == Some("RevalidateCachedQuery")
+    (*db.code() == SqlState::FEATURE_NOT_SUPPORTED && db.routine() == Some("RevalidateCachedQuery"))
+        || is_deallocated(db)
+}
+
+/// `26000` "prepared statement … does not exist".
+pub(crate) fn is_deallocated(db: &tokio_postgres::error::DbError) -> bool {
+    *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME
 }
 
 /// `57014`: a statement was cancelled (by a cancel request, or `statement_timeout`).

@@ -96,7 +96,8 @@ impl Transaction {
                     "an earlier statement failed, so the transaction was rolled back",
                 )
                 .at(Step::Commit)
-                .with_sql_state(root.sql_state))
+                .with_sql_state(root.sql_state)
+                .with_stale(root.stale))
             }
             CommitPlan::Nothing => {
                 self.release();

@@ -341,6 +341,7 @@ impl Transaction {
             Error::with_kind(f.kind, "a statement failed and aborted the transaction")
                 .at(Step::Statement)
                 .with_sql_state(f.sql_state.clone())
+                .with_stale(f.stale)
         })
     }
 
@@ -353,7 +354,10 @@ impl Transaction {
         } else {
             err
         };
-        match self.state().record(err.kind(), err.sql_state()) {
+        match self
+            .state()
+            .record(err.kind(), err.sql_state(), err.is_stale_plan())
+        {
             Some(root) => err.with_sql_state(root),
             None => err,
         }

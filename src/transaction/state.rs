@@ -46,6 +46,9 @@ pub(super) enum Blind {
 pub(super) struct Failure {
     pub(super) kind: ErrorKind,
     pub(super) sql_state: Option<SqlState>,
+    /// A statement prepared on the connection that no longer served
+    /// ([`Error::is_stale_plan`](crate::Error)): a fresh attempt cures it.
+    pub(super) stale: bool,
 }
 
 /// The connection is gone (returned by [`State::start_request`]).
@@ -348,6 +351,7 @@ impl State {
         &mut self,
         kind: ErrorKind,
         sql_state: Option<&SqlState>,
+        stale: bool,
     ) -> Option<Option<SqlState>> {
         match kind {
             ErrorKind::Closed | ErrorKind::IdleInTransactionTimeout => {
@@ -374,6 +378,7 @@ impl State {
                         *aborted = Some(Failure {
                             kind,
                             sql_state: sql_state.cloned(),
+                            stale,
                         });
                         None
                     }
@@ -514,21 +519,22 @@ mod tests {
     fn the_first_real_error_is_the_root_cause() {
         let mut st = open();
         let serialization = SqlState::T_R_SERIALIZATION_FAILURE;
-        assert_eq!(st.record(ErrorKind::Driver, None), None);
+        assert_eq!(st.record(ErrorKind::Driver, None, false), None);
         assert_eq!(st.aborted(), None, "driver errors do not abort");
         assert_eq!(
-            st.record(ErrorKind::SerializationFailure, Some(&serialization)),
+            st.record(ErrorKind::SerializationFailure, Some(&serialization), false),
             None
         );
         // Later echoes (25P02) are answered with the root cause's state.
         assert_eq!(
             st.record(
                 ErrorKind::TransactionAborted,
-                Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
+                Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+                false
             ),
             Some(Some(serialization.clone()))
         );
-        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION), false);
         let root = st.aborted().unwrap();
         assert_eq!(root.kind, ErrorKind::SerializationFailure);
         assert!(
@@ -542,16 +548,21 @@ mod tests {
         st.record(
             ErrorKind::TransactionAborted,
             Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+            false,
         );
-        st.record(ErrorKind::Deadlock, Some(&SqlState::T_R_DEADLOCK_DETECTED));
+        st.record(
+            ErrorKind::Deadlock,
+            Some(&SqlState::T_R_DEADLOCK_DETECTED),
+            false,
+        );
         assert_eq!(st.aborted().unwrap().kind, ErrorKind::Deadlock);
     }
 
     #[test]
     fn a_lost_connection_wins_over_everything() {
         let mut st = open();
-        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
-        st.record(ErrorKind::Closed, None);
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION), false);
+        st.record(ErrorKind::Closed, None, false);
         assert!(st.is_broken());
         assert!(st.start_request().is_err());
         assert!(matches!(st.plan_commit(false), CommitPlan::Lost));
@@ -580,7 +591,7 @@ mod tests {
         let mut st = State::new("BEGIN".into(), Writes::default());
         assert!(matches!(st.plan_commit(true), CommitPlan::ClosedByServer));
         let mut st = open();
-        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION), false);
         assert!(matches!(st.plan_commit(true), CommitPlan::ClosedByServer));
     }
 
@@ -597,7 +608,7 @@ mod tests {
                 begins: true
             }
         );
-        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION), false);
         assert!(matches!(st.open_savepoint(), Err(NoSavepoint::Aborted(_))));
         assert!(st.release_savepoint(inner).is_err(), "aborted inside");
         st.rollback_to_savepoint(inner);
@@ -637,11 +648,11 @@ mod tests {
     fn the_callers_own_savepoint_sql_recovers_the_transaction_too() {
         let mut st = open();
         st.observe(SavepointCommand::Savepoint("s".into()));
-        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION), false);
         st.observe(SavepointCommand::RollbackTo("s".into()));
         assert_eq!(st.aborted(), None);
         st.observe(SavepointCommand::Release("s".into()));
-        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION));
+        st.record(ErrorKind::Db, Some(&SqlState::UNIQUE_VIOLATION), false);
         assert!(matches!(st.plan_commit(false), CommitPlan::Aborted(_)));
     }
 }

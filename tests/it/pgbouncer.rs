@@ -54,12 +54,12 @@ fn lock_options(cache: StatementCache) -> Lock {
     Lock::new().transaction(TransactionOptions::new().statement_cache(cache))
 }
 
-/// The locked row's server pid, from inside the transaction.
-fn backend_pid(
-    tx: &Transaction,
-    _: Account,
-) -> rowlock::BoxFuture<'_, Result<i32, rowlock::Error>> {
-    Box::pin(async move { Ok(tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0)) })
+/// The server process running the transaction, asked with a statement from `prepare_cached`.
+fn pid_cached(tx: &Transaction) -> rowlock::BoxFuture<'_, Result<i32, rowlock::Error>> {
+    Box::pin(async move {
+        let stmt = tx.prepare_cached("SELECT pg_backend_pid()").await?;
+        Ok(tx.query_one(&stmt, &[]).await?.get(0))
+    })
 }
 
 /// Prepared statements on the server connection this transaction runs on, not counting the
@@ -90,17 +90,15 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
         .unwrap();
     let bouncer = pg.pgbouncer_config().expect("behind PgBouncer").clone();
     let db = pool_of_one(&bouncer);
-    let cached = lock_options(StatementCache::Connection);
     let per_tx = lock_options(StatementCache::Transaction);
 
-    // 1. The lock statement is prepared and cached on the client connection; PgBouncer ran
-    //    it on server connection X.
+    // 1. A statement is prepared and cached on the client connection; PgBouncer ran it on
+    //    server connection X.
+    let on_connection = TransactionOptions::new().statement_cache(StatementCache::Connection);
     let x = db
-        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &cached, backend_pid)
+        .with_transaction(&on_connection, pid_cached)
         .await
-        .unwrap()
-        .done()
-        .expect("row 1 is free");
+        .unwrap();
 
     // 2. Another client takes X for a transaction of its own (it is the only idle server).
     let other = connect(&bouncer).await;
@@ -116,9 +114,10 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
     );
 
     // 3. The next transaction of the same client connection runs on a new server
-    //    connection, where the cached statement does not exist.
+    //    connection, where the cached statement does not exist: the transaction fails (a
+    //    retryable stale statement; the cache is emptied, so a retry prepares it there).
     let err = db
-        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &cached, backend_pid)
+        .with_transaction(&on_connection, pid_cached)
         .await
         .expect_err("a connection-cached statement is missing on another server connection");
     assert_eq!(
@@ -126,6 +125,7 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
         Some(&SqlState::INVALID_SQL_STATEMENT_NAME),
         "{err}"
     );
+    assert!(err.is_retryable(), "{err}");
 
     // 4. Per-transaction statements work on whichever server connection the transaction
     //    gets, including writes queued for COMMIT…

@@ -262,3 +262,117 @@ async fn a_connection_that_replaces_a_closed_one_prepares_its_own_statements() {
         .get(0);
     assert_eq!(balance, 100 + 10, "one update per round");
 }
+
+/// A pool whose recycling query deallocates the connection's prepared statements
+/// (`DISCARD ALL`, as services copy from PgBouncer's `server_reset_query`): before, every
+/// call after the first failed with `26000 prepared statement … does not exist`, for good.
+/// rowlock's own statements are prepared again on the spot (the lock step restarts, a
+/// one-statement call prepares again); a statement of the caller's cached with
+/// `prepare_cached` fails its transaction once, with a retryable error that says why, which a
+/// retry policy runs again.
+#[tokio::test]
+async fn a_pool_that_deallocates_statements_on_recycle_is_survived() {
+    use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+    use rowlock::{ErrorKind, RetryPolicy, TransactionOptions, Transition};
+
+    let (pg, _) = accounts(3).await;
+    let manager = Manager::from_config(
+        pg.config().clone(),
+        rowlock::tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Custom("DISCARD ALL".into()),
+        },
+    );
+    let db = rowlock::Db::from_pool(Pool::builder(manager).max_size(1).build().unwrap());
+    let count = "SELECT count(*) FROM accounts";
+    let bump = Transition::new("balance = balance + 1");
+    // Each path twice in a row, so the second call finds its statement deallocated.
+    for round in 0..2 {
+        let locked = db
+            .with_locked_row(&1_i64, Lock::new(), |tx, a: Account| {
+                Box::pin(async move {
+                    let stmt = tx
+                        .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
+                        .await?;
+                    tx.execute(&stmt, &[&a.id, &(a.balance + 1)]).await?;
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(locked, Outcome::Done(()), "round {round}");
+    }
+    for round in 0..2 {
+        assert!(
+            matches!(
+                db.transition::<Account>(&2, &bump, &[]).await.unwrap(),
+                Outcome::Done(_)
+            ),
+            "round {round}"
+        );
+    }
+    // The caller's own cached statement, once prepared, is gone after the next recycle.
+    macro_rules! counting {
+        () => {
+            |tx| {
+                Box::pin(async move {
+                    let stmt = tx.prepare_cached(count).await?;
+                    Ok::<i64, rowlock::Error>(tx.query_one(&stmt, &[]).await?.get(0))
+                })
+            }
+        };
+    }
+    let once = TransactionOptions::new();
+    assert_eq!(
+        db.with_transaction(&once, counting!()).await.unwrap(),
+        3_i64
+    );
+    let err: rowlock::Error = db.with_transaction(&once, counting!()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Db, "{err}");
+    assert_eq!(err.sql_state().map(|s| s.code()), Some("26000"), "{err}");
+    assert!(err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("DISCARD ALL"), "{err}");
+    // Prepared again by the next call, deallocated when it goes back, and swallowed by the
+    // one after: the commit reports the abort, retryable as its cause.
+    assert_eq!(
+        db.with_transaction(&once, counting!()).await.unwrap(),
+        3_i64
+    );
+    let swallowed = db
+        .with_transaction(&once, |tx| {
+            Box::pin(async move {
+                let stmt = tx.prepare_cached(count).await?;
+                let _ = tx.query_one(&stmt, &[]).await;
+                Ok::<_, rowlock::Error>(())
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        swallowed.kind(),
+        ErrorKind::TransactionAborted,
+        "{swallowed}"
+    );
+    assert!(swallowed.is_retryable(), "{swallowed}");
+    // Under a retry policy the second attempt prepares it again.
+    let retried = TransactionOptions::new().retry(RetryPolicy::new().max_attempts(2));
+    for round in 0..2 {
+        assert_eq!(
+            db.with_transaction(&retried, counting!()).await.unwrap(),
+            3_i64,
+            "round {round}"
+        );
+    }
+    let other = pg.client().await.unwrap();
+    let balances: Vec<i64> = other
+        .query(
+            "SELECT balance FROM accounts WHERE id <= 2 ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(balances, [102, 102], "each change made once");
+}

@@ -68,7 +68,30 @@ async fn until_leases_expired(client: &Client) {
 
 #[tokio::test]
 async fn a_killed_workers_jobs_are_claimed_again_after_the_lease_and_by_nobody_before() {
+    lease_lifecycle(false).await;
+}
+
+/// The same with a lock and statement timeout on the handle: claims, extensions, releases and
+/// completions then run in transactions of their own (for the timeouts' `SET LOCAL`s), and
+/// the lease's fence holds the same.
+#[tokio::test]
+async fn leases_hold_the_same_under_the_handles_timeouts() {
+    lease_lifecycle(true).await;
+}
+
+async fn lease_lifecycle(timeouts: bool) {
     let (pg, db) = database(JOBS, 4).await;
+    let db = if timeouts {
+        pg.db_with(
+            rowlock::Db::builder()
+                .max_size(4)
+                .lock_timeout(Duration::from_secs(5))
+                .statement_timeout(Duration::from_secs(10)),
+        )
+        .unwrap()
+    } else {
+        db
+    };
     let observer = pg.client().await.unwrap();
     let lease = Lease::new(Duration::from_millis(800));
     let claim = pending(&lease);

@@ -13,12 +13,16 @@
 //! - it refuses the commands that would end or restart its transaction under it (`COMMIT`,
 //!   `END`, `ROLLBACK` without `TO`, `ABORT`, `PREPARE TRANSACTION`, `BEGIN`, `START`) and
 //!   `SET` without `LOCAL` (other than `SET TRANSACTION` and `SET CONSTRAINTS`), which would
-//!   change the pooled session for every later transaction on the connection.
+//!   change the pooled session for every later transaction on the connection;
+//! - it runs the commands that leave state in the session on purpose (`LISTEN`, `PREPARE`,
+//!   `DEALLOCATE`, `DECLARE … WITH HOLD`, `CREATE TEMP …` without `ON COMMIT DROP`, `LOAD`)
+//!   and has the connection closed when the transaction ends, instead of pooled.
 //!
 //! Not seen: text sent through the raw client
 //! ([`Transaction::client`](crate::Transaction::client); the guard then checks the
 //! transaction's state in the same flush as `COMMIT`), commands inside functions and `DO`
-//! blocks, and settings changed by function (`set_config(…, false)`).
+//! blocks, settings changed by function (`set_config(…, false)`), and temporary tables made
+//! by `SELECT … INTO TEMP`.
 
 use crate::error::Error;
 
@@ -333,11 +337,57 @@ fn refusal(tokens: &[Token<'_>]) -> Option<&'static str> {
     }
 }
 
-/// What the guard does with `sql` sent through it: the savepoint commands to follow once it
-/// succeeded, in order, or an [`InvalidArgument`](crate::ErrorKind::InvalidArgument) error
-/// naming the first statement it refuses (see the module docs).
-pub(crate) fn caller_commands(sql: &str) -> Result<Vec<SavepointCommand>, Error> {
-    let mut commands = Vec::new();
+/// Whether a statement with these tokens leaves state in the session that outlives the
+/// transaction and is meant to: a `LISTEN`, an SQL-level prepared statement (`PREPARE`, or
+/// `DEALLOCATE`, which may remove rowlock's own), a cursor `WITH HOLD`, a temporary table,
+/// view or sequence (a table with `ON COMMIT DROP` ends with the transaction), a `LOAD`ed
+/// library. The guard runs it and closes the connection when the transaction ends, so the
+/// next borrower finds a clean session.
+fn changes_session(tokens: &[Token<'_>]) -> bool {
+    let has = |seq: &[&str]| {
+        tokens
+            .windows(seq.len())
+            .any(|w| w.iter().zip(seq).all(|(t, k)| is(t, k)))
+    };
+    match tokens {
+        [first, ..] if is(first, "LISTEN") || is(first, "DEALLOCATE") || is(first, "LOAD") => true,
+        [first, second, ..] if is(first, "PREPARE") => !is(second, "TRANSACTION"),
+        [first, ..] if is(first, "DECLARE") => {
+            let before_for = tokens
+                .iter()
+                .position(|t| is(t, "FOR"))
+                .unwrap_or(tokens.len());
+            tokens[..before_for]
+                .windows(2)
+                .any(|w| is(&w[0], "WITH") && is(&w[1], "HOLD"))
+        }
+        [first, rest @ ..] if is(first, "CREATE") => {
+            let rest = match rest {
+                [scope, rest @ ..] if is(scope, "GLOBAL") || is(scope, "LOCAL") => rest,
+                rest => rest,
+            };
+            matches!(rest, [temp, ..] if is(temp, "TEMP") || is(temp, "TEMPORARY"))
+                && !has(&["ON", "COMMIT", "DROP"])
+        }
+        _ => false,
+    }
+}
+
+/// What the guard does with SQL text sent through it ([`caller_commands`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Read {
+    /// The savepoint commands to follow once the text succeeded, in order.
+    pub(crate) savepoints: Vec<SavepointCommand>,
+    /// A statement leaves state in the session ([`changes_session`]): the connection is
+    /// closed when the transaction ends.
+    pub(crate) changes_session: bool,
+}
+
+/// What the guard does with `sql` sent through it ([`Read`]), or an
+/// [`InvalidArgument`](crate::ErrorKind::InvalidArgument) error naming the first statement it
+/// refuses (see the module docs).
+pub(crate) fn caller_commands(sql: &str) -> Result<Read, Error> {
+    let mut read = Read::default();
     for statement in statements(sql) {
         let tokens = tokens(statement);
         if let Some(why) = refusal(&tokens) {
@@ -351,9 +401,10 @@ pub(crate) fn caller_commands(sql: &str) -> Result<Vec<SavepointCommand>, Error>
                 "`{shown}{more}` is refused inside a rowlock transaction: it {why}"
             )));
         }
-        commands.extend(savepoint_command(&tokens));
+        read.savepoints.extend(savepoint_command(&tokens));
+        read.changes_session |= changes_session(&tokens);
     }
-    Ok(commands)
+    Ok(read)
 }
 
 /// The savepoint commands in `sql`, in order, for tests of the scanner.
@@ -474,7 +525,6 @@ mod tests {
             ("UPDATE t SET \"end\" = 1", vec![]),
             ("SELECT 1 -- ; COMMIT", vec![]),
             ("DO $$ BEGIN PERFORM 1; END $$", vec![]),
-            ("PREPARE p AS SELECT 1", vec![]),
             ("RESET statement_timeout", vec![]),
             ("\"commit\"", vec![]),
             ("committed", vec![]),
@@ -484,10 +534,48 @@ mod tests {
             ),
         ];
         for (sql, want) in allowed {
-            assert_eq!(caller_commands(sql).expect(sql), want, "{sql}");
+            let read = caller_commands(sql).expect(sql);
+            assert_eq!(read.savepoints, want, "{sql}");
+            assert!(!read.changes_session, "{sql}");
         }
         let long = format!("SET application_name = '{}'", "x".repeat(100));
         let err = caller_commands(&long).unwrap_err().to_string();
         assert!(err.contains("…` is refused"), "{err}");
+    }
+
+    #[test]
+    fn statements_that_leave_state_in_the_session_are_told_apart() {
+        let lasting = [
+            "LISTEN jobs",
+            "prepare p (int) AS SELECT $1",
+            "DEALLOCATE ALL",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "declare c no scroll cursor with hold for select 1",
+            "CREATE TEMP TABLE t (x int)",
+            "CREATE TEMPORARY TABLE t (x int) ON COMMIT DELETE ROWS",
+            "create local temporary table t as select 1",
+            "CREATE TEMP VIEW v AS SELECT 1",
+            "CREATE TEMP SEQUENCE s",
+            "LOAD 'auto_explain'",
+            "SELECT 1; LISTEN jobs",
+        ];
+        for sql in lasting {
+            assert!(caller_commands(sql).expect(sql).changes_session, "{sql}");
+        }
+        let ending = [
+            "CREATE TEMP TABLE t (x int) ON COMMIT DROP",
+            "CREATE TABLE temp (x int)",
+            "CREATE TABLE t (temp int)",
+            "DECLARE c CURSOR FOR SELECT 'WITH HOLD'",
+            "DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1",
+            "DECLARE c CURSOR FOR SELECT * FROM t WITH HOLD",
+            "SELECT 'LISTEN x'",
+            "UNLISTEN *",
+            "PREPARE TRANSACTION 'x'",
+        ];
+        for sql in ending {
+            let read = caller_commands(sql);
+            assert!(!read.is_ok_and(|r| r.changes_session), "{sql}");
+        }
     }
 }

@@ -107,7 +107,11 @@ impl Transaction {
                 prelude,
                 writes,
                 verify,
-            } => self.send_commit(prelude.as_ref(), &writes, verify).await,
+                close,
+            } => {
+                self.send_commit(prelude.as_ref(), &writes, verify, close)
+                    .await
+            }
         }
     }
 
@@ -118,6 +122,7 @@ impl Transaction {
         prelude: Option<&Prelude>,
         writes: &Writes,
         verify: bool,
+        close: bool,
     ) -> Result<(), Error> {
         let conn = self.conn();
         let mut flush = Flush::new(conn);
@@ -139,7 +144,7 @@ impl Transaction {
         let error = failed.map(|(e, _)| e);
         match verdict {
             Verdict::Committed => {
-                self.release();
+                self.release_or_close(close);
                 Ok(())
             }
             Verdict::Unknown => Err(self.outcome_unknown(error.expect("a failure"))),
@@ -160,7 +165,7 @@ impl Transaction {
                 .with_boxed_source(cause.into_source()))
             }
             Verdict::CommitFailed => {
-                self.release();
+                self.release_or_close(close);
                 Err(error.expect("a failure"))
             }
         }

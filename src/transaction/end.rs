@@ -142,6 +142,15 @@ impl Transaction {
         self.client.take();
     }
 
+    /// The connection back to the pool, or closed when `close` (the session was changed).
+    pub(super) fn release_or_close(&mut self, close: bool) {
+        if close {
+            self.discard();
+        } else {
+            self.release();
+        }
+    }
+
     /// Closes the connection instead of returning it to the pool.
     pub(super) fn discard(&mut self) {
         if let Some(client) = self.client.take() {

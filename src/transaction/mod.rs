@@ -30,7 +30,7 @@ use tokio_postgres::{Row, Statement, ToStatement};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{At, Failed, Flush, Misfit, Reported, Side, Writes};
 use crate::options::{StatementCache, TransactionOptions};
-use crate::sql_text::SavepointCommand;
+use crate::sql_text::Read;
 use state::{Phase, Prelude, State};
 
 pub(crate) use alone::run_alone;
@@ -63,9 +63,13 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// `SET TRANSACTION` and `SET CONSTRAINTS`) fails with [`ErrorKind::InvalidArgument`] before
 /// anything is sent: the transaction and its locks are as they were, and it can go on. Return
 /// from your code to commit or roll back; use `SET LOCAL` for a setting. Savepoint commands
-/// are followed when sent as text, refused when prepared. Text on the raw
-/// [`client`](Self::client), in functions and `DO` blocks, and `set_config(…, false)` are not
-/// read.
+/// are followed when sent as text, refused when prepared. Statements that leave state in the
+/// session on purpose (`LISTEN`, `PREPARE`, `DEALLOCATE`, `DECLARE … WITH HOLD`,
+/// `CREATE TEMP …` without `ON COMMIT DROP`, `LOAD`) run, and the connection is closed when
+/// the transaction ends instead of going back to the pool, so the next caller finds a clean
+/// session (a temporary table of the same name, a free `LISTEN`). Text on the raw
+/// [`client`](Self::client), in functions and `DO` blocks, `set_config(…, false)` and
+/// `SELECT … INTO TEMP` are not read.
 ///
 /// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future):
 /// - with no statement in flight (the usual case: dropped between statements), `ROLLBACK` is
@@ -248,19 +252,25 @@ impl Transaction {
     /// what would end its transaction or change the pooled session (nothing is sent), and
     /// returns the savepoint commands to follow once the text has run
     /// ([`crate::sql_text`]). A prepared statement's text was read when it was prepared.
-    fn read_sql(sql: Option<&str>) -> Result<Vec<SavepointCommand>, Error> {
+    fn read_sql(sql: Option<&str>) -> Result<Read, Error> {
         match sql {
             Some(sql) => crate::sql_text::caller_commands(sql),
-            None => Ok(Vec::new()),
+            None => Ok(Read::default()),
         }
     }
 
-    /// Follows the savepoint commands of text the caller sent, once it succeeded.
-    fn observe<T>(&self, commands: Vec<SavepointCommand>, result: &Result<T, Error>) {
-        if result.is_ok() {
-            for command in commands {
-                self.state().observe(command);
-            }
+    /// Follows what text the caller sent did, once it succeeded: its savepoint commands, and
+    /// state it left in the session (the connection is then closed at the end).
+    fn observe<T>(&self, read: Read, result: &Result<T, Error>) {
+        if result.is_err() || (read.savepoints.is_empty() && !read.changes_session) {
+            return;
+        }
+        let mut st = self.state();
+        for command in read.savepoints {
+            st.observe(command);
+        }
+        if read.changes_session {
+            st.close_at_end();
         }
     }
 
@@ -379,16 +389,18 @@ impl Transaction {
             .await
     }
 
-    /// Reads text the caller prepares: refused as text sent at once is, and a savepoint
-    /// command too (the guard follows those only when they run as text).
+    /// Reads text the caller prepares: refused as text sent at once is, and so is a
+    /// savepoint command or a statement that leaves state in the session (the guard follows
+    /// those only when they run as text).
     fn read_prepared(query: &str) -> Result<(), Error> {
-        if Self::read_sql(Some(query))?.is_empty() {
+        let read = Self::read_sql(Some(query))?;
+        if read.savepoints.is_empty() && !read.changes_session {
             Ok(())
         } else {
             Err(Error::invalid(format!(
-                "`{query}` is a savepoint command: send it as text (`execute`, \
-                 `batch_execute`) or use tx.savepoint(), so the transaction follows it; a \
-                 prepared one would run unseen"
+                "`{query}` is a savepoint command or leaves state in the session: send it as \
+                 text (`execute`, `batch_execute`), so the transaction follows it (or use \
+                 tx.savepoint()); a prepared one would run unseen"
             )))
         }
     }

@@ -116,6 +116,8 @@ pub(super) enum CommitPlan {
         writes: Writes,
         /// Errors may have gone unseen: a probe in the `COMMIT` string checks the state.
         verify: bool,
+        /// Close the connection afterwards instead of returning it to the pool.
+        close: bool,
     },
 }
 
@@ -137,9 +139,10 @@ pub(super) struct State {
     savepoints: Vec<OpenSavepoint>,
     /// The id of the next savepoint rowlock opens (`rowlock_sp_<id>`).
     next_savepoint: u32,
-    /// The server refused a write as read-only (`25006`): it is a standby now (a failover),
-    /// so the connection is closed at the end instead of returning to the pool.
-    server_read_only: bool,
+    /// Close the connection at the end instead of returning it to the pool: the server
+    /// refused a write as read-only (`25006`: a standby now, after a failover), or the
+    /// caller's SQL left state in the session ([`crate::sql_text::Read`]).
+    close_at_end: bool,
 }
 
 fn savepoint_name(id: u32) -> String {
@@ -156,7 +159,7 @@ impl State {
             queued: Vec::new(),
             savepoints: Vec::new(),
             next_savepoint: 1,
-            server_read_only: false,
+            close_at_end: false,
         }
     }
 
@@ -292,6 +295,11 @@ impl State {
         self.recovered();
     }
 
+    /// Closes the connection when the transaction ends, whether it commits or not.
+    pub(super) fn close_at_end(&mut self) {
+        self.close_at_end = true;
+    }
+
     /// The caller's own savepoint command succeeded on the server.
     pub(super) fn observe(&mut self, command: SavepointCommand) {
         match command {
@@ -363,7 +371,7 @@ impl State {
             ErrorKind::Driver | ErrorKind::Decode => None,
             kind => {
                 if kind == ErrorKind::ReadOnly {
-                    self.server_read_only = true;
+                    self.close_at_end = true;
                 }
                 let Phase::Open { aborted, .. } = &mut self.phase else {
                     return None;
@@ -404,9 +412,9 @@ impl State {
     pub(super) fn ending(&mut self) -> Ending {
         self.writes.clear();
         self.queued.clear();
-        if self.server_read_only {
-            // Never reuse a connection to a server that refuses writes; closing it rolls the
-            // transaction back.
+        if self.close_at_end {
+            // Never reuse a connection to a server that refuses writes, or whose session the
+            // caller changed; closing it rolls the transaction back.
             return Ending::Discard;
         }
         match self.phase {
@@ -441,6 +449,7 @@ impl State {
                     prelude: self.prelude(Some(begin)),
                     writes,
                     verify: false,
+                    close: self.close_at_end,
                 }
             }
             Phase::Open {
@@ -452,6 +461,7 @@ impl State {
                     prelude: self.prelude(None),
                     writes,
                     verify,
+                    close: self.close_at_end,
                 }
             }
         }

@@ -481,3 +481,66 @@ async fn statements_that_would_end_the_transaction_or_leak_into_the_pool_are_ref
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
 }
+
+/// State a transaction's SQL leaves in its session on purpose (a temporary table without
+/// `ON COMMIT DROP`, a `LISTEN`) would reach the next caller of the pooled connection: before,
+/// that caller's `CREATE TEMP TABLE` of the same name failed with `42P07` ("relation already
+/// exists"). The connection is now closed when such a transaction ends, committed or not; a
+/// temporary table that ends with the transaction keeps it pooled.
+#[tokio::test]
+async fn a_transaction_that_leaves_state_in_its_session_does_not_pool_its_connection() {
+    use crate::support::backend_pid;
+
+    let (pg, _) = accounts(1).await;
+    let db = pg.db_with(rowlock::Db::builder().max_size(1)).unwrap();
+    let opts = TransactionOptions::new();
+    let first = backend_pid(&db).await;
+    for sql in [
+        "CREATE TEMP TABLE scratch (x int) ON COMMIT DROP; INSERT INTO scratch VALUES (1)",
+        "CREATE TEMP TABLE scratch (x int) ON COMMIT DROP; INSERT INTO scratch VALUES (2)",
+    ] {
+        db.with_transaction(&opts, |tx| {
+            Box::pin(async move { tx.batch_execute(sql).await })
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(backend_pid(&db).await, first, "nothing outlived those");
+    let mut seen = vec![first];
+    for round in 0..2 {
+        db.with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                tx.batch_execute(
+                    "CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1)",
+                )
+                .await
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let now = backend_pid(&db).await;
+        assert!(!seen.contains(&now), "round {round}: a fresh session");
+        seen.push(now);
+    }
+    // Rolled back (the closure's own error) after a LISTEN: closed too.
+    let err = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                tx.batch_execute("LISTEN jobs").await?;
+                rowlock::Outcome::<()>::NotFound(vec![]).into_result()
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RowNotFound, "{err}");
+    let now = backend_pid(&db).await;
+    assert!(!seen.contains(&now), "a fresh session after the LISTEN");
+    // Prepared, such a statement would run unseen: refused.
+    let err = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move { tx.prepare_cached("LISTEN jobs").await.map(drop) })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+}

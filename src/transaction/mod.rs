@@ -259,15 +259,19 @@ impl Transaction {
         }
     }
 
-    /// Follows what text the caller sent did, once it succeeded: its savepoint commands, and
-    /// state it left in the session (the connection is then closed at the end).
+    /// Follows what text the caller sent did: its savepoint commands, once it succeeded, and
+    /// state it may have left in the session (then the connection is closed at the end),
+    /// whether it succeeded or not: `PREPARE`, `DEALLOCATE` and `LOAD` outlast a rollback.
     fn observe<T>(&self, read: Read, result: &Result<T, Error>) {
-        if result.is_err() || (read.savepoints.is_empty() && !read.changes_session) {
+        let savepoints = result.is_ok() && !read.savepoints.is_empty();
+        if !savepoints && !read.changes_session {
             return;
         }
         let mut st = self.state();
-        for command in read.savepoints {
-            st.observe(command);
+        if savepoints {
+            for command in read.savepoints {
+                st.observe(command);
+            }
         }
         if read.changes_session {
             st.close_at_end();

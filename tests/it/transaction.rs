@@ -535,6 +535,21 @@ async fn a_transaction_that_leaves_state_in_its_session_does_not_pool_its_connec
     assert_eq!(err.kind(), ErrorKind::RowNotFound, "{err}");
     let now = backend_pid(&db).await;
     assert!(!seen.contains(&now), "a fresh session after the LISTEN");
+    seen.push(now);
+    // An SQL-level prepared statement outlasts a rollback: a failing batch after it still
+    // closes the connection.
+    let err = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                tx.batch_execute("PREPARE p AS SELECT 1; SELECT 1 / 0")
+                    .await
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sql_state().map(|s| s.code()), Some("22012"), "{err}");
+    let now = backend_pid(&db).await;
+    assert!(!seen.contains(&now), "a fresh session after the PREPARE");
     // Prepared, such a statement would run unseen: refused.
     let err = db
         .with_transaction(&opts, |tx| {

@@ -2,7 +2,7 @@
 
 use rowlock::{Lock, LockMode, Outcome, RowRef};
 
-use crate::support::{Account, Seat, accounts};
+use crate::support::{Account, Seat, accounts, balance};
 
 /// rowlock's statements prepared on the one connection of `db`, seen from inside it.
 async fn prepared_on(db: &rowlock::Db) -> i64 {
@@ -364,15 +364,6 @@ async fn a_pool_that_deallocates_statements_on_recycle_is_survived() {
         );
     }
     let other = pg.client().await.unwrap();
-    let balances: Vec<i64> = other
-        .query(
-            "SELECT balance FROM accounts WHERE id <= 2 ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let balances = [balance(&other, 1).await, balance(&other, 2).await];
     assert_eq!(balances, [102, 102], "each change made once");
 }

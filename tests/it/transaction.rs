@@ -5,7 +5,7 @@ use std::time::Duration;
 use rowlock::tokio_postgres::error::SqlState;
 use rowlock::{ErrorKind, Isolation, StatementCache, TransactionOptions};
 
-use crate::support::{accounts, balance, in_transaction};
+use crate::support::{accounts, backend_pid, balance, in_transaction};
 
 #[tokio::test]
 async fn commit_on_ok_rollback_on_err() {
@@ -317,7 +317,7 @@ async fn commit_error_from_the_server_is_reported() {
 async fn a_write_in_a_read_only_transaction_is_not_taken_for_a_standby() {
     let (pg, _) = accounts(1).await;
     let db = pg.db_with(rowlock::Db::builder().max_size(1)).unwrap();
-    let pid = crate::support::backend_pid(&db).await;
+    let pid = backend_pid(&db).await;
     let opts = TransactionOptions::new()
         .read_only(true)
         .retry(rowlock::RetryPolicy::new().max_attempts(3));
@@ -349,11 +349,7 @@ async fn a_write_in_a_read_only_transaction_is_not_taken_for_a_standby() {
         assert_eq!(attempts.into_inner(), 1, "queued {queued}: not retried");
         assert!(err.to_string().contains("READ ONLY"), "{err}");
         // The connection was kept: the same server process serves the next call.
-        assert_eq!(
-            crate::support::backend_pid(&db).await,
-            pid,
-            "queued {queued}"
-        );
+        assert_eq!(backend_pid(&db).await, pid, "queued {queued}");
     }
     let other = pg.client().await.unwrap();
     assert_eq!(balance(&other, 1).await, 100);
@@ -401,7 +397,7 @@ async fn a_queued_write_refused_by_a_read_only_server_is_retried_on_a_new_connec
             assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
             assert!(err.is_retryable(), "{err}");
         }
-        let now = crate::support::backend_pid(&db).await;
+        let now = backend_pid(&db).await;
         assert_ne!(now, pid, "the read-only connection was not pooled again");
     }
     let other = pg.client().await.unwrap();
@@ -489,8 +485,6 @@ async fn statements_that_would_end_the_transaction_or_leak_into_the_pool_are_ref
 /// temporary table that ends with the transaction keeps it pooled.
 #[tokio::test]
 async fn a_transaction_that_leaves_state_in_its_session_does_not_pool_its_connection() {
-    use crate::support::backend_pid;
-
     let (pg, _) = accounts(1).await;
     let db = pg.db_with(rowlock::Db::builder().max_size(1)).unwrap();
     let opts = TransactionOptions::new();

@@ -717,13 +717,13 @@ impl Transaction {
             if restore_plans {
                 Flush::new(conn)
                     .send_then(
-                        conn.query(&stmt, params),
+                        crate::flush::query(conn, &stmt, params),
                         Side::Simple("SET LOCAL plan_cache_mode TO DEFAULT"),
                     )
                     .await
                     .map_err(|f| f.error)
             } else {
-                conn.query(&stmt, params).await
+                crate::flush::query(conn, &stmt, params).await
             }
         };
         let rows = match self.run(Step::Lock, request).await {

@@ -292,7 +292,7 @@ impl Transaction {
         let conn = self.conn();
         let request = || async {
             let stmt = self.cached_statement(sql).await?;
-            let rows = conn.query_raw(&stmt, params.iter().copied()).await?;
+            let rows = conn.query_raw(&stmt, crate::flush::bind(params)).await?;
             rows.try_collect::<Rows>().await
         };
         let reply = match self.run(Step::Lock, request).await {

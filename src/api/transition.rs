@@ -511,7 +511,9 @@ impl Transaction {
             .await
             .map_err(|e| self.missing_column(&names, e, &rendered.sql, columns))?;
         let rows = self
-            .run(Step::Transition, || self.conn().query(&stmt, all))
+            .run(Step::Transition, || {
+                crate::flush::query(self.conn(), &stmt, all)
+            })
             .await
             .map_err(|e| {
                 let e = e.with_misfit(all, stmt.params());
@@ -527,7 +529,9 @@ impl Transaction {
             .await?;
         let key_params = &all[..<R::Key as Key>::ARITY];
         let rows = self
-            .run(Step::Transition, || self.conn().query(&read, key_params))
+            .run(Step::Transition, || {
+                crate::flush::query(self.conn(), &read, key_params)
+            })
             .await?;
         settle(rows, key)
     }

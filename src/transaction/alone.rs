@@ -115,7 +115,8 @@ pub(crate) async fn run_alone(
                 .collect();
             conn.send(|| client.query_typed(sql, &typed)).await
         } else {
-            conn.send(|| client.query(&stmt, params)).await
+            conn.send(|| crate::flush::query(client, &stmt, params))
+                .await
         };
         match result {
             Ok(rows) => return Ok(rows),

@@ -178,14 +178,14 @@ async fn rollback_and_look_up(
         .await
         .ok()?;
     let rows = if close_before_commit {
-        let rows = conn.query(&statement, &query.params()).await;
+        let rows = crate::flush::query(conn, &statement, &query.params()).await;
         drop(statement);
         conn.batch_execute("COMMIT").await.ok()?;
         rows.ok()?
     } else {
         Flush::new(conn)
             .send_then(
-                conn.query(&statement, &query.params()),
+                crate::flush::query(conn, &statement, &query.params()),
                 Side::Simple("COMMIT"),
             )
             .await

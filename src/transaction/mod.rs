@@ -473,7 +473,9 @@ impl Transaction {
     {
         let commands = Self::read_sql(statement.sql_text())?;
         let result = self
-            .run(Step::Statement, || self.conn().query(statement, params))
+            .run(Step::Statement, || {
+                crate::flush::query(self.conn(), statement, params)
+            })
             .await;
         self.observe(commands, &result);
         result
@@ -524,7 +526,10 @@ impl Transaction {
     {
         let commands = Self::read_sql(statement.sql_text())?;
         let result = self
-            .run(Step::Statement, || self.conn().execute(statement, params))
+            .run(Step::Statement, || {
+                self.conn()
+                    .execute_raw(statement, crate::flush::bind(params))
+            })
             .await;
         self.observe(commands, &result);
         result

@@ -365,6 +365,15 @@ impl Error {
         if self.inner.kind != ErrorKind::Driver {
             return self;
         }
+        if params.len() != types.len() {
+            let mut e = Error::invalid(format!(
+                "the statement takes {} parameter(s); {} were given",
+                types.len(),
+                params.len()
+            ));
+            e.inner.step = self.inner.step;
+            return e;
+        }
         let mut scratch = bytes::BytesMut::new();
         let found = params
             .iter()

@@ -56,6 +56,13 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// ([`savepoint`](Self::savepoint), or savepoint SQL sent through this guard), as PostgreSQL
 /// recovers it.
 ///
+/// **Values that do not fit.** A value whose Rust type does not fit its placeholder's type
+/// (text for a `bigint`), or the wrong number of values, fails the statement method (`execute`,
+/// `query…`) with [`ErrorKind::InvalidArgument`] naming the placeholder (`parameter 2` for
+/// `$2`), as [`execute_on_commit`](Self::execute_on_commit) refuses it: nothing of the
+/// statement was sent, and the transaction goes on. For SQL text, naming the placeholder
+/// prepares the text once more (a round trip on this error path only).
+///
 /// **SQL it refuses.** Text sent through its methods (`execute`, `query…`, `batch_execute`,
 /// `prepare…`) that would end or restart the transaction under the guard (`COMMIT`, `END`,
 /// `ROLLBACK` without `TO`, `ABORT`, `PREPARE TRANSACTION`, `BEGIN`, `START TRANSACTION`) or
@@ -477,6 +484,7 @@ impl Transaction {
                 crate::flush::query(self.conn(), statement, params)
             })
             .await;
+        let result = self.name_misfit(statement, params, result).await;
         self.observe(commands, &result);
         result
     }
@@ -494,6 +502,7 @@ impl Transaction {
         let result = self
             .run(Step::Statement, || self.conn().query_one(statement, params))
             .await;
+        let result = self.name_misfit(statement, params, result).await;
         self.observe(commands, &result);
         result
     }
@@ -511,6 +520,7 @@ impl Transaction {
         let result = self
             .run(Step::Statement, || self.conn().query_opt(statement, params))
             .await;
+        let result = self.name_misfit(statement, params, result).await;
         self.observe(commands, &result);
         result
     }
@@ -531,8 +541,44 @@ impl Transaction {
                     .execute_raw(statement, crate::flush::bind(params))
             })
             .await;
+        let result = self.name_misfit(statement, params, result).await;
         self.observe(commands, &result);
         result
+    }
+
+    /// `result`, with a driver error from binding `params` made the
+    /// [`ErrorKind::InvalidArgument`] that names the value that does not fit (or says how many
+    /// values the statement takes), as for every other statement rowlock binds. Nothing of the
+    /// statement was sent, and the transaction goes on. For SQL text, whose parameter types the
+    /// driver learned and dropped, the text is prepared again to learn them: a round trip on
+    /// this error path only.
+    async fn name_misfit<T, S>(
+        &self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+        result: Result<T, Error>,
+    ) -> Result<T, Error>
+    where
+        S: ?Sized + ToStatement + AsStatement,
+    {
+        let e = match result {
+            Err(e) if e.kind() == ErrorKind::Driver => e,
+            other => return other,
+        };
+        let prepared;
+        let statement = match (statement.prepared(), statement.sql_text()) {
+            (Some(statement), _) => statement,
+            (None, Some(sql)) => match self.run(Step::Statement, || self.conn().prepare(sql)).await
+            {
+                Ok(statement) => {
+                    prepared = statement;
+                    &prepared
+                }
+                Err(_) => return Err(e),
+            },
+            (None, None) => return Err(e),
+        };
+        Err(e.with_misfit(params, statement.params()))
     }
 
     /// Runs one or more `;`-separated statements with the simple query protocol (no

@@ -31,6 +31,11 @@ pub trait AsStatement: private::Sealed {
     /// The SQL text, when the statement is given as text.
     #[doc(hidden)]
     fn sql_text(&self) -> Option<&str>;
+    /// The statement, when it is given prepared.
+    #[doc(hidden)]
+    fn prepared(&self) -> Option<&Statement> {
+        None
+    }
 }
 
 impl AsStatement for str {
@@ -48,6 +53,10 @@ impl AsStatement for String {
 impl AsStatement for Statement {
     fn sql_text(&self) -> Option<&str> {
         None
+    }
+
+    fn prepared(&self) -> Option<&Statement> {
+        Some(self)
     }
 }
 

@@ -260,6 +260,51 @@ async fn a_queued_write_that_does_not_fit_is_refused_and_nothing_is_queued() {
 }
 
 #[tokio::test]
+async fn a_statement_whose_values_do_not_fit_is_refused_as_a_queued_write_is() {
+    let (pg, db) = accounts(1).await;
+    let other = pg.client().await.unwrap();
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
+    let sql = "UPDATE accounts SET balance = $2 WHERE id = $1";
+    let stmt = tx.prepare_cached(sql).await.unwrap();
+    // Text for bigint, through every statement method, as text and prepared: the same kind
+    // and the same words as `execute_on_commit`, naming the placeholder (`$2`), not the
+    // driver's 0-based "parameter 1".
+    let text_value: &(dyn rowlock::tokio_postgres::types::ToSql + Sync) = &"lots";
+    let misfits = [
+        tx.execute(sql, &[&1_i64, text_value]).await.unwrap_err(),
+        tx.execute(&stmt, &[&1_i64, text_value]).await.unwrap_err(),
+        tx.query(&stmt, &[&1_i64, text_value]).await.unwrap_err(),
+        tx.query_one(sql, &[&1_i64, text_value]).await.unwrap_err(),
+        tx.query_opt(&stmt, &[&1_i64, text_value])
+            .await
+            .unwrap_err(),
+    ];
+    for err in &misfits {
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(
+            err.to_string().contains("parameter 2 does not fit"),
+            "{err}"
+        );
+    }
+    // Too few values, as text and prepared.
+    for err in [
+        tx.execute(sql, &[&1_i64]).await.unwrap_err(),
+        tx.query(&stmt, &[&1_i64]).await.unwrap_err(),
+    ] {
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(
+            err.to_string()
+                .contains("takes 2 parameter(s); 1 were given"),
+            "{err}"
+        );
+    }
+    // Nothing was sent: the transaction goes on and commits.
+    assert_eq!(tx.execute(&stmt, &[&1_i64, &7_i64]).await.unwrap(), 1);
+    tx.commit().await.unwrap();
+    assert_eq!(balance(&other, 1).await, 7);
+}
+
+#[tokio::test]
 async fn error_on_the_raw_client_is_caught_at_commit() {
     let (pg, db) = accounts(1).await;
     let other = pg.client().await.unwrap();

@@ -18,7 +18,7 @@ mod savepoint;
 mod state;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Object;
@@ -60,8 +60,7 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// (text for a `bigint`), or the wrong number of values, fails the statement method (`execute`,
 /// `query…`) with [`ErrorKind::InvalidArgument`] naming the placeholder (`parameter 2` for
 /// `$2`), as [`execute_on_commit`](Self::execute_on_commit) refuses it: nothing of the
-/// statement was sent, and the transaction goes on. For SQL text, naming the placeholder
-/// prepares the text once more (a round trip on this error path only).
+/// statement was sent, and the transaction goes on.
 ///
 /// **SQL it refuses.** Text sent through its methods (`execute`, `query…`, `batch_execute`,
 /// `prepare…`) that would end or restart the transaction under the guard (`COMMIT`, `END`,
@@ -478,15 +477,10 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
-        let commands = Self::read_sql(statement.sql_text())?;
-        let result = self
-            .run(Step::Statement, || {
-                crate::flush::query(self.conn(), statement, params)
-            })
-            .await;
-        let result = self.name_misfit(statement, params, result).await;
-        self.observe(commands, &result);
-        result
+        self.run_statement(statement, params, |st| async move {
+            crate::flush::query(self.conn(), &st, params).await
+        })
+        .await
     }
 
     /// Runs a statement that returns exactly one row; zero or several rows are an error.
@@ -498,13 +492,10 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
-        let commands = Self::read_sql(statement.sql_text())?;
-        let result = self
-            .run(Step::Statement, || self.conn().query_one(statement, params))
-            .await;
-        let result = self.name_misfit(statement, params, result).await;
-        self.observe(commands, &result);
-        result
+        self.run_statement(statement, params, |st| async move {
+            self.conn().query_one(&st, params).await
+        })
+        .await
     }
 
     /// Runs a statement that returns at most one row.
@@ -516,13 +507,10 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
-        let commands = Self::read_sql(statement.sql_text())?;
-        let result = self
-            .run(Step::Statement, || self.conn().query_opt(statement, params))
-            .await;
-        let result = self.name_misfit(statement, params, result).await;
-        self.observe(commands, &result);
-        result
+        self.run_statement(statement, params, |st| async move {
+            self.conn().query_opt(&st, params).await
+        })
+        .await
     }
 
     /// Runs a statement and returns the number of rows it affected.
@@ -534,51 +522,52 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
-        let commands = Self::read_sql(statement.sql_text())?;
-        let result = self
-            .run(Step::Statement, || {
-                self.conn()
-                    .execute_raw(statement, crate::flush::bind(params))
-            })
-            .await;
-        let result = self.name_misfit(statement, params, result).await;
-        self.observe(commands, &result);
-        result
+        self.run_statement(statement, params, |st| async move {
+            self.conn()
+                .execute_raw(&st, crate::flush::bind(params))
+                .await
+        })
+        .await
     }
 
-    /// `result`, with a driver error from binding `params` made the
+    /// Runs one of the caller's statements: SQL text is read first (see the type's docs) and
+    /// prepared in the same request, as the driver prepares text; `send` binds `params` to the
+    /// statement and runs it. A driver error from binding becomes the
     /// [`ErrorKind::InvalidArgument`] that names the value that does not fit (or says how many
-    /// values the statement takes), as for every other statement rowlock binds. Nothing of the
-    /// statement was sent, and the transaction goes on. For SQL text, whose parameter types the
-    /// driver learned and dropped, the text is prepared again to learn them: a round trip on
-    /// this error path only.
-    async fn name_misfit<T, S>(
+    /// values the statement takes), as for every other statement rowlock binds: nothing of the
+    /// statement was sent, and the transaction goes on.
+    async fn run_statement<S, T, R>(
         &self,
         statement: &S,
         params: &[&(dyn ToSql + Sync)],
-        result: Result<T, Error>,
+        send: impl FnOnce(Statement) -> R,
     ) -> Result<T, Error>
     where
-        S: ?Sized + ToStatement + AsStatement,
+        S: ?Sized + AsStatement,
+        R: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        let e = match result {
-            Err(e) if e.kind() == ErrorKind::Driver => e,
-            other => return other,
-        };
-        let prepared;
-        let statement = match (statement.prepared(), statement.sql_text()) {
-            (Some(statement), _) => statement,
-            (None, Some(sql)) => match self.run(Step::Statement, || self.conn().prepare(sql)).await
-            {
-                Ok(statement) => {
-                    prepared = statement;
-                    &prepared
-                }
-                Err(_) => return Err(e),
-            },
-            (None, None) => return Err(e),
-        };
-        Err(e.with_misfit(params, statement.params()))
+        let commands = Self::read_sql(statement.sql_text())?;
+        let from_text = OnceLock::new();
+        let result = self
+            .run(Step::Statement, || async {
+                let st = match statement.prepared() {
+                    Some(st) => st.clone(),
+                    None => {
+                        let sql = statement.sql_text().unwrap_or_default();
+                        // Boxed: text's path; a prepared statement's future stays small.
+                        let st = Box::pin(self.conn().prepare(sql)).await?;
+                        from_text.get_or_init(|| st).clone()
+                    }
+                };
+                send(st).await
+            })
+            .await
+            .map_err(|e| match statement.prepared().or(from_text.get()) {
+                Some(st) => e.with_misfit(params, st.params()),
+                None => e,
+            });
+        self.observe(commands, &result);
+        result
     }
 
     /// Runs one or more `;`-separated statements with the simple query protocol (no

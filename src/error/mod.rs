@@ -102,8 +102,9 @@ pub enum ErrorKind {
     RetriesExhausted,
     /// Any other error reported by the server; see [`Error::sql_state`].
     Db,
-    /// An error inside the driver that is not a server error (e.g. a parameter that could
-    /// not be serialized).
+    /// An error inside the driver that is not a server error (e.g. `query_one` finding no
+    /// row). A value that does not fit its parameter is [`InvalidArgument`](Self::InvalidArgument)
+    /// instead, naming the parameter.
     Driver,
 }
 

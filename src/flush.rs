@@ -24,7 +24,7 @@ use smallvec::SmallVec;
 
 use crate::error::TransactionRef;
 use tokio_postgres::types::{Format, IsNull, ToSql, Type};
-use tokio_postgres::{Client, Row, SimpleQueryMessage, SimpleQueryStream, Statement, ToStatement};
+use tokio_postgres::{Client, Row, SimpleQueryMessage, SimpleQueryStream, Statement};
 
 type PgError = tokio_postgres::Error;
 
@@ -444,9 +444,9 @@ pub(crate) fn bind<'a>(params: &'a [&'a (dyn ToSql + Sync)]) -> Bound<'a> {
 pub(crate) type Bound<'a> = std::iter::Copied<std::slice::Iter<'a, &'a (dyn ToSql + Sync)>>;
 
 /// `statement`'s rows, its parameters bound by [`bind`].
-pub(crate) async fn query<T: ?Sized + ToStatement>(
+pub(crate) async fn query(
     conn: &Client,
-    statement: &T,
+    statement: &Statement,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<Row>, PgError> {
     conn.query_raw(statement, bind(params))

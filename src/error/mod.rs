@@ -394,6 +394,30 @@ impl Error {
         e
     }
 
+    /// For a statement the caller prepared and passed in (not SQL text, not one of rowlock's):
+    /// a `26000` "prepared statement … does not exist" has a second cause besides a pool that
+    /// deallocated it, and the usual one, a [`Statement`](tokio_postgres::Statement) kept past
+    /// the transaction that prepared it and used on another pooled connection, which running
+    /// the transaction again does not cure while it passes the same statement. Says both.
+    /// Other errors pass unchanged.
+    pub(crate) fn for_callers_statement(self) -> Self {
+        if !self
+            .as_db_error()
+            .is_some_and(sqlstate::is_deallocated)
+        {
+            return self;
+        }
+        self.with_detail(
+            "this statement does not exist on the transaction's connection: a Statement \
+             belongs to the connection that prepared it, so one kept from an earlier \
+             transaction fails on any other pooled connection (prepare it inside each \
+             transaction: prepare_cached sends nothing once the connection has it); or the \
+             connection's prepared statements were deallocated while it was pooled (DISCARD \
+             ALL or DEALLOCATE ALL: a pool recycling query? RecyclingMethod::Fast and Clean \
+             keep them), which running the transaction again cures",
+        )
+    }
+
     /// [`ErrorKind::InvalidArgument`] for the value at `index` (0-based) among a statement's
     /// parameters, which does not fit its type for `cause`; named by its position until the
     /// caller names it with [`misfit_named`](Self::misfit_named).

@@ -389,6 +389,11 @@ impl Transaction {
     /// the handle, bounded by [`Builder::statement_cache_limit`](crate::Builder::statement_cache_limit));
     /// with [`StatementCache::Transaction`] it is this transaction's, and the statement is
     /// closed before the transaction ends.
+    ///
+    /// The statement belongs to this transaction's connection: use it in this transaction.
+    /// Kept and passed to a later transaction, it fails on any other pooled connection
+    /// (`26000`, an error that says so); prepare it again in each transaction instead, which
+    /// costs nothing once the connection has it.
     pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
         // A hit sends nothing: no request, so nothing of a request's bookkeeping.
         if let Some(statement) = self.statement_in_cache(query) {
@@ -460,7 +465,8 @@ impl Transaction {
         }
     }
 
-    /// Prepares a statement without caching it.
+    /// Prepares a statement without caching it. Like [`prepare_cached`](Self::prepare_cached)'s,
+    /// it belongs to this transaction's connection.
     pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
         Self::read_prepared(query)?;
         self.run(Step::Statement, || self.conn().prepare(query))
@@ -562,9 +568,10 @@ impl Transaction {
                 send(st).await
             })
             .await
-            .map_err(|e| match statement.prepared().or(from_text.get()) {
-                Some(st) => e.with_misfit(params, st.params()),
-                None => e,
+            .map_err(|e| match (statement.prepared(), from_text.get()) {
+                (Some(st), _) => e.with_misfit(params, st.params()).for_callers_statement(),
+                (None, Some(st)) => e.with_misfit(params, st.params()),
+                (None, None) => e,
             });
         self.observe(commands, &result);
         result

@@ -263,6 +263,59 @@ async fn a_connection_that_replaces_a_closed_one_prepares_its_own_statements() {
     assert_eq!(balance, 100 + 10, "one update per round");
 }
 
+/// A `Statement` belongs to the connection that prepared it. One kept past its transaction
+/// and passed to a transaction on another pooled connection fails with `26000`; the message
+/// said the pool had deallocated statements (`DISCARD ALL`) and that running again succeeds,
+/// neither true here. It now names the kept statement first.
+#[tokio::test]
+async fn a_statement_kept_past_its_transaction_is_named_when_another_connection_lacks_it() {
+    use rowlock::TransactionOptions;
+
+    let (pg, _) = accounts(3).await;
+    let db = pg.db(2);
+    let once = TransactionOptions::new();
+    let kept = db
+        .with_transaction(&once, |tx| {
+            Box::pin(async move {
+                tx.prepare_cached("SELECT balance FROM accounts WHERE id = $1")
+                    .await
+            })
+        })
+        .await
+        .unwrap();
+    // The pool's one connection, which prepared it, is held here: the next transaction
+    // runs on a new one.
+    let held = db.pool().get().await.unwrap();
+    let prepared_on: i32 = held
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let err = db
+        .with_transaction(&once, |tx| {
+            let kept = kept.clone();
+            Box::pin(async move {
+                let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                assert_ne!(pid, prepared_on, "the transaction runs on another connection");
+                tx.query_one(&kept, &[&1_i64]).await?;
+                Ok::<_, rowlock::Error>(())
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sql_state().map(|s| s.code()), Some("26000"), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("kept from an earlier transaction"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("so running the transaction again succeeds"),
+        "{message}"
+    );
+    drop(held);
+}
+
 /// A pool whose recycling query deallocates the connection's prepared statements
 /// (`DISCARD ALL`, as services copy from PgBouncer's `server_reset_query`): before, every
 /// call after the first failed with `26000 prepared statement … does not exist`, for good.

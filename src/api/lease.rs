@@ -177,7 +177,8 @@ impl<R: LockableRow> Leased<R> {
     /// Extends the lease to `now() + duration` of `lease`, if it is still this attempt's.
     /// [`Outcome::Done`] with the row; [`Outcome::Conflict`] with the row as it is
     /// when the lease expired (whether or not another claimer took it); `NotFound` when the
-    /// row is gone. One statement, committed on its own.
+    /// row is gone; `LockTimeout` when another transaction held the row longer than the
+    /// handle's lock timeout (nothing changed). One statement, committed on its own.
     pub async fn extend(&self, db: &Db, lease: &Lease) -> Result<Outcome<R>, Error> {
         lease.validate()?;
         let renew = Transition::new(format!(

@@ -342,7 +342,9 @@ fn settle<R: LockableRow>(rows: Vec<Row>, key: &R::Key) -> Result<Outcome<R>, Er
 impl Db {
     /// Runs `transition` on the row of `R` with `key`, as one statement outside any transaction
     /// (PostgreSQL commits it on its own), and returns what it did: [`Outcome::Done`] with the
-    /// new row, [`Outcome::NotFound`], or [`Outcome::Conflict`] with the row as it is.
+    /// new row, [`Outcome::NotFound`], [`Outcome::Conflict`] with the row as it is, or
+    /// [`Outcome::LockTimeout`] when another transaction held the row longer than the handle's
+    /// lock timeout allows (nothing changed), as every locking call answers a lock timeout.
     ///
     /// - **Round trips:** one (the statement is prepared once per connection; the first call on a
     ///   connection costs one more); two for `NotFound`, and for a `Conflict` whose row met the
@@ -358,8 +360,8 @@ impl Db {
     ///   refused when the statement is bound, before it is sent: [`ErrorKind::InvalidArgument`]
     ///   naming the caller's `$n` (or the key).
     /// - **Errors** from the server (a constraint the change violates, a deadlock between guards,
-    ///   the handle's lock or statement timeout: [`ErrorKind::LockTimeout`],
-    ///   [`ErrorKind::StatementTimeout`]…) are returned as they are, and nothing changed.
+    ///   the handle's statement timeout: [`ErrorKind::StatementTimeout`]…) are returned as they
+    ///   are, and nothing changed.
     /// - **A connection lost** before the statement was sent is [`ErrorKind::Closed`] (nothing
     ///   ran: retry freely); lost after it was sent, [`ErrorKind::CommitOutcomeUnknown`]: it may
     ///   have committed. Running the same transition again is safe when its `when` excludes the
@@ -408,10 +410,10 @@ impl Db {
         // The handle's lock and statement timeouts are `SET LOCAL`s: they need a transaction.
         let own_transaction = !defaults.is_plain();
         let Some(policy) = defaults.retry else {
-            return self
+            let result = self
                 .transition_alone(key, transition, params, own_transaction)
-                .await
-                .map_err(refine_bind_error::<R>);
+                .await;
+            return timed_out(result.map_err(refine_bind_error::<R>));
         };
         // The handle's retry policy: a failure after which nothing ran (a connection lost
         // before the statement was sent, a server that no longer accepts writes, a
@@ -424,7 +426,7 @@ impl Db {
                 .await
             {
                 Err(e) if policy.retries(&e) => backoff.wait(e).await?,
-                result => return result.map_err(refine_bind_error::<R>),
+                result => return timed_out(result.map_err(refine_bind_error::<R>)),
             }
         }
     }
@@ -482,6 +484,13 @@ impl Transaction {
     /// Runs `transition` on the row of `R` with `key` inside this transaction, and returns
     /// what it did (see [`Db::transition`]). Nothing is committed until the
     /// transaction is; the changed row stays locked until then (and rows a guard locked).
+    ///
+    /// **A lock timeout** set on this transaction (its options, or the handle's) ends a wait
+    /// for a row another transaction holds with [`Outcome::LockTimeout`], and the transaction
+    /// goes on: the statement runs in a savepoint that rides in the same flush and is rolled
+    /// back then, as [`lock_row`](Self::lock_row) does. A lock timeout rowlock did not set
+    /// (`SET LOCAL lock_timeout` sent by the caller, a role's default) is an
+    /// [`ErrorKind::LockTimeout`] error that aborts the transaction, as PostgreSQL does.
     pub async fn transition<R: LockableRow>(
         &self,
         key: &R::Key,
@@ -492,9 +501,21 @@ impl Transaction {
         transition.bind::<R>(key, params, names.declared())?; // refused before anything is sent
         let columns = self.columns_for(&names).await?;
         let (rendered, all) = transition.bind::<R>(key, params, &columns)?;
-        self.run_transition::<R>(&rendered, &all, &columns, key)
+        let savepoint = if self.lock_may_time_out(false) {
+            Some(self.open_savepoint()?)
+        } else {
+            None
+        };
+        let result = self
+            .run_transition::<R>(&rendered, &all, &columns, key)
             .await
-            .map_err(refine_bind_error::<R>)
+            .map_err(refine_bind_error::<R>);
+        let Some(id) = savepoint else {
+            return result;
+        };
+        let result = timed_out(result);
+        self.end_savepoint(id, matches!(result, Ok(Outcome::LockTimeout(_))));
+        result
     }
 
     /// Runs a bound transition in this transaction.
@@ -534,6 +555,15 @@ impl Transaction {
             })
             .await?;
         settle(rows, key)
+    }
+}
+
+/// A wait for the row that exceeded the lock timeout, as every locking call answers it:
+/// [`Outcome::LockTimeout`] (nothing changed).
+fn timed_out<R>(result: Result<Outcome<R>, Error>) -> Result<Outcome<R>, Error> {
+    match result {
+        Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(e)),
+        result => result,
     }
 }
 

@@ -401,10 +401,7 @@ impl Error {
     /// the transaction again does not cure while it passes the same statement. Says both.
     /// Other errors pass unchanged.
     pub(crate) fn for_callers_statement(self) -> Self {
-        if !self
-            .as_db_error()
-            .is_some_and(sqlstate::is_deallocated)
-        {
+        if !self.as_db_error().is_some_and(sqlstate::is_deallocated) {
             return self;
         }
         self.with_detail(

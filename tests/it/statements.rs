@@ -296,7 +296,10 @@ async fn a_statement_kept_past_its_transaction_is_named_when_another_connection_
             let kept = kept.clone();
             Box::pin(async move {
                 let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-                assert_ne!(pid, prepared_on, "the transaction runs on another connection");
+                assert_ne!(
+                    pid, prepared_on,
+                    "the transaction runs on another connection"
+                );
                 tx.query_one(&kept, &[&1_i64]).await?;
                 Ok::<_, rowlock::Error>(())
             })

@@ -436,7 +436,10 @@ async fn the_handles_lock_and_statement_timeouts_bound_a_transition() {
     let waited = tokio::time::timeout(WAIT, db.transition::<Task>(&1, &take(), &[&"ann"]))
         .await
         .expect("the lock timeout ends the wait, not the holder");
-    let err = waited.unwrap_err();
+    // The answer every locking call gives a lock timeout: an outcome, not an error.
+    let Outcome::LockTimeout(err) = waited.unwrap() else {
+        panic!("a lock timeout is Outcome::LockTimeout");
+    };
     assert_eq!(err.kind(), ErrorKind::LockTimeout, "{err}");
     holder.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(status_of(&pg, 1).await, "open", "nothing changed");
@@ -457,4 +460,52 @@ async fn the_handles_lock_and_statement_timeouts_bound_a_transition() {
         db.transition::<Task>(&1, &take(), &[&"bob"]).await.unwrap(),
         Outcome::Conflict(task(1, "taken", Some("ann")))
     );
+}
+
+/// Inside the caller's transaction, a lock timeout set on it ends a transition's wait with
+/// `Outcome::LockTimeout`, and the transaction goes on (the statement ran in a savepoint):
+/// before, the transition failed with an error and the transaction was aborted.
+#[tokio::test]
+async fn a_lock_timeout_inside_your_transaction_is_an_outcome_and_the_transaction_goes_on() {
+    let (pg, _) = database(TASKS, 1).await;
+    let db = pg.db(2);
+    let holder = pg.client().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM tasks WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let options = TransactionOptions::new().lock_timeout(std::time::Duration::from_millis(100));
+    let tx = db.begin(&options).await.unwrap();
+    // The holder keeps the row until after the wait has ended: the timeout fires every time.
+    let waited = tokio::time::timeout(WAIT, tx.transition::<Task>(&1, &take(), &[&"ann"]))
+        .await
+        .expect("the lock timeout ends the wait, not the holder")
+        .unwrap();
+    let Outcome::LockTimeout(err) = waited else {
+        panic!("{waited:?}");
+    };
+    assert_eq!(err.kind(), ErrorKind::LockTimeout, "{err}");
+    // The transaction goes on: another row, a write of its own, and the commit.
+    tx.execute(
+        "INSERT INTO history (task_id, note) VALUES (1, 'busy, try later')",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tx.transition::<Task>(&2, &take(), &[&"ann"]).await.unwrap(),
+        Outcome::Conflict(task(2, "done", None))
+    );
+    tx.commit().await.unwrap();
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(status_of(&pg, 1).await, "open", "nothing changed");
+    let notes = pg
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM history", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(notes, 1, "the transaction's own write committed");
 }

@@ -413,7 +413,7 @@ impl Db {
             let result = self
                 .transition_alone(key, transition, params, own_transaction)
                 .await;
-            return timed_out(result.map_err(refine_bind_error::<R>));
+            return timed_out(result.map_err(refine_bind_error::<R>), key);
         };
         // The handle's retry policy: a failure after which nothing ran (a connection lost
         // before the statement was sent, a server that no longer accepts writes, a
@@ -426,7 +426,7 @@ impl Db {
                 .await
             {
                 Err(e) if policy.retries(&e) => backoff.wait(e).await?,
-                result => return timed_out(result.map_err(refine_bind_error::<R>)),
+                result => return timed_out(result.map_err(refine_bind_error::<R>), key),
             }
         }
     }
@@ -513,7 +513,7 @@ impl Transaction {
         let Some(id) = savepoint else {
             return result;
         };
-        let result = timed_out(result);
+        let result = timed_out(result, key);
         self.end_savepoint(id, matches!(result, Ok(Outcome::LockTimeout(_))));
         result
     }
@@ -559,10 +559,15 @@ impl Transaction {
 }
 
 /// A wait for the row that exceeded the lock timeout, as every locking call answers it:
-/// [`Outcome::LockTimeout`] (nothing changed).
-fn timed_out<R>(result: Result<Outcome<R>, Error>) -> Result<Outcome<R>, Error> {
+/// [`Outcome::LockTimeout`] naming the row (nothing changed).
+fn timed_out<R: LockableRow>(
+    result: Result<Outcome<R>, Error>,
+    key: &R::Key,
+) -> Result<Outcome<R>, Error> {
     match result {
-        Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(e)),
+        Err(e) if e.kind() == ErrorKind::LockTimeout => {
+            Ok(Outcome::LockTimeout(e.about_rows([RowRef::of::<R>(key)])))
+        }
         result => result,
     }
 }

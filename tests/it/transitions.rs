@@ -441,6 +441,7 @@ async fn the_handles_lock_and_statement_timeouts_bound_a_transition() {
         panic!("a lock timeout is Outcome::LockTimeout");
     };
     assert_eq!(err.kind(), ErrorKind::LockTimeout, "{err}");
+    assert_eq!(err.rows(), [RowRef::of::<Task>(&1)], "{err}");
     holder.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(status_of(&pg, 1).await, "open", "nothing changed");
     let slow =
@@ -485,6 +486,7 @@ async fn a_lock_timeout_inside_your_transaction_is_an_outcome_and_the_transactio
         panic!("{waited:?}");
     };
     assert_eq!(err.kind(), ErrorKind::LockTimeout, "{err}");
+    assert_eq!(err.rows(), [RowRef::of::<Task>(&1)], "{err}");
     // The transaction goes on: another row, a write of its own, and the commit.
     tx.execute(
         "INSERT INTO history (task_id, note) VALUES (1, 'busy, try later')",

@@ -224,7 +224,9 @@ fn accept_transition() -> Transition {
 /// on one project exactly one wins and the others get [`AssignmentError::AlreadyAssigned`];
 /// an accept racing a withdrawal of the same proposal either wins (the withdrawal then sees
 /// `NotPending`) or gets [`AssignmentError::NotPending`]. Failure outcomes cost a second
-/// round trip to say which proposal state stopped it.
+/// round trip to say which proposal state stopped it. With a lock timeout on the handle
+/// ([`Builder::lock_timeout`](crate::Builder::lock_timeout)), a project another transaction
+/// holds longer is [`AssignmentError::LockTimeout`], and nothing was written.
 ///
 /// One difference, from the single statement's single snapshot: a proposal submitted while
 /// this statement waits for the project's lock (the submission commits just before the
@@ -263,8 +265,12 @@ pub async fn accept_proposal_in_one_statement(
                 _ => Err(AssignmentError::ProposalNotFound(proposal_id)),
             }
         }
-        // A transition answers Done, NotFound or Conflict.
-        _ => Err(AssignmentError::ProjectNotFound(project_id)),
+        Outcome::NotFound(_) => Err(AssignmentError::ProjectNotFound(project_id)),
+        // The handle's lock timeout ended the wait for the project: as `accept_proposal`
+        // reports it.
+        Outcome::LockTimeout(e) | Outcome::LockNotAvailable(e) => Err(e.into()),
+        // A transition does not skip rows; should one, the project was not there to accept.
+        Outcome::Skipped(_) => Err(AssignmentError::ProjectNotFound(project_id)),
     }
 }
 

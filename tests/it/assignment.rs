@@ -504,3 +504,43 @@ async fn the_one_statement_accept_reports_typed_errors_and_writes_nothing() {
     );
     assert_eq!(violations(&client).await, (0, 0));
 }
+
+/// With a lock timeout on the handle, the one-statement accept of a project another session
+/// holds is `AssignmentError::LockTimeout`, as the locking accept reports it, and writes
+/// nothing (the transition's `Outcome::LockTimeout` must not read as "no such project").
+#[tokio::test]
+async fn the_one_statement_accept_reports_the_handles_lock_timeout() {
+    let (pg, _) = setup(1).await;
+    let db = pg
+        .db_with(
+            Db::builder()
+                .max_size(2)
+                .lock_timeout(Duration::from_millis(100)),
+        )
+        .unwrap();
+    let p = create_project(&db, "p").await.unwrap();
+    let mine = submit_proposal(&db, p.id, "ada").await.unwrap();
+    let holder = pg.client().await.unwrap();
+    holder.execute("BEGIN", &[]).await.unwrap();
+    holder
+        .execute("SELECT 1 FROM projects WHERE id = $1 FOR UPDATE", &[&p.id])
+        .await
+        .unwrap();
+    let client = pg.client().await.unwrap();
+    let before = counts(&client).await;
+    let err = tokio::time::timeout(WAIT, accept_proposal_in_one_statement(&db, p.id, mine.id))
+        .await
+        .expect("the lock timeout ends the wait, not the holder")
+        .unwrap_err();
+    assert!(matches!(err, AssignmentError::LockTimeout), "{err:?}");
+    let locked = tokio::time::timeout(WAIT, accept_proposal(&db, mine.id, LockMode::Wait))
+        .await
+        .expect("the lock timeout ends the wait, not the holder")
+        .unwrap_err();
+    assert!(matches!(locked, AssignmentError::LockTimeout), "{locked:?}");
+    holder.execute("ROLLBACK", &[]).await.unwrap();
+    assert_eq!(counts(&client).await, before, "nothing was written");
+    accept_proposal_in_one_statement(&db, p.id, mine.id)
+        .await
+        .unwrap();
+}

@@ -107,7 +107,11 @@ impl From<tokio_postgres::Error> for StepError {
         StepError {
             kind: "Db".into(),
             sql_state: e.code().map(|s| s.code().to_owned()),
-            message: e.to_string(),
+            // The server's words: the driver's own text for a server error is "db error".
+            message: match e.as_db_error() {
+                Some(db) => db.to_string(),
+                None => e.to_string(),
+            },
         }
     }
 }
@@ -119,8 +123,8 @@ pub struct Session {
     name: String,
     client: Client,
     db: rowlock::Db,
-    /// What one step keeps for a later one (an open rowlock transaction).
-    kept: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    /// What one step keeps for a later one (an open rowlock transaction), and its type's name.
+    kept: std::sync::Mutex<Option<(Box<dyn std::any::Any + Send>, &'static str)>>,
 }
 
 impl fmt::Debug for Session {
@@ -151,24 +155,33 @@ impl Session {
     /// [`Transaction`](rowlock::Transaction) a step opened and locked rows in, for the next
     /// step to write and commit). Replaces what was kept.
     pub fn keep<T: Send + 'static>(&self, value: T) {
-        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(value));
+        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Box::new(value), std::any::type_name::<T>()));
     }
 
-    /// Takes what an earlier step kept; an error naming the type if nothing of it was kept.
+    /// Takes what an earlier step kept. Nothing kept, or a value of another type, is an error
+    /// of kind `NothingKept` naming both types; a value of another type stays kept.
     pub fn take<T: Send + 'static>(&self) -> Result<T, StepError> {
-        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match kept.map(|k| k.downcast::<T>()) {
-            Some(Ok(value)) => Ok(*value),
-            _ => Err(StepError {
-                kind: "NothingKept".into(),
-                sql_state: None,
-                message: format!(
-                    "session {} kept no {} for this step",
-                    self.name,
-                    std::any::type_name::<T>()
-                ),
-            }),
-        }
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let what = match kept.take() {
+            Some((value, name)) => match value.downcast::<T>() {
+                Ok(value) => return Ok(*value),
+                Err(value) => {
+                    *kept = Some((value, name));
+                    format!("a {name}")
+                }
+            },
+            None => "nothing".to_owned(),
+        };
+        Err(StepError {
+            kind: "NothingKept".into(),
+            sql_state: None,
+            message: format!(
+                "session {} kept {what}, and this step takes a {}",
+                self.name,
+                std::any::type_name::<T>()
+            ),
+        })
     }
 }
 
@@ -722,7 +735,10 @@ impl Run {
         for (_, step, after_waiting, result) in done {
             self.lines.push(Line::Done {
                 step,
-                result: result.map_err(|e| e.to_string()),
+                result: result.map_err(|e| Failed {
+                    shown: e.to_string(),
+                    message: e.message,
+                }),
                 after_waiting,
             });
         }
@@ -773,13 +789,21 @@ async fn blocked_sessions(observer: &Client) -> Result<BTreeMap<String, Blocked>
         .collect())
 }
 
+/// A step's error in a record: what the record shows (kind and SQLSTATE, stable between
+/// runs) and the error's whole text, for a human.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failed {
+    shown: String,
+    message: String,
+}
+
 /// A line of a permutation's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Line {
     /// A step completed.
     Done {
         step: String,
-        result: Result<String, String>,
+        result: Result<String, Failed>,
         after_waiting: bool,
     },
     /// A step waits for a lock held by these sessions.
@@ -819,7 +843,35 @@ impl Record {
         self.lines.iter().find_map(|l| match l {
             Line::Done {
                 step: s, result, ..
-            } if s == step => Some(result.as_deref().map_err(String::as_str)),
+            } if s == step => Some(match result {
+                Ok(text) => Ok(text.as_str()),
+                Err(e) => Err(e.shown.as_str()),
+            }),
+            _ => None,
+        })
+    }
+
+    /// The whole text of `step`'s error, if it failed: the record shows only its kind and
+    /// SQLSTATE, which stay the same between runs; this names the objects and values.
+    pub fn error_message(&self, step: &str) -> Option<&str> {
+        self.lines.iter().find_map(|l| match l {
+            Line::Done {
+                step: s,
+                result: Err(e),
+                ..
+            } if s == step => Some(e.message.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Each failed step's whole error text, a line each (for a human reading a failure).
+    fn error_messages(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.lines.iter().filter_map(|l| match l {
+            Line::Done {
+                step,
+                result: Err(e),
+                ..
+            } => Some((step.as_str(), e.message.as_str())),
             _ => None,
         })
     }
@@ -868,7 +920,7 @@ impl fmt::Display for Record {
                     };
                     match result {
                         Ok(text) => writeln!(f, "  {step}: {text}{done}")?,
-                        Err(e) => writeln!(f, "  {step}: {e}{done}")?,
+                        Err(e) => writeln!(f, "  {step}: {}{done}", e.shown)?,
                     }
                 }
                 Line::Waits { step, on } => {
@@ -920,8 +972,9 @@ impl Report {
         for r in self.records.iter().filter(|r| !r.is_invalid()) {
             assert!(
                 check(r),
-                "script {:?}: the check fails for\n{r}",
-                self.title
+                "script {:?}: the check fails for\n{r}{}",
+                self.title,
+                messages(std::slice::from_ref(r))
             );
         }
     }
@@ -958,12 +1011,13 @@ impl Report {
         let diff = similar::TextDiff::from_lines(&expected, &actual);
         Err(format!(
             "script {:?} does not match {} (run with ROWLOCK_TESTING_BLESS=1 to accept the \
-             new output):\n{}",
+             new output):\n{}{}",
             self.title,
             path.display(),
             diff.unified_diff()
                 .context_radius(3)
-                .header("expected", "actual")
+                .header("expected", "actual"),
+            messages(&self.records)
         ))
     }
 }
@@ -976,6 +1030,23 @@ impl fmt::Display for Report {
             write!(f, "{r}")?;
         }
         Ok(())
+    }
+}
+
+/// The whole text of the steps' errors in `records`, each distinct one once, after a
+/// heading; empty when no step failed. For a failure's reader: the records show only kinds.
+fn messages(records: &[Record]) -> String {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = String::new();
+    for (step, message) in records.iter().flat_map(Record::error_messages) {
+        if seen.insert((step, message)) {
+            let _ = writeln!(out, "  {step}: {message}");
+        }
+    }
+    if out.is_empty() {
+        out
+    } else {
+        format!("\nthe steps' errors in full:\n{out}")
     }
 }
 

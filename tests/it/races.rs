@@ -448,6 +448,59 @@ async fn a_wrong_expectation_fails_with_a_readable_diff() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A step's error shows in the record as its kind and SQLSTATE only (stable between runs);
+/// its whole text, which names the object, was dropped, so a failing race test said
+/// `error Db (42P01)` and nothing more. It is kept for the reader: `Record::error_message`,
+/// and after a diff or a failed check. A `take` of the wrong type said the session "kept
+/// no" value, and dropped what it had kept.
+#[tokio::test]
+async fn a_failed_steps_whole_error_reaches_the_reader() {
+    let report = Script::new("failing steps")
+        .session("a", |s| {
+            s.sql("a_missing", "SELECT * FROM no_such_table")
+                .step("a_keep", |s| {
+                    Box::pin(async move {
+                        s.keep(5_i32);
+                        Ok("kept".into())
+                    })
+                })
+                .step("a_wrong", |s| Box::pin(async move { s.take::<String>() }))
+                .step("a_right", |s| {
+                    Box::pin(async move { Ok(s.take::<i32>()?.to_string()) })
+                })
+        })
+        .run()
+        .await
+        .unwrap();
+    let record = &report.records()[0];
+    assert_eq!(record.result("a_missing"), Some(Err("error Db (42P01)")));
+    let missing = record.error_message("a_missing").unwrap();
+    assert!(missing.contains("no_such_table"), "{missing}");
+    assert_eq!(record.result("a_wrong"), Some(Err("error NothingKept")));
+    let wrong = record.error_message("a_wrong").unwrap();
+    assert!(
+        wrong.contains("kept a i32") && wrong.contains("takes a alloc::string::String"),
+        "{wrong}"
+    );
+    assert_eq!(
+        record.result("a_right"),
+        Some(Ok("5")),
+        "the i32 stayed kept"
+    );
+    assert_eq!(record.error_message("a_right"), None);
+    // The record's text is unchanged (kinds only); the reader of a mismatch gets the rest.
+    assert!(!record.to_string().contains("no_such_table"), "{record}");
+    let dir = std::env::temp_dir().join(format!("rowlock-races-msg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("wrong.out");
+    std::fs::write(&path, "# failing steps\n").unwrap();
+    let err = report.compare_with_file(&path).unwrap_err();
+    assert!(err.contains("the steps' errors in full"), "{err}");
+    assert!(err.contains("a_missing: "), "{err}");
+    assert!(err.contains("no_such_table"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test]
 async fn too_many_permutations_are_refused_before_anything_runs() {
     let script = Script::new("many")

@@ -559,10 +559,11 @@ impl Names {
     }
 
     /// `e`, naming the row type's column and table if `e` says `sql` (rendered from these
-    /// names and `columns`) reads a column the table no longer has; for a learned list, the
-    /// error is one that preparing again cures.
+    /// names and `columns`) reads a column the table no longer has (for a learned list, the
+    /// error is one that preparing again cures), or saying why the table may be missing.
     pub(crate) fn missing_column(&self, e: Error, sql: &str, columns: &Columns) -> Error {
         e.naming_missing_column(sql, &self.table, &columns.quoted, columns.learned())
+            .naming_missing_table(sql, &self.table)
     }
 
     /// The key parameter at position `index` of a lock statement, as the caller knows it:

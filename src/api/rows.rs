@@ -139,15 +139,14 @@ impl Transaction {
         let describe = || self.cached_statement(&names.describe_sql);
         let described = if self.begun() {
             // Inside the transaction: a failure here is one of the transaction's.
-            self.run(Step::Lock, describe).await?
+            self.run(Step::Lock, describe).await
         } else {
             // Before `BEGIN` leaves: a cache hit sends nothing, so `BEGIN` still rides with
             // the lock statement; a miss prepares outside any transaction, once per
             // connection.
-            describe()
-                .await
-                .map_err(|e| Error::from_pg(e, Step::Lock))?
-        };
+            describe().await.map_err(|e| Error::from_pg(e, Step::Lock))
+        }
+        .map_err(|e| e.naming_missing_table(&names.describe_sql, &names.table))?;
         names.learned(described.columns())
     }
 

@@ -352,6 +352,42 @@ impl Error {
         }
     }
 
+    /// A statement rowlock rendered for a row type whose table (`table`, as rendered: quoted)
+    /// the server does not find (`42P01`, at the table's position in `sql`: a structured
+    /// field, never the message text): says why it may be missing. The usual cause is case:
+    /// rowlock quotes names, so `Orders` is not the `orders` an unquoted `CREATE TABLE Orders`
+    /// made. Other errors, and a missing table written by the caller, pass unchanged.
+    pub(crate) fn naming_missing_table(self, sql: &str, table: &str) -> Self {
+        if self.sql_state() != Some(&SqlState::UNDEFINED_TABLE) {
+            return self;
+        }
+        let found = self.as_db_error().and_then(|db| match db.position()? {
+            tokio_postgres::error::ErrorPosition::Original(at) => identifier_at(sql, *at as usize),
+            tokio_postgres::error::ErrorPosition::Internal { .. } => None,
+        });
+        let (Some(found), Some(ours)) = (found, identifier_at(table, 1)) else {
+            return self;
+        };
+        if found != ours {
+            return self;
+        }
+        let folded = found.to_lowercase();
+        let detail = if folded != found {
+            format!(
+                "table {table} does not exist: rowlock quotes the row type's table name, so \
+                 case counts, and a table created without quotes (CREATE TABLE {name}) is \
+                 named in lower case, {folded}: name that in the row type",
+                name = found.trim_matches('"'),
+            )
+        } else {
+            format!(
+                "table {table} does not exist (not created yet, or in a schema that is not on \
+                 the connection's search_path: name the schema in the row type)"
+            )
+        };
+        self.with_detail(detail)
+    }
+
     /// For a driver error raised while binding `params` to a statement whose parameter types
     /// are `types`: which value does not fit, found by running each value's own type check
     /// again (only on this error path, so a call that binds pays nothing), as

@@ -255,3 +255,116 @@ async fn display_carries_the_servers_and_the_drivers_message_once() {
     );
     assert_printed_once(&e);
 }
+
+/// A row type names its table as written, quoted, so `Widgets` is not the `widgets` that an
+/// unquoted `CREATE TABLE Widgets` made. The server's "relation \"Widgets\" does not exist"
+/// alone sent a user looking for a missing migration; every path that renders the row type's
+/// table now says why (and, for a table really missing, where else to look).
+#[tokio::test]
+async fn a_table_named_in_another_case_says_why_it_is_missing() {
+    use rowlock::tokio_postgres::{Error as PgError, Row};
+    use rowlock::{LockSet, LockableRow, LockedRows, Table, Transition};
+
+    #[derive(Debug)]
+    struct Cased {
+        id: i64,
+    }
+    impl LockableRow for Cased {
+        type Key = i64;
+        const TABLE: Table = Table::new("Widgets");
+        const KEY_COLUMNS: &'static [&'static str] = &["id"];
+        fn from_row(row: &Row) -> Result<Self, PgError> {
+            Ok(Cased {
+                id: row.try_get("id")?,
+            })
+        }
+        fn key(&self) -> i64 {
+            self.id
+        }
+    }
+    #[derive(Debug)]
+    struct Missing;
+    impl LockableRow for Missing {
+        type Key = i64;
+        const TABLE: Table = Table::new("gadgets");
+        const KEY_COLUMNS: &'static [&'static str] = &["id"];
+        const COLUMNS: &'static [&'static str] = &["id"];
+        fn from_row(_: &Row) -> Result<Self, PgError> {
+            Ok(Missing)
+        }
+        fn key(&self) -> i64 {
+            0
+        }
+    }
+
+    let (pg, db) = accounts(0).await;
+    pg.client()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE Widgets (id bigint PRIMARY KEY); INSERT INTO widgets VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let case_hint = |what: &str, err: rowlock::Error| {
+        assert_eq!(
+            err.sql_state().map(|s| s.code()),
+            Some("42P01"),
+            "{what}: {err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("case counts") && text.contains("\"widgets\""),
+            "{what}: {text}"
+        );
+    };
+    let row = db
+        .with_locked_row(&1, Lock::new(), |_, w: Cased| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(w.id) })
+        })
+        .await
+        .unwrap_err();
+    case_hint("with_locked_row", row);
+    let rows = db
+        .with_locked_rows(&[1, 2], Lock::new(), |_, w: Vec<Cased>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(w.len()) })
+        })
+        .await
+        .unwrap_err();
+    case_hint("with_locked_rows", rows);
+    let set = LockSet::new().row::<Cased>(&1).unwrap();
+    let set = db
+        .with_locked_set(&set, Lock::new(), |_, _: LockedRows| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap_err();
+    case_hint("with_locked_set", set);
+    let transition = db
+        .transition::<Cased>(&1, &Transition::new("id = id"), &[])
+        .await
+        .unwrap_err();
+    case_hint("transition", transition);
+    let claim = Claim::new().order_by("id", Direction::Asc);
+    let claimed = db
+        .claim_and_mark::<Cased>(&claim.clone().mark("id = id", vec![]), 1)
+        .await;
+    case_hint("claim_and_mark", claimed.unwrap_err());
+    let tx = db.begin(TransactionOptions::new()).await.unwrap();
+    case_hint(
+        "Transaction::lock_row",
+        tx.lock_row::<Cased>(&1, Lock::new()).await.unwrap_err(),
+    );
+    drop(tx);
+    // A table that is missing in every case: where else to look.
+    let missing = db
+        .with_locked_row(&1, Lock::new(), |_, _: Missing| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(()) })
+        })
+        .await
+        .unwrap_err();
+    let text = missing.to_string();
+    assert!(text.contains("search_path"), "{text}");
+    assert!(!text.contains("case counts"), "{text}");
+    assert_printed_once(&missing);
+}

@@ -161,16 +161,16 @@ impl Transaction {
         } else {
             None
         };
-        let outcome = match self.run(Step::Lock, request).await {
+        let outcome = match self.run(Step::AdvisoryLock, request).await {
             // pg_try_advisory_xact_lock says whether it got the lock; the waiting form
             // returns void.
             Ok(row) if mode == LockMode::NoWait => match row.try_get::<_, bool>(0) {
                 Ok(true) => Ok(Outcome::Done(())),
-                Ok(false) => Ok(Outcome::LockNotAvailable(Error::with_kind(
-                    ErrorKind::LockNotAvailable,
-                    "another transaction holds the advisory lock",
-                ))),
-                Err(e) => Err(Error::decode(e).at(Step::Lock)),
+                Ok(false) => Ok(Outcome::LockNotAvailable(
+                    Error::with_kind(ErrorKind::LockNotAvailable, "another transaction holds it")
+                        .at(Step::AdvisoryLock),
+                )),
+                Err(e) => Err(Error::decode(e).at(Step::AdvisoryLock)),
             },
             Ok(_) => Ok(Outcome::Done(())),
             Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(e)),

@@ -43,6 +43,10 @@ async fn nowait_timeout_and_wait_against_a_holder() {
         matches!(&outcome, Outcome::LockNotAvailable(e) if e.is_lock_not_available()),
         "{outcome:?}"
     );
+    // Logged with `{e}`, the error says what it was taking (it said "locking rows").
+    let said = outcome.to_string();
+    assert!(said.contains("the advisory lock"), "{said}");
+    assert!(!said.contains("rows"), "{said}");
 
     let timeout = Lock::new().lock_timeout(Duration::from_millis(100));
     let outcome = db.with_advisory_lock(key, &timeout, ran).await.unwrap();
@@ -50,6 +54,8 @@ async fn nowait_timeout_and_wait_against_a_holder() {
         panic!("{outcome:?}")
     };
     assert_eq!(e.sql_state(), Some(&SqlState::LOCK_NOT_AVAILABLE));
+    let said = e.to_string();
+    assert!(said.contains("while taking the advisory lock"), "{said}");
 
     // A different key space: pair keys never collide with single keys.
     let outcome = db

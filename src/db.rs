@@ -720,8 +720,13 @@ fn parse_url(url: &str) -> Result<Config, Error> {
         ));
     }
     url.parse().map_err(|e: tokio_postgres::Error| {
+        // The driver's own text is only "invalid connection string"; its source says which
+        // option (never the value, so no password is printed).
+        let why = std::error::Error::source(&e)
+            .map(|cause| format!(": {cause}"))
+            .unwrap_or_default();
         Error::invalid(format!(
-            "not a PostgreSQL connection string (URL or key=value): {e}"
+            "not a PostgreSQL connection string (URL or key=value): {e}{why}"
         ))
     })
 }

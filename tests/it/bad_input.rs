@@ -297,6 +297,21 @@ async fn connection_strings_that_cannot_connect_are_refused_at_once() {
         let err = rowlock::Db::from_url(url).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{url:?}: {err}");
     }
+    // The message says which option is wrong (it said only "invalid connection string"), and
+    // never prints the password.
+    for (url, names) in [
+        ("postgres://app:s3cret@localhost:99999/app", "port"),
+        (
+            "postgres://app:s3cret@localhost/app?sslmode=sometimes",
+            "sslmode",
+        ),
+    ] {
+        let err = rowlock::Db::from_url(url).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{url:?}: {err}");
+        let text = err.to_string();
+        assert!(text.contains(names), "{url:?}: {text}");
+        assert!(!text.contains("s3cret"), "{url:?}: {text}");
+    }
 }
 
 #[tokio::test]

@@ -66,7 +66,8 @@ pub use crate::outcome::Outcome;
 pub use crate::policy::{RetryEvent, RetryPolicy};
 pub use crate::row::{Key, KeyValue, LockableRow, MisfitColumn, Table};
 pub use crate::transaction::{AsStatement, OwnedParam, Savepoint, Transaction};
-/// `#[derive(LockableRow)]`: see [the trait](trait@LockableRow) and the README's "Row types".
+/// `#[derive(LockableRow)]`: see [the trait](trait@LockableRow) and the guide's
+/// [row types](crate::guide::handle#row-types-derive-them).
 /// The generated code names the crate `::rowlock`: keep that name for the dependency.
 #[cfg(feature = "derive")]
 #[cfg_attr(docsrs, doc(cfg(feature = "derive")))]

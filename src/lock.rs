@@ -158,11 +158,13 @@ impl Lock {
 
     /// When the lock is not available or the wait times out, asks the server who holds it, so
     /// that [`Error::blockers`](crate::Error::blockers) can name the sessions: two more round
-    /// trips, on that failure path only, and the privileges the README's "Who holds the lock"
-    /// names. Applies to the calls that open their own transaction
-    /// ([`with_locked_row(s)`](crate::Db::with_locked_row), their retry forms,
-    /// [`Db::with_advisory_lock`](crate::Db::with_advisory_lock)). Defaults to off: `NoWait` exists to
-    /// fail fast, and a busy row is an ordinary outcome that should cost what success costs.
+    /// trips, on that failure path only, and the privileges the guide's
+    /// [Who holds the lock](crate::guide::outcomes#who-holds-the-lock) names. Applies to the
+    /// calls that open their own transaction
+    /// ([`with_locked_row(s)`](crate::Db::with_locked_row),
+    /// [`Db::with_advisory_lock`](crate::Db::with_advisory_lock)). Defaults to off: `NoWait`
+    /// exists to fail fast, and a busy row is an ordinary outcome that should cost what
+    /// success costs.
     #[must_use]
     pub fn find_blockers(mut self, find: bool) -> Self {
         self.find_blockers = find;

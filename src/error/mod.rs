@@ -518,7 +518,8 @@ impl Error {
     /// [`Transaction::lock_row`](crate::Transaction::lock_row) inside your own transaction, or
     /// the lookup failed); `Some(&[])` when the holder could not be identified (it finished
     /// meanwhile, a shared lock held by several transactions, or hidden by privileges). Gathered
-    /// on the failure path only; see the README's "Who holds the lock" for how and which
+    /// on the failure path only; see the guide's
+    /// [Who holds the lock](crate::guide::outcomes#who-holds-the-lock) for how and which
     /// privileges it needs.
     pub fn blockers(&self) -> Option<&[Blocker]> {
         self.inner.blockers.as_deref()

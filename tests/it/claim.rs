@@ -663,7 +663,7 @@ async fn claim_and_mark_from_many_workers_claims_each_row_exactly_once() {
 }
 
 #[tokio::test]
-async fn a_marked_claim_in_with_claimed_rows_rolls_back_with_the_closure() {
+async fn a_marked_claim_in_a_claim_closure_rolls_back_with_the_closure() {
     let (_db, db) = jobs(3, 2).await;
     let claim = running(1);
     let failed = db

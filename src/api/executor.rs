@@ -5,11 +5,14 @@ use std::future::Future;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, ToStatement};
 
+use crate::db::Db;
 use crate::error::{Error, Step};
+use crate::options::TransactionOptions;
 use crate::transaction::{AsStatement, Transaction};
 
 mod private {
     pub trait Sealed {}
+    impl Sealed for crate::Db {}
     impl Sealed for crate::Transaction {}
     impl Sealed for tokio_postgres::Client {}
     impl Sealed for tokio_postgres::Transaction<'_> {}
@@ -17,10 +20,24 @@ mod private {
     impl Sealed for deadpool_postgres::Transaction<'_> {}
 }
 
-/// Runs statements: rowlock's [`Transaction`] (with its error tracking), a tokio-postgres
-/// `Client` or `Transaction`, or a pooled deadpool `Object` or `Transaction`. Write repository
-/// functions against `&impl Executor` and call them both inside
+/// Runs statements: rowlock's [`Db`] (each statement a transaction of its own) and
+/// [`Transaction`] (with its error tracking), a tokio-postgres `Client` or `Transaction`, or a
+/// pooled deadpool `Object` or `Transaction`. Write repository functions against
+/// `&impl Executor` and call them both inside
 /// [`Db::with_locked_row`](crate::Db::with_locked_row)'s closure and outside any transaction.
+///
+/// **Outside a transaction, pass the [`Db`].** Each statement runs in a transaction of its
+/// own through rowlock's one path, as [`Db::with_transaction`] would run it: `BEGIN` rides
+/// with the statement and `COMMIT` follows (two round trips), with the handle's lock and
+/// statement timeouts and retry policy; what a [`Transaction`] refuses (SQL that would end
+/// the transaction or change the pooled session) is refused; and a call dropped while its
+/// statement runs cancels it, so a busy connection never goes back to the pool. A deadpool
+/// `Object` taken from [`Db::pool`] has none of that: dropped mid-statement, it goes back to
+/// the pool still running it, and the next caller waits behind it. A prepared
+/// [`Statement`](tokio_postgres::Statement) belongs to the connection that prepared it, and
+/// each call through a `Db` may run on another: passing one to a `Db` is refused with
+/// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (pass the SQL text;
+/// the connection's statement cache prepares it once).
 ///
 /// Through rowlock's [`Transaction`] the guard still sees every error: a statement that fails
 /// through this trait, even one whose error is swallowed, still keeps the transaction from
@@ -48,8 +65,8 @@ mod private {
 /// }
 ///
 /// # async fn demo(db: &rowlock::Db) -> Result<(), rowlock::Error> {
-/// // Outside a transaction, on a pooled connection:
-/// add_note(&db.pool().get().await.unwrap(), 1, "opened").await?;
+/// // Outside a transaction: a transaction of its own, on a pooled connection.
+/// add_note(db, 1, "opened").await?;
 /// // Inside a locked call, in its transaction:
 /// let outcome = db
 ///     .with_locked_row(&1, Lock::new(), |tx, acc: Account| Box::pin(async move {
@@ -146,6 +163,84 @@ impl Executor for Transaction {
 
     fn batch_execute(&self, sql: &str) -> impl Future<Output = Result<(), Error>> + Send {
         Transaction::batch_execute(self, sql)
+    }
+}
+
+/// A statement through a [`Db`]: text, never a prepared statement of some connection.
+fn refuse_prepared<T: ?Sized + AsStatement>(statement: &T) -> Result<(), Error> {
+    match statement.prepared() {
+        None => Ok(()),
+        Some(_) => Err(Error::invalid(
+            "a prepared Statement belongs to the connection that prepared it, and each \
+             statement through a Db may run on another pooled connection: pass the SQL text \
+             (prepared once per connection), or run it inside a transaction that prepared it",
+        )),
+    }
+}
+
+/// Through the handle: each statement in a transaction of its own (see the trait's docs).
+impl Executor for Db {
+    async fn query<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error>
+    where
+        T: ?Sized + ToStatement + AsStatement + Sync,
+    {
+        refuse_prepared(statement)?;
+        self.with_transaction(TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.query(statement, params).await })
+        })
+        .await
+    }
+
+    async fn query_one<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error>
+    where
+        T: ?Sized + ToStatement + AsStatement + Sync,
+    {
+        refuse_prepared(statement)?;
+        self.with_transaction(TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.query_one(statement, params).await })
+        })
+        .await
+    }
+
+    async fn query_opt<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error>
+    where
+        T: ?Sized + ToStatement + AsStatement + Sync,
+    {
+        refuse_prepared(statement)?;
+        self.with_transaction(TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.query_opt(statement, params).await })
+        })
+        .await
+    }
+
+    async fn execute<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement + AsStatement + Sync,
+    {
+        refuse_prepared(statement)?;
+        self.with_transaction(TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.execute(statement, params).await })
+        })
+        .await
+    }
+
+    async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+        self.with_transaction(TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.batch_execute(sql).await })
+        })
+        .await
     }
 }
 

@@ -60,9 +60,9 @@ async fn orders_are_paid_once_and_never_overdraw() {
         .get(0);
     assert_eq!(credit, 40);
 
-    // The same repository function outside any transaction.
-    let conn = db.pool().get().await.unwrap();
-    log_event(&conn, a, "audited", "ops").await.unwrap();
+    // The same repository function outside any transaction: the handle runs it in a
+    // transaction of its own.
+    log_event(&db, a, "audited", "ops").await.unwrap();
     let missing = pay(&db, Uuid::from_u128(9), 1, "checkout").await.unwrap();
     assert!(matches!(missing, Outcome::NotFound(_)), "{missing:?}");
 }

@@ -319,12 +319,23 @@ pub(crate) fn millis_ceil(t: Duration) -> u128 {
 }
 
 /// PostgreSQL takes timeouts as whole milliseconds up to `INT_MAX`, and `0` means "disabled",
-/// which is never what a caller asking for a timeout wants.
+/// which is never what a caller asking for a timeout wants. The pool's timeouts and a lease's
+/// duration are held to the same range.
 pub(crate) fn validate_timeout(name: &str, t: Duration) -> Result<(), Error> {
     if t < Duration::from_millis(1) {
+        // What to do instead, where there is something: only a server setting reads 0 as
+        // "none", and only a lock has a mode that fails at once.
+        let instead = match name {
+            "lock_timeout" => {
+                "; PostgreSQL treats 0 as no timeout, use LockMode::NoWait to fail at once"
+            }
+            "statement_timeout" | "idle_in_transaction_timeout" => {
+                "; PostgreSQL treats 0 as no timeout: leave it unset for none"
+            }
+            _ => "",
+        };
         return Err(Error::invalid(format!(
-            "{name} must be at least 1 ms (got {t:?}); PostgreSQL treats 0 as no timeout, \
-             use LockMode::NoWait to fail at once"
+            "{name} must be at least 1 ms (got {t:?}){instead}"
         )));
     }
     if millis_ceil(t) > MAX_TIMEOUT_MS {
@@ -366,6 +377,23 @@ mod tests {
     #[test]
     fn timeouts_are_validated() {
         assert!(validate_timeout("t", Duration::ZERO).is_err());
+        // Each says what to do instead only where that applies.
+        let said = |name| {
+            validate_timeout(name, Duration::ZERO)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(said("lock_timeout").contains("LockMode::NoWait"));
+        assert!(said("statement_timeout").contains("leave it unset"));
+        assert!(!said("statement_timeout").contains("NoWait"));
+        for name in ["wait_timeout", "create_timeout", "a lease's duration"] {
+            let text = said(name);
+            assert!(text.contains("at least 1 ms"), "{text}");
+            assert!(
+                !text.contains("NoWait") && !text.contains("PostgreSQL"),
+                "{text}"
+            );
+        }
         assert!(validate_timeout("t", Duration::from_millis(i32::MAX as u64)).is_ok());
         assert!(validate_timeout("t", Duration::from_millis(i32::MAX as u64 + 1)).is_err());
         let o = TransactionOptions::new().statement_timeout(Duration::ZERO);

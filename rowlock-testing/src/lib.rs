@@ -73,12 +73,14 @@ pub enum HarnessError {
     /// A file or process operation failed.
     #[error("test harness I/O failed: {0}")]
     Io(String),
-    /// Connecting to the test server failed.
-    #[error("could not connect to the test server")]
-    Connect(#[source] tokio_postgres::Error),
-    /// A query the harness runs failed.
-    #[error("a test harness query failed")]
-    Sql(#[source] tokio_postgres::Error),
+    /// Connecting to the test server failed; printed with the server's or the OS's words
+    /// (the driver's own text for a server error is only "db error").
+    #[error("could not connect to the test server: {}", words(.0))]
+    Connect(tokio_postgres::Error),
+    /// A query the harness runs failed (a test's setup SQL among them); printed with the
+    /// server's words.
+    #[error("a test harness query failed: {}", words(.0))]
+    Sql(tokio_postgres::Error),
     /// The operation needs a throwaway cluster but the server is `DATABASE_URL`'s.
     #[error("not supported here: {0}")]
     Unsupported(String),
@@ -88,6 +90,18 @@ pub enum HarnessError {
 }
 
 use cluster::connect;
+
+/// What a driver error says: the server's message (with its detail and hint), or the
+/// driver's text and its cause (an I/O error, say).
+fn words(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.to_string();
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
 
 /// An async test handed a fresh database, copied from a template its `setup` SQL made once:
 ///

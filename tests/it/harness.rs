@@ -244,3 +244,30 @@ async fn without_setup_the_database_is_empty(db: rowlock::Db) {
         .get(0);
     assert_eq!(tables, 0);
 }
+
+/// A setup whose SQL the server refuses says what the server said (it said only "a test
+/// harness query failed", so a typo in a schema gave no clue); so does a failed connection.
+#[tokio::test]
+async fn a_failed_setup_says_what_the_server_said() {
+    let cluster = TestCluster::shared().unwrap();
+    let err = cluster
+        .create_database_with("CREATE TABLE t (id int); SELECT no_such_function()")
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("no_such_function"), "{text}");
+    assert!(
+        matches!(err, rowlock_testing::HarnessError::Sql(_)),
+        "{err:?}"
+    );
+    let mut config = cluster.config().clone();
+    config.dbname("no_such_database_here");
+    let refused = config
+        .connect(rowlock::tokio_postgres::NoTls)
+        .await
+        .map(drop)
+        .map_err(rowlock_testing::HarnessError::Connect)
+        .unwrap_err();
+    let text = refused.to_string();
+    assert!(text.contains("no_such_database_here"), "{text}");
+}

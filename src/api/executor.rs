@@ -37,7 +37,10 @@ mod private {
 /// [`Statement`](tokio_postgres::Statement) belongs to the connection that prepared it, and
 /// each call through a `Db` may run on another: passing one to a `Db` is refused with
 /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (pass the SQL text;
-/// the connection's statement cache prepares it once).
+/// the connection's statement cache prepares it once). Inside a locked call, pass the
+/// closure's `tx`, not the `Db`: the handle would run the statement in another transaction on
+/// another connection, outside the lock's (and, on a pool of one, wait for the connection the
+/// call holds until the pool's `wait_timeout`).
 ///
 /// Through rowlock's [`Transaction`] the guard still sees every error: a statement that fails
 /// through this trait, even one whose error is swallowed, still keeps the transaction from

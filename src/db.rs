@@ -719,6 +719,14 @@ fn parse_url(url: &str) -> Result<Config, Error> {
             "the connection string is empty (e.g. postgres://user@localhost/db)",
         ));
     }
+    if url.contains("sslmode=verify-") {
+        // libpq's modes, which tokio-postgres does not read.
+        return Err(Error::invalid(
+            "sslmode=verify-ca and verify-full are libpq's; tokio-postgres reads disable, \
+             prefer and require. With rowlock's `rustls` feature, sslmode=require verifies the \
+             server's certificate chain and its host name, as verify-full does: write that",
+        ));
+    }
     url.parse().map_err(|e: tokio_postgres::Error| {
         // The driver's own text is only "invalid connection string"; its source says which
         // option (never the value, so no password is printed).

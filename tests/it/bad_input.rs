@@ -312,6 +312,19 @@ async fn connection_strings_that_cannot_connect_are_refused_at_once() {
         assert!(text.contains(names), "{url:?}: {text}");
         assert!(!text.contains("s3cret"), "{url:?}: {text}");
     }
+    // libpq's verify modes, which a service copies from its provider's docs: what to write.
+    for url in [
+        "postgres://app@localhost/app?sslmode=verify-full",
+        "host=localhost user=app sslmode=verify-ca",
+    ] {
+        let err = rowlock::Db::from_url(url).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{url:?}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("sslmode=require") && text.contains("rustls"),
+            "{url:?}: {text}"
+        );
+    }
 }
 
 #[tokio::test]

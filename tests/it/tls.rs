@@ -87,6 +87,39 @@ async fn an_untrusted_certificate_is_refused_with_a_clear_error() {
     assert!(text.to_lowercase().contains("certificate"), "{text}");
 }
 
+/// `sslmode=require` over rustls checks the server's host name too (what libpq's
+/// `verify-full` checks, which the docs and the refusal of `verify-full` say): a trusted
+/// certificate for `localhost` and `127.0.0.1`, reached under another name, is refused.
+#[tokio::test]
+async fn a_trusted_certificate_for_another_host_name_is_refused() {
+    if std::env::var_os("DATABASE_URL").is_some() {
+        return;
+    }
+    let (_cluster, ca, pg) = tls_cluster().await;
+    let config = pg.config();
+    let url = format!(
+        "host=db.example.invalid hostaddr=127.0.0.1 port={} user={} dbname={} sslmode=require",
+        config.get_ports()[0],
+        config.get_user().unwrap(),
+        pg.name()
+    );
+    let db = Db::builder()
+        .url(&url)
+        .root_certificate_pem(ca.as_bytes())
+        .max_size(1)
+        .build()
+        .unwrap();
+    let err = db
+        .with_transaction(rowlock::TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.batch_execute("SELECT 1").await })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
+    let text = format!("{err} {:?}", std::error::Error::source(&err));
+    assert!(text.contains("not valid for name"), "{text}");
+}
+
 #[test]
 fn a_root_certificate_that_is_not_one_is_refused_when_built() {
     for pem in [

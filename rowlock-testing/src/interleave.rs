@@ -108,10 +108,7 @@ impl From<tokio_postgres::Error> for StepError {
             kind: "Db".into(),
             sql_state: e.code().map(|s| s.code().to_owned()),
             // The server's words: the driver's own text for a server error is "db error".
-            message: match e.as_db_error() {
-                Some(db) => db.to_string(),
-                None => e.to_string(),
-            },
+            message: crate::words(&e),
         }
     }
 }

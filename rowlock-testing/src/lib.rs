@@ -93,7 +93,7 @@ use cluster::connect;
 
 /// What a driver error says: the server's message (with its detail and hint), or the
 /// driver's text and its cause (an I/O error, say).
-fn words(e: &tokio_postgres::Error) -> String {
+pub(crate) fn words(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return db.to_string();
     }

@@ -332,11 +332,7 @@ impl Error {
         if refusal(self.sql_state()) != Some(Refusal::UndefinedColumn) {
             return self;
         }
-        let column = self.as_db_error().and_then(|db| match db.position()? {
-            tokio_postgres::error::ErrorPosition::Original(at) => identifier_at(sql, *at as usize),
-            tokio_postgres::error::ErrorPosition::Internal { .. } => None,
-        });
-        match column {
+        match self.identifier_at_error(sql) {
             Some(column) if columns.contains(&column) => {
                 let mut e = self.reclassified(
                     ErrorKind::Decode,
@@ -354,6 +350,15 @@ impl Error {
         }
     }
 
+    /// The identifier at the position the server gave for this error in `sql` (a structured
+    /// field, never the message text), if the error is the server's and points into `sql`.
+    fn identifier_at_error(&self, sql: &str) -> Option<String> {
+        self.as_db_error().and_then(|db| match db.position()? {
+            tokio_postgres::error::ErrorPosition::Original(at) => identifier_at(sql, *at as usize),
+            tokio_postgres::error::ErrorPosition::Internal { .. } => None,
+        })
+    }
+
     /// A statement rowlock rendered for a row type whose table (`table`, as rendered: quoted)
     /// the server does not find (`42P01`, at the table's position in `sql`: a structured
     /// field, never the message text): says why it may be missing. The usual cause is case:
@@ -363,11 +368,8 @@ impl Error {
         if self.sql_state() != Some(&SqlState::UNDEFINED_TABLE) {
             return self;
         }
-        let found = self.as_db_error().and_then(|db| match db.position()? {
-            tokio_postgres::error::ErrorPosition::Original(at) => identifier_at(sql, *at as usize),
-            tokio_postgres::error::ErrorPosition::Internal { .. } => None,
-        });
-        let (Some(found), Some(ours)) = (found, identifier_at(table, 1)) else {
+        let (Some(found), Some(ours)) = (self.identifier_at_error(sql), identifier_at(table, 1))
+        else {
             return self;
         };
         if found != ours {
@@ -442,15 +444,13 @@ impl Error {
         if !self.as_db_error().is_some_and(sqlstate::is_deallocated) {
             return self;
         }
-        self.with_detail(
+        self.with_detail(format!(
             "this statement does not exist on the transaction's connection: a Statement \
              belongs to the connection that prepared it, so one kept from an earlier \
              transaction fails on any other pooled connection (prepare it inside each \
-             transaction: prepare_cached sends nothing once the connection has it); or the \
-             connection's prepared statements were deallocated while it was pooled (DISCARD \
-             ALL or DEALLOCATE ALL: a pool recycling query? RecyclingMethod::Fast and Clean \
-             keep them), which running the transaction again cures",
-        )
+             transaction: prepare_cached sends nothing once the connection has it); or \
+             {DEALLOCATED_BY_POOL}, which running the transaction again cures"
+        ))
     }
 
     /// [`ErrorKind::InvalidArgument`] for the value at `index` (0-based) among a statement's
@@ -548,14 +548,15 @@ impl Error {
         if stale {
             // What the server's words do not say: why, and what cures it.
             return err.with_detail(if deallocated {
-                "the connection's prepared statements were deallocated while it was pooled \
-                     (DISCARD ALL or DEALLOCATE ALL: a pool recycling query? RecyclingMethod::Fast \
-                     and Clean keep them); they are prepared again, so running the transaction \
+                format!(
+                    "{DEALLOCATED_BY_POOL}; they are prepared again, so running the transaction \
                      again succeeds"
+                )
             } else {
                 "a statement was prepared on this connection before a migration changed the \
                      type of a column it returns; the connection's statements are prepared \
                      again, so running the transaction again succeeds"
+                    .to_owned()
             });
         }
         err
@@ -869,6 +870,12 @@ impl StdError for Error {
         Some(source as &(dyn StdError + 'static))
     }
 }
+
+/// Why a connection no longer holds its prepared statements when a pool deallocated them;
+/// part of both stale-statement messages (rowlock's statements, and a caller's).
+const DEALLOCATED_BY_POOL: &str = "the connection's prepared statements were deallocated while \
+     it was pooled (DISCARD ALL or DEALLOCATE ALL: a pool recycling query? RecyclingMethod::Fast \
+     and Clean keep them)";
 
 /// The identifier that starts at character `position` (1-based, as PostgreSQL counts) of
 /// `sql`, quoted or not, as written there; of a qualified name (`"t"."c"`), the last part.

@@ -65,6 +65,19 @@ async fn a_url_requiring_tls_connects_over_rustls_to_a_trusted_certificate() {
     assert_eq!(ssl, Some(true), "the session is encrypted");
 }
 
+/// The error of a first statement on `db` whose connection the TLS handshake refuses:
+/// `Unreachable`, its text with its cause's.
+async fn refused_connection(db: &Db) -> String {
+    let err = db
+        .with_transaction(rowlock::TransactionOptions::new(), |tx| {
+            Box::pin(async move { tx.batch_execute("SELECT 1").await })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
+    format!("{err} {:?}", std::error::Error::source(&err))
+}
+
 #[tokio::test]
 async fn an_untrusted_certificate_is_refused_with_a_clear_error() {
     if std::env::var_os("DATABASE_URL").is_some() {
@@ -76,14 +89,7 @@ async fn an_untrusted_certificate_is_refused_with_a_clear_error() {
         .max_size(1)
         .build()
         .unwrap();
-    let err = db
-        .with_transaction(rowlock::TransactionOptions::new(), |tx| {
-            Box::pin(async move { tx.batch_execute("SELECT 1").await })
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
-    let text = format!("{err} {:?}", std::error::Error::source(&err));
+    let text = refused_connection(&db).await;
     assert!(text.to_lowercase().contains("certificate"), "{text}");
 }
 
@@ -109,14 +115,7 @@ async fn a_trusted_certificate_for_another_host_name_is_refused() {
         .max_size(1)
         .build()
         .unwrap();
-    let err = db
-        .with_transaction(rowlock::TransactionOptions::new(), |tx| {
-            Box::pin(async move { tx.batch_execute("SELECT 1").await })
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
-    let text = format!("{err} {:?}", std::error::Error::source(&err));
+    let text = refused_connection(&db).await;
     assert!(text.contains("not valid for name"), "{text}");
 }
 

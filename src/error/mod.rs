@@ -625,7 +625,13 @@ impl Error {
                     .with_sql_state(state)
                     .with_source(pg)
             }
-            other => Error::new(ErrorKind::Pool)
+            PoolError::Closed => Error::with_kind(
+                ErrorKind::Pool,
+                "the pool is closed (`Pool::close` was called): it hands out no more connections",
+            )
+            .at(Step::Checkout),
+            // What is left (a runtime not configured, a hook's other refusal) says what it is.
+            other => Error::with_kind(ErrorKind::Pool, other.to_string())
                 .at(Step::Checkout)
                 .with_source(other),
         }

@@ -203,6 +203,9 @@ async fn closed_pool_and_unreachable_server_are_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Pool, "{err}");
+    // A log line of `{err}` alone says why: the pool was closed, not "could not get" and no more.
+    assert!(err.to_string().contains("the pool is closed"), "{err}");
+    assert!(!err.is_retryable(), "{err}");
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -198,9 +198,11 @@ impl Step {
 /// Opaque on purpose: match on [`kind`](Error::kind), ask the predicates, read the
 /// [`sql_state`](Error::sql_state).
 ///
-/// **Printed once.** `Display` says what failed and where, then the server's message (or the
-/// driver's, for a value that could not be converted) and the SQLSTATE: a handler that logs
-/// `{e}` logs everything it needs. So that no reporter prints it twice, a driver error whose
+/// **Printed once.** `Display` says what failed and where, then the server's message with
+/// its detail and hint (or the driver's, for a value that could not be converted) and the
+/// SQLSTATE, on one line: a handler that logs `{e}` logs everything it needs. The detail is
+/// what PostgreSQL and psql show: for a unique violation it holds the key's values (`Key
+/// (venue, seat_no)=(hall, 1) already exists.`), for a deadlock the processes in the cycle. So that no reporter prints it twice, a driver error whose
 /// text `Display` already carries is not also the `source()`: reach it with
 /// [`as_driver_error`](Error::as_driver_error) (and [`as_db_error`](Error::as_db_error) for
 /// the server's fields: detail, constraint, …). `source()` is another rowlock error (the last
@@ -838,16 +840,31 @@ impl Error {
     }
 }
 
-/// Writes `: <message>` for a driver error: the server's message for a server error, else the
-/// driver's own text and its causes (`error deserializing column 1: cannot convert …`), unless
-/// it only repeats the kind (`connection closed`).
+/// Writes `: <message>` for a driver error: the server's message for a server error, with its
+/// detail and hint on the same line, else the driver's own text and its causes (`error
+/// deserializing column 1: cannot convert …`); a message that only repeats the kind
+/// (`connection closed`, `deadlock detected`) is left out.
 fn write_driver_message(
     f: &mut fmt::Formatter<'_>,
     driver: &tokio_postgres::Error,
     kind: &str,
 ) -> fmt::Result {
     if let Some(db) = driver.as_db_error() {
-        return write!(f, ": {}", db.message());
+        let mut sep = ": ";
+        if db.message() != kind {
+            write!(f, ": {}", db.message())?;
+            sep = "; ";
+        }
+        // The server's detail may span lines (a deadlock's cycle): one log line keeps it.
+        let one_line = |text: &str| text.split('\n').collect::<Vec<_>>().join(" ");
+        if let Some(detail) = db.detail() {
+            write!(f, "{sep}{}", one_line(detail))?;
+            sep = "; ";
+        }
+        if let Some(hint) = db.hint() {
+            write!(f, "{sep}hint: {}", one_line(hint))?;
+        }
+        return Ok(());
     }
     let mut text = driver.to_string();
     let mut cause = driver.source();

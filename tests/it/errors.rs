@@ -368,3 +368,68 @@ async fn a_table_named_in_another_case_says_why_it_is_missing() {
     assert!(!text.contains("case counts"), "{text}");
     assert_printed_once(&missing);
 }
+
+/// A log line of `{e}` carries what psql shows of a server error: the detail (a violated
+/// key's values, a deadlock's cycle) and the hint, on one line, and a message that only
+/// repeats the kind (`deadlock detected`) once.
+#[tokio::test]
+async fn display_carries_the_servers_detail_and_hint_on_one_line() {
+    let (_db, db) = accounts(2).await;
+    let opts = TransactionOptions::new();
+    let e = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move { tx.execute("INSERT INTO accounts VALUES (1, 0)", &[]).await })
+        })
+        .await
+        .unwrap_err();
+    let shown = e.to_string();
+    assert!(shown.contains("Key (id)=(1) already exists."), "{shown}");
+    assert_printed_once(&e);
+
+    let e = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move { tx.execute("SELECT balanc FROM accounts", &[]).await })
+        })
+        .await
+        .unwrap_err();
+    let shown = e.to_string();
+    assert!(
+        shown.contains("hint: Perhaps you meant to reference the column \"accounts.balance\""),
+        "{shown}"
+    );
+    assert_printed_once(&e);
+
+    // Two transactions updating rows 1 and 2 in opposite orders, no retry: one is the victim.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let run = |first: i64, second: i64| {
+        let (db, barrier) = (db.clone(), barrier.clone());
+        tokio::spawn(async move {
+            db.with_transaction(TransactionOptions::new(), move |tx| {
+                let barrier = barrier.clone();
+                Box::pin(async move {
+                    let stmt = "UPDATE accounts SET balance = balance + 1 WHERE id = $1";
+                    tx.execute(stmt, &[&first]).await?;
+                    tokio::time::timeout(Duration::from_secs(30), barrier.wait())
+                        .await
+                        .expect("both hold their first row");
+                    tx.execute(stmt, &[&second]).await?;
+                    Ok::<_, rowlock::Error>(())
+                })
+            })
+            .await
+        })
+    };
+    let (a, b) = tokio::join!(run(1, 2), run(2, 1));
+    let e = match (a.unwrap(), b.unwrap()) {
+        (Ok(()), Err(e)) | (Err(e), Ok(())) => e,
+        other => panic!("one victim, one winner: {other:?}"),
+    };
+    assert_eq!(e.kind(), ErrorKind::Deadlock, "{e}");
+    let shown = e.to_string();
+    assert_eq!(shown.matches("deadlock detected").count(), 1, "{shown}");
+    assert!(
+        shown.contains("waits for ShareLock on transaction") && !shown.contains('\n'),
+        "the cycle, on one line: {shown}"
+    );
+    assert_printed_once(&e);
+}

@@ -713,30 +713,60 @@ fn unsupported(version: i32) -> Option<String> {
     })
 }
 
+/// Values libpq reads and tokio-postgres does not, with what to write instead: connection
+/// strings are copied from providers' docs and libpq services, which use them.
+const LIBPQ_ONLY: &[(&str, &[&str], &str)] = &[
+    (
+        "sslmode",
+        &["verify-ca", "verify-full"],
+        "tokio-postgres reads disable, prefer and require. With rowlock's `rustls` feature, \
+         sslmode=require verifies the server's certificate chain and its host name, as \
+         verify-full does: write that",
+    ),
+    (
+        "sslmode",
+        &["allow"],
+        "tokio-postgres reads disable, prefer and require: write sslmode=prefer (TLS when the \
+         server offers it)",
+    ),
+    (
+        "target_session_attrs",
+        &["primary", "standby", "prefer-standby"],
+        "tokio-postgres reads any, read-write and read-only. rowlock locks rows, which only a \
+         primary can: write target_session_attrs=read-write (the first host that accepts \
+         writes)",
+    ),
+];
+
 fn parse_url(url: &str) -> Result<Config, Error> {
     if url.trim().is_empty() {
         return Err(Error::invalid(
             "the connection string is empty (e.g. postgres://user@localhost/db)",
         ));
     }
-    if url.contains("sslmode=verify-") {
-        // libpq's modes, which tokio-postgres does not read.
-        return Err(Error::invalid(
-            "sslmode=verify-ca and verify-full are libpq's; tokio-postgres reads disable, \
-             prefer and require. With rowlock's `rustls` feature, sslmode=require verifies the \
-             server's certificate chain and its host name, as verify-full does: write that",
-        ));
-    }
     url.parse().map_err(|e: tokio_postgres::Error| {
         // The driver's own text is only "invalid connection string"; its source says which
         // option (never the value, so no password is printed).
-        let why = std::error::Error::source(&e)
-            .map(|cause| format!(": {cause}"))
-            .unwrap_or_default();
-        Error::invalid(format!(
-            "not a PostgreSQL connection string (URL or key=value): {e}{why}"
-        ))
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        let libpq = cause.as_deref().and_then(|cause| {
+            LIBPQ_ONLY.iter().find_map(|(option, values, advice)| {
+                let value = option_value(url, option)?;
+                (cause.contains(&format!("`{option}`")) && values.contains(&value))
+                    .then(|| format!("{option}={value} is libpq's; {advice}"))
+            })
+        });
+        Error::invalid(libpq.unwrap_or_else(|| {
+            let why = cause.map(|c| format!(": {c}")).unwrap_or_default();
+            format!("not a PostgreSQL connection string (URL or key=value): {e}{why}")
+        }))
     })
+}
+
+/// The value `url` gives `option`, in either form (`…?a=b&option=value`, `a=b option=value`),
+/// for the options of [`LIBPQ_ONLY`] (their values are never quoted or percent-encoded).
+fn option_value<'a>(url: &'a str, option: &str) -> Option<&'a str> {
+    url.split(|c: char| c == '?' || c == '&' || c.is_whitespace())
+        .find_map(|pair| pair.strip_prefix(option)?.strip_prefix('='))
 }
 
 impl Builder {

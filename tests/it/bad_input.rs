@@ -328,6 +328,31 @@ async fn connection_strings_that_cannot_connect_are_refused_at_once() {
             "{url:?}: {text}"
         );
     }
+    // libpq's other values tokio-postgres does not read (a multi-host URL for failover names
+    // `target_session_attrs=primary`): each says what to write instead.
+    for (url, write) in [
+        (
+            "postgres://app@db-a,db-b/app?connect_timeout=2&target_session_attrs=primary",
+            "target_session_attrs=read-write",
+        ),
+        (
+            "host=db-a,db-b user=app target_session_attrs=prefer-standby",
+            "target_session_attrs=read-write",
+        ),
+        (
+            "postgres://app@db-a/app?target_session_attrs=standby",
+            "target_session_attrs=read-write",
+        ),
+        ("postgres://app@db-a/app?sslmode=allow", "sslmode=prefer"),
+    ] {
+        let err = rowlock::Db::from_url(url).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{url:?}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("libpq") && text.contains(write),
+            "{url:?}: {text}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -478,27 +478,62 @@ impl Names {
     pub(crate) fn where_bound_keys(&self, count: usize) -> String {
         match (self.statement_count(count), self.keys.len()) {
             (0, 1) => format!("WHERE {} = ANY($1)", self.keys[0]),
-            (0, _) => {
-                let arrays: Vec<String> = self
-                    .keys
-                    .iter()
-                    .enumerate()
-                    .map(|(i, key)| {
-                        format!(
-                            "COALESCE(${}, ARRAY[COALESCE((NULL::{}).{key}, NULL)])",
-                            i + 1,
-                            self.table
-                        )
-                    })
-                    .collect();
-                format!(
-                    "WHERE {} IN (SELECT * FROM unnest({}))",
-                    self.key_tuple(),
-                    arrays.join(", ")
-                )
-            }
+            (0, _) => format!(
+                "WHERE {} IN (SELECT * FROM unnest({}))",
+                self.key_tuple(),
+                self.typed_arrays()
+            ),
             _ => format!("WHERE {}", self.key_equals()),
         }
+    }
+
+    /// `$1, $2, …` bound by [`Key::arrays`], each typed as an array of its key column (see
+    /// [`where_bound_keys`](Self::where_bound_keys)), for `unnest`.
+    fn typed_arrays(&self) -> String {
+        let arrays: Vec<String> = self
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                format!(
+                    "COALESCE(${}, ARRAY[COALESCE((NULL::{}).{key}, NULL)])",
+                    i + 1,
+                    self.table
+                )
+            })
+            .collect();
+        arrays.join(", ")
+    }
+
+    /// Which of the keys bound by [`Key::arrays`] have a row, by the server's equality of the
+    /// key columns: each row found, its columns as `columns` selects them and, last,
+    /// `rowlock_i`, the 1-based position of the key it matched. The server's equality may be
+    /// coarser than `Key`'s `Ord` (`citext`, a nondeterministic collation: `ALICE` finds the
+    /// row `alice`), so what was found is never decided by comparing keys in Rust.
+    pub(crate) fn match_sql(&self, columns: &Columns) -> String {
+        let aliases: Vec<String> = (1..=self.keys.len())
+            .map(|i| format!("rowlock_k{i}"))
+            .collect();
+        let matched: Vec<String> = aliases.iter().map(|a| format!("k.{a}")).collect();
+        let matched = if matched.len() == 1 {
+            matched[0].clone()
+        } else {
+            format!("({})", matched.join(", "))
+        };
+        // The table's columns only, whatever `columns` is: never `k`'s.
+        let select = if columns.quoted.is_empty() {
+            format!("{}.*", self.table)
+        } else {
+            columns.select.clone()
+        };
+        format!(
+            "SELECT {select}, k.rowlock_i FROM unnest({}) WITH ORDINALITY AS k({}, rowlock_i) \
+             JOIN {} ON {} = {matched}",
+            self.typed_arrays(),
+            aliases.join(", "),
+            self.table,
+            self.key_tuple()
+        )
     }
 
     pub(crate) fn render<R: LockableRow>() -> Result<Names, Error> {
@@ -690,6 +725,23 @@ mod tests {
         assert_eq!(one.where_bound_keys(1), "WHERE \"id\" = $1");
         assert_eq!(one.where_bound_keys(2), "WHERE \"id\" = ANY($1)");
         assert_eq!(one.where_bound_keys(999), "WHERE \"id\" = ANY($1)");
+        // Which keys have a row: joined to the keys, as the server compares them.
+        let columns = Columns::new(1, vec!["a".into(), "b".into(), "note".into()]).unwrap();
+        assert_eq!(
+            n.match_sql(&columns),
+            "SELECT \"a\", \"b\", \"note\", k.rowlock_i FROM unnest(\
+             COALESCE($1, ARRAY[COALESCE((NULL::\"pairs\").\"a\", NULL)]), \
+             COALESCE($2, ARRAY[COALESCE((NULL::\"pairs\").\"b\", NULL)])) \
+             WITH ORDINALITY AS k(rowlock_k1, rowlock_k2, rowlock_i) \
+             JOIN \"pairs\" ON (\"a\", \"b\") = (k.rowlock_k1, k.rowlock_k2)"
+        );
+        assert_eq!(
+            one.match_sql(&Columns::new(0, Vec::new()).unwrap()),
+            "SELECT \"singles\".*, k.rowlock_i FROM unnest(\
+             COALESCE($1, ARRAY[COALESCE((NULL::\"singles\").\"id\", NULL)])) \
+             WITH ORDINALITY AS k(rowlock_k1, rowlock_i) \
+             JOIN \"singles\" ON \"id\" = k.rowlock_k1"
+        );
         assert_eq!(
             <(i64, String)>::arrays(&[(1, "x".into()), (2, "y".into())]).len(),
             2

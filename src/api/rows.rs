@@ -195,7 +195,7 @@ impl Transaction {
             1 => decode_row(&rows[0], Step::Lock).map(Outcome::Done),
             0 if options.mode == LockMode::SkipLocked => {
                 // Boxed: the rare path, and its statement's future would double the lock's.
-                if Box::pin(self.existing::<R>(names, &columns, 1, &params))
+                if Box::pin(self.matching::<R>(names, &columns, std::slice::from_ref(key)))
                     .await?
                     .is_empty()
                 {
@@ -243,22 +243,27 @@ impl Transaction {
         if missing.is_empty() {
             return Ok(Outcome::Done(locked));
         }
-        if options.mode != LockMode::SkipLocked {
-            return Ok(Outcome::NotFound(refs::<R>(&missing)));
+        // A key no row has in `Key`'s terms may still have one in the server's (`citext`, a
+        // nondeterministic collation: `ALICE` locked the row `alice`): the server says which.
+        // Boxed: the rare path, and its statement's future would double the lock's.
+        let matches = Box::pin(self.matching::<R>(names, &columns, &missing)).await?;
+        let (mut skipped, mut not_found) = (Vec::new(), Vec::new());
+        for (at, key) in missing.into_iter().enumerate() {
+            match matches.iter().find(|(i, _)| *i == at) {
+                // One of the rows locked above.
+                Some((_, row)) if got.contains(row) => {}
+                // There, and locked by another transaction.
+                Some(_) if options.mode == LockMode::SkipLocked => skipped.push(key),
+                _ => not_found.push(key),
+            }
         }
-        let exists = {
-            let arrays = key_arrays(&missing);
-            let params = bind_keys(&missing, &arrays);
-            self.existing::<R>(names, &columns, missing.len(), &params)
-                .await?
-        };
-        let (skipped, not_found): (Vec<_>, Vec<_>) =
-            missing.into_iter().partition(|k| exists.contains(k));
-        if not_found.is_empty() {
-            Ok(Outcome::Skipped(refs::<R>(&skipped)))
+        Ok(if !not_found.is_empty() {
+            Outcome::NotFound(refs::<R>(&not_found))
+        } else if !skipped.is_empty() {
+            Outcome::Skipped(refs::<R>(&skipped))
         } else {
-            Ok(Outcome::NotFound(refs::<R>(&not_found)))
-        }
+            Outcome::Done(locked)
+        })
     }
 
     /// Sends the locking statement, mapping `55P03` to a contention reply rather than an
@@ -321,25 +326,24 @@ impl Transaction {
         reply
     }
 
-    /// Which of these keys have a row, read without locking (plain reads are never blocked
-    /// by row locks).
-    async fn existing<R: LockableRow>(
+    /// Which of `keys` have a row, read without locking (plain reads are never blocked by row
+    /// locks), as the server compares keys ([`Names::match_sql`]): for each row found, the
+    /// position in `keys` of the key it matched and the row's own key.
+    async fn matching<R: LockableRow>(
         &self,
         names: &Names,
         columns: &Columns,
-        count: usize,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<BTreeSet<R::Key>, Error> {
-        let sql = format!(
-            "SELECT {} FROM {} {}",
-            columns.select,
-            names.table,
-            names.where_bound_keys(count)
-        );
-        let stmt = self.prepare_cached(&sql).await?;
-        let rows = self.query(&stmt, params).await?;
+        keys: &[R::Key],
+    ) -> Result<Vec<(usize, R::Key)>, Error> {
+        let stmt = self.prepare_cached(&names.match_sql(columns)).await?;
+        let arrays = <R::Key as Key>::arrays(keys);
+        let rows = self.query(&stmt, &bind_keys(keys, &arrays)).await?;
         rows.iter()
-            .map(|r| decode_row::<R>(r, Step::Lock).map(|row| row.key()))
+            .map(|r| {
+                let at: i64 = r.try_get("rowlock_i").map_err(Error::decode)?;
+                let row = decode_row::<R>(r, Step::Lock)?;
+                Ok((usize::try_from(at - 1).unwrap_or(usize::MAX), row.key()))
+            })
             .collect()
     }
 }

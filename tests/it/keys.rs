@@ -239,3 +239,100 @@ async fn key_columns_of_domain_types_take_their_base_types_values() {
         .unwrap();
     assert_eq!(outcome, Outcome::Done(vec![Room { id: 1 }, Room { id: 2 }]));
 }
+
+#[derive(Debug, PartialEq, LockableRow)]
+#[rowlock(table = "users", key = "email")]
+struct User {
+    email: String,
+}
+
+#[derive(Debug, PartialEq, LockableRow)]
+#[rowlock(table = "members", key("org", "email"))]
+struct Member {
+    org: i32,
+    email: String,
+}
+
+/// A key column whose equality is coarser than the key type's `Ord` (`citext`; a
+/// nondeterministic collation alike): `ALICE@x.io` is the row `alice@x.io` to the server.
+/// Which keys were found is the server's answer, not a comparison of keys in Rust: several
+/// keys locked under another spelling are `Done` (they were `NotFound`, with the row locked),
+/// a missing one is `NotFound` alone, and one held elsewhere is `Skipped` as asked for.
+#[tokio::test]
+async fn keys_the_server_compares_more_coarsely_are_found_as_it_finds_them() {
+    let (pg, db) = crate::support::database(
+        "CREATE EXTENSION IF NOT EXISTS citext;
+         CREATE TABLE users (email citext PRIMARY KEY);
+         CREATE TABLE members (org int, email citext, PRIMARY KEY (org, email));
+         INSERT INTO users VALUES ('alice@x.io'), ('bob@x.io');
+         INSERT INTO members VALUES (1, 'alice@x.io'), (2, 'bob@x.io');",
+        2,
+    )
+    .await;
+    let s = |v: &str| v.to_string();
+    let user = |e: &str| User { email: s(e) };
+    let emails = |keys: &[&str]| keys.iter().map(|k| s(k)).collect::<Vec<_>>();
+    async fn lock<R: LockableRow>(
+        db: &rowlock::Db,
+        keys: &[R::Key],
+        lock: Lock,
+    ) -> Outcome<Vec<R>> {
+        db.with_locked_rows(keys, lock, |_, rows: Vec<R>| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(rows) })
+        })
+        .await
+        .unwrap()
+    }
+    for mode in [Lock::new(), Lock::no_wait(), Lock::skip_locked()] {
+        assert_eq!(
+            lock::<User>(&db, &emails(&["ALICE@x.io", "bob@x.io"]), mode.clone()).await,
+            Outcome::Done(vec![user("alice@x.io"), user("bob@x.io")]),
+            "{mode:?}"
+        );
+        assert_eq!(
+            lock::<User>(&db, &emails(&["ALICE@x.io", "alice@x.io"]), mode.clone()).await,
+            Outcome::Done(vec![user("alice@x.io")]),
+            "{mode:?}"
+        );
+        assert_eq!(
+            lock::<User>(&db, &emails(&["ALICE@x.io", "carol@x.io"]), mode.clone()).await,
+            Outcome::NotFound(vec![RowRef::of::<User>(&s("carol@x.io"))]),
+            "{mode:?}"
+        );
+    }
+    assert_eq!(
+        lock::<Member>(
+            &db,
+            &[(2, s("BOB@x.io")), (1, s("Alice@X.io"))],
+            Lock::new()
+        )
+        .await,
+        Outcome::Done(vec![
+            Member {
+                org: 1,
+                email: s("alice@x.io")
+            },
+            Member {
+                org: 2,
+                email: s("bob@x.io")
+            }
+        ])
+    );
+
+    // Bob held by another session: skipped under the spelling asked for.
+    let holder = pg.session().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM users WHERE email = 'bob@x.io' FOR UPDATE")
+        .await
+        .unwrap();
+    assert_eq!(
+        lock::<User>(
+            &db,
+            &emails(&["ALICE@x.io", "BOB@x.io"]),
+            Lock::skip_locked()
+        )
+        .await,
+        Outcome::Skipped(vec![RowRef::of::<User>(&s("BOB@x.io"))])
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+}

@@ -287,7 +287,10 @@ impl LockedRows {
         self.by_type.get_mut(&TypeId::of::<R>())?.downcast_mut()
     }
 
-    /// The locked row of `R` with this key, if the set had it.
+    /// The locked row of `R` with this key, if the set had it. Keys compare as `R::Key` does:
+    /// a row found on a `citext` column under another spelling (`ALICE@x.io` for the row
+    /// `alice@x.io`) is found here by the key it holds; [`take_all`](Self::take_all) hands
+    /// over every row of `R`.
     pub fn get<R: LockableRow>(&self, key: &R::Key) -> Option<&R> {
         let rows = self.of::<R>()?;
         let at = rows.binary_search_by(|r| r.key().cmp(key)).ok()?;

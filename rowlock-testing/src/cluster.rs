@@ -466,7 +466,7 @@ impl TestCluster {
                 .await?
                 .batch_execute(setup)
                 .await
-                .map_err(HarnessError::Sql)?;
+                .map_err(|e| setup_failed(setup, e))?;
             return Ok(db);
         }
         let template = self.template(setup).await?;
@@ -498,12 +498,20 @@ impl TestCluster {
         config
             .dbname(&name)
             .application_name("rowlock-testing setup");
-        {
-            let client = connect(&config).await?;
-            client
+        let ran = match connect(&config).await {
+            Ok(client) => client
                 .batch_execute(setup)
                 .await
-                .map_err(HarnessError::Sql)?;
+                .map_err(|e| setup_failed(setup, e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ran {
+            // Half made: gone, so that the next test with this setup runs it again (and is
+            // told the same) rather than finding the name taken.
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await;
+            return Err(e);
         }
         // A template is copied only when nobody is connected to it: wait until the setup
         // session has gone, as the server reports it.
@@ -1163,4 +1171,28 @@ fn run_tool(command: &mut Command, tool: &str) -> Result<(), HarnessError> {
         )));
     }
     Ok(())
+}
+
+/// A test's setup SQL failed with `e`: where in `setup` the server points (its position counts
+/// characters from 1), as a line, a column and that line's text.
+fn setup_failed(setup: &str, e: tokio_postgres::Error) -> HarnessError {
+    let position = e.as_db_error().and_then(|db| match db.position()? {
+        tokio_postgres::error::ErrorPosition::Original(at) => Some(*at as usize),
+        tokio_postgres::error::ErrorPosition::Internal { .. } => None,
+    });
+    let location = position
+        .and_then(|at| {
+            let before: String = setup.chars().take(at.saturating_sub(1)).collect();
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            let text = setup.lines().nth(line - 1)?.trim();
+            // A setup written on one long line: the line's start, not all of it.
+            let shown: String = text.chars().take(100).collect();
+            let more = if shown.len() < text.len() { "…" } else { "" };
+            Some(format!(
+                " at line {line}, column {column} (`{shown}{more}`)"
+            ))
+        })
+        .unwrap_or_default();
+    HarnessError::Setup { location, error: e }
 }

@@ -77,10 +77,19 @@ pub enum HarnessError {
     /// (the driver's own text for a server error is only "db error").
     #[error("could not connect to the test server: {}", words(.0))]
     Connect(tokio_postgres::Error),
-    /// A query the harness runs failed (a test's setup SQL among them); printed with the
-    /// server's words.
+    /// A query the harness runs failed; printed with the server's words.
     #[error("a test harness query failed: {}", words(.0))]
     Sql(tokio_postgres::Error),
+    /// A test's setup SQL failed: the server's words and, when the server points at a place
+    /// in it, `location` (` at line 2, column 3 (`the line`)`, or empty). Nothing of it is
+    /// kept: the next test with the same setup runs it again.
+    #[error("the setup SQL failed{location}: {}", words(.error))]
+    Setup {
+        /// Where in the setup the server points, as ` at line L, column C (`that line`)`.
+        location: String,
+        /// The server's error.
+        error: tokio_postgres::Error,
+    },
     /// The operation needs a throwaway cluster but the server is `DATABASE_URL`'s.
     #[error("not supported here: {0}")]
     Unsupported(String),

@@ -1175,7 +1175,7 @@ fn run_tool(command: &mut Command, tool: &str) -> Result<(), HarnessError> {
 
 /// A test's setup SQL failed with `e`: where in `setup` the server points (its position counts
 /// characters from 1), as a line, a column and that line's text.
-fn setup_failed(setup: &str, e: tokio_postgres::Error) -> HarnessError {
+pub(crate) fn setup_failed(setup: &str, e: tokio_postgres::Error) -> HarnessError {
     let position = e.as_db_error().and_then(|db| match db.position()? {
         tokio_postgres::error::ErrorPosition::Original(at) => Some(*at as usize),
         tokio_postgres::error::ErrorPosition::Internal { .. } => None,

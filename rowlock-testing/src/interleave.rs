@@ -409,7 +409,10 @@ impl Script {
         {
             let setup = connect(&on_database(cluster.config(), template, "setup")).await?;
             for sql in &self.setup {
-                setup.batch_execute(sql).await.map_err(HarnessError::Sql)?;
+                setup
+                    .batch_execute(sql)
+                    .await
+                    .map_err(|e| crate::cluster::setup_failed(sql, e))?;
             }
         }
         let mut records = Vec::with_capacity(permutations.len());

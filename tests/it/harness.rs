@@ -276,6 +276,14 @@ async fn a_failed_setup_says_what_the_server_said() {
             "{text}"
         );
     }
+    // A race script's setup alike.
+    let err = rowlock_testing::interleave::Script::new("bad setup")
+        .setup(setup)
+        .session("a", |s| s.sql("a1", "SELECT 1"))
+        .run()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("line 2, column 3"), "{err}");
     let mut config = cluster.config().clone();
     config.dbname("no_such_database_here");
     let refused = config

@@ -590,7 +590,9 @@ impl Error {
                 ErrorKind::PoolTimeout,
                 format!(
                     "all {max_size} connection(s) of the pool stayed in use for its wait_timeout \
-                     ({})",
+                     ({}); if this call runs inside another call's closure, pass the closure's \
+                     Transaction instead of the handle: each task holding one connection while \
+                     it waits for a second starves the pool",
                     wait.map_or_else(|| "none".to_string(), |d| format!("{d:?}"))
                 ),
             )

@@ -48,6 +48,28 @@ async fn the_wait_timeout_refuses_a_caller_when_the_pool_is_exhausted() {
         .await
         .unwrap();
     assert!(outcome.is_done());
+
+    // The usual way a service starves its own pool: the handle, not the closure's
+    // transaction, passed to code called inside a locked call. The refusal names that cause.
+    let inner = db.clone();
+    let err = db
+        .with_locked_row(&1, &Lock::new(), |_, _: Account| {
+            let inner = inner.clone();
+            Box::pin(async move {
+                inner
+                    .with_transaction(rowlock::TransactionOptions::new(), |tx| {
+                        Box::pin(async move { tx.execute("SELECT 1", &[]).await })
+                    })
+                    .await
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PoolTimeout, "{err}");
+    assert!(
+        err.to_string().contains("pass the closure's Transaction"),
+        "{err}"
+    );
 }
 
 #[test]

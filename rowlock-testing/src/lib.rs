@@ -81,11 +81,12 @@ pub enum HarnessError {
     #[error("a test harness query failed: {}", words(.0))]
     Sql(tokio_postgres::Error),
     /// A test's setup SQL failed: the server's words and, when the server points at a place
-    /// in it, `location` (` at line 2, column 3 (`the line`)`, or empty). Nothing of it is
-    /// kept: the next test with the same setup runs it again.
+    /// in it, where (`location`). Nothing of it is kept: the next test with the same setup
+    /// runs it again.
     #[error("the setup SQL failed{location}: {}", words(.error))]
     Setup {
-        /// Where in the setup the server points, as ` at line L, column C (`that line`)`.
+        /// Where in the setup the server points: " at line 2, column 3 (" and that line's
+        /// text in backquotes and ")"; empty when the server points nowhere.
         location: String,
         /// The server's error.
         error: tokio_postgres::Error,

@@ -205,8 +205,10 @@ impl Step {
 /// (venue, seat_no)=(hall, 1) already exists.`), for a check or not-null violation the
 /// failing row's values, for a deadlock the processes in the cycle. Where row values must not
 /// reach the logs, log [`kind`](Error::kind), [`sql_state`](Error::sql_state) and the
-/// constraint ([`as_db_error`](Error::as_db_error)) instead of `{e}`. So that no reporter prints it twice, a driver error whose
-/// text `Display` already carries is not also the `source()`: reach it with
+/// constraint ([`as_db_error`](Error::as_db_error)) instead of `{e}`.
+///
+/// So that no reporter prints it twice, a driver error whose text `Display` already carries
+/// is not also the `source()`: reach it with
 /// [`as_driver_error`](Error::as_driver_error) (and [`as_db_error`](Error::as_db_error) for
 /// the server's fields: detail, constraint, …). `source()` is another rowlock error (the last
 /// failure of [`ErrorKind::RetriesExhausted`]) or a pool error. Other sessions' SQL is never

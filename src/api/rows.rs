@@ -340,7 +340,8 @@ impl Transaction {
         let rows = self.query(&stmt, &bind_keys(keys, &arrays)).await?;
         rows.iter()
             .map(|r| {
-                let at: i64 = r.try_get("rowlock_i").map_err(Error::decode)?;
+                // The last column (a table's own column may share its name).
+                let at: i64 = r.try_get(r.len() - 1).map_err(Error::decode)?;
                 let row = decode_row::<R>(r, Step::Lock)?;
                 Ok((usize::try_from(at - 1).unwrap_or(usize::MAX), row.key()))
             })

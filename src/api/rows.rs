@@ -216,6 +216,21 @@ impl Transaction {
         options: &Lock,
         in_callers_tx: bool,
     ) -> Result<Outcome<Vec<R>>, Error> {
+        let outcome = self
+            .lock_many_as_asked::<R>(names, keys, options, in_callers_tx)
+            .await?;
+        Ok(outcome.map(|(rows, _)| rows))
+    }
+
+    /// [`lock_many`](Self::lock_many), and for each key found under another spelling
+    /// (`citext`: `ALICE` found the row `alice`), the key asked for and the row's own key.
+    pub(crate) async fn lock_many_as_asked<R: LockableRow>(
+        &self,
+        names: &Names,
+        keys: &[R::Key],
+        options: &Lock,
+        in_callers_tx: bool,
+    ) -> Result<Outcome<(Vec<R>, Vec<(R::Key, R::Key)>)>, Error> {
         let columns = self.columns_for(names).await?;
         // ORDER BY makes PostgreSQL lock in key order, so overlapping callers cannot deadlock.
         let sql = names.lock_sql(options, keys.len(), &columns);
@@ -241,17 +256,17 @@ impl Transaction {
         }
         let missing: Vec<R::Key> = keys.iter().filter(|k| !got.contains(k)).cloned().collect();
         if missing.is_empty() {
-            return Ok(Outcome::Done(locked));
+            return Ok(Outcome::Done((locked, Vec::new())));
         }
         // A key no row has in `Key`'s terms may still have one in the server's (`citext`, a
         // nondeterministic collation: `ALICE` locked the row `alice`): the server says which.
         // Boxed: the rare path, and its statement's future would double the lock's.
         let matches = Box::pin(self.matching::<R>(names, &columns, &missing)).await?;
-        let (mut skipped, mut not_found) = (Vec::new(), Vec::new());
+        let (mut skipped, mut not_found, mut as_asked) = (Vec::new(), Vec::new(), Vec::new());
         for (at, key) in missing.into_iter().enumerate() {
             match matches.iter().find(|(i, _)| *i == at) {
                 // One of the rows locked above.
-                Some((_, row)) if got.contains(row) => {}
+                Some((_, row)) if got.contains(row) => as_asked.push((key, row.clone())),
                 // There, and locked by another transaction.
                 Some(_) if options.mode == LockMode::SkipLocked => skipped.push(key),
                 _ => not_found.push(key),
@@ -262,7 +277,7 @@ impl Transaction {
         } else if !skipped.is_empty() {
             Outcome::Skipped(refs::<R>(&skipped))
         } else {
-            Outcome::Done(locked)
+            Outcome::Done((locked, as_asked))
         })
     }
 

@@ -104,9 +104,11 @@ impl<R: LockableRow> TableRows for Rows<R> {
                 _ => options,
             };
             let outcome = tx
-                .lock_many::<R>(names, &self.keys, options, in_callers_tx)
+                .lock_many_as_asked::<R>(names, &self.keys, options, in_callers_tx)
                 .await?;
-            Ok(outcome.map(|rows| Box::new(rows) as Box<dyn Any + Send>))
+            Ok(outcome.map(|(rows, as_asked)| {
+                Box::new(SetRows::<R> { rows, as_asked }) as Box<dyn Any + Send>
+            }))
         })
     }
 }
@@ -278,35 +280,56 @@ impl fmt::Debug for LockedRows {
     }
 }
 
+/// The locked rows of one row type, in key order, and the keys found under another spelling.
+struct SetRows<R: LockableRow> {
+    rows: Vec<R>,
+    /// A key asked for and the key of the row the server found for it, where they differ
+    /// (`citext`, a nondeterministic collation).
+    as_asked: Vec<(R::Key, R::Key)>,
+}
+
+impl<R: LockableRow> SetRows<R> {
+    /// Where the row asked for as `key` is in `rows`.
+    fn position(&self, key: &R::Key) -> Option<usize> {
+        let key = self
+            .as_asked
+            .iter()
+            .find(|(asked, _)| asked == key)
+            .map_or(key, |(_, found)| found);
+        self.rows.binary_search_by(|r| r.key().cmp(key)).ok()
+    }
+}
+
 impl LockedRows {
-    fn of<R: LockableRow>(&self) -> Option<&Vec<R>> {
+    fn of<R: LockableRow>(&self) -> Option<&SetRows<R>> {
         self.by_type.get(&TypeId::of::<R>())?.downcast_ref()
     }
 
-    fn of_mut<R: LockableRow>(&mut self) -> Option<&mut Vec<R>> {
+    fn of_mut<R: LockableRow>(&mut self) -> Option<&mut SetRows<R>> {
         self.by_type.get_mut(&TypeId::of::<R>())?.downcast_mut()
     }
 
-    /// The locked row of `R` with this key, if the set had it. Keys compare as `R::Key` does:
-    /// a row found on a `citext` column under another spelling (`ALICE@x.io` for the row
-    /// `alice@x.io`) is found here by the key it holds; [`take_all`](Self::take_all) hands
-    /// over every row of `R`.
+    /// The locked row of `R` with this key, if the set had it: by the key as it was added to
+    /// the set, or as the row holds it (they differ where the server compares keys more
+    /// coarsely: `ALICE@x.io` added, the `citext` row `alice@x.io` locked).
     pub fn get<R: LockableRow>(&self, key: &R::Key) -> Option<&R> {
         let rows = self.of::<R>()?;
-        let at = rows.binary_search_by(|r| r.key().cmp(key)).ok()?;
-        rows.get(at)
+        rows.rows.get(rows.position(key)?)
     }
 
-    /// Takes the locked row of `R` with this key out of the set, if it had it.
+    /// Takes the locked row of `R` with this key out of the set, if it had it (the key as
+    /// [`get`](Self::get) reads it).
     pub fn take<R: LockableRow>(&mut self, key: &R::Key) -> Option<R> {
         let rows = self.of_mut::<R>()?;
-        let at = rows.binary_search_by(|r| r.key().cmp(key)).ok()?;
-        Some(rows.remove(at))
+        let at = rows.position(key)?;
+        Some(rows.rows.remove(at))
     }
 
     /// Takes every locked row of `R`, in key order.
     pub fn take_all<R: LockableRow>(&mut self) -> Vec<R> {
-        self.of_mut::<R>().map(std::mem::take).unwrap_or_default()
+        self.of_mut::<R>()
+            .map(|rows| std::mem::take(&mut rows.rows))
+            .unwrap_or_default()
     }
 }
 

@@ -319,6 +319,36 @@ async fn keys_the_server_compares_more_coarsely_are_found_as_it_finds_them() {
         ])
     );
 
+    // In a lock set, a row is got by the key it was added with, or by its own.
+    let set = rowlock::LockSet::new()
+        .row::<User>(&s("ALICE@x.io"))
+        .unwrap()
+        .row::<Member>(&(2, s("BOB@x.io")))
+        .unwrap();
+    let got = db
+        .with_locked_set(&set, Lock::new(), |_, mut rows| {
+            Box::pin(async move {
+                let by_own = rows.get::<User>(&s("alice@x.io")).map(|u| u.email.clone());
+                let alice = rows.take::<User>(&s("ALICE@x.io"));
+                let bob = rows.take::<Member>(&(2, s("BOB@x.io")));
+                Ok::<_, rowlock::Error>((by_own, alice, bob, rows.take_all::<User>()))
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        Outcome::Done((
+            Some(s("alice@x.io")),
+            Some(user("alice@x.io")),
+            Some(Member {
+                org: 2,
+                email: s("bob@x.io")
+            }),
+            Vec::new()
+        ))
+    );
+
     // Bob held by another session: skipped under the spelling asked for.
     let holder = pg.session().await.unwrap();
     holder

@@ -759,19 +759,20 @@ fn decode_claimed<R: LockableRow>(rows: &[tokio_postgres::Row]) -> Result<Vec<R>
 /// claim's fault ([`ErrorKind::InvalidArgument`]; nothing was
 /// locked).
 fn refine_claim_error(e: Error) -> Error {
-    let refused = |detail: &str| {
-        Error::with_kind(ErrorKind::InvalidArgument, detail).with_sql_state(e.sql_state().cloned())
-    };
     let refused_as = refusal(e.sql_state());
     if refused_as == Some(Refusal::UndefinedColumn) {
-        refused("the claim's filter or order names a column the table does not have")
-            .with_boxed_source(e.into_source())
+        e.reclassified(
+            ErrorKind::InvalidArgument,
+            "the claim's filter or order names a column the table does not have",
+        )
     } else if e.kind() == ErrorKind::Driver || refused_as == Some(Refusal::ValueMisfit) {
         // A value the driver could not bind as its column's type (nothing was sent), or a
         // literal the server could not compare with or read as the column's type (refused
         // when the statement was prepared, before it ran).
-        refused("a claim filter or start value does not fit its column")
-            .with_boxed_source(e.into_source())
+        e.reclassified(
+            ErrorKind::InvalidArgument,
+            "a claim filter or start value does not fit its column",
+        )
     } else {
         e
     }

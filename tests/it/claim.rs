@@ -504,6 +504,15 @@ async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
         let err = run(claim).await;
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     }
+    // A text value the enum does not have: the server's words, and where it failed (the
+    // refusal said neither step nor, before the server's detail, much else).
+    let err = run(order(Claim::new().filter("status", Compare::Eq, "bogus"))).await;
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("while locking rows") && text.contains("\"bogus\""),
+        "{text}"
+    );
     // A bound value the driver cannot write as its column's type names its filter.
     let err = run(order(Claim::new().filter(
         "id",

@@ -857,19 +857,28 @@ fn write_driver_message(
     kind: &str,
 ) -> fmt::Result {
     if let Some(db) = driver.as_db_error() {
-        let mut sep = ": ";
-        if db.message() != kind {
-            write!(f, ": {}", db.message())?;
-            sep = "; ";
-        }
         // The server's detail may span lines (a deadlock's cycle): one log line keeps it.
         let one_line = |text: &str| text.split('\n').collect::<Vec<_>>().join(" ");
-        if let Some(detail) = db.detail() {
-            write!(f, "{sep}{}", one_line(detail))?;
-            sep = "; ";
-        }
-        if let Some(hint) = db.hint() {
-            write!(f, "{sep}hint: {}", one_line(hint))?;
+        let parts = [
+            Some(db.message())
+                .filter(|m| *m != kind)
+                .map(str::to_string),
+            db.detail().map(one_line),
+            db.hint().map(|hint| format!("hint: {}", one_line(hint))),
+        ];
+        let mut after_sentence = None;
+        for part in parts.into_iter().flatten() {
+            match after_sentence {
+                None => write!(f, ": {part}")?,
+                // A detail is written in sentences: what follows it starts one.
+                Some(true) => {
+                    let mut chars = part.chars();
+                    let first = chars.next().map(char::to_uppercase).into_iter().flatten();
+                    write!(f, " {}", first.chain(chars).collect::<String>())?;
+                }
+                Some(false) => write!(f, "; {part}")?,
+            }
+            after_sentence = Some(part.ends_with('.'));
         }
         return Ok(());
     }

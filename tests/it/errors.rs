@@ -431,5 +431,9 @@ async fn display_carries_the_servers_detail_and_hint_on_one_line() {
         shown.contains("waits for ShareLock on transaction") && !shown.contains('\n'),
         "the cycle, on one line: {shown}"
     );
+    assert!(
+        shown.contains(". Hint: See server log") && !shown.contains(".;"),
+        "a sentence follows a sentence: {shown}"
+    );
     assert_printed_once(&e);
 }

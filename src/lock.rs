@@ -205,7 +205,10 @@ impl Lock {
     }
 
     /// Bounds every statement of the transaction (see
-    /// [`TransactionOptions::statement_timeout`]).
+    /// [`TransactionOptions::statement_timeout`]). It bounds the lock statement's wait too,
+    /// and then fails the call with [`ErrorKind::StatementTimeout`](crate::ErrorKind::StatementTimeout),
+    /// not [`Outcome::LockTimeout`](crate::Outcome::LockTimeout): set a
+    /// [`lock_timeout`](Self::lock_timeout) below it for the outcome.
     #[must_use]
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.transaction.statement_timeout = Some(timeout);

@@ -173,6 +173,37 @@ async fn wait_with_timeout_reports_lock_timeout_after_about_that_long() {
     );
 }
 
+/// A statement timeout bounds the lock's wait too; the server does not say the wait was for a
+/// lock, so it is the statement timeout's error. With a lock timeout below it, the outcome.
+#[tokio::test]
+async fn a_statement_timeout_during_the_lock_wait_is_its_error_and_a_lock_timeout_below_it_the_outcome()
+ {
+    let (_db, db, _holder) = held_row().await;
+    let bounded = Lock::new().statement_timeout(Duration::from_millis(200));
+    let err = db
+        .with_locked_row(&1, &bounded, debit(1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::StatementTimeout, "{err}");
+    assert!(err.to_string().contains("while locking rows"), "{err}");
+    let outcome = db
+        .with_locked_row(
+            &1,
+            &bounded.clone().lock_timeout(Duration::from_millis(100)),
+            debit(1),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::LockTimeout(_)), "{outcome:?}");
+    // The connection was clean both times: another row at once.
+    assert!(
+        db.with_locked_row(&2, &bounded, debit(1))
+            .await
+            .unwrap()
+            .is_done()
+    );
+}
+
 #[tokio::test]
 async fn wait_blocks_until_the_holder_commits_then_sees_its_write() {
     let (pg, db, holder) = held_row().await;

@@ -15,14 +15,15 @@
 //!   `SET` without `LOCAL` (other than `SET TRANSACTION` and `SET CONSTRAINTS`), which would
 //!   change the pooled session for every later transaction on the connection;
 //! - it runs the commands that leave state in the session on purpose (`LISTEN`, `PREPARE`,
-//!   `DEALLOCATE`, `DECLARE … WITH HOLD`, `CREATE TEMP …` without `ON COMMIT DROP`, `LOAD`)
-//!   and has the connection closed when the transaction ends, instead of pooled.
+//!   `DEALLOCATE`, `DECLARE … WITH HOLD`, `CREATE TEMP …` without `ON COMMIT DROP`, `LOAD`,
+//!   and calls of `pg_advisory_lock`, `pg_try_advisory_lock` and their `_shared` forms, and
+//!   of `set_config` whose third argument is not the word `true`) and has the connection
+//!   closed when the transaction ends, instead of pooled.
 //!
 //! Not seen: text sent through the raw client
 //! ([`Transaction::client`](crate::Transaction::client); the guard then checks the
-//! transaction's state in the same flush as `COMMIT`), commands inside functions and `DO`
-//! blocks, settings changed by function (`set_config(…, false)`), and temporary tables made
-//! by `SELECT … INTO TEMP`.
+//! transaction's state in the same flush as `COMMIT`), commands and calls inside functions
+//! and `DO` blocks, and temporary tables made by `SELECT … INTO TEMP`.
 
 use crate::error::Error;
 
@@ -224,7 +225,9 @@ enum Token<'a> {
     Word(&'a str),
     /// A quoted identifier, quotes included.
     Quoted(&'a str),
-    /// Anything else: a literal, a number, punctuation.
+    /// One character of punctuation: `(`, `,`, `)`, `;`, ….
+    Punct(char),
+    /// Anything else: a literal, a number.
     Other,
 }
 
@@ -253,7 +256,7 @@ fn tokens(statement: &str) -> Vec<Token<'_>> {
             out.push(Token::Word(&rest[..len]));
             i += len;
         } else {
-            out.push(Token::Other);
+            out.push(Token::Punct(c));
             i += c.len_utf8();
         }
     }
@@ -269,7 +272,7 @@ fn name(token: &Token<'_>) -> Option<String> {
             let inner = &q[1..q.len() - 1];
             (!inner.is_empty()).then(|| inner.replace("\"\"", "\""))
         }
-        Token::Other => None,
+        Token::Punct(_) | Token::Other => None,
     }
 }
 
@@ -341,14 +344,36 @@ fn refusal(tokens: &[Token<'_>]) -> Option<&'static str> {
 /// transaction and is meant to: a `LISTEN`, an SQL-level prepared statement (`PREPARE`, or
 /// `DEALLOCATE`, which may remove rowlock's own), a cursor `WITH HOLD`, a temporary table,
 /// view or sequence (a table with `ON COMMIT DROP` ends with the transaction), a `LOAD`ed
-/// library. The guard runs it and closes the connection when the transaction ends, so the
-/// next borrower finds a clean session.
+/// library, a session-level advisory lock (`pg_advisory_lock` and its shared and `try` forms:
+/// held until the session ends, so pooled it would block every other caller of the key), or
+/// a setting made by `set_config` for the session (a third argument other than `true`).
+/// The guard runs it and closes the connection when the transaction ends, so the next
+/// borrower finds a clean session.
 fn changes_session(tokens: &[Token<'_>]) -> bool {
     let has = |seq: &[&str]| {
         tokens
             .windows(seq.len())
             .any(|w| w.iter().zip(seq).all(|(t, k)| is(t, k)))
     };
+    // Where the arguments of each call of `function` start.
+    let calls = |function: &'static str| {
+        tokens
+            .windows(2)
+            .enumerate()
+            .filter(move |(_, w)| is(&w[0], function) && matches!(w[1], Token::Punct('(')))
+            .map(|(at, _)| at + 2)
+    };
+    const SESSION_LOCKS: [&str; 4] = [
+        "pg_advisory_lock",
+        "pg_advisory_lock_shared",
+        "pg_try_advisory_lock",
+        "pg_try_advisory_lock_shared",
+    ];
+    if SESSION_LOCKS.iter().any(|f| calls(f).next().is_some())
+        || calls("set_config").any(|args| !third_argument_is_true(&tokens[args..]))
+    {
+        return true;
+    }
     match tokens {
         [first, ..] if is(first, "LISTEN") || is(first, "DEALLOCATE") || is(first, "LOAD") => true,
         [first, second, ..] if is(first, "PREPARE") => !is(second, "TRANSACTION"),
@@ -371,6 +396,28 @@ fn changes_session(tokens: &[Token<'_>]) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether the third argument of a call whose arguments start `args` is the word `true`
+/// (`set_config(name, value, true)`: for the transaction only).
+fn third_argument_is_true(args: &[Token<'_>]) -> bool {
+    let mut depth = 0_usize;
+    let mut commas = 0;
+    for (at, token) in args.iter().enumerate() {
+        match token {
+            Token::Punct('(') => depth += 1,
+            Token::Punct(')') if depth == 0 => return false,
+            Token::Punct(')') => depth -= 1,
+            Token::Punct(',') if depth == 0 => {
+                commas += 1;
+                if commas == 2 {
+                    return matches!(args.get(at + 1..at + 3), Some([value, Token::Punct(')')]) if is(value, "true"));
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// What the guard does with SQL text sent through it ([`caller_commands`]).
@@ -558,6 +605,12 @@ mod tests {
             "CREATE TEMP SEQUENCE s",
             "LOAD 'auto_explain'",
             "SELECT 1; LISTEN jobs",
+            "SELECT pg_advisory_lock(42)",
+            "select PG_TRY_ADVISORY_LOCK_SHARED(1, 2)",
+            "SELECT pg_advisory_lock ($1), 1",
+            "SELECT set_config('application_name', 'x', false)",
+            "SELECT set_config('a.b', lower('X'), $3)",
+            "SELECT set_config('a.b', 'x', true OR false)",
         ];
         for sql in lasting {
             assert!(caller_commands(sql).expect(sql).changes_session, "{sql}");
@@ -572,6 +625,13 @@ mod tests {
             "SELECT 'LISTEN x'",
             "UNLISTEN *",
             "PREPARE TRANSACTION 'x'",
+            "SELECT pg_advisory_xact_lock(42)",
+            "SELECT pg_advisory_unlock(42)",
+            "SELECT 'pg_advisory_lock(1)'",
+            "SELECT \"pg_advisory_lock\" FROM t",
+            "SELECT set_config('app.user', $1, true)",
+            "SELECT set_config('app.user', coalesce($1, 'x'), TRUE)",
+            "SELECT current_setting('a.b') -- set_config('a', 'b', false)",
         ];
         for sql in ending {
             let read = caller_commands(sql);

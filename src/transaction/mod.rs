@@ -71,11 +71,14 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// from your code to commit or roll back; use `SET LOCAL` for a setting. Savepoint commands
 /// are followed when sent as text, refused when prepared. Statements that leave state in the
 /// session on purpose (`LISTEN`, `PREPARE`, `DEALLOCATE`, `DECLARE … WITH HOLD`,
-/// `CREATE TEMP …` without `ON COMMIT DROP`, `LOAD`) run, and the connection is closed when
-/// the transaction ends instead of going back to the pool, so the next caller finds a clean
-/// session (a temporary table of the same name, a free `LISTEN`). Text on the raw
-/// [`client`](Self::client), in functions and `DO` blocks, `set_config(…, false)` and
-/// `SELECT … INTO TEMP` are not read.
+/// `CREATE TEMP …` without `ON COMMIT DROP`, `LOAD`, a session-level advisory lock such as
+/// `pg_advisory_lock(…)`, `set_config(…, false)`) run, and the connection is closed when the
+/// transaction ends instead of going back to the pool, so the next caller finds a clean
+/// session (a temporary table of the same name, a free `LISTEN`, the advisory key free, the
+/// setting as it was). Prefer [`advisory_lock`](Self::advisory_lock) and
+/// `set_config(…, true)`, which end with the transaction and keep the connection pooled. Text
+/// on the raw [`client`](Self::client), in functions and `DO` blocks, and `SELECT … INTO
+/// TEMP` are not read.
 ///
 /// **On drop** without `commit`/`rollback` (an early return, a panic, a cancelled future):
 /// - with no statement in flight (the usual case: dropped between statements), `ROLLBACK` is

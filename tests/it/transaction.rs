@@ -589,6 +589,62 @@ async fn a_transaction_that_leaves_state_in_its_session_does_not_pool_its_connec
     assert_eq!(err.sql_state().map(|s| s.code()), Some("22012"), "{err}");
     let now = backend_pid(&db).await;
     assert!(!seen.contains(&now), "a fresh session after the PREPARE");
+    seen.push(now);
+    // A session-level advisory lock, and a setting made for the session by function: before,
+    // the lock stayed held by the pooled connection (no other session could take the key)
+    // and the setting reached every later caller.
+    let locker = now;
+    for sql in [
+        "SELECT pg_advisory_lock(42)",
+        "SELECT set_config('application_name', 'leaked', false)",
+    ] {
+        db.with_transaction(&opts, |tx| {
+            Box::pin(async move { tx.query_one(sql, &[]).await.map(drop) })
+        })
+        .await
+        .unwrap();
+        let now = backend_pid(&db).await;
+        assert!(!seen.contains(&now), "a fresh session after {sql}");
+        seen.push(now);
+    }
+    let other = pg.client().await.unwrap();
+    // The closed connection's backend releases its locks as it exits: once it is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while other
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&locker],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend {locker} still there"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let free: bool = other
+        .query_one("SELECT pg_try_advisory_lock(42)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(free, "the session lock ended with its connection");
+    let name: String = db
+        .with_transaction(&opts, |tx| {
+            Box::pin(async move {
+                Ok::<_, rowlock::Error>(
+                    tx.query_one("SELECT current_setting('application_name')", &[])
+                        .await?
+                        .get(0),
+                )
+            })
+        })
+        .await
+        .unwrap();
+    assert_ne!(name, "leaked");
     // Prepared, such a statement would run unseen: refused.
     let err = db
         .with_transaction(&opts, |tx| {

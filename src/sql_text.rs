@@ -355,24 +355,23 @@ fn changes_session(tokens: &[Token<'_>]) -> bool {
             .windows(seq.len())
             .any(|w| w.iter().zip(seq).all(|(t, k)| is(t, k)))
     };
-    // Where the arguments of each call of `function` start.
-    let calls = |function: &'static str| {
-        tokens
-            .windows(2)
-            .enumerate()
-            .filter(move |(_, w)| is(&w[0], function) && matches!(w[1], Token::Punct('(')))
-            .map(|(at, _)| at + 2)
-    };
+    // Calls: a word followed by `(` (one pass; most statements have none).
     const SESSION_LOCKS: [&str; 4] = [
         "pg_advisory_lock",
         "pg_advisory_lock_shared",
         "pg_try_advisory_lock",
         "pg_try_advisory_lock_shared",
     ];
-    if SESSION_LOCKS.iter().any(|f| calls(f).next().is_some())
-        || calls("set_config").any(|args| !third_argument_is_true(&tokens[args..]))
-    {
-        return true;
+    for (at, pair) in tokens.windows(2).enumerate() {
+        let [Token::Word(_), Token::Punct('(')] = pair else {
+            continue;
+        };
+        let function = &pair[0];
+        if SESSION_LOCKS.iter().any(|f| is(function, f))
+            || (is(function, "set_config") && !third_argument_is_true(&tokens[at + 2..]))
+        {
+            return true;
+        }
     }
     match tokens {
         [first, ..] if is(first, "LISTEN") || is(first, "DEALLOCATE") || is(first, "LOAD") => true,

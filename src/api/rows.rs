@@ -209,17 +209,18 @@ impl Transaction {
         }
     }
 
-    pub(crate) async fn lock_many<R: LockableRow>(
-        &self,
-        names: &Names,
-        keys: &[R::Key],
-        options: &Lock,
+    /// The rows of `R` with these keys (sorted, deduplicated), locked in key order. A plain
+    /// function mapping the future, so the lock step's future holds no second state machine.
+    pub(crate) fn lock_many<'a, R: LockableRow>(
+        &'a self,
+        names: &'a Names,
+        keys: &'a [R::Key],
+        options: &'a Lock,
         in_callers_tx: bool,
-    ) -> Result<Outcome<Vec<R>>, Error> {
-        let outcome = self
-            .lock_many_as_asked::<R>(names, keys, options, in_callers_tx)
-            .await?;
-        Ok(outcome.map(|(rows, _)| rows))
+    ) -> impl Future<Output = Result<Outcome<Vec<R>>, Error>> + Send + 'a {
+        use futures_util::FutureExt as _;
+        self.lock_many_as_asked::<R>(names, keys, options, in_callers_tx)
+            .map(|locked| Ok(locked?.map(|(rows, _)| rows)))
     }
 
     /// [`lock_many`](Self::lock_many), and for each key found under another spelling

@@ -75,7 +75,8 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 /// `pg_advisory_lock(…)`, `set_config(…, false)`) run, and the connection is closed when the
 /// transaction ends instead of going back to the pool, so the next caller finds a clean
 /// session (a temporary table of the same name, a free `LISTEN`, the advisory key free, the
-/// setting as it was). Prefer [`advisory_lock`](Self::advisory_lock) and
+/// setting as it was; not behind PgBouncer's transaction pooling, which keeps the server
+/// session for its next client). Prefer [`advisory_lock`](Self::advisory_lock) and
 /// `set_config(…, true)`, which end with the transaction and keep the connection pooled. Text
 /// on the raw [`client`](Self::client), in functions and `DO` blocks, and `SELECT … INTO
 /// TEMP` are not read.

@@ -410,7 +410,8 @@ fn third_argument_is_true(args: &[Token<'_>]) -> bool {
             Token::Punct(',') if depth == 0 => {
                 commas += 1;
                 if commas == 2 {
-                    return matches!(args.get(at + 1..at + 3), Some([value, Token::Punct(')')]) if is(value, "true"));
+                    let third = &args[at + 1..];
+                    return matches!(third, [value, Token::Punct(')'), ..] if is(value, "true"));
                 }
             }
             _ => {}

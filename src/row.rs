@@ -509,7 +509,8 @@ impl Names {
     /// key columns: each row found, its columns as `columns` selects them and, last,
     /// `rowlock_i`, the 1-based position of the key it matched. The server's equality may be
     /// coarser than `Key`'s `Ord` (`citext`, a nondeterministic collation: `ALICE` finds the
-    /// row `alice`), so what was found is never decided by comparing keys in Rust.
+    /// row `alice`), so a key whose row did not come back under its own spelling is not taken
+    /// for missing until the server says so.
     pub(crate) fn match_sql(&self, columns: &Columns) -> String {
         let aliases: Vec<String> = (1..=self.keys.len())
             .map(|i| format!("rowlock_k{i}"))

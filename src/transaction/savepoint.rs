@@ -105,7 +105,9 @@ impl Savepoint<'_> {
     /// Undoes the savepoint's work (`ROLLBACK TO SAVEPOINT` and `RELEASE SAVEPOINT`, sent with
     /// the next statement or `COMMIT`), including the writes queued inside it with
     /// [`execute_on_commit`](Transaction::execute_on_commit). The transaction is healthy
-    /// again, whatever failed inside the savepoint.
+    /// again, whatever failed inside the savepoint. Until the rollback reaches the server, the
+    /// row and advisory locks taken inside the savepoint are still held: before slow work
+    /// that must not hold them, run the next statement or end the transaction.
     pub fn rollback(mut self) {
         self.ended = true;
         self.tx.state().rollback_to_savepoint(self.id);
@@ -203,7 +205,8 @@ impl Transaction {
     /// `Err` (returned unchanged) or panics, or if this future is dropped. If `f` returns `Ok`
     /// but a statement inside it failed and was not recovered, the savepoint is rolled back
     /// and [`ErrorKind::TransactionAborted`] is returned. In every case the transaction can go
-    /// on. Nested calls nest savepoints.
+    /// on. Nested calls nest savepoints. The release or rollback goes out with the next
+    /// statement (see [`Savepoint::rollback`] for what that means for locks).
     ///
     /// ```no_run
     /// # async fn demo(tx: &rowlock::Transaction) -> Result<(), rowlock::Error> {

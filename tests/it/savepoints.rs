@@ -299,3 +299,35 @@ async fn writes_queued_inside_a_savepoint_go_with_it() {
     );
     assert_eq!(in_transaction(&client).await, 0);
 }
+
+/// `ROLLBACK TO SAVEPOINT` goes out with the transaction's next statement: until then the
+/// server still holds what the savepoint locked. Once anything follows, the row is free for
+/// others while the transaction goes on.
+#[tokio::test]
+async fn a_rolled_back_savepoints_locks_end_when_its_rollback_reaches_the_server() {
+    let (_pg, db) = accounts(2).await;
+    let other = db.clone();
+    let busy = |db: rowlock::Db| async move {
+        let outcome = db
+            .with_locked_row(&1, Lock::no_wait(), |_, _: Account| {
+                Box::pin(async { Ok::<_, rowlock::Error>(()) })
+            })
+            .await
+            .unwrap();
+        matches!(outcome, Outcome::LockNotAvailable(_))
+    };
+    db.with_transaction(TransactionOptions::new(), |tx| {
+        let other = other.clone();
+        Box::pin(async move {
+            let sp = tx.savepoint()?;
+            assert!(sp.lock_row::<Account>(&1, Lock::new()).await?.is_done());
+            sp.rollback();
+            assert!(busy(other.clone()).await, "not sent yet: still held");
+            tx.execute("SELECT 1", &[]).await?;
+            assert!(!busy(other.clone()).await, "rolled back: free");
+            Ok::<_, rowlock::Error>(())
+        })
+    })
+    .await
+    .unwrap();
+}

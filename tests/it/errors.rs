@@ -221,16 +221,20 @@ async fn decode_errors_name_no_step_they_did_not_fail_in() {
     assert_printed_once(&e);
 }
 
+/// The error of `sql` run in a transaction of its own.
+async fn statement_error(db: &rowlock::Db, sql: &'static str) -> rowlock::Error {
+    db.with_transaction(TransactionOptions::new(), |tx| {
+        Box::pin(async move { tx.execute(sql, &[]).await })
+    })
+    .await
+    .unwrap_err()
+}
+
 #[tokio::test]
 async fn display_carries_the_servers_and_the_drivers_message_once() {
     let (_db, db) = accounts(1).await;
     let opts = TransactionOptions::new();
-    let e = db
-        .with_transaction(&opts, |tx| {
-            Box::pin(async move { tx.execute("SELECT * FROM no_such_table", &[]).await })
-        })
-        .await
-        .unwrap_err();
+    let e = statement_error(&db, "SELECT * FROM no_such_table").await;
     let shown = e.to_string();
     assert!(
         shown.contains("relation \"no_such_table\" does not exist") && shown.contains("42P01"),
@@ -375,23 +379,12 @@ async fn a_table_named_in_another_case_says_why_it_is_missing() {
 #[tokio::test]
 async fn display_carries_the_servers_detail_and_hint_on_one_line() {
     let (_db, db) = accounts(2).await;
-    let opts = TransactionOptions::new();
-    let e = db
-        .with_transaction(&opts, |tx| {
-            Box::pin(async move { tx.execute("INSERT INTO accounts VALUES (1, 0)", &[]).await })
-        })
-        .await
-        .unwrap_err();
+    let e = statement_error(&db, "INSERT INTO accounts VALUES (1, 0)").await;
     let shown = e.to_string();
     assert!(shown.contains("Key (id)=(1) already exists."), "{shown}");
     assert_printed_once(&e);
 
-    let e = db
-        .with_transaction(&opts, |tx| {
-            Box::pin(async move { tx.execute("SELECT balanc FROM accounts", &[]).await })
-        })
-        .await
-        .unwrap_err();
+    let e = statement_error(&db, "SELECT balanc FROM accounts").await;
     let shown = e.to_string();
     assert!(
         shown.contains("hint: Perhaps you meant to reference the column \"accounts.balance\""),

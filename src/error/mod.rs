@@ -466,14 +466,14 @@ impl Error {
     pub(crate) fn misfit(index: usize, cause: impl fmt::Display) -> Self {
         let mut e = Error::new(ErrorKind::InvalidArgument);
         e.inner.misfit = Some((index, cause.to_string()));
-        e.misfit_named(|i| format!("parameter {}", i + 1))
+        e.misfit_named(|i| format!("parameter ${}", i + 1))
     }
 
     /// Names the value that did not fit (see [`with_misfit`](Self::with_misfit)) by its
     /// position: `name(0)` for the statement's first parameter.
     pub(crate) fn misfit_named(mut self, name: impl FnOnce(usize) -> String) -> Self {
         if let Some((index, cause)) = &self.inner.misfit {
-            self.inner.detail = Some(format!("{} does not fit its column: {cause}", name(*index)));
+            self.inner.detail = Some(format!("{} has the wrong type: {cause}", name(*index)));
         }
         self
     }

@@ -58,9 +58,9 @@ pub type OwnedParam = Box<dyn ToSql + Send + Sync>;
 ///
 /// **Values that do not fit.** A value whose Rust type does not fit its placeholder's type
 /// (text for a `bigint`), or the wrong number of values, fails the statement method (`execute`,
-/// `query…`) with [`ErrorKind::InvalidArgument`] naming the placeholder (`parameter 2` for
-/// `$2`), as [`execute_on_commit`](Self::execute_on_commit) refuses it: nothing of the
-/// statement was sent, and the transaction goes on.
+/// `query…`) with [`ErrorKind::InvalidArgument`] naming the placeholder as the SQL spells it
+/// (`parameter $2 has the wrong type: …`), as [`execute_on_commit`](Self::execute_on_commit)
+/// refuses it: nothing of the statement was sent, and the transaction goes on.
 ///
 /// **SQL it refuses.** Text sent through its methods (`execute`, `query…`, `batch_execute`,
 /// `prepare…`) that would end or restart the transaction under the guard (`COMMIT`, `END`,

@@ -254,7 +254,9 @@ async fn display_carries_the_servers_and_the_drivers_message_once() {
     let shown = e.to_string();
     assert_eq!(e.kind(), rowlock::ErrorKind::InvalidArgument, "{shown}");
     assert!(
-        shown.contains("parameter 1") && shown.contains("i32") && shown.contains("int8"),
+        shown.contains("parameter $1 has the wrong type")
+            && shown.contains("i32")
+            && shown.contains("int8"),
         "{shown}"
     );
     assert_printed_once(&e);

@@ -251,7 +251,10 @@ async fn a_queued_write_that_does_not_fit_is_refused_and_nothing_is_queued() {
     // A value of the wrong type (text for bigint), after one that fits.
     let err = tx.execute_on_commit(&stmt, &[&1_i64, &"lots"]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    assert!(err.to_string().contains("parameter 2"), "{err}");
+    assert!(
+        err.to_string().contains("parameter $2 has the wrong type"),
+        "{err}"
+    );
     // The transaction goes on: a write that fits is queued and committed, alone.
     tx.execute_on_commit(&stmt, &[&1_i64, &7_i64]).unwrap();
     assert!(format!("{tx:?}").contains("queued_on_commit: 1"), "{tx:?}");
@@ -267,8 +270,8 @@ async fn a_statement_whose_values_do_not_fit_is_refused_as_a_queued_write_is() {
     let sql = "UPDATE accounts SET balance = $2 WHERE id = $1";
     let stmt = tx.prepare_cached(sql).await.unwrap();
     // Text for bigint, through every statement method, as text and prepared: the same kind
-    // and the same words as `execute_on_commit`, naming the placeholder (`$2`), not the
-    // driver's 0-based "parameter 1".
+    // and the same words as `execute_on_commit`, naming the placeholder as the SQL spells it
+    // (`$2`), not by the driver's 0-based "parameter 1".
     let text_value: &(dyn rowlock::tokio_postgres::types::ToSql + Sync) = &"lots";
     let misfits = [
         tx.execute(sql, &[&1_i64, text_value]).await.unwrap_err(),
@@ -282,7 +285,7 @@ async fn a_statement_whose_values_do_not_fit_is_refused_as_a_queued_write_is() {
     for err in &misfits {
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
         assert!(
-            err.to_string().contains("parameter 2 does not fit"),
+            err.to_string().contains("parameter $2 has the wrong type"),
             "{err}"
         );
     }

@@ -5,9 +5,10 @@
 //! `pg_blocking_pids()` has nothing to report for it. The holder is found from what the lock
 //! leaves behind instead:
 //!
-//! - a row lock: the row's `xmax` is the locking transaction's id, matched against
-//!   `pg_stat_activity.backend_xid`. Shared locks held by several transactions at once (a
-//!   MultiXact in `xmax`) are not resolved to backends: the list is then empty;
+//! - a row lock: the row's `xmax` is the locking transaction's id (or a subtransaction's),
+//!   matched against the `ExclusiveLock` every transaction id's owner holds in `pg_locks`; a
+//!   MultiXact in `xmax` (shared locks taken by several transactions, of which some may have
+//!   ended) is resolved to its members that are still running (`XMAX_HOLDERS`);
 //! - an advisory lock: the granted `advisory` entry in `pg_locks`.
 //!
 //! The transaction guard runs the query on the caller's own connection right after its
@@ -15,11 +16,11 @@
 //! transaction pooling), bounded by a timeout; if it fails, the outcome is returned without
 //! blockers.
 //!
-//! **Privileges:** `pg_stat_activity` shows another role's sessions' `query` (and hides
-//! `xact_start`, `state` and `backend_xid`) only to superusers and members of
-//! `pg_read_all_stats`. Without them, a blocker of another role is still found by advisory
-//! lock (`pg_locks` is readable by all), while a row-lock blocker of another role is not found
-//! (its `backend_xid` is hidden). Grant with `GRANT pg_read_all_stats TO app_role;`.
+//! **Privileges:** `pg_stat_activity` shows another role's sessions' `query`, `xact_start` and
+//! `state` only to superusers and members of `pg_read_all_stats`. Without them, a blocker of
+//! another role is still found (`pg_locks` and `pg_get_multixact_members` are open to all), with
+//! its pid and `application_name`; its state and transaction age are `None` and its query is
+//! `<insufficient privilege>`. Grant with `GRANT pg_read_all_stats TO app_role;`.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -112,16 +113,34 @@ const SELECT: &str = "SELECT a.pid, coalesce(a.application_name, ''), \
      extract(epoch FROM clock_timestamp() - a.xact_start)::float8, a.state, a.query \
      FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND ";
 
+/// The transaction ids holding a lock on row `r`, from its `xmax`: that id itself when a
+/// running transaction owns it (one locker or updater, top-level or a subtransaction: each
+/// holds an `ExclusiveLock` on its own id in `pg_locks`), else, when it is a MultiXact still on
+/// disk (several lockers, or one left of several), its members. Which of the two an `xmax` is
+/// lives in the tuple's header, which SQL cannot read; the order of the tests keeps
+/// `pg_get_multixact_members` to values inside the live MultiXact range (`mxid_age` above 0
+/// and no older than the oldest database's `datminmxid`), where it cannot fail.
+const XMAX_HOLDERS: &str = "CASE WHEN EXISTS (SELECT 1 FROM pg_locks p \
+     WHERE p.locktype = 'transactionid' AND p.transactionid = r.xmax) \
+     OR mxid_age(r.xmax) <= 0 \
+     OR mxid_age(r.xmax) > (SELECT max(mxid_age(datminmxid)) FROM pg_database) \
+     THEN ARRAY[r.xmax] \
+     ELSE ARRAY(SELECT m.xid FROM pg_get_multixact_members(r.xmax) m) END";
+
 /// How long the lookup may take before the outcome is returned without it.
 pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl<'a> BlockerQuery<'a> {
     /// Holders of the row locks on the rows of `table` (a rendered name) that `filter` (a
-    /// `WHERE` clause over `params`) selects.
+    /// `WHERE` clause over `params`) selects: the sessions owning a transaction id in each
+    /// row's `xmax` (see [`XMAX_HOLDERS`]).
     pub(crate) fn rows(table: &str, filter: &str, params: Vec<&'a (dyn ToSql + Sync)>) -> Self {
         BlockerQuery {
             sql: format!(
-                "{SELECT}a.backend_xid IN (SELECT xmax FROM {table} {filter}) ORDER BY a.xact_start"
+                "{SELECT}a.pid IN (SELECT l.pid FROM pg_locks l \
+                 WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
+                 AND l.transactionid = ANY (SELECT x FROM (SELECT xmax FROM {table} {filter}) r, \
+                 unnest({XMAX_HOLDERS}) x)) ORDER BY a.xact_start"
             ),
             params,
             arrays: Vec::new(),

@@ -158,8 +158,9 @@ impl Lock {
 
     /// When the lock is not available or the wait times out, asks the server who holds it, so
     /// that [`Error::blockers`](crate::Error::blockers) can name the sessions: two more round
-    /// trips, on that failure path only, and the privileges the guide's
-    /// [Who holds the lock](crate::guide::outcomes#who-holds-the-lock) names. Applies to the
+    /// trips, on that failure path only; the guide's
+    /// [Who holds the lock](crate::guide::outcomes#who-holds-the-lock) says what it finds with
+    /// which privileges. Applies to the
     /// calls that open their own transaction
     /// ([`with_locked_row(s)`](crate::Db::with_locked_row),
     /// [`Db::with_advisory_lock`](crate::Db::with_advisory_lock)). Defaults to off: `NoWait`

@@ -524,7 +524,7 @@ impl Error {
     /// `None` when not gathered (not asked for, other errors, locks taken with
     /// [`Transaction::lock_row`](crate::Transaction::lock_row) inside your own transaction, or
     /// the lookup failed); `Some(&[])` when the holder could not be identified (it finished
-    /// meanwhile, a shared lock held by several transactions, or hidden by privileges). Gathered
+    /// meanwhile). Gathered
     /// on the failure path only; see the guide's
     /// [Who holds the lock](crate::guide::outcomes#who-holds-the-lock) for how and which
     /// privileges it needs.

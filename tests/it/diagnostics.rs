@@ -216,3 +216,132 @@ async fn advisory_lock_contention_names_the_holder() {
     };
     assert_eq!(err.blockers().unwrap()[0].pid, pid2);
 }
+
+/// The pids a `NoWait` lock on account `id` finds holding it (the outcome must be busy).
+async fn holders_of(db: &rowlock::Db, id: i64) -> Vec<i32> {
+    let nowait = Lock::no_wait().find_blockers(true);
+    let outcome = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&id, &nowait, never)
+        .await
+        .unwrap();
+    let Outcome::LockNotAvailable(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let mut pids: Vec<i32> = err.blockers().unwrap().iter().map(|b| b.pid).collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// A session of `pg` that ran `sql`, and its pid.
+async fn session_running(pg: &rowlock_testing::TestDatabase, sql: &str) -> (Client, i32) {
+    let client = pg.client().await.unwrap();
+    client.batch_execute(sql).await.unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (client, pid)
+}
+
+/// A row's `xmax` is not always the holder's top-level transaction id: a lock taken inside a
+/// savepoint leaves the subtransaction's id, and shared locks of several transactions (a
+/// foreign key's inserts take them) leave a MultiXact, which stays in the row after some of
+/// them end. Each names its running holders.
+#[tokio::test]
+async fn holders_behind_a_savepoint_or_a_multixact_are_named() {
+    let (pg, db) = accounts(3).await;
+
+    let (_in_savepoint, pid) = session_running(
+        &pg,
+        "BEGIN; SELECT 1; SAVEPOINT s; SELECT * FROM accounts WHERE id = 1 FOR UPDATE",
+    )
+    .await;
+    assert_eq!(holders_of(&db, 1).await, [pid]);
+
+    let share = "BEGIN; SELECT * FROM accounts WHERE id = 2 FOR KEY SHARE";
+    let (first, pid1) = session_running(&pg, share).await;
+    let (second, pid2) = session_running(&pg, share).await;
+    let mut both = vec![pid1, pid2];
+    both.sort_unstable();
+    assert_eq!(holders_of(&db, 2).await, both);
+    // One of them ends; the MultiXact stays in the row, with one member running.
+    second.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(holders_of(&db, 2).await, [pid1]);
+    first.batch_execute("COMMIT").await.unwrap();
+    let free = db
+        .with_locked_row(&2, Lock::no_wait(), |_, a: Account| {
+            Box::pin(async move { Ok::<_, rowlock::Error>(a.id) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(free.done(), Some(2));
+
+    // A row locked by a transaction that updated it: the updater.
+    let (_updater, pid) = session_running(
+        &pg,
+        "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = 3",
+    )
+    .await;
+    assert_eq!(holders_of(&db, 3).await, [pid]);
+}
+
+/// A caller without `pg_read_all_stats` still learns who holds the row when the holder is
+/// another role: its pid and application name (`pg_locks` is open to every role); its state,
+/// age and query are hidden by the server.
+#[tokio::test]
+async fn a_holder_of_another_role_is_named_without_extra_privileges() {
+    let (pg, _) = accounts(1).await;
+    let admin = pg.client().await.unwrap();
+    let may_create_roles: bool = admin
+        .query_one(
+            "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if !may_create_roles {
+        eprintln!("skipped: the test role may not create roles");
+        return;
+    }
+    let role = format!("{}_reader", pg.name());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN; GRANT ALL ON accounts TO \"{role}\""
+        ))
+        .await
+        .unwrap();
+    let mut config = pg.config().clone();
+    config.user(&role);
+    let db = rowlock::Db::builder()
+        .config(config)
+        .max_size(2)
+        .build()
+        .unwrap();
+    let (holder, pid) = holder(&pg).await;
+
+    let nowait = Lock::no_wait().find_blockers(true);
+    let outcome = db
+        .with_locked_row::<Account, _, rowlock::Error, _>(&1, &nowait, never)
+        .await
+        .unwrap();
+    let Outcome::LockNotAvailable(err) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let blockers = err.blockers().unwrap();
+    assert_eq!(blockers.len(), 1, "{blockers:?}");
+    let b = &blockers[0];
+    assert_eq!((b.pid, b.application_name.as_str()), (pid, "billing-batch"));
+    assert_eq!((b.state.as_deref(), b.transaction_age), (None, None));
+    assert_eq!(b.query_text(), Some("<insufficient privilege>"));
+
+    drop(holder);
+    drop(db);
+    admin
+        .batch_execute(&format!(
+            "REVOKE ALL ON accounts FROM \"{role}\"; DROP ROLE \"{role}\""
+        ))
+        .await
+        .unwrap();
+}

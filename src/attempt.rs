@@ -28,8 +28,10 @@ pub(crate) trait LockStep: Sync {
         &'t self,
         tx: &'t Transaction,
     ) -> impl Future<Output = Result<Self::Locked, Error>> + Send + 't;
-    /// How to find who holds the lock, when it could not be taken.
-    fn blockers(&self) -> Option<BlockerQuery<'_>> {
+    /// How to find who holds the lock, when it could not be taken (`failed` says which:
+    /// [`Error::rows`]).
+    fn blockers(&self, failed: &Error) -> Option<BlockerQuery<'_>> {
+        let _ = failed;
         None
     }
 }
@@ -198,7 +200,7 @@ async fn not_locked<S: LockStep, O: Contended, E>(
             Err(Failure::Retry(cause))
         }
         Some(e) => {
-            tx.rollback_and_find_blockers(step.blockers(), e).await;
+            tx.rollback_and_find_blockers(step.blockers(e), e).await;
             Ok(outcome)
         }
         None => {

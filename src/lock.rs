@@ -163,6 +163,7 @@ impl Lock {
     /// which privileges. Applies to the
     /// calls that open their own transaction
     /// ([`with_locked_row(s)`](crate::Db::with_locked_row),
+    /// [`Db::with_locked_set`](crate::Db::with_locked_set),
     /// [`Db::with_advisory_lock`](crate::Db::with_advisory_lock)). Defaults to off: `NoWait`
     /// exists to fail fast, and a busy row is an ordinary outcome that should cost what
     /// success costs.

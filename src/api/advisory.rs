@@ -273,7 +273,7 @@ impl LockStep for AdvisoryLock {
     ) -> impl Future<Output = Result<Outcome<()>, Error>> + Send + 't {
         tx.take_advisory_lock(self.key, self.mode, self.shared, false)
     }
-    fn blockers(&self) -> Option<BlockerQuery<'_>> {
+    fn blockers(&self, _: &Error) -> Option<BlockerQuery<'_>> {
         self.pg_locks_key.as_ref().map(BlockerQuery::advisory)
     }
 }

@@ -576,17 +576,10 @@ impl<R: LockableRow> LockStep for RowLock<'_, R> {
     ) -> impl Future<Output = Result<Outcome<R>, Error>> + Send + 't {
         tx.lock_one::<R>(self.names, self.key, self.options, false)
     }
-    fn blockers(&self) -> Option<BlockerQuery<'_>> {
-        if !self.options.find_blockers {
-            return None;
-        }
-        let mut params = Vec::with_capacity(self.names.keys.len());
-        self.key.push_params(&mut params);
-        Some(BlockerQuery::rows(
-            &self.names.table,
-            &self.names.where_bound_keys(1),
-            params,
-        ))
+    fn blockers(&self, _: &Error) -> Option<BlockerQuery<'_>> {
+        self.options
+            .find_blockers
+            .then(|| holders_of::<R>(self.names, std::slice::from_ref(self.key)))
     }
 }
 
@@ -605,19 +598,26 @@ impl<R: LockableRow> LockStep for RowsLock<'_, R> {
     ) -> impl Future<Output = Result<Self::Locked, Error>> + Send + 't {
         tx.lock_many::<R>(self.names, self.keys, self.options, false)
     }
-    fn blockers(&self) -> Option<BlockerQuery<'_>> {
-        if !self.options.find_blockers {
-            return None;
-        }
-        // The same `WHERE` as the locking statement: one key's values, or arrays of several.
-        let filter = self.names.where_bound_keys(self.keys.len());
-        let arrays = key_arrays(self.keys);
-        let mut params = Vec::new();
-        if arrays.is_empty() {
-            for key in self.keys {
-                key.push_params(&mut params);
-            }
-        }
-        Some(BlockerQuery::rows(&self.names.table, &filter, params).with_arrays(arrays))
+    fn blockers(&self, _: &Error) -> Option<BlockerQuery<'_>> {
+        self.options
+            .find_blockers
+            .then(|| holders_of::<R>(self.names, self.keys))
     }
+}
+
+/// How to find the holders of the rows of `keys`: the same `WHERE` as the locking statement
+/// (one key's values, or arrays of several).
+pub(crate) fn holders_of<'a, R: LockableRow>(
+    names: &'a Names,
+    keys: &'a [R::Key],
+) -> BlockerQuery<'a> {
+    let filter = names.where_bound_keys(keys.len());
+    let arrays = key_arrays(keys);
+    let mut params = Vec::new();
+    if arrays.is_empty() {
+        for key in keys {
+            key.push_params(&mut params);
+        }
+    }
+    BlockerQuery::rows(&names.table, &filter, params).with_arrays(arrays)
 }

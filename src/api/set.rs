@@ -17,9 +17,10 @@ use futures_util::future::BoxFuture;
 
 use crate::scoped::ScopedBoxFuture;
 
-use crate::api::rows::sorted_keys;
+use crate::api::rows::{holders_of, sorted_keys};
 use crate::attempt::{LockStep, run_locked};
 use crate::db::Db;
+use crate::diagnostics::{BlockerQuery, RowRef};
 use crate::error::Error;
 use crate::lock::{Lock, LockMode};
 use crate::outcome::Outcome;
@@ -39,6 +40,10 @@ trait TableRows: Send + Sync {
     fn set_mode(&mut self, mode: LockMode);
     fn add(&mut self, other: Box<dyn TableRows>) -> Result<(), Error>;
     fn as_any_box(self: Box<Self>) -> Box<dyn Any>;
+    /// Whether `row` is one of this table's rows.
+    fn has(&self, row: &RowRef) -> bool;
+    /// How to find the holders of this table's rows.
+    fn holders(&self) -> BlockerQuery<'_>;
     fn lock<'t>(
         &'t self,
         tx: &'t Transaction,
@@ -85,6 +90,14 @@ impl<R: LockableRow> TableRows for Rows<R> {
 
     fn as_any_box(self: Box<Self>) -> Box<dyn Any> {
         self
+    }
+
+    fn has(&self, row: &RowRef) -> bool {
+        self.keys.iter().any(|key| row.is::<R>(key))
+    }
+
+    fn holders(&self) -> BlockerQuery<'_> {
+        holders_of::<R>(&self.names, &self.keys)
     }
 
     fn lock<'t>(
@@ -422,6 +435,15 @@ impl LockStep for SetLock<'_> {
     async fn lock(&self, tx: &Transaction) -> Result<Self::Locked, Error> {
         self.lock_in(tx, false).await
     }
+    /// The holders of the rows of the table whose statement failed (the one that names them).
+    fn blockers(&self, failed: &Error) -> Option<BlockerQuery<'_>> {
+        let row = failed
+            .rows()
+            .first()
+            .filter(|_| self.options.find_blockers)?;
+        let table = self.tables.iter().find(|t| t.has(row))?;
+        Some(table.holders())
+    }
 }
 
 impl Transaction {
@@ -458,8 +480,9 @@ impl Db {
     /// the first table that had missing or skipped rows, or the lock was not available or
     /// timed out ([`Error::rows`] names the table and the keys its statement asked for), and
     /// nothing was committed. Round trips: one per table, then the closure's own, then
-    /// `COMMIT`. Blockers ([`Lock::find_blockers`]) are not looked up for sets. Retries,
-    /// drops and errors as for [`Db::with_locked_row`](Self::with_locked_row).
+    /// `COMMIT`. With [`Lock::find_blockers`], [`Error::blockers`] names who holds the rows of
+    /// the table whose lock failed. Retries, drops and errors as for
+    /// [`Db::with_locked_row`](Self::with_locked_row).
     ///
     /// ```no_run
     /// # use rowlock::{LockableRow, Table, tokio_postgres::{Row, Error as PgError}};

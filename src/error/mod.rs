@@ -516,16 +516,17 @@ impl Error {
 
     /// The sessions that held the lock this call could not take, for
     /// [`ErrorKind::LockNotAvailable`] and [`ErrorKind::LockTimeout`] outcomes of
-    /// [`Db::with_locked_row`](crate::Db::with_locked_row), [`Db::with_locked_rows`](crate::Db::with_locked_rows),
-    /// (when the outcome is returned, not retried) and
-    /// [`Db::with_advisory_lock`](crate::Db::with_advisory_lock), when the call asked with
+    /// [`Db::with_locked_row`](crate::Db::with_locked_row),
+    /// [`Db::with_locked_rows`](crate::Db::with_locked_rows),
+    /// [`Db::with_locked_set`](crate::Db::with_locked_set) (the holders of the rows
+    /// [`rows`](Self::rows) names) and [`Db::with_advisory_lock`](crate::Db::with_advisory_lock)
+    /// (when the outcome is returned, not retried), when the call asked with
     /// [`Lock::find_blockers`](crate::Lock::find_blockers).
     ///
     /// `None` when not gathered (not asked for, other errors, locks taken with
     /// [`Transaction::lock_row`](crate::Transaction::lock_row) inside your own transaction, or
     /// the lookup failed); `Some(&[])` when the holder could not be identified (it finished
-    /// meanwhile). Gathered
-    /// on the failure path only; see the guide's
+    /// meanwhile). Gathered on the failure path only; see the guide's
     /// [Who holds the lock](crate::guide::outcomes#who-holds-the-lock) for how and which
     /// privileges it needs.
     pub fn blockers(&self) -> Option<&[Blocker]> {

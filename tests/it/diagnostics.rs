@@ -345,3 +345,57 @@ async fn a_holder_of_another_role_is_named_without_extra_privileges() {
         .await
         .unwrap();
 }
+
+/// A lock set names the holders of the rows of the table whose lock failed, whichever table
+/// of the set that is.
+#[tokio::test]
+async fn a_lock_set_names_the_holder_of_the_table_that_failed() {
+    let (pg, db) = accounts(3).await;
+    pg.client()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE seats (show int, seat text, PRIMARY KEY (show, seat));
+             INSERT INTO seats VALUES (1, 'A1'), (2, 'A1');",
+        )
+        .await
+        .unwrap();
+    let (_accounts_holder, accounts_pid) = holder(&pg).await; // account 1
+    let (_seats_holder, seats_pid) = session_running(
+        &pg,
+        "BEGIN; SELECT * FROM seats WHERE show = 2 AND seat = 'A1' FOR UPDATE",
+    )
+    .await;
+    let nowait = Lock::no_wait().find_blockers(true);
+    let holders = async |set: rowlock::LockSet| -> (Vec<rowlock::RowRef>, Vec<i32>) {
+        let outcome = db
+            .with_locked_set(&set, &nowait, |_, _| {
+                Box::pin(async { Ok::<_, rowlock::Error>(()) })
+            })
+            .await
+            .unwrap();
+        let Outcome::LockNotAvailable(err) = outcome else {
+            panic!("{outcome:?}")
+        };
+        let pids = err.blockers().unwrap().iter().map(|b| b.pid).collect();
+        (err.rows().to_vec(), pids)
+    };
+    // accounts are locked first: the set fails there.
+    let set = rowlock::LockSet::new()
+        .row::<Seat>(&(1, "A1".to_string()))
+        .unwrap()
+        .rows::<Account>(&[2, 1])
+        .unwrap();
+    let (rows, pids) = holders(set).await;
+    assert!(rows.iter().any(|r| r.is::<Account>(&1)), "{rows:?}");
+    assert_eq!(pids, [accounts_pid]);
+    // accounts free, seats held: the set fails at seats, and names their holder.
+    let set = rowlock::LockSet::new()
+        .row::<Seat>(&(2, "A1".to_string()))
+        .unwrap()
+        .row::<Account>(&2)
+        .unwrap();
+    let (rows, pids) = holders(set).await;
+    assert_eq!(rows, [rowlock::RowRef::of::<Seat>(&(2, "A1".to_string()))]);
+    assert_eq!(pids, [seats_pid]);
+}

@@ -67,10 +67,10 @@ where
             &once
         }
     };
-    let rec = Recorder::new(call.is_some());
     trace::locked_call(call, async {
-        let result = attempts(db, &options, policy, step, &mut f, rec).await;
-        rec.outcome(result.as_ref().map_or("error", Contended::label));
+        let mut rec = Recorder::new(call.is_some());
+        let result = attempts(db, &options, policy, step, &mut f, &mut rec).await;
+        rec.finish(result.as_ref().map_or("error", Contended::label));
         result
     })
     .await
@@ -82,7 +82,7 @@ async fn attempts<'a, S, T, E, F>(
     policy: &RetryPolicy,
     step: &S,
     f: &mut F,
-    rec: Recorder,
+    rec: &mut Recorder,
 ) -> Result<Output<S, T>, E>
 where
     S: LockStep,
@@ -124,7 +124,7 @@ async fn attempt<'a, S, T, E, F>(
     policy: &RetryPolicy,
     step: &S,
     f: &mut F,
-    rec: Recorder,
+    rec: &mut Recorder,
 ) -> Result<Output<S, T>, Failure<E>>
 where
     S: LockStep,

@@ -1,5 +1,6 @@
 //! Lockable rows: how a row type names its table and key, and how it is built from a `Row`.
 
+use std::borrow::Cow;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -47,6 +48,15 @@ impl Table {
     /// The table name.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// `schema.name` or `name`, unquoted: how errors ([`RowRef`](crate::RowRef)) and spans name
+    /// the table.
+    pub(crate) fn spelled(&self) -> Cow<'static, str> {
+        match self.schema {
+            Some(schema) => format!("{schema}.{}", self.name).into(),
+            None => self.name.into(),
+        }
     }
 
     /// `"schema"."name"` or `"name"`, after checking each part. A dot in the name is refused:
@@ -352,7 +362,10 @@ fn decode_error<R: LockableRow>(e: tokio_postgres::Error, row: &Row, step: Step)
 /// statements rendered from them: checked, quoted and formatted once per row type, not per
 /// call.
 pub(crate) struct Names {
+    /// Quoted, as statements name it.
     pub(crate) table: String,
+    /// As the row type spells it ([`Table::spelled`]): how errors and spans name the table.
+    pub(crate) spelled: Cow<'static, str>,
     pub(crate) keys: Vec<String>,
     /// The row type's own [`LockableRow::COLUMNS`], or `*` when it lists none.
     declared: Arc<Columns>,
@@ -417,12 +430,8 @@ impl Columns {
 impl crate::diagnostics::RowRef {
     /// The row of `R` with this key.
     pub fn of<R: LockableRow>(key: &R::Key) -> Self {
-        let table = match R::TABLE.schema() {
-            Some(schema) => format!("{schema}.{}", R::TABLE.name()).into(),
-            None => R::TABLE.name().into(),
-        };
         crate::diagnostics::RowRef {
-            table,
+            table: R::TABLE.spelled(),
             key: format!("{key:?}"),
         }
     }
@@ -555,6 +564,7 @@ impl Names {
         Ok(Names {
             describe_sql: format!("SELECT * FROM {table} LIMIT 0"),
             table,
+            spelled: R::TABLE.spelled(),
             keys,
             declared: Arc::new(declared),
             learned: Mutex::default(),

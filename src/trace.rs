@@ -58,67 +58,92 @@ pub(crate) fn locked_call<F: Future>(
     }
 }
 
-/// Records a locked call's fields on the current span (the call's own, from
-/// [`locked_call`]); does nothing for calls without a span.
-#[derive(Clone, Copy)]
+/// A locked call's measurements, recorded on its span (the current one, from
+/// [`locked_call`]) once, when the call ends: a field recorded twice is printed twice by some
+/// subscribers (tracing-subscriber's `fmt` appends), so each attempt overwrites these values
+/// instead of the span's. Does nothing for calls without a span.
+#[derive(Default)]
 pub(crate) struct Recorder {
     #[cfg(feature = "tracing")]
     on: bool,
+    #[cfg(feature = "tracing")]
+    attempts: u32,
+    #[cfg(feature = "tracing")]
+    lock_wait_ms: Option<f64>,
+    #[cfg(feature = "tracing")]
+    hold_ms: Option<f64>,
 }
 
 impl Recorder {
     #[inline]
     pub(crate) fn new(on: bool) -> Self {
+        #[cfg(feature = "tracing")]
+        {
+            Recorder {
+                on,
+                ..Recorder::default()
+            }
+        }
         #[cfg(not(feature = "tracing"))]
-        let _ = on;
-        Recorder {
-            #[cfg(feature = "tracing")]
-            on,
+        {
+            let _ = on;
+            Recorder {}
         }
     }
 
-    /// Records the attempt number (1-based).
+    /// A new attempt (1-based): the previous one's times are dropped.
     #[inline]
-    pub(crate) fn attempt(self, n: u32) {
+    pub(crate) fn attempt(&mut self, n: u32) {
         #[cfg(feature = "tracing")]
-        if self.on {
-            tracing::Span::current().record("attempts", n);
+        {
+            self.attempts = n;
+            self.lock_wait_ms = None;
+            self.hold_ms = None;
         }
         #[cfg(not(feature = "tracing"))]
         let _ = n;
     }
 
-    /// Records how long the lock step took (waiting included), since `started`.
+    /// How long the lock step took (waiting included), since `started`.
     #[inline]
-    pub(crate) fn lock_wait(self, started: Mark) {
+    pub(crate) fn lock_wait(&mut self, started: Mark) {
         #[cfg(feature = "tracing")]
         if self.on {
-            tracing::Span::current().record("lock_wait_ms", started.elapsed_ms());
+            self.lock_wait_ms = Some(started.elapsed_ms());
         }
         #[cfg(not(feature = "tracing"))]
         let _ = started;
     }
 
-    /// Records how long the lock was held (closure and commit or rollback), since `locked`.
+    /// How long the lock was held (closure and commit or rollback), since `locked`.
     #[inline]
-    pub(crate) fn hold(self, locked: Mark) {
+    pub(crate) fn hold(&mut self, locked: Mark) {
         #[cfg(feature = "tracing")]
         if self.on {
-            tracing::Span::current().record("hold_ms", locked.elapsed_ms());
+            self.hold_ms = Some(locked.elapsed_ms());
         }
         #[cfg(not(feature = "tracing"))]
         let _ = locked;
     }
 
-    /// Records the call's outcome (`done`, `not_found`, `skipped`, `lock_not_available`,
-    /// `lock_timeout`, `empty`, `error`).
+    /// Records the number of attempts, the last attempt's lock wait and hold time, and the
+    /// call's outcome (`done`, `not_found`, `skipped`, `lock_not_available`, `lock_timeout`,
+    /// `empty`, `error`).
     #[inline]
-    pub(crate) fn outcome(self, label: &'static str) {
+    pub(crate) fn finish(&self, outcome: &'static str) {
         #[cfg(feature = "tracing")]
         if self.on {
-            tracing::Span::current().record("outcome", label);
+            let span = tracing::Span::current();
+            span.record("attempts", self.attempts);
+            if let Some(ms) = self.lock_wait_ms {
+                span.record("lock_wait_ms", ms);
+            }
+            if let Some(ms) = self.hold_ms {
+                span.record("hold_ms", ms);
+            }
+            span.record("outcome", outcome);
         }
         #[cfg(not(feature = "tracing"))]
-        let _ = label;
+        let _ = outcome;
     }
 }

@@ -853,7 +853,8 @@ impl Db {
             claim,
             row: PhantomData,
         };
-        run_locked(Some(("claim", R::TABLE.name())), self, &options, &step, f).await
+        let table = R::TABLE.spelled();
+        run_locked(Some(("claim", &table)), self, &options, &step, f).await
     }
 
     /// [`claim`](Self::claim) for one row at a time: the plain worker loop.

@@ -510,7 +510,7 @@ impl Db {
             options: &options,
         };
         run_locked(
-            Some(("with_locked_row", &names.table)),
+            Some(("with_locked_row", &names.spelled)),
             self,
             &options.transaction,
             &step,
@@ -551,7 +551,7 @@ impl Db {
             options: &options,
         };
         run_locked(
-            Some(("with_locked_rows", &names.table)),
+            Some(("with_locked_rows", &names.spelled)),
             self,
             &options.transaction,
             &step,

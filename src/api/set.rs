@@ -537,7 +537,7 @@ impl Db {
         let table = step
             .tables
             .iter()
-            .map(|t| t.names().table.as_str())
+            .map(|t| &*t.names().spelled)
             .collect::<Vec<_>>()
             .join(", ");
         run_locked(

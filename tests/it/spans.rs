@@ -24,6 +24,8 @@ struct Collector {
     spans: Arc<Mutex<BTreeMap<u64, Fields>>>,
     metadata: Arc<Mutex<BTreeMap<u64, &'static Metadata<'static>>>>,
     stack: Arc<Mutex<Vec<u64>>>,
+    /// Fields recorded on a span that already had a value (some subscribers print both).
+    recorded_twice: Arc<Mutex<Vec<String>>>,
 }
 
 struct Visitor<'a>(&'a mut Fields);
@@ -54,7 +56,13 @@ impl Subscriber for Collector {
     }
     fn record(&self, span: &Id, values: &Record<'_>) {
         if let Some(fields) = self.spans.lock().unwrap().get_mut(&span.into_u64()) {
-            values.record(&mut Visitor(fields));
+            let mut new = Fields::new();
+            values.record(&mut Visitor(&mut new));
+            for (name, value) in new {
+                if fields.insert(name.clone(), value).is_some() {
+                    self.recorded_twice.lock().unwrap().push(name);
+                }
+            }
         }
     }
     fn record_follows_from(&self, _: &Id, _: &Id) {}
@@ -119,7 +127,8 @@ async fn each_locked_call_has_a_span_with_wait_hold_outcome_and_attempts() {
     assert_eq!(spans.len(), 2, "{spans:#?}");
     let (first, second) = (&spans[0], &spans[1]);
     assert_eq!(first["call"], "with_locked_row");
-    assert_eq!(first["table"], "\"accounts\"");
+    // The table as the row type spells it, as errors name it (`RowRef`).
+    assert_eq!(first["table"], "accounts");
     assert_eq!(first["outcome"], "done");
     assert_eq!(first["attempts"], "1");
     for field in ["lock_wait_ms", "hold_ms"] {
@@ -132,4 +141,27 @@ async fn each_locked_call_has_a_span_with_wait_hold_outcome_and_attempts() {
         !second.contains_key("hold_ms"),
         "nothing was held: {second:?}"
     );
+
+    // Retried contention: the span says how many attempts, recording each field once (the
+    // last attempt's times), however many attempts ran.
+    let retried = Lock::no_wait().retry(
+        rowlock::RetryPolicy::new()
+            .max_attempts(3)
+            .base_delay(std::time::Duration::from_millis(1))
+            .retry_lock_contention(true),
+    );
+    let exhausted = db
+        .with_locked_row::<Account, (), rowlock::Error, _>(&1, &retried, |_, _| {
+            panic!("held elsewhere")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(exhausted.attempts(), Some(3), "{exhausted}");
+    let spans: Vec<Fields> = collector.spans.lock().unwrap().values().cloned().collect();
+    let third = &spans[2];
+    assert_eq!(third["attempts"], "3", "{third:?}");
+    assert_eq!(third["outcome"], "error");
+    assert!(third.contains_key("lock_wait_ms"));
+    let twice = collector.recorded_twice.lock().unwrap().clone();
+    assert!(twice.is_empty(), "recorded more than once: {twice:?}");
 }

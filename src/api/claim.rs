@@ -122,8 +122,8 @@ enum Condition {
 /// The number of rows is given per call ([`Db::claim`](crate::Db::claim), [`Transaction::claim`]).
 /// Invalid claims (no order, an order that does not end in the key columns, a bad identifier)
 /// are refused with [`ErrorKind::InvalidArgument`] before anything is locked, and so is a
-/// filter or order naming a column the table does not have (SQLSTATE `42703`, found when the
-/// statement is prepared, before it runs).
+/// filter, predicate, order or mark naming a column the table does not have (SQLSTATE
+/// `42703`, found when the statement is prepared, before it runs).
 ///
 /// ```
 /// use rowlock::{Claim, Compare, Direction};
@@ -754,8 +754,8 @@ fn decode_claimed<R: LockableRow>(rows: &[tokio_postgres::Row]) -> Result<Vec<R>
     decode_rows(rows, Step::Lock)
 }
 
-/// A claim's failure in the caller's terms: a column the table lacks (`42703`), or a filter
-/// value that does not fit its column (`42883`, `22P02`, or the driver's refusal), is the
+/// A claim's failure in the caller's terms: a column the table lacks (`42703`, in any part of
+/// the claim), or a value that does not fit its column (`42883`, `22P02`, or the driver's refusal), is the
 /// claim's fault ([`ErrorKind::InvalidArgument`]; nothing was
 /// locked).
 fn refine_claim_error(e: Error) -> Error {
@@ -763,7 +763,8 @@ fn refine_claim_error(e: Error) -> Error {
     if refused_as == Some(Refusal::UndefinedColumn) {
         e.reclassified(
             ErrorKind::InvalidArgument,
-            "the claim's filter or order names a column the table does not have",
+            "the claim names a column the table does not have (in a filter, a where_sql \
+             predicate, the order or the mark)",
         )
     } else if e.kind() == ErrorKind::Driver || refused_as == Some(Refusal::ValueMisfit) {
         // A value the driver could not bind as its column's type (nothing was sent), or a
@@ -771,7 +772,8 @@ fn refine_claim_error(e: Error) -> Error {
         // when the statement was prepared, before it ran).
         e.reclassified(
             ErrorKind::InvalidArgument,
-            "a claim filter or start value does not fit its column",
+            "a value of the claim (a filter's, the start's, or one in a where_sql predicate or \
+             the mark) does not fit its column",
         )
     } else {
         e

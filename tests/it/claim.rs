@@ -386,10 +386,14 @@ async fn bad_claims_are_refused_before_anything_is_locked() {
         Claim::new()
             .order_by("id\"; DROP TABLE jobs; --", Direction::Asc)
             .order_by("id", Direction::Asc),
+        pending().mark("no_such_column = 1", vec![]),
     ] {
         let err = db.claim(&claim, 1, just_ids).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
         assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN));
+        // Whichever part of the claim named it, the message says where to look.
+        let shown = err.to_string();
+        assert!(shown.contains("the mark)"), "{shown}");
     }
     assert_eq!(in_transaction(&observer).await, 0);
     let left: i64 = observer

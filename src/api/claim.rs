@@ -726,7 +726,7 @@ impl Transaction {
                 crate::flush::query(conn, &stmt, params).await
             }
         };
-        let rows = match self.run(Step::Lock, request).await {
+        let rows = match self.run(Step::Claim, request).await {
             Ok(rows) => rows,
             Err(e) => {
                 // A value the driver could not bind (nothing was sent): which one.
@@ -751,7 +751,7 @@ impl Transaction {
 
 /// The claimed rows as `R`s; a row that does not decode fails the claim.
 fn decode_claimed<R: LockableRow>(rows: &[tokio_postgres::Row]) -> Result<Vec<R>, Error> {
-    decode_rows(rows, Step::Lock)
+    decode_rows(rows, Step::Claim)
 }
 
 /// A claim's failure in the caller's terms: a column the table lacks (`42703`, in any part of
@@ -961,7 +961,7 @@ impl Db {
             .await
             .map(|o| o.done().unwrap_or_default());
         }
-        let rows = run_alone(self, &sql, &params, Step::Lock, claim.needs_custom_plans())
+        let rows = run_alone(self, &sql, &params, Step::Claim, claim.needs_custom_plans())
             .await
             .map_err(|e| {
                 let e = refine_claim_error(e).misfit_named(|i| claim.param_name(i));

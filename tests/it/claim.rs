@@ -514,7 +514,7 @@ async fn filters_that_cannot_fit_are_refused_before_anything_is_locked() {
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     let text = err.to_string();
     assert!(
-        text.contains("while locking rows") && text.contains("\"bogus\""),
+        text.contains("while claiming rows") && text.contains("\"bogus\""),
         "{text}"
     );
     // A bound value the driver cannot write as its column's type names its filter.

@@ -764,7 +764,7 @@ fn refine_claim_error(e: Error) -> Error {
         e.reclassified(
             ErrorKind::InvalidArgument,
             "the claim names a column the table does not have (in a filter, a where_sql \
-             predicate, the order or the mark)",
+             predicate, the order, the mark or the lease)",
         )
     } else if e.kind() == ErrorKind::Driver || refused_as == Some(Refusal::ValueMisfit) {
         // A value the driver could not bind as its column's type (nothing was sent), or a

@@ -14,10 +14,10 @@ use tokio_postgres::types::ToSql;
 use crate::api::claim_sql::SharedParam;
 use crate::api::transition::Transition;
 use crate::db::Db;
-use crate::error::Error;
+use crate::error::{Error, Step};
 use crate::options::validate_timeout;
 use crate::outcome::Outcome;
-use crate::row::{LockableRow, Table, quote_ident};
+use crate::row::{Key, LockableRow, Table, quote_ident};
 
 /// The column a leased claim returns the lease's attempt number in.
 pub(crate) const ATTEMPT_ALIAS: &str = "rowlock_lease_attempt";
@@ -186,8 +186,10 @@ impl<R: LockableRow> Leased<R> {
             quote_ident(&lease.until)?
         ))
         .when(lease.held(1)?);
-        db.transition::<R>(&self.row.key(), &renew, &[&self.attempt, &*lease.seconds])
-            .await
+        let result = db
+            .transition::<R>(&self.row.key(), &renew, &[&self.attempt, &*lease.seconds])
+            .await;
+        result.map_err(|e| e.within(Step::Lease))
     }
 
     /// Gives the row back at once (its lease ends now; the attempt stays counted), if the
@@ -196,8 +198,10 @@ impl<R: LockableRow> Leased<R> {
     pub async fn release(&self, db: &Db, lease: &Lease) -> Result<Outcome<R>, Error> {
         let release =
             Transition::new(format!("{} = NULL", quote_ident(&lease.until)?)).when(lease.held(1)?);
-        db.transition::<R>(&self.row.key(), &release, &[&self.attempt])
-            .await
+        let result = db
+            .transition::<R>(&self.row.key(), &release, &[&self.attempt])
+            .await;
+        result.map_err(|e| e.within(Step::Lease))
     }
 
     /// Completes the work: applies `set` (an SQL `SET` list whose `$1`, `$2`, … are `params`,
@@ -216,6 +220,15 @@ impl<R: LockableRow> Leased<R> {
             .when(lease.held(params.len() + 1)?);
         let mut all = params.to_vec();
         all.push(&self.attempt);
-        db.transition::<R>(&self.row.key(), &done, &all).await
+        let result = db.transition::<R>(&self.row.key(), &done, &all).await;
+        // The statement's parameters are the key's, then `params`.
+        let arity = <R::Key as Key>::ARITY;
+        result.map_err(|e| {
+            e.within(Step::Lease)
+                .misfit_named(|i| match i.checked_sub(arity) {
+                    Some(i) => format!("parameter ${} of complete's set", i + 1),
+                    None => format!("the key of {}", R::TABLE.spelled()),
+                })
+        })
     }
 }

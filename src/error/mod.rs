@@ -175,6 +175,7 @@ pub(crate) enum Step {
     AdvisoryLock,
     Statement,
     Transition,
+    Lease,
     Commit,
     Rollback,
 }
@@ -189,6 +190,7 @@ impl Step {
             Step::AdvisoryLock => "taking the advisory lock",
             Step::Statement => "running a statement",
             Step::Transition => "running a transition",
+            Step::Lease => "updating a lease",
             Step::Commit => "committing",
             Step::Rollback => "rolling back",
         }
@@ -280,6 +282,15 @@ impl Error {
 
     pub(crate) fn at(mut self, step: Step) -> Self {
         self.inner.step = Some(step);
+        self
+    }
+
+    /// The same error told as a step of `step` (an operation built on another: a lease's
+    /// update on a transition), when it happened at some step.
+    pub(crate) fn within(mut self, step: Step) -> Self {
+        if self.inner.step.is_some() {
+            self.inner.step = Some(step);
+        }
         self
     }
 

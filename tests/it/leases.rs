@@ -220,3 +220,46 @@ async fn a_claim_without_a_lease_cannot_hand_out_leases() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
 }
+
+/// A lease's errors speak of the lease, not of the transition or claim it is built on: the
+/// step (`updating a lease`), a `complete` value by its place in the caller's `set`, and a
+/// lease column the table lacks.
+#[tokio::test]
+async fn a_leases_errors_name_the_lease() {
+    let (_pg, db) = database(JOBS, 1).await;
+    let lease = Lease::new(Duration::from_secs(30));
+    let jobs = db
+        .claim_and_mark::<Leased<Job>>(&pending(&lease), 1)
+        .await
+        .unwrap();
+    // An int for a text column, as `$1` of the caller's `set`.
+    let err = jobs[0]
+        .complete(&db, &lease, "status = $1", &[&7_i32])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("while updating a lease")
+            && shown.contains("parameter $1 of complete's set has the wrong type"),
+        "{shown}"
+    );
+    // Still held, and completed once the value fits.
+    let done = jobs[0]
+        .complete(&db, &lease, "status = $1", &[&"done"])
+        .await
+        .unwrap();
+    assert_eq!(done.done().map(|j| j.status), Some("done".to_string()));
+
+    let elsewhere = Lease::new(Duration::from_secs(30)).until_column("lease_ends");
+    let err = db
+        .claim_and_mark::<Leased<Job>>(&pending(&elsewhere), 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("the lease)") && shown.contains("lease_ends"),
+        "{shown}"
+    );
+}

@@ -195,16 +195,7 @@ async fn advisory_lock_contention_names_the_holder() {
     assert!(outcome.is_done());
 
     let high = AdvisoryKey::single(-2); // both 32-bit halves non-zero
-    let holder2 = pg.client().await.unwrap();
-    holder2
-        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(-2)")
-        .await
-        .unwrap();
-    let pid2: i32 = holder2
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (_holder2, pid2) = session_running(&pg, "BEGIN; SELECT pg_advisory_xact_lock(-2)").await;
     let outcome = db
         .with_advisory_lock(high, &nowait, |_| {
             Box::pin(async { Ok::<_, rowlock::Error>(()) })

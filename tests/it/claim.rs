@@ -393,7 +393,7 @@ async fn bad_claims_are_refused_before_anything_is_locked() {
         assert_eq!(err.sql_state(), Some(&SqlState::UNDEFINED_COLUMN));
         // Whichever part of the claim named it, the message says where to look.
         let shown = err.to_string();
-        assert!(shown.contains("the mark)"), "{shown}");
+        assert!(shown.contains("the mark or the lease)"), "{shown}");
     }
     assert_eq!(in_transaction(&observer).await, 0);
     let left: i64 = observer

@@ -760,6 +760,12 @@ impl Error {
         self.inner.stale || self.as_db_error().is_some_and(is_stale_plan)
     }
 
+    /// True when the server was outside a transaction block where a statement needed one
+    /// (`25P01`).
+    pub(crate) fn is_no_transaction(&self) -> bool {
+        self.as_db_error().is_some_and(sqlstate::is_no_transaction)
+    }
+
     /// True when the caller's input was refused before anything was sent.
     pub fn is_invalid_argument(&self) -> bool {
         self.inner.kind == ErrorKind::InvalidArgument

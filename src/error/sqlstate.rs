@@ -133,6 +133,12 @@ pub(crate) fn is_deallocated(db: &tokio_postgres::error::DbError) -> bool {
     *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME
 }
 
+/// `25P01` "… can only be used in transaction blocks": the session was outside a transaction
+/// block where rowlock's guard expected its transaction.
+pub(crate) fn is_no_transaction(db: &tokio_postgres::error::DbError) -> bool {
+    *db.code() == SqlState::NO_ACTIVE_SQL_TRANSACTION
+}
+
 /// `57014`: a statement was cancelled (by a cancel request, or `statement_timeout`).
 pub(crate) fn is_cancel(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::QUERY_CANCELED)

@@ -7,9 +7,14 @@ use super::{Transaction, idle_timeout_error};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{At, Flush, Writes};
 
-/// After an unseen error, `SELECT 1` fails with `25P02` and the server skips the `COMMIT` of
-/// the same query string, so an aborted transaction cannot pass for committed.
-const PROBE_AND_COMMIT: &str = "SELECT 1; COMMIT";
+/// When the raw client was used: after an error rowlock did not see, `SAVEPOINT` fails with
+/// `25P02` and the server skips the `COMMIT` of the same query string, so an aborted
+/// transaction cannot pass for committed; after a `COMMIT` or `ROLLBACK` sent on the raw
+/// client, the session is outside any transaction block and `SAVEPOINT` fails with `25P01`
+/// ("can only be used in transaction blocks", also in the implicit block of this query
+/// string), so statements that ran on their own after it cannot pass for one committed
+/// transaction. `COMMIT` ends the savepoint with the transaction.
+const PROBE_AND_COMMIT: &str = "SAVEPOINT rowlock_probe; COMMIT";
 
 /// What the replies to a commit flush mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +28,9 @@ enum Verdict {
     RolledBack,
     /// The probe failed: `COMMIT` was skipped and the transaction is still open.
     ProbeFailed,
+    /// The probe found no transaction: the caller ended it on the raw client, and what ran
+    /// after that ran on its own.
+    EndedByCaller,
     /// `COMMIT` itself failed (serialization failure, deferred constraint…): the server
     /// ended the transaction.
     CommitFailed,
@@ -30,10 +38,12 @@ enum Verdict {
 
 /// Classifies a commit flush's outcome: `None` when every request succeeded, else the kind of
 /// the first failure and where it stood. Pure.
-fn classify(first_failure: Option<(ErrorKind, At)>, verify: bool) -> Verdict {
+/// `outside` says that the failure was the server being outside a transaction block.
+fn classify(first_failure: Option<(ErrorKind, At)>, verify: bool, outside: bool) -> Verdict {
     match first_failure {
         None => Verdict::Committed,
         Some((ErrorKind::Closed, _)) => Verdict::Unknown,
+        Some((_, At::Main)) if verify && outside => Verdict::EndedByCaller,
         Some((ErrorKind::TransactionAborted, At::Main)) if verify => Verdict::ProbeFailed,
         Some((_, At::Main)) => Verdict::CommitFailed,
         Some((_, At::Before(_) | At::After(_))) => Verdict::RolledBack,
@@ -140,7 +150,12 @@ impl Transaction {
         let failed = reply
             .err()
             .map(|f| (self.record(Error::from_pg(f.error, Step::Commit)), f.at));
-        let verdict = classify(failed.as_ref().map(|(e, at)| (e.kind(), *at)), verify);
+        let outside = failed.as_ref().is_some_and(|(e, _)| e.is_no_transaction());
+        let verdict = classify(
+            failed.as_ref().map(|(e, at)| (e.kind(), *at)),
+            verify,
+            outside,
+        );
         let error = failed.map(|(e, _)| e);
         match verdict {
             Verdict::Committed => {
@@ -159,6 +174,21 @@ impl Transaction {
                     ErrorKind::TransactionAborted,
                     "a statement not seen by rowlock had failed, so the transaction was rolled \
                      back",
+                )
+                .at(Step::Commit)
+                .with_sql_state(cause.sql_state().cloned())
+                .with_boxed_source(cause.into_source()))
+            }
+            Verdict::EndedByCaller => {
+                // The raw client may have changed the session too: never back to the pool.
+                self.discard();
+                let cause = error.expect("a failure");
+                Err(Error::with_kind(
+                    ErrorKind::Db,
+                    "the transaction had been ended on the raw client (a COMMIT or ROLLBACK \
+                     sent through Transaction::client) before rowlock's COMMIT: its locks were \
+                     released then, and each statement sent after it ran and committed on its \
+                     own",
                 )
                 .at(Step::Commit)
                 .with_sql_state(cause.sql_state().cloned())
@@ -247,10 +277,19 @@ mod tests {
         ];
         for (failure, verify, verdict) in cases {
             assert_eq!(
-                classify(failure, verify),
+                classify(failure, verify, false),
                 verdict,
                 "{failure:?}, verify {verify}"
             );
         }
+        // Outside a transaction block: ended by the caller only when the probe was sent.
+        assert_eq!(
+            classify(Some((Db, At::Main)), true, true),
+            Verdict::EndedByCaller
+        );
+        assert_eq!(
+            classify(Some((Db, At::Main)), false, true),
+            Verdict::CommitFailed
+        );
     }
 }

@@ -641,6 +641,14 @@ impl Transaction {
     /// flush as `COMMIT` (one extra statement, no extra round trip). Turn such an error into
     /// rowlock's with [`client_error`](Self::client_error), so the guard knows it and a
     /// retryable one is retried.
+    ///
+    /// The guard's refusals do not reach SQL sent here. A `COMMIT` or `ROLLBACK` sent on it
+    /// ends the transaction under the guard (its locks are released, and what is sent after
+    /// it runs and commits statement by statement): the commit's check finds no transaction
+    /// and fails with an error that says so (SQLSTATE `25P01`, not retried), and the
+    /// connection is closed. Session settings changed here (`SET` without `LOCAL`,
+    /// `LISTEN`, session advisory locks) are not seen, and stay with the pooled connection for
+    /// its next user: keep to `SET LOCAL` and transaction-scoped forms.
     pub async fn client(&self) -> Result<&tokio_postgres::Client, Error> {
         self.run(Step::Begin, || async { Ok(()) }).await?;
         self.state().used_raw_client();

@@ -327,6 +327,50 @@ async fn error_on_the_raw_client_is_caught_at_commit() {
     assert_eq!(in_transaction(&other).await, 0);
 }
 
+/// A `COMMIT` (or `ROLLBACK`) sent on the raw client ends the transaction under the guard:
+/// what the guard sends after it runs on its own, outside the lock. The commit says so
+/// instead of reporting one committed transaction, and the connection, whose session the raw
+/// client may have changed too, is not pooled again.
+#[tokio::test]
+async fn a_transaction_ended_on_the_raw_client_is_not_reported_committed() {
+    let (pg, db) = accounts(2).await;
+    let other = pg.client().await.unwrap();
+    for end in ["COMMIT", "ROLLBACK"] {
+        let result = db
+            .with_locked_row(
+                &1_i64,
+                rowlock::Lock::new(),
+                |tx, a: crate::support::Account| {
+                    Box::pin(async move {
+                        tx.execute("UPDATE accounts SET balance = 1 WHERE id = $1", &[&a.id])
+                            .await?;
+                        let raw = tx.client().await?;
+                        raw.batch_execute(end)
+                            .await
+                            .map_err(|e| tx.client_error(e))?;
+                        tx.execute("UPDATE accounts SET balance = 2 WHERE id = 2", &[])
+                            .await?;
+                        Ok::<_, rowlock::Error>(())
+                    })
+                },
+            )
+            .await;
+        let err = result.unwrap_err();
+        assert_eq!(
+            err.sql_state(),
+            Some(&SqlState::NO_ACTIVE_SQL_TRANSACTION),
+            "{err}"
+        );
+        assert!(err.to_string().contains("ended on the raw client"), "{err}");
+        assert!(!err.is_retryable(), "{err}");
+        // Not pooled again, and nothing left open.
+        assert_eq!(db.pool().status().size, 0, "{end}");
+        assert_eq!(in_transaction(&other).await, 0);
+    }
+    // What ran after the raw COMMIT committed on its own: the error says so.
+    assert_eq!(balance(&other, 2).await, 2);
+}
+
 #[tokio::test]
 async fn commit_error_from_the_server_is_reported() {
     let (pg, db) = accounts(1).await;

@@ -12,12 +12,12 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::api::claim_sql::SharedParam;
-use crate::api::transition::Transition;
+use crate::api::transition::{Transition, refine_bind_error};
 use crate::db::Db;
 use crate::error::{Error, Step};
 use crate::options::validate_timeout;
 use crate::outcome::Outcome;
-use crate::row::{Key, LockableRow, Table, quote_ident};
+use crate::row::{LockableRow, Table, quote_ident};
 
 /// The column a leased claim returns the lease's attempt number in.
 pub(crate) const ATTEMPT_ALIAS: &str = "rowlock_lease_attempt";
@@ -221,14 +221,6 @@ impl<R: LockableRow> Leased<R> {
         let mut all = params.to_vec();
         all.push(&self.attempt);
         let result = db.transition::<R>(&self.row.key(), &done, &all).await;
-        // The statement's parameters are the key's, then `params`.
-        let arity = <R::Key as Key>::ARITY;
-        result.map_err(|e| {
-            e.within(Step::Lease)
-                .misfit_named(|i| match i.checked_sub(arity) {
-                    Some(i) => format!("parameter ${} of complete's set", i + 1),
-                    None => format!("the key of {}", R::TABLE.spelled()),
-                })
-        })
+        result.map_err(|e| refine_bind_error::<R>(e.within(Step::Lease), "complete's set"))
     }
 }

@@ -413,7 +413,10 @@ impl Db {
             let result = self
                 .transition_alone(key, transition, params, own_transaction)
                 .await;
-            return timed_out(result.map_err(refine_bind_error::<R>), key);
+            return timed_out(
+                result.map_err(|e| refine_bind_error::<R>(e, "the transition")),
+                key,
+            );
         };
         // The handle's retry policy: a failure after which nothing ran (a connection lost
         // before the statement was sent, a server that no longer accepts writes, a
@@ -426,7 +429,12 @@ impl Db {
                 .await
             {
                 Err(e) if policy.retries(&e) => backoff.wait(e).await?,
-                result => return timed_out(result.map_err(refine_bind_error::<R>), key),
+                result => {
+                    return timed_out(
+                        result.map_err(|e| refine_bind_error::<R>(e, "the transition")),
+                        key,
+                    );
+                }
             }
         }
     }
@@ -509,7 +517,7 @@ impl Transaction {
         let result = self
             .run_transition::<R>(&rendered, &all, &columns, key)
             .await
-            .map_err(refine_bind_error::<R>);
+            .map_err(|e| refine_bind_error::<R>(e, "the transition"));
         let Some(id) = savepoint else {
             return result;
         };
@@ -573,14 +581,15 @@ fn timed_out<R: LockableRow>(
 }
 
 /// A value the driver could not bind (nothing was sent), named in the caller's terms: the
-/// statement's parameters start with the key's, then the caller's `$1`, `$2`, ….
-fn refine_bind_error<R: LockableRow>(e: Error) -> Error {
+/// statement's parameters start with the key's, then the caller's `$1`, `$2`, … of `written`
+/// (what the caller wrote them in: "the transition").
+pub(crate) fn refine_bind_error<R: LockableRow>(e: Error, written: &str) -> Error {
     let arity = <R::Key as Key>::ARITY;
     e.misfit_named(|index| match index.checked_sub(arity) {
         None => format!(
             "the key of {}",
             R::TABLE.render().unwrap_or_else(|_| R::TABLE.name().into())
         ),
-        Some(i) => format!("parameter ${} of the transition", i + 1),
+        Some(i) => format!("parameter ${} of {written}", i + 1),
     })
 }

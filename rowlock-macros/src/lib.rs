@@ -32,6 +32,27 @@ pub fn derive_lockable_row(input: TokenStream) -> TokenStream {
     }
 }
 
+/// What to write instead of a key that names no field: a composite key written as one
+/// string, or a column name where the field's name belongs.
+fn unknown_key_message(key: &LitStr, fields: &[Field]) -> String {
+    let value = key.value();
+    let mut message = format!("the key names no field `{value}` of this struct");
+    let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+    if parts.len() > 1 && parts.iter().all(|p| fields.iter().any(|f| f.ident == p)) {
+        let list: Vec<String> = parts.iter().map(|p| format!("{p:?}")).collect();
+        message.push_str(&format!(
+            "; a composite key lists its fields one string each: `key({})`",
+            list.join(", ")
+        ));
+    } else if let Some(f) = fields.iter().find(|f| f.column.value() == value) {
+        message.push_str(&format!(
+            "; `{value}` is the column of field `{}`: the key names fields, write `key = \"{}\"`",
+            f.ident, f.ident
+        ));
+    }
+    message
+}
+
 struct Field {
     ident: syn::Ident,
     ty: syn::Type,
@@ -136,7 +157,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         let Some(field) = fields.iter().find(|f| f.ident == key.value()) else {
             return Err(syn::Error::new(
                 key.span(),
-                format!("the key names no field `{}` of this struct", key.value()),
+                unknown_key_message(key, &fields),
             ));
         };
         key_fields.push(field);

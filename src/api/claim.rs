@@ -6,7 +6,7 @@
 //! WITH claimed AS MATERIALIZED (
 //!     SELECT * FROM "jobs"
 //!     WHERE "status" = $1 AND "run_at" <= $2          -- every filter before the LIMIT
-//!     ORDER BY "priority" DESC, "id"                   -- ends in the key: a total order
+//!     ORDER BY "priority" DESC, "id"                   -- includes the key: a total order
 //!     LIMIT $3
 //!     FOR NO KEY UPDATE SKIP LOCKED                    -- never waits for another worker
 //! )
@@ -120,7 +120,7 @@ enum Condition {
 /// What to claim: which rows are eligible, in which order, with which lock strength.
 ///
 /// The number of rows is given per call ([`Db::claim`](crate::Db::claim), [`Transaction::claim`]).
-/// Invalid claims (no order, an order that does not end in the key columns, a bad identifier)
+/// Invalid claims (no order, an order that lacks a key column, a bad identifier)
 /// are refused with [`ErrorKind::InvalidArgument`] before anything is locked, and so is a
 /// filter, predicate, order or mark naming a column the table does not have (SQLSTATE
 /// `42703`, found when the statement is prepared, before it runs).
@@ -276,8 +276,10 @@ impl Claim {
         self
     }
 
-    /// Appends a column to the claim order. The order must end with the row type's key
-    /// columns, so that it is total and every worker sees the same order.
+    /// Appends a column to the claim order. The order must include every key column of the
+    /// row type (anywhere in it, in either direction), so that it is total and every worker
+    /// sees the same order: a claim on a table keyed by `(id, day)` may order by `day`, then
+    /// `id`.
     #[must_use]
     pub fn order_by(mut self, column: impl Into<String>, direction: Direction) -> Self {
         self.rendered.take();
@@ -519,18 +521,21 @@ impl Claim {
         let names = Names::render::<R>()?;
         if self.order.is_empty() {
             return Err(Error::invalid(format!(
-                "a claim needs an order ending in the key column(s) {:?}; add order_by(..)",
+                "a claim needs an order that includes the key column(s) {:?}; add order_by(..)",
                 R::KEY_COLUMNS
             )));
         }
-        let tail: Vec<&str> = self.order[self.order.len().saturating_sub(R::KEY_COLUMNS.len())..]
+        // Rows that differ in a key column differ in the order: it is total, and every
+        // worker sees the same one. Where the key columns stand in it is the caller's choice.
+        let missing: Vec<&str> = R::KEY_COLUMNS
             .iter()
-            .map(|(c, _)| c.as_str())
+            .copied()
+            .filter(|k| !self.order.iter().any(|(c, _)| c == k))
             .collect();
-        if tail != R::KEY_COLUMNS {
+        if !missing.is_empty() {
             return Err(Error::invalid(format!(
-                "the claim order must end with the key column(s) {:?} so that it is total; \
-                 it ends with {tail:?}",
+                "the claim order must include the key column(s) {:?} so that it is total; \
+                 it lacks {missing:?}",
                 R::KEY_COLUMNS
             )));
         }

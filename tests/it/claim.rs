@@ -362,7 +362,7 @@ async fn bad_claims_are_refused_before_anything_is_locked() {
         (
             Claim::new().order_by("priority", Direction::Asc),
             1,
-            "order not ending in the key",
+            "order lacking the key",
         ),
         (
             Claim::new()

@@ -176,6 +176,44 @@ async fn a_uuid_and_date_composite_key_locks_several_rows_in_key_order() {
     );
 }
 
+/// A claim's order needs every key column, anywhere in it: shifts keyed by `(worker, day)`
+/// are claimed by day first. An order that lacks a key column is refused and says which.
+#[tokio::test]
+async fn a_claim_orders_a_composite_key_in_any_column_order() {
+    use rowlock::{Claim, Direction, ErrorKind};
+    let (_db, db) = setup().await;
+    let by_day = Claim::new()
+        .order_by("day", Direction::Asc)
+        .order_by("worker", Direction::Desc);
+    let claimed = db
+        .claim(&by_day, 4, |_, shifts: Vec<Shift>| {
+            Box::pin(async move {
+                Ok::<_, rowlock::Error>(shifts.iter().map(Shift::key).collect::<Vec<_>>())
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed,
+        Outcome::Done(vec![
+            (uuid(3), day(1)),
+            (uuid(2), day(1)),
+            (uuid(1), day(1)),
+            (uuid(3), day(2)),
+        ])
+    );
+    let err = db
+        .claim(
+            &Claim::new().order_by("day", Direction::Asc),
+            1,
+            |_, _: Vec<Shift>| Box::pin(async { Ok::<_, rowlock::Error>(()) }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains(r#"it lacks ["worker"]"#), "{err}");
+}
+
 /// A slot of a room: key columns of domain types (over `bigint` and `varchar`).
 #[derive(rowlock::LockableRow, Debug, PartialEq)]
 #[rowlock(table = "slots", key("room", "slot"))]

@@ -581,3 +581,61 @@ async fn without_retries_the_callers_own_error_comes_back_unchanged() {
         .await;
     assert!(matches!(result, Err(AppError::Conflict)), "{result:?}");
 }
+
+/// An event, in a table partitioned by day.
+#[derive(rowlock::LockableRow, Debug)]
+#[rowlock(table = "events", key("id", "day"))]
+struct Event {
+    id: i64,
+    day: i32,
+}
+
+/// A row that a concurrent update moved to another partition while the lock waited fails
+/// with `40001` even in `READ COMMITTED` (the server cannot follow it across partitions, as
+/// it follows an updated row within one table): one attempt returns it as
+/// `SerializationFailure`; under a retry policy the next attempt finds the old key gone.
+#[tokio::test]
+async fn a_row_moved_to_another_partition_while_waiting_is_a_serialization_failure() {
+    let (pg, db) = crate::support::database(
+        "CREATE TABLE events (id bigint, day int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE events_a PARTITION OF events FOR VALUES FROM (0) TO (100);
+         CREATE TABLE events_b PARTITION OF events FOR VALUES FROM (100) TO (200);
+         INSERT INTO events VALUES (1, 5), (2, 5);",
+        2,
+    )
+    .await;
+    let admin = pg.client().await.unwrap();
+    for (id, policy) in [(1_i64, None), (2, Some(RetryPolicy::new()))] {
+        let mover = pg.session().await.unwrap();
+        mover
+            .batch_execute(&format!(
+                "BEGIN; UPDATE events SET day = 150 WHERE id = {id}"
+            ))
+            .await
+            .unwrap();
+        let lock = match policy {
+            Some(p) => Lock::new().retry(p),
+            None => Lock::new(),
+        };
+        let db = db.clone();
+        let call = tokio::spawn(async move {
+            db.with_locked_row(&(id, 5), &lock, |_, e: Event| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(e.day) })
+            })
+            .await
+        });
+        wait_for_blocked_by(&admin, mover.pid(), 1, WAIT)
+            .await
+            .unwrap();
+        mover.batch_execute("COMMIT").await.unwrap();
+        let result = call.await.unwrap();
+        match id {
+            1 => {
+                let err = result.unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::SerializationFailure, "{err}");
+                assert!(err.is_retryable(), "{err}");
+            }
+            _ => assert!(matches!(result, Ok(Outcome::NotFound(_))), "{result:?}"),
+        }
+    }
+}

@@ -3,13 +3,15 @@
 //! offers.
 
 use std::any::TypeId;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::DbError;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Config, NoTls, Socket, Statement};
 
@@ -96,7 +98,13 @@ type ByConnection = HashMap<usize, (Weak<deadpool_postgres::StatementCache>, Arc
 /// cache ([`StatementCache::Connection`]). A hit is a lookup, with no future and nothing sent;
 /// a miss prepares on the connection. Bounded by [`Builder::statement_cache_limit`].
 #[derive(Default)]
-pub(crate) struct Statements(Mutex<BySql>);
+pub(crate) struct Statements {
+    by_sql: Mutex<BySql>,
+    /// Why the server ended the connection's session, once it has: recorded by the task
+    /// that drives a connection a [`Connector`] opened, unset for the connections of
+    /// a pool built with another connector.
+    ended: OnceLock<Arc<SessionEnd>>,
+}
 
 /// Statements by SQL text. Every statement a call uses is looked up by its whole text (a
 /// transition's is a few hundred bytes): hashed with foldhash, seeded per process, rather
@@ -105,7 +113,99 @@ type BySql = HashMap<Box<str>, Statement, foldhash::fast::RandomState>;
 
 impl Statements {
     fn map(&self) -> std::sync::MutexGuard<'_, BySql> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.by_sql.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The error with which the server ended a connection's session (`FATAL`: an
+/// `idle_in_transaction_session_timeout`, `pg_terminate_backend`, a shutdown), sent while no
+/// request was waiting for an answer. The driver's requests then fail only with "connection
+/// closed"; this keeps the server's words for them.
+#[derive(Default)]
+pub(crate) struct SessionEnd(OnceLock<DbError>);
+
+tokio::task_local! {
+    /// Set only while [`Db::checkout`] waits for the pool: a connection a [`Connector`] opens
+    /// for that checkout leaves its [`SessionEnd`] here, to be kept with its statements.
+    static OPENED: RefCell<Option<Arc<SessionEnd>>>;
+}
+
+/// A deadpool-postgres connector that keeps why the server ended a session: the one the
+/// pools [`Builder`] makes use, for a pool the service builds itself ([`Builder::pool`],
+/// [`Db::from_pool`]).
+///
+/// It connects as deadpool-postgres's own connector does (`Config::connect` with the TLS
+/// connector `T`, the connection driven by a spawned task). The server says why it ends a
+/// session (an `idle_in_transaction_session_timeout`, `pg_terminate_backend`, a shutdown)
+/// while no request waits for an answer, so the driver's next request fails only with
+/// "connection closed". On connections made by this connector and taken from the pool by
+/// rowlock, the error says the server's words and carries its SQLSTATE instead
+/// ([`ErrorKind::IdleInTransactionTimeout`](crate::ErrorKind::IdleInTransactionTimeout) for
+/// `25P03`, [`ErrorKind::Closed`](crate::ErrorKind::Closed) otherwise).
+///
+/// ```no_run
+/// use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool};
+/// use rowlock::tokio_postgres::{Config, NoTls};
+///
+/// # fn demo(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+/// let connector = rowlock::Connector::new(NoTls);
+/// let manager = Manager::from_connect(config, connector, ManagerConfig::default());
+/// let db = rowlock::Db::from_pool(Pool::builder(manager).max_size(16).build()?);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Connector<T> {
+    tls: T,
+}
+
+impl<T> Connector<T> {
+    /// A connector that makes connections with `tls` (`tokio_postgres::NoTls`, or any
+    /// tokio-postgres `MakeTlsConnect`).
+    pub fn new(tls: T) -> Self {
+        Connector { tls }
+    }
+}
+
+impl<T> deadpool_postgres::Connect for Connector<T>
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    fn connect(
+        &self,
+        config: &Config,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let tls = self.tls.clone();
+        let config = config.clone();
+        Box::pin(async move {
+            let (client, connection) = config.connect(tls).await?;
+            let end = Arc::new(SessionEnd::default());
+            // Outside a checkout (a pool the service resizes itself) nobody asks.
+            let _ = OPENED.try_with(|opened| *opened.borrow_mut() = Some(end.clone()));
+            let task = tokio::spawn(async move {
+                let mut connection = std::pin::pin!(connection);
+                // Polled in place, so the connection (and with it every request's channel)
+                // is dropped only after the end is recorded: a request that fails because
+                // the session ended finds the reason.
+                if let Err(e) = connection.as_mut().await {
+                    #[cfg(feature = "tracing")]
+                    tracing::warn!(
+                        target: "rowlock",
+                        error = %e.as_db_error().map_or_else(|| e.to_string(), ToString::to_string),
+                        "a pooled connection ended"
+                    );
+                    if let Some(db) = e.as_db_error() {
+                        let _ = end.0.set(db.clone());
+                    }
+                }
+            });
+            Ok((client, task))
+        })
     }
 }
 
@@ -281,9 +381,25 @@ impl Db {
     /// Takes a connection from the pool: the one way rowlock's operations get theirs.
     pub(crate) async fn checkout(&self) -> Result<deadpool_postgres::Object, Error> {
         let pool = self.pool();
-        pool.get()
-            .await
-            .map_err(|e| Error::from_pool(e, pool.status().max_size, pool.timeouts().wait))
+        let (got, opened) = OPENED
+            .scope(RefCell::new(None), async {
+                let got = pool.get().await;
+                (got, OPENED.with(RefCell::take))
+            })
+            .await;
+        let conn =
+            got.map_err(|e| Error::from_pool(e, pool.status().max_size, pool.timeouts().wait))?;
+        if let Some(end) = opened {
+            // A connection opened for this checkout: keep how its session ends.
+            let _ = self.statements(&conn).ended.set(end);
+        }
+        Ok(conn)
+    }
+
+    /// The error with which the server ended `conn`'s session, if it did and `conn` is one
+    /// this handle opened.
+    pub(crate) fn session_end(&self, conn: &deadpool_postgres::ClientWrapper) -> Option<DbError> {
+        self.statements(conn).ended.get()?.0.get().cloned()
     }
 
     /// The call's transaction options with the handle's defaults under them.
@@ -515,7 +631,7 @@ impl Builder {
         <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
     {
         self.tls = Some(Box::new(move |config, manager| {
-            Manager::from_config(config, tls, manager)
+            Manager::from_connect(config, Connector::new(tls), manager)
         }));
         self
     }
@@ -782,7 +898,11 @@ impl Builder {
         #[cfg(feature = "rustls")]
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             let tls = rustls_connector(&self.roots)?;
-            return Ok(Manager::from_config(config, tls, manager_config));
+            return Ok(Manager::from_connect(
+                config,
+                Connector::new(tls),
+                manager_config,
+            ));
         }
         #[cfg(not(feature = "rustls"))]
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
@@ -791,7 +911,11 @@ impl Builder {
                  `rustls` feature, or give a connector with Builder::tls",
             ));
         }
-        Ok(Manager::from_config(config, NoTls, manager_config))
+        Ok(Manager::from_connect(
+            config,
+            Connector::new(NoTls),
+            manager_config,
+        ))
     }
 }
 

@@ -57,7 +57,7 @@ pub use crate::api::executor::Executor;
 pub use crate::api::lease::{Lease, Leased};
 pub use crate::api::set::{LockSet, LockedRows};
 pub use crate::api::transition::Transition;
-pub use crate::db::{Builder, Db};
+pub use crate::db::{Builder, Connector, Db};
 pub use crate::diagnostics::{Blocker, RowRef};
 pub use crate::error::{Error, ErrorKind, TransactionRef};
 pub use crate::lock::{Lock, LockMode, LockStrength};

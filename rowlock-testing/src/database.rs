@@ -115,9 +115,9 @@ impl TestDatabase {
     /// [`StatementCache::Transaction`](rowlock::StatementCache::Transaction) becomes the
     /// handle's mode, as a service behind PgBouncer would set it.
     pub fn db(&self, max_size: usize) -> rowlock::Db {
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             self.pool_config().clone(),
-            NoTls,
+            rowlock::Connector::new(NoTls),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

@@ -500,6 +500,28 @@ impl Error {
         }
     }
 
+    /// A connection lost because the server ended its session with `end` (sent while no
+    /// request waited for an answer, so the statement that found it gone saw only "connection
+    /// closed"): [`ErrorKind::IdleInTransactionTimeout`] for `25P03`, else
+    /// [`ErrorKind::Closed`], in the server's words and with its SQLSTATE. The session ended
+    /// before `COMMIT` was sent: nothing was committed.
+    pub(crate) fn session_ended(end: tokio_postgres::error::DbError, step: Step) -> Self {
+        let kind = match classify_db(end.code(), end.routine()) {
+            ErrorKind::IdleInTransactionTimeout => ErrorKind::IdleInTransactionTimeout,
+            _ => ErrorKind::Closed,
+        };
+        Error::with_kind(
+            kind,
+            format!(
+                "the server ended the session: {}; nothing was committed",
+                end.message()
+            ),
+        )
+        .at(step)
+        .with_sql_state(Some(end.code().clone()))
+        .with_source(end)
+    }
+
     pub(crate) fn with_boxed_source(
         mut self,
         source: Option<Box<dyn StdError + Send + Sync>>,
@@ -697,6 +719,7 @@ impl Error {
     pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
         self.as_driver_error()
             .and_then(tokio_postgres::Error::as_db_error)
+            .or_else(|| self.source_ref()?.downcast_ref())
     }
 
     /// The driver's error, when the cause is one (a server error, a lost connection, a value

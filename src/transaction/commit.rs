@@ -2,8 +2,8 @@
 //! send `[BEGIN] [queued writes…] [probe;] COMMIT` in one flush, and classify the replies
 //! with a pure function.
 
+use super::Transaction;
 use super::state::{CommitPlan, Prelude};
-use super::{Transaction, idle_timeout_error};
 use crate::error::{Error, ErrorKind, Step};
 use crate::flush::{At, Flush, Writes};
 
@@ -87,17 +87,15 @@ impl Transaction {
             CommitPlan::ClosedByServer => {
                 // Terminated backend, idle timeout, restart: COMMIT cannot leave.
                 let idled_out = self.idle_timeout_elapsed(&self.state());
+                let closed = Error::with_kind(
+                    ErrorKind::Closed,
+                    "the server closed the connection before COMMIT was sent; nothing was \
+                     committed",
+                )
+                .at(Step::Commit);
+                let err = self.lost(Step::Commit, idled_out, closed);
                 self.discard();
-                Err(if idled_out {
-                    idle_timeout_error(Step::Commit, self.idle_timeout)
-                } else {
-                    Error::with_kind(
-                        ErrorKind::Closed,
-                        "the server closed the connection before COMMIT was sent; nothing was \
-                         committed",
-                    )
-                    .at(Step::Commit)
-                })
+                Err(err)
             }
             CommitPlan::Aborted(root) => {
                 let _ = Box::pin(self.end(false)).await;

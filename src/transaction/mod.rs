@@ -161,11 +161,12 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 /// The error for a connection the server closed because the transaction sat idle too long.
 fn idle_timeout_error(step: Step, limit: Option<Duration>) -> Error {
+    let limit = limit.map(|l| format!(" ({l:?})")).unwrap_or_default();
     Error::with_kind(
         ErrorKind::IdleInTransactionTimeout,
         format!(
             "the server ended the session: the transaction was idle for longer than \
-             idle_in_transaction_session_timeout ({limit:?}); nothing was committed"
+             idle_in_transaction_session_timeout{limit}; nothing was committed"
         ),
     )
     .at(step)
@@ -342,13 +343,30 @@ impl Transaction {
                 // A migration changed a table under the cached statements: prepare afresh.
                 self.forget_statements();
             }
-            let err = if idled_out && err.kind() == ErrorKind::Closed {
-                idle_timeout_error(step, self.idle_timeout).with_boxed_source(err.into_source())
+            let err = if err.kind() == ErrorKind::Closed {
+                self.lost(step, idled_out, err)
             } else {
                 err
             };
             self.record(err)
         })
+    }
+
+    /// A connection lost at `step`, said as well as it is known: in the server's words when
+    /// it ended the session while no request waited (an idle-in-transaction timeout set on
+    /// the server, `pg_terminate_backend`, a shutdown); else as the idle timeout of this
+    /// transaction's options when it had time to fire; else `closed` as it is.
+    fn lost(&self, step: Step, idled_out: bool, closed: Error) -> Error {
+        if closed.sql_state().is_none() {
+            if let Some(end) = self.db.session_end(self.conn()) {
+                return Error::session_ended(end, step);
+            }
+        }
+        if idled_out {
+            idle_timeout_error(step, self.idle_timeout).with_boxed_source(closed.into_source())
+        } else {
+            closed
+        }
     }
 
     /// What has gone wrong with the transaction on the server so far, as an error: the root

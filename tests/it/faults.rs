@@ -466,6 +466,91 @@ async fn idle_in_transaction_timeout_fires_in_a_slow_closure() {
     assert_eq!(outcome.done(), Some(100));
 }
 
+/// How a session ended by the server reaches the caller: in the server's words and with its
+/// SQLSTATE, whether the next statement or the `COMMIT` finds it gone. The server says why
+/// while no request waits for an answer, so the driver's own error is only "connection
+/// closed". Ended three ways: an `idle_in_transaction_session_timeout` set on the server side
+/// (not through rowlock's option), `pg_terminate_backend` before another statement, and the
+/// same before the commit.
+#[tokio::test]
+async fn a_session_the_server_ended_is_reported_in_its_words() {
+    let (pg, _) = accounts(1).await;
+    let observer = Arc::new(pg.client().await.unwrap());
+    // The harness's pool (built with `Connector`), and one the handle's builder made.
+    let built = pg.db_with(Db::builder().max_size(1)).unwrap();
+    // (how the session ends, whether a statement follows it in the closure)
+    for (db, end, statement_after) in [
+        (pg.db(1), "idle", true),
+        (pg.db(1), "terminate", true),
+        (pg.db(1), "terminate", false),
+        (built.clone(), "idle", true),
+        (built, "terminate", false),
+    ] {
+        let err = db
+            .with_locked_row::<Account, (), rowlock::Error, _>(&1, &Lock::new(), {
+                let observer = observer.clone();
+                move |tx, acc| {
+                    let observer = observer.clone();
+                    Box::pin(async move {
+                        let update = tx
+                            .prepare_cached("UPDATE accounts SET balance = 0 WHERE id = $1")
+                            .await?;
+                        tx.execute_on_commit(&update, &[&acc.id])?;
+                        let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                        if end == "idle" {
+                            tx.execute(
+                                "SET LOCAL idle_in_transaction_session_timeout = '100ms'",
+                                &[],
+                            )
+                            .await?;
+                        } else {
+                            observer
+                                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                                .await
+                                .unwrap();
+                        }
+                        until(WAIT, "the server ends the session", || async {
+                            !backend_exists(&observer, pid).await
+                        })
+                        .await;
+                        if statement_after {
+                            tx.execute("SELECT 1", &[]).await?;
+                        }
+                        Ok(())
+                    })
+                }
+            })
+            .await
+            .expect_err("the session was ended");
+        let shown = err.to_string();
+        let (kind, state, words) = match end {
+            "idle" => (
+                ErrorKind::IdleInTransactionTimeout,
+                SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                "terminating connection due to idle-in-transaction timeout",
+            ),
+            _ => (
+                ErrorKind::Closed,
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+            ),
+        };
+        assert_eq!(err.kind(), kind, "{shown}");
+        assert_eq!(err.sql_state(), Some(&state), "{shown}");
+        assert!(shown.contains(words), "{shown}");
+        assert!(shown.contains("nothing was committed"), "{shown}");
+        let step = if statement_after {
+            "while running a statement"
+        } else {
+            "while committing"
+        };
+        assert!(shown.contains(step), "{shown}");
+        assert_eq!(err.as_db_error().map(|e| e.code()), Some(&state));
+        assert_eq!(err.is_retryable(), kind == ErrorKind::Closed, "{shown}");
+        assert_eq!(balance(&observer, 1).await, 100, "nothing committed");
+    }
+}
+
 #[tokio::test]
 async fn statement_timeout_in_the_closure_is_its_own_kind_and_rolls_back() {
     let (pg, _) = accounts(1).await;

@@ -377,10 +377,11 @@ pub(crate) struct Names {
     /// Lock statements by (strength, mode, key count, column list): a few dozen at most,
     /// found by a scan, which costs less than hashing the key on every call.
     lock_sql: Mutex<Vec<(LockSqlKey, Arc<str>)>>,
-    /// The relation [`table`](Self::table) names as the server resolved it (quoted schema and
-    /// name, through the `search_path`), once asked: the order of a lock set, the same for
-    /// every spelling of one table.
-    pub(crate) relation: OnceLock<String>,
+    /// The relation [`table`](Self::table) names as the server resolved it, once asked: the
+    /// root of its partition tree (itself unless it is a partition) and itself, each as quoted
+    /// schema and name through the `search_path`. The order of a lock set, the same for every
+    /// spelling of one table, and for a partition as for its partitioned table.
+    pub(crate) relation: OnceLock<(String, String)>,
 }
 
 /// A lock statement's strength, mode, key count and [`Columns::id`].

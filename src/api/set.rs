@@ -348,10 +348,16 @@ impl LockedRows {
 
 /// Each spelling's relation as the server resolves it, in the order given (`NULL`s for one that
 /// names no table: its lock statement then reports it).
-const RESOLVE_SQL: &str = "SELECT n.nspname, c.relname \
+/// A partition resolves to the root of its partition tree too (`pg_partition_root`, `NULL`
+/// for a relation that is not in one), so that a row locked through a partition and through
+/// its partitioned table takes the same place in every set's order.
+const RESOLVE_SQL: &str = "SELECT rn.nspname, r.relname, n.nspname, c.relname \
      FROM unnest($1::text[]) WITH ORDINALITY AS s(spelled, i) \
      LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(s.spelled) \
      LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     LEFT JOIN pg_catalog.pg_class r \
+       ON r.oid = coalesce(pg_catalog.pg_partition_root(c.oid), c.oid) \
+     LEFT JOIN pg_catalog.pg_namespace rn ON rn.oid = r.relnamespace \
      ORDER BY s.i";
 
 /// `tables` in locking order, with the handle's names of each: by the relation the server
@@ -380,23 +386,31 @@ async fn in_server_order<'a>(
         let rows = tx.query(&statement, &[&spelled]).await?;
         for (names, row) in unknown.iter().zip(&rows) {
             let part = |i| row.try_get::<_, Option<String>>(i).ok().flatten();
-            if let (Some(schema), Some(name)) = (part(0), part(1)) {
-                let _ = names.relation.set(format!(
-                    "{}.{}",
-                    quote_ident(&schema)?,
-                    quote_ident(&name)?
-                ));
+            let qualified = |schema: &str, name: &str| -> Result<String, Error> {
+                Ok(format!("{}.{}", quote_ident(schema)?, quote_ident(name)?))
+            };
+            if let (Some(rs), Some(rn), Some(s), Some(n)) = (part(0), part(1), part(2), part(3)) {
+                let _ = names
+                    .relation
+                    .set((qualified(&rs, &rn)?, qualified(&s, &n)?));
             }
         }
     }
-    let key = |names: &Names| names.relation.get().unwrap_or(&names.table).clone();
+    // A table the server did not resolve sorts by its spelling (its statement reports it).
+    let key = |names: &Names| {
+        names
+            .relation
+            .get()
+            .cloned()
+            .unwrap_or_else(|| (names.table.clone(), names.table.clone()))
+    };
     tables.sort_by_cached_key(|(_, names)| key(names));
     for pair in tables.windows(2) {
-        if key(&pair[0].1) == key(&pair[1].1) {
+        if key(&pair[0].1).1 == key(&pair[1].1).1 {
             return Err(Error::invalid(format!(
                 "two row types of a LockSet name the same table {} (spelled {} and {}); their \
                  rows could not be locked in one order",
-                key(&pair[0].1),
+                key(&pair[0].1).1,
                 pair[0].1.table,
                 pair[1].1.table
             )));

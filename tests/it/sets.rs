@@ -428,3 +428,73 @@ async fn a_set_locked_inside_the_callers_transaction_leaves_it_usable() {
     assert!(rows.take::<Slot>(&2).is_some());
     tx.commit().await.unwrap();
 }
+
+/// An event, through its partitioned table.
+#[derive(Debug, rowlock::LockableRow)]
+#[rowlock(table = "events", key = "id")]
+struct Event {
+    id: i64,
+}
+
+/// The same events, through the partition that holds them (named to sort after `users`).
+#[derive(Debug, rowlock::LockableRow)]
+#[rowlock(table = "zz_events_low", key = "id")]
+struct LowEvent {
+    id: i64,
+}
+
+/// A partition keeps its partitioned table's place in the order: a set that locks an event
+/// through its partition and a user waits for the event while holding nothing, as one that
+/// names the partitioned table does (by name, `zz_events_low` would come after `users`).
+#[tokio::test]
+async fn a_partition_keeps_its_partitioned_tables_place_in_the_order() {
+    let (pg, db) = crate::support::database(
+        "CREATE TABLE users (id bigint PRIMARY KEY);
+         CREATE TABLE events (id bigint PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE zz_events_low PARTITION OF events FOR VALUES FROM (0) TO (100);
+         INSERT INTO users VALUES (1); INSERT INTO events VALUES (1);",
+        2,
+    )
+    .await;
+    let observer = pg.client().await.unwrap();
+    for through_partition in [false, true] {
+        let holder = pg.session().await.unwrap();
+        holder
+            .batch_execute("BEGIN; SELECT * FROM events WHERE id = 1 FOR UPDATE")
+            .await
+            .unwrap();
+        let set = if through_partition {
+            LockSet::new().row::<LowEvent>(&1).unwrap()
+        } else {
+            LockSet::new().row::<Event>(&1).unwrap()
+        }
+        .row::<User>(&1)
+        .unwrap();
+        let call = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.with_locked_set(&set, &Lock::new(), |_, _| {
+                    Box::pin(async { Ok::<_, rowlock::Error>(()) })
+                })
+                .await
+            }
+        });
+        rowlock_testing::wait_for_blocked_by(&observer, holder.pid(), 1, WAIT)
+            .await
+            .unwrap();
+        let user_free: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM (SELECT FROM users WHERE id = 1 FOR UPDATE SKIP LOCKED) u",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            user_free, 1,
+            "through the partition: {through_partition}: the user was locked before the event"
+        );
+        holder.batch_execute("COMMIT").await.unwrap();
+        assert!(matches!(call.await.unwrap(), Ok(Outcome::Done(()))));
+    }
+}

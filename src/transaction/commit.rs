@@ -77,12 +77,14 @@ impl Transaction {
         self.close_statements();
         match plan {
             CommitPlan::Lost => {
-                self.discard();
-                Err(Error::with_kind(
+                let closed = Error::with_kind(
                     ErrorKind::Closed,
                     "the connection was lost before COMMIT was sent; nothing was committed",
                 )
-                .at(Step::Commit))
+                .at(Step::Commit);
+                let err = self.lost(Step::Commit, false, closed);
+                self.discard();
+                Err(err)
             }
             CommitPlan::ClosedByServer => {
                 // Terminated backend, idle timeout, restart: COMMIT cannot leave.

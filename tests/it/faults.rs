@@ -466,6 +466,14 @@ async fn idle_in_transaction_timeout_fires_in_a_slow_closure() {
     assert_eq!(outcome.done(), Some(100));
 }
 
+/// What a closure does after its session was ended.
+#[derive(Clone, Copy)]
+enum After {
+    Statement,
+    Nothing,
+    Swallowed,
+}
+
 /// How a session ended by the server reaches the caller: in the server's words and with its
 /// SQLSTATE, whether the next statement or the `COMMIT` finds it gone. The server says why
 /// while no request waits for an answer, so the driver's own error is only "connection
@@ -478,13 +486,15 @@ async fn a_session_the_server_ended_is_reported_in_its_words() {
     let observer = Arc::new(pg.client().await.unwrap());
     // The harness's pool (built with `Connector`), and one the handle's builder made.
     let built = pg.db_with(Db::builder().max_size(1)).unwrap();
-    // (how the session ends, whether a statement follows it in the closure)
-    for (db, end, statement_after) in [
-        (pg.db(1), "idle", true),
-        (pg.db(1), "terminate", true),
-        (pg.db(1), "terminate", false),
-        (built.clone(), "idle", true),
-        (built, "terminate", false),
+    // (how the session ends, what the closure does after: a statement whose error it
+    // returns, none, or a statement whose error it swallows)
+    for (db, end, after) in [
+        (pg.db(1), "idle", After::Statement),
+        (pg.db(1), "terminate", After::Statement),
+        (pg.db(1), "terminate", After::Nothing),
+        (pg.db(1), "terminate", After::Swallowed),
+        (built.clone(), "idle", After::Statement),
+        (built, "terminate", After::Nothing),
     ] {
         let err = db
             .with_locked_row::<Account, (), rowlock::Error, _>(&1, &Lock::new(), {
@@ -513,8 +523,10 @@ async fn a_session_the_server_ended_is_reported_in_its_words() {
                             !backend_exists(&observer, pid).await
                         })
                         .await;
-                        if statement_after {
-                            tx.execute("SELECT 1", &[]).await?;
+                        match after {
+                            After::Statement => drop(tx.execute("SELECT 1", &[]).await?),
+                            After::Swallowed => drop(tx.execute("SELECT 1", &[]).await),
+                            After::Nothing => {}
                         }
                         Ok(())
                     })
@@ -539,10 +551,9 @@ async fn a_session_the_server_ended_is_reported_in_its_words() {
         assert_eq!(err.sql_state(), Some(&state), "{shown}");
         assert!(shown.contains(words), "{shown}");
         assert!(shown.contains("nothing was committed"), "{shown}");
-        let step = if statement_after {
-            "while running a statement"
-        } else {
-            "while committing"
+        let step = match after {
+            After::Statement => "while running a statement",
+            After::Nothing | After::Swallowed => "while committing",
         };
         assert!(shown.contains(step), "{shown}");
         assert_eq!(err.as_db_error().map(|e| e.code()), Some(&state));

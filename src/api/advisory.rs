@@ -67,6 +67,17 @@ impl AdvisoryKey {
     }
 }
 
+/// The key as `pg_locks` and the SQL functions take it: `42`, or `(7, 42)` for a pair (a key
+/// from a name prints as its number).
+impl std::fmt::Display for AdvisoryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Repr::Single(k) => write!(f, "{k}"),
+            Repr::Pair(a, b) => write!(f, "({a}, {b})"),
+        }
+    }
+}
+
 impl AdvisoryKey {
     /// The lock's key in `pg_locks` (`classid`, `objid`, `objsubid`): a bigint is split into
     /// its high and low 32 bits (objsubid 1), a pair is kept as it is (objsubid 2).
@@ -167,13 +178,18 @@ impl Transaction {
             Ok(row) if mode == LockMode::NoWait => match row.try_get::<_, bool>(0) {
                 Ok(true) => Ok(Outcome::Done(())),
                 Ok(false) => Ok(Outcome::LockNotAvailable(
-                    Error::with_kind(ErrorKind::LockNotAvailable, "another transaction holds it")
-                        .at(Step::AdvisoryLock),
+                    Error::with_kind(
+                        ErrorKind::LockNotAvailable,
+                        format!("another transaction holds advisory lock {key}"),
+                    )
+                    .at(Step::AdvisoryLock),
                 )),
                 Err(e) => Err(Error::decode(e).at(Step::AdvisoryLock)),
             },
             Ok(_) => Ok(Outcome::Done(())),
-            Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(e)),
+            Err(e) if e.kind() == ErrorKind::LockTimeout => Ok(Outcome::LockTimeout(
+                e.with_detail(format!("waiting for advisory lock {key}")),
+            )),
             Err(e) => Err(e),
         };
         if let Some(id) = savepoint {

@@ -47,6 +47,8 @@ async fn nowait_timeout_and_wait_against_a_holder() {
     let said = outcome.to_string();
     assert!(said.contains("the advisory lock"), "{said}");
     assert!(!said.contains("rows"), "{said}");
+    // …and which one: the caller may take several.
+    assert!(said.contains("advisory lock 4242"), "{said}");
 
     let timeout = Lock::new().lock_timeout(Duration::from_millis(100));
     let outcome = db.with_advisory_lock(key, &timeout, ran).await.unwrap();
@@ -56,6 +58,9 @@ async fn nowait_timeout_and_wait_against_a_holder() {
     assert_eq!(e.sql_state(), Some(&SqlState::LOCK_NOT_AVAILABLE));
     let said = e.to_string();
     assert!(said.contains("while taking the advisory lock"), "{said}");
+    assert!(said.contains("waiting for advisory lock 4242"), "{said}");
+    assert!(said.contains("lock timeout"), "{said}");
+    assert_eq!(AdvisoryKey::pair(7, 42).to_string(), "(7, 42)");
 
     // A different key space: pair keys never collide with single keys.
     let outcome = db

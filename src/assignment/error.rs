@@ -46,8 +46,9 @@ pub enum AssignmentError {
     /// The lock wait exceeded the lock timeout. 503 or 409.
     #[error("timed out waiting for the project")]
     LockTimeout,
-    /// The database failed (connection, pool, retries exhausted…). 500.
-    #[error("database failure")]
+    /// The database failed (connection, pool, retries exhausted…). 500. `Display` ends with
+    /// rowlock's error, so a log line of `{e}` says what failed; it is also the `source`.
+    #[error("database failure: {0}")]
     Db(#[source] Error),
 }
 

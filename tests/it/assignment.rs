@@ -401,6 +401,9 @@ async fn bad_input_gets_typed_errors_and_writes_nothing() {
         matches!(&err, AssignmentError::Db(e) if e.is_invalid_argument()),
         "{err:?}"
     );
+    // Logged with `{e}`, the workflow's error says what failed.
+    let said = err.to_string();
+    assert!(said.starts_with("database failure: invalid argument"), "{said}");
 }
 
 /// The one-statement accept under the same races: K managers per project at once (each on a

@@ -79,8 +79,9 @@ pub enum StopMode {
 /// as an unprivileged user (the `postgres` system user, or `nobody`, when the tests run as
 /// root), and is stopped and deleted by a small guardian process when its owner goes away:
 /// when the `TestCluster` is dropped, and also when the test process exits or is killed
-/// (Rust never drops statics, so [`TestCluster::shared`] relies on the guardian noticing that
-/// its stdin, a pipe from the test process, has closed).
+/// (Rust never drops statics: [`TestCluster::shared`]'s cluster is stopped by an `atexit`
+/// handler that tells the guardian and waits for it, and, in a killed process, by the
+/// guardian noticing that its stdin, a pipe from the test process, has closed).
 #[derive(Debug)]
 pub struct TestCluster {
     config: Config,
@@ -107,6 +108,42 @@ struct Embedded {
 
 static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
 
+/// Has the process stop the shared cluster when it exits normally (the test harness returns
+/// from `main` or calls `std::process::exit`, which runs the C library's `atexit` handlers):
+/// its guardian is told at once and waited for, so the cluster is gone before the test
+/// process is, not a moment after it. A process killed by a signal runs no handler; its
+/// guardian still notices the closed pipe and stops the cluster then.
+fn stop_shared_at_exit() {
+    extern "C" fn stop_shared() {
+        let Some(Ok(cluster)) = SHARED.get() else {
+            return;
+        };
+        let Some(embedded) = &cluster.embedded else {
+            return;
+        };
+        // Another thread may hold the lock while the process exits: leave it to the guardian.
+        let Ok(mut guardian) = embedded.guardian.try_lock() else {
+            return;
+        };
+        if let Some((mut child, stdin)) = guardian.take() {
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+    // SAFETY: `atexit` only records the function pointer; `stop_shared` takes no arguments,
+    // does not unwind (it panics nowhere: every failure is ignored) and touches only
+    // `SHARED`, a static that outlives every handler.
+    #[allow(unsafe_code)]
+    unsafe {
+        atexit(stop_shared);
+    }
+}
+
+unsafe extern "C" {
+    /// The C library's `atexit(3)`.
+    fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
+}
+
 impl TestCluster {
     /// The process-wide cluster: the `DATABASE_URL` server if that variable is set, otherwise
     /// a throwaway cluster started on first use and stopped when the process exits.
@@ -121,7 +158,11 @@ impl TestCluster {
     /// ```
     pub fn shared() -> Result<&'static TestCluster, HarnessError> {
         SHARED
-            .get_or_init(|| TestCluster::from_env().map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                let cluster = TestCluster::from_env().map_err(|e| e.to_string())?;
+                stop_shared_at_exit();
+                Ok(cluster)
+            })
             .as_ref()
             .map_err(|e| HarnessError::Start(e.clone()))
     }

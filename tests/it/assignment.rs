@@ -403,7 +403,10 @@ async fn bad_input_gets_typed_errors_and_writes_nothing() {
     );
     // Logged with `{e}`, the workflow's error says what failed.
     let said = err.to_string();
-    assert!(said.starts_with("database failure: invalid argument"), "{said}");
+    assert!(
+        said.starts_with("database failure: invalid argument"),
+        "{said}"
+    );
 }
 
 /// The one-statement accept under the same races: K managers per project at once (each on a

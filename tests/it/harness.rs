@@ -1,4 +1,4 @@
-//! The test harness itself: stop/restart, and no server outliving a killed owner.
+//! The test harness itself: stop/restart, and no server outliving its owner, exited or killed.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -81,6 +81,61 @@ fn a_killed_owner_takes_its_cluster_with_it() {
     assert!(
         !pid_alive(postmaster),
         "postmaster {postmaster} outlived its killed owner"
+    );
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+}
+
+/// Run by `the_shared_cluster_is_gone_when_its_process_has_exited` in a child process: starts
+/// the shared cluster, reports where it lives, and returns (the process then exits).
+#[test]
+#[ignore = "helper: runs only as the child process of a harness test"]
+fn child_starts_the_shared_cluster_and_exits() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let cluster = TestCluster::shared().expect("cluster");
+    let log = cluster.log_file().expect("embedded");
+    let dir = log.parent().unwrap().to_path_buf();
+    let pid = std::fs::read_to_string(dir.join("data/postmaster.pid")).unwrap();
+    println!(
+        "\nCLUSTER {} {}",
+        dir.display(),
+        pid.lines().next().unwrap()
+    );
+}
+
+/// The shared cluster (a static, never dropped) is stopped and deleted before its test
+/// process is gone, not a moment later: `cargo test` returns with no server left.
+#[test]
+fn the_shared_cluster_is_gone_when_its_process_has_exited() {
+    if std::env::var_os("DATABASE_URL").is_some() {
+        eprintln!("the shared cluster is DATABASE_URL's server: nothing to check");
+        return;
+    }
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "harness::child_starts_the_shared_cluster_and_exits",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "the child failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = &stdout[stdout
+        .find("CLUSTER ")
+        .expect("the child reported its cluster")..];
+    let mut parts = line.split_whitespace().skip(1);
+    let dir = PathBuf::from(parts.next().unwrap());
+    let postmaster: u32 = parts.next().unwrap().parse().unwrap();
+    // Checked at once: no waiting for a guardian to notice.
+    assert!(
+        !pid_alive(postmaster),
+        "postmaster {postmaster} outlived its exited owner"
     );
     assert!(!dir.exists(), "{} was not removed", dir.display());
 }

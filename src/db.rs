@@ -396,10 +396,22 @@ impl Db {
         Ok(conn)
     }
 
-    /// The error with which the server ended `conn`'s session, if it did and `conn` is one
-    /// this handle opened.
+    /// The error with which the server ended `conn`'s session, if it did and said so: kept by
+    /// the [`Connector`] that made `conn`, or noted by [`note_session_end`](Self::note_session_end).
     pub(crate) fn session_end(&self, conn: &deadpool_postgres::ClientWrapper) -> Option<DbError> {
         self.statements(conn).ended.get()?.0.get().cloned()
+    }
+
+    /// Keeps `end`, the server's error that ended `conn`'s session, when it came as the answer
+    /// to a request (behind a pooler, or while a statement ran) rather than to the connection
+    /// task: what fails on `conn` later (a `COMMIT` after a swallowed error) says it too.
+    pub(crate) fn note_session_end(&self, conn: &deadpool_postgres::ClientWrapper, end: &DbError) {
+        let statements = self.statements(conn);
+        let _ = statements
+            .ended
+            .get_or_init(Arc::default)
+            .0
+            .set(end.clone());
     }
 
     /// The call's transaction options with the handle's defaults under them.

@@ -352,15 +352,20 @@ impl Transaction {
         })
     }
 
-    /// A connection lost at `step`, said as well as it is known: in the server's words when
-    /// it ended the session while no request waited (an idle-in-transaction timeout set on
-    /// the server, `pg_terminate_backend`, a shutdown); else as the idle timeout of this
-    /// transaction's options when it had time to fire; else `closed` as it is.
+    /// A connection lost at `step`, said as well as it is known: as the server said it, when
+    /// `closed` carries its words (kept for what fails on the connection later); in the
+    /// server's words when it ended the session while no request waited (an
+    /// idle-in-transaction timeout set on the server, `pg_terminate_backend`, a shutdown);
+    /// else as the idle timeout of this transaction's options when it had time to fire; else
+    /// `closed` as it is.
     fn lost(&self, step: Step, idled_out: bool, closed: Error) -> Error {
-        if closed.sql_state().is_none() {
-            if let Some(end) = self.db.session_end(self.conn()) {
-                return Error::session_ended(end, step);
-            }
+        if let Some(end) = closed.as_db_error() {
+            // The server's words came with this failure: keep them for what fails next.
+            self.db.note_session_end(self.conn(), end);
+            return closed;
+        }
+        if let Some(end) = self.db.session_end(self.conn()) {
+            return Error::session_ended(end, step);
         }
         if idled_out {
             idle_timeout_error(step, self.idle_timeout).with_boxed_source(closed.into_source())

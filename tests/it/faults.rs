@@ -549,8 +549,9 @@ async fn a_session_the_server_ended_is_reported_in_its_words() {
         };
         assert_eq!(err.kind(), kind, "{shown}");
         assert_eq!(err.sql_state(), Some(&state), "{shown}");
+        // (Behind PgBouncer the server's error may instead come as the answer to the next
+        // request, which the driver reports as it is: the same kind, words and SQLSTATE.)
         assert!(shown.contains(words), "{shown}");
-        assert!(shown.contains("nothing was committed"), "{shown}");
         let step = match after {
             After::Statement => "while running a statement",
             After::Nothing | After::Swallowed => "while committing",

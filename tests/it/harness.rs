@@ -17,15 +17,8 @@ fn pid_alive(pid: u32) -> bool {
             .unwrap_or(false)
 }
 
-/// Run by `a_killed_owner_takes_its_cluster_with_it` in a child process: starts a cluster,
-/// reports where it lives, and waits to be killed.
-#[test]
-#[ignore = "helper: runs only as the child process of a harness test"]
-fn child_starts_a_cluster_and_waits_to_be_killed() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
-    let cluster = TestCluster::start().expect("cluster");
+/// Prints where `cluster` lives (its directory and postmaster pid), for the parent test.
+fn report(cluster: &TestCluster) {
     let log = cluster.log_file().expect("embedded");
     let dir = log.parent().unwrap().to_path_buf();
     let pid = std::fs::read_to_string(dir.join("data/postmaster.pid")).unwrap();
@@ -35,6 +28,44 @@ fn child_starts_a_cluster_and_waits_to_be_killed() {
         dir.display(),
         pid.lines().next().unwrap()
     );
+}
+
+/// What a child reported with [`report`], read from its output `line`.
+fn reported(line: &str) -> (PathBuf, u32) {
+    let start = line
+        .find("CLUSTER ")
+        .expect("the child reported its cluster");
+    let mut parts = line[start..].split_whitespace().skip(1);
+    let dir = PathBuf::from(parts.next().unwrap());
+    (dir, parts.next().unwrap().parse().unwrap())
+}
+
+/// This test binary, running only the ignored helper test `helper`.
+fn child(helper: &str) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            helper,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stderr(Stdio::null());
+    command
+}
+
+/// Run by `a_killed_owner_takes_its_cluster_with_it` in a child process: starts a cluster,
+/// reports where it lives, and waits to be killed.
+#[test]
+#[ignore = "helper: runs only as the child process of a harness test"]
+fn child_starts_a_cluster_and_waits_to_be_killed() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let cluster = TestCluster::start().expect("cluster");
+    report(&cluster);
     std::thread::sleep(Duration::from_secs(600));
 }
 
@@ -44,17 +75,8 @@ fn a_killed_owner_takes_its_cluster_with_it() {
         eprintln!("no server binaries next to DATABASE_URL: nothing to check");
         return;
     }
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "harness::child_starts_a_cluster_and_waits_to_be_killed",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
+    let mut child = child("harness::child_starts_a_cluster_and_waits_to_be_killed")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
@@ -66,11 +88,7 @@ fn a_killed_owner_takes_its_cluster_with_it() {
         let _ = child.kill();
         panic!("the child did not report its cluster");
     };
-    let mut parts = line[line.find("CLUSTER ").unwrap()..]
-        .split_whitespace()
-        .skip(1);
-    let dir = PathBuf::from(parts.next().unwrap());
-    let postmaster: u32 = parts.next().unwrap().parse().unwrap();
+    let (dir, postmaster) = reported(&line);
     assert!(pid_alive(postmaster), "the child's server is running");
     child.kill().unwrap(); // SIGKILL: no destructor, no atexit
     child.wait().unwrap();
@@ -93,15 +111,7 @@ fn child_starts_the_shared_cluster_and_exits() {
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
     }
-    let cluster = TestCluster::shared().expect("cluster");
-    let log = cluster.log_file().expect("embedded");
-    let dir = log.parent().unwrap().to_path_buf();
-    let pid = std::fs::read_to_string(dir.join("data/postmaster.pid")).unwrap();
-    println!(
-        "\nCLUSTER {} {}",
-        dir.display(),
-        pid.lines().next().unwrap()
-    );
+    report(TestCluster::shared().expect("cluster"));
 }
 
 /// The shared cluster (a static, never dropped) is stopped and deleted before its test
@@ -112,26 +122,11 @@ fn the_shared_cluster_is_gone_when_its_process_has_exited() {
         eprintln!("the shared cluster is DATABASE_URL's server: nothing to check");
         return;
     }
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "harness::child_starts_the_shared_cluster_and_exits",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .stderr(Stdio::null())
+    let output = child("harness::child_starts_the_shared_cluster_and_exits")
         .output()
         .unwrap();
     assert!(output.status.success(), "the child failed");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = &stdout[stdout
-        .find("CLUSTER ")
-        .expect("the child reported its cluster")..];
-    let mut parts = line.split_whitespace().skip(1);
-    let dir = PathBuf::from(parts.next().unwrap());
-    let postmaster: u32 = parts.next().unwrap().parse().unwrap();
+    let (dir, postmaster) = reported(&String::from_utf8_lossy(&output.stdout));
     // Checked at once: no waiting for a guardian to notice.
     assert!(
         !pid_alive(postmaster),

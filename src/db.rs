@@ -265,7 +265,10 @@ impl Db {
     /// with the default defaults. Its connections must be outside any transaction when
     /// returned to it, which is what rowlock ensures for its own. A recycling query that
     /// deallocates prepared statements (`DISCARD ALL`) costs a prepare after every checkout;
-    /// see the [migrations guide](crate::guide::migrations).
+    /// see the [migrations guide](crate::guide::migrations). Make its manager with a
+    /// [`Connector`] (`Manager::from_connect`), as the handle's own pools are, so that a
+    /// session the server ends is reported in the server's words, not as a bare "connection
+    /// closed".
     pub fn from_pool(pool: Pool) -> Db {
         Db::assemble(pool, Defaults::default())
     }
@@ -588,7 +591,8 @@ impl Builder {
     }
 
     /// Uses a pool the service built itself: the pool settings of this builder (size,
-    /// timeouts, TLS, primary check) are then refused, and only the defaults apply.
+    /// timeouts, TLS, primary check) are then refused, and only the defaults apply. As for
+    /// [`Db::from_pool`], make its manager with a [`Connector`].
     pub fn pool(mut self, pool: Pool) -> Self {
         self.source = Source::Pool(pool);
         self

@@ -67,6 +67,20 @@ impl AdvisoryKey {
     }
 }
 
+/// An `i64` is [`AdvisoryKey::single`]: `db.with_advisory_lock(42, …)`.
+impl From<i64> for AdvisoryKey {
+    fn from(key: i64) -> Self {
+        AdvisoryKey::single(key)
+    }
+}
+
+/// A pair of `i32`s is [`AdvisoryKey::pair`]: `db.with_advisory_lock((7, 42), …)`.
+impl From<(i32, i32)> for AdvisoryKey {
+    fn from((a, b): (i32, i32)) -> Self {
+        AdvisoryKey::pair(a, b)
+    }
+}
+
 /// The key as `pg_locks` and the SQL functions take it: `42`, or `(7, 42)` for a pair (a key
 /// from a name prints as its number).
 impl std::fmt::Display for AdvisoryKey {
@@ -108,12 +122,12 @@ impl Transaction {
     /// Taking a lock this transaction already holds succeeds at once.
     pub async fn advisory_lock(
         &self,
-        key: AdvisoryKey,
+        key: impl Into<AdvisoryKey>,
         options: impl Into<Lock>,
     ) -> Result<Outcome<()>, Error> {
         let options = options.into();
         options.validate()?;
-        self.take_advisory_lock(key, options.mode, shared(options.strength), true)
+        self.take_advisory_lock(key.into(), options.mode, shared(options.strength), true)
             .await
     }
 
@@ -230,7 +244,7 @@ impl Db {
     /// ```
     pub async fn with_advisory_lock<'a, T, E, F>(
         &self,
-        key: AdvisoryKey,
+        key: impl Into<AdvisoryKey>,
         options: impl Into<Lock>,
         mut f: F,
     ) -> Result<Outcome<T>, E>
@@ -238,6 +252,7 @@ impl Db {
         E: From<Error>,
         F: for<'t> FnMut(&'t Transaction) -> ScopedBoxFuture<'a, 't, Result<T, E>>,
     {
+        let key = key.into();
         let options = options.into();
         options.validate()?;
         if options.mode == LockMode::SkipLocked {

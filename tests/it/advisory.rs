@@ -61,8 +61,8 @@ async fn nowait_timeout_and_wait_against_a_holder() {
     assert!(said.contains("waiting for advisory lock 4242"), "{said}");
     assert!(said.contains("lock timeout"), "{said}");
     assert_eq!(AdvisoryKey::pair(7, 42).to_string(), "(7, 42)");
-    // A bare number or pair is a key too.
-    let outcome = db.with_advisory_lock(KEY, &nowait, ran).await.unwrap();
+    // A bare number or pair is a key too (a literal infers as the `i64` of `KEY`).
+    let outcome = db.with_advisory_lock(4242, &nowait, ran).await.unwrap();
     assert!(
         matches!(outcome, Outcome::LockNotAvailable(_)),
         "{outcome:?}"

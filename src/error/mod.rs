@@ -504,16 +504,26 @@ impl Error {
     /// request waited for an answer, so the statement that found it gone saw only "connection
     /// closed"): [`ErrorKind::IdleInTransactionTimeout`] for `25P03`, else
     /// [`ErrorKind::Closed`], in the server's words and with its SQLSTATE. The session ended
-    /// before `COMMIT` was sent: nothing was committed.
-    pub(crate) fn session_ended(end: tokio_postgres::error::DbError, step: Step) -> Self {
-        let kind = match classify_db(end.code(), end.routine()) {
-            ErrorKind::IdleInTransactionTimeout => ErrorKind::IdleInTransactionTimeout,
-            _ => ErrorKind::Closed,
+    /// before `COMMIT` was sent: nothing was committed. `idle_limit`, the transaction's own
+    /// idle-in-transaction timeout if it set one, is said with a `25P03`.
+    pub(crate) fn session_ended(
+        end: tokio_postgres::error::DbError,
+        step: Step,
+        idle_limit: Option<std::time::Duration>,
+    ) -> Self {
+        let (kind, limit) = match classify_db(end.code(), end.routine()) {
+            ErrorKind::IdleInTransactionTimeout => (
+                ErrorKind::IdleInTransactionTimeout,
+                idle_limit
+                    .map(|l| format!(" (idle_in_transaction_session_timeout {l:?})"))
+                    .unwrap_or_default(),
+            ),
+            _ => (ErrorKind::Closed, String::new()),
         };
         Error::with_kind(
             kind,
             format!(
-                "the server ended the session: {}; nothing was committed",
+                "the server ended the session: {}{limit}; nothing was committed",
                 end.message()
             ),
         )

@@ -365,7 +365,7 @@ impl Transaction {
             return closed;
         }
         if let Some(end) = self.db.session_end(self.conn()) {
-            return Error::session_ended(end, step);
+            return Error::session_ended(end, step, self.idle_timeout);
         }
         if idled_out {
             idle_timeout_error(step, self.idle_timeout).with_boxed_source(closed.into_source())

@@ -449,6 +449,12 @@ async fn idle_in_transaction_timeout_fires_in_a_slow_closure() {
         .await
         .expect_err("the session was ended");
     assert_eq!(err.kind(), ErrorKind::IdleInTransactionTimeout, "{err}");
+    // The server's words, and the limit the transaction set.
+    assert!(
+        err.to_string()
+            .contains("idle-in-transaction timeout (idle_in_transaction_session_timeout 200ms)"),
+        "{err}"
+    );
     assert_eq!(balance(&observer, 1).await, 100, "nothing committed");
     assert_eq!(
         db.pool().status().size,

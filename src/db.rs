@@ -121,8 +121,29 @@ impl Statements {
 /// `idle_in_transaction_session_timeout`, `pg_terminate_backend`, a shutdown), sent while no
 /// request was waiting for an answer. The driver's requests then fail only with "connection
 /// closed"; this keeps the server's words for them.
+///
+/// Set when the connection's task ends: to the server's error, or to `None` when the
+/// connection ended otherwise (closed by the client, a network error).
 #[derive(Default)]
-pub(crate) struct SessionEnd(OnceLock<DbError>);
+pub(crate) struct SessionEnd(OnceLock<Option<DbError>>);
+
+impl SessionEnd {
+    /// The server's error, once the connection's task has ended; waits up to 5 ms for it when
+    /// `closed` (the driver closes its request channel a moment before the task records why,
+    /// and a request on another thread can fail in between). A rare failure path only.
+    fn get(&self, closed: bool) -> Option<DbError> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(5);
+        loop {
+            if let Some(end) = self.0.get() {
+                return end.clone();
+            }
+            if !closed || std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
 
 tokio::task_local! {
     /// Set only while [`Db::checkout`] waits for the pool: a connection a [`Connector`] opens
@@ -192,17 +213,18 @@ where
                 // Polled in place, so the connection (and with it every request's channel)
                 // is dropped only after the end is recorded: a request that fails because
                 // the session ended finds the reason.
-                if let Err(e) = connection.as_mut().await {
-                    #[cfg(feature = "tracing")]
+                let result = connection.as_mut().await;
+                #[cfg(feature = "tracing")]
+                if let Err(e) = &result {
                     tracing::warn!(
                         target: "rowlock",
                         error = %e.as_db_error().map_or_else(|| e.to_string(), ToString::to_string),
                         "a pooled connection ended"
                     );
-                    if let Some(db) = e.as_db_error() {
-                        let _ = end.0.set(db.clone());
-                    }
                 }
+                let _ = end
+                    .0
+                    .set(result.err().and_then(|e| e.as_db_error().cloned()));
             });
             Ok((client, task))
         })
@@ -402,7 +424,7 @@ impl Db {
     /// The error with which the server ended `conn`'s session, if it did and said so: kept by
     /// the [`Connector`] that made `conn`, or noted by [`note_session_end`](Self::note_session_end).
     pub(crate) fn session_end(&self, conn: &deadpool_postgres::ClientWrapper) -> Option<DbError> {
-        self.statements(conn).ended.get()?.0.get().cloned()
+        self.statements(conn).ended.get()?.get(conn.is_closed())
     }
 
     /// Keeps `end`, the server's error that ended `conn`'s session, when it came as the answer
@@ -414,7 +436,7 @@ impl Db {
             .ended
             .get_or_init(Arc::default)
             .0
-            .set(end.clone());
+            .set(Some(end.clone()));
     }
 
     /// The call's transaction options with the handle's defaults under them.

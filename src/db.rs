@@ -10,6 +10,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
+use deadpool::managed::{PoolError, TimeoutType};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::DbError;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -86,6 +87,9 @@ pub(crate) struct Inner {
     /// rowlock's prepared statements on each connection of the pool, by connection. Read by
     /// every transaction; written only when the pool opened a connection.
     connections: RwLock<ByConnection>,
+    /// The timeouts of a checkout's first try, which takes an idle or new connection without
+    /// waiting (no timer is started); see [`Db::checkout`].
+    first_try: deadpool::managed::Timeouts,
 }
 
 /// The statements of each connection, keyed by the address of the connection's
@@ -292,7 +296,7 @@ impl Db {
     /// session the server ends is reported in the server's words, not as a bare "connection
     /// closed".
     pub fn from_pool(pool: Pool) -> Db {
-        Db::assemble(pool, Defaults::default())
+        Db::assemble(pool, Defaults::default(), Recycling::AsConfigured)
     }
 
     /// Settings beyond the URL: pool size and timeouts, TLS, statement cache, defaults.
@@ -314,7 +318,16 @@ impl Db {
         Builder::default()
     }
 
-    fn assemble(pool: Pool, defaults: Defaults) -> Db {
+    fn assemble(pool: Pool, defaults: Defaults, recycling: Recycling) -> Db {
+        let timeouts = pool.timeouts();
+        let first_try = deadpool::managed::Timeouts {
+            wait: Some(Duration::ZERO),
+            create: timeouts.create,
+            recycle: match recycling {
+                Recycling::Instant => None,
+                Recycling::AsConfigured => timeouts.recycle,
+            },
+        };
         Db {
             inner: Arc::new(Inner {
                 pool,
@@ -322,6 +335,7 @@ impl Db {
                 names: RwLock::default(),
                 spare_buffers: Arc::default(),
                 connections: RwLock::default(),
+                first_try,
             }),
         }
     }
@@ -408,7 +422,13 @@ impl Db {
         let pool = self.pool();
         let (got, opened) = OPENED
             .scope(RefCell::new(None), async {
-                let got = pool.get().await;
+                // First without waiting: an idle or new connection, with no timer started
+                // (the wait timeout's timer costs more than the rest of the checkout). When
+                // every connection is in use, wait in the pool's queue, with its timeouts.
+                let got = match pool.timeout_get(&self.inner.first_try).await {
+                    Err(PoolError::Timeout(TimeoutType::Wait)) => pool.get().await,
+                    got => got,
+                };
                 (got, OPENED.with(RefCell::take))
             })
             .await;
@@ -760,7 +780,7 @@ impl Builder {
                          was given a pool already built",
                     ));
                 }
-                return Ok(Db::assemble(pool, self.defaults));
+                return Ok(Db::assemble(pool, self.defaults, Recycling::AsConfigured));
             }
             Source::Url(url) => parse_url(&url)?,
             Source::Env => {
@@ -774,7 +794,13 @@ impl Builder {
             })?,
         };
         let pool = self.build_pool(config, tls)?;
-        Ok(Db::assemble(pool, self.defaults))
+        let recycling = if self.check_primary {
+            Recycling::AsConfigured
+        } else {
+            // `RecyclingMethod::Fast`: no statement, so nothing to time.
+            Recycling::Instant
+        };
+        Ok(Db::assemble(pool, self.defaults, recycling))
     }
 
     fn build_pool(&self, config: Config, tls: Option<Tls>) -> Result<Pool, Error> {
@@ -846,6 +872,16 @@ impl Builder {
             .build()
             .map_err(|e| Error::invalid(format!("the pool could not be built: {e}")))
     }
+}
+
+/// Whether recycling a connection can take long enough to need the pool's recycle timeout.
+#[derive(Clone, Copy)]
+enum Recycling {
+    /// The handle built the pool with `RecyclingMethod::Fast`: a check of the client, no
+    /// statement.
+    Instant,
+    /// A pool the service built, or one that runs a query to recycle (`check_primary`).
+    AsConfigured,
 }
 
 /// The oldest PostgreSQL rowlock runs on, as `server_version_num` (13.0).

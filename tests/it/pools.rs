@@ -72,6 +72,58 @@ async fn the_wait_timeout_refuses_a_caller_when_the_pool_is_exhausted() {
     );
 }
 
+/// A checkout first takes an idle connection without waiting; when there is none it queues in
+/// the pool: the call goes on as soon as a connection comes back, and a caller that gives up
+/// while queued leaves the pool whole.
+#[tokio::test]
+async fn a_call_waits_in_the_pools_queue_when_every_connection_is_in_use() {
+    let (pg, _) = accounts(1).await;
+    let db = pg
+        .db_with(
+            Db::builder()
+                .max_size(1)
+                .wait_timeout(Duration::from_secs(30)),
+        )
+        .unwrap();
+    let held = db.pool().get().await.unwrap();
+    let queued = |db: &Db| {
+        let db = db.clone();
+        tokio::spawn(async move {
+            db.with_locked_row(&1, &Lock::new(), |_, a: Account| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(a.balance) })
+            })
+            .await
+        })
+    };
+    // Given up while queued: the pool still has its one connection.
+    let gave_up = queued(&db);
+    wait_for_waiters(&db, 1).await;
+    gave_up.abort();
+    assert!(gave_up.await.unwrap_err().is_cancelled());
+    wait_for_waiters(&db, 0).await;
+
+    let waiting = queued(&db);
+    wait_for_waiters(&db, 1).await;
+    drop(held);
+    let outcome = waiting.await.unwrap().unwrap();
+    assert!(matches!(outcome, Outcome::Done(100)), "{outcome:?}");
+    let status = db.pool().status();
+    assert_eq!((status.size, status.available, status.waiting), (1, 1, 0));
+}
+
+/// Waits until `n` callers are queued for a connection of `db`'s pool.
+async fn wait_for_waiters(db: &Db, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.pool().status().waiting != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            db.pool().status()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[test]
 fn bad_urls_and_options_are_refused_without_echoing_the_secret() {
     for url in [

@@ -104,10 +104,10 @@ type ByConnection = HashMap<usize, (Weak<deadpool_postgres::StatementCache>, Arc
 #[derive(Default)]
 pub(crate) struct Statements {
     by_sql: Mutex<BySql>,
-    /// Why the server ended the connection's session, once it has: recorded by the task
-    /// that drives a connection a [`Connector`] opened, unset for the connections of
-    /// a pool built with another connector.
-    ended: OnceLock<Arc<SessionEnd>>,
+    /// What the [`Connector`] that opened the connection knows of it (where its task runs,
+    /// why its session ended); unset for the connections of a pool built with another
+    /// connector.
+    opened: OnceLock<Arc<Opened>>,
 }
 
 /// Statements by SQL text. Every statement a call uses is looked up by its whole text (a
@@ -118,6 +118,28 @@ type BySql = HashMap<Box<str>, Statement, foldhash::fast::RandomState>;
 impl Statements {
     fn map(&self) -> std::sync::MutexGuard<'_, BySql> {
         self.by_sql.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a [`Connector`] records of a connection it opened.
+#[derive(Default)]
+pub(crate) struct Opened {
+    /// The thread whose current-thread runtime drives the connection's task; `None` on a
+    /// multi-thread runtime, whose workers drive it whichever thread uses the connection.
+    home: Option<std::thread::ThreadId>,
+    /// Why the session ended.
+    end: SessionEnd,
+}
+
+impl Opened {
+    /// Whether the connection's task runs on a current-thread runtime of another thread than
+    /// this one. Such a runtime moves only while its thread drives it: a request sent on the
+    /// connection while the runtime is parked between `block_on` calls waits for no answer
+    /// until it runs again, and if it is dropped (the test that made it has ended) the
+    /// connection closes under whatever transaction is using it.
+    fn is_foreign(&self) -> bool {
+        self.home
+            .is_some_and(|home| home != std::thread::current().id())
     }
 }
 
@@ -151,8 +173,8 @@ impl SessionEnd {
 
 tokio::task_local! {
     /// Set only while [`Db::checkout`] waits for the pool: a connection a [`Connector`] opens
-    /// for that checkout leaves its [`SessionEnd`] here, to be kept with its statements.
-    static OPENED: RefCell<Option<Arc<SessionEnd>>>;
+    /// for that checkout leaves its record ([`Opened`]) here, to be kept with its statements.
+    static OPENED: RefCell<Option<Arc<Opened>>>;
 }
 
 /// A deadpool-postgres connector that keeps why the server ended a session: the one the
@@ -166,7 +188,10 @@ tokio::task_local! {
 /// "connection closed". On connections made by this connector and taken from the pool by
 /// rowlock, the error says the server's words and carries its SQLSTATE instead
 /// ([`ErrorKind::IdleInTransactionTimeout`](crate::ErrorKind::IdleInTransactionTimeout) for
-/// `25P03`, [`ErrorKind::Closed`](crate::ErrorKind::Closed) otherwise).
+/// `25P03`, [`ErrorKind::Closed`](crate::ErrorKind::Closed) otherwise). It also notes the
+/// thread of a current-thread runtime that opens a connection, so that rowlock does not use
+/// the connection from another thread's runtime (the [handle guide](crate::guide::handle)'s
+/// "Runtimes").
 ///
 /// ```no_run
 /// use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool};
@@ -209,9 +234,18 @@ where
         let config = config.clone();
         Box::pin(async move {
             let (client, connection) = config.connect(tls).await?;
-            let end = Arc::new(SessionEnd::default());
+            // The task is spawned on this runtime: one with a single thread drives it only
+            // from this thread.
+            let home = (tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::CurrentThread)
+                .then(|| std::thread::current().id());
+            let record = Arc::new(Opened {
+                home,
+                end: SessionEnd::default(),
+            });
             // Outside a checkout (a pool the service resizes itself) nobody asks.
-            let _ = OPENED.try_with(|opened| *opened.borrow_mut() = Some(end.clone()));
+            let _ = OPENED.try_with(|opened| *opened.borrow_mut() = Some(record.clone()));
+            let end = record;
             let task = tokio::spawn(async move {
                 let mut connection = std::pin::pin!(connection);
                 // Polled in place, so the connection (and with it every request's channel)
@@ -227,6 +261,7 @@ where
                     );
                 }
                 let _ = end
+                    .end
                     .0
                     .set(result.err().and_then(|e| e.as_db_error().cloned()));
             });
@@ -417,34 +452,57 @@ impl Db {
         statements.map().clear();
     }
 
-    /// Takes a connection from the pool: the one way rowlock's operations get theirs.
-    pub(crate) async fn checkout(&self) -> Result<deadpool_postgres::Object, Error> {
+    /// Takes a connection from the pool, with its statements: the one way rowlock's
+    /// operations get theirs.
+    ///
+    /// A connection whose task a current-thread runtime of another thread drives (a handle
+    /// shared by `#[tokio::test]`s, each with its own runtime) is taken out of the pool and
+    /// closed, and another taken: that runtime moves only while its thread drives it, and
+    /// ends with its test, closing the connection under the transaction using it.
+    pub(crate) async fn checkout(
+        &self,
+    ) -> Result<(deadpool_postgres::Object, Arc<Statements>), Error> {
         let pool = self.pool();
-        let (got, opened) = OPENED
-            .scope(RefCell::new(None), async {
-                // First without waiting: an idle or new connection, with no timer started
-                // (the wait timeout's timer costs more than the rest of the checkout). When
-                // every connection is in use, wait in the pool's queue, with its timeouts.
-                let got = match pool.timeout_get(&self.inner.first_try).await {
-                    Err(PoolError::Timeout(TimeoutType::Wait)) => pool.get().await,
-                    got => got,
-                };
-                (got, OPENED.with(RefCell::take))
-            })
-            .await;
-        let conn =
-            got.map_err(|e| Error::from_pool(e, pool.status().max_size, pool.timeouts().wait))?;
-        if let Some(end) = opened {
-            // A connection opened for this checkout: keep how its session ends.
-            let _ = self.statements(&conn).ended.set(end);
+        loop {
+            let (got, opened) = OPENED
+                .scope(RefCell::new(None), async {
+                    // First without waiting: an idle or new connection, with no timer started
+                    // (the wait timeout's timer costs more than the rest of the checkout).
+                    // When every connection is in use, wait in the pool's queue, with its
+                    // timeouts.
+                    let got = match pool.timeout_get(&self.inner.first_try).await {
+                        Err(PoolError::Timeout(TimeoutType::Wait)) => pool.get().await,
+                        got => got,
+                    };
+                    (got, OPENED.with(RefCell::take))
+                })
+                .await;
+            let conn =
+                got.map_err(|e| Error::from_pool(e, pool.status().max_size, pool.timeouts().wait))?;
+            let statements = self.statements(&conn);
+            if let Some(opened) = opened {
+                // A connection opened for this checkout: keep what its connector knows.
+                let _ = statements.opened.set(opened);
+            }
+            if statements.opened.get().is_some_and(|o| o.is_foreign()) {
+                // Out of the pool (which opens another in its place when asked), and closed:
+                // its task ends when its runtime next runs, or with the runtime. Each turn
+                // takes one such connection out, so this ends.
+                drop(deadpool_postgres::Object::take(conn));
+                continue;
+            }
+            return Ok((conn, statements));
         }
-        Ok(conn)
     }
 
     /// The error with which the server ended `conn`'s session, if it did and said so: kept by
     /// the [`Connector`] that made `conn`, or noted by [`note_session_end`](Self::note_session_end).
     pub(crate) fn session_end(&self, conn: &deadpool_postgres::ClientWrapper) -> Option<DbError> {
-        self.statements(conn).ended.get()?.get(conn.is_closed())
+        self.statements(conn)
+            .opened
+            .get()?
+            .end
+            .get(conn.is_closed())
     }
 
     /// Keeps `end`, the server's error that ended `conn`'s session, when it came as the answer
@@ -453,8 +511,9 @@ impl Db {
     pub(crate) fn note_session_end(&self, conn: &deadpool_postgres::ClientWrapper, end: &DbError) {
         let statements = self.statements(conn);
         let _ = statements
-            .ended
+            .opened
             .get_or_init(Arc::default)
+            .end
             .0
             .set(Some(end.clone()));
     }

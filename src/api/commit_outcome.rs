@@ -70,7 +70,7 @@ impl Db {
         &self,
         transaction: &TransactionRef,
     ) -> Result<CommitStatus, Error> {
-        let mut client = self.checkout().await?;
+        let (mut client, _) = self.checkout().await?;
         let pg = |e| Error::from_pg(e, Step::Statement);
         // Both questions in one transaction: behind a pooler in transaction mode, a statement
         // is prepared and run on the same server connection only inside one.

@@ -91,12 +91,12 @@ pub(crate) async fn run_alone(
     step: Step,
     custom_plan: bool,
 ) -> Result<Vec<Row>, Error> {
+    let (client, statements) = db.checkout().await?;
     let conn = Alone {
-        client: Some(db.checkout().await?),
+        client: Some(client),
         in_flight: AtomicBool::new(false),
     };
     let client = conn.conn();
-    let statements = db.statements(client);
     for _ in 0..2 {
         let stmt = conn
             .send(|| db.prepare_cached(client, &statements, sql))

@@ -89,8 +89,8 @@ impl Transaction {
             Some(client) => Ok(Transaction::on(
                 self.db.clone(),
                 client,
+                self.statements.clone(),
                 options,
-                self.statements_per_transaction(),
             )),
             None => Err(Error::with_kind(
                 ErrorKind::Closed,

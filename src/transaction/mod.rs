@@ -181,8 +181,9 @@ impl Transaction {
     ) -> Result<Transaction, Error> {
         let per_transaction =
             options.statement_cache.unwrap_or(db.statement_cache()) == StatementCache::Transaction;
-        let client = db.checkout().await?;
-        Ok(Self::on(db.clone(), client, options, per_transaction))
+        let (client, statements) = db.checkout().await?;
+        let statements = (!per_transaction).then_some(statements);
+        Ok(Self::on(db.clone(), client, statements, options))
     }
 
     /// The handle this transaction was opened from.
@@ -190,16 +191,18 @@ impl Transaction {
         &self.db
     }
 
-    /// A transaction with `options` on a connection that is outside any transaction.
+    /// A transaction with `options` on a connection that is outside any transaction, with the
+    /// connection's statement cache (`None`: statements are prepared per transaction).
     fn on(
         db: Db,
         client: Object,
+        statements: Option<Arc<Statements>>,
         options: &TransactionOptions,
-        per_transaction: bool,
     ) -> Transaction {
+        let per_transaction = statements.is_none();
         let writes = Writes::with_spare(db.spare_buffers());
         Transaction {
-            statements: (!per_transaction).then(|| db.statements(&client)),
+            statements,
             client: Some(client),
             db,
             // Behind a pooler (`StatementCache::Transaction`), the connection's cancel key names

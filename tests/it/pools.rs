@@ -111,6 +111,73 @@ async fn a_call_waits_in_the_pools_queue_when_every_connection_is_in_use() {
     assert_eq!((status.size, status.available, status.waiting), (1, 1, 0));
 }
 
+/// A handle shared by tests, each on its own current-thread runtime (`#[tokio::test]`): a
+/// connection another test's runtime opened is replaced at checkout. Its task runs only on
+/// that runtime, which ends with its test: a transaction on it failed with "connection closed
+/// while running a statement" when the other test ended.
+#[test]
+fn a_connection_another_threads_runtime_drives_is_replaced_at_checkout() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let here = runtime();
+    let (pg, _) = here.block_on(accounts(1));
+    let db = pg.db_with(Db::builder().max_size(1)).unwrap();
+    let balance = |db: &Db| {
+        let db = db.clone();
+        async move {
+            db.with_locked_row(&1, &Lock::new(), |_, a: Account| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(a.balance) })
+            })
+            .await
+        }
+    };
+    // Another "test": opens the pool's one connection on its runtime, then ends when told.
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+    let other = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let there = runtime();
+            there.block_on(async {
+                opened_tx.send(balance(&db).await.unwrap()).unwrap();
+                end_rx.await.unwrap();
+            });
+        })
+    };
+    assert!(matches!(opened_rx.recv().unwrap(), Outcome::Done(100)));
+    let mut other = Some((end_tx, other));
+    let outcome = here
+        .block_on(db.with_locked_row(&1, &Lock::new(), |tx, a: Account| {
+            let other = other.take();
+            Box::pin(async move {
+                if let Some((end, thread)) = other {
+                    // The other test ends (and its runtime with it) while this one's
+                    // transaction is open.
+                    end.send(()).unwrap();
+                    tokio::task::spawn_blocking(move || thread.join().unwrap())
+                        .await
+                        .unwrap();
+                }
+                tx.execute(
+                    "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                    &[&a.id],
+                )
+                .await?;
+                Ok::<_, rowlock::Error>(())
+            })
+        }))
+        .unwrap();
+    assert!(outcome.is_done(), "{outcome:?}");
+    assert!(matches!(
+        here.block_on(balance(&db)).unwrap(),
+        Outcome::Done(101)
+    ));
+}
+
 /// Waits until `n` callers are queued for a connection of `db`'s pool.
 async fn wait_for_waiters(db: &Db, n: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -124,22 +124,23 @@ impl Statements {
 /// What a [`Connector`] records of a connection it opened.
 #[derive(Default)]
 pub(crate) struct Opened {
-    /// The thread whose current-thread runtime drives the connection's task; `None` on a
-    /// multi-thread runtime, whose workers drive it whichever thread uses the connection.
-    home: Option<std::thread::ThreadId>,
+    /// The current-thread runtime that drives the connection's task; `None` on a
+    /// multi-thread runtime, whose workers drive it whichever runtime uses the connection.
+    home: Option<tokio::runtime::Id>,
     /// Why the session ended.
     end: SessionEnd,
 }
 
 impl Opened {
-    /// Whether the connection's task runs on a current-thread runtime of another thread than
-    /// this one. Such a runtime moves only while its thread drives it: a request sent on the
-    /// connection while the runtime is parked between `block_on` calls waits for no answer
-    /// until it runs again, and if it is dropped (the test that made it has ended) the
-    /// connection closes under whatever transaction is using it.
+    /// Whether the connection's task runs on a current-thread runtime other than the one this
+    /// runs on. Such a runtime moves only while its thread is inside its `block_on`: a
+    /// request sent on the connection meanwhile waits for no answer until it runs again, and
+    /// when it is dropped (the test that made it has ended) the connection closes under
+    /// whatever transaction is using it.
     fn is_foreign(&self) -> bool {
-        self.home
-            .is_some_and(|home| home != std::thread::current().id())
+        self.home.is_some_and(|home| {
+            tokio::runtime::Handle::try_current().ok().map(|h| h.id()) != Some(home)
+        })
     }
 }
 
@@ -189,9 +190,8 @@ tokio::task_local! {
 /// rowlock, the error says the server's words and carries its SQLSTATE instead
 /// ([`ErrorKind::IdleInTransactionTimeout`](crate::ErrorKind::IdleInTransactionTimeout) for
 /// `25P03`, [`ErrorKind::Closed`](crate::ErrorKind::Closed) otherwise). It also notes the
-/// thread of a current-thread runtime that opens a connection, so that rowlock does not use
-/// the connection from another thread's runtime (the [handle guide](crate::guide::handle)'s
-/// "Runtimes").
+/// current-thread runtime that opens a connection, so that rowlock does not use the
+/// connection from another runtime (the [handle guide](crate::guide::handle)'s "Runtimes").
 ///
 /// ```no_run
 /// use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool};
@@ -235,17 +235,16 @@ where
         Box::pin(async move {
             let (client, connection) = config.connect(tls).await?;
             // The task is spawned on this runtime: one with a single thread drives it only
-            // from this thread.
-            let home = (tokio::runtime::Handle::current().runtime_flavor()
-                == tokio::runtime::RuntimeFlavor::CurrentThread)
-                .then(|| std::thread::current().id());
+            // while its thread runs it.
+            let runtime = tokio::runtime::Handle::current();
+            let home = (runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+                .then(|| runtime.id());
             let record = Arc::new(Opened {
                 home,
                 end: SessionEnd::default(),
             });
             // Outside a checkout (a pool the service resizes itself) nobody asks.
             let _ = OPENED.try_with(|opened| *opened.borrow_mut() = Some(record.clone()));
-            let end = record;
             let task = tokio::spawn(async move {
                 let mut connection = std::pin::pin!(connection);
                 // Polled in place, so the connection (and with it every request's channel)
@@ -260,7 +259,7 @@ where
                         "a pooled connection ended"
                     );
                 }
-                let _ = end
+                let _ = record
                     .end
                     .0
                     .set(result.err().and_then(|e| e.as_db_error().cloned()));
@@ -455,10 +454,10 @@ impl Db {
     /// Takes a connection from the pool, with its statements: the one way rowlock's
     /// operations get theirs.
     ///
-    /// A connection whose task a current-thread runtime of another thread drives (a handle
-    /// shared by `#[tokio::test]`s, each with its own runtime) is taken out of the pool and
-    /// closed, and another taken: that runtime moves only while its thread drives it, and
-    /// ends with its test, closing the connection under the transaction using it.
+    /// A connection whose task another current-thread runtime drives (a handle shared by
+    /// `#[tokio::test]`s, each with its own runtime) is taken out of the pool and closed, and
+    /// another taken: that runtime moves only while its thread runs it, and ends with its
+    /// test, closing the connection under the transaction using it.
     pub(crate) async fn checkout(
         &self,
     ) -> Result<(deadpool_postgres::Object, Arc<Statements>), Error> {

@@ -178,6 +178,47 @@ fn a_connection_another_threads_runtime_drives_is_replaced_at_checkout() {
     ));
 }
 
+/// Two runtimes taking turns on one thread (a runtime per `block_on` in synchronous code): a
+/// call on the second waited for ever on the connection the first opened, whose task runs
+/// only while the first runs.
+#[test]
+fn runtimes_taking_turns_on_one_thread_each_use_their_own_connections() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let (pg, _) = first.block_on(accounts(1));
+    let db = pg.db_with(Db::builder().max_size(1)).unwrap();
+    let bump = |db: &Db| {
+        let db = db.clone();
+        async move {
+            let lock = Lock::new();
+            let call = db.with_locked_row(&1, &lock, |tx, a: Account| {
+                Box::pin(async move {
+                    tx.execute(
+                        "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                        &[&a.id],
+                    )
+                    .await?;
+                    Ok::<_, rowlock::Error>(a.balance + 1)
+                })
+            });
+            tokio::time::timeout(Duration::from_secs(10), call)
+                .await
+                .expect("the call waited on a connection whose runtime is not running")
+                .unwrap()
+        }
+    };
+    let second = runtime();
+    assert!(matches!(first.block_on(bump(&db)), Outcome::Done(101)));
+    assert!(matches!(second.block_on(bump(&db)), Outcome::Done(102)));
+    assert!(matches!(first.block_on(bump(&db)), Outcome::Done(103)));
+    assert_eq!(db.pool().status().size, 1);
+}
+
 /// Waits until `n` callers are queued for a connection of `db`'s pool.
 async fn wait_for_waiters(db: &Db, n: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

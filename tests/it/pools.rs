@@ -117,15 +117,8 @@ async fn a_call_waits_in_the_pools_queue_when_every_connection_is_in_use() {
 /// while running a statement" when the other test ended.
 #[test]
 fn a_connection_another_threads_runtime_drives_is_replaced_at_checkout() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     let here = runtime();
-    let (pg, _) = here.block_on(accounts(1));
-    let db = pg.db_with(Db::builder().max_size(1)).unwrap();
+    let (_pg, db) = one_connection(&here);
     let balance = |db: &Db| {
         let db = db.clone();
         async move {
@@ -183,15 +176,8 @@ fn a_connection_another_threads_runtime_drives_is_replaced_at_checkout() {
 /// only while the first runs.
 #[test]
 fn runtimes_taking_turns_on_one_thread_each_use_their_own_connections() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     let first = runtime();
-    let (pg, _) = first.block_on(accounts(1));
-    let db = pg.db_with(Db::builder().max_size(1)).unwrap();
+    let (_pg, db) = one_connection(&first);
     let bump = |db: &Db| {
         let db = db.clone();
         async move {
@@ -217,6 +203,21 @@ fn runtimes_taking_turns_on_one_thread_each_use_their_own_connections() {
     assert!(matches!(second.block_on(bump(&db)), Outcome::Done(102)));
     assert!(matches!(first.block_on(bump(&db)), Outcome::Done(103)));
     assert_eq!(db.pool().status().size, 1);
+}
+
+/// A current-thread runtime, as `#[tokio::test]` makes.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The accounts database (made on `rt`) and a handle to it with one connection.
+fn one_connection(rt: &tokio::runtime::Runtime) -> (rowlock_testing::TestDatabase, Db) {
+    let (pg, _) = rt.block_on(accounts(1));
+    let db = pg.db_with(Db::builder().max_size(1)).unwrap();
+    (pg, db)
 }
 
 /// Waits until `n` callers are queued for a connection of `db`'s pool.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use rowlock::{Claim, Direction, Lock, LockSet, LockStrength, LockableRow, Outcome, Transaction};
 use rowlock::{TransactionOptions, Transition};
-use rowlock_testing::interleave::{Report, Script, SessionSpec};
+use rowlock_testing::interleave::{Report, Script, SessionSpec, StepError};
 
 fn expected(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -540,10 +540,33 @@ async fn a_wait_on_a_backend_still_busy_after_its_step_returned_is_not_settled()
             s.sql("a_lock", "BEGIN; SELECT id FROM t WHERE id = 1 FOR UPDATE")
                 .step("a_release_later", |s| {
                     Box::pin(async move {
+                        let pid: i32 = s
+                            .client()
+                            .query_one("SELECT pg_backend_pid()", &[])
+                            .await?
+                            .get(0);
                         // Polled once: the request is on its way to the server, and the
-                        // step returns while the server still runs it.
+                        // step returns while the server still runs it, once the server is
+                        // seen running it (the connection's task may not have written it
+                        // yet when the poll returns).
                         let sent = s.client().batch_execute("SELECT pg_sleep(0.3); ROLLBACK");
                         let _ = tokio::time::timeout(std::time::Duration::ZERO, sent).await;
+                        let observer = s.db().pool().get().await.map_err(|e| StepError {
+                            kind: "Pool".into(),
+                            sql_state: None,
+                            message: e.to_string(),
+                        })?;
+                        while observer
+                            .query_opt(
+                                "SELECT 1 FROM pg_stat_activity \
+                                 WHERE pid = $1 AND query LIKE 'SELECT pg_sleep%'",
+                                &[&pid],
+                            )
+                            .await?
+                            .is_none()
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                        }
                         Ok("sent".into())
                     })
                 })

@@ -189,9 +189,17 @@ tokio::task_local! {
 /// "connection closed". On connections made by this connector and taken from the pool by
 /// rowlock, the error says the server's words and carries its SQLSTATE instead
 /// ([`ErrorKind::IdleInTransactionTimeout`](crate::ErrorKind::IdleInTransactionTimeout) for
-/// `25P03`, [`ErrorKind::Closed`](crate::ErrorKind::Closed) otherwise). It also notes the
-/// current-thread runtime that opens a connection, so that rowlock does not use the
-/// connection from another runtime (the [handle guide](crate::guide::handle)'s "Runtimes").
+/// `25P03`, [`ErrorKind::Closed`](crate::ErrorKind::Closed) otherwise). One case stays a bare
+/// "connection closed": the driver hands a message from the server to the oldest request
+/// waiting for an answer, and when that is a statement close the driver sent on its own (a
+/// statement prepared from SQL text is closed as soon as the call that ran it returns), the
+/// close takes the server's last words with it. Statements from
+/// [`Transaction::prepare_cached`](crate::Transaction::prepare_cached) stay prepared (closed
+/// only when the connection's cache starts over past its limit).
+///
+/// It also notes the current-thread runtime that opens a connection, so that rowlock does not
+/// use the connection from another runtime (the [handle guide](crate::guide::handle)'s
+/// "Runtimes").
 ///
 /// ```no_run
 /// use rowlock::deadpool_postgres::{Manager, ManagerConfig, Pool};

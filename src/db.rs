@@ -149,19 +149,30 @@ impl Opened {
 /// request was waiting for an answer. The driver's requests then fail only with "connection
 /// closed"; this keeps the server's words for them.
 ///
-/// Set when the connection's task ends: to the server's error, or to `None` when the
-/// connection ended otherwise (closed by the client, a network error).
+/// Two records, because the server's last message reaches one of two places: the
+/// connection's task, when no request waits for an answer (set when the task ends: to the
+/// server's error, or to `None` when the connection ended otherwise, closed by the client or
+/// by a network error); or the request that waits, whose failure rowlock notes. A noted
+/// error wins: the task of a connection whose last message went to a request ends without
+/// words (the end of the stream, or a pooler's own error after the server's).
 #[derive(Default)]
-pub(crate) struct SessionEnd(OnceLock<Option<DbError>>);
+pub(crate) struct SessionEnd {
+    task: OnceLock<Option<DbError>>,
+    noted: OnceLock<DbError>,
+}
 
 impl SessionEnd {
-    /// The server's error, once the connection's task has ended; waits up to 5 ms for it when
-    /// `closed` (the driver closes its request channel a moment before the task records why,
-    /// and a request on another thread can fail in between). A rare failure path only.
+    /// The server's error: the one a request was answered with, or the task's once it has
+    /// ended; waits up to 5 ms for the task's when `closed` (the driver closes its request
+    /// channel a moment before the task records why, and a request on another thread can
+    /// fail in between). A rare failure path only.
     fn get(&self, closed: bool) -> Option<DbError> {
         let deadline = std::time::Instant::now() + Duration::from_millis(5);
         loop {
-            if let Some(end) = self.0.get() {
+            if let Some(end) = self.noted.get() {
+                return Some(end.clone());
+            }
+            if let Some(end) = self.task.get() {
                 return end.clone();
             }
             if !closed || std::time::Instant::now() >= deadline {
@@ -269,7 +280,7 @@ where
                 }
                 let _ = record
                     .end
-                    .0
+                    .task
                     .set(result.err().and_then(|e| e.as_db_error().cloned()));
             });
             Ok((client, task))
@@ -521,8 +532,8 @@ impl Db {
             .opened
             .get_or_init(Arc::default)
             .end
-            .0
-            .set(Some(end.clone()));
+            .noted
+            .set(end.clone());
     }
 
     /// The call's transaction options with the handle's defaults under them.

@@ -545,18 +545,6 @@ async fn a_session_the_server_ended_is_reported_in_its_words() {
             .await
             .expect_err("the session was ended");
         let shown = err.to_string();
-        if pg.is_behind_pgbouncer() && err.sql_state().is_none() {
-            // PgBouncer closed the client's connection without passing the server's last
-            // message on (it does when it learns of the end before the client sends again):
-            // nothing reached the client to report, and rowlock says what it knows.
-            assert_eq!(err.kind(), ErrorKind::Closed, "{shown}");
-            assert_eq!(
-                balance(&observer, 1).await,
-                100,
-                "nothing committed: {shown}"
-            );
-            continue;
-        }
         let (kind, state, words) = match end {
             "idle" => (
                 ErrorKind::IdleInTransactionTimeout,
@@ -581,6 +569,72 @@ async fn a_session_the_server_ended_is_reported_in_its_words() {
         assert!(shown.contains(step), "{shown}");
         assert_eq!(err.as_db_error().map(|e| e.code()), Some(&state));
         assert_eq!(err.is_retryable(), kind == ErrorKind::Closed, "{shown}");
+        assert_eq!(balance(&observer, 1).await, 100, "nothing committed");
+    }
+}
+
+/// The server ends the session while a statement runs: its last message is that statement's
+/// answer, and the connection's task sees only the end of the stream. A closure that swallows
+/// the statement's error and returns `Ok` is told at commit, in the server's words, whichever
+/// of the two learns of the end first.
+#[tokio::test]
+async fn a_session_the_server_ended_during_a_swallowed_statement_is_reported_at_commit() {
+    let (pg, _) = accounts(1).await;
+    let observer = Arc::new(pg.client().await.unwrap());
+    let db = pg.db(1);
+    for _ in 0..5 {
+        let err = db
+            .with_locked_row::<Account, (), rowlock::Error, _>(&1, &Lock::new(), {
+                let observer = observer.clone();
+                move |tx, acc| {
+                    let observer = observer.clone();
+                    Box::pin(async move {
+                        let update = tx
+                            .prepare_cached("UPDATE accounts SET balance = 0 WHERE id = $1")
+                            .await?;
+                        tx.execute_on_commit(&update, &[&acc.id])?;
+                        let pid = tx.prepare_cached("SELECT pg_backend_pid()").await?;
+                        let pid: i32 = tx.query_one(&pid, &[]).await?.get(0);
+                        let terminate = tokio::spawn(async move {
+                            until(WAIT, "the statement sleeps on the server", || async {
+                                observer
+                                    .query_opt(
+                                        "SELECT 1 FROM pg_stat_activity \
+                                         WHERE pid = $1 AND wait_event = 'PgSleep'",
+                                        &[&pid],
+                                    )
+                                    .await
+                                    .unwrap()
+                                    .is_some()
+                            })
+                            .await;
+                            observer
+                                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                                .await
+                                .unwrap();
+                        });
+                        let slept = tx.batch_execute("SELECT pg_sleep(30)").await;
+                        terminate.await.unwrap();
+                        let slept = slept.expect_err("the session was ended");
+                        assert_eq!(
+                            slept.sql_state(),
+                            Some(&SqlState::ADMIN_SHUTDOWN),
+                            "{slept}"
+                        );
+                        Ok(())
+                    })
+                }
+            })
+            .await
+            .expect_err("the session was ended");
+        let shown = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::Closed, "{shown}");
+        assert_eq!(err.sql_state(), Some(&SqlState::ADMIN_SHUTDOWN), "{shown}");
+        assert!(
+            shown.contains("terminating connection due to administrator command"),
+            "{shown}"
+        );
+        assert!(shown.contains("while committing"), "{shown}");
         assert_eq!(balance(&observer, 1).await, 100, "nothing committed");
     }
 }

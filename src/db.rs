@@ -14,6 +14,7 @@ use deadpool::managed::{PoolError, TimeoutType};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::DbError;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Config, NoTls, Socket, Statement};
 
 use crate::error::Error;
@@ -87,6 +88,10 @@ pub(crate) struct Inner {
     /// rowlock's prepared statements on each connection of the pool, by connection. Read by
     /// every transaction; written only when the pool opened a connection.
     connections: RwLock<ByConnection>,
+    /// The parameter types of the caller's SQL text, learned by preparing it once (see
+    /// [`Db::text_types`]). They depend on the database's schema only, so they are the
+    /// handle's, shared by its connections. Bounded by [`Builder::statement_cache_limit`].
+    text_types: RwLock<ByText>,
     /// The timeouts of a checkout's first try, which takes an idle or new connection without
     /// waiting (no timer is started); see [`Db::checkout`].
     first_try: deadpool::managed::Timeouts,
@@ -114,6 +119,9 @@ pub(crate) struct Statements {
 /// transition's is a few hundred bytes): hashed with foldhash, seeded per process, rather
 /// than SipHash.
 type BySql = HashMap<Box<str>, Statement, foldhash::fast::RandomState>;
+
+/// Parameter types by SQL text.
+type ByText = HashMap<Box<str>, Arc<[Type]>, foldhash::fast::RandomState>;
 
 impl Statements {
     fn map(&self) -> std::sync::MutexGuard<'_, BySql> {
@@ -388,6 +396,7 @@ impl Db {
                 names: RwLock::default(),
                 spare_buffers: Arc::default(),
                 connections: RwLock::default(),
+                text_types: RwLock::default(),
                 first_try,
             }),
         }
@@ -461,6 +470,44 @@ impl Db {
             map.clear();
         }
         map.insert(sql.into(), statement);
+    }
+
+    /// The parameter types of `sql`, the caller's SQL text, if this handle has learned them:
+    /// with them the text runs as an unnamed statement, parsed, bound and run in one request
+    /// (one round trip, nothing left prepared on the server, nothing to close, and no cached
+    /// plan a migration could make stale). Learned by [`learn_text_types`](Self::learn_text_types)
+    /// when the text is first prepared.
+    pub(crate) fn text_types(&self, sql: &str) -> Option<Arc<[Type]>> {
+        self.inner
+            .text_types
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(sql)
+            .cloned()
+    }
+
+    /// Keeps the parameter types of `sql`, read from the statement prepared for it; a map that
+    /// has reached [`Builder::statement_cache_limit`] is emptied first.
+    pub(crate) fn learn_text_types(&self, sql: &str, types: &[Type]) {
+        let mut map = self
+            .inner
+            .text_types
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= self.statement_limit() {
+            map.clear();
+        }
+        map.insert(sql.into(), types.into());
+    }
+
+    /// Forgets the parameter types of `sql` (the server refused the statement with them: a
+    /// migration may have changed a column's type), so its next use prepares it again.
+    pub(crate) fn forget_text_types(&self, sql: &str) {
+        self.inner
+            .text_types
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(sql);
     }
 
     /// Empties a connection's statement cache, so every statement is prepared again (after a

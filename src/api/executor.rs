@@ -36,8 +36,9 @@ mod private {
 /// the pool still running it, and the next caller waits behind it. A prepared
 /// [`Statement`](tokio_postgres::Statement) belongs to the connection that prepared it, and
 /// each call through a `Db` may run on another: passing one to a `Db` is refused with
-/// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (pass the SQL text;
-/// the connection's statement cache prepares it once). Inside a locked call, pass the
+/// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (pass the SQL text: the
+/// handle prepares it once, to learn its parameter types, and then sends it unnamed, in the
+/// same round trip as what runs it; see [`Transaction::query`]). Inside a locked call, pass the
 /// closure's `tx`, not the `Db`: the handle would run the statement in another transaction on
 /// another connection, outside the lock's (and, on a pool of one, wait for the connection the
 /// call holds until the pool's `wait_timeout`).
@@ -176,7 +177,8 @@ fn refuse_prepared<T: ?Sized + AsStatement>(statement: &T) -> Result<(), Error> 
         Some(_) => Err(Error::invalid(
             "a prepared Statement belongs to the connection that prepared it, and each \
              statement through a Db may run on another pooled connection: pass the SQL text \
-             (prepared once per connection), or run it inside a transaction that prepared it",
+             (its parameter types are learned once per handle), or run it inside a transaction \
+             that prepared it",
         )),
     }
 }

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Object;
 
 use crate::db::{Db, Statements};
-use tokio_postgres::types::ToSql;
+use futures_util::TryStreamExt;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
@@ -503,8 +504,18 @@ impl Transaction {
             .await
     }
 
-    /// Runs a statement and returns its rows. A `&str` is prepared first (an extra round
-    /// trip); pass a [`Statement`] from [`prepare_cached`](Self::prepare_cached) to avoid it.
+    /// Runs a statement and returns its rows.
+    ///
+    /// SQL text is prepared the first time the handle sees it, to learn its parameter types
+    /// (one more round trip, and the statement is closed after); from then on it goes as an
+    /// unnamed statement, parsed, bound and run in one request: one round trip, nothing left
+    /// prepared on the server, and no cached plan for a migration to make stale. The types
+    /// are the handle's, shared by its connections (at most
+    /// [`Builder::statement_cache_limit`](crate::Builder::statement_cache_limit) texts); a
+    /// value that no longer fits a learned type, or a statement the server refuses as written
+    /// (SQLSTATE class `42`: a column or type a migration changed), makes the text learned
+    /// again. A [`Statement`] from [`prepare_cached`](Self::prepare_cached) also saves the
+    /// server's parse.
     pub async fn query<T>(
         &self,
         statement: &T,
@@ -514,12 +525,14 @@ impl Transaction {
         T: ?Sized + ToStatement + AsStatement,
     {
         self.run_statement(statement, params, |st| async move {
-            crate::flush::query(self.conn(), &st, params).await
+            st.rows(self.conn(), params).await
         })
         .await
     }
 
-    /// Runs a statement that returns exactly one row; zero or several rows are an error.
+    /// Runs a statement that returns exactly one row (see [`query`](Self::query) for SQL
+    /// text). Zero or several rows are an error of kind [`ErrorKind::Driver`]; the
+    /// transaction goes on.
     pub async fn query_one<T>(
         &self,
         statement: &T,
@@ -528,13 +541,16 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
-        self.run_statement(statement, params, |st| async move {
-            self.conn().query_one(&st, params).await
-        })
-        .await
+        let mut rows = self.query(statement, params).await?;
+        match rows.len() {
+            1 => Ok(rows.remove(0)),
+            n => Err(unexpected_rows(n, "exactly one")),
+        }
     }
 
-    /// Runs a statement that returns at most one row.
+    /// Runs a statement that returns at most one row (see [`query`](Self::query) for SQL
+    /// text). Several rows are an error of kind [`ErrorKind::Driver`]; the transaction goes
+    /// on.
     pub async fn query_opt<T>(
         &self,
         statement: &T,
@@ -543,13 +559,15 @@ impl Transaction {
     where
         T: ?Sized + ToStatement + AsStatement,
     {
-        self.run_statement(statement, params, |st| async move {
-            self.conn().query_opt(&st, params).await
-        })
-        .await
+        let mut rows = self.query(statement, params).await?;
+        match rows.len() {
+            0 | 1 => Ok(rows.pop()),
+            n => Err(unexpected_rows(n, "at most one")),
+        }
     }
 
-    /// Runs a statement and returns the number of rows it affected.
+    /// Runs a statement and returns the number of rows it affected (see
+    /// [`query`](Self::query) for SQL text).
     pub async fn execute<T>(
         &self,
         statement: &T,
@@ -559,52 +577,84 @@ impl Transaction {
         T: ?Sized + ToStatement + AsStatement,
     {
         self.run_statement(statement, params, |st| async move {
-            self.conn()
-                .execute_raw(&st, crate::flush::bind(params))
-                .await
+            st.count(self.conn(), params).await
         })
         .await
     }
 
-    /// Runs one of the caller's statements: SQL text is read first (see the type's docs) and
-    /// prepared in the same request, as the driver prepares text; `send` binds `params` to the
-    /// statement and runs it. A driver error from binding becomes the
-    /// [`ErrorKind::InvalidArgument`] that names the value that does not fit (or says how many
-    /// values the statement takes), as for every other statement rowlock binds: nothing of the
-    /// statement was sent, and the transaction goes on.
-    async fn run_statement<S, T, R>(
+    /// Runs one of the caller's statements: SQL text is read first (see the type's docs);
+    /// `send` binds `params` to the statement and runs it. A driver error from binding becomes
+    /// the [`ErrorKind::InvalidArgument`] that names the value that does not fit (or says how
+    /// many values the statement takes), as for every other statement rowlock binds: nothing
+    /// of the statement was sent, and the transaction goes on.
+    async fn run_statement<'q, S, T, R>(
         &self,
-        statement: &S,
+        statement: &'q S,
         params: &[&(dyn ToSql + Sync)],
-        send: impl FnOnce(Statement) -> R,
+        send: impl Fn(Runnable<'q>) -> R,
     ) -> Result<T, Error>
     where
         S: ?Sized + AsStatement,
         R: Future<Output = Result<T, tokio_postgres::Error>>,
     {
         let commands = Self::read_sql(statement.sql_text())?;
-        let from_text = OnceLock::new();
-        let result = self
-            .run(Step::Statement, || async {
-                let st = match statement.prepared() {
-                    Some(st) => st.clone(),
-                    None => {
-                        let sql = statement.sql_text().unwrap_or_default();
-                        // Boxed: text's path; a prepared statement's future stays small.
-                        let st = Box::pin(self.conn().prepare(sql)).await?;
-                        from_text.get_or_init(|| st).clone()
-                    }
-                };
-                send(st).await
-            })
-            .await
-            .map_err(|e| match (statement.prepared(), from_text.get()) {
-                (Some(st), _) => e.with_misfit(params, st.params()).for_callers_statement(),
-                (None, Some(st)) => e.with_misfit(params, st.params()),
-                (None, None) => e,
-            });
+        let result = match statement.prepared() {
+            Some(st) => self
+                .run(Step::Statement, || send(Runnable::Named(st.clone())))
+                .await
+                .map_err(|e| e.with_misfit(params, st.params()).for_callers_statement()),
+            None => {
+                self.run_text(statement.sql_text().unwrap_or_default(), params, send)
+                    .await
+            }
+        };
         self.observe(commands, &result);
         result
+    }
+
+    /// Runs the caller's SQL text `sql` (see [`query`](Self::query)): as an unnamed statement
+    /// when the handle knows its parameter types, else prepared (in the same request as what
+    /// runs it), its types learned.
+    async fn run_text<'q, T, R>(
+        &self,
+        sql: &'q str,
+        params: &[&(dyn ToSql + Sync)],
+        send: impl Fn(Runnable<'q>) -> R,
+    ) -> Result<T, Error>
+    where
+        R: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        if let Some(types) = self.db.text_types(sql).filter(|t| t.len() == params.len()) {
+            let sent = self
+                .run(Step::Statement, || {
+                    send(Runnable::Unnamed(sql, types.clone()))
+                })
+                .await;
+            match sent.map_err(|e| e.with_misfit(params, &types)) {
+                Ok(out) => return Ok(out),
+                // A value that does not fit a learned type, found while encoding: nothing
+                // was sent. The column's type may have changed: learn the text again below.
+                Err(e) if e.kind() == ErrorKind::InvalidArgument => self.db.forget_text_types(sql),
+                Err(e) => {
+                    if e.sql_state().is_some_and(|s| s.code().starts_with("42")) {
+                        self.db.forget_text_types(sql);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let prepared = OnceLock::new();
+        self.run(Step::Statement, || async {
+            // Boxed: the first use of a text; the unnamed path's future stays small.
+            let st = Box::pin(self.conn().prepare(sql)).await?;
+            self.db.learn_text_types(sql, st.params());
+            send(Runnable::Named(prepared.get_or_init(|| st).clone())).await
+        })
+        .await
+        .map_err(|e| match prepared.get() {
+            Some(st) => e.with_misfit(params, st.params()),
+            None => e,
+        })
     }
 
     /// Runs one or more `;`-separated statements with the simple query protocol (no
@@ -716,4 +766,60 @@ impl Transaction {
     pub fn transaction_ref(&self) -> Option<crate::error::TransactionRef> {
         self.reported.transaction.get().copied()
     }
+}
+
+/// How one of the caller's statements goes to the server.
+enum Runnable<'a> {
+    /// A prepared statement: the caller's, or text prepared for this use.
+    Named(Statement),
+    /// SQL text whose parameter types the handle has learned: an unnamed statement, parsed,
+    /// bound and run in one request.
+    Unnamed(&'a str, Arc<[Type]>),
+}
+
+impl Runnable<'_> {
+    /// The statement's rows, `params` bound.
+    async fn rows(
+        self,
+        conn: &tokio_postgres::Client,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        match self {
+            Runnable::Named(st) => crate::flush::query(conn, &st, params).await,
+            Runnable::Unnamed(sql, types) => {
+                conn.query_typed_raw(sql, crate::flush::bind(params).zip(types.iter().cloned()))
+                    .await?
+                    .try_collect()
+                    .await
+            }
+        }
+    }
+
+    /// The number of rows the statement affected, `params` bound.
+    async fn count(
+        self,
+        conn: &tokio_postgres::Client,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        match self {
+            Runnable::Named(st) => conn.execute_raw(&st, crate::flush::bind(params)).await,
+            Runnable::Unnamed(sql, types) => {
+                let rows = conn
+                    .query_typed_raw(sql, crate::flush::bind(params).zip(types.iter().cloned()))
+                    .await?;
+                let mut rows = std::pin::pin!(rows);
+                while rows.try_next().await?.is_some() {}
+                Ok(rows.rows_affected().unwrap_or(0))
+            }
+        }
+    }
+}
+
+/// `query_one` or `query_opt` got `n` rows where it `expected` another number.
+fn unexpected_rows(n: usize, expected: &str) -> Error {
+    Error::with_kind(
+        ErrorKind::Driver,
+        format!("query returned an unexpected number of rows: {n}, {expected} expected"),
+    )
+    .at(Step::Statement)
 }

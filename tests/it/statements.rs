@@ -423,3 +423,116 @@ async fn a_pool_that_deallocates_statements_on_recycle_is_survived() {
     let balances = [balance(&other, 1).await, balance(&other, 2).await];
     assert_eq!(balances, [102, 102], "each change made once");
 }
+
+/// The caller's SQL text is prepared once, to learn its parameter types, and then goes as an
+/// unnamed statement: parsed, bound and run in one request, nothing left prepared on the
+/// server and nothing to close. Seen in what the client sends, through a recording proxy.
+#[tokio::test]
+async fn sql_text_is_prepared_once_then_runs_unnamed() {
+    let (pg, _) = accounts(2).await;
+    let Some(proxy) = crate::proxy::MessageRecorder::start(pg.config()).await else {
+        eprintln!("skipped: the server is not on TCP");
+        return;
+    };
+    let db = rowlock::Db::builder()
+        .config(proxy.config(pg.config(), pg.name()))
+        .max_size(1)
+        .build()
+        .unwrap();
+    const BUMP: &str = "UPDATE accounts SET balance = balance + $2 WHERE id = $1";
+    const READ: &str = "SELECT balance FROM accounts WHERE id = $1";
+    let read = db
+        .with_transaction(rowlock::TransactionOptions::new(), |tx| {
+            Box::pin(async move {
+                let mut seen = Vec::new();
+                for _ in 0..3 {
+                    assert_eq!(tx.execute(BUMP, &[&1_i64, &10_i64]).await?, 1);
+                    seen.push(tx.query_one(READ, &[&1_i64]).await?.get::<_, i64>(0));
+                }
+                assert!(tx.query_opt(READ, &[&7_i64]).await?.is_none());
+                assert_eq!(tx.query(READ, &[&2_i64]).await?.len(), 1);
+                Ok::<_, rowlock::Error>(seen)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(read, [110, 120, 130]);
+    // Through the handle (each statement a transaction of its own), the same texts.
+    use rowlock::Executor;
+    assert_eq!(db.execute(BUMP, &[&2_i64, &1_i64]).await.unwrap(), 1);
+    assert_eq!(
+        db.query_one(READ, &[&2_i64])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        101
+    );
+    let parses = proxy.named(b'P');
+    let named: Vec<String> = parses.iter().filter(|n| !n.is_empty()).cloned().collect();
+    assert_eq!(named.len(), 2, "one prepare per text: {parses:?}");
+    assert_eq!(
+        parses.len() - named.len(),
+        8,
+        "the other uses unnamed: {parses:?}"
+    );
+    assert_eq!(
+        proxy.named(b'C'),
+        *named,
+        "only the two first prepares closed"
+    );
+    assert_eq!(prepared_on(&db).await, 0, "nothing left prepared");
+    assert_eq!(balance(&pg.client().await.unwrap(), 1).await, 130);
+}
+
+/// A migration changes the type of a column a learned text binds: a value that fits the new
+/// type (and not the learned one) makes the text learned again, and the call succeeds; a
+/// value that fits the learned type, which the server then refuses (`42883`), makes the next
+/// call learn it again too (and say which parameter does not fit).
+#[tokio::test]
+async fn sql_text_is_learned_again_after_a_migration_changes_a_parameter_type() {
+    let (pg, _) = accounts(1).await;
+    let db = pg.db(1);
+    let admin = pg.client().await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE TABLE tags (id int PRIMARY KEY, tag int); INSERT INTO tags VALUES (1, 5)",
+        )
+        .await
+        .unwrap();
+    use rowlock::Executor;
+    const SET: &str = "UPDATE tags SET tag = $2 WHERE id = $1";
+    const FIND: &str = "SELECT id FROM tags WHERE tag = $1";
+    assert_eq!(db.execute(SET, &[&1_i32, &6_i32]).await.unwrap(), 1);
+    assert_eq!(db.query(FIND, &[&6_i32]).await.unwrap().len(), 1);
+    admin
+        .batch_execute("ALTER TABLE tags ALTER COLUMN tag TYPE text USING tag::text")
+        .await
+        .unwrap();
+    // A text value: does not fit the learned int4, nothing sent, learned again.
+    assert_eq!(db.execute(SET, &[&1_i32, &"seven"]).await.unwrap(), 1);
+    assert_eq!(db.query(FIND, &[&"seven"]).await.unwrap().len(), 1);
+    // Learned as text now; back to an int column, and an int value the server refuses with
+    // the learned text type.
+    admin
+        .batch_execute("ALTER TABLE tags ALTER COLUMN tag TYPE int USING length(tag)")
+        .await
+        .unwrap();
+    let refused = db.query(FIND, &[&"5"]).await.expect_err("int = text");
+    assert_eq!(refused.kind(), rowlock::ErrorKind::Db, "{refused}");
+    assert_eq!(
+        refused.sql_state().map(|s| s.code()),
+        Some("42883"),
+        "{refused}"
+    );
+    let misfit = db
+        .query(FIND, &[&"5"])
+        .await
+        .expect_err("a text for an int");
+    assert_eq!(
+        misfit.kind(),
+        rowlock::ErrorKind::InvalidArgument,
+        "{misfit}"
+    );
+    assert!(misfit.to_string().contains("parameter $1"), "{misfit}");
+    assert_eq!(db.query(FIND, &[&5_i32]).await.unwrap().len(), 1);
+}

@@ -536,3 +536,37 @@ async fn sql_text_is_learned_again_after_a_migration_changes_a_parameter_type() 
     assert!(misfit.to_string().contains("parameter $1"), "{misfit}");
     assert_eq!(db.query(FIND, &[&5_i32]).await.unwrap().len(), 1);
 }
+
+/// `query_one` and `query_opt` given another number of rows: an error that says how many,
+/// for a prepared statement and for SQL text alike, and the transaction goes on.
+#[tokio::test]
+async fn a_wrong_number_of_rows_is_an_error_and_the_transaction_goes_on() {
+    let (pg, db) = accounts(2).await;
+    let bumped = db
+        .with_transaction(rowlock::TransactionOptions::new(), |tx| {
+            Box::pin(async move {
+                let all = tx.prepare_cached("SELECT id FROM accounts").await?;
+                for err in [
+                    tx.query_one("SELECT id FROM accounts WHERE id = 9", &[])
+                        .await
+                        .map(drop),
+                    tx.query_one(&all, &[]).await.map(drop),
+                    tx.query_opt("SELECT id FROM accounts", &[]).await.map(drop),
+                    tx.query_opt(&all, &[]).await.map(drop),
+                ] {
+                    let err = err.expect_err("a wrong number of rows");
+                    assert_eq!(err.kind(), rowlock::ErrorKind::Driver, "{err}");
+                    assert!(
+                        err.to_string().contains("unexpected number of rows"),
+                        "{err}"
+                    );
+                }
+                tx.execute("UPDATE accounts SET balance = 1 WHERE id = 1", &[])
+                    .await
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(bumped, 1);
+    assert_eq!(balance(&pg.client().await.unwrap(), 1).await, 1);
+}

@@ -480,6 +480,20 @@ enum After {
     Swallowed,
 }
 
+/// Queues the write that would zero account `id`'s balance at commit, and returns the
+/// transaction's backend pid. Every statement is prepared and kept: the first use of SQL text
+/// is prepared and closed after, and a close still waiting for its answer when the server ends
+/// the session would be handed the server's last message (the driver routes it to the oldest
+/// request waiting for an answer).
+async fn zero_on_commit(tx: &rowlock::Transaction, id: i64) -> Result<i32, rowlock::Error> {
+    let update = tx
+        .prepare_cached("UPDATE accounts SET balance = 0 WHERE id = $1")
+        .await?;
+    tx.execute_on_commit(&update, &[&id])?;
+    let pid = tx.prepare_cached("SELECT pg_backend_pid()").await?;
+    Ok(tx.query_one(&pid, &[]).await?.get(0))
+}
+
 /// How a session ended by the server reaches the caller: in the server's words and with its
 /// SQLSTATE, whether the next statement or the `COMMIT` finds it gone. The server says why
 /// while no request waits for an answer, so the driver's own error is only "connection
@@ -508,16 +522,7 @@ async fn a_session_the_server_ended_is_reported_in_its_words() {
                 move |tx, acc| {
                     let observer = observer.clone();
                     Box::pin(async move {
-                        let update = tx
-                            .prepare_cached("UPDATE accounts SET balance = 0 WHERE id = $1")
-                            .await?;
-                        tx.execute_on_commit(&update, &[&acc.id])?;
-                        // Prepared once and kept: a statement prepared from text is closed
-                        // when dropped, and a close still in flight when the server ends the
-                        // session would be handed the server's last message (the driver
-                        // routes it to the oldest request waiting for an answer).
-                        let pid = tx.prepare_cached("SELECT pg_backend_pid()").await?;
-                        let pid: i32 = tx.query_one(&pid, &[]).await?.get(0);
+                        let pid = zero_on_commit(tx, acc.id).await?;
                         if end == "idle" {
                             tx.batch_execute(
                                 "SET LOCAL idle_in_transaction_session_timeout = '100ms'",
@@ -589,12 +594,7 @@ async fn a_session_the_server_ended_during_a_swallowed_statement_is_reported_at_
                 move |tx, acc| {
                     let observer = observer.clone();
                     Box::pin(async move {
-                        let update = tx
-                            .prepare_cached("UPDATE accounts SET balance = 0 WHERE id = $1")
-                            .await?;
-                        tx.execute_on_commit(&update, &[&acc.id])?;
-                        let pid = tx.prepare_cached("SELECT pg_backend_pid()").await?;
-                        let pid: i32 = tx.query_one(&pid, &[]).await?.get(0);
+                        let pid = zero_on_commit(tx, acc.id).await?;
                         let terminate = tokio::spawn(async move {
                             until(WAIT, "the statement sleeps on the server", || async {
                                 observer

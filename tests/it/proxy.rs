@@ -14,6 +14,34 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+/// A listener on a free loopback port, its address, and the address of the server `config`
+/// names; `None` if the server is not on TCP.
+async fn listen(config: &Config) -> Option<(TcpListener, SocketAddr, String)> {
+    let Host::Tcp(host) = config.get_hosts().first()? else {
+        return None;
+    };
+    let target = format!(
+        "{host}:{}",
+        config.get_ports().first().copied().unwrap_or(5432)
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.ok()?;
+    let addr = listener.local_addr().ok()?;
+    Some((listener, addr, target))
+}
+
+/// Settings for database `dbname` through a proxy at `addr`, with `config`'s credentials.
+fn through(addr: SocketAddr, config: &Config, dbname: &str) -> Config {
+    let mut via = Config::new();
+    via.host("127.0.0.1").port(addr.port()).dbname(dbname);
+    if let Some(user) = config.get_user() {
+        via.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        via.password(password);
+    }
+    via
+}
+
 pub struct CommitReplyDropper {
     addr: SocketAddr,
     dropped: Arc<AtomicBool>,
@@ -32,15 +60,7 @@ fn seen(carry: &mut Vec<u8>, chunk: &[u8], needle: &[u8]) -> bool {
 impl CommitReplyDropper {
     /// Starts the proxy in front of the server `config` names; `None` if it is not on TCP.
     pub async fn start(config: &Config) -> Option<Self> {
-        let Host::Tcp(host) = config.get_hosts().first()? else {
-            return None;
-        };
-        let target = format!(
-            "{host}:{}",
-            config.get_ports().first().copied().unwrap_or(5432)
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.ok()?;
-        let addr = listener.local_addr().ok()?;
+        let (listener, addr, target) = listen(config).await?;
         let dropped = Arc::new(AtomicBool::new(false));
         let accept = tokio::spawn({
             let dropped = dropped.clone();
@@ -63,14 +83,7 @@ impl CommitReplyDropper {
     /// A one-connection db to database `dbname` through the proxy, with `config`'s
     /// credentials.
     pub fn db(&self, config: &Config, dbname: &str) -> Db {
-        let mut via = Config::new();
-        via.host("127.0.0.1").port(self.addr.port()).dbname(dbname);
-        if let Some(user) = config.get_user() {
-            via.user(user);
-        }
-        if let Some(password) = config.get_password() {
-            via.password(password);
-        }
+        let via = through(self.addr, config, dbname);
         Db::from_pool(
             Pool::builder(Manager::new(via, NoTls))
                 .max_size(1)
@@ -142,15 +155,7 @@ pub struct MessageRecorder {
 impl MessageRecorder {
     /// Starts the proxy in front of the server `config` names; `None` if it is not on TCP.
     pub async fn start(config: &Config) -> Option<Self> {
-        let Host::Tcp(host) = config.get_hosts().first()? else {
-            return None;
-        };
-        let target = format!(
-            "{host}:{}",
-            config.get_ports().first().copied().unwrap_or(5432)
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.ok()?;
-        let addr = listener.local_addr().ok()?;
+        let (listener, addr, target) = listen(config).await?;
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let accept = tokio::spawn({
             let seen = seen.clone();
@@ -168,15 +173,7 @@ impl MessageRecorder {
 
     /// Settings for database `dbname` through the proxy, with `config`'s credentials.
     pub fn config(&self, config: &Config, dbname: &str) -> Config {
-        let mut via = Config::new();
-        via.host("127.0.0.1").port(self.addr.port()).dbname(dbname);
-        if let Some(user) = config.get_user() {
-            via.user(user);
-        }
-        if let Some(password) = config.get_password() {
-            via.password(password);
-        }
-        via
+        through(self.addr, config, dbname)
     }
 
     /// The statements named by the messages of type `kind` recorded so far, in order.

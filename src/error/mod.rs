@@ -793,6 +793,13 @@ impl Error {
         self.inner.stale || self.as_db_error().is_some_and(is_stale_plan)
     }
 
+    /// True when the server refused the statement as written (SQLSTATE class `42`), e.g.
+    /// a parameter's type that no longer fits its column after a migration.
+    pub(crate) fn is_refused_as_written(&self) -> bool {
+        self.as_db_error()
+            .is_some_and(|db| sqlstate::is_refused_as_written(db.code()))
+    }
+
     /// True when the server was outside a transaction block where a statement needed one
     /// (`25P01`).
     pub(crate) fn is_no_transaction(&self) -> bool {

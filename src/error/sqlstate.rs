@@ -133,6 +133,13 @@ pub(crate) fn is_deallocated(db: &tokio_postgres::error::DbError) -> bool {
     *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME
 }
 
+/// Class `42` (syntax error or access rule violation): the server refused a statement as
+/// written (a column, table, type or operator it names does not exist or does not fit), not
+/// the data it ran on.
+pub(crate) fn is_refused_as_written(code: &SqlState) -> bool {
+    code.code().starts_with("42")
+}
+
 /// `25P01` "… can only be used in transaction blocks": the session was outside a transaction
 /// block where rowlock's guard expected its transaction.
 pub(crate) fn is_no_transaction(db: &tokio_postgres::error::DbError) -> bool {
@@ -153,6 +160,26 @@ pub(crate) fn is_future_transaction(e: &tokio_postgres::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_refused_as_written_are_class_42() {
+        for code in [
+            SqlState::UNDEFINED_FUNCTION,
+            SqlState::DATATYPE_MISMATCH,
+            SqlState::UNDEFINED_COLUMN,
+            SqlState::SYNTAX_ERROR,
+        ] {
+            assert!(is_refused_as_written(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::INVALID_TEXT_REPRESENTATION,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::FEATURE_NOT_SUPPORTED,
+        ] {
+            assert!(!is_refused_as_written(&code), "{code:?}");
+        }
+    }
 
     #[test]
     fn sqlstates_map_to_kinds() {

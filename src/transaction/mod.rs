@@ -613,8 +613,8 @@ impl Transaction {
     }
 
     /// Runs the caller's SQL text `sql` (see [`query`](Self::query)): as an unnamed statement
-    /// when the handle knows its parameter types, else prepared (in the same request as what
-    /// runs it), its types learned.
+    /// when the handle knows its parameter types; else prepared first (a round trip of its
+    /// own), its types learned, then run.
     async fn run_text<'q, T, R>(
         &self,
         sql: &'q str,
@@ -636,7 +636,7 @@ impl Transaction {
                 // was sent. The column's type may have changed: learn the text again below.
                 Err(e) if e.kind() == ErrorKind::InvalidArgument => self.db.forget_text_types(sql),
                 Err(e) => {
-                    if e.sql_state().is_some_and(|s| s.code().starts_with("42")) {
+                    if e.is_refused_as_written() {
                         self.db.forget_text_types(sql);
                     }
                     return Err(e);

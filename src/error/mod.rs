@@ -793,11 +793,11 @@ impl Error {
         self.inner.stale || self.as_db_error().is_some_and(is_stale_plan)
     }
 
-    /// True when the server refused the statement as written (SQLSTATE class `42`), e.g.
-    /// a parameter's type that no longer fits its column after a migration.
-    pub(crate) fn is_refused_as_written(&self) -> bool {
+    /// True when the parameter types learned for the statement may be what the server
+    /// refused (SQLSTATE class `42`, or `XX000`; see [`sqlstate::may_be_stale_types`]).
+    pub(crate) fn may_be_stale_types(&self) -> bool {
         self.as_db_error()
-            .is_some_and(|db| sqlstate::is_refused_as_written(db.code()))
+            .is_some_and(|db| sqlstate::may_be_stale_types(db.code()))
     }
 
     /// True when the server was outside a transaction block where a statement needed one

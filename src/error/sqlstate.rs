@@ -133,11 +133,13 @@ pub(crate) fn is_deallocated(db: &tokio_postgres::error::DbError) -> bool {
     *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME
 }
 
-/// Class `42` (syntax error or access rule violation): the server refused a statement as
-/// written (a column, table, type or operator it names does not exist or does not fit), not
-/// the data it ran on.
-pub(crate) fn is_refused_as_written(code: &SqlState) -> bool {
-    code.code().starts_with("42")
+/// A failure after which the parameter types learned for a statement may be what is wrong,
+/// not the data it ran on: class `42` (syntax error or access rule violation: a column's,
+/// type's or operator's types no longer fit what was learned) and `XX000` (an internal
+/// error, as "cache lookup failed for type …" when a type a learned parameter names was
+/// dropped and created again).
+pub(crate) fn may_be_stale_types(code: &SqlState) -> bool {
+    code.code().starts_with("42") || *code == SqlState::INTERNAL_ERROR
 }
 
 /// `25P01` "… can only be used in transaction blocks": the session was outside a transaction
@@ -162,14 +164,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn statements_refused_as_written_are_class_42() {
+    fn stale_types_are_suspected_after_class_42_and_internal_errors() {
         for code in [
             SqlState::UNDEFINED_FUNCTION,
             SqlState::DATATYPE_MISMATCH,
             SqlState::UNDEFINED_COLUMN,
             SqlState::SYNTAX_ERROR,
+            SqlState::INTERNAL_ERROR,
         ] {
-            assert!(is_refused_as_written(&code), "{code:?}");
+            assert!(may_be_stale_types(&code), "{code:?}");
         }
         for code in [
             SqlState::UNIQUE_VIOLATION,
@@ -177,7 +180,7 @@ mod tests {
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::FEATURE_NOT_SUPPORTED,
         ] {
-            assert!(!is_refused_as_written(&code), "{code:?}");
+            assert!(!may_be_stale_types(&code), "{code:?}");
         }
     }
 

@@ -512,9 +512,10 @@ impl Transaction {
     /// prepared on the server, and no cached plan for a migration to make stale. The types
     /// are the handle's, shared by its connections (at most
     /// [`Builder::statement_cache_limit`](crate::Builder::statement_cache_limit) texts); a
-    /// value that no longer fits a learned type, or a statement the server refuses as written
-    /// (SQLSTATE class `42`: a column or type a migration changed), makes the text learned
-    /// again. A [`Statement`] from [`prepare_cached`](Self::prepare_cached) also saves the
+    /// value that no longer fits a learned type makes the text learned again before anything
+    /// is sent; a statement the server refuses with a SQLSTATE of class `42` (a column's type
+    /// a migration changed) or `XX000` ("cache lookup failed for type …": a type dropped and
+    /// created again) fails, and the text is learned again on its next use. A [`Statement`] from [`prepare_cached`](Self::prepare_cached) also saves the
     /// server's parse.
     pub async fn query<T>(
         &self,
@@ -636,7 +637,7 @@ impl Transaction {
                 // was sent. The column's type may have changed: learn the text again below.
                 Err(e) if e.kind() == ErrorKind::InvalidArgument => self.db.forget_text_types(sql),
                 Err(e) => {
-                    if e.is_refused_as_written() {
+                    if e.may_be_stale_types() {
                         self.db.forget_text_types(sql);
                     }
                     return Err(e);

@@ -570,3 +570,65 @@ async fn a_wrong_number_of_rows_is_an_error_and_the_transaction_goes_on() {
     assert_eq!(bumped, 1);
     assert_eq!(balance(&pg.client().await.unwrap(), 1).await, 1);
 }
+
+/// A Postgres enum as a parameter, by its label.
+#[derive(Debug)]
+struct Mood(&'static str);
+
+impl rowlock::tokio_postgres::types::ToSql for Mood {
+    fn to_sql(
+        &self,
+        _: &rowlock::tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<rowlock::tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(rowlock::tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &rowlock::tokio_postgres::types::Type) -> bool {
+        ty.name() == "mood"
+    }
+
+    rowlock::tokio_postgres::types::to_sql_checked!();
+}
+
+/// The enum type a learned text binds is dropped and created again (a new type, a new oid):
+/// the server cannot find the learned type (`XX000`, "cache lookup failed for type"), and the
+/// next call learns the text again.
+#[tokio::test]
+async fn sql_text_is_learned_again_after_its_enum_type_is_created_again() {
+    let (pg, db) = accounts(1).await;
+    let admin = pg.client().await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('calm', 'busy');
+             CREATE TABLE desks (id int PRIMARY KEY, mood mood NOT NULL);
+             INSERT INTO desks VALUES (1, 'calm')",
+        )
+        .await
+        .unwrap();
+    use rowlock::Executor;
+    const SET: &str = "UPDATE desks SET mood = $2 WHERE id = $1";
+    assert_eq!(db.execute(SET, &[&1_i32, &Mood("busy")]).await.unwrap(), 1);
+    admin
+        .batch_execute(
+            "ALTER TABLE desks ALTER mood TYPE text;
+             DROP TYPE mood;
+             CREATE TYPE mood AS ENUM ('calm', 'busy', 'away');
+             ALTER TABLE desks ALTER mood TYPE mood USING mood::mood",
+        )
+        .await
+        .unwrap();
+    let stale = db.execute(SET, &[&1_i32, &Mood("away")]).await;
+    if let Err(e) = &stale {
+        assert_eq!(e.sql_state().map(|s| s.code()), Some("XX000"), "{e}");
+    }
+    assert_eq!(db.execute(SET, &[&1_i32, &Mood("away")]).await.unwrap(), 1);
+    let mood: String = admin
+        .query_one("SELECT mood::text FROM desks WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mood, "away");
+}

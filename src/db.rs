@@ -465,11 +465,22 @@ impl Db {
     /// Keeps `statement`, just prepared for `sql`, in a connection's cache; one that has
     /// reached [`Builder::statement_cache_limit`] is emptied first.
     pub(crate) fn remember(&self, statements: &Statements, sql: &str, statement: Statement) {
-        let mut map = statements.map();
+        self.insert_bounded(&mut statements.map(), sql, statement);
+    }
+
+    /// Inserts into one of the handle's maps by SQL text (a connection's statements, the
+    /// learned parameter types), emptying it first when it has reached
+    /// [`Builder::statement_cache_limit`]: the one bound on what the handle keeps per text.
+    fn insert_bounded<V>(
+        &self,
+        map: &mut HashMap<Box<str>, V, foldhash::fast::RandomState>,
+        sql: &str,
+        value: V,
+    ) {
         if map.len() >= self.statement_limit() {
             map.clear();
         }
-        map.insert(sql.into(), statement);
+        map.insert(sql.into(), value);
     }
 
     /// The parameter types of `sql`, the caller's SQL text, if this handle has learned them:
@@ -494,10 +505,7 @@ impl Db {
             .text_types
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= self.statement_limit() {
-            map.clear();
-        }
-        map.insert(sql.into(), types.into());
+        self.insert_bounded(&mut map, sql, types.into());
     }
 
     /// Forgets the parameter types of `sql` (the server refused the statement with them: a

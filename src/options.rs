@@ -42,10 +42,16 @@ impl Isolation {
 ///   (kept by the handle, per connection, bounded by
 ///   [`Builder::statement_cache_limit`](crate::Builder::statement_cache_limit)) and are reused
 ///   by later transactions. Fastest on a direct connection.
-/// - [`Transaction`](Self::Transaction): each statement is prepared the first time the
-///   transaction uses it, reused within the transaction, and closed before `COMMIT` or
-///   `ROLLBACK` is sent, so no prepared statement outlives the transaction on the server
-///   connection. Costs one extra round trip per distinct statement per transaction.
+/// - [`Transaction`](Self::Transaction): no prepared statement outlives the transaction on
+///   the server connection. rowlock's own statements (locks, claims, transitions, advisory
+///   locks) and your SQL text are prepared once per handle, to learn their parameter types
+///   (one extra round trip, the statement closed at once), and from then on sent unnamed:
+///   parsed, bound and run in the request that uses them, as on a direct connection. A
+///   statement you prepare ([`Transaction::prepare_cached`](crate::Transaction::prepare_cached),
+///   for [`Transaction::execute_on_commit`](crate::Transaction::execute_on_commit)) is
+///   prepared the first time the transaction asks for it (one extra round trip per distinct
+///   statement per transaction), reused within the transaction, and closed before `COMMIT` or
+///   `ROLLBACK` is sent.
 ///
 /// Set it for a handle with [`Builder::statement_cache`](crate::Builder::statement_cache) (one line where the handle is built,
 /// so no call can forget it), or per call with [`TransactionOptions::statement_cache`].
@@ -63,8 +69,7 @@ pub enum StatementCache {
     /// Cache prepared statements per connection, for later transactions.
     #[default]
     Connection,
-    /// Prepare statements per transaction and close them before it ends (PgBouncer
-    /// transaction pooling).
+    /// Keep no prepared statement past its transaction (PgBouncer transaction pooling).
     Transaction,
 }
 

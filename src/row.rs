@@ -314,11 +314,11 @@ pub(crate) fn decode_row<R: LockableRow>(row: &Row, step: Step) -> Result<R, Err
     R::from_row(row).map_err(|e| decode_error::<R>(e, row, step))
 }
 
-/// Every row of `rows` as an `R` (see [`decode_row`]).
 /// The values one statement binds, without a heap allocation for the usual few (a key has at
 /// most four columns).
 pub(crate) type Params<'a> = smallvec::SmallVec<[&'a (dyn ToSql + Sync); 8]>;
 
+/// Every row of `rows` as an `R` (see [`decode_row`]).
 pub(crate) fn decode_rows<R: LockableRow>(rows: &[Row], step: Step) -> Result<Vec<R>, Error> {
     // Sized up front: a collect through `Result` would grow the vector step by step.
     let mut decoded = Vec::with_capacity(rows.len());

@@ -15,7 +15,7 @@ use crate::diagnostics::BlockerQuery;
 use crate::error::{Error, ErrorKind, Step};
 use crate::lock::{Lock, LockMode, LockStrength};
 use crate::outcome::Outcome;
-use crate::transaction::Transaction;
+use crate::transaction::{Rows, Transaction};
 
 /// The key of an advisory lock: one 64-bit integer, or a pair of 32-bit integers (PostgreSQL
 /// keeps the two key spaces apart: `single(k)` and `pair(a, b)` never collide).
@@ -175,21 +175,20 @@ impl Transaction {
             LockMode::NoWait => try_sql,
             LockMode::SkipLocked => return Err(skip_locked_refused()),
         };
-        let conn = self.conn();
-        let request = || async {
-            let stmt = self.cached_statement(sql).await?;
-            conn.query_one(&stmt, &params).await
-        };
         let savepoint = if in_callers_tx && mode == LockMode::Wait && self.lock_may_time_out(false)
         {
             Some(self.open_savepoint()?)
         } else {
             None
         };
-        let outcome = match self.run(Step::AdvisoryLock, request).await {
-            // pg_try_advisory_xact_lock says whether it got the lock; the waiting form
-            // returns void.
-            Ok(row) if mode == LockMode::NoWait => match row.try_get::<_, bool>(0) {
+        let (conn, params) = (self.conn(), &params[..]);
+        let sent = self.run_sql(Step::AdvisoryLock, sql, params, |statement| async move {
+            statement.rows::<Rows>(conn, params).await
+        });
+        let outcome = match sent.await {
+            // pg_try_advisory_xact_lock says whether it got the lock (its one row); the
+            // waiting form returns void.
+            Ok(rows) if mode == LockMode::NoWait => match rows[0].try_get::<_, bool>(0) {
                 Ok(true) => Ok(Outcome::Done(())),
                 Ok(false) => Ok(Outcome::LockNotAvailable(
                     Error::with_kind(

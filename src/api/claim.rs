@@ -715,34 +715,24 @@ impl Transaction {
         columns: &Columns,
     ) -> Result<Vec<R>, Error> {
         let conn = self.conn();
-        let request = || async {
-            // Prepared first (a cache hit sends nothing), so the claim's Bind leaves before
-            // the SET that follows it.
-            let stmt = self.cached_statement(sql).await?;
+        // Prepared first (a cache hit sends nothing), so the claim's Bind leaves before the
+        // SET that follows it.
+        let sent = self.run_sql(Step::Claim, sql, params, |statement| async move {
             if restore_plans {
                 Flush::new(conn)
                     .send_then(
-                        crate::flush::query(conn, &stmt, params),
+                        statement.rows(conn, params),
                         Side::Simple("SET LOCAL plan_cache_mode TO DEFAULT"),
                     )
                     .await
                     .map_err(|f| f.error)
             } else {
-                crate::flush::query(conn, &stmt, params).await
+                statement.rows(conn, params).await
             }
-        };
-        let rows = match self.run(Step::Claim, request).await {
+        });
+        let rows: Vec<tokio_postgres::Row> = match sent.await {
             Ok(rows) => rows,
             Err(e) => {
-                // A value the driver could not bind (nothing was sent): which one.
-                let e = if e.kind() == ErrorKind::Driver {
-                    match self.cached_statement(sql).await {
-                        Ok(stmt) => e.with_misfit(params, stmt.params()),
-                        Err(_) => e,
-                    }
-                } else {
-                    e
-                };
                 let e = refine_claim_error(e);
                 return Err(match self.db().names::<R>() {
                     Ok(names) => self.missing_column(&names, e, sql, columns),

@@ -9,7 +9,6 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use futures_util::TryStreamExt as _;
 use std::future::Future;
 
 use crate::scoped::ScopedBoxFuture;
@@ -24,10 +23,7 @@ use crate::lock::{Lock, LockMode};
 use crate::options::millis_ceil;
 use crate::outcome::{Outcome, RowRef};
 use crate::row::{Columns, Key, LockableRow, Names, Params, decode_row, decode_rows};
-use crate::transaction::Transaction;
-
-/// The rows a locking statement returned: one key's row without a heap allocation.
-type Rows = smallvec::SmallVec<[Row; 1]>;
+use crate::transaction::{Rows, Transaction};
 
 /// The reply to the locking statement, before the caller sees it.
 enum LockReply {
@@ -129,9 +125,10 @@ impl Transaction {
     /// connection (a statement prepared once per connection and never run; later calls find
     /// it in the connection's cache without sending anything).
     ///
-    /// With [`StatementCache::Transaction`](crate::StatementCache::Transaction) statements
-    /// live only as long as the transaction, which keeps the table from changing under them
-    /// (preparing takes a lock on it until the end): the row type's own list serves.
+    /// With [`StatementCache::Transaction`](crate::StatementCache::Transaction) no statement
+    /// outlives the transaction (rowlock's own go unnamed), and parsing one locks the table
+    /// until the transaction ends, so it cannot change under them: the row type's own list
+    /// serves.
     pub(crate) async fn columns_for(&self, names: &Names) -> Result<Arc<Columns>, Error> {
         if !names.needs_columns() || self.statements_per_transaction() {
             return Ok(names.declared().clone());
@@ -310,20 +307,11 @@ impl Transaction {
             }
         }
         let conn = self.conn();
-        let request = || async {
-            let stmt = self.cached_statement(sql).await?;
-            let rows = conn.query_raw(&stmt, crate::flush::bind(params)).await?;
-            rows.try_collect::<Rows>().await
-        };
-        let reply = match self.run(Step::Lock, request).await {
+        let sent = self.run_sql(Step::Lock, sql, params, |statement| async move {
+            statement.rows::<Rows>(conn, params).await
+        });
+        let reply = match sent.await {
             Ok(rows) => Ok(LockReply::Rows(rows)),
-            // A key the driver could not bind (nothing was sent): which one.
-            Err(e) if e.kind() == ErrorKind::Driver => {
-                match Box::pin(self.cached_statement(sql)).await {
-                    Ok(stmt) => Err(e.with_misfit(params, stmt.params())),
-                    Err(_) => Err(e),
-                }
-            }
             Err(e) => match e.kind() {
                 // Only lock_timeout can raise 55P03 while waiting in Wait mode.
                 ErrorKind::LockNotAvailable if options.mode == LockMode::Wait => {
@@ -351,9 +339,17 @@ impl Transaction {
         columns: &Columns,
         keys: &[R::Key],
     ) -> Result<Vec<(usize, R::Key)>, Error> {
-        let stmt = self.prepare_cached(&names.match_sql(columns)).await?;
         let arrays = <R::Key as Key>::arrays(keys);
-        let rows = self.query(&stmt, &bind_keys(keys, &arrays)).await?;
+        let params = bind_keys(keys, &arrays);
+        let conn = self.conn();
+        let rows: Vec<Row> = self
+            .run_sql(
+                Step::Lock,
+                &names.match_sql(columns),
+                &params,
+                |statement| statement.rows(conn, &params),
+            )
+            .await?;
         rows.iter()
             .map(|r| {
                 // The last column (a table's own column may share its name).

@@ -14,6 +14,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 use crate::scoped::ScopedBoxFuture;
 
@@ -21,7 +23,7 @@ use crate::api::rows::{holders_of, sorted_keys};
 use crate::attempt::{LockStep, run_locked};
 use crate::db::Db;
 use crate::diagnostics::{BlockerQuery, RowRef};
-use crate::error::Error;
+use crate::error::{Error, Step};
 use crate::lock::{Lock, LockMode};
 use crate::outcome::Outcome;
 use crate::row::{LockableRow, Names, quote_ident};
@@ -382,8 +384,12 @@ async fn in_server_order<'a>(
         .collect();
     if !unknown.is_empty() {
         let spelled: Vec<&str> = unknown.iter().map(|n| n.table.as_str()).collect();
-        let statement = tx.prepare_cached(RESOLVE_SQL).await?;
-        let rows = tx.query(&statement, &[&spelled]).await?;
+        let (conn, params) = (tx.conn(), &[&spelled as &(dyn ToSql + Sync)]);
+        let rows: Vec<Row> = tx
+            .run_sql(Step::Lock, RESOLVE_SQL, params, |statement| {
+                statement.rows(conn, params)
+            })
+            .await?;
         for (names, row) in unknown.iter().zip(&rows) {
             let part = |i| row.try_get::<_, Option<String>>(i).ok().flatten();
             let qualified = |schema: &str, name: &str| -> Result<String, Error> {

@@ -535,32 +535,24 @@ impl Transaction {
         key: &R::Key,
     ) -> Result<Outcome<R>, Error> {
         let names = self.db().names::<R>()?;
-        let stmt = self
-            .run(Step::Transition, || self.cached_statement(&rendered.sql))
-            .await
-            .map_err(|e| self.missing_column(&names, e, &rendered.sql, columns))?;
+        let conn = self.conn();
         let rows = self
-            .run(Step::Transition, || {
-                crate::flush::query(self.conn(), &stmt, all)
+            .run_sql(Step::Transition, &rendered.sql, all, |statement| {
+                statement.rows(conn, all)
             })
             .await
-            .map_err(|e| {
-                let e = e.with_misfit(all, stmt.params());
-                self.missing_column(&names, e, &rendered.sql, columns)
-            })?;
+            .map_err(|e| self.missing_column(&names, e, &rendered.sql, columns))?;
         if let Some(outcome) = decode(rows)? {
             return Ok(outcome);
         }
-        let read = self
-            .run(Step::Transition, || {
-                self.cached_statement(&rendered.read_sql)
-            })
-            .await?;
         let key_params = &all[..<R::Key as Key>::ARITY];
         let rows = self
-            .run(Step::Transition, || {
-                crate::flush::query(self.conn(), &read, key_params)
-            })
+            .run_sql(
+                Step::Transition,
+                &rendered.read_sql,
+                key_params,
+                |statement| statement.rows(conn, key_params),
+            )
             .await?;
         settle(rows, key)
     }

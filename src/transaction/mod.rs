@@ -102,8 +102,8 @@ pub struct Transaction {
     /// The handle it was opened from: the names learned about each row type's table.
     db: Db,
     /// The connection's statement cache ([`StatementCache::Connection`]); `None` with
-    /// [`StatementCache::Transaction`], where statements are prepared per transaction and kept
-    /// in its state.
+    /// [`StatementCache::Transaction`], where the caller's prepared statements are this
+    /// transaction's, kept in its state, and rowlock's own go unnamed ([`Self::run_sql`]).
     statements: Option<Arc<Statements>>,
     state: Mutex<State>,
     /// `idle_in_transaction_session_timeout` set by the options.
@@ -193,7 +193,7 @@ impl Transaction {
     }
 
     /// A transaction with `options` on a connection that is outside any transaction, with the
-    /// connection's statement cache (`None`: statements are prepared per transaction).
+    /// connection's statement cache (`None`: no statement outlives the transaction).
     fn on(
         db: Db,
         client: Object,
@@ -233,7 +233,7 @@ impl Transaction {
         !matches!(self.state().phase(), Phase::NotBegun { .. })
     }
 
-    /// Whether statements are prepared per transaction
+    /// Whether no statement may outlive the transaction
     /// ([`StatementCache::Transaction`](crate::StatementCache::Transaction)).
     pub(crate) fn statements_per_transaction(&self) -> bool {
         self.statements.is_none()
@@ -605,19 +605,54 @@ impl Transaction {
                 .await
                 .map_err(|e| e.with_misfit(params, st.params()).for_callers_statement()),
             None => {
-                self.run_text(statement.sql_text().unwrap_or_default(), params, send)
-                    .await
+                let sql = statement.sql_text().unwrap_or_default();
+                self.run_text(Step::Statement, sql, params, send).await
             }
         };
         self.observe(commands, &result);
         result
     }
 
-    /// Runs the caller's SQL text `sql` (see [`query`](Self::query)): as an unnamed statement
+    /// Runs one of rowlock's own statements (a lock, a claim, a transition, …) at `step`:
+    /// `send` binds `params` and runs it. With the connection's statements
+    /// ([`StatementCache::Connection`](crate::StatementCache::Connection)), the connection's
+    /// prepared statement for `sql` (prepared on its first use there, in the same flush as
+    /// whatever rides with the request). With per-transaction statements (behind a pooler),
+    /// as the caller's text runs ([`run_text`](Self::run_text)): a statement prepared in one
+    /// transaction cannot be relied on in the next, so only its parameter types are kept. A
+    /// value that does not fit its parameter is the [`ErrorKind::InvalidArgument`] that names
+    /// it, either way.
+    pub(crate) async fn run_sql<'q, T, R>(
+        &self,
+        step: Step,
+        sql: &'q str,
+        params: &[&(dyn ToSql + Sync)],
+        send: impl Fn(Runnable<'q>) -> R,
+    ) -> Result<T, Error>
+    where
+        R: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        if self.statements_per_transaction() {
+            return self.run_text(step, sql, params, send).await;
+        }
+        let prepared = OnceLock::new();
+        self.run(step, || async {
+            let st = self.cached_statement(sql).await?;
+            send(Runnable::Named(prepared.get_or_init(|| st).clone())).await
+        })
+        .await
+        .map_err(|e| match prepared.get() {
+            Some(st) => e.with_misfit(params, st.params()),
+            None => e,
+        })
+    }
+
+    /// Runs SQL text `sql` at `step` (see [`query`](Self::query)): as an unnamed statement
     /// when the handle knows its parameter types; else prepared first (a round trip of its
     /// own), its types learned, then run.
     async fn run_text<'q, T, R>(
         &self,
+        step: Step,
         sql: &'q str,
         params: &[&(dyn ToSql + Sync)],
         send: impl Fn(Runnable<'q>) -> R,
@@ -627,9 +662,7 @@ impl Transaction {
     {
         if let Some(types) = self.db.text_types(sql).filter(|t| t.len() == params.len()) {
             let sent = self
-                .run(Step::Statement, || {
-                    send(Runnable::Unnamed(sql, types.clone()))
-                })
+                .run(step, || send(Runnable::Unnamed(sql, types.clone())))
                 .await;
             match sent.map_err(|e| e.with_misfit(params, &types)) {
                 Ok(out) => return Ok(out),
@@ -645,7 +678,7 @@ impl Transaction {
             }
         }
         let prepared = OnceLock::new();
-        self.run(Step::Statement, || async {
+        self.run(step, || async {
             // Boxed: the first use of a text; the unnamed path's future stays small.
             let st = Box::pin(self.conn().prepare(sql)).await?;
             self.db.learn_text_types(sql, st.params());
@@ -769,8 +802,11 @@ impl Transaction {
     }
 }
 
-/// How one of the caller's statements goes to the server.
-enum Runnable<'a> {
+/// The rows of a statement that usually returns one (no allocation for them).
+pub(crate) type Rows = smallvec::SmallVec<[Row; 1]>;
+
+/// How a statement goes to the server.
+pub(crate) enum Runnable<'a> {
     /// A prepared statement: the caller's, or text prepared for this use.
     Named(Statement),
     /// SQL text whose parameter types the handle has learned: an unnamed statement, parsed,
@@ -780,13 +816,18 @@ enum Runnable<'a> {
 
 impl Runnable<'_> {
     /// The statement's rows, `params` bound.
-    async fn rows(
+    pub(crate) async fn rows<C: Default + Extend<Row>>(
         self,
         conn: &tokio_postgres::Client,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+    ) -> Result<C, tokio_postgres::Error> {
         match self {
-            Runnable::Named(st) => crate::flush::query(conn, &st, params).await,
+            Runnable::Named(st) => {
+                conn.query_raw(&st, crate::flush::bind(params))
+                    .await?
+                    .try_collect()
+                    .await
+            }
             Runnable::Unnamed(sql, types) => {
                 conn.query_typed_raw(sql, crate::flush::bind(params).zip(types.iter().cloned()))
                     .await?
@@ -797,7 +838,7 @@ impl Runnable<'_> {
     }
 
     /// The number of rows the statement affected, `params` bound.
-    async fn count(
+    pub(crate) async fn count(
         self,
         conn: &tokio_postgres::Client,
         params: &[&(dyn ToSql + Sync)],

@@ -632,3 +632,71 @@ async fn sql_text_is_learned_again_after_its_enum_type_is_created_again() {
         .get(0);
     assert_eq!(mood, "away");
 }
+
+/// Behind a pooler (`StatementCache::Transaction`), rowlock's own statements (a row lock, a
+/// lock of several rows, a transition, an advisory lock) are prepared once per handle, to learn
+/// their parameter types, and then go unnamed: parsed, bound and run in the request that uses
+/// them, not prepared (a round trip of its own) in every transaction. Seen in what the client
+/// sends, through a recording proxy.
+#[tokio::test]
+async fn behind_a_pooler_rowlocks_statements_are_prepared_once_then_run_unnamed() {
+    let (pg, _) = accounts(3).await;
+    let Some(proxy) = crate::proxy::MessageRecorder::start(pg.config()).await else {
+        eprintln!("skipped: the server is not on TCP");
+        return;
+    };
+    let db = rowlock::Db::builder()
+        .config(proxy.config(pg.config(), pg.name()))
+        .statement_cache(rowlock::StatementCache::Transaction)
+        .max_size(1)
+        .build()
+        .unwrap();
+    let add = rowlock::Transition::new("balance = balance + $1");
+    const ROUNDS: usize = 5;
+    for _ in 0..ROUNDS {
+        let done = db
+            .with_locked_row(&1_i64, &Lock::new(), |_tx, a: Account| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(a.balance) })
+            })
+            .await
+            .unwrap();
+        assert!(matches!(done, Outcome::Done(_)), "{done:?}");
+        let both = db
+            .with_locked_rows(&[1_i64, 2], &Lock::new(), |_tx, rows: Vec<Account>| {
+                Box::pin(async move { Ok::<_, rowlock::Error>(rows.len()) })
+            })
+            .await
+            .unwrap();
+        assert_eq!(both.done(), Some(2));
+        let changed = db
+            .transition::<Account>(&3, &add, &[&10_i64])
+            .await
+            .unwrap();
+        assert!(matches!(changed, Outcome::Done(_)), "{changed:?}");
+        let held = db
+            .with_advisory_lock(7, Lock::new().mode(LockMode::NoWait), |_tx| {
+                Box::pin(async { Ok::<_, rowlock::Error>(()) })
+            })
+            .await
+            .unwrap();
+        assert!(matches!(held, Outcome::Done(())), "{held:?}");
+    }
+    let parses = proxy.named(b'P');
+    let named: Vec<String> = parses.iter().filter(|n| !n.is_empty()).cloned().collect();
+    assert_eq!(
+        named.len(),
+        4,
+        "one prepare per statement, on its first use: {parses:?}"
+    );
+    assert_eq!(
+        parses.len() - named.len(),
+        4 * (ROUNDS - 1),
+        "every later use unnamed: {parses:?}"
+    );
+    assert_eq!(proxy.named(b'C'), *named, "the first prepares closed");
+    assert_eq!(prepared_on(&db).await, 0, "nothing left prepared");
+    assert_eq!(
+        balance(&pg.client().await.unwrap(), 3).await,
+        100 + 10 * ROUNDS as i64
+    );
+}

@@ -499,13 +499,21 @@ impl Db {
 
     /// Keeps the parameter types of `sql`, read from the statement prepared for it; a map that
     /// has reached [`Builder::statement_cache_limit`] is emptied first.
+    ///
+    /// A type of PostgreSQL's own is kept as it is: its oid never changes. Any other (an enum,
+    /// a domain, a composite, an extension's type) is kept with oid 0, so that the server
+    /// infers it each time, as it did when the text was prepared: its oid is the type's only
+    /// until it is dropped, and a migration that creates it again would leave every later
+    /// call failing with `XX000` ("cache lookup failed for type …"). Values are still encoded
+    /// as the type learned (name, kind and schema are kept).
     pub(crate) fn learn_text_types(&self, sql: &str, types: &[Type]) {
+        let types: Arc<[Type]> = types.iter().map(inferred_unless_builtin).collect();
         let mut map = self
             .inner
             .text_types
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        self.insert_bounded(&mut map, sql, types.into());
+        self.insert_bounded(&mut map, sql, types);
     }
 
     /// Forgets the parameter types of `sql` (the server refused the statement with them: a
@@ -1160,6 +1168,21 @@ fn rustls_connector(roots: &[Vec<u8>]) -> Result<tokio_postgres_rustls::MakeRust
         .with_root_certificates(store)
         .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// `ty` as an unnamed statement declares its parameter: a built-in type by its oid, any other
+/// with oid 0, for the server to infer (see [`Db::learn_text_types`]).
+fn inferred_unless_builtin(ty: &Type) -> Type {
+    if Type::from_oid(ty.oid()).is_some() {
+        ty.clone()
+    } else {
+        Type::new(
+            ty.name().to_owned(),
+            0,
+            ty.kind().clone(),
+            ty.schema().to_owned(),
+        )
+    }
 }
 
 #[cfg(test)]

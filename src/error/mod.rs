@@ -794,7 +794,7 @@ impl Error {
     }
 
     /// True when the parameter types learned for the statement may be what the server
-    /// refused (SQLSTATE class `42`, or `XX000`; see [`sqlstate::may_be_stale_types`]).
+    /// refused (SQLSTATE class `42`; see [`sqlstate::may_be_stale_types`]).
     pub(crate) fn may_be_stale_types(&self) -> bool {
         self.as_db_error()
             .is_some_and(|db| sqlstate::may_be_stale_types(db.code()))

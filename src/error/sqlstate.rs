@@ -135,11 +135,10 @@ pub(crate) fn is_deallocated(db: &tokio_postgres::error::DbError) -> bool {
 
 /// A failure after which the parameter types learned for a statement may be what is wrong,
 /// not the data it ran on: class `42` (syntax error or access rule violation: a column's,
-/// type's or operator's types no longer fit what was learned) and `XX000` (an internal
-/// error, as "cache lookup failed for type …" when a type a learned parameter names was
-/// dropped and created again).
+/// type's or operator's types no longer fit what was learned; an array or composite value
+/// naming an element type that was dropped and created again is `42804`).
 pub(crate) fn may_be_stale_types(code: &SqlState) -> bool {
-    code.code().starts_with("42") || *code == SqlState::INTERNAL_ERROR
+    code.code().starts_with("42")
 }
 
 /// `25P01` "… can only be used in transaction blocks": the session was outside a transaction
@@ -164,13 +163,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stale_types_are_suspected_after_class_42_and_internal_errors() {
+    fn stale_types_are_suspected_after_class_42_errors() {
         for code in [
             SqlState::UNDEFINED_FUNCTION,
             SqlState::DATATYPE_MISMATCH,
             SqlState::UNDEFINED_COLUMN,
             SqlState::SYNTAX_ERROR,
-            SqlState::INTERNAL_ERROR,
         ] {
             assert!(may_be_stale_types(&code), "{code:?}");
         }
@@ -179,6 +177,7 @@ mod tests {
             SqlState::INVALID_TEXT_REPRESENTATION,
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::FEATURE_NOT_SUPPORTED,
+            SqlState::INTERNAL_ERROR,
         ] {
             assert!(!may_be_stale_types(&code), "{code:?}");
         }

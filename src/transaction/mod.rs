@@ -514,9 +514,11 @@ impl Transaction {
     /// [`Builder::statement_cache_limit`](crate::Builder::statement_cache_limit) texts); a
     /// value that no longer fits a learned type makes the text learned again before anything
     /// is sent; a statement the server refuses with a SQLSTATE of class `42` (a column's type
-    /// a migration changed) or `XX000` ("cache lookup failed for type …": a type dropped and
-    /// created again) fails, and the text is learned again on its next use. A [`Statement`] from [`prepare_cached`](Self::prepare_cached) also saves the
-    /// server's parse.
+    /// a migration changed) fails, and the text is learned again on its next use. Only a
+    /// built-in type's oid goes with the statement: the server infers any other (an enum, a
+    /// domain) as it did when the text was prepared, so a type dropped and created again by a
+    /// migration needs nothing learned again. A [`Statement`] from
+    /// [`prepare_cached`](Self::prepare_cached) also saves the server's parse.
     pub async fn query<T>(
         &self,
         statement: &T,

@@ -272,7 +272,13 @@ async fn a_statement_kept_past_its_transaction_is_named_when_another_connection_
     use rowlock::TransactionOptions;
 
     let (pg, _) = accounts(3).await;
-    let db = pg.db(2);
+    // Direct to the server, also in a run behind PgBouncer: two pooled connections are two
+    // server sessions only there.
+    let db = rowlock::Db::builder()
+        .config(pg.config().clone())
+        .max_size(2)
+        .build()
+        .unwrap();
     let once = TransactionOptions::new();
     let kept = db
         .with_transaction(&once, |tx| {

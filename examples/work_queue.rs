@@ -115,7 +115,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             let n = ids.len();
                             // Sent together with COMMIT: one round trip for both.
                             let done = tx.prepare_cached(MARK_DONE).await?;
-                            tx.execute_on_commit(&done, &[&ids, &worker])?;
+                            tx.execute_on_commit(&done, &[&ids, &worker]).await?;
                             Ok::<_, rowlock::Error>(n)
                         })
                     })

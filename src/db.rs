@@ -18,7 +18,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Config, NoTls, Socket, Statement};
 
 use crate::error::Error;
-use crate::flush::SpareBuffers;
+use crate::flush::{Learned, SpareBuffers};
 use crate::options::{StatementCache, TransactionOptions, validate_timeout};
 use crate::policy::RetryPolicy;
 use crate::row::{LockableRow, Names};
@@ -121,7 +121,7 @@ pub(crate) struct Statements {
 type BySql = HashMap<Box<str>, Statement, foldhash::fast::RandomState>;
 
 /// Parameter types by SQL text.
-type ByText = HashMap<Box<str>, Arc<[Type]>, foldhash::fast::RandomState>;
+type ByText = HashMap<Box<str>, Arc<Learned>, foldhash::fast::RandomState>;
 
 impl Statements {
     fn map(&self) -> std::sync::MutexGuard<'_, BySql> {
@@ -488,7 +488,7 @@ impl Db {
     /// (one round trip, nothing left prepared on the server, nothing to close, and no cached
     /// plan a migration could make stale). Learned by [`learn_text_types`](Self::learn_text_types)
     /// when the text is first prepared.
-    pub(crate) fn text_types(&self, sql: &str) -> Option<Arc<[Type]>> {
+    pub(crate) fn text_types(&self, sql: &str) -> Option<Arc<Learned>> {
         self.inner
             .text_types
             .read()
@@ -506,14 +506,18 @@ impl Db {
     /// until it is dropped, and a migration that creates it again would leave every later
     /// call failing with `XX000` ("cache lookup failed for type …"). Values are still encoded
     /// as the type learned (name, kind and schema are kept).
-    pub(crate) fn learn_text_types(&self, sql: &str, types: &[Type]) {
-        let types: Arc<[Type]> = types.iter().map(inferred_unless_builtin).collect();
+    pub(crate) fn learn_text_types(&self, sql: &str, types: &[Type]) -> Arc<Learned> {
+        let learned = Arc::new(Learned {
+            sql: sql.into(),
+            types: types.iter().map(inferred_unless_builtin).collect(),
+        });
         let mut map = self
             .inner
             .text_types
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        self.insert_bounded(&mut map, sql, types);
+        self.insert_bounded(&mut map, sql, learned.clone());
+        learned
     }
 
     /// Forgets the parameter types of `sql` (the server refused the statement with them: a

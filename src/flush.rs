@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 
 use bytes::{Buf as _, BufMut as _, BytesMut};
-use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _};
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use pin_project_lite::pin_project;
 use smallvec::SmallVec;
 
@@ -150,6 +150,75 @@ impl<'a> Side<'a> {
 
 type Request<'a> = Pin<Box<dyn Future<Output = Result<(), PgError>> + Send + 'a>>;
 
+/// SQL text whose parameter types the handle has learned (`Db::learn_text_types`): what an
+/// unnamed statement needs, owned, so that a write queued for `COMMIT` can keep it.
+#[derive(Debug)]
+pub(crate) struct Learned {
+    pub(crate) sql: Box<str>,
+    /// As the unnamed statement declares them (see `Db::learn_text_types`).
+    pub(crate) types: Box<[Type]>,
+}
+
+/// The rows of a statement that usually returns one (no allocation for them).
+pub(crate) type Rows = smallvec::SmallVec<[Row; 1]>;
+
+/// How a statement goes to the server.
+#[derive(Debug)]
+pub(crate) enum Runnable {
+    /// A prepared statement: the caller's, rowlock's on this connection, or text prepared for
+    /// this use.
+    Named(Statement),
+    /// SQL text whose parameter types the handle has learned: an unnamed statement, parsed,
+    /// bound and run in one request.
+    Unnamed(Arc<Learned>),
+}
+
+impl Runnable {
+    /// The parameter types values are encoded as.
+    pub(crate) fn types(&self) -> &[Type] {
+        match self {
+            Runnable::Named(st) => st.params(),
+            Runnable::Unnamed(learned) => &learned.types,
+        }
+    }
+
+    /// The statement's rows, `params` bound.
+    pub(crate) async fn rows<C: Default + Extend<Row>>(
+        self,
+        conn: &tokio_postgres::Client,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<C, tokio_postgres::Error> {
+        match self {
+            Runnable::Named(st) => conn.query_raw(&st, bind(params)).await?.try_collect().await,
+            Runnable::Unnamed(learned) => {
+                conn.query_typed_raw(&learned.sql, typed(params, &learned.types))
+                    .await?
+                    .try_collect()
+                    .await
+            }
+        }
+    }
+
+    /// The number of rows the statement affected, `params` bound.
+    pub(crate) async fn count(
+        self,
+        conn: &tokio_postgres::Client,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        match self {
+            Runnable::Named(st) => conn.execute_raw(&st, bind(params)).await,
+            Runnable::Unnamed(learned) => {
+                let rows = conn
+                    .query_typed_raw(&learned.sql, typed(params, &learned.types))
+                    .await?;
+                let mut rows = std::pin::pin!(rows);
+                while rows.try_next().await?.is_some() {}
+                Ok(rows.rows_affected().unwrap_or(0))
+            }
+        }
+    }
+}
+
 /// Writes queued to go out with `COMMIT`, each value encoded when it is queued.
 ///
 /// A value is encoded at once, with its statement's parameter type, into one buffer as the
@@ -159,7 +228,7 @@ type Request<'a> = Pin<Box<dyn Future<Output = Result<(), PgError>> + Send + 'a>
 #[derive(Debug, Default)]
 pub(crate) struct Writes {
     /// Each write's statement and where its parameters end in `bytes`.
-    queued: SmallVec<[(Statement, usize); INLINE_WRITES]>,
+    queued: SmallVec<[(Runnable, usize); INLINE_WRITES]>,
     bytes: BytesMut,
     /// Where `bytes` comes from and goes back to when these writes are dropped.
     spare: Option<Arc<SpareBuffers>>,
@@ -236,10 +305,10 @@ impl Writes {
     /// Queues `statement` with `params`, encoded now. On a misfit nothing is queued.
     pub(crate) fn push(
         &mut self,
-        statement: &Statement,
+        statement: Runnable,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(), Misfit> {
-        let types = statement.params();
+        let types = statement.types();
         if params.len() != types.len() {
             return Err(Misfit::Count {
                 expected: types.len(),
@@ -261,7 +330,8 @@ impl Writes {
                 return Err(Misfit::Value(i, e));
             }
         }
-        self.queued.push((statement.clone(), self.bytes.len()));
+        let end = self.bytes.len();
+        self.queued.push((statement, end));
         Ok(())
     }
 
@@ -306,13 +376,31 @@ impl Writes {
         self.bytes.truncate(end);
     }
 
+    /// Whether a write runs a prepared statement (one this transaction may have to close
+    /// before it ends).
+    pub(crate) fn any_named(&self) -> bool {
+        self.queued
+            .iter()
+            .any(|(statement, _)| matches!(statement, Runnable::Named(_)))
+    }
+
+    /// The SQL text of each write that runs as an unnamed statement.
+    pub(crate) fn texts(&self) -> impl Iterator<Item = &str> {
+        self.queued
+            .iter()
+            .filter_map(|(statement, _)| match statement {
+                Runnable::Unnamed(learned) => Some(&*learned.sql),
+                Runnable::Named(_) => None,
+            })
+    }
+
     /// Each write: its statement and its encoded parameters.
-    fn iter(&self) -> impl Iterator<Item = (&Statement, Encoded<'_>)> {
+    fn iter(&self) -> impl Iterator<Item = (&Runnable, Encoded<'_>)> {
         let mut start = 0;
         self.queued.iter().map(move |(statement, end)| {
             let bytes = &self.bytes[start..*end];
             start = *end;
-            let left = statement.params().len();
+            let left = statement.types().len();
             (statement, Encoded { bytes, left })
         })
     }
@@ -406,11 +494,7 @@ async fn send_writes(conn: &Client, writes: &Writes) -> Option<(usize, PgError)>
         values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
     if writes.len() == 1 {
         let (statement, _) = writes.iter().next()?;
-        return conn
-            .execute_raw(statement, bind(&refs))
-            .await
-            .err()
-            .map(|e| (0, e));
+        return write(conn, statement, &refs).await.err().map(|e| (0, e));
     }
     let mut rest = &refs[..];
     // One slice for all of them: a request future is about a kilobyte, too large to keep
@@ -418,15 +502,32 @@ async fn send_writes(conn: &Client, writes: &Writes) -> Option<(usize, PgError)>
     let slots: Box<[_]> = writes
         .iter()
         .map(|(statement, _)| {
-            let (params, after) = rest.split_at(statement.params().len());
+            let (params, after) = rest.split_at(statement.types().len());
             rest = after;
-            Some(
-                conn.execute_raw(statement, bind(params))
-                    .map(|r| r.map(drop)),
-            )
+            Some(write(conn, statement, params))
         })
         .collect();
     all_in_order(Box::into_pin(slots).as_mut()).await
+}
+
+/// One queued write's request: the prepared statement bound, or the unnamed statement
+/// parsed, bound and run (its rows, if any, read and dropped).
+async fn write(
+    conn: &Client,
+    statement: &Runnable,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<(), PgError> {
+    match statement {
+        Runnable::Named(st) => conn.execute_raw(st, bind(params)).await.map(drop),
+        Runnable::Unnamed(learned) => {
+            let rows = conn
+                .query_typed_raw(&learned.sql, typed(params, &learned.types))
+                .await?;
+            let mut rows = std::pin::pin!(rows);
+            while rows.try_next().await?.is_some() {}
+            Ok(())
+        }
+    }
 }
 
 /// Queued values sent without a heap allocation of their own.
@@ -438,6 +539,15 @@ const INLINE_VALUES: usize = 4;
 /// runs through one copy of it.
 pub(crate) fn bind<'a>(params: &'a [&'a (dyn ToSql + Sync)]) -> Bound<'a> {
     params.iter().copied()
+}
+
+/// Parameters with the types an unnamed statement declares: as [`bind`], one iterator type
+/// for every unnamed statement rowlock sends.
+pub(crate) fn typed<'a>(
+    params: &'a [&'a (dyn ToSql + Sync)],
+    types: &'a [Type],
+) -> std::iter::Zip<Bound<'a>, std::iter::Cloned<std::slice::Iter<'a, Type>>> {
+    bind(params).zip(types.iter().cloned())
 }
 
 /// What [`bind`] returns.

@@ -46,12 +46,14 @@ impl Isolation {
 ///   the server connection. rowlock's own statements (locks, claims, transitions, advisory
 ///   locks) and your SQL text are prepared once per handle, to learn their parameter types
 ///   (one extra round trip, the statement closed at once), and from then on sent unnamed:
-///   parsed, bound and run in the request that uses them, as on a direct connection. A
-///   statement you prepare ([`Transaction::prepare_cached`](crate::Transaction::prepare_cached),
-///   for [`Transaction::execute_on_commit`](crate::Transaction::execute_on_commit)) is
-///   prepared the first time the transaction asks for it (one extra round trip per distinct
-///   statement per transaction), reused within the transaction, and closed before `COMMIT` or
-///   `ROLLBACK` is sent.
+///   parsed, bound and run in the request that uses them, as on a direct connection (writes
+///   queued with [`Transaction::execute_on_commit`](crate::Transaction::execute_on_commit)
+///   too). A statement you prepare
+///   ([`Transaction::prepare_cached`](crate::Transaction::prepare_cached)) is prepared the
+///   first time the transaction asks for it (one extra round trip per distinct statement per
+///   transaction), reused within the transaction, and closed before `COMMIT` or `ROLLBACK` is
+///   sent (writes queued with it go ahead of `COMMIT`, one round trip more): prefer SQL text
+///   here.
 ///
 /// Set it for a handle with [`Builder::statement_cache`](crate::Builder::statement_cache) (one line where the handle is built,
 /// so no call can forget it), or per call with [`TransactionOptions::statement_cache`].

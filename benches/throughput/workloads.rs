@@ -622,9 +622,9 @@ pub async fn with_rowlock(
                             let assign = tx.prepare_cached(ASSIGN).await?;
                             let accept = tx.prepare_cached(ACCEPT).await?;
                             let reject = tx.prepare_cached(REJECT).await?;
-                            tx.execute_on_commit(&assign, &[&p.id])?;
-                            tx.execute_on_commit(&accept, &[&proposal])?;
-                            tx.execute_on_commit(&reject, &[&p.id, &proposal])?;
+                            tx.execute_on_commit(&assign, &[&p.id]).await?;
+                            tx.execute_on_commit(&accept, &[&proposal]).await?;
+                            tx.execute_on_commit(&reject, &[&p.id, &proposal]).await?;
                         }
                         Ok::<_, rowlock::Error>(())
                     })
@@ -655,7 +655,7 @@ pub async fn with_rowlock(
                 .with_locked_row(&id, &Lock::new(), |tx, c: Counter| {
                     Box::pin(async move {
                         let bump = tx.prepare_cached(BUMP).await?;
-                        tx.execute_on_commit(&bump, &[&c.id])?;
+                        tx.execute_on_commit(&bump, &[&c.id]).await?;
                         Ok::<_, rowlock::Error>(())
                     })
                 })
@@ -703,7 +703,7 @@ pub async fn with_rowlock(
                             let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
                             let n = ids.len() as i64;
                             let mark = tx.prepare_cached(MARK_DONE).await?;
-                            tx.execute_on_commit(&mark, &[&ids])?;
+                            tx.execute_on_commit(&mark, &[&ids]).await?;
                             Ok::<_, rowlock::Error>(n)
                         })
                     },

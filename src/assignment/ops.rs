@@ -188,9 +188,10 @@ async fn accept_in(tx: &Transaction, proposal_id: i64, lock: &str) -> Result<(),
     let assign = tx.prepare_cached(ASSIGN).await?;
     let accept = tx.prepare_cached(ACCEPT).await?;
     let reject = tx.prepare_cached(REJECT_OTHERS).await?;
-    tx.execute_on_commit(&assign, &[&project_id])?;
-    tx.execute_on_commit(&accept, &[&proposal_id])?;
-    tx.execute_on_commit(&reject, &[&project_id, &proposal_id])?;
+    tx.execute_on_commit(&assign, &[&project_id]).await?;
+    tx.execute_on_commit(&accept, &[&proposal_id]).await?;
+    tx.execute_on_commit(&reject, &[&project_id, &proposal_id])
+        .await?;
     Ok(())
 }
 

@@ -68,8 +68,10 @@ impl Transaction {
     /// Dropping the returned future before it completes leaves the outcome unknown; the
     /// connection is cleaned up as described on [`Transaction`].
     pub async fn commit(mut self) -> Result<(), Error> {
-        if self.statements_per_transaction() {
-            // Boxed here and below: paths off the common one keep the commit's future small.
+        if self.statements_per_transaction() && self.state().writes().any_named() {
+            // Writes that bind this transaction's statements go first, so that the statements
+            // can be closed before COMMIT. Boxed here and below: paths off the common one keep
+            // the commit's future small.
             Box::pin(self.send_queued_ahead()).await?;
         }
         let plan = self.state().plan_commit(self.conn().is_closed());
@@ -150,6 +152,9 @@ impl Transaction {
         let failed = reply
             .err()
             .map(|f| (self.record(Error::from_pg(f.error, Step::Commit)), f.at));
+        if let Some((e, _)) = &failed {
+            self.forget_stale_texts(e, writes);
+        }
         let outside = failed.as_ref().is_some_and(|(e, _)| e.is_no_transaction());
         let verdict = classify(
             failed.as_ref().map(|(e, at)| (e.kind(), *at)),
@@ -217,12 +222,26 @@ impl Transaction {
                 sent.await.map_err(|f| f.error)
             })
             .await;
+        if let Err(e) = &sent {
+            self.forget_stale_texts(e, &writes);
+        }
         drop(writes);
         if let Err(e) = sent {
             let _ = self.end(false).await;
             return Err(e);
         }
         Ok(())
+    }
+
+    /// After `e` failed a flush of `writes`: the texts among them are learned again on their
+    /// next use when `e` says their learned parameter types may be stale (as a text run at
+    /// once would be).
+    fn forget_stale_texts(&self, e: &Error, writes: &Writes) {
+        if e.may_be_stale_types() {
+            for sql in writes.texts() {
+                self.db().forget_text_types(sql);
+            }
+        }
     }
 
     fn outcome_unknown(&mut self, cause: Error) -> Error {

@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Object;
 
 use crate::db::{Db, Statements};
-use futures_util::TryStreamExt;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
-use crate::flush::{At, Failed, Flush, Misfit, Reported, Side, Writes};
+pub(crate) use crate::flush::Rows;
+use crate::flush::{At, Failed, Flush, Misfit, Reported, Runnable, Side, Writes};
 use crate::options::{StatementCache, TransactionOptions};
 use crate::sql_text::Read;
 use state::{Phase, Prelude, State};
@@ -590,11 +590,11 @@ impl Transaction {
     /// the [`ErrorKind::InvalidArgument`] that names the value that does not fit (or says how
     /// many values the statement takes), as for every other statement rowlock binds: nothing
     /// of the statement was sent, and the transaction goes on.
-    async fn run_statement<'q, S, T, R>(
+    async fn run_statement<S, T, R>(
         &self,
-        statement: &'q S,
+        statement: &S,
         params: &[&(dyn ToSql + Sync)],
-        send: impl Fn(Runnable<'q>) -> R,
+        send: impl Fn(Runnable) -> R,
     ) -> Result<T, Error>
     where
         S: ?Sized + AsStatement,
@@ -624,12 +624,12 @@ impl Transaction {
     /// transaction cannot be relied on in the next, so only its parameter types are kept. A
     /// value that does not fit its parameter is the [`ErrorKind::InvalidArgument`] that names
     /// it, either way.
-    pub(crate) async fn run_sql<'q, T, R>(
+    pub(crate) async fn run_sql<T, R>(
         &self,
         step: Step,
-        sql: &'q str,
+        sql: &str,
         params: &[&(dyn ToSql + Sync)],
-        send: impl Fn(Runnable<'q>) -> R,
+        send: impl Fn(Runnable) -> R,
     ) -> Result<T, Error>
     where
         R: Future<Output = Result<T, tokio_postgres::Error>>,
@@ -652,21 +652,25 @@ impl Transaction {
     /// Runs SQL text `sql` at `step` (see [`query`](Self::query)): as an unnamed statement
     /// when the handle knows its parameter types; else prepared first (a round trip of its
     /// own), its types learned, then run.
-    async fn run_text<'q, T, R>(
+    async fn run_text<T, R>(
         &self,
         step: Step,
-        sql: &'q str,
+        sql: &str,
         params: &[&(dyn ToSql + Sync)],
-        send: impl Fn(Runnable<'q>) -> R,
+        send: impl Fn(Runnable) -> R,
     ) -> Result<T, Error>
     where
         R: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        if let Some(types) = self.db.text_types(sql).filter(|t| t.len() == params.len()) {
+        if let Some(learned) = self
+            .db
+            .text_types(sql)
+            .filter(|l| l.types.len() == params.len())
+        {
             let sent = self
-                .run(step, || send(Runnable::Unnamed(sql, types.clone())))
+                .run(step, || send(Runnable::Unnamed(learned.clone())))
                 .await;
-            match sent.map_err(|e| e.with_misfit(params, &types)) {
+            match sent.map_err(|e| e.with_misfit(params, &learned.types)) {
                 Ok(out) => return Ok(out),
                 // A value that does not fit a learned type, found while encoding: nothing
                 // was sent. The column's type may have changed: learn the text again below.
@@ -706,11 +710,18 @@ impl Transaction {
 
     /// Queues a write to be sent in the same flush as `COMMIT`, saving a round trip.
     ///
-    /// Use it for the final writes whose results you do not need. It takes a prepared
-    /// statement ([`prepare_cached`](Self::prepare_cached)), not SQL text: each value is
-    /// encoded at once with its statement's parameter type, so the values may borrow and
-    /// nothing needs to outlive the call. If a queued write
-    /// fails on the server, the server rolls the transaction back, and
+    /// Use it for the final writes whose results you do not need. It takes SQL text or a
+    /// prepared statement, as [`execute`](Self::execute) does. Each value is encoded at once
+    /// with its parameter's type, so the values may borrow and nothing needs to outlive the
+    /// call. SQL text goes out as an unnamed statement (parsed, bound and run with the
+    /// `COMMIT`, nothing left prepared); its parameter types are learned the first time the
+    /// handle sees the text, which is the only time this call waits for the server (one round
+    /// trip; `BEGIN` rides with it if it is still pending). Behind a pooler
+    /// ([`StatementCache::Transaction`](crate::StatementCache::Transaction)) prefer text: a
+    /// statement prepared in the transaction has to be closed before `COMMIT`, so writes
+    /// that use one are sent and acknowledged first, one round trip more.
+    ///
+    /// If a queued write fails on the server, the server rolls the transaction back, and
     /// [`commit`](Self::commit) returns that error. Queued writes are discarded if the
     /// transaction rolls back, and a write queued inside a savepoint is discarded when that
     /// savepoint is rolled back (by its guard, or by `ROLLBACK TO SAVEPOINT` sent as SQL), as
@@ -720,21 +731,58 @@ impl Transaction {
     ///
     /// [`ErrorKind::InvalidArgument`] when the number of values is not the statement's number
     /// of parameters, or a value does not fit its parameter's type (the error names the
-    /// parameter by position). Nothing is sent and nothing is queued: the transaction is as it
-    /// was, and the caller may queue a corrected write or go on.
+    /// parameter by position), and for text a savepoint command or a statement that leaves
+    /// state in the session (send those with [`execute`](Self::execute), so the transaction
+    /// follows them). Nothing is queued: the transaction is as it was, and the caller may
+    /// queue a corrected write or go on. Text the server refuses to prepare (a syntax error,
+    /// a missing column) fails when its types are learned, as [`execute`](Self::execute)
+    /// would, and aborts the transaction. Dropped while it learns a text's types, the call
+    /// is a dropped statement (see [`Transaction`]); otherwise it never waits.
     ///
     /// ```no_run
     /// # async fn demo(tx: &rowlock::Transaction) -> Result<(), rowlock::Error> {
-    /// let stmt = tx.prepare_cached("UPDATE projects SET status = $2 WHERE id = $1").await?;
     /// let status = String::from("assigned");
-    /// tx.execute_on_commit(&stmt, &[&7_i64, &status])?;
+    /// tx.execute_on_commit("UPDATE projects SET status = $2 WHERE id = $1", &[&7_i64, &status])
+    ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub fn execute_on_commit(
+    pub async fn execute_on_commit<T>(
         &self,
-        statement: &Statement,
+        statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<(), Error> {
+    ) -> Result<(), Error>
+    where
+        T: ?Sized + AsStatement,
+    {
+        let Some(sql) = statement.sql_text() else {
+            let st = statement
+                .prepared()
+                .expect("a statement is text or prepared");
+            return self.queue(Runnable::Named(st.clone()), params);
+        };
+        Self::read_prepared(sql)?;
+        if let Some(learned) = self
+            .db
+            .text_types(sql)
+            .filter(|l| l.types.len() == params.len())
+        {
+            match self.queue(Runnable::Unnamed(learned), params) {
+                // A value that does not fit a learned type: the column's type may have
+                // changed, so the text is learned again (and the value tried once more).
+                Err(e) if e.kind() == ErrorKind::InvalidArgument => self.db.forget_text_types(sql),
+                queued => return queued,
+            }
+        }
+        // Boxed: the first use of a text; the common path's future stays small.
+        let prepared = self
+            .run(Step::Statement, || Box::pin(self.conn().prepare(sql)))
+            .await?;
+        let learned = self.db.learn_text_types(sql, prepared.params());
+        self.queue(Runnable::Unnamed(learned), params)
+    }
+
+    /// Queues a write of `statement` (see [`execute_on_commit`](Self::execute_on_commit)).
+    fn queue(&self, statement: Runnable, params: &[&(dyn ToSql + Sync)]) -> Result<(), Error> {
         self.state()
             .writes()
             .push(statement, params)
@@ -801,61 +849,6 @@ impl Transaction {
     /// it, or keep it, to ask [`Db::resolve_commit`](crate::Db::resolve_commit) later.
     pub fn transaction_ref(&self) -> Option<crate::error::TransactionRef> {
         self.reported.transaction.get().copied()
-    }
-}
-
-/// The rows of a statement that usually returns one (no allocation for them).
-pub(crate) type Rows = smallvec::SmallVec<[Row; 1]>;
-
-/// How a statement goes to the server.
-pub(crate) enum Runnable<'a> {
-    /// A prepared statement: the caller's, or text prepared for this use.
-    Named(Statement),
-    /// SQL text whose parameter types the handle has learned: an unnamed statement, parsed,
-    /// bound and run in one request.
-    Unnamed(&'a str, Arc<[Type]>),
-}
-
-impl Runnable<'_> {
-    /// The statement's rows, `params` bound.
-    pub(crate) async fn rows<C: Default + Extend<Row>>(
-        self,
-        conn: &tokio_postgres::Client,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<C, tokio_postgres::Error> {
-        match self {
-            Runnable::Named(st) => {
-                conn.query_raw(&st, crate::flush::bind(params))
-                    .await?
-                    .try_collect()
-                    .await
-            }
-            Runnable::Unnamed(sql, types) => {
-                conn.query_typed_raw(sql, crate::flush::bind(params).zip(types.iter().cloned()))
-                    .await?
-                    .try_collect()
-                    .await
-            }
-        }
-    }
-
-    /// The number of rows the statement affected, `params` bound.
-    pub(crate) async fn count(
-        self,
-        conn: &tokio_postgres::Client,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, tokio_postgres::Error> {
-        match self {
-            Runnable::Named(st) => conn.execute_raw(&st, crate::flush::bind(params)).await,
-            Runnable::Unnamed(sql, types) => {
-                let rows = conn
-                    .query_typed_raw(sql, crate::flush::bind(params).zip(types.iter().cloned()))
-                    .await?;
-                let mut rows = std::pin::pin!(rows);
-                while rows.try_next().await?.is_some() {}
-                Ok(rows.rows_affected().unwrap_or(0))
-            }
-        }
     }
 }
 

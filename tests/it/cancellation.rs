@@ -96,7 +96,7 @@ async fn with_locked_rows_cancelled_at_every_poll() {
                         .prepare_cached("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
                         .await?;
                     for acc in &rows {
-                        tx.execute_on_commit(&stmt, &[&acc.id])?;
+                        tx.execute_on_commit(&stmt, &[&acc.id]).await?;
                     }
                     Ok::<_, rowlock::Error>(())
                 })

@@ -489,7 +489,7 @@ async fn zero_on_commit(tx: &rowlock::Transaction, id: i64) -> Result<i32, rowlo
     let update = tx
         .prepare_cached("UPDATE accounts SET balance = 0 WHERE id = $1")
         .await?;
-    tx.execute_on_commit(&update, &[&id])?;
+    tx.execute_on_commit(&update, &[&id]).await?;
     let pid = tx.prepare_cached("SELECT pg_backend_pid()").await?;
     Ok(tx.query_one(&pid, &[]).await?.get(0))
 }

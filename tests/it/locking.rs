@@ -500,7 +500,9 @@ async fn lock_rows_inside_an_open_transaction_and_queued_writes_commit_together(
         .await
         .unwrap();
     for id in [1_i64, 2, 3] {
-        tx.execute_on_commit(&stmt, &[&id, &(id * 10)]).unwrap();
+        tx.execute_on_commit(&stmt, &[&id, &(id * 10)])
+            .await
+            .unwrap();
     }
     assert_eq!(
         balance(&other, 1).await,

@@ -135,7 +135,8 @@ async fn connection_cached_statements_break_behind_pgbouncer_per_transaction_one
                 let stmt = tx
                     .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
                     .await?;
-                tx.execute_on_commit(&stmt, &[&acc.id, &(acc.balance + 1)])?;
+                tx.execute_on_commit(&stmt, &[&acc.id, &(acc.balance + 1)])
+                    .await?;
                 Ok(tx
                     .query_one("SELECT pg_backend_pid()", &[])
                     .await?

@@ -253,19 +253,21 @@ async fn writes_queued_inside_a_savepoint_go_with_it() {
             let note = tx
                 .prepare_cached("INSERT INTO audit (account_id, note) VALUES (1, $1)")
                 .await?;
-            tx.execute_on_commit(&note, &[&"before"])?;
+            tx.execute_on_commit(&note, &[&"before"]).await?;
             // A guard rolled back: its queued write is dropped, the earlier one stays.
             let sp = tx.savepoint()?;
-            sp.execute_on_commit(&note, &[&"rolled back"])?;
+            sp.execute_on_commit(&note, &[&"rolled back"]).await?;
             sp.rollback();
             // Nested: the inner one rolled back with a statement sent inside it, the outer
             // one released.
             let outer = tx.savepoint()?;
-            outer.execute_on_commit(&note, &[&"released"])?;
+            outer.execute_on_commit(&note, &[&"released"]).await?;
             {
                 let inner = outer.savepoint()?;
                 insert_note(&inner, "sent inside").await?;
-                inner.execute_on_commit(&note, &[&"dropped with inner"])?;
+                inner
+                    .execute_on_commit(&note, &[&"dropped with inner"])
+                    .await?;
                 // Dropped without release.
             }
             outer.release()?;
@@ -274,7 +276,7 @@ async fn writes_queued_inside_a_savepoint_go_with_it() {
             let failed = tx
                 .with_savepoint(|tx| {
                     Box::pin(async move {
-                        tx.execute_on_commit(note, &[&"closure failed"])?;
+                        tx.execute_on_commit(note, &[&"closure failed"]).await?;
                         tx.execute("SELECT 1 / 0", &[]).await?;
                         Ok::<_, rowlock::Error>(())
                     })
@@ -284,9 +286,11 @@ async fn writes_queued_inside_a_savepoint_go_with_it() {
             // Savepoint SQL of the caller's own: ROLLBACK TO keeps the savepoint open and
             // drops what was queued after it.
             tx.batch_execute("SAVEPOINT s").await?;
-            tx.execute_on_commit(note, &[&"before rollback to"])?;
+            // Given as text, the same.
+            const NOTE: &str = "INSERT INTO audit (account_id, note) VALUES (1, $1)";
+            tx.execute_on_commit(NOTE, &[&"before rollback to"]).await?;
             tx.batch_execute("ROLLBACK TO SAVEPOINT s").await?;
-            tx.execute_on_commit(note, &[&"after rollback to"])?;
+            tx.execute_on_commit(NOTE, &[&"after rollback to"]).await?;
             tx.batch_execute("RELEASE SAVEPOINT s").await?;
             Ok::<_, rowlock::Error>(())
         })

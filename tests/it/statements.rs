@@ -659,10 +659,10 @@ async fn a_learned_statement_survives_its_enum_type_created_again() {
 }
 
 /// Behind a pooler (`StatementCache::Transaction`), rowlock's own statements (a row lock, a
-/// lock of several rows, a transition, an advisory lock) are prepared once per handle, to learn
-/// their parameter types, and then go unnamed: parsed, bound and run in the request that uses
-/// them, not prepared (a round trip of its own) in every transaction. Seen in what the client
-/// sends, through a recording proxy.
+/// lock of several rows, a transition, an advisory lock) and a write queued as text are
+/// prepared once per handle, to learn their parameter types, and then go unnamed: parsed,
+/// bound and run in the request that uses them, not prepared (a round trip of its own) in
+/// every transaction. Seen in what the client sends, through a recording proxy.
 #[tokio::test]
 async fn behind_a_pooler_rowlocks_statements_are_prepared_once_then_run_unnamed() {
     let (pg, _) = accounts(3).await;
@@ -680,8 +680,13 @@ async fn behind_a_pooler_rowlocks_statements_are_prepared_once_then_run_unnamed(
     const ROUNDS: usize = 5;
     for _ in 0..ROUNDS {
         let done = db
-            .with_locked_row(&1_i64, &Lock::new(), |_tx, a: Account| {
-                Box::pin(async move { Ok::<_, rowlock::Error>(a.balance) })
+            .with_locked_row(&1_i64, &Lock::new(), |tx, a: Account| {
+                Box::pin(async move {
+                    const SET: &str = "UPDATE accounts SET balance = $2 WHERE id = $1";
+                    tx.execute_on_commit(SET, &[&a.id, &(a.balance + 1)])
+                        .await?;
+                    Ok::<_, rowlock::Error>(a.balance)
+                })
             })
             .await
             .unwrap();
@@ -710,18 +715,17 @@ async fn behind_a_pooler_rowlocks_statements_are_prepared_once_then_run_unnamed(
     let named: Vec<String> = parses.iter().filter(|n| !n.is_empty()).cloned().collect();
     assert_eq!(
         named.len(),
-        4,
+        5,
         "one prepare per statement, on its first use: {parses:?}"
     );
     assert_eq!(
         parses.len() - named.len(),
-        4 * (ROUNDS - 1),
-        "every later use unnamed: {parses:?}"
+        4 * (ROUNDS - 1) + ROUNDS,
+        "every later use unnamed, and every queued write: {parses:?}"
     );
     assert_eq!(proxy.named(b'C'), *named, "the first prepares closed");
     assert_eq!(prepared_on(&db).await, 0, "nothing left prepared");
-    assert_eq!(
-        balance(&pg.client().await.unwrap(), 3).await,
-        100 + 10 * ROUNDS as i64
-    );
+    let client = pg.client().await.unwrap();
+    assert_eq!(balance(&client, 1).await, 100 + ROUNDS as i64);
+    assert_eq!(balance(&client, 3).await, 100 + 10 * ROUNDS as i64);
 }

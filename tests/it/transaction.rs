@@ -113,8 +113,8 @@ async fn a_failing_queued_write_fails_the_commit_and_nothing_is_kept() {
                 let ins = tx
                     .prepare_cached("INSERT INTO audit VALUES ($1, $2)")
                     .await?;
-                tx.execute_on_commit(&ins, &[&1_i64, &"dup"])?;
-                tx.execute_on_commit(&ins, &[&2_i64, &"dup"])?;
+                tx.execute_on_commit(&ins, &[&1_i64, &"dup"]).await?;
+                tx.execute_on_commit(&ins, &[&2_i64, &"dup"]).await?;
                 Ok::<_, rowlock::Error>(())
             })
         })
@@ -147,7 +147,9 @@ async fn queued_writes_alone_commit_in_one_flush_with_begin() {
         .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
         .await
         .unwrap();
-    tx.execute_on_commit(&stmt, &[&1_i64, &77_i64]).unwrap();
+    tx.execute_on_commit(&stmt, &[&1_i64, &77_i64])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(balance(&other, 1).await, 77);
 }
@@ -208,8 +210,9 @@ async fn queued_writes_borrow_their_values_and_run_in_order() {
             for (i, text) in notes.iter().enumerate() {
                 let account: Option<i64> = if i % 2 == 0 { Some(1) } else { None };
                 let suffix: Option<&str> = None;
-                tx.execute_on_commit(&double, &[&1_i64])?;
-                tx.execute_on_commit(&note, &[&account, text, &suffix])?;
+                tx.execute_on_commit(&double, &[&1_i64]).await?;
+                tx.execute_on_commit(&note, &[&account, text, &suffix])
+                    .await?;
             }
             Ok::<_, rowlock::Error>(())
         })
@@ -241,7 +244,7 @@ async fn a_queued_write_that_does_not_fit_is_refused_and_nothing_is_queued() {
         .await
         .unwrap();
     // Too few values.
-    let err = tx.execute_on_commit(&stmt, &[&1_i64]).unwrap_err();
+    let err = tx.execute_on_commit(&stmt, &[&1_i64]).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(
         err.to_string()
@@ -249,16 +252,72 @@ async fn a_queued_write_that_does_not_fit_is_refused_and_nothing_is_queued() {
         "{err}"
     );
     // A value of the wrong type (text for bigint), after one that fits.
-    let err = tx.execute_on_commit(&stmt, &[&1_i64, &"lots"]).unwrap_err();
+    let err = tx
+        .execute_on_commit(&stmt, &[&1_i64, &"lots"])
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(
         err.to_string().contains("parameter $2 has the wrong type"),
         "{err}"
     );
     // The transaction goes on: a write that fits is queued and committed, alone.
-    tx.execute_on_commit(&stmt, &[&1_i64, &7_i64]).unwrap();
+    tx.execute_on_commit(&stmt, &[&1_i64, &7_i64])
+        .await
+        .unwrap();
     assert!(format!("{tx:?}").contains("queued_on_commit: 1"), "{tx:?}");
     tx.commit().await.unwrap();
+    assert_eq!(balance(&other, 1).await, 7);
+}
+
+/// A write queued as SQL text: refused as a prepared one is when its values do not fit (the
+/// text's types are learned on its first use, the transaction's one wait), refused when it is
+/// a savepoint command, and committed with the transaction otherwise.
+#[tokio::test]
+async fn a_queued_text_write_is_refused_as_a_prepared_one_is_and_commits_otherwise() {
+    let (pg, db) = accounts(2).await;
+    let other = pg.client().await.unwrap();
+    const SET: &str = "UPDATE accounts SET balance = $2 WHERE id = $1";
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
+    let err = tx.execute_on_commit(SET, &[&1_i64]).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(
+        err.to_string()
+            .contains("takes 2 parameter(s); 1 were given"),
+        "{err}"
+    );
+    let err = tx
+        .execute_on_commit(SET, &[&1_i64, &"lots"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(
+        err.to_string().contains("parameter $2 has the wrong type"),
+        "{err}"
+    );
+    let err = tx
+        .execute_on_commit("SAVEPOINT later", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(format!("{tx:?}").contains("queued_on_commit: 0"), "{tx:?}");
+    tx.execute_on_commit(SET, &[&1_i64, &7_i64]).await.unwrap();
+    tx.execute_on_commit(&SET.to_string(), &[&2_i64, &8_i64])
+        .await
+        .unwrap();
+    assert!(format!("{tx:?}").contains("queued_on_commit: 2"), "{tx:?}");
+    assert_eq!(balance(&other, 1).await, 100, "nothing sent before COMMIT");
+    tx.commit().await.unwrap();
+    assert_eq!(balance(&other, 1).await, 7);
+    assert_eq!(balance(&other, 2).await, 8);
+    // A text the server cannot prepare fails where it is queued, and aborts the transaction.
+    let tx = db.begin(&TransactionOptions::new()).await.unwrap();
+    let err = tx
+        .execute_on_commit("UPDATE accounts SET nope = $1", &[&1_i64])
+        .await
+        .unwrap_err();
+    assert_eq!(err.sql_state().map(|s| s.code()), Some("42703"), "{err}");
+    assert!(tx.commit().await.is_err());
     assert_eq!(balance(&other, 1).await, 7);
 }
 
@@ -422,7 +481,7 @@ async fn a_write_in_a_read_only_transaction_is_not_taken_for_a_standby() {
                     let sql = "UPDATE accounts SET balance = 0 WHERE id = $1";
                     if queued {
                         let stmt = tx.prepare_cached(sql).await?;
-                        tx.execute_on_commit(&stmt, &[&1_i64])?;
+                        tx.execute_on_commit(&stmt, &[&1_i64]).await?;
                     } else {
                         tx.execute(sql, &[&1_i64]).await?;
                     }
@@ -477,7 +536,7 @@ async fn a_queued_write_refused_by_a_read_only_server_is_retried_on_a_new_connec
                     let stmt = tx
                         .prepare_cached("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
                         .await?;
-                    tx.execute_on_commit(&stmt, &[&1_i64])?;
+                    tx.execute_on_commit(&stmt, &[&1_i64]).await?;
                     Ok::<_, rowlock::Error>(())
                 })
             })

@@ -282,7 +282,7 @@ impl TestCluster {
     /// [`start`](Self::start) with TLS: the server listens with `ssl = on` and a certificate
     /// for `localhost` and `127.0.0.1` signed by a certificate authority made for this cluster
     /// alone. Returns the cluster and that authority's certificate (PEM), for clients to
-    /// trust (e.g. [`Builder::root_certificate_pem`](rowlock::Builder::root_certificate_pem)
+    /// trust (e.g. `rowlock::Builder::root_certificate_pem`, feature `rustls`,
     /// with a URL ending in `sslmode=require`). Plain connections are still accepted.
     pub fn start_with_tls() -> Result<(TestCluster, String), HarnessError> {
         let certs = self_signed()?;

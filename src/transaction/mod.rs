@@ -716,7 +716,9 @@ impl Transaction {
     /// call. SQL text goes out as an unnamed statement (parsed, bound and run with the
     /// `COMMIT`, nothing left prepared); its parameter types are learned the first time the
     /// handle sees the text, which is the only time this call waits for the server (one round
-    /// trip; `BEGIN` rides with it if it is still pending). Behind a pooler
+    /// trip; `BEGIN` rides with it if it is still pending). On a direct connection a
+    /// [`Statement`] from [`prepare_cached`](Self::prepare_cached) saves the server parsing
+    /// and planning the write each time (a hot path's choice); behind a pooler
     /// ([`StatementCache::Transaction`](crate::StatementCache::Transaction)) prefer text: a
     /// statement prepared in the transaction has to be closed before `COMMIT`, so writes
     /// that use one are sent and acknowledged first, one round trip more.

@@ -554,11 +554,11 @@ pub(crate) fn typed<'a>(
 pub(crate) type Bound<'a> = std::iter::Copied<std::slice::Iter<'a, &'a (dyn ToSql + Sync)>>;
 
 /// `statement`'s rows, its parameters bound by [`bind`].
-pub(crate) async fn query(
+pub(crate) async fn query<C: Default + Extend<Row>>(
     conn: &Client,
     statement: &Statement,
     params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, PgError> {
+) -> Result<C, PgError> {
     conn.query_raw(statement, bind(params))
         .await?
         .try_collect()

@@ -5,7 +5,7 @@ use std::any::TypeId;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use tokio_postgres::Row;
+use crate::transaction::Rows;
 use tokio_postgres::types::ToSql;
 
 use crate::db::Db;
@@ -306,7 +306,7 @@ impl Transition {
 
 /// The outcome in `rows`, or `None` when they do not tell (no row: missing, or changed
 /// meanwhile).
-fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Option<Outcome<R>>, Error> {
+fn decode<R: LockableRow>(rows: Rows) -> Result<Option<Outcome<R>>, Error> {
     let mut rows = rows.into_iter();
     let Some(row) = rows.next() else {
         return Ok(None);
@@ -335,7 +335,7 @@ fn decode<R: LockableRow>(rows: Vec<Row>) -> Result<Option<Outcome<R>>, Error> {
 }
 
 /// The outcome of a statement that returned nothing, from the row's latest state.
-fn settle<R: LockableRow>(rows: Vec<Row>, key: &R::Key) -> Result<Outcome<R>, Error> {
+fn settle<R: LockableRow>(rows: Rows, key: &R::Key) -> Result<Outcome<R>, Error> {
     Ok(decode(rows)?.unwrap_or_else(|| Outcome::NotFound(vec![RowRef::of::<R>(key)])))
 }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use deadpool_postgres::Object;
 
 use crate::db::Db;
-use tokio_postgres::Row;
+use crate::flush::Rows;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::end::{Cancel, cleanup};
@@ -90,7 +90,7 @@ pub(crate) async fn run_alone(
     params: &[&(dyn ToSql + Sync)],
     step: Step,
     custom_plan: bool,
-) -> Result<Vec<Row>, Error> {
+) -> Result<Rows, Error> {
     let (client, statements) = db.checkout().await?;
     let conn = Alone {
         client: Some(client),
@@ -113,7 +113,9 @@ pub(crate) async fn run_alone(
                 .zip(stmt.params())
                 .map(|(p, t)| (*p, t.clone()))
                 .collect();
-            conn.send(|| client.query_typed(sql, &typed)).await
+            conn.send(|| client.query_typed(sql, &typed))
+                .await
+                .map(Rows::from_vec)
         } else {
             conn.send(|| crate::flush::query(client, &stmt, params))
                 .await

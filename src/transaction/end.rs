@@ -177,7 +177,7 @@ async fn rollback_and_look_up(
         .send(conn.prepare(query.sql()))
         .await
         .ok()?;
-    let rows = if close_before_commit {
+    let rows: Vec<tokio_postgres::Row> = if close_before_commit {
         let rows = crate::flush::query(conn, &statement, &query.params()).await;
         drop(statement);
         conn.batch_execute("COMMIT").await.ok()?;

@@ -274,6 +274,13 @@ impl Error {
         e
     }
 
+    /// A statement that takes `expected` values was given `given`.
+    pub(crate) fn wrong_count(expected: usize, given: usize) -> Self {
+        Error::invalid(format!(
+            "the statement takes {expected} parameter(s); {given} were given"
+        ))
+    }
+
     pub(crate) fn with_kind(kind: ErrorKind, detail: impl Into<String>) -> Self {
         let mut e = Error::new(kind);
         e.inner.detail = Some(detail.into());
@@ -427,11 +434,7 @@ impl Error {
             return self;
         }
         if params.len() != types.len() {
-            let mut e = Error::invalid(format!(
-                "the statement takes {} parameter(s); {} were given",
-                types.len(),
-                params.len()
-            ));
+            let mut e = Error::wrong_count(types.len(), params.len());
             e.inner.step = self.inner.step;
             return e;
         }

@@ -29,7 +29,7 @@ use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::error::{Error, ErrorKind, Step};
 pub(crate) use crate::flush::Rows;
-use crate::flush::{At, Failed, Flush, Misfit, Reported, Runnable, Side, Writes};
+use crate::flush::{At, Failed, Flush, Learned, Misfit, Reported, Runnable, Side, Writes};
 use crate::options::{StatementCache, TransactionOptions};
 use crate::sql_text::Read;
 use state::{Phase, Prelude, State};
@@ -649,9 +649,8 @@ impl Transaction {
         })
     }
 
-    /// Runs SQL text `sql` at `step` (see [`query`](Self::query)): as an unnamed statement
-    /// when the handle knows its parameter types; else prepared first (a round trip of its
-    /// own), its types learned, then run.
+    /// Runs SQL text `sql` at `step` (see [`query`](Self::query)) as an unnamed statement with
+    /// the parameter types the handle learned for it ([`with_learned`](Self::with_learned)).
     async fn run_text<T, R>(
         &self,
         step: Step,
@@ -662,39 +661,56 @@ impl Transaction {
     where
         R: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        if let Some(learned) = self
-            .db
-            .text_types(sql)
-            .filter(|l| l.types.len() == params.len())
-        {
-            let sent = self
-                .run(step, || send(Runnable::Unnamed(learned.clone())))
-                .await;
-            match sent.map_err(|e| e.with_misfit(params, &learned.types)) {
-                Ok(out) => return Ok(out),
-                // A value that does not fit a learned type, found while encoding: nothing
-                // was sent. The column's type may have changed: learn the text again below.
-                Err(e) if e.kind() == ErrorKind::InvalidArgument => self.db.forget_text_types(sql),
-                Err(e) => {
-                    if e.may_be_stale_types() {
-                        self.db.forget_text_types(sql);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let prepared = OnceLock::new();
-        self.run(step, || async {
-            // Boxed: the first use of a text; the unnamed path's future stays small.
-            let st = Box::pin(self.conn().prepare(sql)).await?;
-            self.db.learn_text_types(sql, st.params());
-            send(Runnable::Named(prepared.get_or_init(|| st).clone())).await
+        self.with_learned(step, sql, params.len(), |learned| async {
+            let types = learned.clone();
+            self.run(step, || send(Runnable::Unnamed(learned)))
+                .await
+                .map_err(|e| e.with_misfit(params, &types.types))
         })
         .await
-        .map_err(|e| match prepared.get() {
-            Some(st) => e.with_misfit(params, st.params()),
-            None => e,
-        })
+    }
+
+    /// Runs `attempt` with the parameter types the handle learned for the text `sql`, which
+    /// takes `count` values. Not learned yet, the text is prepared first to learn them (a
+    /// round trip of its own at `step`; `BEGIN` rides with it when still pending; the
+    /// statement is closed after). When `attempt` finds a value that does not fit types
+    /// learned earlier (nothing was sent), the text is learned again and `attempt` runs once
+    /// more: a migration may have changed a column's type. A server error that says the types
+    /// may no longer fit (class `42`) makes the handle forget them for the next use.
+    async fn with_learned<T, F, Fut>(
+        &self,
+        step: Step,
+        sql: &str,
+        count: usize,
+        mut attempt: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(Arc<Learned>) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let forget_if_stale = |result: Result<T, Error>| {
+            if result.as_ref().is_err_and(Error::may_be_stale_types) {
+                self.db.forget_text_types(sql);
+            }
+            result
+        };
+        if let Some(learned) = self.db.text_types(sql).filter(|l| l.types.len() == count) {
+            match attempt(learned).await {
+                Err(e) if e.kind() == ErrorKind::InvalidArgument => self.db.forget_text_types(sql),
+                result => return forget_if_stale(result),
+            }
+        }
+        // Boxed: the first use of a text; the common path's future stays small.
+        let prepared = self
+            .run(step, || Box::pin(self.conn().prepare(sql)))
+            .await?;
+        let learned = self.db.learn_text_types(sql, prepared.params());
+        if learned.types.len() != count {
+            // Checked here: an unnamed statement's values are not counted by the driver, and
+            // the server ends the session on a `Bind` with too few or too many.
+            return Err(Error::wrong_count(learned.types.len(), count).at(step));
+        }
+        forget_if_stale(attempt(learned).await)
     }
 
     /// Runs one or more `;`-separated statements with the simple query protocol (no
@@ -763,24 +779,10 @@ impl Transaction {
             return self.queue(Runnable::Named(st.clone()), params);
         };
         Self::read_prepared(sql)?;
-        if let Some(learned) = self
-            .db
-            .text_types(sql)
-            .filter(|l| l.types.len() == params.len())
-        {
-            match self.queue(Runnable::Unnamed(learned), params) {
-                // A value that does not fit a learned type: the column's type may have
-                // changed, so the text is learned again (and the value tried once more).
-                Err(e) if e.kind() == ErrorKind::InvalidArgument => self.db.forget_text_types(sql),
-                queued => return queued,
-            }
-        }
-        // Boxed: the first use of a text; the common path's future stays small.
-        let prepared = self
-            .run(Step::Statement, || Box::pin(self.conn().prepare(sql)))
-            .await?;
-        let learned = self.db.learn_text_types(sql, prepared.params());
-        self.queue(Runnable::Unnamed(learned), params)
+        self.with_learned(Step::Statement, sql, params.len(), |learned| {
+            std::future::ready(self.queue(Runnable::Unnamed(learned), params))
+        })
+        .await
     }
 
     /// Queues a write of `statement` (see [`execute_on_commit`](Self::execute_on_commit)).
@@ -789,9 +791,7 @@ impl Transaction {
             .writes()
             .push(statement, params)
             .map_err(|misfit| match misfit {
-                Misfit::Count { expected, given } => Error::invalid(format!(
-                    "the statement takes {expected} parameter(s); {given} were given"
-                )),
+                Misfit::Count { expected, given } => Error::wrong_count(expected, given),
                 Misfit::Value(index, cause) => Error::misfit(index, cause),
             })
     }

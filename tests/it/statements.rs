@@ -478,8 +478,8 @@ async fn sql_text_is_prepared_once_then_runs_unnamed() {
     assert_eq!(named.len(), 2, "one prepare per text: {parses:?}");
     assert_eq!(
         parses.len() - named.len(),
-        8,
-        "the other uses unnamed: {parses:?}"
+        10,
+        "every use unnamed, the first after its prepare: {parses:?}"
     );
     assert_eq!(
         proxy.named(b'C'),
@@ -720,8 +720,8 @@ async fn behind_a_pooler_rowlocks_statements_are_prepared_once_then_run_unnamed(
     );
     assert_eq!(
         parses.len() - named.len(),
-        4 * (ROUNDS - 1) + ROUNDS,
-        "every later use unnamed, and every queued write: {parses:?}"
+        5 * ROUNDS,
+        "every use unnamed, the first after its prepare: {parses:?}"
     );
     assert_eq!(proxy.named(b'C'), *named, "the first prepares closed");
     assert_eq!(prepared_on(&db).await, 0, "nothing left prepared");

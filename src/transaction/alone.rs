@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use deadpool_postgres::Object;
 
 use crate::db::Db;
-use crate::flush::Rows;
+use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::end::{Cancel, cleanup};
@@ -73,7 +73,7 @@ impl Drop for Alone {
 }
 
 /// Runs `sql` alone in one round trip (a first use on a connection costs one more, to
-/// prepare it).
+/// prepare it), its rows collected into a `C`.
 ///
 /// With `custom_plan`, the statement is planned for these parameter values on every call
 /// (parsed unnamed, bound and executed in the same flush, with the parameter types of the
@@ -84,13 +84,16 @@ impl Drop for Alone {
 /// A lost connection before the statement was sent is [`ErrorKind::Closed`]; after, it is
 /// [`ErrorKind::CommitOutcomeUnknown`]. A statement a migration made stale is prepared again,
 /// once. Dropped while a request is in flight, see [`Alone`].
-pub(crate) async fn run_alone(
+pub(crate) async fn run_alone<C>(
     db: &Db,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
     step: Step,
     custom_plan: bool,
-) -> Result<Rows, Error> {
+) -> Result<C, Error>
+where
+    C: Default + Extend<Row> + From<Vec<Row>>,
+{
     let (client, statements) = db.checkout().await?;
     let conn = Alone {
         client: Some(client),
@@ -115,7 +118,7 @@ pub(crate) async fn run_alone(
                 .collect();
             conn.send(|| client.query_typed(sql, &typed))
                 .await
-                .map(Rows::from_vec)
+                .map(C::from)
         } else {
             conn.send(|| crate::flush::query(client, &stmt, params))
                 .await

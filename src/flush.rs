@@ -201,12 +201,12 @@ impl Runnable {
 
     /// The number of rows the statement affected, `params` bound.
     pub(crate) async fn count(
-        self,
+        &self,
         conn: &tokio_postgres::Client,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, tokio_postgres::Error> {
         match self {
-            Runnable::Named(st) => conn.execute_raw(&st, bind(params)).await,
+            Runnable::Named(st) => conn.execute_raw(st, bind(params)).await,
             Runnable::Unnamed(learned) => {
                 let rows = conn
                     .query_typed_raw(&learned.sql, typed(params, &learned.types))
@@ -510,24 +510,13 @@ async fn send_writes(conn: &Client, writes: &Writes) -> Option<(usize, PgError)>
     all_in_order(Box::into_pin(slots).as_mut()).await
 }
 
-/// One queued write's request: the prepared statement bound, or the unnamed statement
-/// parsed, bound and run (its rows, if any, read and dropped).
+/// One queued write's request (its rows, if any, read and dropped).
 async fn write(
     conn: &Client,
     statement: &Runnable,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<(), PgError> {
-    match statement {
-        Runnable::Named(st) => conn.execute_raw(st, bind(params)).await.map(drop),
-        Runnable::Unnamed(learned) => {
-            let rows = conn
-                .query_typed_raw(&learned.sql, typed(params, &learned.types))
-                .await?;
-            let mut rows = std::pin::pin!(rows);
-            while rows.try_next().await?.is_some() {}
-            Ok(())
-        }
-    }
+    statement.count(conn, params).await.map(drop)
 }
 
 /// Queued values sent without a heap allocation of their own.

@@ -234,6 +234,28 @@ async fn queued_writes_borrow_their_values_and_run_in_order() {
     assert_eq!(got, want);
 }
 
+/// Queues `set` (`UPDATE accounts SET balance = $2 WHERE id = $1`) with too few values, then
+/// with a value of the wrong type (text for bigint) after one that fits: both refused as
+/// `InvalidArgument` naming what does not fit.
+async fn refuses_misfits<T: ?Sized + rowlock::AsStatement>(tx: &rowlock::Transaction, set: &T) {
+    let err = tx.execute_on_commit(set, &[&1_i64]).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(
+        err.to_string()
+            .contains("takes 2 parameter(s); 1 were given"),
+        "{err}"
+    );
+    let err = tx
+        .execute_on_commit(set, &[&1_i64, &"lots"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(
+        err.to_string().contains("parameter $2 has the wrong type"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_queued_write_that_does_not_fit_is_refused_and_nothing_is_queued() {
     let (pg, db) = accounts(1).await;
@@ -243,24 +265,7 @@ async fn a_queued_write_that_does_not_fit_is_refused_and_nothing_is_queued() {
         .prepare_cached("UPDATE accounts SET balance = $2 WHERE id = $1")
         .await
         .unwrap();
-    // Too few values.
-    let err = tx.execute_on_commit(&stmt, &[&1_i64]).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    assert!(
-        err.to_string()
-            .contains("takes 2 parameter(s); 1 were given"),
-        "{err}"
-    );
-    // A value of the wrong type (text for bigint), after one that fits.
-    let err = tx
-        .execute_on_commit(&stmt, &[&1_i64, &"lots"])
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    assert!(
-        err.to_string().contains("parameter $2 has the wrong type"),
-        "{err}"
-    );
+    refuses_misfits(&tx, &stmt).await;
     // The transaction goes on: a write that fits is queued and committed, alone.
     tx.execute_on_commit(&stmt, &[&1_i64, &7_i64])
         .await
@@ -279,22 +284,7 @@ async fn a_queued_text_write_is_refused_as_a_prepared_one_is_and_commits_otherwi
     let other = pg.client().await.unwrap();
     const SET: &str = "UPDATE accounts SET balance = $2 WHERE id = $1";
     let tx = db.begin(&TransactionOptions::new()).await.unwrap();
-    let err = tx.execute_on_commit(SET, &[&1_i64]).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    assert!(
-        err.to_string()
-            .contains("takes 2 parameter(s); 1 were given"),
-        "{err}"
-    );
-    let err = tx
-        .execute_on_commit(SET, &[&1_i64, &"lots"])
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    assert!(
-        err.to_string().contains("parameter $2 has the wrong type"),
-        "{err}"
-    );
+    refuses_misfits(&tx, SET).await;
     let err = tx
         .execute_on_commit("SAVEPOINT later", &[])
         .await

@@ -750,3 +750,48 @@ async fn a_transaction_that_leaves_state_in_its_session_does_not_pool_its_connec
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
 }
+
+/// A queued text whose learned types the server refuses at `COMMIT` (class `42`: a migration
+/// dropped the column it sets) is learned again on its next use, as a text run at once is:
+/// the next transaction's queue call fails at once, naming the column, instead of queuing
+/// a write that fails again at its commit.
+#[tokio::test]
+async fn a_queued_text_refused_at_commit_is_learned_again() {
+    let (pg, db) = accounts(1).await;
+    let admin = pg.client().await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE accounts ADD COLUMN flag int")
+        .await
+        .unwrap();
+    const SET: &str = "UPDATE accounts SET flag = $2 WHERE id = $1";
+    let queue = |v: i32| {
+        let db = db.clone();
+        async move {
+            let tx = db.begin(&TransactionOptions::new()).await?;
+            tx.execute_on_commit(SET, &[&1_i64, &v]).await?;
+            tx.commit().await
+        }
+    };
+    queue(1).await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE accounts DROP COLUMN flag")
+        .await
+        .unwrap();
+    let at_commit = queue(2).await.unwrap_err();
+    assert_eq!(
+        at_commit.sql_state().map(|s| s.code()),
+        Some("42703"),
+        "{at_commit}"
+    );
+    assert!(at_commit.to_string().contains("committing"), "{at_commit}");
+    let at_queue = queue(3).await.unwrap_err();
+    assert_eq!(
+        at_queue.sql_state().map(|s| s.code()),
+        Some("42703"),
+        "{at_queue}"
+    );
+    assert!(
+        at_queue.to_string().contains("running a statement"),
+        "{at_queue}"
+    );
+}

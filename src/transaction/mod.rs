@@ -9,7 +9,8 @@
 //!
 //! Round trips: `BEGIN` costs none of its own; each statement costs one (fewer when the
 //! caller polls several together); `commit` costs one, including the writes queued with
-//! [`Transaction::execute_on_commit`]; a first-time `prepare_cached` on a connection costs one.
+//! [`Transaction::execute_on_commit`]; a first-time `prepare_cached` on a connection costs one,
+//! and so does the first use of a SQL text on the handle (to learn its parameter types).
 
 mod alone;
 mod commit;

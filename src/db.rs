@@ -483,11 +483,12 @@ impl Db {
         map.insert(sql.into(), value);
     }
 
-    /// The parameter types of `sql`, the caller's SQL text, if this handle has learned them:
-    /// with them the text runs as an unnamed statement, parsed, bound and run in one request
-    /// (one round trip, nothing left prepared on the server, nothing to close, and no cached
-    /// plan a migration could make stale). Learned by [`learn_text_types`](Self::learn_text_types)
-    /// when the text is first prepared.
+    /// The parameter types of `sql` (the caller's SQL text; behind a pooler rowlock's own
+    /// too), if this handle has learned them: with them the text runs as an unnamed
+    /// statement, parsed, bound and run in one request (one round trip, nothing left prepared
+    /// on the server, nothing to close, and no cached plan a migration could make stale).
+    /// Learned by [`learn_text_types`](Self::learn_text_types) when the text is first
+    /// prepared.
     pub(crate) fn text_types(&self, sql: &str) -> Option<Arc<Learned>> {
         self.inner
             .text_types

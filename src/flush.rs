@@ -189,7 +189,7 @@ impl Runnable {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<C, tokio_postgres::Error> {
         match self {
-            Runnable::Named(st) => conn.query_raw(&st, bind(params)).await?.try_collect().await,
+            Runnable::Named(st) => query(conn, &st, params).await,
             Runnable::Unnamed(learned) => {
                 conn.query_typed_raw(&learned.sql, typed(params, &learned.types))
                     .await?
